@@ -1,0 +1,533 @@
+//! Joins events into sessions: a pure state machine, one per shard. Events in, finished
+//! sessions out; time is the senders' event time, plus a wall clock only to flush streams
+//! that went silent.
+
+mod session;
+
+pub use session::{BitMap, LossReason, Message, Session, Status, Verdict};
+
+use crate::dnstap::{Event, Nanos, Role, SourceId};
+use hashbrown::HashMap;
+use smallvec::SmallVec;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::time::{Duration, Instant};
+
+/// A silent stream's clock is assumed to advance with the wall clock, lagging this much:
+/// CoreDNS holds frames in a 4 KB buffer, so at low rates they arrive seconds late.
+pub const IDLE_LAG: Duration = Duration::from_secs(5);
+/// Messages kept per session; a retry storm beyond this is counted, not stored.
+const MAX_MESSAGES: usize = 64;
+/// Slack for matching times: BIND stamps milliseconds, unbound stamps FR before its FQ.
+const TIME_SLACK: Nanos = 2_000_000;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub session_timeout: Nanos,
+    pub orphan_grace: Nanos,
+    pub max_sessions: usize,
+    /// Flush silent streams by the wall clock (serving); off when reading files.
+    pub idle_flush: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            session_timeout: 10_000_000_000,
+            orphan_grace: 2_000_000_000,
+            max_sessions: 2_000_000,
+            idle_flush: true,
+        }
+    }
+}
+
+/// Per-source clock and expiry order, as this shard sees the source.
+struct SourceClock {
+    /// The sender's clock: the latest event time on its stream when our latest event left.
+    watermark: Nanos,
+    /// When that watermark last advanced, for the idle flush.
+    advanced_at: Instant,
+    /// The latest sender-loss sequence seen on the source.
+    loss_seq: u64,
+    expiry: BinaryHeap<Reverse<(Nanos, u32, u32)>>,
+}
+
+struct Slot {
+    generation: u32,
+    session: Option<Session>,
+}
+
+/// Buckets are keyed by an already well-mixed 64-bit hash: don't hash it again.
+#[derive(Default, Clone, Copy)]
+struct KeyIsHash;
+impl BuildHasher for KeyIsHash {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(0)
+    }
+}
+#[derive(Default)]
+struct KeyHasher(u64);
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) ^ (*b as u64);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// Where a finished session goes, with whatever source lookup the caller needs.
+pub trait SessionSink {
+    fn session(&mut self, session: Session, verdict: Verdict);
+}
+
+impl<F: FnMut(Session, Verdict)> SessionSink for F {
+    fn session(&mut self, session: Session, verdict: Verdict) {
+        self(session, verdict)
+    }
+}
+
+pub struct Correlator {
+    cfg: Config,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    buckets: HashMap<u64, SmallVec<[u32; 2]>, KeyIsHash>,
+    sources: HashMap<SourceId, SourceClock>,
+    open: usize,
+    /// Grows each time the analyser dropped events bound for this shard.
+    drop_epoch: u64,
+    upstream_hasher: ahash::RandomState,
+}
+
+impl Correlator {
+    pub fn new(cfg: Config) -> Self {
+        Self {
+            cfg,
+            slots: Vec::new(),
+            free: Vec::new(),
+            buckets: HashMap::with_hasher(KeyIsHash),
+            sources: HashMap::new(),
+            open: 0,
+            drop_epoch: 0,
+            upstream_hasher: crate::dns::key_hasher(),
+        }
+    }
+
+    pub fn open_sessions(&self) -> usize {
+        self.open
+    }
+
+    pub fn on_event(&mut self, ev: Event, now: Instant, sink: &mut impl SessionSink) {
+        if ev.drops_before > 0 {
+            self.drop_epoch += 1;
+        }
+        let t = ev.time().unwrap_or(ev.watermark);
+        let clock = self.sources.entry(ev.source).or_insert_with(|| SourceClock {
+            watermark: 0,
+            advanced_at: now,
+            loss_seq: 0,
+            expiry: BinaryHeap::new(),
+        });
+        let watermark = ev.watermark.max(t);
+        if watermark > clock.watermark {
+            clock.watermark = watermark;
+            clock.advanced_at = now;
+        }
+        clock.loss_seq = clock.loss_seq.max(ev.loss_seq);
+        let source = ev.source;
+        match ev.role {
+            Role::ClientQuery => self.on_client_query(ev, t, sink),
+            Role::ClientResponse => self.on_client_response(ev, t, sink),
+            Role::UpstreamQuery | Role::UpstreamResponse => self.on_upstream(ev, t, sink),
+        }
+        self.expire(source, None, sink);
+    }
+
+    /// Emits what the silent streams' clocks have passed (wall-clock idle flush). A silent
+    /// source has no more events to tell us about loss, so `loss_seq` (the ingest's view)
+    /// is consulted directly.
+    pub fn on_tick(&mut self, now: Instant, loss_seq: impl Fn(SourceId) -> u64, sink: &mut impl SessionSink) {
+        if !self.cfg.idle_flush {
+            return;
+        }
+        let idle: Vec<(SourceId, Nanos)> = self
+            .sources
+            .iter_mut()
+            .filter_map(|(id, c)| {
+                let silent = now.saturating_duration_since(c.advanced_at).checked_sub(IDLE_LAG)?;
+                c.loss_seq = c.loss_seq.max(loss_seq(*id));
+                Some((*id, c.watermark + silent.as_nanos() as Nanos))
+            })
+            .collect();
+        for (source, clock) in idle {
+            self.expire(source, Some(clock), sink);
+        }
+    }
+
+    /// Emits every pending session (end of input, shutdown).
+    pub fn flush(&mut self, loss_seq: impl Fn(SourceId) -> u64, sink: &mut impl SessionSink) {
+        let sources: Vec<SourceId> = self.sources.keys().copied().collect();
+        for source in sources {
+            if let Some(c) = self.sources.get_mut(&source) {
+                c.loss_seq = c.loss_seq.max(loss_seq(source));
+            }
+            self.expire(source, Some(Nanos::MAX), sink);
+        }
+    }
+
+    fn on_client_query(&mut self, ev: Event, t: Nanos, sink: &mut impl SessionSink) {
+        // A sender that reorders (BIND) may have written this query's upstream leg or
+        // response first: adopt such an orphan instead of opening a second session.
+        let adopt = self.find(ev.key, |s| {
+            !s.has(Role::ClientQuery) && s.source == ev.source && explains_orphan(&ev, t, s)
+        });
+        let slot = match adopt {
+            Some(slot) => slot,
+            None => match self.insert(&ev, t, sink) {
+                Some(slot) => slot,
+                None => return,
+            },
+        };
+        let timeout = self.cfg.session_timeout;
+        let s = self.session_mut(slot);
+        s.cq_time = ev.query_time;
+        s.client = ev.client;
+        s.protocol = ev.protocol;
+        s.first_time = s.first_time.min(t);
+        if let Some(q) = ev.question {
+            s.dns_id = Some(q.id);
+        }
+        let deadline = if s.has(Role::ClientResponse) {
+            // Already answered: only the reorder grace remains.
+            s.deadline
+        } else {
+            t.saturating_add(timeout)
+        };
+        self.push_message(slot, &ev);
+        self.reschedule(slot, deadline);
+        if adopt.is_some() && self.session_mut(slot).has(Role::ClientResponse) {
+            self.complete(slot, sink);
+        }
+    }
+
+    fn on_client_response(&mut self, ev: Event, t: Nanos, sink: &mut impl SessionSink) {
+        let id = ev.question.map(|q| q.id);
+        let found = self.find_best(ev.key, |s| {
+            if s.source != ev.source || s.has(Role::ClientResponse) {
+                return None;
+            }
+            if !s.has(Role::ClientQuery) {
+                // An orphan upstream leg of the same request (its CQ was lost): join it.
+                let same = s.dns_id.is_none_or(|d| Some(d) == id);
+                return same.then_some(1 << 62);
+            }
+            // CoreDNS and dnsdist copy the CQ's query_time into the CR: an exact join.
+            if let (Some(a), Some(b)) = (ev.query_time, s.cq_time) {
+                return (a == b).then_some(0);
+            }
+            let same_client = ev.client.is_none() || s.client.is_none() || ev.client == s.client;
+            let cq = s.cq_time.unwrap_or(s.first_time);
+            (same_client && id == s.dns_id && cq <= t.saturating_add(TIME_SLACK))
+                .then(|| t.saturating_sub(cq))
+        });
+        let slot = match found {
+            Some(slot) => slot,
+            None => match self.insert(&ev, t, sink) {
+                Some(slot) => {
+                    let s = self.session_mut(slot);
+                    s.client = ev.client;
+                    s.protocol = ev.protocol;
+                    s.dns_id = id;
+                    slot
+                }
+                None => return,
+            },
+        };
+        self.push_message(slot, &ev);
+        let has_query = self.session_mut(slot).has(Role::ClientQuery);
+        if found.is_some() && has_query {
+            self.complete(slot, sink);
+        } else if found.is_none() {
+            let grace = self.cfg.orphan_grace;
+            self.reschedule(slot, t.saturating_add(grace));
+        }
+    }
+
+    fn on_upstream(&mut self, ev: Event, t: Nanos, sink: &mut impl SessionSink) {
+        let is_response = ev.role == Role::UpstreamResponse;
+        let keeps_id = ev.profile.upstream_keeps_client_id();
+        let id = ev.question.map(|q| q.id);
+        let upstream = self.upstream_hash(&ev);
+        let found = self.find_best(ev.key, |s| {
+            if s.source != ev.source || (s.has(Role::ClientResponse) && !s.completed) {
+                return None;
+            }
+            if keeps_id && s.dns_id.is_some() && id != s.dns_id {
+                return None;
+            }
+            if is_response {
+                // Prefer the session with an open attempt to this upstream at this time.
+                let pairs = s.messages.iter().any(|m| {
+                    m.role == Role::UpstreamQuery
+                        && m.upstream == upstream
+                        && (!keeps_id || m.time == ev.query_time)
+                });
+                let open = s.upstream_queries > s.upstream_responses;
+                return Some(if pairs && open { 0 } else { 1 << 62 });
+            }
+            let start = s.cq_time.unwrap_or(s.first_time);
+            (start <= t.saturating_add(TIME_SLACK)).then(|| t.saturating_sub(start))
+        });
+        let slot = match found {
+            Some(slot) => slot,
+            None => match self.insert(&ev, t, sink) {
+                Some(slot) => {
+                    self.session_mut(slot).dns_id = if keeps_id { id } else { None };
+                    let grace = self.cfg.orphan_grace;
+                    self.reschedule(slot, t.saturating_add(grace));
+                    slot
+                }
+                None => return,
+            },
+        };
+        let s = self.session_mut(slot);
+        if is_response {
+            if s.upstream_queries <= s.upstream_responses && s.has(Role::ClientQuery) {
+                s.loss.get_or_insert(LossReason::UpstreamQueryMissing);
+            }
+            s.upstream_responses += 1;
+        } else {
+            s.upstream_queries += 1;
+        }
+        self.push_message(slot, &ev);
+        let s = self.session_mut(slot);
+        if s.completed && s.upstream_responses >= s.upstream_queries {
+            self.finish(slot, sink);
+        }
+    }
+
+    /// CR arrived: emit now, unless the sender writes CR before its upstream response (BIND)
+    /// and an upstream attempt is still unanswered; then wait out the reorder grace.
+    fn complete(&mut self, slot: u32, sink: &mut impl SessionSink) {
+        let grace = self.cfg.orphan_grace;
+        let s = self.session_mut(slot);
+        let coredns_gap = s.profile.writes_in_order()
+            && s.upstream_queries > 0
+            && s.upstream_responses == 0;
+        if coredns_gap {
+            s.loss.get_or_insert(LossReason::UpstreamResponseMissing);
+        }
+        let waits = !s.profile.writes_in_order() && s.upstream_queries > s.upstream_responses;
+        if waits && s.has(Role::ClientQuery) {
+            s.completed = true;
+            let cr_time = s.messages.last().and_then(|m| m.time).unwrap_or(s.first_time);
+            let deadline = s.deadline.min(cr_time.max(s.first_time).saturating_add(grace));
+            self.reschedule(slot, deadline);
+        } else {
+            self.finish(slot, sink);
+        }
+    }
+
+    fn upstream_hash(&self, ev: &Event) -> u64 {
+        let mut h = self.upstream_hasher.build_hasher();
+        ev.upstream.hash(&mut h);
+        h.finish()
+    }
+
+    fn find(&self, key: u64, mut pred: impl FnMut(&Session) -> bool) -> Option<u32> {
+        self.find_best(key, |s| pred(s).then_some(0))
+    }
+
+    /// The candidate in the key's bucket with the lowest score (None = not a candidate).
+    fn find_best(&self, key: u64, mut score: impl FnMut(&Session) -> Option<u64>) -> Option<u32> {
+        let bucket = self.buckets.get(&key)?;
+        bucket
+            .iter()
+            .filter_map(|&slot| {
+                let s = self.slots[slot as usize].session.as_ref()?;
+                score(s).map(|sc| (sc, slot))
+            })
+            .min()
+            .map(|(_, slot)| slot)
+    }
+
+    /// Opens a session for this event; evicts the oldest of its source when the table is full.
+    fn insert(&mut self, ev: &Event, t: Nanos, sink: &mut impl SessionSink) -> Option<u32> {
+        if self.open >= self.cfg.max_sessions {
+            self.evict_oldest(ev.source, sink);
+            if self.open >= self.cfg.max_sessions {
+                return None;
+            }
+        }
+        let clock_seq = self.sources.get(&ev.source).map_or(0, |c| c.loss_seq);
+        let session = Session {
+            source: ev.source,
+            profile: ev.profile,
+            key: ev.key,
+            bitmap: BitMap(0),
+            messages: SmallVec::new(),
+            messages_dropped: 0,
+            cq_time: None,
+            client: None,
+            dns_id: None,
+            protocol: None,
+            first_time: t,
+            deadline: Nanos::MAX,
+            upstream_queries: 0,
+            upstream_responses: 0,
+            loss: None,
+            loss_seq_at_open: ev.loss_seq.max(clock_seq),
+            drop_epoch_at_open: self.drop_epoch,
+            completed: false,
+            has_wire: ev.question.is_some(),
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize].session = Some(session);
+                slot
+            }
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    session: Some(session),
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.buckets.entry(ev.key).or_default().push(slot);
+        self.open += 1;
+        Some(slot)
+    }
+
+    fn evict_oldest(&mut self, source: SourceId, sink: &mut impl SessionSink) {
+        loop {
+            let Some(c) = self.sources.get_mut(&source) else {
+                return;
+            };
+            let Some(Reverse((deadline, slot, generation))) = c.expiry.pop() else {
+                return;
+            };
+            if self.is_live(slot, generation, deadline) {
+                self.session_mut(slot).loss = Some(LossReason::SessionTableFull);
+                self.finish(slot, sink);
+                return;
+            }
+        }
+    }
+
+    fn session_mut(&mut self, slot: u32) -> &mut Session {
+        self.slots[slot as usize]
+            .session
+            .as_mut()
+            .expect("slot holds a live session")
+    }
+
+    fn is_live(&self, slot: u32, generation: u32, deadline: Nanos) -> bool {
+        let s = &self.slots[slot as usize];
+        s.generation == generation && s.session.as_ref().is_some_and(|s| s.deadline == deadline)
+    }
+
+    fn push_message(&mut self, slot: u32, ev: &Event) {
+        let upstream = if matches!(ev.role, Role::UpstreamQuery | Role::UpstreamResponse) {
+            self.upstream_hash(ev)
+        } else {
+            0
+        };
+        let s = self.session_mut(slot);
+        s.bitmap.0 |= ev.role.bit();
+        if s.messages.len() >= MAX_MESSAGES {
+            s.messages_dropped += 1;
+            return;
+        }
+        s.messages.push(Message {
+            role: ev.role,
+            rcode: ev.question.filter(|q| q.is_response).map(|q| q.rcode),
+            time: if ev.role == Role::ClientResponse {
+                ev.response_time.or(ev.query_time)
+            } else {
+                ev.query_time
+            },
+            upstream,
+            frame: ev.frame.clone(),
+        });
+    }
+
+    fn reschedule(&mut self, slot: u32, deadline: Nanos) {
+        let generation = self.slots[slot as usize].generation;
+        let s = self.session_mut(slot);
+        if s.deadline == deadline {
+            return;
+        }
+        s.deadline = deadline;
+        let source = s.source;
+        if let Some(c) = self.sources.get_mut(&source) {
+            c.expiry.push(Reverse((deadline, slot, generation)));
+        }
+    }
+
+    /// Emits the source's sessions whose deadline its clock has passed.
+    fn expire(&mut self, source: SourceId, clock: Option<Nanos>, sink: &mut impl SessionSink) {
+        loop {
+            let Some(c) = self.sources.get_mut(&source) else {
+                return;
+            };
+            let now = clock.unwrap_or(c.watermark).max(c.watermark);
+            let Some(&Reverse((deadline, slot, generation))) = c.expiry.peek() else {
+                return;
+            };
+            if deadline > now {
+                return;
+            }
+            c.expiry.pop();
+            if self.is_live(slot, generation, deadline) {
+                self.finish(slot, sink);
+            }
+        }
+    }
+
+    /// Removes the session from the table and hands it to the sink with its verdict.
+    fn finish(&mut self, slot: u32, sink: &mut impl SessionSink) {
+        let entry = &mut self.slots[slot as usize];
+        let Some(session) = entry.session.take() else {
+            return;
+        };
+        entry.generation = entry.generation.wrapping_add(1);
+        self.free.push(slot);
+        self.open -= 1;
+        if let Some(bucket) = self.buckets.get_mut(&session.key) {
+            bucket.retain(|s| *s != slot);
+            if bucket.is_empty() {
+                self.buckets.remove(&session.key);
+            }
+        }
+        let loss_seq_now = self.sources.get(&session.source).map_or(0, |c| c.loss_seq);
+        let evident = if self.drop_epoch != session.drop_epoch_at_open {
+            Some(LossReason::AnalyserQueueFull)
+        } else if loss_seq_now != session.loss_seq_at_open {
+            Some(LossReason::SenderLoss)
+        } else {
+            None
+        };
+        let verdict = session.verdict(evident);
+        sink.session(session, verdict);
+    }
+}
+
+/// Whether a CQ explains an orphan opened by its own response or upstream leg.
+fn explains_orphan(cq: &Event, t: Nanos, orphan: &Session) -> bool {
+    let client_ok = orphan.client.is_none() || orphan.client == cq.client;
+    let id_ok = orphan.dns_id.is_none() || orphan.dns_id == cq.question.map(|q| q.id);
+    let cr_time_ok = orphan
+        .messages
+        .iter()
+        .filter(|m| m.role == Role::ClientResponse)
+        .all(|m| m.time.is_none_or(|rt| rt.saturating_add(TIME_SLACK) >= t));
+    client_ok && id_ok && cr_time_ok && orphan.first_time.saturating_add(TIME_SLACK) >= t
+}

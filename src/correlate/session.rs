@@ -1,0 +1,254 @@
+//! A session (every message of one client request) and its verdict.
+
+use crate::dnstap::{Nanos, Role, SenderProfile, SocketProtocol, SourceId};
+use bytes::Bytes;
+use smallvec::SmallVec;
+use std::net::SocketAddr;
+
+/// 1 CQ | 2 CR | 4 FQ/RQ | 8 FR/RR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct BitMap(pub u8);
+
+impl BitMap {
+    pub fn has(self, role: Role) -> bool {
+        self.0 & role.bit() != 0
+    }
+}
+
+/// One message kept in a session: the original frame plus what matching needs again.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub role: Role,
+    /// Header rcode of the DNS message, for responses with wire data.
+    pub rcode: Option<u8>,
+    /// query_time for queries and the upstream leg (FQ and FR share it in CoreDNS), the
+    /// response_time for a CR.
+    pub time: Option<Nanos>,
+    /// Hash of the upstream socket (upstream messages): pairs FR with FQ without storing it.
+    pub upstream: u64,
+    pub frame: Bytes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Status {
+    Succeeded,
+    Failed,
+    SampleLoss,
+}
+
+impl Status {
+    pub const ALL: [Status; 3] = [Status::Succeeded, Status::Failed, Status::SampleLoss];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Succeeded => "Succeeded",
+            Self::Failed => "Failed",
+            Self::SampleLoss => "SampleLoss",
+        }
+    }
+}
+
+/// Why a session is SampleLoss. Every SampleLoss line names one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LossReason {
+    /// FR/CR/FQ arrived but their CLIENT_QUERY never did.
+    ClientQueryMissing,
+    /// CoreDNS wrote a CR after forwarding but the FR of the answered attempt is missing.
+    UpstreamResponseMissing,
+    /// An FR arrived without its FQ.
+    UpstreamQueryMissing,
+    /// This analyser's shard queue overflowed while the session was open.
+    AnalyserQueueFull,
+    /// The sender lost messages on this identity while the session was open (orphans,
+    /// a stream that ended without STOP, undecodable frames).
+    SenderLoss,
+    /// The session table was full; the oldest session was evicted.
+    SessionTableFull,
+}
+
+impl LossReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ClientQueryMissing => "client_query_missing",
+            Self::UpstreamResponseMissing => "upstream_response_missing",
+            Self::UpstreamQueryMissing => "upstream_query_missing",
+            Self::AnalyserQueueFull => "analyser_queue_full",
+            Self::SenderLoss => "sender_loss",
+            Self::SessionTableFull => "session_table_full",
+        }
+    }
+
+    pub fn explain(self) -> &'static str {
+        match self {
+            Self::ClientQueryMissing => "its CLIENT_QUERY was never received (lost by the sender or during a reconnect)",
+            Self::UpstreamResponseMissing => "the client got an answer but the FORWARDER_RESPONSE it came from was never received",
+            Self::UpstreamQueryMissing => "a FORWARDER_RESPONSE arrived without its FORWARDER_QUERY",
+            Self::AnalyserQueueFull => "the analyser dropped messages of this shard while the session was open (queue full: raise --shards or --queue-capacity)",
+            Self::SenderLoss => "the sender lost dnstap messages on this identity while the session was open (CoreDNS queue full or reconnect)",
+            Self::SessionTableFull => "the session table was full (--max-sessions) and this session was evicted before it ended",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub status: Status,
+    pub bitmap: BitMap,
+    pub loss: Option<LossReason>,
+}
+
+/// All messages of one client request as seen by one sender.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub source: SourceId,
+    pub profile: SenderProfile,
+    pub key: u64,
+    pub bitmap: BitMap,
+    pub messages: SmallVec<[Message; 2]>,
+    /// Messages past the per-session cap (a retry storm); counted, not kept.
+    pub messages_dropped: u32,
+    pub cq_time: Option<Nanos>,
+    pub client: Option<SocketAddr>,
+    pub dns_id: Option<u16>,
+    pub protocol: Option<SocketProtocol>,
+    /// Earliest event time in the session (orphans have no CQ time).
+    pub first_time: Nanos,
+    pub(super) deadline: Nanos,
+    pub(super) upstream_queries: u16,
+    pub(super) upstream_responses: u16,
+    /// Evidence of loss noticed by the correlator itself.
+    pub(super) loss: Option<LossReason>,
+    /// The sender loss sequence and this shard's drop epoch when the session opened.
+    pub(super) loss_seq_at_open: u64,
+    pub(super) drop_epoch_at_open: u64,
+    /// CR seen, but held for late upstream messages (senders that write CR before RR).
+    pub(super) completed: bool,
+    /// True when the sender sent wire messages (CoreDNS `full`).
+    pub has_wire: bool,
+}
+
+impl Session {
+    pub fn has(&self, role: Role) -> bool {
+        self.bitmap.has(role)
+    }
+
+    pub fn rcode(&self) -> Option<u8> {
+        self.messages
+            .iter()
+            .rev()
+            .find(|m| m.role == Role::ClientResponse)
+            .and_then(|m| m.rcode)
+    }
+
+    /// The verdict, given whether loss became evident while the session was open.
+    pub fn verdict(&self, loss_evident: Option<LossReason>) -> Verdict {
+        let bitmap = self.bitmap;
+        let loss = if !self.has(Role::ClientQuery) {
+            Some(LossReason::ClientQueryMissing)
+        } else {
+            self.loss.or(loss_evident)
+        };
+        let status = match (loss, self.has(Role::ClientResponse), self.rcode()) {
+            (Some(_), _, _) => Status::SampleLoss,
+            // NOERROR (0) and NXDOMAIN (3) are answers; without wire data a CR is an answer.
+            (None, true, Some(0 | 3) | None) => Status::Succeeded,
+            (None, _, _) => Status::Failed,
+        };
+        Verdict {
+            status,
+            bitmap,
+            loss,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(roles: &[(Role, Option<u8>)]) -> Session {
+        let mut s = Session {
+            source: SourceId(0),
+            profile: SenderProfile::CoreDns,
+            key: 0,
+            bitmap: BitMap(0),
+            messages: SmallVec::new(),
+            messages_dropped: 0,
+            cq_time: None,
+            client: None,
+            dns_id: None,
+            protocol: None,
+            first_time: 0,
+            deadline: 0,
+            upstream_queries: 0,
+            upstream_responses: 0,
+            loss: None,
+            loss_seq_at_open: 0,
+            drop_epoch_at_open: 0,
+            completed: false,
+            has_wire: true,
+        };
+        for &(role, rcode) in roles {
+            s.bitmap.0 |= role.bit();
+            s.messages.push(Message {
+                role,
+                rcode,
+                time: None,
+                upstream: 0,
+                frame: Bytes::new(),
+            });
+        }
+        s
+    }
+
+    use Role::*;
+
+    #[test]
+    fn noerror_and_nxdomain_succeed_other_rcodes_fail() {
+        let v = session(&[(ClientQuery, None), (ClientResponse, Some(0))]).verdict(None);
+        assert_eq!((v.status, v.bitmap), (Status::Succeeded, BitMap(3)));
+        let v = session(&[
+            (ClientQuery, None),
+            (UpstreamQuery, None),
+            (UpstreamResponse, Some(3)),
+            (ClientResponse, Some(3)),
+        ])
+        .verdict(None);
+        assert_eq!((v.status, v.bitmap), (Status::Succeeded, BitMap(15)));
+        for rcode in [2, 5, 1, 4] {
+            let v = session(&[(ClientQuery, None), (ClientResponse, Some(rcode))]).verdict(None);
+            assert_eq!(v.status, Status::Failed, "rcode {rcode}");
+        }
+    }
+
+    #[test]
+    fn no_client_response_fails_unless_loss_is_evident() {
+        let s = session(&[(ClientQuery, None), (UpstreamQuery, None)]);
+        assert_eq!(s.verdict(None).status, Status::Failed);
+        assert_eq!(s.verdict(None).bitmap, BitMap(5));
+        let v = s.verdict(Some(LossReason::SenderLoss));
+        assert_eq!((v.status, v.loss), (Status::SampleLoss, Some(LossReason::SenderLoss)));
+        let v = session(&[(ClientQuery, None)]).verdict(None);
+        assert_eq!((v.status, v.bitmap), (Status::Failed, BitMap(1)));
+    }
+
+    #[test]
+    fn missing_client_query_is_sample_loss_even_with_an_answer() {
+        let v = session(&[
+            (UpstreamQuery, None),
+            (UpstreamResponse, Some(0)),
+            (ClientResponse, Some(0)),
+        ])
+        .verdict(None);
+        assert_eq!(
+            (v.status, v.bitmap, v.loss),
+            (Status::SampleLoss, BitMap(14), Some(LossReason::ClientQueryMissing))
+        );
+    }
+
+    #[test]
+    fn without_wire_data_a_client_response_counts_as_answered() {
+        let v = session(&[(ClientQuery, None), (ClientResponse, None)]).verdict(None);
+        assert_eq!(v.status, Status::Succeeded);
+    }
+}

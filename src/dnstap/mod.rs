@@ -1,0 +1,329 @@
+//! dnstap payloads: protobuf decoding (zero-copy, quick-protobuf) and the `Event` the
+//! correlator consumes.
+
+pub mod pb;
+
+use crate::dns::{self, QuestionSummary};
+use bytes::Bytes;
+use quick_protobuf::{BytesReader, MessageRead};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+pub use pb::mod_Message::Type as MessageType;
+pub use pb::{Dnstap, Message as DnstapMessage, SocketProtocol};
+
+/// Nanoseconds since the Unix epoch, as the sender stamped them.
+pub type Nanos = u64;
+
+/// Interned sender identity (the dnstap identity, or the peer address when it is empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceId(pub u32);
+
+/// Interns source names (identity, or peer address when the identity is empty) so events
+/// carry a small id. Readers cache their lookups; the lock is taken once per new stream.
+#[derive(Debug, Default)]
+pub struct SourceRegistry {
+    inner: std::sync::Mutex<(hashbrown::HashMap<Vec<u8>, SourceId>, Vec<std::sync::Arc<str>>)>,
+}
+
+impl SourceRegistry {
+    pub fn intern(&self, name: &[u8]) -> SourceId {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(id) = g.0.get(name) {
+            return *id;
+        }
+        let id = SourceId(g.1.len() as u32);
+        g.1.push(String::from_utf8_lossy(name).into());
+        g.0.insert(name.to_vec(), id);
+        id
+    }
+
+    pub fn name(&self, id: SourceId) -> std::sync::Arc<str> {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.1.get(id.0 as usize).cloned().unwrap_or_else(|| "".into())
+    }
+}
+
+/// What a DNS server is known to send; picked from the dnstap version string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SenderProfile {
+    CoreDns,
+    Unbound,
+    Bind,
+    KnotResolver,
+    Dnsdist,
+    Unknown,
+}
+
+impl SenderProfile {
+    pub fn from_version(version: &[u8]) -> Self {
+        let starts = |p: &[u8]| version.len() >= p.len() && version[..p.len()].eq_ignore_ascii_case(p);
+        if starts(b"CoreDNS-") {
+            Self::CoreDns
+        } else if starts(b"unbound") {
+            Self::Unbound
+        } else if starts(b"BIND") {
+            Self::Bind
+        } else if starts(b"Knot Resolver") {
+            Self::KnotResolver
+        } else if starts(b"dnsdist") {
+            Self::Dnsdist
+        } else {
+            Self::Unknown
+        }
+    }
+
+    /// CoreDNS copies the client's DNS id into its upstream messages; others use fresh ids.
+    pub fn upstream_keeps_client_id(self) -> bool {
+        self == Self::CoreDns
+    }
+
+    /// Senders that write a session's messages in causal order, so anything unmatched on
+    /// arrival is already evidence of loss.
+    pub fn writes_in_order(self) -> bool {
+        self == Self::CoreDns
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::CoreDns => "CoreDNS",
+            Self::Unbound => "unbound",
+            Self::Bind => "BIND",
+            Self::KnotResolver => "Knot Resolver",
+            Self::Dnsdist => "dnsdist",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// The four message roles a session is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    ClientQuery,
+    ClientResponse,
+    UpstreamQuery,
+    UpstreamResponse,
+}
+
+impl Role {
+    /// The session BitMap bit: 1 CQ, 2 CR, 4 FQ (or RQ), 8 FR (or RR).
+    pub fn bit(self) -> u8 {
+        match self {
+            Self::ClientQuery => 1,
+            Self::ClientResponse => 2,
+            Self::UpstreamQuery => 4,
+            Self::UpstreamResponse => 8,
+        }
+    }
+
+    fn of(t: MessageType) -> Option<Self> {
+        use MessageType::*;
+        Some(match t {
+            CLIENT_QUERY => Self::ClientQuery,
+            CLIENT_RESPONSE => Self::ClientResponse,
+            FORWARDER_QUERY | RESOLVER_QUERY => Self::UpstreamQuery,
+            FORWARDER_RESPONSE | RESOLVER_RESPONSE => Self::UpstreamResponse,
+            _ => return None,
+        })
+    }
+
+    pub fn is_response(self) -> bool {
+        matches!(self, Self::ClientResponse | Self::UpstreamResponse)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    Protobuf,
+    NoMessage,
+    /// AUTH_*, STUB_*, TOOL_*, UPDATE_*: not part of a client session.
+    UnsupportedType(MessageType),
+    Dns(dns::DnsError),
+}
+
+impl DecodeError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Protobuf => "protobuf",
+            Self::NoMessage => "no_message",
+            Self::UnsupportedType(_) => "unsupported_message_type",
+            Self::Dns(e) => e.reason(),
+        }
+    }
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Protobuf => f.write_str("undecodable dnstap protobuf"),
+            Self::NoMessage => f.write_str("dnstap payload without a message"),
+            Self::UnsupportedType(t) => write!(f, "message type {t:?} is not part of a session"),
+            Self::Dns(e) => write!(f, "undecodable DNS message ({})", e.reason()),
+        }
+    }
+}
+
+/// Decodes a dnstap frame, borrowing every byte field from it.
+pub fn decode(frame: &[u8]) -> Result<Dnstap<'_>, DecodeError> {
+    let mut reader = BytesReader::from_bytes(frame);
+    Dnstap::from_reader(&mut reader, frame).map_err(|_| DecodeError::Protobuf)
+}
+
+/// One dnstap message, reduced to what correlation needs. The frame rides along (shared, not
+/// copied) so the session can render the original message when it is emitted.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub source: SourceId,
+    pub profile: SenderProfile,
+    pub role: Role,
+    /// Shard routing and bucket key: source, qname, qtype, qclass (and the DNS id where the
+    /// sender keeps it on the upstream leg). Without a DNS message: source, client, query_time.
+    pub key: u64,
+    /// DNS facts, absent when the sender logs no wire messages (CoreDNS without `full`).
+    pub question: Option<QuestionSummary>,
+    pub query_time: Option<Nanos>,
+    pub response_time: Option<Nanos>,
+    /// The client's socket for client messages.
+    pub client: Option<SocketAddr>,
+    /// The upstream's socket for upstream messages.
+    pub upstream: Option<SocketAddr>,
+    pub protocol: Option<SocketProtocol>,
+    /// Latest event time seen on this stream when the event was dispatched: the sender's clock.
+    pub watermark: Nanos,
+    /// The source's sender-loss sequence at dispatch: it grows whenever loss becomes evident
+    /// on the stream (orphans, truncated streams), so a session can tell whether loss
+    /// happened between two of its messages.
+    pub loss_seq: u64,
+    /// Events for this event's shard that the analyser dropped just before it.
+    pub drops_before: u32,
+    pub frame: Bytes,
+}
+
+impl Event {
+    /// Extracts an event from a decoded payload. `frame` must be the bytes `tap` borrows from.
+    pub fn from_dnstap(
+        tap: &Dnstap<'_>,
+        frame: Bytes,
+        source: SourceId,
+        profile: SenderProfile,
+        hasher: &ahash::RandomState,
+    ) -> Result<Self, DecodeError> {
+        let m = tap.message.as_ref().ok_or(DecodeError::NoMessage)?;
+        let role = Role::of(m.type_pb).ok_or(DecodeError::UnsupportedType(m.type_pb))?;
+        let wire = if role.is_response() {
+            m.response_message.as_deref()
+        } else {
+            m.query_message.as_deref()
+        };
+        let question = match wire {
+            Some(w) => Some(dns::parse_question(w, hasher).map_err(DecodeError::Dns)?),
+            None => None,
+        };
+        let query_time = time(m.query_time_sec, m.query_time_nsec);
+        let response_time = time(m.response_time_sec, m.response_time_nsec);
+        let is_client = matches!(role, Role::ClientQuery | Role::ClientResponse);
+        let query_socket = socket(m.query_address.as_deref(), m.query_port);
+        let client = if is_client { query_socket } else { None };
+        let upstream = if is_client {
+            None
+        } else {
+            socket(m.response_address.as_deref(), m.response_port)
+        };
+        let mut h = hasher.build_hasher();
+        source.hash(&mut h);
+        match &question {
+            Some(q) => {
+                (q.qname_hash, q.qtype, q.qclass).hash(&mut h);
+                if profile.upstream_keeps_client_id() {
+                    q.id.hash(&mut h);
+                }
+            }
+            None => (client, query_time).hash(&mut h),
+        }
+        Ok(Event {
+            source,
+            profile,
+            role,
+            key: h.finish(),
+            question,
+            query_time,
+            response_time,
+            client,
+            upstream,
+            protocol: m.socket_protocol,
+            watermark: 0,
+            loss_seq: 0,
+            drops_before: 0,
+            frame,
+        })
+    }
+
+    /// When it happened at the sender: queries at query_time, responses at response_time.
+    pub fn time(&self) -> Option<Nanos> {
+        if self.role.is_response() {
+            self.response_time.or(self.query_time)
+        } else {
+            self.query_time
+        }
+    }
+}
+
+pub fn time(sec: Option<u64>, nsec: Option<u32>) -> Option<Nanos> {
+    let sec = sec?;
+    Some(sec.saturating_mul(1_000_000_000).saturating_add(nsec.unwrap_or(0) as u64))
+}
+
+/// An address field as a socket; IPv4-mapped IPv6 (`::ffff:a.b.c.d`) becomes plain IPv4.
+pub fn socket(addr: Option<&[u8]>, port: Option<u32>) -> Option<SocketAddr> {
+    Some(SocketAddr::new(ip(addr?)?, port.unwrap_or(0) as u16))
+}
+
+pub fn ip(addr: &[u8]) -> Option<IpAddr> {
+    match addr.len() {
+        4 => Some(IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))),
+        16 => {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(addr);
+            let v6 = Ipv6Addr::from(b);
+            Some(match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_ipv4_is_normalised_and_other_lengths_are_rejected() {
+        let mut mapped = [0u8; 16];
+        mapped[10] = 0xff;
+        mapped[11] = 0xff;
+        mapped[12..].copy_from_slice(&[127, 0, 0, 1]);
+        assert_eq!(ip(&mapped), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(ip(&[10, 0, 0, 2]), Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(ip(&Ipv6Addr::LOCALHOST.octets()), Some("::1".parse().unwrap()));
+        assert_eq!(ip(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn profiles_come_from_version_strings() {
+        assert_eq!(SenderProfile::from_version(b"CoreDNS-1.10.1"), SenderProfile::CoreDns);
+        assert_eq!(SenderProfile::from_version(b"unbound 1.17.1"), SenderProfile::Unbound);
+        assert_eq!(SenderProfile::from_version(b"BIND 9.18.49"), SenderProfile::Bind);
+        assert_eq!(SenderProfile::from_version(b"Knot Resolver 5.6.0"), SenderProfile::KnotResolver);
+        assert_eq!(SenderProfile::from_version(b"dnsdist 1.7.3"), SenderProfile::Dnsdist);
+        assert_eq!(SenderProfile::from_version(b""), SenderProfile::Unknown);
+    }
+
+    #[test]
+    fn times_combine_seconds_and_nanoseconds() {
+        assert_eq!(time(Some(2), Some(5)), Some(2_000_000_005));
+        assert_eq!(time(None, Some(5)), None);
+        assert_eq!(time(Some(1), None), Some(1_000_000_000));
+    }
+}

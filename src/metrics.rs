@@ -1,0 +1,191 @@
+//! Counters shared by every stage, and the summary line printed on exit.
+
+use crate::correlate::{Status, Verdict};
+use crate::dnstap::Role;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Why a message, frame or connection was dropped. Every drop has exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discard {
+    /// A shard's queue was full; the sessions it touched become SampleLoss.
+    QueueFull,
+    /// A valid frame whose protobuf does not decode.
+    Protobuf,
+    /// A dnstap payload without a message.
+    NoMessage,
+    /// AUTH/STUB/TOOL/UPDATE messages: not part of client sessions.
+    UnsupportedMessageType,
+    /// A DNS message without a parseable header or question.
+    DnsUndecodable,
+    /// Upstream messages without wire data cannot be joined (CoreDNS without `full`).
+    UpstreamWithoutWire,
+    /// Bytes after which a stream could not continue: garbage, oversized or bad frames.
+    BadStream,
+    /// A truncated frame at the end of a connection.
+    TruncatedFrame,
+    /// A sender offering another content type than dnstap.
+    ContentType,
+    /// The handshake did not finish within 5 s.
+    HandshakeTimeout,
+    /// Over --max-connections.
+    ConnectionLimit,
+}
+
+impl Discard {
+    pub const ALL: [Discard; 11] = [
+        Discard::QueueFull,
+        Discard::Protobuf,
+        Discard::NoMessage,
+        Discard::UnsupportedMessageType,
+        Discard::DnsUndecodable,
+        Discard::UpstreamWithoutWire,
+        Discard::BadStream,
+        Discard::TruncatedFrame,
+        Discard::ContentType,
+        Discard::HandshakeTimeout,
+        Discard::ConnectionLimit,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::Protobuf => "protobuf_undecodable",
+            Self::NoMessage => "no_message",
+            Self::UnsupportedMessageType => "unsupported_message_type",
+            Self::DnsUndecodable => "dns_undecodable",
+            Self::UpstreamWithoutWire => "upstream_without_wire",
+            Self::BadStream => "bad_stream",
+            Self::TruncatedFrame => "truncated_frame",
+            Self::ContentType => "content_type",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::ConnectionLimit => "connection_limit",
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub messages: AtomicU64,
+    pub messages_by_role: [AtomicU64; 4],
+    pub frames: AtomicU64,
+    pub bytes: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub connections_closed: AtomicU64,
+    pub sessions: AtomicU64,
+    /// [status][bitmap]
+    pub sessions_by: [[AtomicU64; 16]; 3],
+    pub sessions_printed: AtomicU64,
+    discards: [AtomicU64; Discard::ALL.len()],
+    log_limiter: Mutex<LogLimiter>,
+}
+
+impl Metrics {
+    pub fn discard(&self, why: Discard, n: u64) {
+        self.discards[why as usize].fetch_add(n, Relaxed);
+    }
+
+    pub fn discarded(&self, why: Discard) -> u64 {
+        self.discards[why as usize].load(Relaxed)
+    }
+
+    pub fn message(&self, role: Role) {
+        self.messages.fetch_add(1, Relaxed);
+        let i = match role {
+            Role::ClientQuery => 0,
+            Role::ClientResponse => 1,
+            Role::UpstreamQuery => 2,
+            Role::UpstreamResponse => 3,
+        };
+        self.messages_by_role[i].fetch_add(1, Relaxed);
+    }
+
+    pub fn session(&self, v: &Verdict) {
+        self.sessions.fetch_add(1, Relaxed);
+        self.sessions_by[v.status as usize][(v.bitmap.0 & 15) as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Logs a problem on stderr, at most 10 lines per 10 s per process; the rest are counted
+    /// and the number suppressed is said with the next line that gets through.
+    pub fn warn(&self, msg: std::fmt::Arguments<'_>) {
+        let mut l = self.log_limiter.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if now.duration_since(l.window_start) > Duration::from_secs(10) {
+            l.window_start = now;
+            l.in_window = 0;
+        }
+        if l.in_window >= 10 {
+            l.suppressed += 1;
+            return;
+        }
+        l.in_window += 1;
+        let suppressed = std::mem::take(&mut l.suppressed);
+        drop(l);
+        if suppressed > 0 {
+            eprintln!("dnstap-analyser: warning: {msg} ({suppressed} similar lines suppressed)");
+        } else {
+            eprintln!("dnstap-analyser: warning: {msg}");
+        }
+    }
+
+    /// `{"summary":{...}}`, printed on stderr at exit.
+    pub fn summary_json(&self) -> String {
+        let mut status = serde_json::Map::new();
+        let mut bitmap = serde_json::Map::new();
+        let mut by = serde_json::Map::new();
+        for st in Status::ALL {
+            let row = &self.sessions_by[st as usize];
+            let total: u64 = row.iter().map(|c| c.load(Relaxed)).sum();
+            status.insert(st.name().into(), total.into());
+            let mut per = serde_json::Map::new();
+            for (b, c) in row.iter().enumerate() {
+                let n = c.load(Relaxed);
+                if n > 0 {
+                    per.insert(b.to_string(), n.into());
+                    let e = bitmap.entry(b.to_string()).or_insert(0u64.into());
+                    *e = (e.as_u64().unwrap_or(0) + n).into();
+                }
+            }
+            by.insert(st.name().into(), per.into());
+        }
+        let mut dropped = serde_json::Map::new();
+        for d in Discard::ALL {
+            dropped.insert(d.name().into(), self.discarded(d).into());
+        }
+        let roles = ["CLIENT_QUERY", "CLIENT_RESPONSE", "UPSTREAM_QUERY", "UPSTREAM_RESPONSE"];
+        let mut by_type = serde_json::Map::new();
+        for (name, c) in roles.iter().zip(&self.messages_by_role) {
+            by_type.insert((*name).into(), c.load(Relaxed).into());
+        }
+        serde_json::json!({"summary": {
+            "messages": self.messages.load(Relaxed),
+            "messages_by_type": by_type,
+            "frames": self.frames.load(Relaxed),
+            "connections": self.connections_accepted.load(Relaxed),
+            "sessions": self.sessions.load(Relaxed),
+            "sessions_printed": self.sessions_printed.load(Relaxed),
+            "status": status,
+            "bitmap": bitmap,
+            "status_bitmap": by,
+            "dropped": dropped,
+        }})
+        .to_string()
+    }
+}
+
+struct LogLimiter {
+    window_start: Instant,
+    in_window: u32,
+    suppressed: u64,
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        Self {
+            window_start: Instant::now(),
+            in_window: 0,
+            suppressed: 0,
+        }
+    }
+}

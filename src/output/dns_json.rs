@@ -1,0 +1,166 @@
+//! The whole DNS message as JSON (all sections, typed record data, EDNS), decoded with
+//! `domain` only when a session is rendered.
+
+use super::json::Json;
+use crate::dns::{class_name, rcode_name, rtype_name};
+use domain::base::iana::Rtype;
+use domain::base::opt::{Opt, UnknownOptData};
+use domain::base::{Message, ParsedName, ParsedRecord, RecordSection};
+use domain::rdata::AllRecordData;
+
+pub fn write_dns(j: &mut Json<'_>, wire: &[u8]) {
+    let Ok(msg) = Message::from_octets(wire) else {
+        j.begin_object();
+        j.field_str("error", "shorter than a DNS header");
+        j.field_str("hex", &hex(wire));
+        j.end_object();
+        return;
+    };
+    let h = msg.header();
+    j.begin_object();
+    j.field_uint("id", h.id() as u64);
+    j.key("opcode");
+    j.display(h.opcode());
+    let rcode = match msg.opt() {
+        Some(opt) => opt.rcode(h).to_int(),
+        None => h.rcode().to_int() as u16,
+    };
+    j.field_str("rcode", &rcode_name(rcode));
+    j.key("flags");
+    j.begin_array();
+    for (set, name) in [
+        (h.qr(), "qr"),
+        (h.aa(), "aa"),
+        (h.tc(), "tc"),
+        (h.rd(), "rd"),
+        (h.ra(), "ra"),
+        (h.ad(), "ad"),
+        (h.cd(), "cd"),
+    ] {
+        if set {
+            j.string(name);
+        }
+    }
+    j.end_array();
+    j.key("question");
+    j.begin_array();
+    let mut error = None;
+    for q in msg.question() {
+        match q {
+            Ok(q) => {
+                j.begin_object();
+                j.key("name");
+                j.display(format_args!("{}.", q.qname()));
+                j.field_str("type", &rtype_name(q.qtype().to_int()));
+                j.field_str("class", &class_name(q.qclass().to_int()));
+                j.end_object();
+            }
+            Err(e) => {
+                error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    j.end_array();
+    for (name, section) in [
+        ("answer", msg.answer()),
+        ("authority", msg.authority()),
+        ("additional", msg.additional()),
+    ] {
+        j.key(name);
+        j.begin_array();
+        match section {
+            Ok(section) => {
+                if let Err(e) = write_records(j, section) {
+                    error.get_or_insert(e);
+                }
+            }
+            Err(e) => {
+                error.get_or_insert(e.to_string());
+            }
+        }
+        j.end_array();
+    }
+    if let Some(opt) = msg.opt() {
+        j.key("edns");
+        j.begin_object();
+        j.field_uint("version", opt.version() as u64);
+        j.field_uint("udp_size", opt.udp_payload_size() as u64);
+        j.key("do");
+        j.bool(opt.dnssec_ok());
+        j.key("options");
+        j.begin_array();
+        write_options(j, opt.opt());
+        j.end_array();
+        j.end_object();
+    }
+    if let Some(e) = error {
+        j.field_str("error", &e);
+    }
+    j.end_object();
+}
+
+fn write_records(j: &mut Json<'_>, section: RecordSection<'_, &[u8]>) -> Result<(), String> {
+    for rec in section {
+        let rec: ParsedRecord<'_, &[u8]> = rec.map_err(|e| e.to_string())?;
+        if rec.rtype() == Rtype::OPT {
+            continue; // rendered as "edns"
+        }
+        j.begin_object();
+        j.key("name");
+        j.display(format_args!("{}.", rec.owner()));
+        j.field_str("type", &rtype_name(rec.rtype().to_int()));
+        j.field_str("class", &class_name(rec.class().to_int()));
+        j.field_uint("ttl", rec.ttl().as_secs() as u64);
+        j.key("rdata");
+        match rec.to_any_record::<AllRecordData<_, ParsedName<_>>>() {
+            Ok(r) => j.display(r.data()),
+            Err(e) => j.display(format_args!("undecodable: {e}")),
+        }
+        j.end_object();
+    }
+    Ok(())
+}
+
+/// EDNS options as code, mnemonic and hex data (cookies, client subnet, padding...).
+fn write_options(j: &mut Json<'_>, opt: &Opt<&[u8]>) {
+    for option in opt.iter::<UnknownOptData<&[u8]>>() {
+        let Ok(option) = option else {
+            j.begin_object();
+            j.field_str("error", "malformed option");
+            j.end_object();
+            return;
+        };
+        let code = option.code().to_int();
+        j.begin_object();
+        j.field_uint("code", code as u64);
+        j.field_str("name", option_name(code));
+        j.field_str("data", &hex(option.as_slice()));
+        j.end_object();
+    }
+}
+
+fn option_name(code: u16) -> &'static str {
+    match code {
+        3 => "NSID",
+        8 => "ECS",
+        9 => "EXPIRE",
+        10 => "COOKIE",
+        11 => "TCP-KEEPALIVE",
+        12 => "PADDING",
+        13 => "CHAIN",
+        14 => "KEY-TAG",
+        15 => "EDE",
+        _ => "OPTION",
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for &x in b {
+        s.push(DIGITS[(x >> 4) as usize] as char);
+        s.push(DIGITS[(x & 15) as usize] as char);
+    }
+    s
+}

@@ -1,0 +1,503 @@
+//! Sessions to lines: the JSON and text layouts, the diagnosis sentence, the log filter.
+//! Pure formatting; the thread that writes stdout is in `writer`.
+
+mod dns_json;
+pub mod json;
+pub mod writer;
+
+use crate::correlate::{Session, Status, Verdict};
+use crate::dns::{class_name, rcode_name, rtype_name};
+use crate::dnstap::{self, Dnstap, Nanos, Role, SourceRegistry};
+use json::{rfc3339, Json};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Text,
+}
+
+/// Which statuses `--log` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogFilter {
+    pub succeeded: bool,
+    pub failed: bool,
+    pub sample_loss: bool,
+}
+
+impl LogFilter {
+    pub const ALL: LogFilter = LogFilter {
+        succeeded: true,
+        failed: true,
+        sample_loss: true,
+    };
+
+    /// Parses `all`, `failed`, `sampleloss` or a comma list of them.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut f = LogFilter {
+            succeeded: false,
+            failed: false,
+            sample_loss: false,
+        };
+        for part in s.split(',').map(str::trim) {
+            match part.to_ascii_lowercase().as_str() {
+                "all" => f = Self::ALL,
+                "failed" => f.failed = true,
+                "sampleloss" => f.sample_loss = true,
+                "succeeded" => f.succeeded = true,
+                other => {
+                    return Err(format!(
+                        "unknown --log value {other:?}: use all, failed, sampleloss or succeeded"
+                    ))
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    pub fn allows(self, status: Status) -> bool {
+        match status {
+            Status::Succeeded => self.succeeded,
+            Status::Failed => self.failed,
+            Status::SampleLoss => self.sample_loss,
+        }
+    }
+}
+
+/// One upstream attempt: an FQ/RQ and the FR/RR that answered it, if any.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    pub address: Option<SocketAddr>,
+    pub rtt_ms: Option<f64>,
+    pub rcode: Option<u16>,
+    pub answered: bool,
+    query_time: Option<Nanos>,
+    has_query: bool,
+}
+
+/// A message of the session, decoded again from its frame for rendering.
+struct Decoded<'a> {
+    role: Role,
+    tap: Dnstap<'a>,
+}
+
+impl Decoded<'_> {
+    fn msg(&self) -> Option<&dnstap::DnstapMessage<'_>> {
+        self.tap.message.as_ref()
+    }
+
+    fn wire(&self) -> Option<&[u8]> {
+        let m = self.msg()?;
+        if self.role.is_response() {
+            m.response_message.as_deref()
+        } else {
+            m.query_message.as_deref()
+        }
+    }
+
+    fn response_time(&self) -> Option<Nanos> {
+        let m = self.msg()?;
+        dnstap::time(m.response_time_sec, m.response_time_nsec)
+    }
+
+    fn query_time(&self) -> Option<Nanos> {
+        let m = self.msg()?;
+        dnstap::time(m.query_time_sec, m.query_time_nsec)
+    }
+
+    fn upstream(&self) -> Option<SocketAddr> {
+        let m = self.msg()?;
+        dnstap::socket(m.response_address.as_deref(), m.response_port)
+    }
+
+    fn rcode(&self) -> Option<u16> {
+        crate::dns::parse_header(self.wire()?).map(|(_, rc)| rc as u16)
+    }
+}
+
+pub struct Renderer {
+    format: Format,
+    sources: Arc<SourceRegistry>,
+}
+
+impl Renderer {
+    pub fn new(format: Format, sources: Arc<SourceRegistry>) -> Self {
+        Self { format, sources }
+    }
+
+    /// Appends one line (with its newline) for the session to `out`.
+    pub fn render(&self, s: &Session, v: &Verdict, out: &mut Vec<u8>) {
+        let decoded: Vec<Decoded<'_>> = s
+            .messages
+            .iter()
+            .filter_map(|m| {
+                Some(Decoded {
+                    role: m.role,
+                    tap: dnstap::decode(&m.frame).ok()?,
+                })
+            })
+            .collect();
+        let facts = Facts::gather(s, &decoded, &self.sources);
+        let diagnosis = diagnose(s, v, &facts);
+        match self.format {
+            Format::Json => {
+                let mut j = Json::new(out);
+                j.begin_object();
+                j.field_str("status", v.status.name());
+                j.field_uint("bitmap", v.bitmap.0 as u64);
+                j.field_str("diagnosis", &diagnosis);
+                write_summary_fields(&mut j, s, v, &facts);
+                j.key("messages");
+                write_messages(&mut j, &decoded);
+                j.end_object();
+            }
+            Format::Text => {
+                use std::io::Write;
+                let _ = write!(
+                    out,
+                    "Status: {} BitMap: {} Identity: {} Client: {} Question: {} {} {} Rcode: {} Latency: {} Diagnosis: {}",
+                    v.status.name(),
+                    v.bitmap.0,
+                    facts.identity,
+                    s.client.map_or("-".into(), |c| c.to_string()),
+                    facts.qname.as_deref().unwrap_or("-"),
+                    facts.qtype.as_deref().unwrap_or("-"),
+                    facts.qclass.as_deref().unwrap_or("-"),
+                    facts.rcode.as_deref().unwrap_or("-"),
+                    facts.latency_ms.map_or("-".into(), |l| format!("{l:.3}ms")),
+                    diagnosis,
+                );
+                if let Some(loss) = v.loss {
+                    let _ = write!(out, " LossReason: {}", loss.name());
+                }
+                out.extend_from_slice(b" Messages: ");
+                write_messages(&mut Json::new(out), &decoded);
+            }
+        }
+        out.push(b'\n');
+    }
+}
+
+/// What the line says about the request, gathered once from the decoded messages.
+struct Facts {
+    identity: String,
+    version: String,
+    qname: Option<String>,
+    qtype: Option<String>,
+    qclass: Option<String>,
+    rcode: Option<String>,
+    latency_ms: Option<f64>,
+    attempts: Vec<Attempt>,
+}
+
+impl Facts {
+    fn gather(s: &Session, decoded: &[Decoded<'_>], sources: &SourceRegistry) -> Self {
+        let first = decoded.first();
+        let identity = first
+            .and_then(|d| d.tap.identity.as_deref())
+            .filter(|i| !i.is_empty())
+            .map(|i| String::from_utf8_lossy(i).into_owned())
+            .unwrap_or_else(|| sources.name(s.source).to_string());
+        let version = first
+            .and_then(|d| d.tap.version.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        let question = decoded.iter().find_map(|d| {
+            let msg = domain::base::Message::from_octets(d.wire()?).ok()?;
+            let q = msg.first_question()?;
+            Some((
+                format!("{}.", q.qname()),
+                rtype_name(q.qtype().to_int()),
+                class_name(q.qclass().to_int()),
+            ))
+        });
+        let cr = decoded.iter().rev().find(|d| d.role == Role::ClientResponse);
+        let latency_ms = match (s.cq_time, cr.and_then(|d| d.response_time())) {
+            (Some(q), Some(r)) if r >= q => Some((r - q) as f64 / 1e6),
+            _ => None,
+        };
+        let (qname, qtype, qclass) = match question {
+            Some((n, t, c)) => (Some(n), Some(t), Some(c)),
+            None => (None, None, None),
+        };
+        Facts {
+            identity,
+            version,
+            qname,
+            qtype,
+            qclass,
+            rcode: cr.and_then(|d| d.rcode()).map(|r| rcode_name(r).into_owned()),
+            latency_ms,
+            attempts: attempts(decoded),
+        }
+    }
+}
+
+/// Pairs upstream queries with their responses: same upstream, and the same query_time
+/// where the sender copies it (CoreDNS); otherwise the oldest open attempt.
+fn attempts(decoded: &[Decoded<'_>]) -> Vec<Attempt> {
+    let mut out: Vec<Attempt> = Vec::new();
+    for d in decoded {
+        match d.role {
+            Role::UpstreamQuery => out.push(Attempt {
+                address: d.upstream(),
+                rtt_ms: None,
+                rcode: None,
+                answered: false,
+                query_time: d.query_time(),
+                has_query: true,
+            }),
+            Role::UpstreamResponse => {
+                let (addr, qt, rt) = (d.upstream(), d.query_time(), d.response_time());
+                let open = |a: &&mut Attempt| !a.answered && a.address == addr;
+                let idx = out
+                    .iter_mut()
+                    .position(|a| open(&a) && a.query_time == qt)
+                    .or_else(|| out.iter_mut().position(|a| open(&a)));
+                let rtt_ms = match (qt, rt) {
+                    (Some(q), Some(r)) if r >= q => Some((r - q) as f64 / 1e6),
+                    _ => None,
+                };
+                let answer = Attempt {
+                    address: addr,
+                    rtt_ms,
+                    rcode: d.rcode(),
+                    answered: true,
+                    query_time: qt,
+                    has_query: false,
+                };
+                match idx {
+                    Some(i) => {
+                        out[i] = Attempt {
+                            has_query: true,
+                            ..answer
+                        }
+                    }
+                    None => out.push(answer),
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn write_summary_fields(j: &mut Json<'_>, s: &Session, v: &Verdict, f: &Facts) {
+    j.field_str("identity", &f.identity);
+    j.field_str("version", &f.version);
+    j.field_str("sender", s.profile.name());
+    j.key("client");
+    match s.client {
+        Some(c) => j.display(c),
+        None => j.null(),
+    }
+    j.field_opt_str("protocol", s.protocol.map(protocol_name));
+    j.field_opt_str("qname", f.qname.as_deref());
+    j.field_opt_str("qtype", f.qtype.as_deref());
+    j.field_opt_str("qclass", f.qclass.as_deref());
+    j.key("dns_id");
+    match s.dns_id {
+        Some(id) => j.uint(id as u64),
+        None => j.null(),
+    }
+    j.field_opt_str("rcode", f.rcode.as_deref());
+    j.key("latency_ms");
+    match f.latency_ms {
+        Some(l) => j.float3(l),
+        None => j.null(),
+    }
+    j.key("upstreams");
+    j.begin_array();
+    for a in &f.attempts {
+        j.begin_object();
+        j.key("address");
+        match a.address {
+            Some(addr) => j.display(addr),
+            None => j.null(),
+        }
+        j.key("rtt_ms");
+        match a.rtt_ms {
+            Some(r) => j.float3(r),
+            None => j.null(),
+        }
+        j.key("timeout");
+        j.bool(!a.answered);
+        j.field_opt_str("rcode", a.rcode.map(rcode_name).as_deref());
+        if !a.has_query {
+            j.key("query_missing");
+            j.bool(true);
+        }
+        j.end_object();
+    }
+    j.end_array();
+    if let Some(loss) = v.loss {
+        j.field_str("loss_reason", loss.name());
+    }
+    if !s.has_wire {
+        j.key("wire_messages");
+        j.bool(false);
+    }
+    if s.messages_dropped > 0 {
+        j.field_uint("messages_not_kept", s.messages_dropped as u64);
+    }
+}
+
+fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
+    j.begin_array();
+    for d in decoded {
+        j.begin_object();
+        let Some(m) = d.msg() else {
+            j.end_object();
+            continue;
+        };
+        j.key("type");
+        j.display(format_args!("{:?}", m.type_pb));
+        for (name, t) in [("query_time", d.query_time()), ("response_time", d.response_time())] {
+            if let Some(t) = t {
+                j.field_str(name, &rfc3339(t));
+            }
+        }
+        if let Some(f) = m.socket_family {
+            j.key("socket_family");
+            j.display(format_args!("{f:?}"));
+        }
+        if let Some(p) = m.socket_protocol {
+            j.field_str("socket_protocol", protocol_name(p));
+        }
+        for (name, addr, port) in [
+            ("query", m.query_address.as_deref(), m.query_port),
+            ("response", m.response_address.as_deref(), m.response_port),
+        ] {
+            if let Some(ip) = addr.and_then(dnstap::ip) {
+                j.key(&format!("{name}_address"));
+                j.display(ip);
+            }
+            if let Some(port) = port {
+                j.field_uint(&format!("{name}_port"), port as u64);
+            }
+        }
+        if let Some(zone) = m.query_zone.as_deref() {
+            j.key("query_zone");
+            write_wire_name(j, zone);
+        }
+        if let Some(wire) = d.wire() {
+            j.key("dns");
+            dns_json::write_dns(j, wire);
+        }
+        j.end_object();
+    }
+    j.end_array();
+}
+
+fn write_wire_name(j: &mut Json<'_>, wire: &[u8]) {
+    match domain::base::Name::from_slice(wire) {
+        Ok(name) => j.display(format_args!("{name}")),
+        Err(_) => j.string(&dns_json::hex(wire)),
+    }
+}
+
+fn protocol_name(p: dnstap::SocketProtocol) -> &'static str {
+    use dnstap::SocketProtocol::*;
+    match p {
+        UDP => "UDP",
+        TCP => "TCP",
+        DOT => "DOT",
+        DOH => "DOH",
+        DNSCryptUDP => "DNSCryptUDP",
+        DNSCryptTCP => "DNSCryptTCP",
+        DOQ => "DOQ",
+    }
+}
+
+/// One sentence an operator can act on.
+fn diagnose(s: &Session, v: &Verdict, f: &Facts) -> String {
+    let who = if f.identity.is_empty() { "the server" } else { f.identity.as_str() };
+    let rcode = f.rcode.as_deref().unwrap_or("an answer");
+    let latency = f.latency_ms.map(|l| format!(" in {l:.1} ms")).unwrap_or_default();
+    let upstreams = upstream_list(&f.attempts);
+    let tries = f.attempts.len();
+    let answered: Vec<&Attempt> = f.attempts.iter().filter(|a| a.answered).collect();
+    let mut text = if let Some(loss) = v.loss {
+        format!("Incomplete sample: {}; seen: {}.", loss.explain(), seen(v.bitmap.0))
+    } else {
+        match (v.status, v.bitmap.0) {
+            (Status::Succeeded, 3) => {
+                format!("{who} answered {rcode} itself{latency} (cache, hosts or a local zone), without forwarding.")
+            }
+            (Status::Succeeded, _) => format!(
+                "Forwarded to {upstreams} ({tries} attempt{}); the client got {rcode}{latency}.",
+                plural(tries)
+            ),
+            (Status::Failed, 3) => format!(
+                "{who} answered {rcode} itself{latency} without forwarding: check its zones, plugins and policy for this name."
+            ),
+            (Status::Failed, 15) | (Status::Failed, 11) => {
+                let up = answered
+                    .last()
+                    .and_then(|a| a.rcode)
+                    .map(rcode_name)
+                    .unwrap_or_else(|| "an answer".into());
+                format!(
+                    "Upstream {upstreams} answered {up}; the client got {rcode}{latency}: the upstream is failing for this name."
+                )
+            }
+            (Status::Failed, 5) => format!(
+                "Forwarded to {upstreams}, no answer after {tries} attempt{}: the upstream is unreachable or timing out; the client got SERVFAIL from {who} without a tap, or nothing.",
+                plural(tries)
+            ),
+            (Status::Failed, 7) => format!(
+                "Forwarded to {upstreams}, no answer after {tries} attempt{}; the client got {rcode}{latency}: the upstream is unreachable or timing out.",
+                plural(tries)
+            ),
+            (Status::Failed, 13) | (Status::Failed, 9) => format!(
+                "Upstream {upstreams} answered, but the client got no response from {who}."
+            ),
+            (Status::Failed, 1) => format!(
+                "No response and no upstream query: {who} dropped the request or answered through a path dnstap does not see (e.g. max_concurrent, an error) before it timed out."
+            ),
+            (Status::Failed, _) => format!("The client got {rcode}{latency}; seen: {}.", seen(v.bitmap.0)),
+            (Status::SampleLoss, _) => format!("Incomplete sample; seen: {}.", seen(v.bitmap.0)),
+        }
+    };
+    if !s.has_wire {
+        text.push_str(" The sender logs no DNS messages: add `full` to the dnstap line.");
+    }
+    text
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn upstream_list(attempts: &[Attempt]) -> String {
+    let mut addrs: Vec<String> = Vec::new();
+    for a in attempts {
+        let s = a.address.map_or("an unknown upstream".to_string(), |x| x.to_string());
+        if !addrs.contains(&s) {
+            addrs.push(s);
+        }
+    }
+    if addrs.is_empty() {
+        "an upstream".into()
+    } else {
+        addrs.join(", ")
+    }
+}
+
+fn seen(bitmap: u8) -> String {
+    let names: Vec<&str> = [(1, "CQ"), (4, "FQ"), (8, "FR"), (2, "CR")]
+        .iter()
+        .filter(|(b, _)| bitmap & b != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    if names.is_empty() {
+        "nothing".into()
+    } else {
+        names.join(" ")
+    }
+}

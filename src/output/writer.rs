@@ -1,0 +1,28 @@
+//! The single thread that owns stdout: shards hand it batches of rendered lines.
+
+use crossbeam_channel::Receiver;
+use std::io::{self, Write};
+use std::thread::JoinHandle;
+
+/// Lines are batched per shard up to this many bytes before they are handed over.
+pub const BATCH_BYTES: usize = 256 * 1024;
+
+/// Writes every batch to `out` until all senders are gone, then flushes.
+pub fn spawn<W: Write + Send + 'static>(batches: Receiver<Vec<u8>>, out: W) -> JoinHandle<io::Result<()>> {
+    std::thread::Builder::new()
+        .name("writer".into())
+        .spawn(move || {
+            let mut out = io::BufWriter::with_capacity(1 << 20, out);
+            for batch in batches {
+                if let Err(e) = out.write_all(&batch) {
+                    // A closed pipe (`| head`) ends the output, not the analysis.
+                    if e.kind() == io::ErrorKind::BrokenPipe {
+                        return Ok(());
+                    }
+                    return Err(e);
+                }
+            }
+            out.flush()
+        })
+        .expect("spawn writer thread")
+}
