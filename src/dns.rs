@@ -44,7 +44,10 @@ pub fn key_hasher() -> ahash::RandomState {
     )
 }
 
-pub fn parse_question(wire: &[u8], hasher: &ahash::RandomState) -> Result<QuestionSummary, DnsError> {
+pub fn parse_question(
+    wire: &[u8],
+    hasher: &ahash::RandomState,
+) -> Result<QuestionSummary, DnsError> {
     let msg = Message::from_octets(wire).map_err(|_| DnsError::Short)?;
     let header = msg.header();
     let q = msg.first_question().ok_or(DnsError::NoQuestion)?;
@@ -143,7 +146,10 @@ mod tests {
         let b = parse_question(&query(&["WWW", "example", "test"], 0x1234), &h).unwrap();
         let c = parse_question(&query(&["www", "example", "tes"], 0x1234), &h).unwrap();
         assert_eq!(a.id, 0x1234);
-        assert_eq!((a.qtype, a.qclass, a.rcode, a.is_response), (1, 1, 0, false));
+        assert_eq!(
+            (a.qtype, a.qclass, a.rcode, a.is_response),
+            (1, 1, 0, false)
+        );
         assert_eq!(a.qname_hash, b.qname_hash);
         assert_ne!(a.qname_hash, c.qname_hash);
     }

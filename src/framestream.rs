@@ -66,7 +66,10 @@ impl std::fmt::Display for FrameError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::DataFrameTooLarge { len, max } => {
-                write!(f, "data frame of {len} bytes exceeds --max-frame-size {max}")
+                write!(
+                    f,
+                    "data frame of {len} bytes exceeds --max-frame-size {max}"
+                )
             }
             Self::ControlFrameTooLarge { len } => write!(
                 f,
@@ -245,7 +248,9 @@ enum Phase {
     Opening,
     /// ACCEPT sent, waiting for START.
     Accepted,
-    Streaming { bidirectional: bool },
+    Streaming {
+        bidirectional: bool,
+    },
     Stopped,
 }
 
@@ -474,7 +479,10 @@ mod tests {
         for (body, what) in [
             (&[0u8, 0][..], "shorter than its type"),
             (&[0, 0, 0, 9][..], "unknown control frame type 9"),
-            (&[0, 0, 0, 4, 0, 0, 0, 1, 0, 0][..], "truncated field header"),
+            (
+                &[0, 0, 0, 4, 0, 0, 0, 1, 0, 0][..],
+                "truncated field header",
+            ),
             (
                 &[0, 0, 0, 4, 0, 0, 0, 1, 0, 0, 0, 9, b'a'][..],
                 "field longer than frame",

@@ -1,8 +1,8 @@
-pub mod framestream;
 pub mod correlate;
 pub mod dns;
 pub mod dnstap;
+pub mod framestream;
+pub mod ingest;
 pub mod metrics;
 pub mod output;
-pub mod ingest;
 pub mod pipeline;

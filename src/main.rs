@@ -28,7 +28,12 @@ struct Cli {
     command: Option<Command>,
 
     /// Where to accept Frame Streams senders: tcp://HOST:PORT or unix:///PATH. Repeat for several listeners.
-    #[arg(long, global = true, value_name = "ADDR", default_value = "tcp://0.0.0.0:6000")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "ADDR",
+        default_value = "tcp://0.0.0.0:6000"
+    )]
     listen: Vec<ListenAddr>,
 
     /// Reader threads (mio event loops) that own connections and parse frames.
@@ -99,7 +104,9 @@ fn parse_format(s: &str) -> Result<Format, String> {
 
 fn seconds(name: &str, v: f64) -> Result<u64, String> {
     if !(v.is_finite() && v > 0.0 && v < 86_400.0) {
-        return Err(format!("--{name} must be between 0 and 86400 seconds, got {v}"));
+        return Err(format!(
+            "--{name} must be between 0 and 86400 seconds, got {v}"
+        ));
     }
     Ok((v * 1e9) as u64)
 }
@@ -143,8 +150,14 @@ fn main() -> ExitCode {
             }
             let listen: Vec<String> = cli.listen.iter().map(|l| l.to_string()).collect();
             eprintln!("dnstap-analyser: listening on {}", listen.join(", "));
-            pipeline::serve(&s, &cli.listen, std::io::stdout(), metrics.clone(), shutdown)
-                .map_err(|e| e.to_string())?;
+            pipeline::serve(
+                &s,
+                &cli.listen,
+                std::io::stdout(),
+                metrics.clone(),
+                shutdown,
+            )
+            .map_err(|e| e.to_string())?;
             Ok(true)
         }),
     };

@@ -153,7 +153,12 @@ impl Metrics {
         for d in Discard::ALL {
             dropped.insert(d.name().into(), self.discarded(d).into());
         }
-        let roles = ["CLIENT_QUERY", "CLIENT_RESPONSE", "UPSTREAM_QUERY", "UPSTREAM_RESPONSE"];
+        let roles = [
+            "CLIENT_QUERY",
+            "CLIENT_RESPONSE",
+            "UPSTREAM_QUERY",
+            "UPSTREAM_RESPONSE",
+        ];
         let mut by_type = serde_json::Map::new();
         for (name, c) in roles.iter().zip(&self.messages_by_role) {
             by_type.insert((*name).into(), c.load(Relaxed).into());

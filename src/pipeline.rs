@@ -37,7 +37,11 @@ struct Backend {
     shared: Shared,
 }
 
-fn start_backend(s: &Settings, out: impl io::Write + Send + 'static, metrics: Arc<Metrics>) -> Backend {
+fn start_backend(
+    s: &Settings,
+    out: impl io::Write + Send + 'static,
+    metrics: Arc<Metrics>,
+) -> Backend {
     let shared = Shared {
         sources: Default::default(),
         board: Arc::new(LossBoard::default()),
@@ -55,7 +59,10 @@ fn start_backend(s: &Settings, out: impl io::Write + Send + 'static, metrics: Ar
         senders.push(tx);
         let mut cfg = s.correlate.clone();
         cfg.max_sessions = (cfg.max_sessions / s.shards.max(1)).max(1);
-        let core = s.pin.then(|| cores.get((s.readers + i) % cores.len().max(1)).copied()).flatten();
+        let core = s
+            .pin
+            .then(|| cores.get((s.readers + i) % cores.len().max(1)).copied())
+            .flatten();
         let ctx = ShardContext {
             rx,
             out: batch_tx.clone(),
@@ -90,7 +97,9 @@ impl Backend {
         for s in self.shards {
             let _ = s.join();
         }
-        self.writer.join().unwrap_or_else(|_| Err(io::Error::other("writer thread panicked")))
+        self.writer
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("writer thread panicked")))
     }
 }
 
@@ -128,7 +137,10 @@ impl LineSink {
     /// lines never wait long at low rates).
     fn hand_over(&mut self, force: bool) {
         if self.batch.len() >= writer::BATCH_BYTES || (force && !self.batch.is_empty()) {
-            let full = std::mem::replace(&mut self.batch, Vec::with_capacity(writer::BATCH_BYTES + 4096));
+            let full = std::mem::replace(
+                &mut self.batch,
+                Vec::with_capacity(writer::BATCH_BYTES + 4096),
+            );
             let _ = self.out.send(full);
         }
     }
@@ -216,7 +228,10 @@ pub fn serve(
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            let core = s.pin.then(|| cores.get(i % cores.len().max(1)).copied()).flatten();
+            let core = s
+                .pin
+                .then(|| cores.get(i % cores.len().max(1)).copied())
+                .flatten();
             std::thread::Builder::new()
                 .name(format!("reader-{i}"))
                 .spawn(move || {

@@ -11,7 +11,7 @@ use hashbrown::HashMap;
 use smallvec::SmallVec;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 /// A silent stream's clock is assumed to advance with the wall clock, lagging this much:
@@ -129,12 +129,15 @@ impl Correlator {
             self.drop_epoch += 1;
         }
         let t = ev.time().unwrap_or(ev.watermark);
-        let clock = self.sources.entry(ev.source).or_insert_with(|| SourceClock {
-            watermark: 0,
-            advanced_at: now,
-            loss_seq: 0,
-            expiry: BinaryHeap::new(),
-        });
+        let clock = self
+            .sources
+            .entry(ev.source)
+            .or_insert_with(|| SourceClock {
+                watermark: 0,
+                advanced_at: now,
+                loss_seq: 0,
+                expiry: BinaryHeap::new(),
+            });
         let watermark = ev.watermark.max(t);
         if watermark > clock.watermark {
             clock.watermark = watermark;
@@ -153,7 +156,12 @@ impl Correlator {
     /// Emits what the silent streams' clocks have passed (wall-clock idle flush). A silent
     /// source has no more events to tell us about loss, so `loss_seq` (the ingest's view)
     /// is consulted directly.
-    pub fn on_tick(&mut self, now: Instant, loss_seq: impl Fn(SourceId) -> u64, sink: &mut impl SessionSink) {
+    pub fn on_tick(
+        &mut self,
+        now: Instant,
+        loss_seq: impl Fn(SourceId) -> u64,
+        sink: &mut impl SessionSink,
+    ) {
         if !self.cfg.idle_flush {
             return;
         }
@@ -161,7 +169,9 @@ impl Correlator {
             .sources
             .iter_mut()
             .filter_map(|(id, c)| {
-                let silent = now.saturating_duration_since(c.advanced_at).checked_sub(IDLE_LAG)?;
+                let silent = now
+                    .saturating_duration_since(c.advanced_at)
+                    .checked_sub(IDLE_LAG)?;
                 c.loss_seq = c.loss_seq.max(loss_seq(*id));
                 Some((*id, c.watermark + silent.as_nanos() as Nanos))
             })
@@ -318,17 +328,22 @@ impl Correlator {
     fn complete(&mut self, slot: u32, sink: &mut impl SessionSink) {
         let grace = self.cfg.orphan_grace;
         let s = self.session_mut(slot);
-        let coredns_gap = s.profile.writes_in_order()
-            && s.upstream_queries > 0
-            && s.upstream_responses == 0;
+        let coredns_gap =
+            s.profile.writes_in_order() && s.upstream_queries > 0 && s.upstream_responses == 0;
         if coredns_gap {
             s.loss.get_or_insert(LossReason::UpstreamResponseMissing);
         }
         let waits = !s.profile.writes_in_order() && s.upstream_queries > s.upstream_responses;
         if waits && s.has(Role::ClientQuery) {
             s.completed = true;
-            let cr_time = s.messages.last().and_then(|m| m.time).unwrap_or(s.first_time);
-            let deadline = s.deadline.min(cr_time.max(s.first_time).saturating_add(grace));
+            let cr_time = s
+                .messages
+                .last()
+                .and_then(|m| m.time)
+                .unwrap_or(s.first_time);
+            let deadline = s
+                .deadline
+                .min(cr_time.max(s.first_time).saturating_add(grace));
             self.reschedule(slot, deadline);
         } else {
             self.finish(slot, sink);
@@ -336,9 +351,7 @@ impl Correlator {
     }
 
     fn upstream_hash(&self, ev: &Event) -> u64 {
-        let mut h = self.upstream_hasher.build_hasher();
-        ev.upstream.hash(&mut h);
-        h.finish()
+        self.upstream_hasher.hash_one(ev.upstream)
     }
 
     fn find(&self, key: u64, mut pred: impl FnMut(&Session) -> bool) -> Option<u32> {

@@ -227,7 +227,10 @@ mod tests {
         assert_eq!(s.verdict(None).status, Status::Failed);
         assert_eq!(s.verdict(None).bitmap, BitMap(5));
         let v = s.verdict(Some(LossReason::SenderLoss));
-        assert_eq!((v.status, v.loss), (Status::SampleLoss, Some(LossReason::SenderLoss)));
+        assert_eq!(
+            (v.status, v.loss),
+            (Status::SampleLoss, Some(LossReason::SenderLoss))
+        );
         let v = session(&[(ClientQuery, None)]).verdict(None);
         assert_eq!((v.status, v.bitmap), (Status::Failed, BitMap(1)));
     }
@@ -242,7 +245,11 @@ mod tests {
         .verdict(None);
         assert_eq!(
             (v.status, v.bitmap, v.loss),
-            (Status::SampleLoss, BitMap(14), Some(LossReason::ClientQueryMissing))
+            (
+                Status::SampleLoss,
+                BitMap(14),
+                Some(LossReason::ClientQueryMissing)
+            )
         );
     }
 

@@ -23,8 +23,14 @@ pub struct SourceId(pub u32);
 /// carry a small id. Readers cache their lookups; the lock is taken once per new stream.
 #[derive(Debug, Default)]
 pub struct SourceRegistry {
-    inner: std::sync::Mutex<(hashbrown::HashMap<Vec<u8>, SourceId>, Vec<std::sync::Arc<str>>)>,
+    inner: std::sync::Mutex<Interned>,
 }
+
+/// Name to id, and id (index) to name.
+type Interned = (
+    hashbrown::HashMap<Vec<u8>, SourceId>,
+    Vec<std::sync::Arc<str>>,
+);
 
 impl SourceRegistry {
     pub fn intern(&self, name: &[u8]) -> SourceId {
@@ -57,7 +63,8 @@ pub enum SenderProfile {
 
 impl SenderProfile {
     pub fn from_version(version: &[u8]) -> Self {
-        let starts = |p: &[u8]| version.len() >= p.len() && version[..p.len()].eq_ignore_ascii_case(p);
+        let starts =
+            |p: &[u8]| version.len() >= p.len() && version[..p.len()].eq_ignore_ascii_case(p);
         if starts(b"CoreDNS-") {
             Self::CoreDns
         } else if starts(b"unbound") {
@@ -270,7 +277,10 @@ impl Event {
 
 pub fn time(sec: Option<u64>, nsec: Option<u32>) -> Option<Nanos> {
     let sec = sec?;
-    Some(sec.saturating_mul(1_000_000_000).saturating_add(nsec.unwrap_or(0) as u64))
+    Some(
+        sec.saturating_mul(1_000_000_000)
+            .saturating_add(nsec.unwrap_or(0) as u64),
+    )
 }
 
 /// An address field as a socket; IPv4-mapped IPv6 (`::ffff:a.b.c.d`) becomes plain IPv4.
@@ -280,7 +290,9 @@ pub fn socket(addr: Option<&[u8]>, port: Option<u32>) -> Option<SocketAddr> {
 
 pub fn ip(addr: &[u8]) -> Option<IpAddr> {
     match addr.len() {
-        4 => Some(IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))),
+        4 => Some(IpAddr::V4(Ipv4Addr::new(
+            addr[0], addr[1], addr[2], addr[3],
+        ))),
         16 => {
             let mut b = [0u8; 16];
             b.copy_from_slice(addr);
@@ -306,17 +318,35 @@ mod tests {
         mapped[12..].copy_from_slice(&[127, 0, 0, 1]);
         assert_eq!(ip(&mapped), Some("127.0.0.1".parse().unwrap()));
         assert_eq!(ip(&[10, 0, 0, 2]), Some("10.0.0.2".parse().unwrap()));
-        assert_eq!(ip(&Ipv6Addr::LOCALHOST.octets()), Some("::1".parse().unwrap()));
+        assert_eq!(
+            ip(&Ipv6Addr::LOCALHOST.octets()),
+            Some("::1".parse().unwrap())
+        );
         assert_eq!(ip(&[1, 2, 3]), None);
     }
 
     #[test]
     fn profiles_come_from_version_strings() {
-        assert_eq!(SenderProfile::from_version(b"CoreDNS-1.10.1"), SenderProfile::CoreDns);
-        assert_eq!(SenderProfile::from_version(b"unbound 1.17.1"), SenderProfile::Unbound);
-        assert_eq!(SenderProfile::from_version(b"BIND 9.18.49"), SenderProfile::Bind);
-        assert_eq!(SenderProfile::from_version(b"Knot Resolver 5.6.0"), SenderProfile::KnotResolver);
-        assert_eq!(SenderProfile::from_version(b"dnsdist 1.7.3"), SenderProfile::Dnsdist);
+        assert_eq!(
+            SenderProfile::from_version(b"CoreDNS-1.10.1"),
+            SenderProfile::CoreDns
+        );
+        assert_eq!(
+            SenderProfile::from_version(b"unbound 1.17.1"),
+            SenderProfile::Unbound
+        );
+        assert_eq!(
+            SenderProfile::from_version(b"BIND 9.18.49"),
+            SenderProfile::Bind
+        );
+        assert_eq!(
+            SenderProfile::from_version(b"Knot Resolver 5.6.0"),
+            SenderProfile::KnotResolver
+        );
+        assert_eq!(
+            SenderProfile::from_version(b"dnsdist 1.7.3"),
+            SenderProfile::Dnsdist
+        );
         assert_eq!(SenderProfile::from_version(b""), SenderProfile::Unknown);
     }
 

@@ -20,7 +20,11 @@ impl std::fmt::Display for FileError {
 
 /// Reads every file into the router. A file that cannot be opened or whose framing is broken
 /// is reported; the files after it are still read.
-pub fn read_files(paths: &[impl AsRef<Path>], shared: &Shared, router: &mut Router) -> Vec<FileError> {
+pub fn read_files(
+    paths: &[impl AsRef<Path>],
+    shared: &Shared,
+    router: &mut Router,
+) -> Vec<FileError> {
     let mut ingest = StreamIngest::new(shared.clone(), "file".into());
     let mut errors = Vec::new();
     for path in paths {
@@ -59,7 +63,9 @@ fn read_one(path: &Path, ingest: &mut StreamIngest, router: &mut Router) -> Resu
                 ingest.finish(StreamEnd::Closed, buf.len());
                 return match buf.len() {
                     0 => Ok(()),
-                    left => Err(format!("ends inside a frame ({left} bytes left), without STOP")),
+                    left => Err(format!(
+                        "ends inside a frame ({left} bytes left), without STOP"
+                    )),
                 };
             }
             Ok(false) => {}

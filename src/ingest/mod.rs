@@ -235,9 +235,16 @@ impl StreamIngest {
             };
             if let Frame::Data(d) = &frame {
                 self.shared.metrics.frames.fetch_add(1, Relaxed);
-                self.shared.metrics.bytes.fetch_add(d.len() as u64 + 4, Relaxed);
+                self.shared
+                    .metrics
+                    .bytes
+                    .fetch_add(d.len() as u64 + 4, Relaxed);
             }
-            match self.receiver.on_frame(frame).map_err(StreamError::Protocol)? {
+            match self
+                .receiver
+                .on_frame(frame)
+                .map_err(StreamError::Protocol)?
+            {
                 Step::Continue => {}
                 Step::Reply(r) => replies.extend_from_slice(&r),
                 Step::Data(payload) => self.on_payload(payload, router),
@@ -278,14 +285,19 @@ impl StreamIngest {
         let (source, profile) = match &self.identity_cache {
             Some((id, s, p)) if id.as_slice() == identity => (*s, *p),
             _ => {
-                let name = if identity.is_empty() { self.peer.as_bytes() } else { identity };
+                let name = if identity.is_empty() {
+                    self.peer.as_bytes()
+                } else {
+                    identity
+                };
                 let source = self.shared.sources.intern(name);
                 let profile = SenderProfile::from_version(tap.version.as_deref().unwrap_or(&[]));
                 self.identity_cache = Some((identity.to_vec(), source, profile));
                 (source, profile)
             }
         };
-        let mut ev = match Event::from_dnstap(&tap, payload.clone(), source, profile, &self.hasher) {
+        let mut ev = match Event::from_dnstap(&tap, payload.clone(), source, profile, &self.hasher)
+        {
             Ok(ev) => ev,
             Err(e) => {
                 let why = match e {
@@ -304,7 +316,8 @@ impl StreamIngest {
                 return;
             }
         };
-        if ev.question.is_none() && matches!(ev.role, Role::UpstreamQuery | Role::UpstreamResponse) {
+        if ev.question.is_none() && matches!(ev.role, Role::UpstreamQuery | Role::UpstreamResponse)
+        {
             metrics.discard(Discard::UpstreamWithoutWire, 1);
             return;
         }

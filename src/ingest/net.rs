@@ -195,13 +195,24 @@ impl Reader {
     }
 
     /// Makes this reader the acceptor: it owns the listeners and deals to `peers` too.
-    pub fn accept_on(&mut self, listeners: Vec<Listener>, peers: Vec<ReaderHandle>) -> io::Result<()> {
+    pub fn accept_on(
+        &mut self,
+        listeners: Vec<Listener>,
+        peers: Vec<ReaderHandle>,
+    ) -> io::Result<()> {
         self.listeners = listeners;
         for (i, l) in self.listeners.iter_mut().enumerate() {
             let token = Token(i);
             match l {
-                Listener::Tcp(l) => self.poll.registry().register(l, token, Interest::READABLE)?,
-                Listener::Unix(l, _) => self.poll.registry().register(l, token, Interest::READABLE)?,
+                Listener::Tcp(l) => self
+                    .poll
+                    .registry()
+                    .register(l, token, Interest::READABLE)?,
+                Listener::Unix(l, _) => {
+                    self.poll
+                        .registry()
+                        .register(l, token, Interest::READABLE)?
+                }
             }
         }
         self.peers = peers;
@@ -215,7 +226,10 @@ impl Reader {
                 self.close_all();
                 return;
             }
-            if let Err(e) = self.poll.poll(&mut events, Some(Duration::from_millis(200))) {
+            if let Err(e) = self
+                .poll
+                .poll(&mut events, Some(Duration::from_millis(200)))
+            {
                 if e.kind() != io::ErrorKind::Interrupted {
                     self.shared.metrics.warn(format_args!("poll failed: {e}"));
                 }
@@ -264,7 +278,10 @@ impl Reader {
                 continue;
             }
             self.open_connections.fetch_add(1, Relaxed);
-            self.shared.metrics.connections_accepted.fetch_add(1, Relaxed);
+            self.shared
+                .metrics
+                .connections_accepted
+                .fetch_add(1, Relaxed);
             let n = self.peers.len() + 1;
             let pick = self.next_peer % n;
             self.next_peer = self.next_peer.wrapping_add(1);
@@ -287,7 +304,9 @@ impl Reader {
             .registry()
             .register(stream.source(), token, Interest::READABLE)
         {
-            self.shared.metrics.warn(format_args!("{peer}: cannot register: {e}"));
+            self.shared
+                .metrics
+                .warn(format_args!("{peer}: cannot register: {e}"));
             self.open_connections.fetch_sub(1, Relaxed);
             return;
         }
@@ -336,7 +355,10 @@ impl Reader {
             if n == 0 {
                 break Some(Ok(()));
             }
-            match conn.ingest.feed(&mut conn.buf, &mut self.router, &mut conn.out) {
+            match conn
+                .ingest
+                .feed(&mut conn.buf, &mut self.router, &mut conn.out)
+            {
                 Ok(true) => break Some(Ok(())),
                 Ok(false) => {}
                 Err(e) => break Some(Err(e)),
@@ -367,10 +389,10 @@ impl Reader {
             return;
         };
         if conn.out.is_empty() {
-            let _ = self
-                .poll
-                .registry()
-                .reregister(conn.stream.source(), token, Interest::READABLE);
+            let _ =
+                self.poll
+                    .registry()
+                    .reregister(conn.stream.source(), token, Interest::READABLE);
             self.on_readable(token);
         }
     }

@@ -85,7 +85,8 @@ impl<'a> Json<'a> {
 
     pub fn bool(&mut self, v: bool) {
         self.sep();
-        self.out.extend_from_slice(if v { b"true" } else { b"false" });
+        self.out
+            .extend_from_slice(if v { b"true" } else { b"false" });
     }
 
     pub fn null(&mut self) {
@@ -182,14 +183,23 @@ mod tests {
         j.field_opt_str("none", None);
         j.end_object();
         let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
-        assert_eq!(v, serde_json::json!({"a":"x\"y\n","list":[1,null,{}],"none":null}));
+        assert_eq!(
+            v,
+            serde_json::json!({"a":"x\"y\n","list":[1,null,{}],"none":null})
+        );
     }
 
     #[test]
     fn timestamps_are_rfc3339() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
         // 2026-11-25 17:10:59.525087273 UTC, b_forward's CQ.
-        assert_eq!(rfc3339(1_795_626_659_525_087_273), "2026-11-25T17:10:59.525087273Z");
-        assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000000000Z");
+        assert_eq!(
+            rfc3339(1_795_626_659_525_087_273),
+            "2026-11-25T17:10:59.525087273Z"
+        );
+        assert_eq!(
+            rfc3339(951_782_400_000_000_000),
+            "2000-02-29T00:00:00.000000000Z"
+        );
     }
 }

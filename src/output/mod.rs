@@ -212,7 +212,10 @@ impl Facts {
                 class_name(q.qclass().to_int()),
             ))
         });
-        let cr = decoded.iter().rev().find(|d| d.role == Role::ClientResponse);
+        let cr = decoded
+            .iter()
+            .rev()
+            .find(|d| d.role == Role::ClientResponse);
         let latency_ms = match (s.cq_time, cr.and_then(|d| d.response_time())) {
             (Some(q), Some(r)) if r >= q => Some((r - q) as f64 / 1e6),
             _ => None,
@@ -227,7 +230,9 @@ impl Facts {
             qname,
             qtype,
             qclass,
-            rcode: cr.and_then(|d| d.rcode()).map(|r| rcode_name(r).into_owned()),
+            rcode: cr
+                .and_then(|d| d.rcode())
+                .map(|r| rcode_name(r).into_owned()),
             latency_ms,
             attempts: attempts(decoded),
         }
@@ -353,7 +358,10 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
         };
         j.key("type");
         j.display(format_args!("{:?}", m.type_pb));
-        for (name, t) in [("query_time", d.query_time()), ("response_time", d.response_time())] {
+        for (name, t) in [
+            ("query_time", d.query_time()),
+            ("response_time", d.response_time()),
+        ] {
             if let Some(t) = t {
                 j.field_str(name, &rfc3339(t));
             }
@@ -412,14 +420,25 @@ fn protocol_name(p: dnstap::SocketProtocol) -> &'static str {
 
 /// One sentence an operator can act on.
 fn diagnose(s: &Session, v: &Verdict, f: &Facts) -> String {
-    let who = if f.identity.is_empty() { "the server" } else { f.identity.as_str() };
+    let who = if f.identity.is_empty() {
+        "the server"
+    } else {
+        f.identity.as_str()
+    };
     let rcode = f.rcode.as_deref().unwrap_or("an answer");
-    let latency = f.latency_ms.map(|l| format!(" in {l:.1} ms")).unwrap_or_default();
+    let latency = f
+        .latency_ms
+        .map(|l| format!(" in {l:.1} ms"))
+        .unwrap_or_default();
     let upstreams = upstream_list(&f.attempts);
     let tries = f.attempts.len();
     let answered: Vec<&Attempt> = f.attempts.iter().filter(|a| a.answered).collect();
     let mut text = if let Some(loss) = v.loss {
-        format!("Incomplete sample: {}; seen: {}.", loss.explain(), seen(v.bitmap.0))
+        format!(
+            "Incomplete sample: {}; seen: {}.",
+            loss.explain(),
+            seen(v.bitmap.0)
+        )
     } else {
         match (v.status, v.bitmap.0) {
             (Status::Succeeded, 3) => {
@@ -477,7 +496,9 @@ fn plural(n: usize) -> &'static str {
 fn upstream_list(attempts: &[Attempt]) -> String {
     let mut addrs: Vec<String> = Vec::new();
     for a in attempts {
-        let s = a.address.map_or("an unknown upstream".to_string(), |x| x.to_string());
+        let s = a
+            .address
+            .map_or("an unknown upstream".to_string(), |x| x.to_string());
         if !addrs.contains(&s) {
             addrs.push(s);
         }

@@ -8,7 +8,10 @@ use std::thread::JoinHandle;
 pub const BATCH_BYTES: usize = 256 * 1024;
 
 /// Writes every batch to `out` until all senders are gone, then flushes.
-pub fn spawn<W: Write + Send + 'static>(batches: Receiver<Vec<u8>>, out: W) -> JoinHandle<io::Result<()>> {
+pub fn spawn<W: Write + Send + 'static>(
+    batches: Receiver<Vec<u8>>,
+    out: W,
+) -> JoinHandle<io::Result<()>> {
     std::thread::Builder::new()
         .name("writer".into())
         .spawn(move || {

@@ -1,0 +1,259 @@
+//! Every real CoreDNS capture, read offline, gives exactly the sessions its README lists.
+
+mod support;
+use support::{coredns_fixture, read};
+
+fn sessions(file: &str) -> Vec<(String, u64, String, String, usize)> {
+    read(&[coredns_fixture(file)], &[])
+        .sessions
+        .iter()
+        .map(|s| {
+            (
+                s["status"].as_str().unwrap().to_string(),
+                s["bitmap"].as_u64().unwrap(),
+                s["qname"].as_str().unwrap_or("").to_string(),
+                s["rcode"].as_str().unwrap_or("-").to_string(),
+                s["upstreams"].as_array().unwrap().len(),
+            )
+        })
+        .collect()
+}
+
+fn expect(file: &str, want: &[(&str, u64, &str, &str, usize)]) {
+    let mut got = sessions(file);
+    got.sort();
+    let mut want: Vec<_> = want
+        .iter()
+        .map(|(s, b, q, r, u)| (s.to_string(), *b, q.to_string(), r.to_string(), *u))
+        .collect();
+    want.sort();
+    assert_eq!(got, want, "{file}");
+}
+
+#[test]
+fn a_hosts_is_answered_locally() {
+    expect(
+        "a_hosts.fstrm",
+        &[("Succeeded", 3, "internal.test.", "NOERROR", 0)],
+    );
+}
+
+#[test]
+fn b_forward_is_forwarded_and_answered() {
+    expect(
+        "b_forward.fstrm",
+        &[("Succeeded", 15, "www.example.test.", "NOERROR", 1)],
+    );
+}
+
+#[test]
+fn c_cache_hit_is_a_miss_then_a_hit() {
+    expect(
+        "c_cache_hit.fstrm",
+        &[
+            ("Succeeded", 15, "www.example.test.", "NOERROR", 1),
+            ("Succeeded", 3, "www.example.test.", "NOERROR", 0),
+        ],
+    );
+}
+
+#[test]
+fn d_nxdomain_succeeds() {
+    expect(
+        "d_nxdomain.fstrm",
+        &[("Succeeded", 15, "nope.example.test.", "NXDOMAIN", 1)],
+    );
+}
+
+#[test]
+fn e_servfail_and_f_refused_fail() {
+    expect(
+        "e_servfail.fstrm",
+        &[("Failed", 15, "x.broken.test.", "SERVFAIL", 1)],
+    );
+    expect(
+        "f_refused.fstrm",
+        &[("Failed", 15, "x.other.test.", "REFUSED", 1)],
+    );
+}
+
+#[test]
+fn g_timeout_counts_each_upstream_attempt() {
+    expect(
+        "g_timeout.fstrm",
+        &[
+            ("Failed", 5, "www.example.test.", "-", 3),
+            ("Failed", 5, "api.example.test.", "-", 1),
+            ("Succeeded", 3, "internal.test.", "NOERROR", 0),
+        ],
+    );
+    let out = read(&[coredns_fixture("g_timeout.fstrm")], &[]);
+    let www = out
+        .sessions
+        .iter()
+        .find(|s| s["qname"] == "www.example.test.")
+        .unwrap();
+    assert!(www["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|u| u["timeout"] == true));
+    assert_eq!(www["upstreams"][0]["address"], "127.0.0.1:15402");
+    let diagnosis = www["diagnosis"].as_str().unwrap();
+    assert!(
+        diagnosis.contains("no answer after 3 attempts"),
+        "{diagnosis}"
+    );
+}
+
+#[test]
+fn k_bind_tcp_joins_udp_and_tcp_clients() {
+    expect(
+        "k_bind_tcp.fstrm",
+        &[
+            ("Succeeded", 15, "www.example.test.", "NOERROR", 1),
+            ("Succeeded", 15, "api.example.test.", "NOERROR", 1),
+            ("Succeeded", 3, "internal.test.", "NOERROR", 0),
+            ("Succeeded", 3, "api.example.test.", "NOERROR", 0),
+        ],
+    );
+    let out = read(&[coredns_fixture("k_bind_tcp.fstrm")], &[]);
+    let protocols: std::collections::BTreeSet<_> = out
+        .sessions
+        .iter()
+        .map(|s| s["protocol"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(protocols.into_iter().collect::<Vec<_>>(), ["TCP", "UDP"]);
+}
+
+#[test]
+fn h_burst_5k_gives_5000_sessions_without_loss() {
+    for shards in ["1", "2", "4"] {
+        let out = read(
+            &[coredns_fixture("h_burst_5k.fstrm")],
+            &["--shards", shards],
+        );
+        let counts = out.counts();
+        let want: std::collections::BTreeMap<String, usize> = [
+            ("Succeeded/3", 4363),
+            ("Succeeded/15", 76),
+            ("Failed/3", 275),
+            ("Failed/15", 286),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
+        assert_eq!(counts, want, "--shards {shards}");
+        assert_eq!(out.summary["sessions"], 5000);
+        assert_eq!(out.summary["messages"], 10724);
+    }
+}
+
+#[test]
+fn i_reconnect_reports_what_was_lost() {
+    let files = [
+        coredns_fixture("i_reconnect.part1.fstrm"),
+        coredns_fixture("i_reconnect.part2.fstrm"),
+    ];
+    for shards in ["1", "2", "3"] {
+        let out = read(&files, &["--shards", shards]);
+        let counts = out.counts();
+        let want: std::collections::BTreeMap<String, usize> = [
+            ("Succeeded/3", 128),
+            ("Succeeded/15", 90),
+            ("SampleLoss/5", 1),
+            ("SampleLoss/14", 1),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
+        assert_eq!(counts, want, "--shards {shards}");
+        let orphan = out.sessions.iter().find(|s| s["bitmap"] == 14).unwrap();
+        assert_eq!(orphan["loss_reason"], "client_query_missing");
+        let cut = out.sessions.iter().find(|s| s["bitmap"] == 5).unwrap();
+        assert_eq!(cut["loss_reason"], "sender_loss");
+    }
+}
+
+#[test]
+fn every_line_carries_the_documented_fields() {
+    let out = read(&[coredns_fixture("b_forward.fstrm")], &[]);
+    let s = &out.sessions[0];
+    for field in [
+        "status",
+        "bitmap",
+        "diagnosis",
+        "identity",
+        "client",
+        "protocol",
+        "qname",
+        "qtype",
+        "rcode",
+        "latency_ms",
+        "upstreams",
+        "messages",
+    ] {
+        assert!(s.get(field).is_some(), "missing {field}: {s}");
+    }
+    assert_eq!(s["identity"], "vm");
+    assert_eq!(s["client"], "127.0.0.1:60908");
+    assert_eq!(s["qtype"], "A");
+    assert!((s["latency_ms"].as_f64().unwrap() - 0.476).abs() < 0.001);
+    let up = &s["upstreams"][0];
+    assert_eq!(up["address"], "127.0.0.1:15401");
+    assert_eq!(up["rcode"], "NOERROR");
+    assert!((up["rtt_ms"].as_f64().unwrap() - 0.344).abs() < 0.001);
+    let types: Vec<_> = s["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "CLIENT_QUERY",
+            "FORWARDER_QUERY",
+            "FORWARDER_RESPONSE",
+            "CLIENT_RESPONSE"
+        ]
+    );
+    let fr = &s["messages"][2]["dns"];
+    assert_eq!(fr["answer"][0]["rdata"], "192.0.2.10");
+    assert_eq!(fr["answer"][0]["ttl"], 300);
+    assert_eq!(s["messages"][0]["dns"]["edns"]["udp_size"], 1232);
+    assert_eq!(
+        s["messages"][0]["dns"]["edns"]["options"][0]["name"],
+        "COOKIE"
+    );
+    assert_eq!(
+        s["messages"][0]["query_time"],
+        "2026-11-25T17:10:59.525087273Z"
+    );
+}
+
+#[test]
+fn log_filter_and_text_format() {
+    let g = [coredns_fixture("g_timeout.fstrm")];
+    let failed = read(&g, &["--log", "failed"]);
+    assert_eq!(failed.sessions.len(), 2);
+    assert!(failed.sessions.iter().all(|s| s["status"] == "Failed"));
+    assert_eq!(
+        failed.summary["sessions"], 3,
+        "the summary counts every session"
+    );
+    let out = std::process::Command::new(support::bin())
+        .args(["read", "--format", "text"])
+        .arg(&g[0])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 3);
+    for line in text.lines() {
+        assert!(line.starts_with("Status: "), "{line}");
+        assert!(
+            line.contains(" BitMap: ") && line.contains(" Messages: ["),
+            "{line}"
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! Real Frame Streams senders replay the CoreDNS captures into a serving analyser over TCP and
+//! unix sockets: the sessions equal those of `read`. Bad input on other connections meanwhile
+//! leaves the good stream exact and the process up.
+
+mod support;
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+use support::{coredns_fixture, read, run_sender, Served};
+
+const CAPTURES: [&str; 4] = [
+    "b_forward.fstrm",
+    "g_timeout.fstrm",
+    "k_bind_tcp.fstrm",
+    "h_burst_5k.fstrm",
+];
+
+#[test]
+fn go_dnstap_cli_replay_equals_read() {
+    for capture in CAPTURES {
+        let file = coredns_fixture(capture);
+        let served = Served::start(&[]);
+        run_sender(
+            Command::new("dnstap")
+                .arg("-r")
+                .arg(&file)
+                .arg("-T")
+                .arg(served.addr()),
+        );
+        let live = served.stop();
+        assert_eq!(
+            live.signatures(),
+            read(&[file], &[]).signatures(),
+            "{capture} via dnstap -T"
+        );
+    }
+}
+
+#[test]
+fn fstrm_replay_over_tcp_and_unix_equals_read() {
+    for capture in CAPTURES {
+        let file = coredns_fixture(capture);
+        let served = Served::start(&[]);
+        run_sender(
+            Command::new("fstrm_replay")
+                .args(["-t", "protobuf:dnstap.Dnstap", "-a", "127.0.0.1", "-p"])
+                .arg(served.port.to_string())
+                .arg("-r")
+                .arg(&file),
+        );
+        let live = served.stop();
+        assert_eq!(
+            live.signatures(),
+            read(std::slice::from_ref(&file), &[]).signatures(),
+            "{capture} via fstrm_replay TCP"
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("dnstap-analyser-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("tap.sock");
+    let served = Served::start(&["--listen", &format!("unix://{}", sock.display())]);
+    let file = coredns_fixture("h_burst_5k.fstrm");
+    run_sender(
+        Command::new("fstrm_replay")
+            .args(["-t", "protobuf:dnstap.Dnstap", "-u"])
+            .arg(&sock)
+            .arg("-r")
+            .arg(&file),
+    );
+    let live = served.stop();
+    assert_eq!(
+        live.signatures(),
+        read(&[file], &[]).signatures(),
+        "h_burst_5k via unix socket"
+    );
+    assert!(!sock.exists(), "the socket file is removed on exit");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_silent_stream_is_flushed_by_the_wall_clock() {
+    let mut served = Served::start(&["--session-timeout", "1"]);
+    let file = coredns_fixture("g_timeout.fstrm");
+    // dnstap -T ends its stream with STOP; the timed-out sessions are still pending after it.
+    run_sender(
+        Command::new("dnstap")
+            .arg("-r")
+            .arg(&file)
+            .arg("-T")
+            .arg(served.addr()),
+    );
+    // The idle flush emits them ~5 s (IDLE_LAG) after the stream went quiet; SIGTERM would
+    // flush too, so prove they came before it by the shutdown summary's print counter.
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(served.is_running());
+    let out = served.stop();
+    assert_eq!(out.counts().get("Failed/5"), Some(&2), "{:?}", out.counts());
+    assert!(
+        out.stderr.lines().any(|l| l.contains("\"sessions\":3")),
+        "{}",
+        out.stderr
+    );
+}
+
+fn control(kind: u32, types: &[&[u8]]) -> Vec<u8> {
+    let body_len = 4 + types.iter().map(|t| 8 + t.len()).sum::<usize>();
+    let mut v = Vec::new();
+    v.extend_from_slice(&0u32.to_be_bytes());
+    v.extend_from_slice(&(body_len as u32).to_be_bytes());
+    v.extend_from_slice(&kind.to_be_bytes());
+    for t in types {
+        v.extend_from_slice(&1u32.to_be_bytes());
+        v.extend_from_slice(&(t.len() as u32).to_be_bytes());
+        v.extend_from_slice(t);
+    }
+    v
+}
+
+fn established() -> Vec<u8> {
+    control(2, &[b"protobuf:dnstap.Dnstap"]) // unidirectional START
+}
+
+/// Sends `bytes` on a new connection and closes it (or keeps it open for `hold`).
+fn send_bad(addr: &str, bytes: &[u8], hold: Duration) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let _ = s.write_all(bytes);
+    std::thread::sleep(hold);
+    s
+}
+
+#[test]
+fn bad_input_on_other_connections_leaves_the_good_stream_exact() {
+    let served = Served::start(&["--max-frame-size", "4096", "--max-connections", "20"]);
+    let addr = served.addr();
+    let file = coredns_fixture("h_burst_5k.fstrm");
+    let good = {
+        let port = served.port.to_string();
+        let file = file.clone();
+        std::thread::spawn(move || {
+            run_sender(
+                Command::new("fstrm_replay")
+                    .args([
+                        "-t",
+                        "protobuf:dnstap.Dnstap",
+                        "-a",
+                        "127.0.0.1",
+                        "-p",
+                        &port,
+                        "-r",
+                    ])
+                    .arg(&file),
+            );
+        })
+    };
+    // A stalled handshake and idle connections up to the limit, held while the rest runs.
+    let mut held = vec![send_bad(&addr, b"", Duration::ZERO)];
+    for _ in 0..10 {
+        held.push(send_bad(&addr, &established(), Duration::ZERO));
+    }
+    send_bad(
+        &addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_millis(50),
+    );
+    send_bad(
+        &addr,
+        &control(4, &[b"protobuf:other.Thing"]),
+        Duration::from_millis(50),
+    );
+    let mut huge_control = 0u32.to_be_bytes().to_vec();
+    huge_control.extend_from_slice(&4000u32.to_be_bytes());
+    send_bad(&addr, &huge_control, Duration::from_millis(50));
+    let mut oversized = established();
+    oversized.extend_from_slice(&100_000u32.to_be_bytes());
+    send_bad(&addr, &oversized, Duration::from_millis(50));
+    let mut undecodable = established();
+    for payload in [&b"\xff\xff\xff\xff"[..], b"not a protobuf at all"] {
+        undecodable.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        undecodable.extend_from_slice(payload);
+    }
+    undecodable.extend_from_slice(&control(3, &[]));
+    send_bad(&addr, &undecodable, Duration::from_millis(50));
+    let mut truncated = established();
+    truncated.extend_from_slice(&100u32.to_be_bytes());
+    truncated.extend_from_slice(b"only part of it");
+    send_bad(&addr, &truncated, Duration::from_millis(50));
+    good.join().unwrap();
+    // Now past --max-connections: the extra ones are refused and counted.
+    for _ in 0..15 {
+        held.push(send_bad(&addr, &established(), Duration::ZERO));
+    }
+    std::thread::sleep(Duration::from_secs(6)); // past the 5 s handshake deadline
+    drop(held);
+    let out = served.stop();
+    assert_eq!(
+        out.signatures(),
+        read(&[file], &[]).signatures(),
+        "the good stream stays exact"
+    );
+    for reason in [
+        "bad_stream",
+        "content_type",
+        "protobuf_undecodable",
+        "truncated_frame",
+        "handshake_timeout",
+        "connection_limit",
+    ] {
+        assert!(
+            out.discarded(reason) > 0,
+            "{reason} not counted: {}",
+            out.summary
+        );
+    }
+    assert!(out.stderr.contains("warning"), "problems are logged");
+}
