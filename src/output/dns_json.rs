@@ -2,7 +2,7 @@
 //! `domain` only when a session is rendered.
 
 use super::json::Json;
-use crate::dns::{class_name, rcode_name, rtype_name};
+use crate::dns::rcode_name;
 use domain::base::iana::Rtype;
 use domain::base::opt::{Opt, UnknownOptData};
 use domain::base::{Message, ParsedName, ParsedRecord, RecordSection};
@@ -51,8 +51,10 @@ pub fn write_dns(j: &mut Json<'_>, wire: &[u8]) {
                 j.begin_object();
                 j.key("name");
                 j.display(format_args!("{}.", q.qname()));
-                j.field_str("type", &rtype_name(q.qtype().to_int()));
-                j.field_str("class", &class_name(q.qclass().to_int()));
+                j.key("type");
+                j.display(q.qtype());
+                j.key("class");
+                j.display(q.qclass());
                 j.end_object();
             }
             Err(e) => {
@@ -109,8 +111,10 @@ fn write_records(j: &mut Json<'_>, section: RecordSection<'_, &[u8]>) -> Result<
         j.begin_object();
         j.key("name");
         j.display(format_args!("{}.", rec.owner()));
-        j.field_str("type", &rtype_name(rec.rtype().to_int()));
-        j.field_str("class", &class_name(rec.class().to_int()));
+        j.key("type");
+        j.display(rec.rtype());
+        j.key("class");
+        j.display(rec.class());
         j.field_uint("ttl", rec.ttl().as_secs() as u64);
         j.key("rdata");
         match rec.to_any_record::<AllRecordData<_, ParsedName<_>>>() {

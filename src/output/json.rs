@@ -48,11 +48,13 @@ impl<'a> Json<'a> {
         self.out.push(b']');
     }
 
-    /// Writes `"name":` (the value follows without its own separator).
-    pub fn key(&mut self, name: &str) {
+    /// Writes `"name":` (the value follows without its own separator). Names are the schema's
+    /// own identifiers, so they are written as they are.
+    pub fn key(&mut self, name: &'static str) {
         self.sep();
-        escape(self.out, name);
-        self.out.push(b':');
+        self.out.push(b'"');
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(b"\":");
         if let Some(first) = self.first.last_mut() {
             *first = true;
         }
@@ -63,14 +65,20 @@ impl<'a> Json<'a> {
         escape(self.out, s);
     }
 
-    pub fn bytes_lossy(&mut self, b: &[u8]) {
-        self.string(&String::from_utf8_lossy(b));
+    /// A `Display` value as a JSON string, escaped while it is formatted (no temporary).
+    pub fn display(&mut self, v: impl std::fmt::Display) {
+        self.sep();
+        self.out.push(b'"');
+        let _ = write!(Escaping(self.out), "{v}");
+        self.out.push(b'"');
     }
 
-    pub fn display(&mut self, v: impl std::fmt::Display) {
-        let mut s = String::new();
-        let _ = write!(s, "{v}");
-        self.string(&s);
+    /// A timestamp as an RFC 3339 string.
+    pub fn time(&mut self, nanos: u64) {
+        self.sep();
+        self.out.push(b'"');
+        write_rfc3339(self.out, nanos);
+        self.out.push(b'"');
     }
 
     pub fn uint(&mut self, v: u64) {
@@ -94,12 +102,12 @@ impl<'a> Json<'a> {
         self.out.extend_from_slice(b"null");
     }
 
-    pub fn field_str(&mut self, name: &str, v: &str) {
+    pub fn field_str(&mut self, name: &'static str, v: &str) {
         self.key(name);
         self.string(v);
     }
 
-    pub fn field_opt_str(&mut self, name: &str, v: Option<&str>) {
+    pub fn field_opt_str(&mut self, name: &'static str, v: Option<&str>) {
         self.key(name);
         match v {
             Some(v) => self.string(v),
@@ -107,7 +115,7 @@ impl<'a> Json<'a> {
         }
     }
 
-    pub fn field_uint(&mut self, name: &str, v: u64) {
+    pub fn field_uint(&mut self, name: &'static str, v: u64) {
         self.key(name);
         self.uint(v);
     }
@@ -122,26 +130,53 @@ impl std::fmt::Write for Fmt<'_> {
     }
 }
 
+/// Formats straight into the buffer, escaping as JSON string content.
+struct Escaping<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Escaping<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        escape_into(self.0, s);
+        Ok(())
+    }
+}
+
 pub fn escape(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0..=0x1f => {
-                let _ = write!(Fmt(out), "\\u{b:04x}");
-            }
-            _ => out.push(b),
-        }
-    }
+    escape_into(out, s);
     out.push(b'"');
 }
 
+/// Copies runs of plain bytes in one go; only quotes, backslashes and controls are rewritten.
+fn escape_into(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if esc.is_empty() {
+            let _ = write!(Fmt(out), "\\u{b:04x}");
+        } else {
+            out.extend_from_slice(esc);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
 /// RFC 3339 UTC with nanoseconds, from Unix nanoseconds (days-from-civil, inverted).
-pub fn rfc3339(nanos: u64) -> String {
+pub fn write_rfc3339(out: &mut Vec<u8>, nanos: u64) {
     let secs = nanos / 1_000_000_000;
     let frac = nanos % 1_000_000_000;
     let days = (secs / 86_400) as i64;
@@ -155,12 +190,13 @@ pub fn rfc3339(nanos: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
+    let _ = write!(
+        Fmt(out),
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{frac:09}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
-    )
+    );
 }
 
 #[cfg(test)]
@@ -187,6 +223,12 @@ mod tests {
             v,
             serde_json::json!({"a":"x\"y\n","list":[1,null,{}],"none":null})
         );
+    }
+
+    fn rfc3339(nanos: u64) -> String {
+        let mut v = Vec::new();
+        write_rfc3339(&mut v, nanos);
+        String::from_utf8(v).unwrap()
     }
 
     #[test]

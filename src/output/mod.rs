@@ -8,7 +8,7 @@ pub mod writer;
 use crate::correlate::{Session, Status, Verdict};
 use crate::dns::{class_name, rcode_name, rtype_name};
 use crate::dnstap::{self, Dnstap, Nanos, Role, SourceRegistry};
-use json::{rfc3339, Json};
+use json::Json;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -363,7 +363,8 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
             ("response_time", d.response_time()),
         ] {
             if let Some(t) = t {
-                j.field_str(name, &rfc3339(t));
+                j.key(name);
+                j.time(t);
             }
         }
         if let Some(f) = m.socket_family {
@@ -373,16 +374,16 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
         if let Some(p) = m.socket_protocol {
             j.field_str("socket_protocol", protocol_name(p));
         }
-        for (name, addr, port) in [
-            ("query", m.query_address.as_deref(), m.query_port),
-            ("response", m.response_address.as_deref(), m.response_port),
+        for (names, addr, port) in [
+            (["query_address", "query_port"], m.query_address.as_deref(), m.query_port),
+            (["response_address", "response_port"], m.response_address.as_deref(), m.response_port),
         ] {
             if let Some(ip) = addr.and_then(dnstap::ip) {
-                j.key(&format!("{name}_address"));
+                j.key(names[0]);
                 j.display(ip);
             }
             if let Some(port) = port {
-                j.field_uint(&format!("{name}_port"), port as u64);
+                j.field_uint(names[1], port as u64);
             }
         }
         if let Some(zone) = m.query_zone.as_deref() {

@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# End-to-end benchmark of dnstap-analyser against the reference receivers, on this machine,
+# on loopback, with identical generated CoreDNS traffic (same dnstap-loadgen seed and flags)
+# sent into each receiver in turn.
+#
+# Usage: benches/e2e.sh [OPTIONS] [SUITE...]
+#   SUITE: compare (default) | paced | storm | scaling | all
+#     compare  max rate, pre-generated, into: fstrm_capture -w /dev/null, Go `dnstap -l -q`,
+#              Go `dnstap -l -j`, analyser --log failed, analyser --log all (JSON to /dev/null)
+#     paced    --paced-msgs messages/s (default 1,000,000) for --paced-secs (default 60)
+#              into the analyser --log failed; its drops must be zero
+#     storm    upstream outage: every session times out (CQ + FQ per attempt, no CR);
+#              --storm-sessions (default 1,200,000) at 100k sessions/s of event time, so
+#              ~1M sessions wait for expiry at once; peak RSS, and all must end Failed/5
+#     scaling  analyser --log failed with --shards 1/2/4 x --readers 1/2
+#   OPTIONS:
+#     --sessions N        sessions per compare/scaling run (default 600000: ~2.07M messages)
+#     --connections N     emulated CoreDNS pods (default 4)
+#     --seed N            loadgen seed (default 1)
+#     --paced-msgs N      messages per second for the paced run (default 1000000)
+#     --paced-secs N      seconds for the paced run (default 60)
+#     --storm-sessions N  sessions for the storm (default 1200000)
+#     --port N            first TCP port to use (default 17000)
+#     --out DIR           where results go (default target/bench-e2e/<timestamp>)
+#     --no-build          use the existing target/release binaries
+#     --analyser-args "…" extra flags for every analyser run (e.g. "--pin")
+#
+# Every run writes DIR/<name>.{time,stderr,truth.json,loadgen.err} and one line to
+# DIR/results.jsonl; a Markdown table is printed at the end (DIR/results.md).
+# msgs/s = messages sent / (first byte .. last FINISH) as the sender saw it: a receiver
+# sends FINISH only after it has read everything before STOP. CPU-s and peak RSS are the
+# receiver's own, from /usr/bin/time -v.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SESSIONS=600000
+CONNS=4
+SEED=1
+PACED_MSGS=1000000
+PACED_SECS=60
+STORM_SESSIONS=1200000
+PORT=17000
+OUT=""
+BUILD=1
+AN_EXTRA=""
+SUITES=()
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --sessions) SESSIONS=$2; shift 2 ;;
+    --connections) CONNS=$2; shift 2 ;;
+    --seed) SEED=$2; shift 2 ;;
+    --paced-msgs) PACED_MSGS=$2; shift 2 ;;
+    --paced-secs) PACED_SECS=$2; shift 2 ;;
+    --storm-sessions) STORM_SESSIONS=$2; shift 2 ;;
+    --port) PORT=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    --analyser-args) AN_EXTRA=$2; shift 2 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//; /^set -euo/d'; exit 0 ;;
+    compare | paced | storm | scaling) SUITES+=("$1"); shift ;;
+    all) SUITES+=(compare paced storm scaling); shift ;;
+    *) echo "e2e.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+[ ${#SUITES[@]} -eq 0 ] && SUITES=(compare)
+OUT=${OUT:-$ROOT/target/bench-e2e/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+: > "$OUT/results.jsonl"
+
+if [ "$BUILD" = 1 ]; then
+    (cd "$ROOT" && cargo build --release --workspace --bins >&2)
+fi
+LG=$ROOT/target/release/dnstap-loadgen
+AN=$ROOT/target/release/dnstap-analyser
+for b in "$LG" "$AN" /usr/bin/time; do
+    [ -x "$b" ] || { echo "e2e.sh: $b missing" >&2; exit 2; }
+done
+HAVE_FSTRM=1; command -v fstrm_capture >/dev/null || HAVE_FSTRM=0
+HAVE_GO=1; command -v dnstap >/dev/null || HAVE_GO=0
+
+{
+    echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
+    echo "cpu: $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//')"
+    echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "analyser: $("$AN" --version 2>/dev/null || true); loadgen: $("$LG" --version)"
+    command -v fstrm_capture >/dev/null && echo "fstrm_capture: $(dpkg-query -W -f='${Version}' fstrm-bin 2>/dev/null || echo '?')"
+    command -v dnstap >/dev/null && echo "go dnstap: $(dpkg-query -W -f='${Version}' golang-github-dnstap-golang-dnstap-cli 2>/dev/null || echo '?')"
+} | tee "$OUT/machine.txt" >&2
+
+wait_listen() { # PORT PID
+    for _ in $(seq 1 200); do
+        if [ -n "$(ss -ltnH "sport = :$1" 2>/dev/null)" ]; then return 0; fi
+        kill -0 "$2" 2>/dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+
+# measure NAME KIND STDOUT "LOADGEN ARGS" RECEIVER-CMD...
+# KIND: analyser | fstrm | go (how drops are accounted)
+measure() {
+    local name=$1 kind=$2 stdout=$3 lgargs=$4
+    shift 4
+    PORT=$((PORT + 1))
+    local cmd=()
+    for a in "$@"; do cmd+=("${a//@PORT@/$PORT}"); done
+    echo "== $name: ${cmd[*]}" >&2
+    /usr/bin/time -v -o "$OUT/$name.time" "${cmd[@]}" >"$stdout" 2>"$OUT/$name.stderr" &
+    local tp=$!
+    if ! wait_listen "$PORT" "$tp"; then
+        echo "e2e.sh: $name did not listen on $PORT" >&2
+        cat "$OUT/$name.stderr" >&2
+        return 1
+    fi
+    # shellcheck disable=SC2086
+    "$LG" run --connect "127.0.0.1:$PORT" --connections "$CONNS" --seed "$SEED" $lgargs \
+        --truth "$OUT/$name.truth.json" 2>"$OUT/$name.loadgen.err" || {
+        echo "e2e.sh: loadgen failed for $name:" >&2
+        cat "$OUT/$name.loadgen.err" >&2
+    }
+    sleep 0.2
+    local rp
+    rp=$(pgrep -P "$tp" || true)
+    [ -n "$rp" ] && kill -TERM "$rp"
+    wait "$tp" || true
+    local verified=null
+    if [ "$kind" = analyser ]; then
+        if "$LG" verify --ground-truth "$OUT/$name.truth.json" --summary "$OUT/$name.stderr" \
+            >"$OUT/$name.verify.json" 2>"$OUT/$name.verify.err"; then
+            verified=true
+        else
+            verified=false
+        fi
+    fi
+    python3 - "$name" "$kind" "$OUT" "$verified" "${cmd[*]}" "$lgargs" >>"$OUT/results.jsonl" <<'PY'
+import json, re, sys
+name, kind, out, verified, cmd, lgargs = sys.argv[1:7]
+gt = json.load(open(f"{out}/{name}.truth.json"))["ground_truth"]
+t = open(f"{out}/{name}.time").read()
+def field(label):
+    m = re.search(re.escape(label) + r"[^:]*:\s*([0-9.:]+)", t)
+    return m.group(1) if m else "0"
+cpu = float(field("User time")) + float(field("System time"))
+rss_mib = int(field("Maximum resident set size")) / 1024
+sent = gt["messages"]["sent"]
+elapsed = gt["rate"]["elapsed_s"]
+err = open(f"{out}/{name}.stderr", errors="replace").read()
+drops = None
+received = None
+if kind == "analyser":
+    summ = None
+    for line in err.splitlines():
+        if line.startswith('{"summary"'):
+            summ = json.loads(line)["summary"]
+    if summ:
+        received = summ["messages"]
+        drops = sum(summ["dropped"].values()) + max(0, sent - received)
+elif kind == "fstrm":
+    m = re.search(r"wrote (\d+) frames", err)
+    if m:
+        received = int(m.group(1)) - 2  # START and STOP are frames too
+        drops = sent - received
+res = {
+    "name": name, "receiver": cmd, "loadgen": lgargs.strip(), "messages": sent,
+    "sessions": gt["sessions"], "elapsed_s": round(elapsed, 3),
+    "msgs_per_s": round(sent / elapsed) if elapsed else 0,
+    "cpu_s": round(cpu, 2), "cpu_s_per_M": round(cpu / sent * 1e6, 3) if sent else None,
+    "peak_rss_mib": round(rss_mib, 1), "received": received, "drops": drops,
+    "finish": gt["rate"]["finish_received"], "verified": json.loads(verified),
+}
+print(json.dumps(res))
+PY
+    tail -1 "$OUT/results.jsonl" >&2
+}
+
+LG_MAX="--sessions $SESSIONS --pregen"
+
+suite_compare() {
+    if [ "$HAVE_FSTRM" = 1 ]; then
+        measure fstrm_capture fstrm /dev/null "$LG_MAX" \
+            fstrm_capture -t protobuf:dnstap.Dnstap -a 127.0.0.1 -p @PORT@ -w /dev/null
+    fi
+    if [ "$HAVE_GO" = 1 ]; then
+        measure go_dnstap_q go /dev/null "$LG_MAX" dnstap -l 127.0.0.1:@PORT@ -q
+        measure go_dnstap_j go /dev/null "$LG_MAX" dnstap -l 127.0.0.1:@PORT@ -j
+    fi
+    # shellcheck disable=SC2086
+    measure analyser_log_failed analyser /dev/null "$LG_MAX" \
+        "$AN" --listen tcp://127.0.0.1:@PORT@ --log failed $AN_EXTRA
+    # shellcheck disable=SC2086
+    measure analyser_log_all_json analyser /dev/null "$LG_MAX" \
+        "$AN" --listen tcp://127.0.0.1:@PORT@ --log all --format json $AN_EXTRA
+}
+
+suite_paced() {
+    # ~3.45 messages per session with the default mix.
+    local rate
+    rate=$(python3 -c "print(round($PACED_MSGS / 3.449))")
+    # shellcheck disable=SC2086
+    measure "analyser_paced_${PACED_MSGS}" analyser /dev/null \
+        "--rate $rate --duration $PACED_SECS" \
+        "$AN" --listen tcp://127.0.0.1:@PORT@ --log failed $AN_EXTRA
+}
+
+suite_storm() {
+    # shellcheck disable=SC2086
+    measure analyser_storm analyser /dev/null \
+        "--sessions $STORM_SESSIONS --pregen --mix timeout=1 --event-rate 100000" \
+        "$AN" --listen tcp://127.0.0.1:@PORT@ --log failed $AN_EXTRA
+}
+
+suite_scaling() {
+    for readers in 1 2; do
+        for shards in 1 2 4; do
+            # shellcheck disable=SC2086
+            measure "analyser_r${readers}_s${shards}" analyser /dev/null "$LG_MAX" \
+                "$AN" --listen tcp://127.0.0.1:@PORT@ --log failed --readers "$readers" \
+                --shards "$shards" $AN_EXTRA
+        done
+    done
+}
+
+for s in "${SUITES[@]}"; do
+    "suite_$s"
+done
+
+python3 - "$OUT" <<'PY' | tee "$OUT/results.md"
+import json, sys
+out = sys.argv[1]
+rows = [json.loads(l) for l in open(f"{out}/results.jsonl") if l.strip()]
+by = {r["name"]: r for r in rows}
+print("| run | messages | msgs/s | CPU-s / M msgs | peak RSS MiB | drops | verified |")
+print("|---|---:|---:|---:|---:|---:|---|")
+for r in rows:
+    d = "n/a" if r["drops"] is None else r["drops"]
+    v = {True: "yes", False: "NO", None: "-"}[r["verified"]]
+    print(f"| {r['name']} | {r['messages']:,} | {r['msgs_per_s']:,} | {r['cpu_s_per_M']} | {r['peak_rss_mib']} | {d} | {v} |")
+def ratio(a, b):
+    if a in by and b in by and by[b]["msgs_per_s"]:
+        print(f"\n{a} / {b} msgs/s: **{by[a]['msgs_per_s'] / by[b]['msgs_per_s']:.2f}x**")
+ratio("analyser_log_failed", "fstrm_capture")
+ratio("analyser_log_all_json", "fstrm_capture")
+ratio("analyser_log_failed", "go_dnstap_q")
+ratio("analyser_log_all_json", "go_dnstap_j")
+PY
+echo "results in $OUT" >&2
