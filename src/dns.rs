@@ -124,7 +124,7 @@ pub fn class_name(class: u16) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// www.Example.test A IN query with id 0x1234.

@@ -544,3 +544,255 @@ fn explains_orphan(cq: &Event, t: Nanos, orphan: &Session) -> bool {
         .all(|m| m.time.is_none_or(|rt| rt.saturating_add(TIME_SLACK) >= t));
     client_ok && id_ok && cr_time_ok && orphan.first_time.saturating_add(TIME_SLACK) >= t
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::QuestionSummary;
+    use crate::dnstap::SenderProfile;
+    use bytes::Bytes;
+
+    const S: Nanos = 1_000_000_000;
+    const T0: Nanos = 1_700_000_000 * S;
+
+    /// A CoreDNS-shaped event: `id` picks the request, `t` its event time.
+    fn ev(
+        role: Role,
+        id: u16,
+        query_time: Nanos,
+        response_time: Option<Nanos>,
+        rcode: u8,
+    ) -> Event {
+        Event {
+            source: SourceId(1),
+            profile: SenderProfile::CoreDns,
+            role,
+            key: 1000 + id as u64,
+            question: Some(QuestionSummary {
+                id,
+                is_response: role.is_response(),
+                rcode,
+                qname_hash: 7,
+                qtype: 1,
+                qclass: 1,
+            }),
+            query_time: Some(query_time),
+            response_time,
+            client: Some(([127, 0, 0, 1], 5000 + id).into()),
+            upstream: matches!(role, Role::UpstreamQuery | Role::UpstreamResponse)
+                .then(|| ([10, 0, 0, 2], 53).into()),
+            protocol: None,
+            watermark: 0,
+            loss_seq: 0,
+            drops_before: 0,
+            frame: Bytes::new(),
+        }
+    }
+
+    struct Run {
+        corr: Correlator,
+        out: Vec<(Session, Verdict)>,
+        now: Instant,
+    }
+
+    impl Run {
+        fn new() -> Self {
+            Self {
+                corr: Correlator::new(Config::default()),
+                out: Vec::new(),
+                now: Instant::now(),
+            }
+        }
+        fn feed(&mut self, mut e: Event) {
+            let t = e.time().unwrap();
+            e.watermark = t;
+            let out = &mut self.out;
+            self.corr
+                .on_event(e, self.now, &mut |s, v| out.push((s, v)));
+        }
+        fn flush(&mut self) {
+            let out = &mut self.out;
+            self.corr.flush(|_| 0, &mut |s, v| out.push((s, v)));
+        }
+        fn verdicts(&self) -> Vec<(Status, u8, Option<LossReason>)> {
+            self.out
+                .iter()
+                .map(|(_, v)| (v.status, v.bitmap.0, v.loss))
+                .collect()
+        }
+    }
+
+    fn forwarded(run: &mut Run, id: u16, t: Nanos, rcode: u8) {
+        let fq = t + 70_000;
+        run.feed(ev(Role::ClientQuery, id, t, None, 0));
+        run.feed(ev(Role::UpstreamQuery, id, fq, None, 0));
+        run.feed(ev(
+            Role::UpstreamResponse,
+            id,
+            fq,
+            Some(fq + 300_000),
+            rcode,
+        ));
+        run.feed(ev(Role::ClientResponse, id, t, Some(t + 400_000), rcode));
+    }
+
+    #[test]
+    fn a_client_response_completes_the_session_at_once() {
+        let mut run = Run::new();
+        forwarded(&mut run, 1, T0, 0);
+        assert_eq!(run.verdicts(), [(Status::Succeeded, 15, None)]);
+        assert_eq!(run.corr.open_sessions(), 0);
+    }
+
+    #[test]
+    fn interleaved_requests_join_by_id_and_query_time() {
+        let mut run = Run::new();
+        run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
+        run.feed(ev(Role::ClientQuery, 2, T0 + 1000, None, 0));
+        run.feed(ev(Role::ClientResponse, 2, T0 + 1000, Some(T0 + 5000), 3));
+        run.feed(ev(Role::ClientResponse, 1, T0, Some(T0 + 6000), 2));
+        assert_eq!(
+            run.verdicts(),
+            [(Status::Succeeded, 3, None), (Status::Failed, 3, None)]
+        );
+        assert_eq!(run.out[0].0.dns_id, Some(2));
+    }
+
+    #[test]
+    fn upstream_timeouts_expire_on_event_time_not_before() {
+        let mut run = Run::new();
+        run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
+        for attempt in 0..3 {
+            // Every attempt's FQ carries the same query_time; they are tapped 2 s apart.
+            let mut fq = ev(Role::UpstreamQuery, 1, T0 + 70_000, None, 0);
+            fq.watermark = T0 + attempt * 2 * S;
+            let out = &mut run.out;
+            run.corr.on_event(fq, run.now, &mut |s, v| out.push((s, v)));
+        }
+        forwarded(&mut run, 2, T0 + 9 * S, 0);
+        assert_eq!(
+            run.verdicts(),
+            [(Status::Succeeded, 15, None)],
+            "9 s in: still waiting"
+        );
+        forwarded(&mut run, 3, T0 + 10 * S + 1, 0);
+        assert_eq!(run.out[1].1.status, Status::Failed);
+        assert_eq!(run.out[1].1.bitmap, BitMap(5));
+        assert_eq!(run.out[1].0.upstream_queries, 3);
+    }
+
+    #[test]
+    fn orphans_wait_for_their_query_then_report_it_missing() {
+        let mut run = Run::new();
+        let fq = T0 + 70_000;
+        run.feed(ev(Role::UpstreamQuery, 9, fq, None, 0));
+        run.feed(ev(Role::UpstreamResponse, 9, fq, Some(fq + 1000), 0));
+        run.feed(ev(Role::ClientResponse, 9, T0, Some(fq + 2000), 0));
+        assert!(run.out.is_empty(), "held for the reorder grace");
+        forwarded(&mut run, 1, T0 + 3 * S, 0);
+        assert_eq!(
+            run.verdicts(),
+            [
+                (Status::SampleLoss, 14, Some(LossReason::ClientQueryMissing)),
+                (Status::Succeeded, 15, None)
+            ]
+        );
+    }
+
+    #[test]
+    fn sender_loss_between_query_and_expiry_makes_sample_loss() {
+        let mut run = Run::new();
+        run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
+        let mut later = ev(Role::ClientQuery, 2, T0 + 11 * S, None, 0);
+        later.loss_seq = 1; // the ingest saw loss on this source in between
+        run.feed(later);
+        assert_eq!(
+            run.verdicts(),
+            [(Status::SampleLoss, 1, Some(LossReason::SenderLoss))]
+        );
+        run.flush();
+        assert_eq!(
+            run.verdicts()[1],
+            (Status::Failed, 1, None),
+            "opened after the loss"
+        );
+    }
+
+    #[test]
+    fn analyser_drops_mark_sessions_open_in_that_shard() {
+        let mut run = Run::new();
+        run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
+        let mut cr = ev(Role::ClientResponse, 1, T0, Some(T0 + 1000), 0);
+        cr.drops_before = 3;
+        run.feed(cr);
+        forwarded(&mut run, 2, T0 + S, 0);
+        assert_eq!(
+            run.verdicts(),
+            [
+                (Status::SampleLoss, 3, Some(LossReason::AnalyserQueueFull)),
+                (Status::Succeeded, 15, None)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_as_sample_loss() {
+        let mut run = Run::new();
+        run.corr = Correlator::new(Config {
+            max_sessions: 2,
+            ..Config::default()
+        });
+        for id in 1..=3 {
+            run.feed(ev(Role::ClientQuery, id, T0 + id as Nanos, None, 0));
+        }
+        assert_eq!(
+            run.verdicts(),
+            [(Status::SampleLoss, 1, Some(LossReason::SessionTableFull))]
+        );
+        assert_eq!(run.out[0].0.dns_id, Some(1));
+        assert_eq!(run.corr.open_sessions(), 2);
+    }
+
+    #[test]
+    fn a_response_without_its_upstream_response_is_sample_loss() {
+        let mut run = Run::new();
+        run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
+        run.feed(ev(Role::UpstreamQuery, 1, T0 + 70_000, None, 0));
+        run.feed(ev(Role::ClientResponse, 1, T0, Some(T0 + S), 0));
+        assert_eq!(
+            run.verdicts(),
+            [(
+                Status::SampleLoss,
+                7,
+                Some(LossReason::UpstreamResponseMissing)
+            )]
+        );
+    }
+
+    #[test]
+    fn silent_streams_are_flushed_by_the_wall_clock() {
+        let mut run = Run::new();
+        run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
+        let out = &mut run.out;
+        let later = run.now + Duration::from_secs(14);
+        run.corr.on_tick(later, |_| 0, &mut |s, v| out.push((s, v)));
+        assert!(run.out.is_empty(), "10 s timeout + 5 s lag not yet passed");
+        let out = &mut run.out;
+        run.corr
+            .on_tick(later + Duration::from_secs(2), |_| 0, &mut |s, v| {
+                out.push((s, v))
+            });
+        assert_eq!(run.verdicts(), [(Status::Failed, 1, None)]);
+    }
+
+    #[test]
+    fn flush_emits_everything_pending() {
+        let mut run = Run::new();
+        run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
+        run.feed(ev(Role::UpstreamQuery, 1, T0 + 1, None, 0));
+        run.feed(ev(Role::UpstreamResponse, 1, T0 + 1, Some(T0 + 2), 0));
+        run.flush();
+        assert_eq!(run.verdicts(), [(Status::Failed, 13, None)]);
+        assert_eq!(run.corr.open_sessions(), 0);
+    }
+}

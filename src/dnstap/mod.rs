@@ -350,6 +350,92 @@ mod tests {
         assert_eq!(SenderProfile::from_version(b""), SenderProfile::Unknown);
     }
 
+    fn tap(role: MessageType, wire: Option<&[u8]>, port: u32) -> Vec<u8> {
+        use quick_protobuf::{MessageWrite, Writer};
+        use std::borrow::Cow;
+        let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
+        let is_response = matches!(role, MessageType::CLIENT_RESPONSE);
+        let msg = DnstapMessage {
+            type_pb: role,
+            socket_family: Some(pb::SocketFamily::INET),
+            socket_protocol: Some(SocketProtocol::UDP),
+            query_address: Some(Cow::Borrowed(&mapped[..])),
+            query_port: Some(port),
+            query_time_sec: Some(1_700_000_000),
+            query_time_nsec: Some(5),
+            response_time_sec: is_response.then_some(1_700_000_000),
+            response_time_nsec: is_response.then_some(900),
+            query_message: if is_response {
+                None
+            } else {
+                wire.map(Cow::Borrowed)
+            },
+            response_message: if is_response {
+                wire.map(Cow::Borrowed)
+            } else {
+                None
+            },
+            ..Default::default()
+        };
+        let d = Dnstap {
+            identity: Some(Cow::Borrowed(b"pod-1")),
+            version: Some(Cow::Borrowed(b"CoreDNS-1.11.3")),
+            type_pb: pb::mod_Dnstap::Type::MESSAGE,
+            message: Some(msg),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        d.write_message(&mut Writer::new(&mut out)).unwrap();
+        out
+    }
+
+    fn event(frame: Vec<u8>) -> Result<Event, DecodeError> {
+        let frame = Bytes::from(frame);
+        let tap = decode(&frame)?;
+        assert_eq!(tap.identity.as_deref(), Some(&b"pod-1"[..]));
+        Event::from_dnstap(
+            &tap,
+            frame.clone(),
+            SourceId(3),
+            SenderProfile::CoreDns,
+            &crate::dns::key_hasher(),
+        )
+    }
+
+    #[test]
+    fn events_carry_roles_times_and_normalised_clients() {
+        let q = crate::dns::tests::query(&["www", "example", "test"], 77);
+        let cq = event(tap(MessageType::CLIENT_QUERY, Some(&q), 5353)).unwrap();
+        assert_eq!(cq.role, Role::ClientQuery);
+        assert_eq!(cq.client, Some("127.0.0.1:5353".parse().unwrap()));
+        assert_eq!(cq.time(), Some(1_700_000_000_000_000_005));
+        assert_eq!(cq.question.unwrap().id, 77);
+        let mut r = q.clone();
+        r[2] |= 0x80; // qr
+        let cr = event(tap(MessageType::CLIENT_RESPONSE, Some(&r), 5353)).unwrap();
+        assert_eq!(cr.time(), Some(1_700_000_000_000_000_900));
+        assert_eq!(cq.key, cr.key, "all messages of a request share the key");
+    }
+
+    #[test]
+    fn without_wire_messages_cq_and_cr_share_a_key_from_client_and_query_time() {
+        let cq = event(tap(MessageType::CLIENT_QUERY, None, 4000)).unwrap();
+        let cr = event(tap(MessageType::CLIENT_RESPONSE, None, 4000)).unwrap();
+        let other = event(tap(MessageType::CLIENT_QUERY, None, 4001)).unwrap();
+        assert!(cq.question.is_none());
+        assert_eq!(cq.key, cr.key);
+        assert_ne!(cq.key, other.key);
+    }
+
+    #[test]
+    fn undecodable_payloads_and_messages_are_errors_not_panics() {
+        assert_eq!(decode(b"\xff\xff\xff").unwrap_err(), DecodeError::Protobuf);
+        let err = event(tap(MessageType::CLIENT_QUERY, Some(&[1, 2, 3]), 1)).unwrap_err();
+        assert_eq!(err, DecodeError::Dns(crate::dns::DnsError::Short));
+        let err = event(tap(MessageType::AUTH_QUERY, None, 1)).unwrap_err();
+        assert_eq!(err, DecodeError::UnsupportedType(MessageType::AUTH_QUERY));
+    }
+
     #[test]
     fn times_combine_seconds_and_nanoseconds() {
         assert_eq!(time(Some(2), Some(5)), Some(2_000_000_005));

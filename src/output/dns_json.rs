@@ -50,7 +50,7 @@ pub fn write_dns(j: &mut Json<'_>, wire: &[u8]) {
             Ok(q) => {
                 j.begin_object();
                 j.key("name");
-                j.display(format_args!("{}.", q.qname()));
+                write_name(j, q.qname());
                 j.key("type");
                 j.display(q.qtype());
                 j.key("class");
@@ -110,7 +110,7 @@ fn write_records(j: &mut Json<'_>, section: RecordSection<'_, &[u8]>) -> Result<
         }
         j.begin_object();
         j.key("name");
-        j.display(format_args!("{}.", rec.owner()));
+        write_name(j, &rec.owner());
         j.key("type");
         j.display(rec.rtype());
         j.key("class");
@@ -157,6 +157,36 @@ fn option_name(code: u16) -> &'static str {
         15 => "EDE",
         _ => "OPTION",
     }
+}
+
+/// A domain name in presentation format ("www.example.test.", "." for the root), written
+/// byte by byte: `domain`'s Display goes through the formatter one character at a time.
+pub fn write_name<Octs: AsRef<[u8]>>(j: &mut Json<'_>, name: &ParsedName<Octs>) {
+    j.string_with(|out| {
+        let mut empty = true;
+        for label in name.iter().filter(|l| !l.is_root()) {
+            empty = false;
+            for &b in label.as_slice() {
+                match b {
+                    // A JSON-escaped presentation escape: \. and \\ in the text.
+                    b'.' | b'\\' => {
+                        out.extend_from_slice(b"\\\\");
+                        out.push(b);
+                    }
+                    b'"' => out.extend_from_slice(b"\\\\\\\""),
+                    0x21..=0x7e => out.push(b),
+                    _ => {
+                        use std::io::Write;
+                        let _ = write!(out, "\\\\{b:03}");
+                    }
+                }
+            }
+            out.push(b'.');
+        }
+        if empty {
+            out.push(b'.');
+        }
+    });
 }
 
 pub fn hex(b: &[u8]) -> String {

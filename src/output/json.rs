@@ -73,6 +73,15 @@ impl<'a> Json<'a> {
         self.out.push(b'"');
     }
 
+    /// A string whose content `write` produces already JSON-safe (no quotes, backslashes or
+    /// control bytes left unescaped).
+    pub fn string_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        self.sep();
+        self.out.push(b'"');
+        write(self.out);
+        self.out.push(b'"');
+    }
+
     /// A timestamp as an RFC 3339 string.
     pub fn time(&mut self, nanos: u64) {
         self.sep();

@@ -375,8 +375,16 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
             j.field_str("socket_protocol", protocol_name(p));
         }
         for (names, addr, port) in [
-            (["query_address", "query_port"], m.query_address.as_deref(), m.query_port),
-            (["response_address", "response_port"], m.response_address.as_deref(), m.response_port),
+            (
+                ["query_address", "query_port"],
+                m.query_address.as_deref(),
+                m.query_port,
+            ),
+            (
+                ["response_address", "response_port"],
+                m.response_address.as_deref(),
+                m.response_port,
+            ),
         ] {
             if let Some(ip) = addr.and_then(dnstap::ip) {
                 j.key(names[0]);
