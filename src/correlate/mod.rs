@@ -205,7 +205,7 @@ impl Correlator {
                 None => return,
             },
         };
-        let timeout = self.cfg.session_timeout;
+        let timeout = self.cfg.session_timeout.max(ev.profile.min_session_wait());
         let s = self.session_mut(slot);
         s.cq_time = ev.query_time;
         s.client = ev.client;
@@ -783,6 +783,29 @@ mod tests {
                 out.push((s, v))
             });
         assert_eq!(run.verdicts(), [(Status::Failed, 1, None)]);
+    }
+
+    #[test]
+    fn senders_that_answer_late_keep_the_session_open_past_the_timeout() {
+        let mut run = Run::new();
+        let bind = |mut e: Event| {
+            e.profile = SenderProfile::Bind;
+            e.query_time = (e.role == Role::ClientQuery).then_some(e.query_time.unwrap());
+            e
+        };
+        run.feed(bind(ev(Role::ClientQuery, 1, T0, None, 0)));
+        run.feed(bind(ev(Role::ClientQuery, 2, T0 + 15 * S, None, 0)));
+        run.feed(bind(ev(
+            Role::ClientResponse,
+            2,
+            T0 + 15 * S,
+            Some(T0 + 15 * S + 1000),
+            0,
+        )));
+        assert_eq!(run.verdicts(), [(Status::Succeeded, 3, None)]);
+        // BIND's SERVFAIL for the first query, 16 s late, still joins it.
+        run.feed(bind(ev(Role::ClientResponse, 1, T0, Some(T0 + 16 * S), 2)));
+        assert_eq!(run.verdicts()[1], (Status::Failed, 3, None));
     }
 
     #[test]

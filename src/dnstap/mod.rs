@@ -91,6 +91,16 @@ impl SenderProfile {
         self == Self::CoreDns
     }
 
+    /// How long, at least, a query may wait for its response. BIND answers SERVFAIL 10 s after
+    /// a silent upstream, Knot Resolver after up to 16 s: waiting less would split one request
+    /// into a Failed session and an orphan response.
+    pub fn min_session_wait(self) -> Nanos {
+        match self {
+            Self::Bind | Self::KnotResolver => 20_000_000_000,
+            _ => 0,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::CoreDns => "CoreDNS",

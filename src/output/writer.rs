@@ -16,8 +16,17 @@ pub fn spawn<W: Write + Send + 'static>(
         .name("writer".into())
         .spawn(move || {
             let mut out = io::BufWriter::with_capacity(1 << 20, out);
-            for batch in batches {
-                if let Err(e) = out.write_all(&batch) {
+            for batch in batches.iter() {
+                // Flush whenever we catch up, so lines show up promptly at low rates while
+                // bursts still go out in large writes.
+                let written = out.write_all(&batch).and_then(|()| {
+                    if batches.is_empty() {
+                        out.flush()
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(e) = written {
                     // A closed pipe (`| head`) ends the output, not the analysis.
                     if e.kind() == io::ErrorKind::BrokenPipe {
                         return Ok(());
