@@ -148,6 +148,7 @@ elapsed = gt["rate"]["elapsed_s"]
 err = open(f"{out}/{name}.stderr", errors="replace").read()
 drops = None
 received = None
+sessions_by = None
 if kind == "analyser":
     summ = None
     for line in err.splitlines():
@@ -156,6 +157,8 @@ if kind == "analyser":
     if summ:
         received = summ["messages"]
         drops = sum(summ["dropped"].values()) + max(0, sent - received)
+        sessions_by = {f"{st}/{b}": n for st, row in summ.get("status_bitmap", {}).items()
+                       for b, n in row.items() if n}
 elif kind == "fstrm":
     m = re.search(r"wrote (\d+) frames", err)
     if m:
@@ -168,6 +171,8 @@ res = {
     "cpu_s": round(cpu, 2), "cpu_s_per_M": round(cpu / sent * 1e6, 3) if sent else None,
     "peak_rss_mib": round(rss_mib, 1), "received": received, "drops": drops,
     "finish": gt["rate"]["finish_received"], "verified": json.loads(verified),
+    "processed_msgs_per_s": round((received - drops) / elapsed) if received is not None and elapsed else None,
+    "expected_sessions": gt["status_bitmap"], "sessions_by": sessions_by,
 }
 print(json.dumps(res))
 PY
@@ -230,12 +235,17 @@ import json, sys
 out = sys.argv[1]
 rows = [json.loads(l) for l in open(f"{out}/results.jsonl") if l.strip()]
 by = {r["name"]: r for r in rows}
-print("| run | messages | msgs/s | CPU-s / M msgs | peak RSS MiB | drops | verified |")
-print("|---|---:|---:|---:|---:|---:|---|")
+print("| run | messages | msgs/s received | msgs/s processed | CPU-s / M msgs | peak RSS MiB | drops | verified |")
+print("|---|---:|---:|---:|---:|---:|---:|---|")
 for r in rows:
-    d = "n/a" if r["drops"] is None else r["drops"]
+    d = "n/a" if r["drops"] is None else f"{r['drops']:,}"
+    p = "-" if r.get("processed_msgs_per_s") is None else f"{r['processed_msgs_per_s']:,}"
     v = {True: "yes", False: "NO", None: "-"}[r["verified"]]
-    print(f"| {r['name']} | {r['messages']:,} | {r['msgs_per_s']:,} | {r['cpu_s_per_M']} | {r['peak_rss_mib']} | {d} | {v} |")
+    print(f"| {r['name']} | {r['messages']:,} | {r['msgs_per_s']:,} | {p} | {r['cpu_s_per_M']} | {r['peak_rss_mib']} | {d} | {v} |")
+for r in rows:
+    if r.get("sessions_by") is not None and "storm" in r["name"]:
+        f5 = r["sessions_by"].get("Failed/5", 0)
+        print(f"\n{r['name']}: {f5:,} of {r['sessions']:,} sessions ended Failed/5; all: {r['sessions_by']}")
 def ratio(a, b):
     if a in by and b in by and by[b]["msgs_per_s"]:
         print(f"\n{a} / {b} msgs/s: **{by[a]['msgs_per_s'] / by[b]['msgs_per_s']:.2f}x**")

@@ -16,7 +16,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 fn capture() -> Vec<u8> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/coredns/h_burst_5k.fstrm");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/fixtures/coredns/h_burst_5k.fstrm"
+    );
     std::fs::read(path).expect("../shared/fixtures must sit beside the checkout")
 }
 
@@ -38,8 +41,15 @@ fn events(frames: &[Bytes]) -> Vec<Event> {
     frames
         .iter()
         .map(|f| {
-            let tap = dnstap::decode(f).unwrap();
-            let mut ev = Event::from_dnstap(&tap, f.clone(), SourceId(0), SenderProfile::CoreDns, &hasher).unwrap();
+            let tap = dnstap::scan(f).unwrap();
+            let mut ev = Event::from_fields(
+                &tap,
+                f.clone(),
+                SourceId(0),
+                SenderProfile::CoreDns,
+                &hasher,
+            )
+            .unwrap();
             watermark = watermark.max(ev.time().unwrap_or(0));
             ev.watermark = watermark;
             ev
@@ -49,7 +59,10 @@ fn events(frames: &[Bytes]) -> Vec<Event> {
 
 fn sessions(events: &[Event]) -> Vec<(Session, Verdict)> {
     let mut out = Vec::new();
-    let mut corr = Correlator::new(Config { idle_flush: false, ..Config::default() });
+    let mut corr = Correlator::new(Config {
+        idle_flush: false,
+        ..Config::default()
+    });
     let now = Instant::now();
     let mut sink = |s: Session, v: Verdict| out.push((s, v));
     for ev in events {
@@ -80,7 +93,14 @@ fn stages(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    g.bench_function("protobuf_decode", |b| {
+    g.bench_function("protobuf_scan", |b| {
+        b.iter(|| {
+            for f in &frames {
+                black_box(dnstap::scan(f).unwrap());
+            }
+        })
+    });
+    g.bench_function("protobuf_decode_full", |b| {
         b.iter(|| {
             for f in &frames {
                 black_box(dnstap::decode(f).unwrap());
@@ -103,9 +123,15 @@ fn stages(c: &mut Criterion) {
             }
         })
     });
-    g.bench_function("event_extract", |b| b.iter(|| black_box(self::events(&frames))));
+    g.bench_function("event_extract", |b| {
+        b.iter(|| black_box(self::events(&frames)))
+    });
     g.bench_function("correlate_classify", |b| {
-        b.iter_batched(|| events.clone(), |evs| black_box(self::sessions(&evs)), BatchSize::LargeInput)
+        b.iter_batched(
+            || events.clone(),
+            |evs| black_box(self::sessions(&evs)),
+            BatchSize::LargeInput,
+        )
     });
     g.finish();
 

@@ -65,6 +65,26 @@ impl Discard {
     }
 }
 
+/// Counts one reader accumulates between two `Metrics::add`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tally {
+    pub frames: u64,
+    pub bytes: u64,
+    pub by_role: [u64; 4],
+}
+
+impl Tally {
+    pub fn message(&mut self, role: Role) {
+        let i = match role {
+            Role::ClientQuery => 0,
+            Role::ClientResponse => 1,
+            Role::UpstreamQuery => 2,
+            Role::UpstreamResponse => 3,
+        };
+        self.by_role[i] += 1;
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub messages: AtomicU64,
@@ -90,15 +110,14 @@ impl Metrics {
         self.discards[why as usize].load(Relaxed)
     }
 
-    pub fn message(&self, role: Role) {
-        self.messages.fetch_add(1, Relaxed);
-        let i = match role {
-            Role::ClientQuery => 0,
-            Role::ClientResponse => 1,
-            Role::UpstreamQuery => 2,
-            Role::UpstreamResponse => 3,
-        };
-        self.messages_by_role[i].fetch_add(1, Relaxed);
+    /// Adds a reader's local tally (kept per read, so the hot path touches no shared counter).
+    pub fn add(&self, t: &Tally) {
+        self.frames.fetch_add(t.frames, Relaxed);
+        self.bytes.fetch_add(t.bytes, Relaxed);
+        self.messages.fetch_add(t.by_role.iter().sum(), Relaxed);
+        for (c, n) in self.messages_by_role.iter().zip(t.by_role) {
+            c.fetch_add(n, Relaxed);
+        }
     }
 
     pub fn session(&self, v: &Verdict) {

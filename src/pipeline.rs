@@ -4,7 +4,7 @@
 
 use crate::correlate::{self, Correlator, Session, Verdict};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
-use crate::ingest::{file, LossBoard, Router, ShardInput, Shared};
+use crate::ingest::{self, file, LossBoard, Router, ShardInput, Shared};
 use crate::metrics::Metrics;
 use crate::output::{writer, Format, LogFilter, Renderer};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -55,7 +55,7 @@ fn start_backend(
     let mut senders = Vec::new();
     let mut shards = Vec::new();
     for i in 0..s.shards.max(1) {
-        let (tx, rx) = crossbeam_channel::bounded(s.queue_capacity.max(1));
+        let (tx, rx) = crossbeam_channel::bounded(s.queue_capacity.div_ceil(ingest::BATCH).max(1));
         senders.push(tx);
         let mut cfg = s.correlate.clone();
         cfg.max_sessions = (cfg.max_sessions / s.shards.max(1)).max(1);
@@ -158,9 +158,14 @@ fn run_shard(mut corr: Correlator, ctx: ShardContext) {
     let mut last_tick = Instant::now();
     loop {
         let input = ctx.rx.recv_timeout(TICK);
+        // One clock read per burst: the wall clock only drives the idle flush.
         let now = Instant::now();
         match input {
-            Ok(ShardInput::Event(ev)) => corr.on_event(ev, now, &mut sink),
+            Ok(ShardInput::Events(batch)) => {
+                for ev in batch {
+                    corr.on_event(ev, now, &mut sink);
+                }
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }

@@ -186,6 +186,75 @@ pub fn decode(frame: &[u8]) -> Result<Dnstap<'_>, DecodeError> {
     Dnstap::from_reader(&mut reader, frame).map_err(|_| DecodeError::Protobuf)
 }
 
+/// The fields of a dnstap payload that correlation reads, borrowed from the frame. The hot
+/// path scans for these alone (quick-protobuf's reader, no generated structs); rendering uses
+/// the full generated `Dnstap` instead.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TapFields<'a> {
+    pub identity: &'a [u8],
+    pub version: &'a [u8],
+    pub message: Option<MessageFields<'a>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MessageFields<'a> {
+    pub kind: Option<MessageType>,
+    pub protocol: Option<SocketProtocol>,
+    pub query_address: Option<&'a [u8]>,
+    pub response_address: Option<&'a [u8]>,
+    pub query_port: Option<u32>,
+    pub response_port: Option<u32>,
+    pub query_time_sec: Option<u64>,
+    pub query_time_nsec: Option<u32>,
+    pub response_time_sec: Option<u64>,
+    pub response_time_nsec: Option<u32>,
+    pub query_message: Option<&'a [u8]>,
+    pub response_message: Option<&'a [u8]>,
+}
+
+/// Scans a dnstap payload for the fields correlation needs.
+pub fn scan(frame: &[u8]) -> Result<TapFields<'_>, DecodeError> {
+    scan_tap(frame).map_err(|_| DecodeError::Protobuf)
+}
+
+fn scan_tap(frame: &[u8]) -> quick_protobuf::Result<TapFields<'_>> {
+    let mut r = BytesReader::from_bytes(frame);
+    let mut t = TapFields::default();
+    while !r.is_eof() {
+        match r.next_tag(frame)? {
+            10 => t.identity = r.read_bytes(frame)?,
+            18 => t.version = r.read_bytes(frame)?,
+            114 => t.message = Some(scan_message(r.read_bytes(frame)?)?),
+            tag => r.read_unknown(frame, tag)?,
+        }
+    }
+    Ok(t)
+}
+
+/// Tags are `field << 3 | wire type` of dnstap.Message (proto/dnstap.proto).
+fn scan_message(b: &[u8]) -> quick_protobuf::Result<MessageFields<'_>> {
+    let mut r = BytesReader::from_bytes(b);
+    let mut m = MessageFields::default();
+    while !r.is_eof() {
+        match r.next_tag(b)? {
+            8 => m.kind = Some(r.read_enum(b)?),
+            24 => m.protocol = Some(r.read_enum(b)?),
+            34 => m.query_address = Some(r.read_bytes(b)?),
+            42 => m.response_address = Some(r.read_bytes(b)?),
+            48 => m.query_port = Some(r.read_uint32(b)?),
+            56 => m.response_port = Some(r.read_uint32(b)?),
+            64 => m.query_time_sec = Some(r.read_uint64(b)?),
+            77 => m.query_time_nsec = Some(r.read_fixed32(b)?),
+            82 => m.query_message = Some(r.read_bytes(b)?),
+            96 => m.response_time_sec = Some(r.read_uint64(b)?),
+            109 => m.response_time_nsec = Some(r.read_fixed32(b)?),
+            114 => m.response_message = Some(r.read_bytes(b)?),
+            tag => r.read_unknown(b, tag)?,
+        }
+    }
+    Ok(m)
+}
+
 /// One dnstap message, reduced to what correlation needs. The frame rides along (shared, not
 /// copied) so the session can render the original message when it is emitted.
 #[derive(Debug, Clone)]
@@ -217,20 +286,21 @@ pub struct Event {
 }
 
 impl Event {
-    /// Extracts an event from a decoded payload. `frame` must be the bytes `tap` borrows from.
-    pub fn from_dnstap(
-        tap: &Dnstap<'_>,
+    /// Extracts an event from a scanned payload. `frame` must be the bytes `tap` borrows from.
+    pub fn from_fields(
+        tap: &TapFields<'_>,
         frame: Bytes,
         source: SourceId,
         profile: SenderProfile,
         hasher: &ahash::RandomState,
     ) -> Result<Self, DecodeError> {
         let m = tap.message.as_ref().ok_or(DecodeError::NoMessage)?;
-        let role = Role::of(m.type_pb).ok_or(DecodeError::UnsupportedType(m.type_pb))?;
+        let kind = m.kind.ok_or(DecodeError::Protobuf)?;
+        let role = Role::of(kind).ok_or(DecodeError::UnsupportedType(kind))?;
         let wire = if role.is_response() {
-            m.response_message.as_deref()
+            m.response_message
         } else {
-            m.query_message.as_deref()
+            m.query_message
         };
         let question = match wire {
             Some(w) => Some(dns::parse_question(w, hasher).map_err(DecodeError::Dns)?),
@@ -239,12 +309,12 @@ impl Event {
         let query_time = time(m.query_time_sec, m.query_time_nsec);
         let response_time = time(m.response_time_sec, m.response_time_nsec);
         let is_client = matches!(role, Role::ClientQuery | Role::ClientResponse);
-        let query_socket = socket(m.query_address.as_deref(), m.query_port);
+        let query_socket = socket(m.query_address, m.query_port);
         let client = if is_client { query_socket } else { None };
         let upstream = if is_client {
             None
         } else {
-            socket(m.response_address.as_deref(), m.response_port)
+            socket(m.response_address, m.response_port)
         };
         let mut h = hasher.build_hasher();
         source.hash(&mut h);
@@ -267,7 +337,7 @@ impl Event {
             response_time,
             client,
             upstream,
-            protocol: m.socket_protocol,
+            protocol: m.protocol,
             watermark: 0,
             loss_seq: 0,
             drops_before: 0,
@@ -401,9 +471,10 @@ mod tests {
 
     fn event(frame: Vec<u8>) -> Result<Event, DecodeError> {
         let frame = Bytes::from(frame);
-        let tap = decode(&frame)?;
-        assert_eq!(tap.identity.as_deref(), Some(&b"pod-1"[..]));
-        Event::from_dnstap(
+        assert_eq!(decode(&frame)?.identity.as_deref(), Some(&b"pod-1"[..]));
+        let tap = scan(&frame)?;
+        assert_eq!(tap.identity, b"pod-1");
+        Event::from_fields(
             &tap,
             frame.clone(),
             SourceId(3),
@@ -440,6 +511,12 @@ mod tests {
     #[test]
     fn undecodable_payloads_and_messages_are_errors_not_panics() {
         assert_eq!(decode(b"\xff\xff\xff").unwrap_err(), DecodeError::Protobuf);
+        assert_eq!(scan(b"\xff\xff\xff").unwrap_err(), DecodeError::Protobuf);
+        assert_eq!(
+            scan(b"\x72\x05\x08").unwrap_err(),
+            DecodeError::Protobuf,
+            "truncated message"
+        );
         let err = event(tap(MessageType::CLIENT_QUERY, Some(&[1, 2, 3]), 1)).unwrap_err();
         assert_eq!(err, DecodeError::Dns(crate::dns::DnsError::Short));
         let err = event(tap(MessageType::AUTH_QUERY, None, 1)).unwrap_err();

@@ -7,17 +7,21 @@ pub mod net;
 
 use crate::dnstap::{self, Event, Nanos, Role, SenderProfile, SourceId, SourceRegistry};
 use crate::framestream::{Frame, FrameDecoder, FrameError, ProtocolError, ReceiverStream, Step};
-use crate::metrics::{Discard, Metrics};
+use crate::metrics::{Discard, Metrics, Tally};
 use bytes::BytesMut;
 use crossbeam_channel::{Sender, TrySendError};
 use hashbrown::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-/// What a shard receives.
+/// What a shard receives: events in stream order, in batches so the queue is touched once
+/// per batch rather than once per message.
 pub enum ShardInput {
-    Event(Event),
+    Events(Vec<Event>),
 }
+
+/// Events per batch; a reader sends partial batches at the end of every read.
+pub const BATCH: usize = 128;
 
 /// Per-source sender-loss sequence numbers, shared by all readers and shards. A source's
 /// number grows whenever loss becomes evident on it; sessions compare it over their lifetime.
@@ -57,7 +61,8 @@ pub struct Shared {
 /// Sends events to shards; one per reader thread.
 pub struct Router {
     shards: Vec<Sender<ShardInput>>,
-    /// Events dropped per shard since the last one that got through.
+    batches: Vec<Vec<Event>>,
+    /// Events dropped per shard since the last batch that got through.
     pending_drops: Vec<u32>,
     /// Files apply backpressure instead of dropping: nothing is lost offline.
     blocking: bool,
@@ -69,17 +74,37 @@ impl Router {
         let n = shards.len();
         Self {
             shards,
+            batches: (0..n).map(|_| Vec::with_capacity(BATCH)).collect(),
             pending_drops: vec![0; n],
             blocking,
             metrics,
         }
     }
 
-    pub fn dispatch(&mut self, mut ev: Event) {
+    pub fn dispatch(&mut self, ev: Event) {
         // Multiply-shift: uniform over shards without a division.
         let shard = (((ev.key >> 32) * self.shards.len() as u64) >> 32) as usize;
-        ev.drops_before = self.pending_drops[shard];
-        let input = ShardInput::Event(ev);
+        self.batches[shard].push(ev);
+        if self.batches[shard].len() >= BATCH {
+            self.send(shard);
+        }
+    }
+
+    /// Sends every partial batch (end of a read: don't hold events back at low rates).
+    pub fn flush(&mut self) {
+        for shard in 0..self.shards.len() {
+            if !self.batches[shard].is_empty() {
+                self.send(shard);
+            }
+        }
+    }
+
+    fn send(&mut self, shard: usize) {
+        let mut batch = std::mem::replace(&mut self.batches[shard], Vec::with_capacity(BATCH));
+        let len = batch.len() as u32;
+        // The shard learns of earlier drops before it sees anything that came after them.
+        batch[0].drops_before = self.pending_drops[shard];
+        let input = ShardInput::Events(batch);
         let sent = if self.blocking {
             self.shards[shard].send(input).is_ok()
         } else {
@@ -91,9 +116,15 @@ impl Router {
         if sent {
             self.pending_drops[shard] = 0;
         } else {
-            self.pending_drops[shard] = self.pending_drops[shard].saturating_add(1);
-            self.metrics.discard(Discard::QueueFull, 1);
+            self.pending_drops[shard] = self.pending_drops[shard].saturating_add(len);
+            self.metrics.discard(Discard::QueueFull, len as u64);
         }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -191,6 +222,7 @@ pub struct StreamIngest {
     identity_cache: Option<(Vec<u8>, SourceId, SenderProfile)>,
     tracks: HashMap<SourceId, SourceTrack>,
     hasher: ahash::RandomState,
+    tally: Tally,
 }
 
 impl StreamIngest {
@@ -204,6 +236,7 @@ impl StreamIngest {
             identity_cache: None,
             tracks: HashMap::new(),
             hasher: crate::dns::key_hasher(),
+            tally: Tally::default(),
         }
     }
 
@@ -228,17 +261,26 @@ impl StreamIngest {
         router: &mut Router,
         replies: &mut Vec<u8>,
     ) -> Result<bool, StreamError> {
+        let result = self.feed_frames(buf, router, replies);
+        router.flush();
+        self.shared.metrics.add(&std::mem::take(&mut self.tally));
+        result
+    }
+
+    fn feed_frames(
+        &mut self,
+        buf: &mut BytesMut,
+        router: &mut Router,
+        replies: &mut Vec<u8>,
+    ) -> Result<bool, StreamError> {
         loop {
             let frame = match self.decoder.decode(buf).map_err(StreamError::Frame)? {
                 Some(f) => f,
                 None => return Ok(false),
             };
             if let Frame::Data(d) = &frame {
-                self.shared.metrics.frames.fetch_add(1, Relaxed);
-                self.shared
-                    .metrics
-                    .bytes
-                    .fetch_add(d.len() as u64 + 4, Relaxed);
+                self.tally.frames += 1;
+                self.tally.bytes += d.len() as u64 + 4;
             }
             match self
                 .receiver
@@ -273,7 +315,7 @@ impl StreamIngest {
 
     fn on_payload(&mut self, payload: bytes::Bytes, router: &mut Router) {
         let metrics = &self.shared.metrics;
-        let tap = match dnstap::decode(&payload) {
+        let tap = match dnstap::scan(&payload) {
             Ok(t) => t,
             Err(e) => {
                 metrics.discard(Discard::Protobuf, 1);
@@ -281,7 +323,7 @@ impl StreamIngest {
                 return;
             }
         };
-        let identity = tap.identity.as_deref().unwrap_or(&[]);
+        let identity = tap.identity;
         let (source, profile) = match &self.identity_cache {
             Some((id, s, p)) if id.as_slice() == identity => (*s, *p),
             _ => {
@@ -291,12 +333,12 @@ impl StreamIngest {
                     identity
                 };
                 let source = self.shared.sources.intern(name);
-                let profile = SenderProfile::from_version(tap.version.as_deref().unwrap_or(&[]));
+                let profile = SenderProfile::from_version(tap.version);
                 self.identity_cache = Some((identity.to_vec(), source, profile));
                 (source, profile)
             }
         };
-        let mut ev = match Event::from_dnstap(&tap, payload.clone(), source, profile, &self.hasher)
+        let mut ev = match Event::from_fields(&tap, payload.clone(), source, profile, &self.hasher)
         {
             Ok(ev) => ev,
             Err(e) => {
@@ -321,7 +363,7 @@ impl StreamIngest {
             metrics.discard(Discard::UpstreamWithoutWire, 1);
             return;
         }
-        metrics.message(ev.role);
+        self.tally.message(ev.role);
         let span = self.shared.session_timeout;
         let track = self.tracks.entry(source).or_default();
         track.watermark = track.watermark.max(ev.time().unwrap_or(0));

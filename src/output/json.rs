@@ -2,6 +2,7 @@
 //! intermediate trees.
 
 use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
 
 pub struct Json<'a> {
     pub out: &'a mut Vec<u8>,
@@ -92,12 +93,35 @@ impl<'a> Json<'a> {
 
     pub fn uint(&mut self, v: u64) {
         self.sep();
-        let _ = write!(Fmt(self.out), "{v}");
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
     }
 
-    pub fn float3(&mut self, v: f64) {
+    /// A duration in nanoseconds as milliseconds with three decimals (microsecond precision),
+    /// in integer arithmetic: float formatting is slow.
+    pub fn millis(&mut self, nanos: u64) {
         self.sep();
-        let _ = write!(Fmt(self.out), "{v:.3}");
+        write_millis(self.out, nanos);
+    }
+
+    /// An address as a string; IPv4 written octet by octet.
+    pub fn ip(&mut self, ip: IpAddr) {
+        self.string_with(|out| write_ip(out, ip));
+    }
+
+    /// `ip:port` (`[v6]:port`) as a string.
+    pub fn socket(&mut self, addr: SocketAddr) {
+        self.string_with(|out| {
+            if addr.is_ipv6() {
+                out.push(b'[');
+                write_ip(out, addr.ip());
+                out.push(b']');
+            } else {
+                write_ip(out, addr.ip());
+            }
+            out.push(b':');
+            out.extend_from_slice(itoa::Buffer::new().format(addr.port()).as_bytes());
+        });
     }
 
     pub fn bool(&mut self, v: bool) {
@@ -136,6 +160,36 @@ impl std::fmt::Write for Fmt<'_> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
         self.0.extend_from_slice(s.as_bytes());
         Ok(())
+    }
+}
+
+pub fn write_millis(out: &mut Vec<u8>, nanos: u64) {
+    let micros = (nanos + 500) / 1000;
+    let mut b = itoa::Buffer::new();
+    out.extend_from_slice(b.format(micros / 1000).as_bytes());
+    let frac = micros % 1000;
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ]);
+}
+
+fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut b = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(b.format(octet).as_bytes());
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(Fmt(out), "{v6}");
+        }
     }
 }
 
@@ -238,6 +292,24 @@ mod tests {
         let mut v = Vec::new();
         write_rfc3339(&mut v, nanos);
         String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn numbers_addresses_and_durations() {
+        let mut buf = Vec::new();
+        let mut j = Json::new(&mut buf);
+        j.begin_array();
+        j.uint(18_446_744_073_709_551_615);
+        j.millis(476_000);
+        j.millis(12_345_678_999);
+        j.ip("192.0.2.1".parse().unwrap());
+        j.socket("[2001:db8::1]:53".parse().unwrap());
+        j.socket("10.0.0.2:5353".parse().unwrap());
+        j.end_array();
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            r#"[18446744073709551615,0.476,12345.679,"192.0.2.1","[2001:db8::1]:53","10.0.0.2:5353"]"#
+        );
     }
 
     #[test]

@@ -69,7 +69,7 @@ impl LogFilter {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attempt {
     pub address: Option<SocketAddr>,
-    pub rtt_ms: Option<f64>,
+    pub rtt: Option<Nanos>,
     pub rcode: Option<u16>,
     pub answered: bool,
     query_time: Option<Nanos>,
@@ -165,7 +165,7 @@ impl Renderer {
                     facts.qtype.as_deref().unwrap_or("-"),
                     facts.qclass.as_deref().unwrap_or("-"),
                     facts.rcode.as_deref().unwrap_or("-"),
-                    facts.latency_ms.map_or("-".into(), |l| format!("{l:.3}ms")),
+                    facts.latency.map_or("-".into(), |l| format!("{:.3}ms", l as f64 / 1e6)),
                     diagnosis,
                 );
                 if let Some(loss) = v.loss {
@@ -187,7 +187,7 @@ struct Facts {
     qtype: Option<String>,
     qclass: Option<String>,
     rcode: Option<String>,
-    latency_ms: Option<f64>,
+    latency: Option<Nanos>,
     attempts: Vec<Attempt>,
 }
 
@@ -216,8 +216,8 @@ impl Facts {
             .iter()
             .rev()
             .find(|d| d.role == Role::ClientResponse);
-        let latency_ms = match (s.cq_time, cr.and_then(|d| d.response_time())) {
-            (Some(q), Some(r)) if r >= q => Some((r - q) as f64 / 1e6),
+        let latency = match (s.cq_time, cr.and_then(|d| d.response_time())) {
+            (Some(q), Some(r)) if r >= q => Some(r - q),
             _ => None,
         };
         let (qname, qtype, qclass) = match question {
@@ -233,7 +233,7 @@ impl Facts {
             rcode: cr
                 .and_then(|d| d.rcode())
                 .map(|r| rcode_name(r).into_owned()),
-            latency_ms,
+            latency,
             attempts: attempts(decoded),
         }
     }
@@ -247,7 +247,7 @@ fn attempts(decoded: &[Decoded<'_>]) -> Vec<Attempt> {
         match d.role {
             Role::UpstreamQuery => out.push(Attempt {
                 address: d.upstream(),
-                rtt_ms: None,
+                rtt: None,
                 rcode: None,
                 answered: false,
                 query_time: d.query_time(),
@@ -260,13 +260,13 @@ fn attempts(decoded: &[Decoded<'_>]) -> Vec<Attempt> {
                     .iter_mut()
                     .position(|a| open(&a) && a.query_time == qt)
                     .or_else(|| out.iter_mut().position(|a| open(&a)));
-                let rtt_ms = match (qt, rt) {
-                    (Some(q), Some(r)) if r >= q => Some((r - q) as f64 / 1e6),
+                let rtt = match (qt, rt) {
+                    (Some(q), Some(r)) if r >= q => Some(r - q),
                     _ => None,
                 };
                 let answer = Attempt {
                     address: addr,
-                    rtt_ms,
+                    rtt,
                     rcode: d.rcode(),
                     answered: true,
                     query_time: qt,
@@ -294,7 +294,7 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, v: &Verdict, f: &Facts) {
     j.field_str("sender", s.profile.name());
     j.key("client");
     match s.client {
-        Some(c) => j.display(c),
+        Some(c) => j.socket(c),
         None => j.null(),
     }
     j.field_opt_str("protocol", s.protocol.map(protocol_name));
@@ -308,8 +308,8 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, v: &Verdict, f: &Facts) {
     }
     j.field_opt_str("rcode", f.rcode.as_deref());
     j.key("latency_ms");
-    match f.latency_ms {
-        Some(l) => j.float3(l),
+    match f.latency {
+        Some(l) => j.millis(l),
         None => j.null(),
     }
     j.key("upstreams");
@@ -318,12 +318,12 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, v: &Verdict, f: &Facts) {
         j.begin_object();
         j.key("address");
         match a.address {
-            Some(addr) => j.display(addr),
+            Some(addr) => j.socket(addr),
             None => j.null(),
         }
         j.key("rtt_ms");
-        match a.rtt_ms {
-            Some(r) => j.float3(r),
+        match a.rtt {
+            Some(r) => j.millis(r),
             None => j.null(),
         }
         j.key("timeout");
@@ -357,7 +357,7 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
             continue;
         };
         j.key("type");
-        j.display(format_args!("{:?}", m.type_pb));
+        j.string(message_type_name(m.type_pb));
         for (name, t) in [
             ("query_time", d.query_time()),
             ("response_time", d.response_time()),
@@ -369,7 +369,10 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
         }
         if let Some(f) = m.socket_family {
             j.key("socket_family");
-            j.display(format_args!("{f:?}"));
+            j.string(match f {
+                dnstap::pb::SocketFamily::INET => "INET",
+                dnstap::pb::SocketFamily::INET6 => "INET6",
+            });
         }
         if let Some(p) = m.socket_protocol {
             j.field_str("socket_protocol", protocol_name(p));
@@ -388,7 +391,7 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
         ] {
             if let Some(ip) = addr.and_then(dnstap::ip) {
                 j.key(names[0]);
-                j.display(ip);
+                j.ip(ip);
             }
             if let Some(port) = port {
                 j.field_uint(names[1], port as u64);
@@ -414,6 +417,26 @@ fn write_wire_name(j: &mut Json<'_>, wire: &[u8]) {
     }
 }
 
+fn message_type_name(t: dnstap::MessageType) -> &'static str {
+    use dnstap::MessageType::*;
+    match t {
+        AUTH_QUERY => "AUTH_QUERY",
+        AUTH_RESPONSE => "AUTH_RESPONSE",
+        RESOLVER_QUERY => "RESOLVER_QUERY",
+        RESOLVER_RESPONSE => "RESOLVER_RESPONSE",
+        CLIENT_QUERY => "CLIENT_QUERY",
+        CLIENT_RESPONSE => "CLIENT_RESPONSE",
+        FORWARDER_QUERY => "FORWARDER_QUERY",
+        FORWARDER_RESPONSE => "FORWARDER_RESPONSE",
+        STUB_QUERY => "STUB_QUERY",
+        STUB_RESPONSE => "STUB_RESPONSE",
+        TOOL_QUERY => "TOOL_QUERY",
+        TOOL_RESPONSE => "TOOL_RESPONSE",
+        UPDATE_QUERY => "UPDATE_QUERY",
+        UPDATE_RESPONSE => "UPDATE_RESPONSE",
+    }
+}
+
 fn protocol_name(p: dnstap::SocketProtocol) -> &'static str {
     use dnstap::SocketProtocol::*;
     match p {
@@ -436,8 +459,8 @@ fn diagnose(s: &Session, v: &Verdict, f: &Facts) -> String {
     };
     let rcode = f.rcode.as_deref().unwrap_or("an answer");
     let latency = f
-        .latency_ms
-        .map(|l| format!(" in {l:.1} ms"))
+        .latency
+        .map(|l| format!(" in {:.1} ms", l as f64 / 1e6))
         .unwrap_or_default();
     let upstreams = upstream_list(&f.attempts);
     let tries = f.attempts.len();
