@@ -1,8 +1,7 @@
 //! The DNS facts correlation needs: header and first question, parsed with NLnet Labs'
 //! `domain` straight from the frame's bytes. Full decoding for output lives in `output`.
 
-use domain::base::{Message, ParsedName};
-use std::hash::{BuildHasher, Hasher};
+use domain::base::Message;
 
 /// The header and question of one DNS message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,45 +43,77 @@ pub fn key_hasher() -> ahash::RandomState {
     )
 }
 
+/// Header and first question, straight from the wire. This runs for every message: walking
+/// the question by hand costs a fraction of going through `domain`'s parser (instruction
+/// counts in docs/benchmarks.md); `domain` still decodes everything that is rendered.
 pub fn parse_question(
     wire: &[u8],
     hasher: &ahash::RandomState,
 ) -> Result<QuestionSummary, DnsError> {
-    let msg = Message::from_octets(wire).map_err(|_| DnsError::Short)?;
-    let header = msg.header();
-    let q = msg.first_question().ok_or(DnsError::NoQuestion)?;
+    if wire.len() < 12 {
+        return Err(DnsError::Short);
+    }
+    if u16::from_be_bytes([wire[4], wire[5]]) == 0 {
+        return Err(DnsError::NoQuestion);
+    }
+    // A wire name is at most 255 bytes: lowercase it on the stack, hash it once.
+    let mut name = [0u8; 256];
+    let (len, end) = lowercase_name(wire, 12, &mut name).ok_or(DnsError::NoQuestion)?;
+    let tail = wire.get(end..end + 4).ok_or(DnsError::NoQuestion)?;
     Ok(QuestionSummary {
-        id: header.id(),
-        is_response: header.qr(),
-        rcode: header.rcode().to_int(),
-        qname_hash: hash_name_lowercase(q.qname(), hasher),
-        qtype: q.qtype().to_int(),
-        qclass: q.qclass().to_int(),
+        id: u16::from_be_bytes([wire[0], wire[1]]),
+        is_response: wire[2] & 0x80 != 0,
+        rcode: wire[3] & 0x0f,
+        qname_hash: hasher.hash_one(&name[..len]),
+        qtype: u16::from_be_bytes([tail[0], tail[1]]),
+        qclass: u16::from_be_bytes([tail[2], tail[3]]),
     })
+}
+
+/// Copies the name at `pos` into `out` lowercased, in wire form, following compression
+/// pointers. Returns its length and where the name ends in the message (after the first
+/// pointer, if any); None for a malformed name.
+fn lowercase_name(wire: &[u8], mut pos: usize, out: &mut [u8; 256]) -> Option<(usize, usize)> {
+    let mut len = 0;
+    let mut end = None;
+    let mut jumps = 0;
+    loop {
+        let l = *wire.get(pos)? as usize;
+        match l & 0xc0 {
+            0x00 if l == 0 => {
+                out[len] = 0;
+                return Some((len + 1, end.unwrap_or(pos + 1)));
+            }
+            0x00 => {
+                let label = wire.get(pos + 1..pos + 1 + l)?;
+                if len + 1 + l >= out.len() {
+                    return None;
+                }
+                out[len] = l as u8;
+                for (d, s) in out[len + 1..len + 1 + l].iter_mut().zip(label) {
+                    *d = s.to_ascii_lowercase();
+                }
+                len += 1 + l;
+                pos += 1 + l;
+            }
+            0xc0 => {
+                jumps += 1;
+                if jumps > 16 {
+                    return None;
+                }
+                let target = (l & 0x3f) << 8 | *wire.get(pos + 1)? as usize;
+                end.get_or_insert(pos + 2);
+                pos = target;
+            }
+            _ => return None,
+        }
+    }
 }
 
 /// Just the header, for messages whose question is missing (some error responses).
 pub fn parse_header(wire: &[u8]) -> Option<(u16, u8)> {
     let msg = Message::from_octets(wire).ok()?;
     Some((msg.header().id(), msg.header().rcode().to_int()))
-}
-
-fn hash_name_lowercase(name: &ParsedName<&[u8]>, hasher: &ahash::RandomState) -> u64 {
-    // A wire name is at most 255 bytes: lowercase it on the stack, hash it once.
-    let mut buf = [0u8; 256];
-    let mut len = 0;
-    for label in name.iter() {
-        let bytes = label.as_slice();
-        let end = (len + 1 + bytes.len()).min(buf.len());
-        buf[len] = bytes.len() as u8;
-        for (dst, src) in buf[len + 1..end].iter_mut().zip(bytes) {
-            *dst = src.to_ascii_lowercase();
-        }
-        len = end;
-    }
-    let mut h = hasher.build_hasher();
-    h.write(&buf[..len]);
-    h.finish()
 }
 
 /// IANA mnemonic of an rcode (4-bit or extended).
@@ -163,6 +194,26 @@ pub(crate) mod tests {
         assert_eq!(parse_question(&no_q, &h), Err(DnsError::NoQuestion));
         let truncated = &query(&["abc"], 1)[..14];
         assert_eq!(parse_question(truncated, &h), Err(DnsError::NoQuestion));
+    }
+
+    #[test]
+    fn compressed_and_malformed_names() {
+        let h = key_hasher();
+        let plain = parse_question(&query(&["a", "b"], 1), &h).unwrap();
+        // "a" then a pointer to "B." placed after the question.
+        let mut compressed = query(&["a", "b"], 1)[..12].to_vec();
+        compressed.extend_from_slice(&[1, b'a', 0xc0, 20, 0, 1, 0, 1, 1, b'B', 0]);
+        let got = parse_question(&compressed, &h).unwrap();
+        assert_eq!(
+            (got.qname_hash, got.qtype, got.qclass),
+            (plain.qname_hash, 1, 1)
+        );
+        let mut looped = compressed[..12].to_vec();
+        looped.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        assert_eq!(parse_question(&looped, &h), Err(DnsError::NoQuestion));
+        let mut bad_label = compressed[..12].to_vec();
+        bad_label.extend_from_slice(&[0x41, 0, 0, 1, 0, 1]);
+        assert_eq!(parse_question(&bad_label, &h), Err(DnsError::NoQuestion));
     }
 
     #[test]

@@ -148,8 +148,6 @@ fn main() -> ExitCode {
             for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
                 signal_hook::flag::register(sig, shutdown.clone()).map_err(|e| e.to_string())?;
             }
-            let listen: Vec<String> = cli.listen.iter().map(|l| l.to_string()).collect();
-            eprintln!("dnstap-analyser: listening on {}", listen.join(", "));
             pipeline::serve(
                 &s,
                 &cli.listen,

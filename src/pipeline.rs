@@ -210,6 +210,8 @@ pub fn serve(
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?,
         );
     }
+    let names: Vec<String> = listen.iter().map(|l| l.to_string()).collect();
+    eprintln!("dnstap-analyser: listening on {}", names.join(", "));
     let backend = start_backend(s, out, metrics.clone());
     let open = Arc::new(AtomicUsize::new(0));
     let cores = core_affinity::get_core_ids().unwrap_or_default();

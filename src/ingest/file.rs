@@ -3,7 +3,6 @@
 
 use super::{Router, Shared, StreamEnd, StreamIngest};
 use bytes::BytesMut;
-use std::io::Read;
 use std::path::Path;
 
 #[derive(Debug)]
@@ -43,17 +42,11 @@ pub fn read_files(
 fn read_one(path: &Path, ingest: &mut StreamIngest, router: &mut Router) -> Result<(), String> {
     let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut buf = BytesMut::with_capacity(1 << 20);
+    let mut scratch = vec![0u8; 1 << 20];
     // Files have no peer to answer: handshake replies are discarded.
     let mut replies = Vec::new();
     loop {
-        let start = buf.len();
-        buf.resize(start + (1 << 20), 0);
-        let n = match file.read(&mut buf[start..]) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
-            Err(e) => return Err(e.to_string()),
-        };
-        buf.truncate(start + n);
+        let n = super::read_into(&mut file, &mut scratch, &mut buf).map_err(|e| e.to_string())?;
         match ingest.feed(&mut buf, router, &mut replies) {
             Ok(true) => {
                 ingest.finish(StreamEnd::Stopped, buf.len());

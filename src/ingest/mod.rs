@@ -14,6 +14,23 @@ use hashbrown::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+/// Reads once from `src` and appends what arrived to `buf`, through `scratch`: copying the
+/// bytes that came is cheaper than zeroing spare capacity before every read.
+pub fn read_into(
+    src: &mut impl std::io::Read,
+    scratch: &mut [u8],
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    let n = loop {
+        match src.read(scratch) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => break r?,
+        }
+    };
+    buf.extend_from_slice(&scratch[..n]);
+    Ok(n)
+}
+
 /// What a shard receives: events in stream order, in batches so the queue is touched once
 /// per batch rather than once per message.
 pub enum ShardInput {

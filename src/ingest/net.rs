@@ -163,6 +163,7 @@ pub struct Reader {
     shutdown: Arc<AtomicBool>,
     open_connections: Arc<AtomicUsize>,
     max_connections: usize,
+    scratch: Box<[u8]>,
 }
 
 impl Reader {
@@ -190,6 +191,7 @@ impl Reader {
             shutdown,
             open_connections,
             max_connections,
+            scratch: vec![0; READ_CHUNK].into_boxed_slice(),
         };
         Ok((reader, ReaderHandle { conns: tx, waker }))
     }
@@ -317,7 +319,7 @@ impl Reader {
                 stream,
                 peer,
                 ingest,
-                buf: BytesMut::with_capacity(READ_CHUNK),
+                buf: BytesMut::with_capacity(64 << 10),
                 out: Vec::new(),
                 opened: Instant::now(),
             },
@@ -332,26 +334,12 @@ impl Reader {
         };
         let mut budget = READ_BUDGET;
         let end = loop {
-            let start = conn.buf.len();
-            if conn.buf.capacity() - start < READ_CHUNK / 4 {
-                conn.buf.reserve(READ_CHUNK);
-            }
-            let room = conn.buf.capacity() - start;
-            conn.buf.resize(start + room, 0);
-            let read = conn.stream.read(&mut conn.buf[start..]);
-            let n = match read {
+            let n = match super::read_into(&mut conn.stream, &mut self.scratch, &mut conn.buf) {
                 Ok(n) => n,
-                Err(e) => {
-                    conn.buf.truncate(start);
-                    match e.kind() {
-                        io::ErrorKind::WouldBlock => break None,
-                        io::ErrorKind::Interrupted => continue,
-                        // CoreDNS resets right after FINISH; before STOP it is a lost stream.
-                        _ => break Some(Ok(())),
-                    }
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
+                // CoreDNS resets right after FINISH; before STOP it is a lost stream.
+                Err(_) => break Some(Ok(())),
             };
-            conn.buf.truncate(start + n);
             if n == 0 {
                 break Some(Ok(()));
             }
