@@ -214,3 +214,42 @@ fn bad_input_on_other_connections_leaves_the_good_stream_exact() {
     }
     assert!(out.stderr.contains("warning"), "problems are logged");
 }
+
+#[test]
+fn two_live_connections_with_the_same_identity_are_both_served() {
+    let file = coredns_fixture("h_burst_5k.fstrm");
+    let served = Served::start(&[]);
+    let senders: Vec<_> = (0..2)
+        .map(|_| {
+            let (port, file) = (served.port.to_string(), file.clone());
+            std::thread::spawn(move || {
+                run_sender(
+                    Command::new("fstrm_replay")
+                        .args([
+                            "-t",
+                            "protobuf:dnstap.Dnstap",
+                            "-a",
+                            "127.0.0.1",
+                            "-p",
+                            &port,
+                            "-r",
+                        ])
+                        .arg(&file),
+                )
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
+    let live = served.stop();
+    let once = read(&[file], &[]).counts();
+    let twice: std::collections::BTreeMap<_, _> =
+        once.iter().map(|(k, v)| (k.clone(), v * 2)).collect();
+    assert_eq!(
+        live.counts(),
+        twice,
+        "both streams of identity vm are joined in full"
+    );
+    assert_eq!(live.summary["connections"], 2);
+}
