@@ -215,13 +215,43 @@ fn bad_input_on_other_connections_leaves_the_good_stream_exact() {
     assert!(out.stderr.contains("warning"), "problems are logged");
 }
 
+/// Splits a capture into two Frame Streams files by DNS id parity: every request stays on one
+/// connection, as when CoreDNS opens a second connection while the first still delivers.
+fn split_by_id(file: &std::path::Path, dir: &std::path::Path) -> [std::path::PathBuf; 2] {
+    use dnstap_analyser::framestream::{
+        self, ControlKind, Frame, FrameDecoder, DNSTAP_CONTENT_TYPE,
+    };
+    let mut buf = bytes::BytesMut::from(&std::fs::read(file).unwrap()[..]);
+    let mut out = [Vec::new(), Vec::new()];
+    for o in &mut out {
+        framestream::encode_control(ControlKind::Start, &[DNSTAP_CONTENT_TYPE], o);
+    }
+    let dec = FrameDecoder::new(1 << 20);
+    while let Some(frame) = dec.decode(&mut buf).unwrap() {
+        let Frame::Data(d) = frame else { continue };
+        let m = dnstap_analyser::dnstap::scan(&d).unwrap().message.unwrap();
+        let wire = m.query_message.or(m.response_message).unwrap();
+        framestream::encode_data(&d, &mut out[(wire[1] & 1) as usize]);
+    }
+    let paths = [dir.join("even.fstrm"), dir.join("odd.fstrm")];
+    for (o, p) in out.iter_mut().zip(&paths) {
+        framestream::encode_control(ControlKind::Stop, &[], o);
+        std::fs::write(p, o).unwrap();
+    }
+    paths
+}
+
 #[test]
 fn two_live_connections_with_the_same_identity_are_both_served() {
     let file = coredns_fixture("h_burst_5k.fstrm");
+    let dir = std::env::temp_dir().join(format!("dnstap-analyser-split-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let parts = split_by_id(&file, &dir);
     let served = Served::start(&[]);
-    let senders: Vec<_> = (0..2)
-        .map(|_| {
-            let (port, file) = (served.port.to_string(), file.clone());
+    let senders: Vec<_> = parts
+        .iter()
+        .map(|part| {
+            let (port, part) = (served.port.to_string(), part.clone());
             std::thread::spawn(move || {
                 run_sender(
                     Command::new("fstrm_replay")
@@ -234,7 +264,7 @@ fn two_live_connections_with_the_same_identity_are_both_served() {
                             &port,
                             "-r",
                         ])
-                        .arg(&file),
+                        .arg(&part),
                 )
             })
         })
@@ -243,13 +273,11 @@ fn two_live_connections_with_the_same_identity_are_both_served() {
         s.join().unwrap();
     }
     let live = served.stop();
-    let once = read(&[file], &[]).counts();
-    let twice: std::collections::BTreeMap<_, _> =
-        once.iter().map(|(k, v)| (k.clone(), v * 2)).collect();
+    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(
-        live.counts(),
-        twice,
-        "both streams of identity vm are joined in full"
+        live.signatures(),
+        read(&[file], &[]).signatures(),
+        "both connections of identity vm are joined in full"
     );
     assert_eq!(live.summary["connections"], 2);
 }
