@@ -1,0 +1,572 @@
+//! `verify`: compares the ground truth of a run with what the analyser reported: its stderr
+//! summary line and, the strongest check, its JSON session lines matched one by one to the
+//! generated sessions by (identity, qname, DNS id, client).
+
+use hashbrown::HashMap;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub errors: Vec<String>,
+    pub notes: Vec<String>,
+    pub facts: serde_json::Map<String, Value>,
+}
+
+impl Report {
+    fn err(&mut self, e: String) {
+        self.errors.push(e);
+    }
+    fn fact(&mut self, k: &str, v: impl Into<Value>) {
+        self.facts.insert(k.to_string(), v.into());
+    }
+    pub fn to_json(&self) -> Value {
+        json!({"verify": {
+            "ok": self.errors.is_empty(),
+            "errors": self.errors.len(),
+            "first_errors": self.errors.iter().take(20).collect::<Vec<_>>(),
+            "notes": self.notes,
+            "facts": self.facts,
+        }})
+    }
+}
+
+/// Which statuses the analyser printed (`--log`).
+#[derive(Debug, Clone, Copy)]
+pub struct Logged {
+    pub succeeded: bool,
+    pub failed: bool,
+    pub sample_loss: bool,
+}
+
+impl Logged {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut l = Logged {
+            succeeded: false,
+            failed: false,
+            sample_loss: false,
+        };
+        for part in s.split(',').map(str::trim) {
+            match part.to_ascii_lowercase().as_str() {
+                "all" => {
+                    l = Logged {
+                        succeeded: true,
+                        failed: true,
+                        sample_loss: true,
+                    }
+                }
+                "succeeded" => l.succeeded = true,
+                "failed" => l.failed = true,
+                "sampleloss" | "sample_loss" => l.sample_loss = true,
+                other => return Err(format!("--logged: unknown status {other:?}")),
+            }
+        }
+        Ok(l)
+    }
+    fn has(&self, status: &str) -> bool {
+        match status {
+            "Succeeded" => self.succeeded,
+            "Failed" => self.failed,
+            "SampleLoss" => self.sample_loss,
+            _ => false,
+        }
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The last `{"summary":...}` line of a file (the analyser's stderr).
+pub fn read_summary(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    text.lines()
+        .rev()
+        .filter(|l| l.trim_start().starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v.get("summary").cloned())
+        .ok_or_else(|| format!("{}: no {{\"summary\":...}} line", path.display()))
+}
+
+fn num(v: &Value, path: &[&str]) -> u64 {
+    let mut cur = v;
+    for p in path {
+        match cur.get(p) {
+            Some(x) => cur = x,
+            None => return 0,
+        }
+    }
+    cur.as_u64().unwrap_or(0)
+}
+
+fn count_map(v: Option<&Value>) -> std::collections::BTreeMap<String, u64> {
+    v.and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_u64().filter(|n| *n > 0).map(|n| (k.clone(), n)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub struct Inputs<'a> {
+    pub truth: &'a Path,
+    pub truth_sessions: Option<&'a Path>,
+    pub summary: Option<&'a Path>,
+    pub sessions: Option<&'a Path>,
+    pub logged: Logged,
+}
+
+pub fn verify(inp: &Inputs) -> Result<Report, String> {
+    let gt_doc = read_json(inp.truth)?;
+    let gt = gt_doc.get("ground_truth").cloned().unwrap_or(gt_doc);
+    let mut rep = Report::default();
+    let sender_loss = num(&gt, &["messages", "dropped_on_purpose"]);
+    rep.fact("sender_dropped_messages", sender_loss);
+    let mut analyser_drops = 0u64;
+    if let Some(p) = inp.summary {
+        let s = read_summary(p)?;
+        // Only a full shard queue is the analyser shedding load; any other discard of
+        // generated traffic is a bug (the generator only writes valid messages).
+        let dropped = count_map(s.get("dropped"));
+        analyser_drops = dropped.get("queue_full").copied().unwrap_or(0);
+        for (why, n) in dropped.iter().filter(|(k, _)| k.as_str() != "queue_full") {
+            rep.err(format!(
+                "analyser discarded {n} of the generated messages as {why}"
+            ));
+        }
+        check_summary(&gt, &s, sender_loss, analyser_drops, &mut rep);
+    }
+    if let Some(p) = inp.sessions {
+        let tp = inp
+            .truth_sessions
+            .ok_or("--sessions needs --truth-sessions (the per-session ground truth of the run)")?;
+        check_sessions(
+            tp,
+            p,
+            inp.logged,
+            sender_loss > 0,
+            analyser_drops > 0,
+            &mut rep,
+        )?;
+    }
+    if inp.summary.is_none() && inp.sessions.is_none() {
+        return Err("nothing to verify: give --summary and/or --sessions".into());
+    }
+    Ok(rep)
+}
+
+/// `{"Succeeded":{"15":n}}` (the analyser) or `{"Succeeded/15":n}` (the ground truth) as
+/// "Status/bitmap" -> n.
+fn status_bitmap(v: Option<&Value>) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(m) = v.and_then(Value::as_object) else {
+        return out;
+    };
+    for (k, v) in m {
+        match v {
+            Value::Object(inner) => {
+                for (b, n) in inner {
+                    if let Some(n) = n.as_u64().filter(|n| *n > 0) {
+                        out.insert(format!("{k}/{b}"), n);
+                    }
+                }
+            }
+            v => {
+                if let Some(n) = v.as_u64().filter(|n| *n > 0) {
+                    out.insert(k.clone(), n);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn check_summary(gt: &Value, s: &Value, sender_loss: u64, analyser_drops: u64, rep: &mut Report) {
+    let sent = num(gt, &["messages", "sent"]);
+    let got_messages = num(s, &["messages"]);
+    rep.fact("messages_sent", sent);
+    rep.fact("analyser_messages", got_messages);
+    rep.fact("analyser_queue_full_drops", analyser_drops);
+    // The analyser counts every decoded message, before it may shed it: all must be there.
+    if got_messages != sent {
+        rep.err(format!(
+            "analyser counted {got_messages} messages, the generator sent {sent}"
+        ));
+    }
+    if let Some(by) = s.get("messages_by_type").and_then(Value::as_object) {
+        for (ours, theirs) in [
+            ("CLIENT_QUERY", "CLIENT_QUERY"),
+            ("CLIENT_RESPONSE", "CLIENT_RESPONSE"),
+            ("FORWARDER_QUERY", "UPSTREAM_QUERY"),
+            ("FORWARDER_RESPONSE", "UPSTREAM_RESPONSE"),
+        ] {
+            let e = num(gt, &["messages", "by_type", ours]);
+            let a = by.get(theirs).and_then(Value::as_u64).unwrap_or(0);
+            if e != a {
+                rep.err(format!(
+                    "analyser counted {a} {theirs} messages, the generator sent {e} {ours}"
+                ));
+            }
+        }
+    }
+    let gt_status = count_map(gt.get("status"));
+    let got_status = count_map(s.get("status"));
+    let g = |m: &std::collections::BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+    rep.fact("analyser_status", json!(got_status));
+    rep.fact("expected_status", json!(gt_status));
+    let gt_sb = status_bitmap(gt.get("status_bitmap"));
+    let got_sb = status_bitmap(s.get("status_bitmap"));
+    rep.fact("analyser_status_bitmap", json!(got_sb));
+    rep.fact("expected_status_bitmap", json!(gt_sb));
+    if sender_loss == 0 && analyser_drops == 0 {
+        // Below capacity and without loss: everything must agree exactly.
+        let exp_sessions = num(gt, &["expected_sessions"]);
+        let got_sessions = num(s, &["sessions"]);
+        if got_sessions != exp_sessions {
+            rep.err(format!(
+                "analyser reported {got_sessions} sessions, expected {exp_sessions}"
+            ));
+        }
+        if gt_status != got_status {
+            rep.err(format!(
+                "status counts differ: expected {gt_status:?}, analyser {got_status:?}"
+            ));
+        }
+        let gt_bitmap = count_map(gt.get("bitmap"));
+        let got_bitmap = count_map(s.get("bitmap"));
+        if gt_bitmap != got_bitmap {
+            rep.err(format!(
+                "bitmap counts differ: expected {gt_bitmap:?}, analyser {got_bitmap:?}"
+            ));
+        }
+        if s.get("status_bitmap").is_some() && gt_sb != got_sb {
+            rep.err(format!(
+                "(status, bitmap) counts differ: expected {gt_sb:?}, analyser {got_sb:?}"
+            ));
+        }
+    } else {
+        // Loss: sessions that lost something must not be Succeeded/Failed, and intact ones
+        // may be flagged SampleLoss; so Succeeded and Failed can only shrink, per bitmap too.
+        for st in ["Succeeded", "Failed"] {
+            let (e, a) = (g(&gt_status, st), g(&got_status, st));
+            if a > e {
+                rep.err(format!(
+                    "analyser reported {a} {st}, but only {e} sessions were intact and {st}"
+                ));
+            }
+        }
+        for (k, a) in got_sb.iter().filter(|(k, _)| !k.starts_with("SampleLoss")) {
+            let e = gt_sb.get(k).copied().unwrap_or(0);
+            if *a > e {
+                rep.err(format!(
+                    "analyser reported {a} {k}, but only {e} intact sessions were {k}"
+                ));
+            }
+        }
+        let intact_ok = g(&gt_status, "Succeeded") + g(&gt_status, "Failed");
+        let got_ok = g(&got_status, "Succeeded") + g(&got_status, "Failed");
+        rep.fact(
+            "intact_sessions_flagged_sampleloss_at_most",
+            intact_ok.saturating_sub(got_ok),
+        );
+        if analyser_drops > 0 {
+            rep.notes.push(format!(
+                "the analyser shed {analyser_drops} events (queue_full): exact counts not required"
+            ));
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Truth {
+    client: String,
+    status: String,
+    bitmap: u8,
+    lost: bool,
+    used: bool,
+}
+
+type Key = (String, String, Option<u16>);
+
+fn norm_qname(q: &str) -> String {
+    q.trim_end_matches('.').to_ascii_lowercase()
+}
+
+struct TruthTable {
+    all: Vec<Truth>,
+    by_id: HashMap<Key, Vec<usize>>,
+    /// (identity, qname, client) for session lines that carry no DNS id; built on demand.
+    by_client: Option<HashMap<(String, String, String), Vec<usize>>>,
+    keys: Vec<Key>,
+}
+
+impl TruthTable {
+    fn candidates(
+        &mut self,
+        identity: String,
+        qname: String,
+        id: Option<u16>,
+        client: &Option<String>,
+        used_too: bool,
+    ) -> Vec<usize> {
+        let all = &self.all;
+        let live = |i: &usize| {
+            (used_too || !all[*i].used) && client.as_ref().is_none_or(|c| *c == all[*i].client)
+        };
+        if id.is_some() {
+            return self
+                .by_id
+                .get(&(identity, qname, id))
+                .map(|v| v.iter().copied().filter(live).collect())
+                .unwrap_or_default();
+        }
+        let Some(c) = client else {
+            // Neither id nor client: every session of the name is a candidate.
+            return self
+                .keys
+                .iter()
+                .enumerate()
+                .filter(|(i, k)| k.0 == identity && k.1 == qname && live(i))
+                .map(|(i, _)| i)
+                .collect();
+        };
+        let idx = self.by_client.get_or_insert_with(|| {
+            let mut m: HashMap<(String, String, String), Vec<usize>> = HashMap::new();
+            for (i, k) in self.keys.iter().enumerate() {
+                m.entry((k.0.clone(), k.1.clone(), all[i].client.clone()))
+                    .or_default()
+                    .push(i);
+            }
+            m
+        });
+        idx.get(&(identity, qname, c.clone()))
+            .map(|v| v.iter().copied().filter(live).collect())
+            .unwrap_or_default()
+    }
+}
+
+fn load_truth(path: &Path) -> Result<TruthTable, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut t = TruthTable {
+        all: Vec::new(),
+        by_id: HashMap::new(),
+        by_client: None,
+        keys: Vec::new(),
+    };
+    for line in BufReader::new(f).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let c: Vec<&str> = line.split('\t').collect();
+        if c.len() < 8 {
+            return Err(format!("{}: bad line {line:?}", path.display()));
+        }
+        let key = (c[0].to_string(), norm_qname(c[1]), c[2].parse().ok());
+        t.by_id.entry(key.clone()).or_default().push(t.all.len());
+        t.keys.push(key);
+        t.all.push(Truth {
+            client: c[3].to_string(),
+            status: c[5].to_string(),
+            bitmap: c[6].parse().unwrap_or(0),
+            lost: c[7] == "1",
+            used: false,
+        });
+    }
+    Ok(t)
+}
+
+/// The DNS id of a session line: a top-level `id`/`dns_id`, else the first message's.
+fn line_id(v: &Value) -> Option<u16> {
+    for k in ["dns_id", "id"] {
+        if let Some(n) = v.get(k).and_then(Value::as_u64) {
+            return Some(n as u16);
+        }
+    }
+    let msgs = v.get("messages")?.as_array()?;
+    msgs.iter().find_map(|m| {
+        let d = m.get("dns")?;
+        d.get("id")
+            .or_else(|| d.get("header").and_then(|h| h.get("id")))
+            .and_then(Value::as_u64)
+            .map(|n| n as u16)
+    })
+}
+
+fn check_sessions(
+    truth_path: &Path,
+    sessions_path: &Path,
+    logged: Logged,
+    sender_loss: bool,
+    analyser_shed: bool,
+    rep: &mut Report,
+) -> Result<(), String> {
+    let loss = sender_loss || analyser_shed;
+    let mut truth = load_truth(truth_path)?;
+    let f = std::fs::File::open(sessions_path)
+        .map_err(|e| format!("{}: {e}", sessions_path.display()))?;
+    let (mut lines, mut matched, mut lost_ok, mut flagged, mut stray_loss) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut no_id = 0u64;
+    let (mut fragments, mut lost_as_final) = (0u64, 0u64);
+    for (n, line) in BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| e.to_string())?;
+        if !line.starts_with('{') {
+            continue;
+        }
+        let v: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                rep.err(format!("session line {}: not JSON: {e}", n + 1));
+                continue;
+            }
+        };
+        if v.get("summary").is_some() {
+            continue;
+        }
+        lines += 1;
+        let status = v
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let bitmap = v.get("bitmap").and_then(Value::as_u64).unwrap_or(0) as u8;
+        let identity = v
+            .get("identity")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let qname = norm_qname(v.get("qname").and_then(Value::as_str).unwrap_or(""));
+        let client = v.get("client").and_then(Value::as_str).map(str::to_string);
+        let id = line_id(&v);
+        if id.is_none() {
+            no_id += 1;
+        }
+        let what = format!(
+            "line {}: {status}/{bitmap} {identity} {qname} id={id:?} client={client:?}",
+            n + 1
+        );
+        let cands = truth.candidates(identity.clone(), qname.clone(), id, &client, false);
+        // A lost session may come out in pieces (orphans): the later pieces find it used.
+        let fragment_of_lost = status == "SampleLoss"
+            && cands.is_empty()
+            && truth
+                .candidates(identity, qname, id, &client, true)
+                .iter()
+                .any(|&i| truth.all[i].lost);
+        let all = &mut truth.all;
+        match status.as_str() {
+            "Succeeded" | "Failed" => {
+                if let Some(&i) = cands
+                    .iter()
+                    .find(|&&i| !all[i].lost && all[i].status == status && all[i].bitmap == bitmap)
+                {
+                    all[i].used = true;
+                    matched += 1;
+                } else {
+                    let truth = cands
+                        .first()
+                        .map(|&i| &all[i])
+                        .map(|t| {
+                            let masked = t.lost && t.bitmap == bitmap && matches!(bitmap, 1 | 3 | 5 | 15);
+                            if t.lost {
+                                lost_as_final += 1;
+                            }
+                            format!(
+                                "{}/{}{}",
+                                t.status,
+                                t.bitmap,
+                                match (t.lost, masked) {
+                                    (true, true) => " (it lost messages; what remained looks like a complete CoreDNS session, so only loss evidence on the stream can flag it)",
+                                    (true, false) => " (it lost messages)",
+                                    _ => "",
+                                }
+                            )
+                        })
+                        .unwrap_or_else(|| "no such session".into());
+                    rep.err(format!("{what}: ground truth says {truth}"));
+                }
+            }
+            "SampleLoss" => {
+                if let Some(&i) = cands.iter().find(|&&i| all[i].lost) {
+                    all[i].used = true;
+                    lost_ok += 1;
+                } else if let Some(&i) = cands.iter().find(|&&i| !all[i].lost) {
+                    all[i].used = true;
+                    let t = &all[i];
+                    flagged += 1;
+                    if !loss {
+                        rep.err(format!(
+                            "{what}: no message was lost, ground truth says {}/{}",
+                            t.status, t.bitmap
+                        ));
+                    }
+                } else if fragment_of_lost {
+                    fragments += 1;
+                } else {
+                    stray_loss += 1;
+                    if !loss {
+                        rep.err(format!("{what}: no such session in the ground truth"));
+                    }
+                }
+            }
+            other => rep.err(format!("{what}: unknown status {other:?}")),
+        }
+    }
+    // Generated sessions that should have been printed but were not.
+    let (mut missing, mut lost_unseen, mut unseen_maybe_flagged) = (0u64, 0u64, 0u64);
+    let mut vanished = 0u64;
+    for t in truth.all.iter().filter(|t| !t.used && t.status != "-") {
+        if t.lost {
+            lost_unseen += 1;
+        } else if logged.has(&t.status) {
+            if analyser_shed {
+                // The analyser may have shed every message of it.
+                vanished += 1;
+            } else if loss && !logged.sample_loss {
+                unseen_maybe_flagged += 1;
+            } else {
+                missing += 1;
+                if missing <= 20 {
+                    rep.err(format!(
+                        "generated session {}/{} client {} never reported",
+                        t.status, t.bitmap, t.client
+                    ));
+                }
+            }
+        }
+    }
+    if missing > 20 {
+        rep.err(format!(
+            "... {} more generated sessions never reported",
+            missing - 20
+        ));
+    }
+    if analyser_shed {
+        rep.fact("intact_sessions_not_reported_analyser_shed", vanished);
+    }
+    rep.fact("session_lines", lines);
+    rep.fact("lines_matched_exactly", matched);
+    rep.fact("lost_sessions_reported_sampleloss", lost_ok);
+    rep.fact("intact_sessions_flagged_sampleloss", flagged);
+    rep.fact("lost_sessions_reported_succeeded_or_failed", lost_as_final);
+    rep.fact("sampleloss_fragments_of_lost_sessions", fragments);
+    rep.fact("sampleloss_lines_without_a_generated_session", stray_loss);
+    rep.fact("lost_sessions_not_matched", lost_unseen);
+    rep.fact("missing_sessions", missing);
+    if unseen_maybe_flagged > 0 {
+        rep.fact(
+            "intact_sessions_not_printed_possibly_sampleloss",
+            unseen_maybe_flagged,
+        );
+    }
+    if no_id > 0 {
+        rep.notes.push(format!(
+            "{no_id} session lines carry no DNS id; they were matched without it"
+        ));
+    }
+    Ok(())
+}
