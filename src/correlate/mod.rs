@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 /// A silent stream's clock is assumed to advance with the wall clock, lagging this much:
 /// CoreDNS holds frames in a 4 KB buffer, so at low rates they arrive seconds late.
 pub const IDLE_LAG: Duration = Duration::from_secs(5);
+/// How long an answered-locally CoreDNS session waits for evidence of loss around it.
+const LOSS_HOLD: Nanos = 1_000_000_000;
 /// Messages kept per session; a retry storm beyond this is counted, not stored.
 const MAX_MESSAGES: usize = 64;
 /// Slack for matching times: BIND stamps milliseconds, unbound stamps FR before its FQ.
@@ -276,7 +278,10 @@ impl Correlator {
         let id = ev.question.map(|q| q.id);
         let upstream = self.upstream_hash(&ev);
         let found = self.find_best(ev.key, |s| {
-            if s.source != ev.source || (s.has(Role::ClientResponse) && !s.completed) {
+            // Only senders that write CR before RR get upstream messages after the CR.
+            let answered = s.has(Role::ClientResponse);
+            if s.source != ev.source || (answered && (!s.completed || s.profile.writes_in_order()))
+            {
                 return None;
             }
             if keeps_id && s.dns_id.is_some() && id != s.dns_id {
@@ -323,31 +328,37 @@ impl Correlator {
         }
     }
 
-    /// CR arrived: emit now, unless the sender writes CR before its upstream response (BIND)
-    /// and an upstream attempt is still unanswered; then wait out the reorder grace.
+    /// CR arrived. Emit now, except in two cases that wait a little event time:
+    /// - the sender writes CR before its upstream response (BIND) and an attempt is still
+    ///   unanswered: wait the reorder grace for it;
+    /// - CoreDNS answered without an upstream leg: a lost FQ+FR pair would look exactly like
+    ///   this, and loss shows up only when the burst's orphans arrive, just after. Wait
+    ///   `LOSS_HOLD` so that evidence still counts.
     fn complete(&mut self, slot: u32, sink: &mut impl SessionSink) {
         let grace = self.cfg.orphan_grace;
         let s = self.session_mut(slot);
-        let coredns_gap =
-            s.profile.writes_in_order() && s.upstream_queries > 0 && s.upstream_responses == 0;
-        if coredns_gap {
+        let in_order = s.profile.writes_in_order();
+        if in_order && s.upstream_queries > 0 && s.upstream_responses == 0 {
             s.loss.get_or_insert(LossReason::UpstreamResponseMissing);
         }
-        let waits = !s.profile.writes_in_order() && s.upstream_queries > s.upstream_responses;
-        if waits && s.has(Role::ClientQuery) {
-            s.completed = true;
-            let cr_time = s
-                .messages
-                .last()
-                .and_then(|m| m.time)
-                .unwrap_or(s.first_time);
-            let deadline = s
-                .deadline
-                .min(cr_time.max(s.first_time).saturating_add(grace));
-            self.reschedule(slot, deadline);
+        let hold = if !in_order && s.upstream_queries > s.upstream_responses {
+            grace
+        } else if in_order && s.upstream_queries == 0 {
+            LOSS_HOLD
         } else {
-            self.finish(slot, sink);
+            0
+        };
+        if hold == 0 || !s.has(Role::ClientQuery) {
+            return self.finish(slot, sink);
         }
+        s.completed = true;
+        let cr_time = s
+            .messages
+            .last()
+            .and_then(|m| m.time)
+            .unwrap_or(s.first_time);
+        let deadline = cr_time.max(s.first_time).saturating_add(hold);
+        self.reschedule(slot, deadline);
     }
 
     fn upstream_hash(&self, ev: &Event) -> u64 {
@@ -651,6 +662,7 @@ mod tests {
         run.feed(ev(Role::ClientQuery, 2, T0 + 1000, None, 0));
         run.feed(ev(Role::ClientResponse, 2, T0 + 1000, Some(T0 + 5000), 3));
         run.feed(ev(Role::ClientResponse, 1, T0, Some(T0 + 6000), 2));
+        run.flush();
         assert_eq!(
             run.verdicts(),
             [(Status::Succeeded, 3, None), (Status::Failed, 3, None)]
@@ -806,6 +818,32 @@ mod tests {
         // BIND's SERVFAIL for the first query, 16 s late, still joins it.
         run.feed(bind(ev(Role::ClientResponse, 1, T0, Some(T0 + 16 * S), 2)));
         assert_eq!(run.verdicts()[1], (Status::Failed, 3, None));
+    }
+
+    #[test]
+    fn loss_revealed_just_after_a_local_answer_makes_it_sample_loss() {
+        let mut run = Run::new();
+        run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
+        run.feed(ev(Role::ClientResponse, 1, T0, Some(T0 + 1000), 0));
+        assert!(
+            run.out.is_empty(),
+            "held: a lost FQ+FR pair looks just like this"
+        );
+        let mut orphan = ev(Role::ClientResponse, 2, T0 + S / 2, Some(T0 + S / 2), 0);
+        orphan.loss_seq = 1;
+        run.feed(orphan);
+        forwarded(&mut run, 3, T0 + 3 * S, 0);
+        let v = run.verdicts();
+        assert_eq!(v[0], (Status::SampleLoss, 3, Some(LossReason::SenderLoss)));
+        // Loss after the hold does not touch a session that ended before it.
+        let mut run = Run::new();
+        run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
+        run.feed(ev(Role::ClientResponse, 1, T0, Some(T0 + 1000), 0));
+        run.feed(ev(Role::ClientQuery, 4, T0 + 3 * S / 2, None, 0));
+        let mut late = ev(Role::ClientQuery, 2, T0 + 2 * S, None, 0);
+        late.loss_seq = 1;
+        run.feed(late);
+        assert_eq!(run.verdicts(), [(Status::Succeeded, 3, None)]);
     }
 
     #[test]
