@@ -6,7 +6,7 @@
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use dnstap_analyser::correlate::{Config, Correlator, Session, Verdict};
+use dnstap_analyser::correlate::{Config, Correlator, MessageStore, Session, Verdict};
 use dnstap_analyser::dns;
 use dnstap_analyser::dnstap::{self, Event, SenderProfile, SourceId, SourceRegistry};
 use dnstap_analyser::framestream::{Frame, FrameDecoder};
@@ -57,26 +57,25 @@ fn events(frames: &[Bytes]) -> Vec<Event> {
         .collect()
 }
 
-fn sessions(events: &[Event]) -> Vec<(Session, Verdict)> {
-    let mut out = Vec::new();
+/// Runs the correlator over the events, handing each finished session to `sink`.
+fn correlate(events: &[Event], sink: &mut impl FnMut(&Session, Verdict, &MessageStore)) {
     let mut corr = Correlator::new(Config {
         idle_flush: false,
         ..Config::default()
     });
     let now = Instant::now();
-    let mut sink = |s: Session, v: Verdict| out.push((s, v));
     for ev in events {
-        corr.on_event(ev.clone(), now, &mut sink);
+        corr.on_event(ev.clone(), now, sink);
     }
-    corr.flush(|_| 0, &mut sink);
-    out
+    corr.flush(|_| 0, sink);
 }
 
 fn stages(c: &mut Criterion) {
     let bytes = capture();
     let frames = frames(&bytes);
     let events = events(&frames);
-    let sessions = sessions(&events);
+    let mut sessions = 0u64;
+    correlate(&events, &mut |_, _, _| sessions += 1);
     let n = frames.len() as u64;
     let mut g = c.benchmark_group("per_message");
     g.throughput(Throughput::Elements(n));
@@ -127,24 +126,28 @@ fn stages(c: &mut Criterion) {
         b.iter(|| black_box(self::events(&frames)))
     });
     g.bench_function("correlate_classify", |b| {
-        b.iter_batched(
-            || events.clone(),
-            |evs| black_box(self::sessions(&evs)),
-            BatchSize::LargeInput,
-        )
+        b.iter(|| {
+            let mut n = 0u32;
+            correlate(&events, &mut |s, v, _| {
+                black_box((s, v));
+                n += 1;
+            });
+            n
+        })
     });
     g.finish();
 
+    // Correlation again plus rendering every session: subtract correlate_classify.
     let mut g = c.benchmark_group("per_session");
-    g.throughput(Throughput::Elements(sessions.len() as u64));
+    g.throughput(Throughput::Elements(sessions));
     let renderer = Renderer::new(Format::Json, Arc::new(SourceRegistry::default()));
-    g.bench_function("render_json", |b| {
+    g.bench_function("correlate_and_render_json", |b| {
         let mut out = Vec::with_capacity(16 << 20);
         b.iter(|| {
             out.clear();
-            for (s, v) in &sessions {
-                renderer.render(s, v, &mut out);
-            }
+            correlate(&events, &mut |s, v, store| {
+                renderer.render(s, &v, store, &mut out)
+            });
             black_box(out.len())
         })
     });

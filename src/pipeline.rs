@@ -2,7 +2,7 @@
 //! correlator shards → one stdout writer. Data flows one way; shutdown follows it: readers
 //! stop, their queue senders drop, shards flush everything and drop theirs, the writer ends.
 
-use crate::correlate::{self, Correlator, Session, Verdict};
+use crate::correlate::{self, Correlator, MessageStore, Session, Verdict};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
 use crate::ingest::{self, file, LossBoard, Router, ShardInput, Shared};
 use crate::metrics::Metrics;
@@ -121,10 +121,10 @@ struct LineSink {
 }
 
 impl correlate::SessionSink for LineSink {
-    fn session(&mut self, s: Session, v: Verdict) {
+    fn session(&mut self, s: &Session, v: Verdict, store: &MessageStore) {
         self.metrics.session(&v);
         if self.log.allows(v.status) {
-            self.renderer.render(&s, &v, &mut self.batch);
+            self.renderer.render(s, &v, store, &mut self.batch);
             self.metrics
                 .sessions_printed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

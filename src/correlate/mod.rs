@@ -3,8 +3,10 @@
 //! that went silent.
 
 mod session;
+mod store;
 
 pub use session::{BitMap, LossReason, Message, Session, Status, Verdict};
+pub use store::{MessageRef, MessageStore};
 
 use crate::dnstap::{Event, Nanos, Role, SourceId};
 use hashbrown::HashMap;
@@ -60,6 +62,48 @@ struct Slot {
     session: Option<Session>,
 }
 
+/// Session slots in fixed pages: the table grows without the copy (and the brief double
+/// footprint) of a doubling vector.
+#[derive(Default)]
+struct Slots {
+    pages: Vec<Box<[Slot]>>,
+    len: usize,
+}
+
+const SLOTS_PER_PAGE: usize = 4096;
+
+impl Slots {
+    fn push(&mut self, slot: Slot) -> u32 {
+        let (page, i) = (self.len / SLOTS_PER_PAGE, self.len % SLOTS_PER_PAGE);
+        if page == self.pages.len() {
+            self.pages.push(
+                (0..SLOTS_PER_PAGE)
+                    .map(|_| Slot {
+                        generation: 0,
+                        session: None,
+                    })
+                    .collect(),
+            );
+        }
+        self.pages[page][i] = slot;
+        self.len += 1;
+        (self.len - 1) as u32
+    }
+}
+
+impl std::ops::Index<u32> for Slots {
+    type Output = Slot;
+    fn index(&self, i: u32) -> &Slot {
+        &self.pages[i as usize / SLOTS_PER_PAGE][i as usize % SLOTS_PER_PAGE]
+    }
+}
+
+impl std::ops::IndexMut<u32> for Slots {
+    fn index_mut(&mut self, i: u32) -> &mut Slot {
+        &mut self.pages[i as usize / SLOTS_PER_PAGE][i as usize % SLOTS_PER_PAGE]
+    }
+}
+
 /// Buckets are keyed by an already well-mixed 64-bit hash: don't hash it again.
 #[derive(Default, Clone, Copy)]
 struct KeyIsHash;
@@ -85,20 +129,20 @@ impl Hasher for KeyHasher {
     }
 }
 
-/// Where a finished session goes, with whatever source lookup the caller needs.
+/// Where a finished session goes. Its messages' bytes are in `store` until the call returns.
 pub trait SessionSink {
-    fn session(&mut self, session: Session, verdict: Verdict);
+    fn session(&mut self, session: &Session, verdict: Verdict, store: &MessageStore);
 }
 
-impl<F: FnMut(Session, Verdict)> SessionSink for F {
-    fn session(&mut self, session: Session, verdict: Verdict) {
-        self(session, verdict)
+impl<F: FnMut(&Session, Verdict, &MessageStore)> SessionSink for F {
+    fn session(&mut self, session: &Session, verdict: Verdict, store: &MessageStore) {
+        self(session, verdict, store)
     }
 }
 
 pub struct Correlator {
     cfg: Config,
-    slots: Vec<Slot>,
+    slots: Slots,
     free: Vec<u32>,
     buckets: HashMap<u64, SmallVec<[u32; 2]>, KeyIsHash>,
     sources: HashMap<SourceId, SourceClock>,
@@ -106,19 +150,21 @@ pub struct Correlator {
     /// Grows each time the analyser dropped events bound for this shard.
     drop_epoch: u64,
     upstream_hasher: ahash::RandomState,
+    store: MessageStore,
 }
 
 impl Correlator {
     pub fn new(cfg: Config) -> Self {
         Self {
             cfg,
-            slots: Vec::new(),
+            slots: Slots::default(),
             free: Vec::new(),
             buckets: HashMap::with_hasher(KeyIsHash),
             sources: HashMap::new(),
             open: 0,
             drop_epoch: 0,
             upstream_hasher: crate::dns::key_hasher(),
+            store: MessageStore::default(),
         }
     }
 
@@ -292,7 +338,7 @@ impl Correlator {
                 let pairs = s.messages.iter().any(|m| {
                     m.role == Role::UpstreamQuery
                         && m.upstream == upstream
-                        && (!keeps_id || m.time == ev.query_time)
+                        && (!keeps_id || m.time() == ev.query_time)
                 });
                 let open = s.upstream_queries > s.upstream_responses;
                 return Some(if pairs && open { 0 } else { 1 << 62 });
@@ -355,14 +401,14 @@ impl Correlator {
         let cr_time = s
             .messages
             .last()
-            .and_then(|m| m.time)
+            .and_then(|m| m.time())
             .unwrap_or(s.first_time);
         let deadline = cr_time.max(s.first_time).saturating_add(hold);
         self.reschedule(slot, deadline);
     }
 
-    fn upstream_hash(&self, ev: &Event) -> u64 {
-        self.upstream_hasher.hash_one(ev.upstream)
+    fn upstream_hash(&self, ev: &Event) -> u32 {
+        self.upstream_hasher.hash_one(ev.upstream) as u32
     }
 
     fn find(&self, key: u64, mut pred: impl FnMut(&Session) -> bool) -> Option<u32> {
@@ -375,7 +421,7 @@ impl Correlator {
         bucket
             .iter()
             .filter_map(|&slot| {
-                let s = self.slots[slot as usize].session.as_ref()?;
+                let s = self.slots[slot].session.as_ref()?;
                 score(s).map(|sc| (sc, slot))
             })
             .min()
@@ -414,16 +460,13 @@ impl Correlator {
         };
         let slot = match self.free.pop() {
             Some(slot) => {
-                self.slots[slot as usize].session = Some(session);
+                self.slots[slot].session = Some(session);
                 slot
             }
-            None => {
-                self.slots.push(Slot {
-                    generation: 0,
-                    session: Some(session),
-                });
-                (self.slots.len() - 1) as u32
-            }
+            None => self.slots.push(Slot {
+                generation: 0,
+                session: Some(session),
+            }),
         };
         self.buckets.entry(ev.key).or_default().push(slot);
         self.open += 1;
@@ -447,14 +490,14 @@ impl Correlator {
     }
 
     fn session_mut(&mut self, slot: u32) -> &mut Session {
-        self.slots[slot as usize]
+        self.slots[slot]
             .session
             .as_mut()
             .expect("slot holds a live session")
     }
 
     fn is_live(&self, slot: u32, generation: u32, deadline: Nanos) -> bool {
-        let s = &self.slots[slot as usize];
+        let s = &self.slots[slot];
         s.generation == generation && s.session.as_ref().is_some_and(|s| s.deadline == deadline)
     }
 
@@ -464,7 +507,10 @@ impl Correlator {
         } else {
             0
         };
-        let s = self.session_mut(slot);
+        let s = self.slots[slot]
+            .session
+            .as_mut()
+            .expect("slot holds a live session");
         s.bitmap.0 |= ev.role.bit();
         if s.messages.len() >= MAX_MESSAGES {
             s.messages_dropped += 1;
@@ -477,14 +523,15 @@ impl Correlator {
                 ev.response_time.or(ev.query_time)
             } else {
                 ev.query_time
-            },
+            }
+            .unwrap_or(0),
             upstream,
-            frame: ev.frame.clone(),
+            bytes: self.store.put(&ev.message),
         });
     }
 
     fn reschedule(&mut self, slot: u32, deadline: Nanos) {
-        let generation = self.slots[slot as usize].generation;
+        let generation = self.slots[slot].generation;
         let s = self.session_mut(slot);
         if s.deadline == deadline {
             return;
@@ -518,7 +565,7 @@ impl Correlator {
 
     /// Removes the session from the table and hands it to the sink with its verdict.
     fn finish(&mut self, slot: u32, sink: &mut impl SessionSink) {
-        let entry = &mut self.slots[slot as usize];
+        let entry = &mut self.slots[slot];
         let Some(session) = entry.session.take() else {
             return;
         };
@@ -540,7 +587,10 @@ impl Correlator {
             None
         };
         let verdict = session.verdict(evident);
-        sink.session(session, verdict);
+        sink.session(&session, verdict, &self.store);
+        for m in &session.messages {
+            self.store.release(m.bytes);
+        }
     }
 }
 
@@ -552,7 +602,7 @@ fn explains_orphan(cq: &Event, t: Nanos, orphan: &Session) -> bool {
         .messages
         .iter()
         .filter(|m| m.role == Role::ClientResponse)
-        .all(|m| m.time.is_none_or(|rt| rt.saturating_add(TIME_SLACK) >= t));
+        .all(|m| m.time().is_none_or(|rt| rt.saturating_add(TIME_SLACK) >= t));
     client_ok && id_ok && cr_time_ok && orphan.first_time.saturating_add(TIME_SLACK) >= t
 }
 
@@ -596,7 +646,7 @@ mod tests {
             watermark: 0,
             loss_seq: 0,
             drops_before: 0,
-            frame: Bytes::new(),
+            message: Bytes::new(),
         }
     }
 
@@ -619,11 +669,16 @@ mod tests {
             e.watermark = t;
             let out = &mut self.out;
             self.corr
-                .on_event(e, self.now, &mut |s, v| out.push((s, v)));
+                .on_event(e, self.now, &mut |s: &Session, v, _: &MessageStore| {
+                    out.push((s.clone(), v))
+                });
         }
         fn flush(&mut self) {
             let out = &mut self.out;
-            self.corr.flush(|_| 0, &mut |s, v| out.push((s, v)));
+            self.corr
+                .flush(|_| 0, &mut |s: &Session, v, _: &MessageStore| {
+                    out.push((s.clone(), v))
+                });
         }
         fn verdicts(&self) -> Vec<(Status, u8, Option<LossReason>)> {
             self.out
@@ -679,7 +734,10 @@ mod tests {
             let mut fq = ev(Role::UpstreamQuery, 1, T0 + 70_000, None, 0);
             fq.watermark = T0 + attempt * 2 * S;
             let out = &mut run.out;
-            run.corr.on_event(fq, run.now, &mut |s, v| out.push((s, v)));
+            run.corr
+                .on_event(fq, run.now, &mut |s: &Session, v, _: &MessageStore| {
+                    out.push((s.clone(), v))
+                });
         }
         forwarded(&mut run, 2, T0 + 9 * S, 0);
         assert_eq!(
@@ -787,13 +845,17 @@ mod tests {
         run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
         let out = &mut run.out;
         let later = run.now + Duration::from_secs(14);
-        run.corr.on_tick(later, |_| 0, &mut |s, v| out.push((s, v)));
+        run.corr
+            .on_tick(later, |_| 0, &mut |s: &Session, v, _: &MessageStore| {
+                out.push((s.clone(), v))
+            });
         assert!(run.out.is_empty(), "10 s timeout + 5 s lag not yet passed");
         let out = &mut run.out;
-        run.corr
-            .on_tick(later + Duration::from_secs(2), |_| 0, &mut |s, v| {
-                out.push((s, v))
-            });
+        run.corr.on_tick(
+            later + Duration::from_secs(2),
+            |_| 0,
+            &mut |s: &Session, v, _: &MessageStore| out.push((s.clone(), v)),
+        );
         assert_eq!(run.verdicts(), [(Status::Failed, 1, None)]);
     }
 

@@ -1,7 +1,7 @@
 //! A session (every message of one client request) and its verdict.
 
+use super::store::MessageRef;
 use crate::dnstap::{Nanos, Role, SenderProfile, SocketProtocol, SourceId};
-use bytes::Bytes;
 use smallvec::SmallVec;
 use std::net::SocketAddr;
 
@@ -22,11 +22,18 @@ pub struct Message {
     /// Header rcode of the DNS message, for responses with wire data.
     pub rcode: Option<u8>,
     /// query_time for queries and the upstream leg (FQ and FR share it in CoreDNS), the
-    /// response_time for a CR.
-    pub time: Option<Nanos>,
+    /// response_time for a CR; 0 when the sender gave none.
+    pub time: Nanos,
     /// Hash of the upstream socket (upstream messages): pairs FR with FQ without storing it.
-    pub upstream: u64,
-    pub frame: Bytes,
+    pub upstream: u32,
+    /// The encoded dnstap.Message, in the shard's store.
+    pub bytes: MessageRef,
+}
+
+impl Message {
+    pub fn time(&self) -> Option<Nanos> {
+        (self.time != 0).then_some(self.time)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -167,6 +174,7 @@ mod tests {
     use super::*;
 
     fn session(roles: &[(Role, Option<u8>)]) -> Session {
+        let mut store = super::super::store::MessageStore::default();
         let mut s = Session {
             source: SourceId(0),
             profile: SenderProfile::CoreDns,
@@ -193,9 +201,9 @@ mod tests {
             s.messages.push(Message {
                 role,
                 rcode,
-                time: None,
+                time: 0,
                 upstream: 0,
-                frame: Bytes::new(),
+                bytes: store.put(&[]),
             });
         }
         s

@@ -30,24 +30,30 @@ pub struct SourceRegistry {
 /// Name to id, and id (index) to name.
 type Interned = (
     hashbrown::HashMap<Vec<u8>, SourceId>,
-    Vec<std::sync::Arc<str>>,
+    Vec<(std::sync::Arc<str>, std::sync::Arc<str>)>,
 );
 
 impl SourceRegistry {
-    pub fn intern(&self, name: &[u8]) -> SourceId {
+    /// The id of a source, and the version it announced (the latest one wins).
+    pub fn intern(&self, name: &[u8], version: &[u8]) -> SourceId {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(id) = g.0.get(name) {
-            return *id;
+        let version: std::sync::Arc<str> = String::from_utf8_lossy(version).into();
+        if let Some(&id) = g.0.get(name) {
+            g.1[id.0 as usize].1 = version;
+            return id;
         }
         let id = SourceId(g.1.len() as u32);
-        g.1.push(String::from_utf8_lossy(name).into());
+        g.1.push((String::from_utf8_lossy(name).into(), version));
         g.0.insert(name.to_vec(), id);
         id
     }
 
-    pub fn name(&self, id: SourceId) -> std::sync::Arc<str> {
+    /// (identity or peer name, version) of a source.
+    pub fn describe(&self, id: SourceId) -> (std::sync::Arc<str>, std::sync::Arc<str>) {
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.1.get(id.0 as usize).cloned().unwrap_or_else(|| "".into())
+        g.1.get(id.0 as usize)
+            .cloned()
+            .unwrap_or_else(|| ("".into(), "".into()))
     }
 }
 
@@ -181,6 +187,12 @@ impl std::fmt::Display for DecodeError {
     }
 }
 
+/// Decodes an encoded dnstap.Message (what sessions keep), borrowing from it.
+pub fn decode_message(bytes: &[u8]) -> Result<DnstapMessage<'_>, DecodeError> {
+    let mut reader = BytesReader::from_bytes(bytes);
+    DnstapMessage::from_reader(&mut reader, bytes).map_err(|_| DecodeError::Protobuf)
+}
+
 /// Decodes a dnstap frame, borrowing every byte field from it.
 pub fn decode(frame: &[u8]) -> Result<Dnstap<'_>, DecodeError> {
     let mut reader = BytesReader::from_bytes(frame);
@@ -195,6 +207,8 @@ pub struct TapFields<'a> {
     pub identity: &'a [u8],
     pub version: &'a [u8],
     pub message: Option<MessageFields<'a>>,
+    /// The encoded dnstap.Message: what a session keeps of each message.
+    pub message_bytes: &'a [u8],
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -225,7 +239,10 @@ fn scan_tap(frame: &[u8]) -> Option<TapFields<'_>> {
         match r.varint()? {
             10 => t.identity = r.bytes()?,
             18 => t.version = r.bytes()?,
-            114 => t.message = Some(scan_message(r.bytes()?)?),
+            114 => {
+                t.message_bytes = r.bytes()?;
+                t.message = Some(scan_message(t.message_bytes)?);
+            }
             tag => r.skip(tag)?,
         }
     }
@@ -342,7 +359,9 @@ pub struct Event {
     pub loss_seq: u64,
     /// Events for this event's shard that the analyser dropped just before it.
     pub drops_before: u32,
-    pub frame: Bytes,
+    /// The encoded dnstap.Message, sharing the read buffer (identity and version are the
+    /// source's, kept once in the registry).
+    pub message: Bytes,
 }
 
 impl Event {
@@ -401,7 +420,7 @@ impl Event {
             watermark: 0,
             loss_seq: 0,
             drops_before: 0,
-            frame,
+            message: frame.slice_ref(tap.message_bytes),
         })
     }
 

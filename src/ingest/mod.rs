@@ -147,12 +147,17 @@ impl Drop for Router {
 
 /// CLIENT_QUERY keys seen recently on a stream, to notice orphans the moment they arrive
 /// from senders that write in order (CoreDNS): an FR or CR whose CQ never came proves loss.
-/// Two generations, each about one session timeout long, bound the memory.
+/// Two generations, each about one session timeout long, bound the memory; keys are kept as
+/// 32-bit fingerprints (a collision can only hide an orphan, never invent one).
 #[derive(Default)]
 struct OpenQueries {
-    current: HashMap<u64, u32>,
-    previous: HashMap<u64, u32>,
+    current: HashMap<u32, u16>,
+    previous: HashMap<u32, u16>,
     generation_start: Nanos,
+}
+
+fn fingerprint(key: u64) -> u32 {
+    (key >> 32) as u32 ^ key as u32
 }
 
 impl OpenQueries {
@@ -165,15 +170,18 @@ impl OpenQueries {
     }
 
     fn open(&mut self, key: u64) {
-        *self.current.entry(key).or_insert(0) += 1;
+        let n = self.current.entry(fingerprint(key)).or_insert(0);
+        *n = n.saturating_add(1);
     }
 
     fn contains(&self, key: u64) -> bool {
-        self.current.contains_key(&key) || self.previous.contains_key(&key)
+        let f = fingerprint(key);
+        self.current.contains_key(&f) || self.previous.contains_key(&f)
     }
 
     /// Closes one query with this key; false if none was open.
     fn close(&mut self, key: u64) -> bool {
+        let key = fingerprint(key);
         for map in [&mut self.current, &mut self.previous] {
             if let Some(n) = map.get_mut(&key) {
                 *n -= 1;
@@ -349,7 +357,7 @@ impl StreamIngest {
                 } else {
                     identity
                 };
-                let source = self.shared.sources.intern(name);
+                let source = self.shared.sources.intern(name, tap.version);
                 let profile = SenderProfile::from_version(tap.version);
                 self.identity_cache = Some((identity.to_vec(), source, profile));
                 (source, profile)

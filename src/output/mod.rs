@@ -5,9 +5,9 @@ mod dns_json;
 pub mod json;
 pub mod writer;
 
-use crate::correlate::{Session, Status, Verdict};
+use crate::correlate::{MessageStore, Session, Status, Verdict};
 use crate::dns::{class_name, rcode_name, rtype_name};
-use crate::dnstap::{self, Dnstap, Nanos, Role, SourceRegistry};
+use crate::dnstap::{self, DnstapMessage, Nanos, Role, SourceRegistry};
 use json::Json;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,12 +79,12 @@ pub struct Attempt {
 /// A message of the session, decoded again from its frame for rendering.
 struct Decoded<'a> {
     role: Role,
-    tap: Dnstap<'a>,
+    msg: DnstapMessage<'a>,
 }
 
 impl Decoded<'_> {
-    fn msg(&self) -> Option<&dnstap::DnstapMessage<'_>> {
-        self.tap.message.as_ref()
+    fn msg(&self) -> Option<&DnstapMessage<'_>> {
+        Some(&self.msg)
     }
 
     fn wire(&self) -> Option<&[u8]> {
@@ -127,14 +127,14 @@ impl Renderer {
     }
 
     /// Appends one line (with its newline) for the session to `out`.
-    pub fn render(&self, s: &Session, v: &Verdict, out: &mut Vec<u8>) {
+    pub fn render(&self, s: &Session, v: &Verdict, store: &MessageStore, out: &mut Vec<u8>) {
         let decoded: Vec<Decoded<'_>> = s
             .messages
             .iter()
             .filter_map(|m| {
                 Some(Decoded {
                     role: m.role,
-                    tap: dnstap::decode(&m.frame).ok()?,
+                    msg: dnstap::decode_message(store.get(m.bytes)).ok()?,
                 })
             })
             .collect();
@@ -193,16 +193,8 @@ struct Facts {
 
 impl Facts {
     fn gather(s: &Session, decoded: &[Decoded<'_>], sources: &SourceRegistry) -> Self {
-        let first = decoded.first();
-        let identity = first
-            .and_then(|d| d.tap.identity.as_deref())
-            .filter(|i| !i.is_empty())
-            .map(|i| String::from_utf8_lossy(i).into_owned())
-            .unwrap_or_else(|| sources.name(s.source).to_string());
-        let version = first
-            .and_then(|d| d.tap.version.as_deref())
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .unwrap_or_default();
+        let (identity, version) = sources.describe(s.source);
+        let (identity, version) = (identity.to_string(), version.to_string());
         let question = decoded.iter().find_map(|d| {
             let msg = domain::base::Message::from_octets(d.wire()?).ok()?;
             let q = msg.first_question()?;

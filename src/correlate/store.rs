@@ -1,0 +1,190 @@
+//! Where a shard keeps the bytes of the messages its open sessions hold.
+//!
+//! Sessions live from microseconds (cache hits) to many seconds (upstream timeouts). Holding
+//! slices of the readers' buffers would pin every buffer a long-lived session touches, and one
+//! heap allocation per message is what the hot path must not do. Instead each message is
+//! copied into a slot of a size class; freed slots are reused at once, so memory follows the
+//! open sessions, not the traffic.
+
+/// Slot sizes in bytes. dnstap messages from CoreDNS are 90-250 bytes; larger classes take
+/// big responses; anything beyond the last class gets a slot of its own size.
+const CLASSES: [usize; 12] = [
+    64, 96, 128, 160, 192, 256, 384, 512, 1024, 2048, 4096, 16384,
+];
+/// Slots are carved from pages of about this many bytes.
+const PAGE_BYTES: usize = 64 << 10;
+
+/// Where one message's bytes are: size class in the top byte, slot below; then the length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageRef {
+    class_slot: u32,
+    len: u32,
+}
+
+const LARGE: u32 = 0xff;
+const SLOT_BITS: u32 = 24;
+
+impl MessageRef {
+    fn new(class: u32, slot: u32, len: usize) -> Self {
+        Self {
+            class_slot: class << SLOT_BITS | slot,
+            len: len as u32,
+        }
+    }
+    fn class(self) -> usize {
+        (self.class_slot >> SLOT_BITS) as usize
+    }
+    fn slot(self) -> u32 {
+        self.class_slot & ((1 << SLOT_BITS) - 1)
+    }
+}
+
+#[derive(Default)]
+struct Class {
+    size: usize,
+    pages: Vec<Box<[u8]>>,
+    free: Vec<u32>,
+    /// Slots handed out from the newest page so far.
+    used_in_last: usize,
+}
+
+impl Class {
+    fn slots_per_page(&self) -> usize {
+        (PAGE_BYTES / self.size).max(1)
+    }
+
+    /// A free slot; None when the class has run out of slot numbers.
+    fn take(&mut self) -> Option<u32> {
+        if let Some(slot) = self.free.pop() {
+            return Some(slot);
+        }
+        let per_page = self.slots_per_page();
+        if self.pages.is_empty() || self.used_in_last == per_page {
+            self.pages
+                .push(vec![0u8; per_page * self.size].into_boxed_slice());
+            self.used_in_last = 0;
+        }
+        let slot = (self.pages.len() - 1) * per_page + self.used_in_last;
+        if slot >= 1 << SLOT_BITS {
+            return None;
+        }
+        self.used_in_last += 1;
+        Some(slot as u32)
+    }
+
+    fn bytes_mut(&mut self, slot: u32) -> &mut [u8] {
+        let per_page = self.slots_per_page();
+        let (page, i) = (slot as usize / per_page, slot as usize % per_page);
+        &mut self.pages[page][i * self.size..(i + 1) * self.size]
+    }
+
+    fn bytes(&self, slot: u32) -> &[u8] {
+        let per_page = self.slots_per_page();
+        let (page, i) = (slot as usize / per_page, slot as usize % per_page);
+        &self.pages[page][i * self.size..(i + 1) * self.size]
+    }
+}
+
+pub struct MessageStore {
+    classes: Vec<Class>,
+    /// Messages larger than every class, each in its own box.
+    large: Vec<Option<Box<[u8]>>>,
+    large_free: Vec<u32>,
+}
+
+impl Default for MessageStore {
+    fn default() -> Self {
+        Self {
+            classes: CLASSES
+                .iter()
+                .map(|&size| Class {
+                    size,
+                    ..Class::default()
+                })
+                .collect(),
+            large: Vec::new(),
+            large_free: Vec::new(),
+        }
+    }
+}
+
+impl MessageStore {
+    pub fn put(&mut self, bytes: &[u8]) -> MessageRef {
+        if let Some(class) = CLASSES.iter().position(|&size| size >= bytes.len()) {
+            let c = &mut self.classes[class];
+            if let Some(slot) = c.take() {
+                c.bytes_mut(slot)[..bytes.len()].copy_from_slice(bytes);
+                return MessageRef::new(class as u32, slot, bytes.len());
+            }
+        }
+        let boxed: Box<[u8]> = bytes.into();
+        let slot = match self.large_free.pop() {
+            Some(slot) => {
+                self.large[slot as usize] = Some(boxed);
+                slot
+            }
+            None => {
+                self.large.push(Some(boxed));
+                (self.large.len() - 1) as u32
+            }
+        };
+        MessageRef::new(LARGE, slot, bytes.len())
+    }
+
+    pub fn get(&self, r: MessageRef) -> &[u8] {
+        match self.classes.get(r.class()) {
+            Some(c) => &c.bytes(r.slot())[..r.len as usize],
+            None => self.large[r.slot() as usize].as_deref().unwrap_or(&[]),
+        }
+    }
+
+    pub fn release(&mut self, r: MessageRef) {
+        match self.classes.get_mut(r.class()) {
+            Some(c) => c.free.push(r.slot()),
+            None => {
+                self.large[r.slot() as usize] = None;
+                self.large_free.push(r.slot());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_every_size_and_reuses_freed_slots() {
+        let mut store = MessageStore::default();
+        let sizes = [0, 1, 64, 65, 200, 4096, 16384, 16385, 100_000];
+        let refs: Vec<_> = sizes
+            .iter()
+            .map(|&n| store.put(&vec![(n % 251) as u8; n]))
+            .collect();
+        for (&n, &r) in sizes.iter().zip(&refs) {
+            assert_eq!(store.get(r), &vec![(n % 251) as u8; n][..], "size {n}");
+        }
+        store.release(refs[4]);
+        let again = store.put(&[7; 190]);
+        assert_eq!(
+            again.slot(),
+            refs[4].slot(),
+            "a freed slot of the class is reused first"
+        );
+        assert_eq!(store.get(again), &[7; 190][..]);
+        store.release(refs[8]);
+        let big = store.put(&[1; 70_000]);
+        assert_eq!(store.get(big).len(), 70_000);
+    }
+
+    #[test]
+    fn many_messages_span_pages() {
+        let mut store = MessageStore::default();
+        let refs: Vec<_> = (0..5000u32)
+            .map(|i| store.put(&i.to_be_bytes().repeat(30)))
+            .collect();
+        for (i, r) in refs.iter().enumerate() {
+            assert_eq!(store.get(*r), &(i as u32).to_be_bytes().repeat(30)[..]);
+        }
+    }
+}
