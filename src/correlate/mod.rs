@@ -59,8 +59,12 @@ struct SourceClock {
 
 struct Slot {
     generation: u32,
+    /// The next session in the same bucket (`NO_SLOT` ends the chain).
+    next: u32,
     session: Option<Session>,
 }
+
+const NO_SLOT: u32 = u32::MAX;
 
 /// Session slots in fixed pages: the table grows without the copy (and the brief double
 /// footprint) of a doubling vector.
@@ -80,6 +84,7 @@ impl Slots {
                 (0..SLOTS_PER_PAGE)
                     .map(|_| Slot {
                         generation: 0,
+                        next: NO_SLOT,
                         session: None,
                     })
                     .collect(),
@@ -144,11 +149,12 @@ pub struct Correlator {
     cfg: Config,
     slots: Slots,
     free: Vec<u32>,
-    buckets: HashMap<u64, SmallVec<[u32; 2]>, KeyIsHash>,
+    /// Key to the first slot of its chain.
+    buckets: HashMap<u64, u32, KeyIsHash>,
     sources: HashMap<SourceId, SourceClock>,
     open: usize,
     /// Grows each time the analyser dropped events bound for this shard.
-    drop_epoch: u64,
+    drop_epoch: u32,
     upstream_hasher: ahash::RandomState,
     store: MessageStore,
 }
@@ -174,7 +180,7 @@ impl Correlator {
 
     pub fn on_event(&mut self, ev: Event, now: Instant, sink: &mut impl SessionSink) {
         if ev.drops_before > 0 {
-            self.drop_epoch += 1;
+            self.drop_epoch = self.drop_epoch.wrapping_add(1);
         }
         let t = ev.time().unwrap_or(ev.watermark);
         let clock = self
@@ -241,10 +247,11 @@ impl Correlator {
     }
 
     fn on_client_query(&mut self, ev: Event, t: Nanos, sink: &mut impl SessionSink) {
+        let client = self.client_hash(&ev);
         // A sender that reorders (BIND) may have written this query's upstream leg or
         // response first: adopt such an orphan instead of opening a second session.
         let adopt = self.find(ev.key, |s| {
-            !s.has(Role::ClientQuery) && s.source == ev.source && explains_orphan(&ev, t, s)
+            !s.has(Role::ClientQuery) && s.source == ev.source && explains_orphan(&ev, client, t, s)
         });
         let slot = match adopt {
             Some(slot) => slot,
@@ -255,9 +262,8 @@ impl Correlator {
         };
         let timeout = self.cfg.session_timeout.max(ev.profile.min_session_wait());
         let s = self.session_mut(slot);
-        s.cq_time = ev.query_time;
-        s.client = ev.client;
-        s.protocol = ev.protocol;
+        s.cq_time = ev.query_time.unwrap_or(0);
+        s.client = client;
         s.first_time = s.first_time.min(t);
         if let Some(q) = ev.question {
             s.dns_id = Some(q.id);
@@ -276,6 +282,7 @@ impl Correlator {
     }
 
     fn on_client_response(&mut self, ev: Event, t: Nanos, sink: &mut impl SessionSink) {
+        let client = self.client_hash(&ev);
         let id = ev.question.map(|q| q.id);
         let found = self.find_best(ev.key, |s| {
             if s.source != ev.source || s.has(Role::ClientResponse) {
@@ -287,11 +294,11 @@ impl Correlator {
                 return same.then_some(1 << 62);
             }
             // CoreDNS and dnsdist copy the CQ's query_time into the CR: an exact join.
-            if let (Some(a), Some(b)) = (ev.query_time, s.cq_time) {
+            if let (Some(a), Some(b)) = (ev.query_time, s.cq_time()) {
                 return (a == b).then_some(0);
             }
-            let same_client = ev.client.is_none() || s.client.is_none() || ev.client == s.client;
-            let cq = s.cq_time.unwrap_or(s.first_time);
+            let same_client = client == 0 || s.client == 0 || client == s.client;
+            let cq = s.cq_time().unwrap_or(s.first_time);
             (same_client && id == s.dns_id && cq <= t.saturating_add(TIME_SLACK))
                 .then(|| t.saturating_sub(cq))
         });
@@ -300,8 +307,7 @@ impl Correlator {
             None => match self.insert(&ev, t, sink) {
                 Some(slot) => {
                     let s = self.session_mut(slot);
-                    s.client = ev.client;
-                    s.protocol = ev.protocol;
+                    s.client = client;
                     s.dns_id = id;
                     slot
                 }
@@ -343,7 +349,7 @@ impl Correlator {
                 let open = s.upstream_queries > s.upstream_responses;
                 return Some(if pairs && open { 0 } else { 1 << 62 });
             }
-            let start = s.cq_time.unwrap_or(s.first_time);
+            let start = s.cq_time().unwrap_or(s.first_time);
             (start <= t.saturating_add(TIME_SLACK)).then(|| t.saturating_sub(start))
         });
         let slot = match found {
@@ -407,6 +413,12 @@ impl Correlator {
         self.reschedule(slot, deadline);
     }
 
+    /// Sockets are kept as 32-bit hashes (0 = none): only equality matters for matching.
+    fn client_hash(&self, ev: &Event) -> u32 {
+        ev.client
+            .map_or(0, |c| (self.upstream_hasher.hash_one(c) as u32).max(1))
+    }
+
     fn upstream_hash(&self, ev: &Event) -> u32 {
         self.upstream_hasher.hash_one(ev.upstream) as u32
     }
@@ -417,15 +429,41 @@ impl Correlator {
 
     /// The candidate in the key's bucket with the lowest score (None = not a candidate).
     fn find_best(&self, key: u64, mut score: impl FnMut(&Session) -> Option<u64>) -> Option<u32> {
-        let bucket = self.buckets.get(&key)?;
-        bucket
-            .iter()
-            .filter_map(|&slot| {
-                let s = self.slots[slot].session.as_ref()?;
-                score(s).map(|sc| (sc, slot))
-            })
-            .min()
-            .map(|(_, slot)| slot)
+        let mut best = None;
+        let mut slot = self.buckets.get(&key).copied().unwrap_or(NO_SLOT);
+        while slot != NO_SLOT {
+            let entry = &self.slots[slot];
+            if let Some(sc) = entry.session.as_ref().and_then(&mut score) {
+                if best.is_none_or(|b| (sc, slot) < b) {
+                    best = Some((sc, slot));
+                }
+            }
+            slot = entry.next;
+        }
+        best.map(|(_, slot)| slot)
+    }
+
+    fn unlink(&mut self, key: u64, slot: u32) {
+        let next = self.slots[slot].next;
+        let Some(head) = self.buckets.get_mut(&key) else {
+            return;
+        };
+        if *head == slot {
+            if next == NO_SLOT {
+                self.buckets.remove(&key);
+            } else {
+                *head = next;
+            }
+            return;
+        }
+        let mut prev = *head;
+        while prev != NO_SLOT {
+            if self.slots[prev].next == slot {
+                self.slots[prev].next = next;
+                return;
+            }
+            prev = self.slots[prev].next;
+        }
     }
 
     /// Opens a session for this event; evicts the oldest of its source when the table is full.
@@ -444,10 +482,9 @@ impl Correlator {
             bitmap: BitMap(0),
             messages: SmallVec::new(),
             messages_dropped: 0,
-            cq_time: None,
-            client: None,
+            cq_time: 0,
+            client: 0,
             dns_id: None,
-            protocol: None,
             first_time: t,
             deadline: Nanos::MAX,
             upstream_queries: 0,
@@ -465,10 +502,11 @@ impl Correlator {
             }
             None => self.slots.push(Slot {
                 generation: 0,
+                next: NO_SLOT,
                 session: Some(session),
             }),
         };
-        self.buckets.entry(ev.key).or_default().push(slot);
+        self.slots[slot].next = self.buckets.insert(ev.key, slot).unwrap_or(NO_SLOT);
         self.open += 1;
         Some(slot)
     }
@@ -513,7 +551,7 @@ impl Correlator {
             .expect("slot holds a live session");
         s.bitmap.0 |= ev.role.bit();
         if s.messages.len() >= MAX_MESSAGES {
-            s.messages_dropped += 1;
+            s.messages_dropped = s.messages_dropped.saturating_add(1);
             return;
         }
         s.messages.push(Message {
@@ -572,12 +610,7 @@ impl Correlator {
         entry.generation = entry.generation.wrapping_add(1);
         self.free.push(slot);
         self.open -= 1;
-        if let Some(bucket) = self.buckets.get_mut(&session.key) {
-            bucket.retain(|s| *s != slot);
-            if bucket.is_empty() {
-                self.buckets.remove(&session.key);
-            }
-        }
+        self.unlink(session.key, slot);
         let loss_seq_now = self.sources.get(&session.source).map_or(0, |c| c.loss_seq);
         let evident = if self.drop_epoch != session.drop_epoch_at_open {
             Some(LossReason::AnalyserQueueFull)
@@ -595,8 +628,8 @@ impl Correlator {
 }
 
 /// Whether a CQ explains an orphan opened by its own response or upstream leg.
-fn explains_orphan(cq: &Event, t: Nanos, orphan: &Session) -> bool {
-    let client_ok = orphan.client.is_none() || orphan.client == cq.client;
+fn explains_orphan(cq: &Event, client: u32, t: Nanos, orphan: &Session) -> bool {
+    let client_ok = orphan.client == 0 || orphan.client == client;
     let id_ok = orphan.dns_id.is_none() || orphan.dns_id == cq.question.map(|q| q.id);
     let cr_time_ok = orphan
         .messages

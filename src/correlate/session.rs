@@ -1,9 +1,8 @@
 //! A session (every message of one client request) and its verdict.
 
 use super::store::MessageRef;
-use crate::dnstap::{Nanos, Role, SenderProfile, SocketProtocol, SourceId};
+use crate::dnstap::{Nanos, Role, SenderProfile, SourceId};
 use smallvec::SmallVec;
-use std::net::SocketAddr;
 
 /// 1 CQ | 2 CR | 4 FQ/RQ | 8 FR/RR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -113,11 +112,12 @@ pub struct Session {
     pub bitmap: BitMap,
     pub messages: SmallVec<[Message; 2]>,
     /// Messages past the per-session cap (a retry storm); counted, not kept.
-    pub messages_dropped: u32,
-    pub cq_time: Option<Nanos>,
-    pub client: Option<SocketAddr>,
+    pub messages_dropped: u16,
+    /// The CQ's query_time; 0 until the CQ arrives.
+    pub(super) cq_time: Nanos,
+    /// Hash of the client socket (0: unknown), to join a CR that carries no query_time.
+    pub(super) client: u32,
     pub dns_id: Option<u16>,
-    pub protocol: Option<SocketProtocol>,
     /// Earliest event time in the session (orphans have no CQ time).
     pub first_time: Nanos,
     pub(super) deadline: Nanos,
@@ -127,7 +127,7 @@ pub struct Session {
     pub(super) loss: Option<LossReason>,
     /// The sender loss sequence and this shard's drop epoch when the session opened.
     pub(super) loss_seq_at_open: u64,
-    pub(super) drop_epoch_at_open: u64,
+    pub(super) drop_epoch_at_open: u32,
     /// CR seen, but held for late upstream messages (senders that write CR before RR).
     pub(super) completed: bool,
     /// True when the sender sent wire messages (CoreDNS `full`).
@@ -135,6 +135,11 @@ pub struct Session {
 }
 
 impl Session {
+    /// The CQ's query_time, once the CQ has arrived.
+    pub fn cq_time(&self) -> Option<Nanos> {
+        (self.cq_time != 0).then_some(self.cq_time)
+    }
+
     pub fn has(&self, role: Role) -> bool {
         self.bitmap.has(role)
     }
@@ -182,10 +187,9 @@ mod tests {
             bitmap: BitMap(0),
             messages: SmallVec::new(),
             messages_dropped: 0,
-            cq_time: None,
-            client: None,
+            cq_time: 0,
+            client: 0,
             dns_id: None,
-            protocol: None,
             first_time: 0,
             deadline: 0,
             upstream_queries: 0,

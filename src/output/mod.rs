@@ -160,7 +160,7 @@ impl Renderer {
                     v.status.name(),
                     v.bitmap.0,
                     facts.identity,
-                    s.client.map_or("-".into(), |c| c.to_string()),
+                    facts.client.map_or("-".into(), |c| c.to_string()),
                     facts.qname.as_deref().unwrap_or("-"),
                     facts.qtype.as_deref().unwrap_or("-"),
                     facts.qclass.as_deref().unwrap_or("-"),
@@ -183,6 +183,8 @@ impl Renderer {
 struct Facts {
     identity: String,
     version: String,
+    client: Option<SocketAddr>,
+    protocol: Option<dnstap::SocketProtocol>,
     qname: Option<String>,
     qtype: Option<String>,
     qclass: Option<String>,
@@ -195,6 +197,14 @@ impl Facts {
     fn gather(s: &Session, decoded: &[Decoded<'_>], sources: &SourceRegistry) -> Self {
         let (identity, version) = sources.describe(s.source);
         let (identity, version) = (identity.to_string(), version.to_string());
+        // The client side: the CQ, or for an orphan its CR.
+        let client_msg = decoded
+            .iter()
+            .find(|d| matches!(d.role, Role::ClientQuery | Role::ClientResponse))
+            .map(|d| &d.msg);
+        let client =
+            client_msg.and_then(|m| dnstap::socket(m.query_address.as_deref(), m.query_port));
+        let protocol = client_msg.and_then(|m| m.socket_protocol);
         let question = decoded.iter().find_map(|d| {
             let msg = domain::base::Message::from_octets(d.wire()?).ok()?;
             let q = msg.first_question()?;
@@ -208,7 +218,7 @@ impl Facts {
             .iter()
             .rev()
             .find(|d| d.role == Role::ClientResponse);
-        let latency = match (s.cq_time, cr.and_then(|d| d.response_time())) {
+        let latency = match (s.cq_time(), cr.and_then(|d| d.response_time())) {
             (Some(q), Some(r)) if r >= q => Some(r - q),
             _ => None,
         };
@@ -219,6 +229,8 @@ impl Facts {
         Facts {
             identity,
             version,
+            client,
+            protocol,
             qname,
             qtype,
             qclass,
@@ -285,11 +297,11 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, v: &Verdict, f: &Facts) {
     j.field_str("version", &f.version);
     j.field_str("sender", s.profile.name());
     j.key("client");
-    match s.client {
+    match f.client {
         Some(c) => j.socket(c),
         None => j.null(),
     }
-    j.field_opt_str("protocol", s.protocol.map(protocol_name));
+    j.field_opt_str("protocol", f.protocol.map(protocol_name));
     j.field_opt_str("qname", f.qname.as_deref());
     j.field_opt_str("qtype", f.qtype.as_deref());
     j.field_opt_str("qclass", f.qclass.as_deref());
