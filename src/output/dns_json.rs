@@ -21,7 +21,8 @@ pub fn write_dns(j: &mut Json<'_>, wire: &[u8]) {
     j.field_uint("id", h.id() as u64);
     j.key("opcode");
     j.display(h.opcode());
-    let rcode = match msg.opt() {
+    let opt = msg.opt();
+    let rcode = match &opt {
         Some(opt) => opt.rcode(h).to_int(),
         None => h.rcode().to_int() as u16,
     };
@@ -38,7 +39,7 @@ pub fn write_dns(j: &mut Json<'_>, wire: &[u8]) {
         (h.cd(), "cd"),
     ] {
         if set {
-            j.string(name);
+            j.name(name);
         }
     }
     j.end_array();
@@ -64,16 +65,17 @@ pub fn write_dns(j: &mut Json<'_>, wire: &[u8]) {
         }
     }
     j.end_array();
-    for (name, section) in [
-        ("answer", msg.answer()),
-        ("authority", msg.authority()),
-        ("additional", msg.additional()),
-    ] {
+    // One walk over the message: asking for each section separately re-parses the earlier ones.
+    let sections = msg.sections().map(|(_, an, ns, ar)| [an, ns, ar]);
+    for (i, name) in ["answer", "authority", "additional"]
+        .into_iter()
+        .enumerate()
+    {
         j.key(name);
         j.begin_array();
-        match section {
-            Ok(section) => {
-                if let Err(e) = write_records(j, section) {
+        match &sections {
+            Ok(s) => {
+                if let Err(e) = write_records(j, s[i].clone()) {
                     error.get_or_insert(e);
                 }
             }
@@ -83,7 +85,7 @@ pub fn write_dns(j: &mut Json<'_>, wire: &[u8]) {
         }
         j.end_array();
     }
-    if let Some(opt) = msg.opt() {
+    if let Some(opt) = opt {
         j.key("edns");
         j.begin_object();
         j.field_uint("version", opt.version() as u64);
@@ -118,12 +120,49 @@ fn write_records(j: &mut Json<'_>, section: RecordSection<'_, &[u8]>) -> Result<
         j.field_uint("ttl", rec.ttl().as_secs() as u64);
         j.key("rdata");
         match rec.to_any_record::<AllRecordData<_, ParsedName<_>>>() {
-            Ok(r) => j.display(r.data()),
+            Ok(r) => write_rdata(j, r.data()),
             Err(e) => j.display(format_args!("undecodable: {e}")),
         }
         j.end_object();
     }
     Ok(())
+}
+
+/// Record data in presentation format. The common types are written field by field; the
+/// rest go through `domain`'s Display, which is complete but formats a character at a time.
+fn write_rdata<Octs: AsRef<[u8]>>(j: &mut Json<'_>, data: &AllRecordData<Octs, ParsedName<Octs>>)
+where
+    AllRecordData<Octs, ParsedName<Octs>>: std::fmt::Display,
+{
+    match data {
+        AllRecordData::A(a) => j.ip(a.addr().into()),
+        AllRecordData::Aaaa(a) => j.ip(a.addr().into()),
+        AllRecordData::Cname(c) => write_name(j, c.cname()),
+        AllRecordData::Ns(n) => write_name(j, n.nsdname()),
+        AllRecordData::Ptr(p) => write_name(j, p.ptrdname()),
+        AllRecordData::Soa(soa) => j.string_with(|out| {
+            name_into(out, soa.mname());
+            out.push(b' ');
+            name_into(out, soa.rname());
+            let mut b = itoa::Buffer::new();
+            for n in [
+                soa.serial().into_int(),
+                soa.refresh().as_secs(),
+                soa.retry().as_secs(),
+                soa.expire().as_secs(),
+                soa.minimum().as_secs(),
+            ] {
+                out.push(b' ');
+                out.extend_from_slice(b.format(n).as_bytes());
+            }
+        }),
+        AllRecordData::Mx(mx) => j.string_with(|out| {
+            out.extend_from_slice(itoa::Buffer::new().format(mx.preference()).as_bytes());
+            out.push(b' ');
+            name_into(out, mx.exchange());
+        }),
+        other => j.display(other),
+    }
 }
 
 /// EDNS options as code, mnemonic and hex data (cookies, client subnet, padding...).
@@ -138,7 +177,8 @@ fn write_options(j: &mut Json<'_>, opt: &Opt<&[u8]>) {
         let code = option.code().to_int();
         j.begin_object();
         j.field_uint("code", code as u64);
-        j.field_str("name", option_name(code));
+        j.key("name");
+        j.name(option_name(code));
         j.field_str("data", &hex(option.as_slice()));
         j.end_object();
     }
@@ -162,31 +202,32 @@ fn option_name(code: u16) -> &'static str {
 /// A domain name in presentation format ("www.example.test.", "." for the root), written
 /// byte by byte: `domain`'s Display goes through the formatter one character at a time.
 pub fn write_name<Octs: AsRef<[u8]>>(j: &mut Json<'_>, name: &ParsedName<Octs>) {
-    j.string_with(|out| {
-        let mut empty = true;
-        for label in name.iter().filter(|l| !l.is_root()) {
-            empty = false;
-            for &b in label.as_slice() {
-                match b {
-                    // A JSON-escaped presentation escape: \. and \\ in the text.
-                    b'.' | b'\\' => {
-                        out.extend_from_slice(b"\\\\");
-                        out.push(b);
-                    }
-                    b'"' => out.extend_from_slice(b"\\\\\\\""),
-                    0x21..=0x7e => out.push(b),
-                    _ => {
-                        use std::io::Write;
-                        let _ = write!(out, "\\\\{b:03}");
-                    }
+    j.string_with(|out| name_into(out, name));
+}
+
+/// Appends a name in presentation format, JSON-escaped.
+pub fn name_into<Octs: AsRef<[u8]>>(out: &mut Vec<u8>, name: &ParsedName<Octs>) {
+    let mut empty = true;
+    for label in name.iter().filter(|l| !l.is_root()) {
+        empty = false;
+        for &b in label.as_slice() {
+            match b {
+                // A JSON-escaped presentation escape: \\. and \\\\ in the text.
+                b'.' => out.extend_from_slice(b"\\\\."),
+                b'\\' => out.extend_from_slice(b"\\\\\\\\"),
+                b'"' => out.extend_from_slice(b"\\\\\\\""),
+                0x21..=0x7e => out.push(b),
+                _ => {
+                    use std::io::Write;
+                    let _ = write!(out, "\\\\{b:03}");
                 }
             }
-            out.push(b'.');
         }
-        if empty {
-            out.push(b'.');
-        }
-    });
+        out.push(b'.');
+    }
+    if empty {
+        out.push(b'.');
+    }
 }
 
 pub fn hex(b: &[u8]) -> String {
@@ -197,4 +238,21 @@ pub fn hex(b: &[u8]) -> String {
         s.push(DIGITS[(x & 15) as usize] as char);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_escaped_for_presentation_and_for_json() {
+        // Labels: `a.b`, `c\d`, `"`, ` `, 0xff, then the root.
+        let wire = b"\x03a.b\x03c\\d\x01\"\x01 \x01\xff\x00";
+        let name =
+            ParsedName::parse(&mut domain::dep::octseq::Parser::from_ref(&wire[..])).unwrap();
+        let mut buf = Vec::new();
+        write_name(&mut Json::new(&mut buf), &name);
+        let text: String = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(text, r#"a\.b.c\\d.\".\032.\255."#);
+    }
 }

@@ -66,6 +66,14 @@ impl<'a> Json<'a> {
         escape(self.out, s);
     }
 
+    /// One of the schema's own constant strings (names, mnemonics): nothing to escape.
+    pub fn name(&mut self, s: &'static str) {
+        self.sep();
+        self.out.push(b'"');
+        self.out.extend_from_slice(s.as_bytes());
+        self.out.push(b'"');
+    }
+
     /// A `Display` value as a JSON string, escaped while it is formatted (no temporary).
     pub fn display(&mut self, v: impl std::fmt::Display) {
         self.sep();
@@ -253,13 +261,26 @@ pub fn write_rfc3339(out: &mut Vec<u8>, nanos: u64) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let _ = write!(
-        Fmt(out),
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{frac:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    );
+    // Fixed-width digits by hand: this runs twice per rendered message.
+    let digits = |out: &mut Vec<u8>, v: u64, width: u32| {
+        for p in (0..width).rev() {
+            out.push(b'0' + (v / 10u64.pow(p) % 10) as u8);
+        }
+    };
+    digits(out, year.clamp(0, 9999) as u64, 4);
+    out.push(b'-');
+    digits(out, month as u64, 2);
+    out.push(b'-');
+    digits(out, day as u64, 2);
+    out.push(b'T');
+    digits(out, rem / 3600, 2);
+    out.push(b':');
+    digits(out, rem % 3600 / 60, 2);
+    out.push(b':');
+    digits(out, rem % 60, 2);
+    out.push(b'.');
+    digits(out, frac, 9);
+    out.push(b'Z');
 }
 
 #[cfg(test)]

@@ -209,7 +209,11 @@ impl Facts {
             let msg = domain::base::Message::from_octets(d.wire()?).ok()?;
             let q = msg.first_question()?;
             Some((
-                format!("{}.", q.qname()),
+                {
+                    let mut name = Vec::with_capacity(64);
+                    dns_json::name_into(&mut name, q.qname());
+                    String::from_utf8_lossy(&name).into_owned()
+                },
                 rtype_name(q.qtype().to_int()),
                 class_name(q.qclass().to_int()),
             ))
@@ -361,7 +365,7 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
             continue;
         };
         j.key("type");
-        j.string(message_type_name(m.type_pb));
+        j.name(message_type_name(m.type_pb));
         for (name, t) in [
             ("query_time", d.query_time()),
             ("response_time", d.response_time()),
@@ -373,13 +377,14 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
         }
         if let Some(f) = m.socket_family {
             j.key("socket_family");
-            j.string(match f {
+            j.name(match f {
                 dnstap::pb::SocketFamily::INET => "INET",
                 dnstap::pb::SocketFamily::INET6 => "INET6",
             });
         }
         if let Some(p) = m.socket_protocol {
-            j.field_str("socket_protocol", protocol_name(p));
+            j.key("socket_protocol");
+            j.name(protocol_name(p));
         }
         for (names, addr, port) in [
             (
