@@ -75,7 +75,7 @@ pub fn write_dns(j: &mut Json<'_>, wire: &[u8]) {
         j.begin_array();
         match &sections {
             Ok(s) => {
-                if let Err(e) = write_records(j, s[i].clone()) {
+                if let Err(e) = write_records(j, s[i]) {
                     error.get_or_insert(e);
                 }
             }
