@@ -35,37 +35,44 @@ fn frames(bytes: &[u8]) -> Vec<Bytes> {
     out
 }
 
-fn events(frames: &[Bytes]) -> Vec<Event> {
+/// Events as a reader would batch them: each with its encoded message in `Messages`.
+struct Messages(Vec<u8>);
+
+fn events(frames: &[Bytes]) -> (Vec<Event>, Messages) {
     let hasher = dns::key_hasher();
     let mut watermark = 0;
-    frames
+    let mut bytes = Vec::new();
+    let events = frames
         .iter()
         .map(|f| {
             let tap = dnstap::scan(f).unwrap();
-            let mut ev = Event::from_fields(
-                &tap,
-                f.clone(),
-                SourceId(0),
-                SenderProfile::CoreDns,
-                &hasher,
-            )
-            .unwrap();
+            let mut ev =
+                Event::from_fields(&tap, SourceId(0), SenderProfile::CoreDns, &hasher).unwrap();
             watermark = watermark.max(ev.time().unwrap_or(0));
             ev.watermark = watermark;
+            ev.message = dnstap::MessageSpan {
+                start: bytes.len() as u32,
+                len: tap.message_bytes.len() as u32,
+            };
+            bytes.extend_from_slice(tap.message_bytes);
             ev
         })
-        .collect()
+        .collect();
+    (events, Messages(bytes))
 }
 
 /// Runs the correlator over the events, handing each finished session to `sink`.
-fn correlate(events: &[Event], sink: &mut impl FnMut(&Session, Verdict, &MessageStore)) {
+fn correlate(
+    (events, Messages(bytes)): &(Vec<Event>, Messages),
+    sink: &mut impl FnMut(&Session, Verdict, &MessageStore),
+) {
     let mut corr = Correlator::new(Config {
         idle_flush: false,
         ..Config::default()
     });
     let now = Instant::now();
     for ev in events {
-        corr.on_event(ev.clone(), now, sink);
+        corr.on_event(ev.clone(), ev.message.of(bytes), now, sink);
     }
     corr.flush(|_| 0, sink);
 }

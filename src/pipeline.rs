@@ -162,8 +162,9 @@ fn run_shard(mut corr: Correlator, ctx: ShardContext) {
         let now = Instant::now();
         match input {
             Ok(ShardInput::Events(batch)) => {
-                for ev in batch {
-                    corr.on_event(ev, now, &mut sink);
+                for ev in batch.events {
+                    let message = ev.message.of(&batch.bytes);
+                    corr.on_event(ev, message, now, &mut sink);
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}

@@ -157,6 +157,8 @@ pub struct Correlator {
     drop_epoch: u32,
     upstream_hasher: ahash::RandomState,
     store: MessageStore,
+    /// The message of the event being handled, until a session takes it.
+    pending: Option<MessageRef>,
 }
 
 impl Correlator {
@@ -171,6 +173,7 @@ impl Correlator {
             drop_epoch: 0,
             upstream_hasher: crate::dns::key_hasher(),
             store: MessageStore::default(),
+            pending: None,
         }
     }
 
@@ -178,7 +181,22 @@ impl Correlator {
         self.open
     }
 
-    pub fn on_event(&mut self, ev: Event, now: Instant, sink: &mut impl SessionSink) {
+    /// Joins one event; `message` is its encoded dnstap.Message, kept if a session takes it.
+    pub fn on_event(
+        &mut self,
+        ev: Event,
+        message: &[u8],
+        now: Instant,
+        sink: &mut impl SessionSink,
+    ) {
+        self.pending = Some(self.store.put(message));
+        self.handle(ev, now, sink);
+        if let Some(unused) = self.pending.take() {
+            self.store.release(unused);
+        }
+    }
+
+    fn handle(&mut self, ev: Event, now: Instant, sink: &mut impl SessionSink) {
         if ev.drops_before > 0 {
             self.drop_epoch = self.drop_epoch.wrapping_add(1);
         }
@@ -564,7 +582,7 @@ impl Correlator {
             }
             .unwrap_or(0),
             upstream,
-            bytes: self.store.put(&ev.message),
+            bytes: self.pending.take().unwrap_or_else(|| self.store.put(&[])),
         });
     }
 
@@ -644,7 +662,6 @@ mod tests {
     use super::*;
     use crate::dns::QuestionSummary;
     use crate::dnstap::SenderProfile;
-    use bytes::Bytes;
 
     const S: Nanos = 1_000_000_000;
     const T0: Nanos = 1_700_000_000 * S;
@@ -679,7 +696,7 @@ mod tests {
             watermark: 0,
             loss_seq: 0,
             drops_before: 0,
-            message: Bytes::new(),
+            message: Default::default(),
         }
     }
 
@@ -702,7 +719,7 @@ mod tests {
             e.watermark = t;
             let out = &mut self.out;
             self.corr
-                .on_event(e, self.now, &mut |s: &Session, v, _: &MessageStore| {
+                .on_event(e, &[], self.now, &mut |s: &Session, v, _: &MessageStore| {
                     out.push((s.clone(), v))
                 });
         }
@@ -768,7 +785,7 @@ mod tests {
             fq.watermark = T0 + attempt * 2 * S;
             let out = &mut run.out;
             run.corr
-                .on_event(fq, run.now, &mut |s: &Session, v, _: &MessageStore| {
+                .on_event(fq, &[], run.now, &mut |s: &Session, v, _: &MessageStore| {
                     out.push((s.clone(), v))
                 });
         }

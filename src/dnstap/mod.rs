@@ -4,7 +4,6 @@
 pub mod pb;
 
 use crate::dns::{self, QuestionSummary};
-use bytes::Bytes;
 use quick_protobuf::{BytesReader, MessageRead};
 
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -359,16 +358,30 @@ pub struct Event {
     pub loss_seq: u64,
     /// Events for this event's shard that the analyser dropped just before it.
     pub drops_before: u32,
-    /// The encoded dnstap.Message, sharing the read buffer (identity and version are the
-    /// source's, kept once in the registry).
-    pub message: Bytes,
+    /// Where the encoded dnstap.Message is in the batch that carries this event (identity
+    /// and version are the source's, kept once in the registry).
+    pub message: MessageSpan,
+}
+
+/// Offset and length of an event's encoded message in its batch's byte buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MessageSpan {
+    pub start: u32,
+    pub len: u32,
+}
+
+impl MessageSpan {
+    pub fn of(self, bytes: &[u8]) -> &[u8] {
+        bytes
+            .get(self.start as usize..(self.start + self.len) as usize)
+            .unwrap_or(&[])
+    }
 }
 
 impl Event {
-    /// Extracts an event from a scanned payload. `frame` must be the bytes `tap` borrows from.
+    /// Extracts an event from a scanned payload.
     pub fn from_fields(
         tap: &TapFields<'_>,
-        frame: Bytes,
         source: SourceId,
         profile: SenderProfile,
         hasher: &ahash::RandomState,
@@ -420,7 +433,7 @@ impl Event {
             watermark: 0,
             loss_seq: 0,
             drops_before: 0,
-            message: frame.slice_ref(tap.message_bytes),
+            message: MessageSpan::default(),
         })
     }
 
@@ -549,13 +562,11 @@ mod tests {
     }
 
     fn event(frame: Vec<u8>) -> Result<Event, DecodeError> {
-        let frame = Bytes::from(frame);
         assert_eq!(decode(&frame)?.identity.as_deref(), Some(&b"pod-1"[..]));
         let tap = scan(&frame)?;
         assert_eq!(tap.identity, b"pod-1");
         Event::from_fields(
             &tap,
-            frame.clone(),
             SourceId(3),
             SenderProfile::CoreDns,
             &crate::dns::key_hasher(),

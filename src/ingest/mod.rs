@@ -34,7 +34,34 @@ pub fn read_into(
 /// What a shard receives: events in stream order, in batches so the queue is touched once
 /// per batch rather than once per message.
 pub enum ShardInput {
-    Events(Vec<Event>),
+    Events(Batch),
+}
+
+/// Events and the encoded messages they point into. The reader copies each message here
+/// (about a hundred bytes): sharing the read buffer instead would make every message an
+/// atomic reference count bounced between the reader's core and the shard's.
+#[derive(Default)]
+pub struct Batch {
+    pub events: Vec<Event>,
+    pub bytes: Vec<u8>,
+}
+
+impl Batch {
+    fn with_capacity() -> Self {
+        Self {
+            events: Vec::with_capacity(BATCH),
+            bytes: Vec::with_capacity(BATCH * 160),
+        }
+    }
+
+    fn push(&mut self, mut ev: Event, message: &[u8]) {
+        ev.message = dnstap::MessageSpan {
+            start: self.bytes.len() as u32,
+            len: message.len() as u32,
+        };
+        self.bytes.extend_from_slice(message);
+        self.events.push(ev);
+    }
 }
 
 /// Events per batch; a reader sends partial batches at the end of every read.
@@ -78,7 +105,7 @@ pub struct Shared {
 /// Sends events to shards; one per reader thread.
 pub struct Router {
     shards: Vec<Sender<ShardInput>>,
-    batches: Vec<Vec<Event>>,
+    batches: Vec<Batch>,
     /// Events dropped per shard since the last batch that got through.
     pending_drops: Vec<u32>,
     /// Files apply backpressure instead of dropping: nothing is lost offline.
@@ -91,18 +118,18 @@ impl Router {
         let n = shards.len();
         Self {
             shards,
-            batches: (0..n).map(|_| Vec::with_capacity(BATCH)).collect(),
+            batches: (0..n).map(|_| Batch::with_capacity()).collect(),
             pending_drops: vec![0; n],
             blocking,
             metrics,
         }
     }
 
-    pub fn dispatch(&mut self, ev: Event) {
+    pub fn dispatch(&mut self, ev: Event, message: &[u8]) {
         // Multiply-shift: uniform over shards without a division.
         let shard = (((ev.key >> 32) * self.shards.len() as u64) >> 32) as usize;
-        self.batches[shard].push(ev);
-        if self.batches[shard].len() >= BATCH {
+        self.batches[shard].push(ev, message);
+        if self.batches[shard].events.len() >= BATCH {
             self.send(shard);
         }
     }
@@ -110,17 +137,17 @@ impl Router {
     /// Sends every partial batch (end of a read: don't hold events back at low rates).
     pub fn flush(&mut self) {
         for shard in 0..self.shards.len() {
-            if !self.batches[shard].is_empty() {
+            if !self.batches[shard].events.is_empty() {
                 self.send(shard);
             }
         }
     }
 
     fn send(&mut self, shard: usize) {
-        let mut batch = std::mem::replace(&mut self.batches[shard], Vec::with_capacity(BATCH));
-        let len = batch.len() as u32;
+        let mut batch = std::mem::replace(&mut self.batches[shard], Batch::with_capacity());
+        let len = batch.events.len() as u32;
         // The shard learns of earlier drops before it sees anything that came after them.
-        batch[0].drops_before = self.pending_drops[shard];
+        batch.events[0].drops_before = self.pending_drops[shard];
         let input = ShardInput::Events(batch);
         let sent = if self.blocking {
             self.shards[shard].send(input).is_ok()
@@ -363,8 +390,7 @@ impl StreamIngest {
                 (source, profile)
             }
         };
-        let mut ev = match Event::from_fields(&tap, payload.clone(), source, profile, &self.hasher)
-        {
+        let mut ev = match Event::from_fields(&tap, source, profile, &self.hasher) {
             Ok(ev) => ev,
             Err(e) => {
                 let why = match e {
@@ -408,6 +434,6 @@ impl StreamIngest {
             }
         }
         ev.loss_seq = self.shared.board.get(source);
-        router.dispatch(ev);
+        router.dispatch(ev, tap.message_bytes);
     }
 }
