@@ -278,7 +278,7 @@ fn scan_message(b: &[u8]) -> Option<MessageFields<'_>> {
 struct Wire<'a>(&'a [u8]);
 
 impl<'a> Wire<'a> {
-    #[inline]
+    #[inline(always)]
     fn varint(&mut self) -> Option<u64> {
         // Tags, lengths, ports and enums are almost always one byte.
         let (&first, rest) = self.0.split_first()?;
@@ -297,7 +297,7 @@ impl<'a> Wire<'a> {
         None
     }
 
-    #[inline]
+    #[inline(always)]
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if n > self.0.len() {
             return None;
@@ -307,13 +307,13 @@ impl<'a> Wire<'a> {
         Some(head)
     }
 
-    #[inline]
+    #[inline(always)]
     fn bytes(&mut self) -> Option<&'a [u8]> {
         let n = self.varint()?;
         self.take(usize::try_from(n).ok()?)
     }
 
-    #[inline]
+    #[inline(always)]
     fn fixed32(&mut self) -> Option<u32> {
         self.take(4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
