@@ -44,8 +44,9 @@ struct Cli {
     #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..))]
     shards: Option<u16>,
 
-    /// Events buffered per shard. When a queue is full the reader drops the event, counts it,
-    /// and the sessions it touched are reported as SampleLoss.
+    /// Events buffered per shard queue (carried in batches of 128). A reader never waits: when
+    /// a queue is full it drops the batch and counts it (queue_full), and the sessions open on
+    /// that shard at the time are reported as SampleLoss (analyser_queue_full).
     #[arg(long, global = true, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
     queue_capacity: u32,
 
@@ -63,7 +64,8 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 2.0, value_name = "SECS")]
     orphan_grace: f64,
 
-    /// Open sessions kept at most (over all shards); beyond it the oldest is evicted as SampleLoss.
+    /// Open sessions kept at most, split evenly over the shards; beyond it the oldest session of
+    /// the sender is evicted as SampleLoss (session_table_full). About 500 bytes per session.
     #[arg(long, global = true, default_value_t = 2_000_000)]
     max_sessions: usize,
 
