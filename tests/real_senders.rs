@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
-use support::{coredns_fixture, read, run_sender, Served};
+use support::{coredns_fixture, fstrm_replay_tcp, read, run_sender, Served};
 
 const CAPTURES: [&str; 4] = [
     "b_forward.fstrm",
@@ -42,13 +42,7 @@ fn fstrm_replay_over_tcp_and_unix_equals_read() {
     for capture in CAPTURES {
         let file = coredns_fixture(capture);
         let served = Served::start(&[]);
-        run_sender(
-            Command::new("fstrm_replay")
-                .args(["-t", "protobuf:dnstap.Dnstap", "-a", "127.0.0.1", "-p"])
-                .arg(served.port.to_string())
-                .arg("-r")
-                .arg(&file),
-        );
+        run_sender(&mut fstrm_replay_tcp(served.port, &file));
         let live = served.stop();
         assert_eq!(
             live.signatures(),
@@ -135,23 +129,8 @@ fn bad_input_on_other_connections_leaves_the_good_stream_exact() {
     let addr = served.addr();
     let file = coredns_fixture("h_burst_5k.fstrm");
     let good = {
-        let port = served.port.to_string();
-        let file = file.clone();
-        std::thread::spawn(move || {
-            run_sender(
-                Command::new("fstrm_replay")
-                    .args([
-                        "-t",
-                        "protobuf:dnstap.Dnstap",
-                        "-a",
-                        "127.0.0.1",
-                        "-p",
-                        &port,
-                        "-r",
-                    ])
-                    .arg(&file),
-            );
-        })
+        let (port, file) = (served.port, file.clone());
+        std::thread::spawn(move || run_sender(&mut fstrm_replay_tcp(port, &file)))
     };
     // A stalled handshake and idle connections up to the limit, held while the rest runs.
     let mut held = vec![send_bad(&addr, b"", Duration::ZERO)];
@@ -251,22 +230,8 @@ fn two_live_connections_with_the_same_identity_are_both_served() {
     let senders: Vec<_> = parts
         .iter()
         .map(|part| {
-            let (port, part) = (served.port.to_string(), part.clone());
-            std::thread::spawn(move || {
-                run_sender(
-                    Command::new("fstrm_replay")
-                        .args([
-                            "-t",
-                            "protobuf:dnstap.Dnstap",
-                            "-a",
-                            "127.0.0.1",
-                            "-p",
-                            &port,
-                            "-r",
-                        ])
-                        .arg(&part),
-                )
-            })
+            let (port, part) = (served.port, part.clone());
+            std::thread::spawn(move || run_sender(&mut fstrm_replay_tcp(port, &part)))
         })
         .collect();
     for s in senders {

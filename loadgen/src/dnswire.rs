@@ -20,16 +20,9 @@ const FLAG_RD: u16 = 0x0100;
 const FLAG_RA: u16 = 0x0080;
 const FLAG_AD: u16 = 0x0020;
 
-pub fn rcode_name(rcode: u8) -> &'static str {
-    match rcode {
-        0 => "NOERROR",
-        1 => "FORMERR",
-        2 => "SERVFAIL",
-        3 => "NXDOMAIN",
-        4 => "NOTIMP",
-        5 => "REFUSED",
-        _ => "OTHER",
-    }
+/// IANA mnemonic of a client-visible rcode (the analyser's own table).
+pub fn rcode_name(rcode: u8) -> String {
+    dnstap_analyser::dns::rcode_name(rcode as u16).into_owned()
 }
 
 pub fn rcode_from_name(name: &str) -> Option<u8> {

@@ -791,7 +791,7 @@ impl PodGen {
             if matches!(s.outcome, Outcome::Local | Outcome::Forward) {
                 dnswire::rcode_name(s.rcode)
             } else {
-                "-"
+                "-".to_string()
             },
             s.t_cq,
         );

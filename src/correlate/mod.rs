@@ -10,7 +10,6 @@ pub use store::{MessageRef, MessageStore};
 
 use crate::dnstap::{Event, Nanos, Role, SourceId};
 use hashbrown::HashMap;
-use smallvec::SmallVec;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::hash::{BuildHasher, Hasher};
@@ -493,26 +492,9 @@ impl Correlator {
             }
         }
         let clock_seq = self.sources.get(&ev.source).map_or(0, |c| c.loss_seq);
-        let session = Session {
-            source: ev.source,
-            profile: ev.profile,
-            key: ev.key,
-            bitmap: BitMap(0),
-            messages: SmallVec::new(),
-            messages_dropped: 0,
-            cq_time: 0,
-            client: 0,
-            dns_id: None,
-            first_time: t,
-            deadline: Nanos::MAX,
-            upstream_queries: 0,
-            upstream_responses: 0,
-            loss: None,
-            loss_seq_at_open: ev.loss_seq.max(clock_seq),
-            drop_epoch_at_open: self.drop_epoch,
-            completed: false,
-            has_wire: ev.question.is_some(),
-        };
+        let mut session = Session::open(ev.source, ev.profile, ev.key, t, ev.question.is_some());
+        session.loss_seq_at_open = ev.loss_seq.max(clock_seq);
+        session.drop_epoch_at_open = self.drop_epoch;
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.slots[slot].session = Some(session);

@@ -135,6 +135,36 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session opened by its first message (usually the CQ) at event time `first_time`.
+    pub(super) fn open(
+        source: SourceId,
+        profile: SenderProfile,
+        key: u64,
+        first_time: Nanos,
+        has_wire: bool,
+    ) -> Self {
+        Session {
+            source,
+            profile,
+            key,
+            bitmap: BitMap(0),
+            messages: SmallVec::new(),
+            messages_dropped: 0,
+            cq_time: 0,
+            client: 0,
+            dns_id: None,
+            first_time,
+            deadline: Nanos::MAX,
+            upstream_queries: 0,
+            upstream_responses: 0,
+            loss: None,
+            loss_seq_at_open: 0,
+            drop_epoch_at_open: 0,
+            completed: false,
+            has_wire,
+        }
+    }
+
     /// The CQ's query_time, once the CQ has arrived.
     pub fn cq_time(&self) -> Option<Nanos> {
         (self.cq_time != 0).then_some(self.cq_time)
@@ -180,26 +210,7 @@ mod tests {
 
     fn session(roles: &[(Role, Option<u8>)]) -> Session {
         let mut store = super::super::store::MessageStore::default();
-        let mut s = Session {
-            source: SourceId(0),
-            profile: SenderProfile::CoreDns,
-            key: 0,
-            bitmap: BitMap(0),
-            messages: SmallVec::new(),
-            messages_dropped: 0,
-            cq_time: 0,
-            client: 0,
-            dns_id: None,
-            first_time: 0,
-            deadline: 0,
-            upstream_queries: 0,
-            upstream_responses: 0,
-            loss: None,
-            loss_seq_at_open: 0,
-            drop_epoch_at_open: 0,
-            completed: false,
-            has_wire: true,
-        };
+        let mut s = Session::open(SourceId(0), SenderProfile::CoreDns, 0, 0, true);
         for &(role, rcode) in roles {
             s.bitmap.0 |= role.bit();
             s.messages.push(Message {

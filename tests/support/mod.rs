@@ -212,6 +212,16 @@ impl Drop for Served {
     }
 }
 
+/// `fstrm_replay` (fstrm-bin) sending a capture to the analyser over TCP.
+pub fn fstrm_replay_tcp(port: u16, file: &Path) -> Command {
+    let mut cmd = Command::new("fstrm_replay");
+    cmd.args(["-t", "protobuf:dnstap.Dnstap", "-a", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .arg("-r")
+        .arg(file);
+    cmd
+}
+
 /// Runs a sender command to completion, failing with its output if it fails.
 pub fn run_sender(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (install fstrm-bin and golang-github-dnstap-golang-dnstap-cli: .ci/install-deps)"));
