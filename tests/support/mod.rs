@@ -119,7 +119,9 @@ pub fn free_port() -> u16 {
 /// A serving analyser; SIGTERM on `stop` (and on drop, if a test panics first).
 pub struct Served {
     child: Option<Child>,
-    stdout: Option<JoinHandle<Vec<u8>>>,
+    /// Session lines as they arrive, so a test can watch them before stopping the analyser.
+    lines: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    stdout: Option<JoinHandle<()>>,
     stderr: Option<JoinHandle<String>>,
     pub port: u16,
 }
@@ -137,10 +139,16 @@ impl Served {
             .expect("start dnstap-analyser");
         let mut out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
         let stdout = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = out.read_to_end(&mut v);
-            v
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
         });
         let (tx, rx) = std::sync::mpsc::channel();
         let stderr = std::thread::spawn(move || {
@@ -158,6 +166,7 @@ impl Served {
             .expect("analyser did not start listening");
         Served {
             child: Some(child),
+            lines,
             stdout: Some(stdout),
             stderr: Some(stderr),
             port,
@@ -166,12 +175,6 @@ impl Served {
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// SIGTERM, wait for exit 0, and return what it printed.
@@ -193,14 +196,32 @@ impl Served {
             );
             std::thread::sleep(Duration::from_millis(50));
         };
-        let stdout = self.stdout.take().unwrap().join().unwrap();
+        self.stdout.take().unwrap().join().unwrap();
         let stderr = self.stderr.take().unwrap().join().unwrap();
         assert!(status.success(), "analyser exited with {status}: {stderr}");
+        let stdout = std::mem::take(&mut *self.lines.lock().unwrap());
         Output::parse(&stdout, stderr)
     }
 
-    /// Reads session lines printed so far without stopping (for the idle-flush test).
-    pub fn wait_for_lines(&mut self, _n: usize, _timeout: Duration) {}
+    /// Waits until at least `n` complete session lines have been printed; false on timeout.
+    pub fn wait_for_lines(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                >= n
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
 }
 
 impl Drop for Served {
