@@ -128,6 +128,8 @@ impl correlate::SessionSink for LineSink {
             self.metrics
                 .sessions_printed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // A flush can emit a million sessions in one call: hand over as we go.
+            self.hand_over(false);
         }
     }
 }
