@@ -171,7 +171,9 @@ res = {
     "cpu_s": round(cpu, 2), "cpu_s_per_M": round(cpu / sent * 1e6, 3) if sent else None,
     "peak_rss_mib": round(rss_mib, 1), "received": received, "drops": drops,
     "finish": gt["rate"]["finish_received"], "verified": json.loads(verified),
-    "processed_msgs_per_s": round((received - drops) / elapsed) if received is not None and elapsed else None,
+    # drops already include the messages the receiver never counted (sent - received), so
+    # processed is sent - drops (received - drops would subtract those twice).
+    "processed_msgs_per_s": round((sent - drops) / elapsed) if drops is not None and elapsed else None,
     "expected_sessions": gt["status_bitmap"], "sessions_by": sessions_by,
 }
 print(json.dumps(res))
