@@ -4,12 +4,12 @@
 
 use crate::correlate::{self, Correlator, MessageStore, Session, Verdict};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
-use crate::ingest::{self, file, LossBoard, Router, ShardInput, Shared};
+use crate::ingest::{file, LossBoard, QueueDepths, Router, ShardInput, Shared};
 use crate::metrics::Metrics;
 use crate::output::{writer, Format, LogFilter, Renderer};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,6 +32,7 @@ pub struct Settings {
 /// The running shards and writer, fed through `senders`.
 struct Backend {
     senders: Vec<Sender<ShardInput>>,
+    depths: QueueDepths,
     shards: Vec<JoinHandle<()>>,
     writer: JoinHandle<io::Result<()>>,
     shared: Shared,
@@ -54,8 +55,11 @@ fn start_backend(
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut senders = Vec::new();
     let mut shards = Vec::new();
+    let depths: QueueDepths = (0..s.shards.max(1)).map(|_| AtomicU64::new(0)).collect();
     for i in 0..s.shards.max(1) {
-        let (tx, rx) = crossbeam_channel::bounded(s.queue_capacity.div_ceil(ingest::BATCH).max(1));
+        // The depth counter bounds the events; the channel only bounds the number of batches,
+        // which may be small at low rates.
+        let (tx, rx) = crossbeam_channel::bounded(s.queue_capacity.max(1));
         senders.push(tx);
         let mut cfg = s.correlate.clone();
         cfg.max_sessions = (cfg.max_sessions / s.shards.max(1)).max(1);
@@ -69,6 +73,8 @@ fn start_backend(
             renderer: Renderer::new(s.format, shared.sources.clone()),
             log: s.log,
             shared: shared.clone(),
+            depths: depths.clone(),
+            index: i,
         };
         shards.push(
             std::thread::Builder::new()
@@ -84,6 +90,7 @@ fn start_backend(
     }
     Backend {
         senders,
+        depths,
         shards,
         writer,
         shared,
@@ -105,6 +112,8 @@ impl Backend {
 
 struct ShardContext {
     rx: Receiver<ShardInput>,
+    depths: QueueDepths,
+    index: usize,
     out: Sender<Vec<u8>>,
     renderer: Renderer,
     log: LogFilter,
@@ -164,6 +173,7 @@ fn run_shard(mut corr: Correlator, ctx: ShardContext) {
         let now = Instant::now();
         match input {
             Ok(ShardInput::Events(batch)) => {
+                ctx.depths[ctx.index].fetch_sub(batch.events.len() as u64, Relaxed);
                 for ev in batch.events {
                     let message = ev.message.of(&batch.bytes);
                     corr.on_event(ev, message, now, &mut sink);
@@ -191,7 +201,13 @@ pub fn read_files(
     metrics: Arc<Metrics>,
 ) -> io::Result<Vec<file::FileError>> {
     let backend = start_backend(s, out, metrics.clone());
-    let mut router = Router::new(backend.senders.clone(), true, metrics);
+    let mut router = Router::new(
+        backend.senders.clone(),
+        backend.depths.clone(),
+        s.queue_capacity,
+        true,
+        metrics,
+    );
     let errors = file::read_files(paths, &backend.shared, &mut router);
     drop(router);
     backend.finish()?;
@@ -221,7 +237,13 @@ pub fn serve(
     let mut readers = Vec::new();
     let mut handles = Vec::new();
     for _ in 0..s.readers.max(1) {
-        let router = Router::new(backend.senders.clone(), false, metrics.clone());
+        let router = Router::new(
+            backend.senders.clone(),
+            backend.depths.clone(),
+            s.queue_capacity,
+            false,
+            metrics.clone(),
+        );
         let (reader, handle) = Reader::new(
             backend.shared.clone(),
             router,

@@ -554,6 +554,14 @@ impl Correlator {
             s.messages_dropped = s.messages_dropped.saturating_add(1);
             return;
         }
+        let mut bytes = self.pending.take().unwrap_or_else(|| self.store.put(&[]));
+        let repeat = s.messages.last().is_some_and(|prev| {
+            prev.role == ev.role && self.store.get(prev.bytes) == self.store.get(bytes)
+        });
+        if repeat {
+            self.store.release(bytes);
+            bytes = s.messages.last().map_or(bytes, |prev| prev.bytes);
+        }
         s.messages.push(Message {
             role: ev.role,
             rcode: ev.question.filter(|q| q.is_response).map(|q| q.rcode),
@@ -564,7 +572,8 @@ impl Correlator {
             }
             .unwrap_or(0),
             upstream,
-            bytes: self.pending.take().unwrap_or_else(|| self.store.put(&[])),
+            bytes,
+            repeat,
         });
     }
 
@@ -621,7 +630,7 @@ impl Correlator {
         };
         let verdict = session.verdict(evident);
         sink.session(&session, verdict, &self.store);
-        for m in &session.messages {
+        for m in session.messages.iter().filter(|m| !m.repeat) {
             self.store.release(m.bytes);
         }
     }
@@ -938,6 +947,36 @@ mod tests {
         late.loss_seq = 1;
         run.feed(late);
         assert_eq!(run.verdicts(), [(Status::Succeeded, 3, None)]);
+    }
+
+    #[test]
+    fn repeated_upstream_attempts_share_their_bytes_and_are_kept_intact() {
+        let mut corr = Correlator::new(Config::default());
+        let now = Instant::now();
+        let mut seen: Vec<Vec<Vec<u8>>> = Vec::new();
+        for (id, payload) in [(1u16, b"first".as_slice()), (2, b"second".as_slice())] {
+            let t = T0 + id as Nanos * S;
+            let mut feed = |e: Event, bytes: &[u8]| {
+                let mut e = e;
+                e.watermark = e.time().unwrap();
+                corr.on_event(e, bytes, now, &mut |_: &Session, _, _: &MessageStore| {});
+            };
+            feed(ev(Role::ClientQuery, id, t, None, 0), b"cq");
+            for _ in 0..3 {
+                feed(ev(Role::UpstreamQuery, id, t + 70_000, None, 0), payload);
+            }
+        }
+        corr.flush(|_| 0, &mut |s: &Session, _, store: &MessageStore| {
+            seen.push(
+                s.messages
+                    .iter()
+                    .map(|m| store.get(m.bytes).to_vec())
+                    .collect(),
+            );
+        });
+        seen.sort();
+        let expect = |p: &[u8]| vec![b"cq".to_vec(), p.to_vec(), p.to_vec(), p.to_vec()];
+        assert_eq!(seen, [expect(b"first"), expect(b"second")]);
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub struct Message {
     pub upstream: u32,
     /// The encoded dnstap.Message, in the shard's store.
     pub bytes: MessageRef,
+    /// Byte-identical to the previous message and sharing its bytes: CoreDNS repeats the very
+    /// same FQ for every attempt of a timed-out request.
+    pub(super) repeat: bool,
 }
 
 impl Message {
@@ -110,7 +113,8 @@ pub struct Session {
     pub profile: SenderProfile,
     pub key: u64,
     pub bitmap: BitMap,
-    pub messages: SmallVec<[Message; 2]>,
+    /// Three inline: a CQ with up to two upstream attempts needs no allocation.
+    pub messages: SmallVec<[Message; 3]>,
     /// Messages past the per-session cap (a retry storm); counted, not kept.
     pub messages_dropped: u16,
     /// The CQ's query_time; 0 until the CQ arrives.
@@ -219,6 +223,7 @@ mod tests {
                 time: 0,
                 upstream: 0,
                 bytes: store.put(&[]),
+                repeat: false,
             });
         }
         s

@@ -47,7 +47,9 @@ fn read_one(path: &Path, ingest: &mut StreamIngest, router: &mut Router) -> Resu
     let mut replies = Vec::new();
     loop {
         let n = super::read_into(&mut file, &mut scratch, &mut buf).map_err(|e| e.to_string())?;
-        match ingest.feed(&mut buf, router, &mut replies) {
+        let fed = ingest.feed(&mut buf, router, &mut replies);
+        router.flush();
+        match fed {
             Ok(true) => {
                 ingest.finish(StreamEnd::Stopped, buf.len());
                 return Ok(());

@@ -102,9 +102,15 @@ pub struct Shared {
     pub session_timeout: Nanos,
 }
 
+/// Events waiting in each shard's queue: readers add what they send, shards subtract what
+/// they took. `--queue-capacity` bounds this count, whatever the batch sizes.
+pub type QueueDepths = Arc<[AtomicU64]>;
+
 /// Sends events to shards; one per reader thread.
 pub struct Router {
     shards: Vec<Sender<ShardInput>>,
+    depths: QueueDepths,
+    capacity: u64,
     batches: Vec<Batch>,
     /// Events dropped per shard since the last batch that got through.
     pending_drops: Vec<u32>,
@@ -114,10 +120,18 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(shards: Vec<Sender<ShardInput>>, blocking: bool, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        shards: Vec<Sender<ShardInput>>,
+        depths: QueueDepths,
+        capacity: usize,
+        blocking: bool,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let n = shards.len();
         Self {
             shards,
+            depths,
+            capacity: capacity as u64,
             batches: (0..n).map(|_| Batch::with_capacity()).collect(),
             pending_drops: vec![0; n],
             blocking,
@@ -149,12 +163,20 @@ impl Router {
         // The shard learns of earlier drops before it sees anything that came after them.
         batch.events[0].drops_before = self.pending_drops[shard];
         let input = ShardInput::Events(batch);
+        let depth = &self.depths[shard];
         let sent = if self.blocking {
+            depth.fetch_add(len as u64, Relaxed);
             self.shards[shard].send(input).is_ok()
+        } else if depth.load(Relaxed) + len as u64 > self.capacity {
+            false
         } else {
+            depth.fetch_add(len as u64, Relaxed);
             match self.shards[shard].try_send(input) {
                 Ok(()) => true,
-                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    depth.fetch_sub(len as u64, Relaxed);
+                    false
+                }
             }
         };
         if sent {
@@ -306,7 +328,8 @@ impl StreamIngest {
     }
 
     /// Consumes every complete frame in `buf`, routing events and appending handshake replies
-    /// to `replies`. Returns true once the sender has sent STOP.
+    /// to `replies`. Returns true once the sender has sent STOP. The caller flushes the router
+    /// when it has nothing more to read for now, so batches fill up across connections.
     pub fn feed(
         &mut self,
         buf: &mut BytesMut,
@@ -314,7 +337,6 @@ impl StreamIngest {
         replies: &mut Vec<u8>,
     ) -> Result<bool, StreamError> {
         let result = self.feed_frames(buf, router, replies);
-        router.flush();
         self.shared.metrics.add(&std::mem::take(&mut self.tally));
         result
     }

@@ -251,6 +251,8 @@ impl Reader {
                     }
                 }
             }
+            // Everything ready has been read: send the partial batches now.
+            self.router.flush();
             self.expire_handshakes();
         }
     }
@@ -466,5 +468,6 @@ impl Reader {
             self.on_readable(token);
             self.close(token, None);
         }
+        self.router.flush();
     }
 }
