@@ -243,3 +243,20 @@ fn two_live_connections_with_the_same_identity_are_both_served() {
     );
     assert_eq!(live.summary["connections"], 2);
 }
+
+#[test]
+fn files_written_by_the_go_dnstap_cli_read_like_the_captures() {
+    let file = coredns_fixture("k_bind_tcp.fstrm");
+    let out = std::env::temp_dir().join(format!("dnstap-analyser-w-{}.fstrm", std::process::id()));
+    run_sender(
+        Command::new("dnstap")
+            .arg("-r")
+            .arg(&file)
+            .arg("-w")
+            .arg(&out),
+    );
+    let rewritten = read(std::slice::from_ref(&out), &[]);
+    let _ = std::fs::remove_file(&out);
+    assert_eq!(rewritten.signatures(), read(&[file], &[]).signatures());
+    assert_eq!(rewritten.sessions.len(), 4);
+}
