@@ -218,6 +218,9 @@ fn every_line_carries_the_documented_fields() {
             "CLIENT_RESPONSE"
         ]
     );
+    // CoreDNS forwards the client's query byte for byte (the analyser stores it once).
+    assert_eq!(s["messages"][1]["dns"], s["messages"][0]["dns"]);
+    assert_eq!(s["messages"][1]["dns"]["id"], 34131);
     let fr = &s["messages"][2]["dns"];
     assert_eq!(fr["answer"][0]["rdata"], "192.0.2.10");
     assert_eq!(fr["answer"][0]["ttl"], 300);

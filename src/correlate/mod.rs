@@ -158,6 +158,8 @@ pub struct Correlator {
     store: MessageStore,
     /// The message of the event being handled, until a session takes it.
     pending: Option<MessageRef>,
+    /// Reused buffer for re-encoding messages.
+    scratch: Vec<u8>,
 }
 
 impl Correlator {
@@ -173,6 +175,7 @@ impl Correlator {
             upstream_hasher: crate::dns::key_hasher(),
             store: MessageStore::default(),
             pending: None,
+            scratch: Vec::new(),
         }
     }
 
@@ -555,12 +558,25 @@ impl Correlator {
             return;
         }
         let mut bytes = self.pending.take().unwrap_or_else(|| self.store.put(&[]));
+        let mut flags = 0;
+        let cq = s.messages.iter().find(|m| m.role == Role::ClientQuery);
+        if let (Role::UpstreamQuery, Some(cq)) = (ev.role, cq) {
+            if let Some(stripped) =
+                strip_query_of(&mut self.store, &mut self.scratch, cq.bytes, bytes)
+            {
+                bytes = stripped;
+                flags |= Message::QUERY_FROM_CQ;
+            }
+        }
         let repeat = s.messages.last().is_some_and(|prev| {
-            prev.role == ev.role && self.store.get(prev.bytes) == self.store.get(bytes)
+            prev.role == ev.role
+                && prev.flags & Message::QUERY_FROM_CQ == flags & Message::QUERY_FROM_CQ
+                && self.store.get(prev.bytes) == self.store.get(bytes)
         });
         if repeat {
             self.store.release(bytes);
             bytes = s.messages.last().map_or(bytes, |prev| prev.bytes);
+            flags |= Message::REPEAT;
         }
         s.messages.push(Message {
             role: ev.role,
@@ -573,7 +589,7 @@ impl Correlator {
             .unwrap_or(0),
             upstream,
             bytes,
-            repeat,
+            flags,
         });
     }
 
@@ -630,10 +646,35 @@ impl Correlator {
         };
         let verdict = session.verdict(evident);
         sink.session(&session, verdict, &self.store);
-        for m in session.messages.iter().filter(|m| !m.repeat) {
+        for m in session
+            .messages
+            .iter()
+            .filter(|m| m.flags & Message::REPEAT == 0)
+        {
             self.store.release(m.bytes);
         }
     }
+}
+
+/// An upstream query usually carries the client's query byte for byte; then it is stored
+/// without it (about half its size). Returns the new reference, having released `fq`.
+fn strip_query_of(
+    store: &mut MessageStore,
+    scratch: &mut Vec<u8>,
+    cq: MessageRef,
+    fq: MessageRef,
+) -> Option<MessageRef> {
+    let (cq_bytes, fq_bytes) = (store.get(cq), store.get(fq));
+    let (_, cq_value) = crate::dnstap::query_message_field(cq_bytes)?;
+    let (fq_field, fq_value) = crate::dnstap::query_message_field(fq_bytes)?;
+    if cq_bytes[cq_value] != fq_bytes[fq_value] {
+        return None;
+    }
+    scratch.clear();
+    scratch.extend_from_slice(&fq_bytes[..fq_field.start]);
+    scratch.extend_from_slice(&fq_bytes[fq_field.end..]);
+    store.release(fq);
+    Some(store.put(scratch))
 }
 
 /// Whether a CQ explains an orphan opened by its own response or upstream leg.

@@ -27,12 +27,17 @@ pub struct Message {
     pub upstream: u32,
     /// The encoded dnstap.Message, in the shard's store.
     pub bytes: MessageRef,
-    /// Byte-identical to the previous message and sharing its bytes: CoreDNS repeats the very
-    /// same FQ for every attempt of a timed-out request.
-    pub(super) repeat: bool,
+    /// `REPEAT`: byte-identical to the previous message and sharing its bytes (CoreDNS repeats
+    /// the very same FQ for every attempt of a timed-out request). `QUERY_FROM_CQ`: stored
+    /// without its query_message, which is byte-identical to the CQ's (CoreDNS forwards the
+    /// client's query as it came); the renderer takes it from the CQ.
+    pub flags: u8,
 }
 
 impl Message {
+    pub const REPEAT: u8 = 1;
+    pub const QUERY_FROM_CQ: u8 = 2;
+
     pub fn time(&self) -> Option<Nanos> {
         (self.time != 0).then_some(self.time)
     }
@@ -223,7 +228,7 @@ mod tests {
                 time: 0,
                 upstream: 0,
                 bytes: store.put(&[]),
-                repeat: false,
+                flags: 0,
             });
         }
         s

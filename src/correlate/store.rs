@@ -6,10 +6,12 @@
 //! copied into a slot of a size class; freed slots are reused at once, so memory follows the
 //! open sessions, not the traffic.
 
-/// Slot sizes in bytes. dnstap messages from CoreDNS are 90-250 bytes; larger classes take
-/// big responses; anything beyond the last class gets a slot of its own size.
-const CLASSES: [usize; 12] = [
-    64, 96, 128, 160, 192, 256, 384, 512, 1024, 2048, 4096, 16384,
+/// Slot sizes in bytes, 8 apart where CoreDNS's messages fall (upstream queries stored without
+/// the client's query are 40-70 bytes, the rest 90-250); larger classes take big responses;
+/// anything beyond the last class gets a slot of its own size.
+const CLASSES: [usize; 23] = [
+    32, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 144, 160, 192, 224, 256, 384, 512, 1024,
+    2048, 4096, 16384,
 ];
 /// Slots are carved from pages of about this many bytes.
 const PAGE_BYTES: usize = 64 << 10;

@@ -272,6 +272,25 @@ fn scan_message(b: &[u8]) -> Option<MessageFields<'_>> {
     Some(m)
 }
 
+/// Where the query_message field (tag, length and value) and its value lie in an encoded
+/// dnstap.Message, if it has one.
+pub fn query_message_field(
+    message: &[u8],
+) -> Option<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+    let mut r = Wire(message);
+    while !r.0.is_empty() {
+        let start = message.len() - r.0.len();
+        let tag = r.varint()?;
+        if tag == 82 {
+            let value = r.bytes()?;
+            let end = message.len() - r.0.len();
+            return Some((start..end, end - value.len()..end));
+        }
+        r.skip(tag)?;
+    }
+    None
+}
+
 /// Protobuf wire primitives over a shrinking slice. quick-protobuf's `BytesReader` does the
 /// same with a `Result` per byte; this scan runs for every message, and written this way it
 /// costs a fraction (see `cargo bench --bench stages -- protobuf`).

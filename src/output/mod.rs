@@ -79,6 +79,8 @@ pub struct Attempt {
 /// A message of the session, decoded again from its frame for rendering.
 struct Decoded<'a> {
     role: Role,
+    /// `correlate::Message` flags.
+    flags: u8,
     msg: DnstapMessage<'a>,
 }
 
@@ -128,16 +130,27 @@ impl Renderer {
 
     /// Appends one line (with its newline) for the session to `out`.
     pub fn render(&self, s: &Session, v: &Verdict, store: &MessageStore, out: &mut Vec<u8>) {
-        let decoded: Vec<Decoded<'_>> = s
+        let mut decoded: Vec<Decoded<'_>> = s
             .messages
             .iter()
             .filter_map(|m| {
                 Some(Decoded {
                     role: m.role,
+                    flags: m.flags,
                     msg: dnstap::decode_message(store.get(m.bytes)).ok()?,
                 })
             })
             .collect();
+        // Upstream queries stored without the client's query get it back from the CQ.
+        let cq_query = decoded
+            .iter()
+            .find(|d| d.role == Role::ClientQuery)
+            .and_then(|d| d.msg.query_message.clone());
+        for d in decoded.iter_mut() {
+            if d.flags & crate::correlate::Message::QUERY_FROM_CQ != 0 {
+                d.msg.query_message = cq_query.clone();
+            }
+        }
         let facts = Facts::gather(s, &decoded, &self.sources);
         let diagnosis = diagnose(s, v, &facts);
         match self.format {
