@@ -47,7 +47,7 @@ struct Cli {
     /// Events buffered per shard queue (carried in batches of 128). A reader never waits: when
     /// a queue is full it drops the batch and counts it (queue_full), and the sessions open on
     /// that shard at the time are reported as SampleLoss (analyser_queue_full).
-    #[arg(long, global = true, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, global = true, default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1..))]
     queue_capacity: u32,
 
     /// Pin reader and shard threads to cores.
