@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
-use support::{coredns_fixture, fstrm_replay_tcp, read, run_sender, Served};
+use support::{coredns_fixture, fstrm_replay_tcp, go_dnstap_tcp, read, run_sender, Served};
 
 const CAPTURES: [&str; 4] = [
     "b_forward.fstrm",
@@ -21,13 +21,7 @@ fn go_dnstap_cli_replay_equals_read() {
     for capture in CAPTURES {
         let file = coredns_fixture(capture);
         let served = Served::start(&[]);
-        run_sender(
-            Command::new("dnstap")
-                .arg("-r")
-                .arg(&file)
-                .arg("-T")
-                .arg(served.addr()),
-        );
+        run_sender(&mut go_dnstap_tcp(&served.addr(), &file));
         let live = served.stop();
         assert_eq!(
             live.signatures(),
@@ -77,13 +71,7 @@ fn a_silent_stream_is_flushed_by_the_wall_clock() {
     let served = Served::start(&["--session-timeout", "1"]);
     let file = coredns_fixture("g_timeout.fstrm");
     // dnstap -T ends its stream with STOP; the timed-out sessions are still pending after it.
-    run_sender(
-        Command::new("dnstap")
-            .arg("-r")
-            .arg(&file)
-            .arg("-T")
-            .arg(served.addr()),
-    );
+    run_sender(&mut go_dnstap_tcp(&served.addr(), &file));
     // The idle flush emits them about 5 s (IDLE_LAG) after the stream went quiet, without
     // any further traffic and before any shutdown.
     assert!(

@@ -518,27 +518,16 @@ mod tests {
 
     #[test]
     fn profiles_come_from_version_strings() {
-        assert_eq!(
-            SenderProfile::from_version(b"CoreDNS-1.10.1"),
-            SenderProfile::CoreDns
-        );
-        assert_eq!(
-            SenderProfile::from_version(b"unbound 1.17.1"),
-            SenderProfile::Unbound
-        );
-        assert_eq!(
-            SenderProfile::from_version(b"BIND 9.18.49"),
-            SenderProfile::Bind
-        );
-        assert_eq!(
-            SenderProfile::from_version(b"Knot Resolver 5.6.0"),
-            SenderProfile::KnotResolver
-        );
-        assert_eq!(
-            SenderProfile::from_version(b"dnsdist 1.7.3"),
-            SenderProfile::Dnsdist
-        );
-        assert_eq!(SenderProfile::from_version(b""), SenderProfile::Unknown);
+        for (version, profile) in [
+            (&b"CoreDNS-1.10.1"[..], SenderProfile::CoreDns),
+            (b"unbound 1.17.1", SenderProfile::Unbound),
+            (b"BIND 9.18.49", SenderProfile::Bind),
+            (b"Knot Resolver 5.6.0", SenderProfile::KnotResolver),
+            (b"dnsdist 1.7.3", SenderProfile::Dnsdist),
+            (b"", SenderProfile::Unknown),
+        ] {
+            assert_eq!(SenderProfile::from_version(version), profile);
+        }
     }
 
     fn tap(role: MessageType, wire: Option<&[u8]>, port: u32) -> Vec<u8> {

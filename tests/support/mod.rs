@@ -233,6 +233,13 @@ impl Drop for Served {
     }
 }
 
+/// The Go `dnstap` CLI (CoreDNS's Frame Streams library) replaying a capture over TCP.
+pub fn go_dnstap_tcp(addr: &str, file: &Path) -> Command {
+    let mut cmd = Command::new("dnstap");
+    cmd.arg("-r").arg(file).arg("-T").arg(addr);
+    cmd
+}
+
 /// `fstrm_replay` (fstrm-bin) sending a capture to the analyser over TCP.
 pub fn fstrm_replay_tcp(port: u16, file: &Path) -> Command {
     let mut cmd = Command::new("fstrm_replay");
