@@ -4,6 +4,7 @@
 
 mod session;
 mod store;
+mod table;
 
 pub use session::{BitMap, LossReason, Message, Session, Status, Verdict};
 pub use store::{MessageRef, MessageStore};
@@ -12,8 +13,8 @@ use crate::dnstap::{Event, Nanos, Role, SourceId};
 use hashbrown::HashMap;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
+use table::{KeyIsHash, Slot, Slots, NO_SLOT};
 
 /// A silent stream's clock is assumed to advance with the wall clock, lagging this much:
 /// CoreDNS holds frames in a 4 KB buffer, so at low rates they arrive seconds late.
@@ -54,83 +55,6 @@ struct SourceClock {
     /// The latest sender-loss sequence seen on the source.
     loss_seq: u64,
     expiry: BinaryHeap<Reverse<(Nanos, u32, u32)>>,
-}
-
-struct Slot {
-    generation: u32,
-    /// The next session in the same bucket (`NO_SLOT` ends the chain).
-    next: u32,
-    session: Option<Session>,
-}
-
-const NO_SLOT: u32 = u32::MAX;
-
-/// Session slots in fixed pages: the table grows without the copy (and the brief double
-/// footprint) of a doubling vector.
-#[derive(Default)]
-struct Slots {
-    pages: Vec<Box<[Slot]>>,
-    len: usize,
-}
-
-const SLOTS_PER_PAGE: usize = 4096;
-
-impl Slots {
-    fn push(&mut self, slot: Slot) -> u32 {
-        let (page, i) = (self.len / SLOTS_PER_PAGE, self.len % SLOTS_PER_PAGE);
-        if page == self.pages.len() {
-            self.pages.push(
-                (0..SLOTS_PER_PAGE)
-                    .map(|_| Slot {
-                        generation: 0,
-                        next: NO_SLOT,
-                        session: None,
-                    })
-                    .collect(),
-            );
-        }
-        self.pages[page][i] = slot;
-        self.len += 1;
-        (self.len - 1) as u32
-    }
-}
-
-impl std::ops::Index<u32> for Slots {
-    type Output = Slot;
-    fn index(&self, i: u32) -> &Slot {
-        &self.pages[i as usize / SLOTS_PER_PAGE][i as usize % SLOTS_PER_PAGE]
-    }
-}
-
-impl std::ops::IndexMut<u32> for Slots {
-    fn index_mut(&mut self, i: u32) -> &mut Slot {
-        &mut self.pages[i as usize / SLOTS_PER_PAGE][i as usize % SLOTS_PER_PAGE]
-    }
-}
-
-/// Buckets are keyed by an already well-mixed 64-bit hash: don't hash it again.
-#[derive(Default, Clone, Copy)]
-struct KeyIsHash;
-impl BuildHasher for KeyIsHash {
-    type Hasher = KeyHasher;
-    fn build_hasher(&self) -> KeyHasher {
-        KeyHasher(0)
-    }
-}
-#[derive(Default)]
-struct KeyHasher(u64);
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 << 8) ^ (*b as u64);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
 }
 
 /// Where a finished session goes. Its messages' bytes are in `store` until the call returns.
