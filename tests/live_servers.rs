@@ -19,6 +19,7 @@ use live::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs;
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -172,6 +173,32 @@ fn unbound_tcp_sessions() {
     assert_sessions("unbound live", &sessions, &expected);
 }
 
+/// The analyser listening on a unix socket (with a 20 s session timeout: BIND and Knot Resolver
+/// answer a silent upstream late), then the forwarder `start` makes, connected to it. The socket
+/// must exist first: kresd disables dnstap for good if it does not.
+fn behind_unix_analyser(
+    dir: &TempDir,
+    name: &str,
+    start: impl FnOnce(&Path) -> Forwarder,
+) -> (Analyser, Forwarder) {
+    let sock = dir.join("tap.sock");
+    let mut an = Analyser::start(&[
+        "--listen".into(),
+        format!("unix://{}", sock.display()),
+        "--session-timeout".into(),
+        "20".into(),
+    ]);
+    an.wait_unix(&sock);
+    let fwd = start(&sock);
+    wait_until(
+        &format!("{name} to connect its dnstap unix stream"),
+        Duration::from_secs(15),
+        || unix_connections_to(&sock) >= 1,
+    );
+    thread::sleep(Duration::from_millis(300));
+    (an, fwd)
+}
+
 /// BIND named -> analyser over a unix socket (named has no TCP output). named logs the upstream
 /// leg as RESOLVER_QUERY/RESPONSE with fresh ids, writes CR before RR, and answers the silent
 /// upstream with SERVFAIL after resolver-query-timeout (10 s, its minimum).
@@ -181,22 +208,10 @@ fn named_unix_sessions() {
     let dir = TempDir::new("named");
     let silent = SilentUpstream::start();
     let nsd = start_nsd(&dir);
-    let sock = dir.join("tap.sock");
-    let mut an = Analyser::start(&[
-        "--listen".into(),
-        format!("unix://{}", sock.display()),
-        // named answers the silent query after 10 s: keep its session open long enough
-        "--session-timeout".into(),
-        "20".into(),
-    ]);
-    an.wait_unix(&sock);
-    let mut nm = start_named(&dir, nsd.port, silent.port, &sock);
-    wait_until(
-        "named to connect its dnstap unix stream",
-        Duration::from_secs(15),
-        || unix_connections_to(&sock) >= 1,
-    );
-    thread::sleep(Duration::from_millis(300));
+    // named answers the silent query after 10 s: its session stays open long enough
+    let (an, mut nm) = behind_unix_analyser(&dir, "named", |sock| {
+        start_named(&dir, nsd.port, silent.port, sock)
+    });
 
     run_standard_queries(&mut nm.server, nm.port, "SERVFAIL");
     let a = dig(nm.port, "x.silent.test", "A", false, 20);
@@ -264,23 +279,10 @@ fn kresd_unix_sessions() {
     let dir = TempDir::new("kresd");
     let silent = SilentUpstream::start();
     let nsd = start_nsd(&dir);
-    let sock = dir.join("tap.sock");
-    let mut an = Analyser::start(&[
-        "--listen".into(),
-        format!("unix://{}", sock.display()),
-        // kresd answers the silent query after 2-16 s: keep its session open long enough
-        "--session-timeout".into(),
-        "20".into(),
-    ]);
-    // kresd disables dnstap for good if the socket does not exist when it starts
-    an.wait_unix(&sock);
-    let mut kr = start_kresd(&dir, nsd.port, silent.port, &sock);
-    wait_until(
-        "kresd to connect its dnstap unix stream",
-        Duration::from_secs(15),
-        || unix_connections_to(&sock) >= 1,
-    );
-    thread::sleep(Duration::from_millis(300));
+    // kresd answers the silent query after 2-16 s: its session stays open long enough
+    let (an, mut kr) = behind_unix_analyser(&dir, "kresd", |sock| {
+        start_kresd(&dir, nsd.port, silent.port, sock)
+    });
 
     run_standard_queries(&mut kr.server, kr.port, "SERVFAIL");
     let a = dig(kr.port, "x.silent.test", "A", false, 20);

@@ -657,10 +657,10 @@ impl PodGen {
         encode(out, &self.identity, self.mapped, s, &f);
     }
 
-    fn emit_client_response(&mut self, out: &mut Vec<u8>, slot: u32) {
-        if !self.account(slot, 1) {
-            return;
-        }
+    /// The session's answer into `r_wire`: as the client gets it (CR: compressed, with the
+    /// cookie, TTL 5 from the kubernetes plugin or the cache's countdown from 300) or as the
+    /// upstream sent it (FR: re-encoded without compression, TTL 300).
+    fn fill_response(&mut self, slot: u32, to_client: bool) {
         let s = &self.slab[slot as usize];
         let (qname, zone_at) = self.model.names[s.class as usize].get(s.name as usize);
         let local = s.outcome == Outcome::Local;
@@ -673,15 +673,26 @@ impl PodGen {
             &ResponseShape {
                 id: s.id,
                 rcode: s.rcode,
-                authoritative: local,
-                compress: true,
-                // kubernetes plugin TTL 5; cache rewrites the upstream's 300.
-                ttl: if local { 5 } else { 300 - (s.addr_seed % 270) },
-                cookie: Some(s.cookie),
+                authoritative: to_client && local,
+                compress: to_client,
+                ttl: match (to_client, local) {
+                    (true, true) => 5,
+                    (true, false) => 300 - (s.addr_seed % 270),
+                    (false, _) => 300,
+                },
+                cookie: to_client.then_some(s.cookie),
                 answers: s.answers,
                 addr_seed: s.addr_seed,
             },
         );
+    }
+
+    fn emit_client_response(&mut self, out: &mut Vec<u8>, slot: u32) {
+        if !self.account(slot, 1) {
+            return;
+        }
+        self.fill_response(slot, true);
+        let s = &self.slab[slot as usize];
         let f = Fields {
             ty: MsgType::CLIENT_RESPONSE,
             query_time: s.t_cq,
@@ -697,26 +708,12 @@ impl PodGen {
         if !self.account(slot, if response { 3 } else { 2 }) {
             return;
         }
+        if response {
+            self.fill_response(slot, false);
+        }
         let s = &self.slab[slot as usize];
-        let (qname, zone_at) = self.model.names[s.class as usize].get(s.name as usize);
+        let (qname, _) = self.model.names[s.class as usize].get(s.name as usize);
         let wire = if response {
-            self.r_wire.clear();
-            dnswire::response(
-                &mut self.r_wire,
-                qname,
-                zone_at,
-                s.qtype,
-                &ResponseShape {
-                    id: s.id,
-                    rcode: s.rcode,
-                    authoritative: false,
-                    compress: false,
-                    ttl: 300,
-                    cookie: None,
-                    answers: s.answers,
-                    addr_seed: s.addr_seed,
-                },
-            );
             &self.r_wire
         } else {
             // Byte-identical to the client's query.

@@ -922,125 +922,99 @@ pub struct Forwarder {
     pub server: Server,
 }
 
+/// A forwarder `name` (binary `name` from Debian package `package`) with `name.conf` rendered
+/// from tests/live/ with its listening PORT, UPSTREAM, SILENT and the given `vars`, started with
+/// the arguments `args` gives for that config, and answering on PORT.
+fn start_forwarder(
+    dir: &TempDir,
+    (name, package): (&str, &str),
+    (upstream, silent): (u16, u16),
+    vars: &[(&str, String)],
+    args: impl FnOnce(&mut Command, &Path),
+    ready_within: Duration,
+) -> Forwarder {
+    let bin = require_binary(name, package);
+    let port = alloc_port();
+    let mut all = vec![
+        ("DIR", dir.path().display().to_string()),
+        ("PORT", port.to_string()),
+        ("UPSTREAM", upstream.to_string()),
+        ("SILENT", silent.to_string()),
+    ];
+    all.extend(vars.iter().cloned());
+    let conf_name = format!("{name}.conf");
+    let conf = render_to(&conf_name, dir, &conf_name, &all);
+    let mut cmd = Command::new(bin);
+    args(&mut cmd, &conf);
+    let mut server = Server::spawn(name, cmd, dir.join(&format!("{name}.log")));
+    wait_dns_ready(&mut server, port, "ready.example.test", ready_within);
+    Forwarder { port, server }
+}
+
 /// unbound forwarding to `upstream`, `silent.test` to the silent socket, dnstap over TCP to
 /// 127.0.0.1:`tap_port`.
 pub fn start_unbound(dir: &TempDir, upstream: u16, silent: u16, tap_port: u16) -> Forwarder {
-    let bin = require_binary("unbound", "unbound");
-    let port = alloc_port();
-    let conf = render_to(
-        "unbound.conf",
+    start_forwarder(
         dir,
-        "unbound.conf",
-        &[
-            ("DIR", dir.path().display().to_string()),
-            ("PORT", port.to_string()),
-            ("UPSTREAM", upstream.to_string()),
-            ("SILENT", silent.to_string()),
-            ("TAP", tap_port.to_string()),
-        ],
-    );
-    let mut cmd = Command::new(bin);
-    cmd.arg("-d").arg("-c").arg(&conf);
-    let mut server = Server::spawn("unbound", cmd, dir.join("unbound.log"));
-    wait_dns_ready(
-        &mut server,
-        port,
-        "ready.example.test",
+        ("unbound", "unbound"),
+        (upstream, silent),
+        &[("TAP", tap_port.to_string())],
+        |cmd, conf| {
+            cmd.arg("-d").arg("-c").arg(conf);
+        },
         Duration::from_secs(20),
-    );
-    Forwarder { port, server }
+    )
 }
 
 /// BIND named forwarding (`forward only`), dnstap to the unix socket `tap_sock`.
 pub fn start_named(dir: &TempDir, upstream: u16, silent: u16, tap_sock: &Path) -> Forwarder {
-    let bin = require_binary("named", "bind9");
-    let port = alloc_port();
-    let conf = render_to(
-        "named.conf",
+    start_forwarder(
         dir,
-        "named.conf",
-        &[
-            ("DIR", dir.path().display().to_string()),
-            ("PORT", port.to_string()),
-            ("UPSTREAM", upstream.to_string()),
-            ("SILENT", silent.to_string()),
-            ("TAPSOCK", tap_sock.display().to_string()),
-        ],
-    );
-    let mut cmd = Command::new(bin);
-    // -g: foreground, log to stderr; no -u: stays root; -n 1: one worker thread
-    cmd.arg("-g").arg("-n").arg("1").arg("-c").arg(&conf);
-    let mut server = Server::spawn("named", cmd, dir.join("named.log"));
-    wait_dns_ready(
-        &mut server,
-        port,
-        "ready.example.test",
+        ("named", "bind9"),
+        (upstream, silent),
+        &[("TAPSOCK", tap_sock.display().to_string())],
+        // -g: foreground, log to stderr; no -u: stays root; -n 1: one worker thread
+        |cmd, conf| {
+            cmd.arg("-g").arg("-n").arg("1").arg("-c").arg(conf);
+        },
         Duration::from_secs(30),
-    );
-    Forwarder { port, server }
+    )
 }
 
 /// Knot Resolver (kresd) forwarding, dnstap to the unix socket `tap_sock` (must already exist).
 pub fn start_kresd(dir: &TempDir, upstream: u16, silent: u16, tap_sock: &Path) -> Forwarder {
-    let bin = require_binary("kresd", "knot-resolver");
-    let port = alloc_port();
-    let conf = render_to(
-        "kresd.conf",
-        dir,
-        "kresd.conf",
-        &[
-            ("DIR", dir.path().display().to_string()),
-            ("PORT", port.to_string()),
-            ("UPSTREAM", upstream.to_string()),
-            ("SILENT", silent.to_string()),
-            ("TAPSOCK", tap_sock.display().to_string()),
-        ],
-    );
     let rundir = dir.join("kresd-run");
     fs::create_dir_all(&rundir).unwrap();
-    let mut cmd = Command::new(bin);
-    // -n: non-interactive (no console on stdin)
-    cmd.arg("-n").arg("-c").arg(&conf).arg(&rundir);
-    let mut server = Server::spawn("kresd", cmd, dir.join("kresd.log"));
-    wait_dns_ready(
-        &mut server,
-        port,
-        "ready.example.test",
+    start_forwarder(
+        dir,
+        ("kresd", "knot-resolver"),
+        (upstream, silent),
+        &[("TAPSOCK", tap_sock.display().to_string())],
+        // -n: non-interactive (no console on stdin)
+        |cmd, conf| {
+            cmd.arg("-n").arg("-c").arg(conf).arg(&rundir);
+        },
         Duration::from_secs(20),
-    );
-    Forwarder { port, server }
+    )
 }
 
 /// dnsdist balancing to `upstream` (and `silent.test` to the silent socket), dnstap over TCP
 /// to 127.0.0.1:`tap_port`.
 pub fn start_dnsdist(dir: &TempDir, upstream: u16, silent: u16, tap_port: u16) -> Forwarder {
-    let bin = require_binary("dnsdist", "dnsdist");
-    let port = alloc_port();
-    let conf = render_to(
-        "dnsdist.conf",
+    start_forwarder(
         dir,
-        "dnsdist.conf",
-        &[
-            ("PORT", port.to_string()),
-            ("UPSTREAM", upstream.to_string()),
-            ("SILENT", silent.to_string()),
-            ("TAP", tap_port.to_string()),
-        ],
-    );
-    let mut cmd = Command::new(bin);
-    // --supervised: foreground, no console; no --uid/--gid: stays root
-    cmd.arg("--supervised")
-        .arg("--disable-syslog")
-        .arg("-C")
-        .arg(&conf);
-    let mut server = Server::spawn("dnsdist", cmd, dir.join("dnsdist.log"));
-    wait_dns_ready(
-        &mut server,
-        port,
-        "ready.example.test",
+        ("dnsdist", "dnsdist"),
+        (upstream, silent),
+        &[("TAP", tap_port.to_string())],
+        // --supervised: foreground, no console; no --uid/--gid: stays root
+        |cmd, conf| {
+            cmd.arg("--supervised")
+                .arg("--disable-syslog")
+                .arg("-C")
+                .arg(conf);
+        },
         Duration::from_secs(20),
-    );
-    Forwarder { port, server }
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
