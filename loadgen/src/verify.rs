@@ -32,46 +32,15 @@ impl Report {
     }
 }
 
-/// Which statuses the analyser printed (`--log`).
-#[derive(Debug, Clone, Copy)]
-pub struct Logged {
-    pub succeeded: bool,
-    pub failed: bool,
-    pub sample_loss: bool,
-}
+/// Which statuses the analyser printed: its own `--log` filter, parsed the same way.
+pub use dnstap_analyser::output::LogFilter as Logged;
 
-impl Logged {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let mut l = Logged {
-            succeeded: false,
-            failed: false,
-            sample_loss: false,
-        };
-        for part in s.split(',').map(str::trim) {
-            match part.to_ascii_lowercase().as_str() {
-                "all" => {
-                    l = Logged {
-                        succeeded: true,
-                        failed: true,
-                        sample_loss: true,
-                    }
-                }
-                "succeeded" => l.succeeded = true,
-                "failed" => l.failed = true,
-                "sampleloss" | "sample_loss" => l.sample_loss = true,
-                other => return Err(format!("--logged: unknown status {other:?}")),
-            }
-        }
-        Ok(l)
-    }
-    fn has(&self, status: &str) -> bool {
-        match status {
-            "Succeeded" => self.succeeded,
-            "Failed" => self.failed,
-            "SampleLoss" => self.sample_loss,
-            _ => false,
-        }
-    }
+/// Whether the analyser printed sessions of this status name.
+fn logs(logged: &Logged, status: &str) -> bool {
+    use dnstap_analyser::correlate::Status;
+    Status::ALL
+        .iter()
+        .any(|st| st.name() == status && logged.allows(*st))
 }
 
 fn read_json(path: &Path) -> Result<Value, String> {
@@ -522,7 +491,7 @@ fn check_sessions(
     for t in truth.all.iter().filter(|t| !t.used && t.status != "-") {
         if t.lost {
             lost_unseen += 1;
-        } else if logged.has(&t.status) {
+        } else if logs(&logged, &t.status) {
             if analyser_shed {
                 // The analyser may have shed every message of it.
                 vanished += 1;
