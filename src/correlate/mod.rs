@@ -14,7 +14,7 @@ use hashbrown::HashMap;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
-use table::{KeyIsHash, Slot, Slots, NO_SLOT};
+use table::{SessionTable, SlotId, MAX_SLOTS};
 
 /// A silent stream's clock is assumed to advance with the wall clock, lagging this much:
 /// CoreDNS holds frames in a 4 KB buffer, so at low rates they arrive seconds late.
@@ -23,6 +23,11 @@ pub const IDLE_LAG: Duration = Duration::from_secs(5);
 const LOSS_HOLD: Nanos = 1_000_000_000;
 /// Messages kept per session; a retry storm beyond this is counted, not stored.
 const MAX_MESSAGES: usize = 64;
+/// Match scores: lower wins. An exact join (same query_time, or the FR of an open attempt)
+/// beats every time-distance score; a fallback (an orphan's leg, an FR pairing with no open
+/// attempt) loses to any plausible time-distance match.
+const EXACT_MATCH: u64 = 0;
+const FALLBACK_MATCH: u64 = 1 << 62;
 /// Slack for matching times: BIND stamps milliseconds, unbound stamps FR before its FQ.
 const TIME_SLACK: Nanos = 2_000_000;
 
@@ -54,7 +59,9 @@ struct SourceClock {
     advanced_at: Instant,
     /// The latest sender-loss sequence seen on the source.
     loss_seq: u64,
-    expiry: BinaryHeap<Reverse<(Nanos, u32, u32)>>,
+    /// (deadline, slot, slot generation); entries of finished or rescheduled sessions go
+    /// stale and are skipped.
+    expiry: BinaryHeap<Reverse<(Nanos, SlotId, u32)>>,
 }
 
 /// Where a finished session goes. Its messages' bytes are in `store` until the call returns.
@@ -70,12 +77,8 @@ impl<F: FnMut(&Session, Verdict, &MessageStore)> SessionSink for F {
 
 pub struct Correlator {
     cfg: Config,
-    slots: Slots,
-    free: Vec<u32>,
-    /// Key to the first slot of its chain.
-    buckets: HashMap<u64, u32, KeyIsHash>,
+    table: SessionTable,
     sources: HashMap<SourceId, SourceClock>,
-    open: usize,
     /// Grows each time the analyser dropped events bound for this shard.
     drop_epoch: u32,
     upstream_hasher: ahash::RandomState,
@@ -87,14 +90,12 @@ pub struct Correlator {
 }
 
 impl Correlator {
-    pub fn new(cfg: Config) -> Self {
+    pub fn new(mut cfg: Config) -> Self {
+        cfg.max_sessions = cfg.max_sessions.min(MAX_SLOTS);
         Self {
             cfg,
-            slots: Slots::default(),
-            free: Vec::new(),
-            buckets: HashMap::with_hasher(KeyIsHash),
+            table: SessionTable::default(),
             sources: HashMap::new(),
-            open: 0,
             drop_epoch: 0,
             upstream_hasher: crate::dns::key_hasher(),
             store: MessageStore::default(),
@@ -104,7 +105,7 @@ impl Correlator {
     }
 
     pub fn open_sessions(&self) -> usize {
-        self.open
+        self.table.len()
     }
 
     /// Joins one event; `message` is its encoded dnstap.Message, kept if a session takes it.
@@ -235,11 +236,11 @@ impl Correlator {
             if !s.has(Role::ClientQuery) {
                 // An orphan upstream leg of the same request (its CQ was lost): join it.
                 let same = s.dns_id.is_none_or(|d| Some(d) == id);
-                return same.then_some(1 << 62);
+                return same.then_some(FALLBACK_MATCH);
             }
             // CoreDNS and dnsdist copy the CQ's query_time into the CR: an exact join.
             if let (Some(a), Some(b)) = (ev.query_time, s.cq_time()) {
-                return (a == b).then_some(0);
+                return (a == b).then_some(EXACT_MATCH);
             }
             let same_client = client == 0 || s.client == 0 || client == s.client;
             let cq = s.cq_time().unwrap_or(s.first_time);
@@ -259,7 +260,10 @@ impl Correlator {
             },
         };
         self.push_message(slot, &ev);
-        let has_query = self.session_mut(slot).has(Role::ClientQuery);
+        let has_query = self
+            .table
+            .get(slot)
+            .is_some_and(|s| s.has(Role::ClientQuery));
         if found.is_some() && has_query {
             self.complete(slot, sink);
         } else if found.is_none() {
@@ -291,7 +295,11 @@ impl Correlator {
                         && (!keeps_id || m.time() == ev.query_time)
                 });
                 let open = s.upstream_queries > s.upstream_responses;
-                return Some(if pairs && open { 0 } else { 1 << 62 });
+                return Some(if pairs && open {
+                    EXACT_MATCH
+                } else {
+                    FALLBACK_MATCH
+                });
             }
             let start = s.cq_time().unwrap_or(s.first_time);
             (start <= t.saturating_add(TIME_SLACK)).then(|| t.saturating_sub(start))
@@ -330,7 +338,7 @@ impl Correlator {
     /// - CoreDNS answered without an upstream leg: a lost FQ+FR pair would look exactly like
     ///   this, and loss shows up only when the burst's orphans arrive, just after. Wait
     ///   `LOSS_HOLD` so that evidence still counts.
-    fn complete(&mut self, slot: u32, sink: &mut impl SessionSink) {
+    fn complete(&mut self, slot: SlotId, sink: &mut impl SessionSink) {
         let grace = self.cfg.orphan_grace;
         let s = self.session_mut(slot);
         let in_order = s.profile.writes_in_order();
@@ -367,54 +375,29 @@ impl Correlator {
         self.upstream_hasher.hash_one(ev.upstream) as u32
     }
 
-    fn find(&self, key: u64, mut pred: impl FnMut(&Session) -> bool) -> Option<u32> {
-        self.find_best(key, |s| pred(s).then_some(0))
+    fn find(&self, key: u64, mut pred: impl FnMut(&Session) -> bool) -> Option<SlotId> {
+        self.find_best(key, |s| pred(s).then_some(EXACT_MATCH))
     }
 
-    /// The candidate in the key's bucket with the lowest score (None = not a candidate).
-    fn find_best(&self, key: u64, mut score: impl FnMut(&Session) -> Option<u64>) -> Option<u32> {
-        let mut best = None;
-        let mut slot = self.buckets.get(&key).copied().unwrap_or(NO_SLOT);
-        while slot != NO_SLOT {
-            let entry = &self.slots[slot];
-            if let Some(sc) = entry.session.as_ref().and_then(&mut score) {
-                if best.is_none_or(|b| (sc, slot) < b) {
-                    best = Some((sc, slot));
-                }
-            }
-            slot = entry.next;
-        }
-        best.map(|(_, slot)| slot)
-    }
-
-    fn unlink(&mut self, key: u64, slot: u32) {
-        let next = self.slots[slot].next;
-        let Some(head) = self.buckets.get_mut(&key) else {
-            return;
-        };
-        if *head == slot {
-            if next == NO_SLOT {
-                self.buckets.remove(&key);
-            } else {
-                *head = next;
-            }
-            return;
-        }
-        let mut prev = *head;
-        while prev != NO_SLOT {
-            if self.slots[prev].next == slot {
-                self.slots[prev].next = next;
-                return;
-            }
-            prev = self.slots[prev].next;
-        }
+    /// The candidate in the key's chain with the lowest score (None = not a candidate); ties
+    /// go to the lowest slot.
+    fn find_best(
+        &self,
+        key: u64,
+        mut score: impl FnMut(&Session) -> Option<u64>,
+    ) -> Option<SlotId> {
+        self.table
+            .candidates(key)
+            .filter_map(|(slot, s)| score(s).map(|sc| (sc, slot)))
+            .min()
+            .map(|(_, slot)| slot)
     }
 
     /// Opens a session for this event; evicts the oldest of its source when the table is full.
-    fn insert(&mut self, ev: &Event, t: Nanos, sink: &mut impl SessionSink) -> Option<u32> {
-        if self.open >= self.cfg.max_sessions {
+    fn insert(&mut self, ev: &Event, t: Nanos, sink: &mut impl SessionSink) -> Option<SlotId> {
+        if self.table.len() >= self.cfg.max_sessions {
             self.evict_oldest(ev.source, sink);
-            if self.open >= self.cfg.max_sessions {
+            if self.table.len() >= self.cfg.max_sessions {
                 return None;
             }
         }
@@ -422,20 +405,7 @@ impl Correlator {
         let mut session = Session::open(ev.source, ev.profile, ev.key, t, ev.question.is_some());
         session.loss_seq_at_open = ev.loss_seq.max(clock_seq);
         session.drop_epoch_at_open = self.drop_epoch;
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot].session = Some(session);
-                slot
-            }
-            None => self.slots.push(Slot {
-                generation: 0,
-                next: NO_SLOT,
-                session: Some(session),
-            }),
-        };
-        self.slots[slot].next = self.buckets.insert(ev.key, slot).unwrap_or(NO_SLOT);
-        self.open += 1;
-        Some(slot)
+        Some(self.table.insert(session))
     }
 
     fn evict_oldest(&mut self, source: SourceId, sink: &mut impl SessionSink) {
@@ -446,7 +416,7 @@ impl Correlator {
             let Some(Reverse((deadline, slot, generation))) = c.expiry.pop() else {
                 return;
             };
-            if self.is_live(slot, generation, deadline) {
+            if self.table.is_live(slot, generation, deadline) {
                 self.session_mut(slot).loss = Some(LossReason::SessionTableFull);
                 self.finish(slot, sink);
                 return;
@@ -454,29 +424,18 @@ impl Correlator {
         }
     }
 
-    fn session_mut(&mut self, slot: u32) -> &mut Session {
-        self.slots[slot]
-            .session
-            .as_mut()
-            .expect("slot holds a live session")
+    fn session_mut(&mut self, slot: SlotId) -> &mut Session {
+        self.table.get_mut(slot)
     }
 
-    fn is_live(&self, slot: u32, generation: u32, deadline: Nanos) -> bool {
-        let s = &self.slots[slot];
-        s.generation == generation && s.session.as_ref().is_some_and(|s| s.deadline == deadline)
-    }
-
-    fn push_message(&mut self, slot: u32, ev: &Event) {
+    fn push_message(&mut self, slot: SlotId, ev: &Event) {
         let upstream = if matches!(ev.role, Role::UpstreamQuery | Role::UpstreamResponse) {
             self.upstream_hash(ev)
         } else {
             0
         };
-        let s = self.slots[slot]
-            .session
-            .as_mut()
-            .expect("slot holds a live session");
-        s.bitmap.0 |= ev.role.bit();
+        let s = self.table.get_mut(slot);
+        s.bitmap = s.bitmap.with(BitMap::of(ev.role));
         if s.messages.len() >= MAX_MESSAGES {
             s.messages_dropped = s.messages_dropped.saturating_add(1);
             return;
@@ -517,8 +476,8 @@ impl Correlator {
         });
     }
 
-    fn reschedule(&mut self, slot: u32, deadline: Nanos) {
-        let generation = self.slots[slot].generation;
+    fn reschedule(&mut self, slot: SlotId, deadline: Nanos) {
+        let generation = self.table.generation(slot);
         let s = self.session_mut(slot);
         if s.deadline == deadline {
             return;
@@ -544,22 +503,17 @@ impl Correlator {
                 return;
             }
             c.expiry.pop();
-            if self.is_live(slot, generation, deadline) {
+            if self.table.is_live(slot, generation, deadline) {
                 self.finish(slot, sink);
             }
         }
     }
 
     /// Removes the session from the table and hands it to the sink with its verdict.
-    fn finish(&mut self, slot: u32, sink: &mut impl SessionSink) {
-        let entry = &mut self.slots[slot];
-        let Some(session) = entry.session.take() else {
+    fn finish(&mut self, slot: SlotId, sink: &mut impl SessionSink) {
+        let Some(session) = self.table.remove(slot) else {
             return;
         };
-        entry.generation = entry.generation.wrapping_add(1);
-        self.free.push(slot);
-        self.open -= 1;
-        self.unlink(session.key, slot);
         let loss_seq_now = self.sources.get(&session.source).map_or(0, |c| c.loss_seq);
         let evident = if self.drop_epoch != session.drop_epoch_at_open {
             Some(LossReason::AnalyserQueueFull)
@@ -686,10 +640,10 @@ mod tests {
                     out.push((s.clone(), v))
                 });
         }
-        fn verdicts(&self) -> Vec<(Status, u8, Option<LossReason>)> {
+        fn verdicts(&self) -> Vec<(Status, BitMap, Option<LossReason>)> {
             self.out
                 .iter()
-                .map(|(_, v)| (v.status, v.bitmap.0, v.loss))
+                .map(|(_, v)| (v.status, v.bitmap, v.loss))
                 .collect()
         }
     }
@@ -712,7 +666,10 @@ mod tests {
     fn a_client_response_completes_the_session_at_once() {
         let mut run = Run::new();
         forwarded(&mut run, 1, T0, 0);
-        assert_eq!(run.verdicts(), [(Status::Succeeded, 15, None)]);
+        assert_eq!(
+            run.verdicts(),
+            [(Status::Succeeded, BitMap::FORWARDED, None)]
+        );
         assert_eq!(run.corr.open_sessions(), 0);
     }
 
@@ -726,7 +683,10 @@ mod tests {
         run.flush();
         assert_eq!(
             run.verdicts(),
-            [(Status::Succeeded, 3, None), (Status::Failed, 3, None)]
+            [
+                (Status::Succeeded, BitMap::CQ_CR, None),
+                (Status::Failed, BitMap::CQ_CR, None)
+            ]
         );
         assert_eq!(run.out[0].0.dns_id, Some(2));
     }
@@ -748,12 +708,12 @@ mod tests {
         forwarded(&mut run, 2, T0 + 9 * S, 0);
         assert_eq!(
             run.verdicts(),
-            [(Status::Succeeded, 15, None)],
+            [(Status::Succeeded, BitMap::FORWARDED, None)],
             "9 s in: still waiting"
         );
         forwarded(&mut run, 3, T0 + 10 * S + 1, 0);
         assert_eq!(run.out[1].1.status, Status::Failed);
-        assert_eq!(run.out[1].1.bitmap, BitMap(5));
+        assert_eq!(run.out[1].1.bitmap, BitMap::UPSTREAM_UNREACHABLE);
         assert_eq!(run.out[1].0.upstream_queries, 3);
     }
 
@@ -769,8 +729,12 @@ mod tests {
         assert_eq!(
             run.verdicts(),
             [
-                (Status::SampleLoss, 14, Some(LossReason::ClientQueryMissing)),
-                (Status::Succeeded, 15, None)
+                (
+                    Status::SampleLoss,
+                    BitMap::CR_FQ_FR,
+                    Some(LossReason::ClientQueryMissing)
+                ),
+                (Status::Succeeded, BitMap::FORWARDED, None)
             ]
         );
     }
@@ -784,12 +748,12 @@ mod tests {
         run.feed(later);
         assert_eq!(
             run.verdicts(),
-            [(Status::SampleLoss, 1, Some(LossReason::SenderLoss))]
+            [(Status::SampleLoss, BitMap::CQ, Some(LossReason::SenderLoss))]
         );
         run.flush();
         assert_eq!(
             run.verdicts()[1],
-            (Status::Failed, 1, None),
+            (Status::Failed, BitMap::CQ, None),
             "opened after the loss"
         );
     }
@@ -805,8 +769,12 @@ mod tests {
         assert_eq!(
             run.verdicts(),
             [
-                (Status::SampleLoss, 3, Some(LossReason::AnalyserQueueFull)),
-                (Status::Succeeded, 15, None)
+                (
+                    Status::SampleLoss,
+                    BitMap::CQ_CR,
+                    Some(LossReason::AnalyserQueueFull)
+                ),
+                (Status::Succeeded, BitMap::FORWARDED, None)
             ]
         );
     }
@@ -823,7 +791,11 @@ mod tests {
         }
         assert_eq!(
             run.verdicts(),
-            [(Status::SampleLoss, 1, Some(LossReason::SessionTableFull))]
+            [(
+                Status::SampleLoss,
+                BitMap::CQ,
+                Some(LossReason::SessionTableFull)
+            )]
         );
         assert_eq!(run.out[0].0.dns_id, Some(1));
         assert_eq!(run.corr.open_sessions(), 2);
@@ -839,7 +811,7 @@ mod tests {
             run.verdicts(),
             [(
                 Status::SampleLoss,
-                7,
+                BitMap::CQ_CR_FQ,
                 Some(LossReason::UpstreamResponseMissing)
             )]
         );
@@ -862,7 +834,7 @@ mod tests {
             |_| 0,
             &mut |s: &Session, v, _: &MessageStore| out.push((s.clone(), v)),
         );
-        assert_eq!(run.verdicts(), [(Status::Failed, 1, None)]);
+        assert_eq!(run.verdicts(), [(Status::Failed, BitMap::CQ, None)]);
     }
 
     #[test]
@@ -882,10 +854,10 @@ mod tests {
             Some(T0 + 15 * S + 1000),
             0,
         )));
-        assert_eq!(run.verdicts(), [(Status::Succeeded, 3, None)]);
+        assert_eq!(run.verdicts(), [(Status::Succeeded, BitMap::CQ_CR, None)]);
         // BIND's SERVFAIL for the first query, 16 s late, still joins it.
         run.feed(bind(ev(Role::ClientResponse, 1, T0, Some(T0 + 16 * S), 2)));
-        assert_eq!(run.verdicts()[1], (Status::Failed, 3, None));
+        assert_eq!(run.verdicts()[1], (Status::Failed, BitMap::CQ_CR, None));
     }
 
     #[test]
@@ -902,7 +874,14 @@ mod tests {
         run.feed(orphan);
         forwarded(&mut run, 3, T0 + 3 * S, 0);
         let v = run.verdicts();
-        assert_eq!(v[0], (Status::SampleLoss, 3, Some(LossReason::SenderLoss)));
+        assert_eq!(
+            v[0],
+            (
+                Status::SampleLoss,
+                BitMap::CQ_CR,
+                Some(LossReason::SenderLoss)
+            )
+        );
         // Loss after the hold does not touch a session that ended before it.
         let mut run = Run::new();
         run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
@@ -911,7 +890,7 @@ mod tests {
         let mut late = ev(Role::ClientQuery, 2, T0 + 2 * S, None, 0);
         late.loss_seq = 1;
         run.feed(late);
-        assert_eq!(run.verdicts(), [(Status::Succeeded, 3, None)]);
+        assert_eq!(run.verdicts(), [(Status::Succeeded, BitMap::CQ_CR, None)]);
     }
 
     #[test]
@@ -951,7 +930,7 @@ mod tests {
         run.feed(ev(Role::UpstreamQuery, 1, T0 + 1, None, 0));
         run.feed(ev(Role::UpstreamResponse, 1, T0 + 1, Some(T0 + 2), 0));
         run.flush();
-        assert_eq!(run.verdicts(), [(Status::Failed, 13, None)]);
+        assert_eq!(run.verdicts(), [(Status::Failed, BitMap::CQ_FQ_FR, None)]);
         assert_eq!(run.corr.open_sessions(), 0);
     }
 }

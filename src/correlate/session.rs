@@ -9,8 +9,65 @@ use smallvec::SmallVec;
 pub struct BitMap(pub u8);
 
 impl BitMap {
+    pub const NONE: Self = Self(0);
+    pub const CQ: Self = Self(1);
+    pub const CR: Self = Self(2);
+    /// FORWARDER_QUERY, or RESOLVER_QUERY for recursive resolvers.
+    pub const FQ: Self = Self(4);
+    /// FORWARDER_RESPONSE, or RESOLVER_RESPONSE.
+    pub const FR: Self = Self(8);
+    /// Answered without an upstream leg (cache, hosts, a local zone).
+    pub const CQ_CR: Self = Self::CQ.with(Self::CR);
+    /// Forwarded, no upstream answer, no client response: upstream unreachable or timing out.
+    pub const CQ_FQ: Self = Self::CQ.with(Self::FQ);
+    pub const UPSTREAM_UNREACHABLE: Self = Self::CQ_FQ;
+    /// Forwarded without an upstream answer, and the client got a response.
+    pub const CQ_CR_FQ: Self = Self::CQ_CR.with(Self::FQ);
+    pub const CQ_FR: Self = Self::CQ.with(Self::FR);
+    pub const CQ_CR_FR: Self = Self::CQ_CR.with(Self::FR);
+    /// The upstream answered, the client got no response.
+    pub const CQ_FQ_FR: Self = Self::CQ_FQ.with(Self::FR);
+    /// Everything but the client query.
+    pub const CR_FQ_FR: Self = Self::CR.with(Self::FQ).with(Self::FR);
+    /// Every role: a forwarded request, answered.
+    pub const CQ_CR_FQ_FR: Self = Self::CQ_CR.with(Self::FQ).with(Self::FR);
+    pub const FORWARDED: Self = Self::CQ_CR_FQ_FR;
+    /// The upstream leg of a request.
+    pub const UPSTREAM: Self = Self::FQ.with(Self::FR);
+
+    /// The roles in either map.
+    pub const fn with(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+
+    /// The roles of `self` that are not in `other`.
+    pub const fn without(self, other: Self) -> Self {
+        Self(self.0 & !other.0)
+    }
+
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn of(role: Role) -> Self {
+        Self(role.bit())
+    }
+
     pub fn has(self, role: Role) -> bool {
         self.0 & role.bit() != 0
+    }
+
+    /// The roles' short names (CQ, CR, FQ, FR), in bit order.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        [
+            (Self::CQ, "CQ"),
+            (Self::CR, "CR"),
+            (Self::FQ, "FQ"),
+            (Self::FR, "FR"),
+        ]
+        .into_iter()
+        .filter(move |(bit, _)| self.0 & bit.0 != 0)
+        .map(|(_, name)| name)
     }
 }
 
@@ -156,7 +213,7 @@ impl Session {
             source,
             profile,
             key,
-            bitmap: BitMap(0),
+            bitmap: BitMap::NONE,
             messages: SmallVec::new(),
             messages_dropped: 0,
             cq_time: 0,
@@ -221,7 +278,7 @@ mod tests {
         let mut store = super::super::store::MessageStore::default();
         let mut s = Session::open(SourceId(0), SenderProfile::CoreDns, 0, 0, true);
         for &(role, rcode) in roles {
-            s.bitmap.0 |= role.bit();
+            s.bitmap = s.bitmap.with(BitMap::of(role));
             s.messages.push(Message {
                 role,
                 rcode,
@@ -239,7 +296,7 @@ mod tests {
     #[test]
     fn noerror_and_nxdomain_succeed_other_rcodes_fail() {
         let v = session(&[(ClientQuery, None), (ClientResponse, Some(0))]).verdict(None);
-        assert_eq!((v.status, v.bitmap), (Status::Succeeded, BitMap(3)));
+        assert_eq!((v.status, v.bitmap), (Status::Succeeded, BitMap::CQ_CR));
         let v = session(&[
             (ClientQuery, None),
             (UpstreamQuery, None),
@@ -247,7 +304,7 @@ mod tests {
             (ClientResponse, Some(3)),
         ])
         .verdict(None);
-        assert_eq!((v.status, v.bitmap), (Status::Succeeded, BitMap(15)));
+        assert_eq!((v.status, v.bitmap), (Status::Succeeded, BitMap::FORWARDED));
         for rcode in [2, 5, 1, 4] {
             let v = session(&[(ClientQuery, None), (ClientResponse, Some(rcode))]).verdict(None);
             assert_eq!(v.status, Status::Failed, "rcode {rcode}");
@@ -258,14 +315,14 @@ mod tests {
     fn no_client_response_fails_unless_loss_is_evident() {
         let s = session(&[(ClientQuery, None), (UpstreamQuery, None)]);
         assert_eq!(s.verdict(None).status, Status::Failed);
-        assert_eq!(s.verdict(None).bitmap, BitMap(5));
+        assert_eq!(s.verdict(None).bitmap, BitMap::CQ_FQ);
         let v = s.verdict(Some(LossReason::SenderLoss));
         assert_eq!(
             (v.status, v.loss),
             (Status::SampleLoss, Some(LossReason::SenderLoss))
         );
         let v = session(&[(ClientQuery, None)]).verdict(None);
-        assert_eq!((v.status, v.bitmap), (Status::Failed, BitMap(1)));
+        assert_eq!((v.status, v.bitmap), (Status::Failed, BitMap::CQ));
     }
 
     #[test]
@@ -280,7 +337,7 @@ mod tests {
             (v.status, v.bitmap, v.loss),
             (
                 Status::SampleLoss,
-                BitMap(14),
+                BitMap::CR_FQ_FR,
                 Some(LossReason::ClientQueryMissing)
             )
         );
