@@ -6,7 +6,7 @@ mod session;
 mod store;
 mod table;
 
-pub use session::{BitMap, LossReason, Message, Session, Status, Verdict};
+pub use session::{BitMap, Incomplete, LossReason, Message, Session, Status, Verdict};
 pub use store::{MessageRef, MessageStore};
 
 use crate::dnstap::{Event, Nanos, Role, SourceId};
@@ -646,6 +646,12 @@ mod tests {
                 .map(|(_, v)| (v.status, v.bitmap, v.loss))
                 .collect()
         }
+        fn incomplete(&self) -> Vec<Option<(BitMap, LossReason)>> {
+            self.out
+                .iter()
+                .map(|(_, v)| v.incomplete.map(|i| (i.missing, i.cause)))
+                .collect()
+        }
     }
 
     fn forwarded(run: &mut Run, id: u16, t: Nanos, rcode: u8) {
@@ -718,7 +724,7 @@ mod tests {
     }
 
     #[test]
-    fn orphans_wait_for_their_query_then_report_it_missing() {
+    fn orphans_wait_for_their_query_then_keep_their_answer_with_the_query_missing() {
         let mut run = Run::new();
         let fq = T0 + 70_000;
         run.feed(ev(Role::UpstreamQuery, 9, fq, None, 0));
@@ -729,13 +735,13 @@ mod tests {
         assert_eq!(
             run.verdicts(),
             [
-                (
-                    Status::SampleLoss,
-                    BitMap::CR_FQ_FR,
-                    Some(LossReason::ClientQueryMissing)
-                ),
+                (Status::Succeeded, BitMap::CR_FQ_FR, None),
                 (Status::Succeeded, BitMap::FORWARDED, None)
             ]
+        );
+        assert_eq!(
+            run.incomplete(),
+            [Some((BitMap::CQ, LossReason::ClientQueryMissing)), None]
         );
     }
 
@@ -769,12 +775,15 @@ mod tests {
         assert_eq!(
             run.verdicts(),
             [
-                (
-                    Status::SampleLoss,
-                    BitMap::CQ_CR,
-                    Some(LossReason::AnalyserQueueFull)
-                ),
+                (Status::Succeeded, BitMap::CQ_CR, None),
                 (Status::Succeeded, BitMap::FORWARDED, None)
+            ]
+        );
+        assert_eq!(
+            run.incomplete(),
+            [
+                Some((BitMap::UPSTREAM, LossReason::AnalyserQueueFull)),
+                None
             ]
         );
     }
@@ -802,18 +811,18 @@ mod tests {
     }
 
     #[test]
-    fn a_response_without_its_upstream_response_is_sample_loss() {
+    fn a_response_without_its_upstream_response_keeps_its_rcode_with_the_fr_missing() {
         let mut run = Run::new();
         run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
         run.feed(ev(Role::UpstreamQuery, 1, T0 + 70_000, None, 0));
         run.feed(ev(Role::ClientResponse, 1, T0, Some(T0 + S), 0));
         assert_eq!(
             run.verdicts(),
-            [(
-                Status::SampleLoss,
-                BitMap::CQ_CR_FQ,
-                Some(LossReason::UpstreamResponseMissing)
-            )]
+            [(Status::Succeeded, BitMap::CQ_CR_FQ, None)]
+        );
+        assert_eq!(
+            run.incomplete(),
+            [Some((BitMap::FR, LossReason::UpstreamResponseMissing))]
         );
     }
 
@@ -861,7 +870,7 @@ mod tests {
     }
 
     #[test]
-    fn loss_revealed_just_after_a_local_answer_makes_it_sample_loss() {
+    fn loss_revealed_just_after_a_local_answer_marks_its_upstream_leg_maybe_missing() {
         let mut run = Run::new();
         run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
         run.feed(ev(Role::ClientResponse, 1, T0, Some(T0 + 1000), 0));
@@ -873,14 +882,10 @@ mod tests {
         orphan.loss_seq = 1;
         run.feed(orphan);
         forwarded(&mut run, 3, T0 + 3 * S, 0);
-        let v = run.verdicts();
+        assert_eq!(run.verdicts()[0], (Status::Succeeded, BitMap::CQ_CR, None));
         assert_eq!(
-            v[0],
-            (
-                Status::SampleLoss,
-                BitMap::CQ_CR,
-                Some(LossReason::SenderLoss)
-            )
+            run.incomplete()[0],
+            Some((BitMap::UPSTREAM, LossReason::SenderLoss))
         );
         // Loss after the hold does not touch a session that ended before it.
         let mut run = Run::new();
@@ -891,6 +896,35 @@ mod tests {
         late.loss_seq = 1;
         run.feed(late);
         assert_eq!(run.verdicts(), [(Status::Succeeded, BitMap::CQ_CR, None)]);
+        assert_eq!(run.incomplete(), [None]);
+    }
+
+    #[test]
+    fn under_sender_loss_only_unanswered_sessions_are_sample_loss() {
+        let mut run = Run::new();
+        run.feed(ev(Role::ClientQuery, 1, T0, None, 0)); // never answered
+        run.feed(ev(Role::ClientQuery, 2, T0 + 1, None, 0));
+        run.feed(ev(Role::UpstreamQuery, 2, T0 + 70_000, None, 0));
+        let mut lossy = ev(Role::ClientResponse, 2, T0 + 1, Some(T0 + 2 * S), 2);
+        lossy.loss_seq = 1; // the sender lost messages while both were open
+        run.feed(lossy);
+        forwarded(&mut run, 3, T0 + 11 * S, 0);
+        assert_eq!(
+            run.verdicts(),
+            [
+                (Status::Failed, BitMap::CQ_CR_FQ, None),
+                (Status::SampleLoss, BitMap::CQ, Some(LossReason::SenderLoss)),
+                (Status::Succeeded, BitMap::FORWARDED, None),
+            ]
+        );
+        assert_eq!(
+            run.incomplete(),
+            [
+                Some((BitMap::FR, LossReason::UpstreamResponseMissing)),
+                None,
+                None
+            ]
+        );
     }
 
     #[test]

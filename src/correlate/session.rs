@@ -161,11 +161,43 @@ impl LossReason {
     }
 }
 
+/// The outcome of a finished session.
+///
+/// A session whose CLIENT_RESPONSE arrived has a known outcome: its status is that response's
+/// (Succeeded for NOERROR/NXDOMAIN, Failed otherwise) whatever was lost around it, and
+/// `incomplete` says which of its messages loss may have hidden. Only a session without a
+/// response, where loss could explain the missing response, is SampleLoss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verdict {
     pub status: Status,
+    /// The roles observed, never the roles presumed lost.
     pub bitmap: BitMap,
+    /// Why the session is SampleLoss: Some exactly when `status` is SampleLoss.
     pub loss: Option<LossReason>,
+    /// An answered session (Succeeded or Failed) that loss touched: what may be missing.
+    pub incomplete: Option<Incomplete>,
+}
+
+/// What an answered session may lack, and the evidence of loss that says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Incomplete {
+    /// Roles that may never have been received: the CQ when it is absent, the upstream
+    /// message(s) loss could hide (a whole FQ+FR pair when no upstream leg was seen, the FR
+    /// when no attempt was answered, the FQ when responses outnumber queries). Never empty.
+    pub missing: BitMap,
+    pub cause: LossReason,
+}
+
+impl Incomplete {
+    /// E.g. "FQ, FR may be missing: the sender lost dnstap messages ...".
+    pub fn explain(self) -> String {
+        let roles: Vec<&str> = self.missing.names().collect();
+        format!(
+            "{} may be missing: {}",
+            roles.join(", "),
+            self.cause.explain()
+        )
+    }
 }
 
 /// All messages of one client request as seen by one sender.
@@ -251,22 +283,51 @@ impl Session {
     /// The verdict, given whether loss became evident while the session was open.
     pub fn verdict(&self, loss_evident: Option<LossReason>) -> Verdict {
         let bitmap = self.bitmap;
-        let loss = if !self.has(Role::ClientQuery) {
+        let cause = if !self.has(Role::ClientQuery) {
             Some(LossReason::ClientQueryMissing)
         } else {
             self.loss.or(loss_evident)
         };
-        let status = match (loss, self.has(Role::ClientResponse), self.rcode()) {
-            (Some(_), _, _) => Status::SampleLoss,
-            // NOERROR (0) and NXDOMAIN (3) are answers; without wire data a CR is an answer.
-            (None, true, Some(0 | 3) | None) => Status::Succeeded,
-            (None, _, _) => Status::Failed,
+        if !self.has(Role::ClientResponse) {
+            // The outcome is unknown when loss could have taken the response.
+            return Verdict {
+                status: cause.map_or(Status::Failed, |_| Status::SampleLoss),
+                bitmap,
+                loss: cause,
+                incomplete: None,
+            };
+        }
+        // NOERROR (0) and NXDOMAIN (3) are answers; without wire data a CR is an answer.
+        let status = match self.rcode() {
+            Some(0 | 3) | None => Status::Succeeded,
+            Some(_) => Status::Failed,
         };
+        let missing = self.may_be_missing();
         Verdict {
             status,
             bitmap,
-            loss,
+            loss: None,
+            incomplete: cause
+                .filter(|_| !missing.is_empty())
+                .map(|cause| Incomplete { missing, cause }),
         }
+    }
+
+    /// The roles loss could have hidden from this session. A session with its CQ and every
+    /// upstream attempt answered looks whole: nothing is presumed missing.
+    fn may_be_missing(&self) -> BitMap {
+        let client = if self.has(Role::ClientQuery) {
+            BitMap::NONE
+        } else {
+            BitMap::CQ
+        };
+        let upstream = match (self.upstream_queries, self.upstream_responses) {
+            (0, 0) => BitMap::UPSTREAM,
+            (_, 0) => BitMap::FR,
+            (q, r) if q < r => BitMap::FQ,
+            _ => BitMap::NONE,
+        };
+        client.with(upstream)
     }
 }
 
@@ -279,6 +340,11 @@ mod tests {
         let mut s = Session::open(SourceId(0), SenderProfile::CoreDns, 0, 0, true);
         for &(role, rcode) in roles {
             s.bitmap = s.bitmap.with(BitMap::of(role));
+            match role {
+                UpstreamQuery => s.upstream_queries += 1,
+                UpstreamResponse => s.upstream_responses += 1,
+                _ => {}
+            }
             s.messages.push(Message {
                 role,
                 rcode,
@@ -326,7 +392,9 @@ mod tests {
     }
 
     #[test]
-    fn missing_client_query_is_sample_loss_even_with_an_answer() {
+    fn a_missing_client_query_leaves_the_answer_its_verdict() {
+        // Before issue #10 this was SampleLoss client_query_missing: the outcome (the CR's
+        // rcode) is known, so the CR decides, and the missing CQ is reported as incomplete.
         let v = session(&[
             (UpstreamQuery, None),
             (UpstreamResponse, Some(0)),
@@ -335,11 +403,110 @@ mod tests {
         .verdict(None);
         assert_eq!(
             (v.status, v.bitmap, v.loss),
+            (Status::Succeeded, BitMap::CR_FQ_FR, None)
+        );
+        assert_eq!(
+            v.incomplete,
+            Some(Incomplete {
+                missing: BitMap::CQ,
+                cause: LossReason::ClientQueryMissing
+            })
+        );
+        // A lone CR: its CQ is missing, and so may be an upstream leg.
+        let v = session(&[(ClientResponse, Some(2))]).verdict(None);
+        assert_eq!((v.status, v.loss), (Status::Failed, None));
+        assert_eq!(
+            v.incomplete.map(|i| i.missing),
+            Some(BitMap::CQ.with(BitMap::UPSTREAM))
+        );
+    }
+
+    #[test]
+    fn orphans_without_a_response_are_sample_loss() {
+        for roles in [
+            &[(UpstreamQuery, None)][..],
+            &[(UpstreamResponse, Some(0))],
+            &[(UpstreamQuery, None), (UpstreamResponse, Some(0))],
+        ] {
+            let v = session(roles).verdict(None);
+            assert_eq!(
+                (v.status, v.loss, v.incomplete),
+                (
+                    Status::SampleLoss,
+                    Some(LossReason::ClientQueryMissing),
+                    None
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn an_answered_session_keeps_its_status_under_loss_and_says_what_may_be_missing() {
+        let cases = [
+            // Answered without an upstream leg: a lost FQ+FR pair would look the same.
             (
-                Status::SampleLoss,
-                BitMap::CR_FQ_FR,
-                Some(LossReason::ClientQueryMissing)
-            )
+                &[(ClientQuery, None), (ClientResponse, Some(0))][..],
+                Status::Succeeded,
+                Some(BitMap::UPSTREAM),
+            ),
+            (
+                &[
+                    (ClientQuery, None),
+                    (UpstreamQuery, None),
+                    (ClientResponse, Some(2)),
+                ],
+                Status::Failed,
+                Some(BitMap::FR),
+            ),
+            (
+                &[
+                    (ClientQuery, None),
+                    (UpstreamResponse, Some(3)),
+                    (ClientResponse, Some(3)),
+                ],
+                Status::Succeeded,
+                Some(BitMap::FQ),
+            ),
+            // Every role and every attempt answered: nothing is presumed missing.
+            (
+                &[
+                    (ClientQuery, None),
+                    (UpstreamQuery, None),
+                    (UpstreamResponse, Some(0)),
+                    (ClientResponse, Some(0)),
+                ],
+                Status::Succeeded,
+                None,
+            ),
+        ];
+        for cause in [LossReason::SenderLoss, LossReason::AnalyserQueueFull] {
+            for (roles, status, missing) in cases {
+                let s = session(roles);
+                let v = s.verdict(Some(cause));
+                assert_eq!((v.status, v.loss), (status, None), "{roles:?}");
+                assert_eq!(v.bitmap, s.bitmap, "the bitmap stays what was observed");
+                assert_eq!(
+                    v.incomplete,
+                    missing.map(|missing| Incomplete { missing, cause }),
+                    "{roles:?}"
+                );
+                assert_eq!(s.verdict(None).incomplete, None, "no loss, nothing missing");
+            }
+        }
+    }
+
+    #[test]
+    fn incomplete_names_the_roles_and_the_cause() {
+        let i = Incomplete {
+            missing: BitMap::UPSTREAM,
+            cause: LossReason::SenderLoss,
+        };
+        assert!(i
+            .explain()
+            .starts_with("FQ, FR may be missing: the sender lost"));
+        assert_eq!(
+            BitMap::FORWARDED.names().collect::<Vec<_>>(),
+            ["CQ", "CR", "FQ", "FR"]
         );
     }
 
