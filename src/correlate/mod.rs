@@ -79,6 +79,8 @@ pub struct Correlator {
     cfg: Config,
     table: SessionTable,
     sources: HashMap<SourceId, SourceClock>,
+    /// Messages no session could take (the table was full and held nothing to evict).
+    discarded: u64,
     /// Grows each time the analyser dropped events bound for this shard.
     drop_epoch: u32,
     upstream_hasher: ahash::RandomState,
@@ -96,6 +98,7 @@ impl Correlator {
             cfg,
             table: SessionTable::default(),
             sources: HashMap::new(),
+            discarded: 0,
             drop_epoch: 0,
             upstream_hasher: crate::dns::key_hasher(),
             store: MessageStore::default(),
@@ -106,6 +109,11 @@ impl Correlator {
 
     pub fn open_sessions(&self) -> usize {
         self.table.len()
+    }
+
+    /// Messages discarded since the last call because no session could take them.
+    pub fn take_discarded(&mut self) -> u64 {
+        std::mem::take(&mut self.discarded)
     }
 
     /// Joins one event; `message` is its encoded dnstap.Message, kept if a session takes it.
@@ -393,35 +401,25 @@ impl Correlator {
             .map(|(_, slot)| slot)
     }
 
-    /// Opens a session for this event; evicts the oldest of its source when the table is full.
+    /// Opens a session for this event. When the table is full, the session opened longest
+    /// ago, of whichever source, is emitted first; a message that still finds no room (the
+    /// table holds no session at all) is counted in `discarded`.
     fn insert(&mut self, ev: &Event, t: Nanos, sink: &mut impl SessionSink) -> Option<SlotId> {
         if self.table.len() >= self.cfg.max_sessions {
-            self.evict_oldest(ev.source, sink);
-            if self.table.len() >= self.cfg.max_sessions {
-                return None;
+            if let Some(oldest) = self.table.oldest() {
+                self.session_mut(oldest).loss = Some(LossReason::SessionTableFull);
+                self.finish(oldest, sink);
             }
+        }
+        if self.table.len() >= self.cfg.max_sessions {
+            self.discarded += 1;
+            return None;
         }
         let clock_seq = self.sources.get(&ev.source).map_or(0, |c| c.loss_seq);
         let mut session = Session::open(ev.source, ev.profile, ev.key, t, ev.question.is_some());
         session.loss_seq_at_open = ev.loss_seq.max(clock_seq);
         session.drop_epoch_at_open = self.drop_epoch;
         Some(self.table.insert(session))
-    }
-
-    fn evict_oldest(&mut self, source: SourceId, sink: &mut impl SessionSink) {
-        loop {
-            let Some(c) = self.sources.get_mut(&source) else {
-                return;
-            };
-            let Some(Reverse((deadline, slot, generation))) = c.expiry.pop() else {
-                return;
-            };
-            if self.table.is_live(slot, generation, deadline) {
-                self.session_mut(slot).loss = Some(LossReason::SessionTableFull);
-                self.finish(slot, sink);
-                return;
-            }
-        }
     }
 
     fn session_mut(&mut self, slot: SlotId) -> &mut Session {
@@ -808,6 +806,63 @@ mod tests {
         );
         assert_eq!(run.out[0].0.dns_id, Some(1));
         assert_eq!(run.corr.open_sessions(), 2);
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_of_any_source_for_a_new_sender() {
+        let mut run = Run::new();
+        run.corr = Correlator::new(Config {
+            max_sessions: 2,
+            ..Config::default()
+        });
+        for id in 1..=2 {
+            run.feed(ev(Role::ClientQuery, id, T0 + id as Nanos, None, 0));
+        }
+        let other = |mut e: Event| {
+            e.source = SourceId(2);
+            e
+        };
+        run.feed(other(ev(Role::ClientQuery, 3, T0 + 3, None, 0)));
+        run.feed(other(ev(Role::ClientResponse, 3, T0 + 3, Some(T0 + 4), 0)));
+        assert_eq!(
+            run.verdicts()[0],
+            (
+                Status::SampleLoss,
+                BitMap::CQ,
+                Some(LossReason::SessionTableFull)
+            )
+        );
+        assert_eq!(
+            run.out[0].0.dns_id,
+            Some(1),
+            "the oldest, of the other source"
+        );
+        assert_eq!(
+            run.corr.take_discarded(),
+            0,
+            "the new sender's messages were kept"
+        );
+        run.flush();
+        let of_source_2: Vec<_> = run
+            .out
+            .iter()
+            .filter(|(s, _)| s.source == SourceId(2))
+            .map(|(_, v)| (v.status, v.bitmap))
+            .collect();
+        assert_eq!(of_source_2, [(Status::Succeeded, BitMap::CQ_CR)]);
+    }
+
+    #[test]
+    fn messages_that_find_no_room_are_counted() {
+        let mut run = Run::new();
+        run.corr = Correlator::new(Config {
+            max_sessions: 0,
+            ..Config::default()
+        });
+        forwarded(&mut run, 1, T0, 0);
+        assert!(run.out.is_empty());
+        assert_eq!(run.corr.take_discarded(), 4);
+        assert_eq!(run.corr.take_discarded(), 0, "taken");
     }
 
     #[test]

@@ -20,7 +20,22 @@ struct Entry {
     generation: u32,
     /// The next session in the same bucket (`NO_SLOT` ends the chain).
     next: u32,
+    /// Neighbours in opening order, for eviction.
+    older: u32,
+    newer: u32,
     session: Option<Session>,
+}
+
+impl Entry {
+    fn vacant() -> Self {
+        Entry {
+            generation: 0,
+            next: NO_SLOT,
+            older: NO_SLOT,
+            newer: NO_SLOT,
+            session: None,
+        }
+    }
 }
 
 /// Entries in fixed pages: the table grows without the copy (and the brief double footprint)
@@ -34,20 +49,13 @@ struct Pages {
 const SLOTS_PER_PAGE: usize = 4096;
 
 impl Pages {
-    fn push(&mut self, entry: Entry) -> u32 {
-        let (page, i) = (self.len / SLOTS_PER_PAGE, self.len % SLOTS_PER_PAGE);
+    /// A new vacant entry.
+    fn grow(&mut self) -> u32 {
+        let page = self.len / SLOTS_PER_PAGE;
         if page == self.pages.len() {
-            self.pages.push(
-                (0..SLOTS_PER_PAGE)
-                    .map(|_| Entry {
-                        generation: 0,
-                        next: NO_SLOT,
-                        session: None,
-                    })
-                    .collect(),
-            );
+            self.pages
+                .push((0..SLOTS_PER_PAGE).map(|_| Entry::vacant()).collect());
         }
-        self.pages[page][i] = entry;
         self.len += 1;
         (self.len - 1) as u32
     }
@@ -67,14 +75,30 @@ impl std::ops::IndexMut<u32> for Pages {
 }
 
 /// Open sessions, found by key. Sessions with the same key (retries of a question, colliding
-/// hashes) share one chain; the chain's head is in a hash map keyed by the key itself.
-#[derive(Default)]
+/// hashes) share one chain; the chain's head is in a hash map keyed by the key itself. All
+/// sessions are also linked in the order they were opened, so the oldest is found in O(1)
+/// whatever its source: arrival order is the one clock every source of a shard shares.
 pub(super) struct SessionTable {
     entries: Pages,
     free: Vec<u32>,
     /// Key to the first slot of its chain.
     buckets: HashMap<u64, u32, KeyIsHash>,
     len: usize,
+    oldest: u32,
+    newest: u32,
+}
+
+impl Default for SessionTable {
+    fn default() -> Self {
+        Self {
+            entries: Pages::default(),
+            free: Vec::new(),
+            buckets: HashMap::with_hasher(KeyIsHash),
+            len: 0,
+            oldest: NO_SLOT,
+            newest: NO_SLOT,
+        }
+    }
 }
 
 impl SessionTable {
@@ -86,18 +110,18 @@ impl SessionTable {
     /// Stores the session under its key, reusing a freed slot first.
     pub(super) fn insert(&mut self, session: Session) -> SlotId {
         let key = session.key;
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.entries[slot].session = Some(session);
-                slot
-            }
-            None => self.entries.push(Entry {
-                generation: 0,
-                next: NO_SLOT,
-                session: Some(session),
-            }),
-        };
-        self.entries[slot].next = self.buckets.insert(key, slot).unwrap_or(NO_SLOT);
+        let slot = self.free.pop().unwrap_or_else(|| self.entries.grow());
+        let next = self.buckets.insert(key, slot).unwrap_or(NO_SLOT);
+        let e = &mut self.entries[slot];
+        e.session = Some(session);
+        e.next = next;
+        e.older = self.newest;
+        e.newer = NO_SLOT;
+        match self.newest {
+            NO_SLOT => self.oldest = slot,
+            newest => self.entries[newest].newer = slot,
+        }
+        self.newest = slot;
         self.len += 1;
         SlotId(slot)
     }
@@ -109,7 +133,7 @@ impl SessionTable {
         let session = entry.session.take()?;
         entry.generation = entry.generation.wrapping_add(1);
         self.unlink(session.key, slot.0);
-        self.entries[slot.0].next = NO_SLOT;
+        self.unlink_age(slot.0);
         self.free.push(slot.0);
         self.len -= 1;
         Some(session)
@@ -121,6 +145,11 @@ impl SessionTable {
             table: self,
             slot: self.buckets.get(&key).copied().unwrap_or(NO_SLOT),
         }
+    }
+
+    /// The session opened longest ago that is still in the table.
+    pub(super) fn oldest(&self) -> Option<SlotId> {
+        (self.oldest != NO_SLOT).then_some(SlotId(self.oldest))
     }
 
     pub(super) fn get(&self, slot: SlotId) -> Option<&Session> {
@@ -144,6 +173,20 @@ impl SessionTable {
     pub(super) fn is_live(&self, slot: SlotId, generation: u32, deadline: Nanos) -> bool {
         let e = &self.entries[slot.0];
         e.generation == generation && e.session.as_ref().is_some_and(|s| s.deadline == deadline)
+    }
+
+    fn unlink_age(&mut self, slot: u32) {
+        let (older, newer) = (self.entries[slot].older, self.entries[slot].newer);
+        match older {
+            NO_SLOT => self.oldest = newer,
+            older => self.entries[older].newer = newer,
+        }
+        match newer {
+            NO_SLOT => self.newest = older,
+            newer => self.entries[newer].older = older,
+        }
+        let e = &mut self.entries[slot];
+        (e.older, e.newer, e.next) = (NO_SLOT, NO_SLOT, NO_SLOT);
     }
 
     fn unlink(&mut self, key: u64, slot: u32) {
@@ -276,6 +319,25 @@ mod tests {
         assert_eq!(t.len(), 0);
         assert!(t.remove(a).is_none(), "already removed");
         assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn the_oldest_session_is_the_first_opened_still_in_the_table() {
+        let mut t = SessionTable::default();
+        assert_eq!(t.oldest(), None);
+        let slots: Vec<SlotId> = (1..=4).map(|id| t.insert(session(id as u64, id))).collect();
+        assert_eq!(t.oldest(), Some(slots[0]));
+        t.remove(slots[1]); // the middle
+        assert_eq!(t.oldest(), Some(slots[0]));
+        t.remove(slots[0]); // the oldest
+        assert_eq!(t.oldest(), Some(slots[2]));
+        t.remove(slots[3]); // the newest
+        let again = t.insert(session(9, 9)); // reuses a freed slot, yet is the newest
+        assert_eq!(t.oldest(), Some(slots[2]));
+        t.remove(slots[2]);
+        assert_eq!(t.oldest(), Some(again));
+        t.remove(again);
+        assert_eq!((t.oldest(), t.len()), (None, 0));
     }
 
     #[test]
