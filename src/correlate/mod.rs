@@ -16,6 +16,12 @@ use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 use table::{SessionTable, SlotId, MAX_SLOTS};
 
+/// Event times past this (about the year 2116) are taken as no time at all: a sender clock
+/// there would saturate deadlines and run its source's expiry far ahead of every real event.
+/// With times and waits bounded, every deadline is below `Nanos::MAX`, which flush uses.
+pub const LATEST_EVENT_TIME: Nanos = 1 << 62;
+/// The longest wait a configuration may give a session.
+const LONGEST_WAIT: Nanos = 1 << 62;
 /// A silent stream's clock is assumed to advance with the wall clock, lagging this much:
 /// CoreDNS holds frames in a 4 KB buffer, so at low rates they arrive seconds late.
 pub const IDLE_LAG: Duration = Duration::from_secs(5);
@@ -94,6 +100,8 @@ pub struct Correlator {
 impl Correlator {
     pub fn new(mut cfg: Config) -> Self {
         cfg.max_sessions = cfg.max_sessions.min(MAX_SLOTS);
+        cfg.session_timeout = cfg.session_timeout.min(LONGEST_WAIT);
+        cfg.orphan_grace = cfg.orphan_grace.min(LONGEST_WAIT);
         Self {
             cfg,
             table: SessionTable::default(),
@@ -131,11 +139,13 @@ impl Correlator {
         }
     }
 
-    fn handle(&mut self, ev: Event, now: Instant, sink: &mut impl SessionSink) {
+    fn handle(&mut self, mut ev: Event, now: Instant, sink: &mut impl SessionSink) {
         if ev.drops_before > 0 {
             self.drop_epoch = self.drop_epoch.wrapping_add(1);
         }
-        let t = ev.time().unwrap_or(ev.watermark);
+        ev.query_time = ev.query_time.filter(|&t| t <= LATEST_EVENT_TIME);
+        ev.response_time = ev.response_time.filter(|&t| t <= LATEST_EVENT_TIME);
+        let stream_clock = (ev.watermark <= LATEST_EVENT_TIME).then_some(ev.watermark);
         let clock = self
             .sources
             .entry(ev.source)
@@ -145,7 +155,8 @@ impl Correlator {
                 loss_seq: 0,
                 expiry: BinaryHeap::new(),
             });
-        let watermark = ev.watermark.max(t);
+        let t = ev.time().or(stream_clock).unwrap_or(clock.watermark);
+        let watermark = stream_clock.unwrap_or(0).max(t);
         if watermark > clock.watermark {
             clock.watermark = watermark;
             clock.advanced_at = now;
@@ -180,7 +191,8 @@ impl Correlator {
                     .saturating_duration_since(c.advanced_at)
                     .checked_sub(IDLE_LAG)?;
                 c.loss_seq = c.loss_seq.max(loss_seq(*id));
-                Some((*id, c.watermark + silent.as_nanos() as Nanos))
+                let silent = Nanos::try_from(silent.as_nanos()).unwrap_or(Nanos::MAX);
+                Some((*id, c.watermark.saturating_add(silent)))
             })
             .collect();
         for (source, clock) in idle {
@@ -329,9 +341,9 @@ impl Correlator {
             if s.upstream_queries <= s.upstream_responses && s.has(Role::ClientQuery) {
                 s.loss.get_or_insert(LossReason::UpstreamQueryMissing);
             }
-            s.upstream_responses += 1;
+            s.upstream_responses = s.upstream_responses.saturating_add(1);
         } else {
-            s.upstream_queries += 1;
+            s.upstream_queries = s.upstream_queries.saturating_add(1);
         }
         self.push_message(slot, &ev);
         let s = self.session_mut(slot);
@@ -980,6 +992,49 @@ mod tests {
                 None
             ]
         );
+    }
+
+    #[test]
+    fn a_time_near_the_end_of_the_clock_is_no_time() {
+        let mut run = Run::new();
+        forwarded(&mut run, 1, T0, 0);
+        // Seconds near u64::MAX saturate to Nanos::MAX in the decoder.
+        run.feed(ev(Role::ClientQuery, 2, Nanos::MAX, None, 0));
+        forwarded(&mut run, 3, T0 + S, 0);
+        assert_eq!(
+            run.verdicts(),
+            [
+                (Status::Succeeded, BitMap::FORWARDED, None),
+                (Status::Succeeded, BitMap::FORWARDED, None)
+            ],
+            "the source's clock stayed where its real events are"
+        );
+        forwarded(&mut run, 4, T0 + 12 * S, 0);
+        assert_eq!(
+            run.verdicts()[2],
+            (Status::Failed, BitMap::CQ, None),
+            "the far-future query expires on the source's clock"
+        );
+        assert_eq!(run.out[2].0.dns_id, Some(2));
+        assert_eq!(run.corr.open_sessions(), 0);
+    }
+
+    #[test]
+    fn a_silent_clock_near_its_end_does_not_overflow() {
+        let mut run = Run::new();
+        run.corr = Correlator::new(Config {
+            session_timeout: Nanos::MAX,
+            ..Config::default()
+        });
+        run.feed(ev(Role::ClientQuery, 1, LATEST_EVENT_TIME, None, 0));
+        let out = &mut run.out;
+        let much_later = run.now + Duration::from_secs(1 << 40);
+        run.corr.on_tick(
+            much_later,
+            |_| 0,
+            &mut |s: &Session, v, _: &MessageStore| out.push((s.clone(), v)),
+        );
+        assert_eq!(run.verdicts(), [(Status::Failed, BitMap::CQ, None)]);
     }
 
     #[test]
