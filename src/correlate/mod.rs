@@ -10,7 +10,7 @@ pub use session::{BitMap, Incomplete, LossReason, Message, Session, Status, Verd
 pub use store::{MessageRef, MessageStore};
 
 use crate::dnstap::{Event, Nanos, Role, SourceId};
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
@@ -68,6 +68,12 @@ struct SourceClock {
     /// (deadline, slot, slot generation); entries of finished or rescheduled sessions go
     /// stale and are skipped.
     expiry: BinaryHeap<Reverse<(Nanos, SlotId, u32)>>,
+    /// Sessions of the source in the table.
+    open: u32,
+    /// When the source's latest event arrived, to forget sources that went quiet.
+    seen_at: Instant,
+    /// Whether the source has an entry in `Correlator::retiring`.
+    retire_queued: bool,
 }
 
 /// Where a finished session goes. Its messages' bytes are in `store` until the call returns.
@@ -85,6 +91,14 @@ pub struct Correlator {
     cfg: Config,
     table: SessionTable,
     sources: HashMap<SourceId, SourceClock>,
+    /// Sources with open sessions: the only ones the idle flush has to look at.
+    busy: HashSet<SourceId>,
+    /// Sources without open sessions, by the arrival of their latest event: each is forgotten
+    /// once quiet for the session timeout plus `IDLE_LAG`, so identities that come and go
+    /// (pod restarts) don't accumulate.
+    retiring: BinaryHeap<Reverse<(Instant, SourceId)>>,
+    /// Reused by the idle flush.
+    idle: Vec<(SourceId, Nanos)>,
     /// Messages no session could take (the table was full and held nothing to evict).
     discarded: u64,
     /// Grows each time the analyser dropped events bound for this shard.
@@ -106,6 +120,9 @@ impl Correlator {
             cfg,
             table: SessionTable::default(),
             sources: HashMap::new(),
+            busy: HashSet::new(),
+            retiring: BinaryHeap::new(),
+            idle: Vec::new(),
             discarded: 0,
             drop_epoch: 0,
             upstream_hasher: crate::dns::key_hasher(),
@@ -117,6 +134,11 @@ impl Correlator {
 
     pub fn open_sessions(&self) -> usize {
         self.table.len()
+    }
+
+    /// Sources whose clock this shard keeps: those with open sessions or recent events.
+    pub fn tracked_sources(&self) -> usize {
+        self.sources.len()
     }
 
     /// Messages discarded since the last call because no session could take them.
@@ -154,7 +176,11 @@ impl Correlator {
                 advanced_at: now,
                 loss_seq: 0,
                 expiry: BinaryHeap::new(),
+                open: 0,
+                seen_at: now,
+                retire_queued: false,
             });
+        clock.seen_at = now;
         let t = ev.time().or(stream_clock).unwrap_or(clock.watermark);
         let watermark = stream_clock.unwrap_or(0).max(t);
         if watermark > clock.watermark {
@@ -169,6 +195,9 @@ impl Correlator {
             Role::UpstreamQuery | Role::UpstreamResponse => self.on_upstream(ev, t, sink),
         }
         self.expire(source, None, sink);
+        if self.sources.get(&source).is_some_and(|c| c.open == 0) {
+            self.queue_retirement(source);
+        }
     }
 
     /// Emits what the silent streams' clocks have passed (wall-clock idle flush). A silent
@@ -180,23 +209,85 @@ impl Correlator {
         loss_seq: impl Fn(SourceId) -> u64,
         sink: &mut impl SessionSink,
     ) {
-        if !self.cfg.idle_flush {
-            return;
-        }
-        let idle: Vec<(SourceId, Nanos)> = self
-            .sources
-            .iter_mut()
-            .filter_map(|(id, c)| {
-                let silent = now
+        if self.cfg.idle_flush {
+            let mut idle = std::mem::take(&mut self.idle);
+            idle.clear();
+            for id in &self.busy {
+                let Some(c) = self.sources.get_mut(id) else {
+                    continue;
+                };
+                let Some(silent) = now
                     .saturating_duration_since(c.advanced_at)
-                    .checked_sub(IDLE_LAG)?;
+                    .checked_sub(IDLE_LAG)
+                else {
+                    continue;
+                };
                 c.loss_seq = c.loss_seq.max(loss_seq(*id));
                 let silent = Nanos::try_from(silent.as_nanos()).unwrap_or(Nanos::MAX);
-                Some((*id, c.watermark.saturating_add(silent)))
-            })
-            .collect();
-        for (source, clock) in idle {
-            self.expire(source, Some(clock), sink);
+                idle.push((*id, c.watermark.saturating_add(silent)));
+            }
+            for &(source, clock) in &idle {
+                self.expire(source, Some(clock), sink);
+            }
+            self.idle = idle;
+        }
+        self.retire_quiet_sources(now);
+    }
+
+    /// Forgets the sources without open sessions that sent nothing for the session timeout
+    /// plus `IDLE_LAG` of wall clock. One that comes back starts a fresh clock; it had nothing
+    /// open that the old clock could still expire.
+    fn retire_quiet_sources(&mut self, now: Instant) {
+        let quiet = Duration::from_nanos(self.cfg.session_timeout).saturating_add(IDLE_LAG);
+        while let Some(&Reverse((seen_at, source))) = self.retiring.peek() {
+            if now.saturating_duration_since(seen_at) < quiet {
+                return;
+            }
+            self.retiring.pop();
+            let Some(c) = self.sources.get_mut(&source) else {
+                continue;
+            };
+            c.retire_queued = false;
+            if c.open > 0 {
+                // Busy again: queued anew when its last session ends.
+                continue;
+            }
+            if now.saturating_duration_since(c.seen_at) >= quiet {
+                self.sources.remove(&source);
+            } else {
+                self.queue_retirement(source);
+            }
+        }
+    }
+
+    /// Puts a source without open sessions in line to be forgotten.
+    fn queue_retirement(&mut self, source: SourceId) {
+        if let Some(c) = self.sources.get_mut(&source) {
+            if !c.retire_queued {
+                c.retire_queued = true;
+                self.retiring.push(Reverse((c.seen_at, source)));
+            }
+        }
+    }
+
+    /// Counts a session opened for `source`.
+    fn opened(&mut self, source: SourceId) {
+        if let Some(c) = self.sources.get_mut(&source) {
+            c.open += 1;
+            if c.open == 1 {
+                self.busy.insert(source);
+            }
+        }
+    }
+
+    /// Counts a session of `source` gone from the table.
+    fn closed(&mut self, source: SourceId) {
+        if let Some(c) = self.sources.get_mut(&source) {
+            c.open = c.open.saturating_sub(1);
+            if c.open == 0 {
+                self.busy.remove(&source);
+                self.queue_retirement(source);
+            }
         }
     }
 
@@ -431,6 +522,7 @@ impl Correlator {
         let mut session = Session::open(ev.source, ev.profile, ev.key, t, ev.question.is_some());
         session.loss_seq_at_open = ev.loss_seq.max(clock_seq);
         session.drop_epoch_at_open = self.drop_epoch;
+        self.opened(ev.source);
         Some(self.table.insert(session))
     }
 
@@ -524,6 +616,7 @@ impl Correlator {
         let Some(session) = self.table.remove(slot) else {
             return;
         };
+        self.closed(session.source);
         let loss_seq_now = self.sources.get(&session.source).map_or(0, |c| c.loss_seq);
         let evident = if self.drop_epoch != session.drop_epoch_at_open {
             Some(LossReason::AnalyserQueueFull)
@@ -911,6 +1004,56 @@ mod tests {
             &mut |s: &Session, v, _: &MessageStore| out.push((s.clone(), v)),
         );
         assert_eq!(run.verdicts(), [(Status::Failed, BitMap::CQ, None)]);
+    }
+
+    #[test]
+    fn sources_are_forgotten_once_their_sessions_ended_and_they_went_quiet() {
+        let mut run = Run::new();
+        for source in 0..10_000 {
+            let mut cq = ev(Role::ClientQuery, 1, T0, None, 0);
+            cq.source = SourceId(source);
+            run.feed(cq);
+        }
+        assert_eq!(run.corr.tracked_sources(), 10_000);
+        let out = &mut run.out;
+        let mut tick = |corr: &mut Correlator, at: Instant| {
+            corr.on_tick(at, |_| 0, &mut |s: &Session, v, _: &MessageStore| {
+                out.push((s.clone(), v))
+            })
+        };
+        tick(&mut run.corr, run.now + Duration::from_secs(14));
+        assert_eq!(run.corr.tracked_sources(), 10_000, "sessions still open");
+        tick(&mut run.corr, run.now + Duration::from_secs(16));
+        assert_eq!(run.out.len(), 10_000, "every session expired");
+        assert_eq!(run.corr.tracked_sources(), 0);
+        assert!(run.corr.busy.is_empty() && run.corr.retiring.is_empty());
+    }
+
+    #[test]
+    fn a_source_is_kept_while_it_sends_or_has_sessions_open() {
+        let mut run = Run::new();
+        let t0 = run.now;
+        let tick = |run: &mut Run, secs: u64| {
+            let out = &mut run.out;
+            run.corr.on_tick(
+                t0 + Duration::from_secs(secs),
+                |_| 0,
+                &mut |s: &Session, v, _: &MessageStore| out.push((s.clone(), v)),
+            );
+        };
+        forwarded(&mut run, 1, T0, 0); // done at once: nothing open
+        tick(&mut run, 10);
+        run.now = t0 + Duration::from_secs(10);
+        forwarded(&mut run, 2, T0 + S, 0); // still sending
+        tick(&mut run, 20);
+        assert_eq!(run.corr.tracked_sources(), 1, "sent 10 s ago");
+        tick(&mut run, 25);
+        assert_eq!(run.corr.tracked_sources(), 0, "quiet for 15 s");
+        // It comes back: a fresh clock, sessions as before.
+        run.now = t0 + Duration::from_secs(30);
+        forwarded(&mut run, 3, T0 + 30 * S, 0);
+        assert_eq!(run.corr.tracked_sources(), 1);
+        assert_eq!(run.verdicts().len(), 3);
     }
 
     #[test]
