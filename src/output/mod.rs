@@ -1,9 +1,12 @@
 //! Sessions to lines: the JSON and text layouts, the diagnosis sentence, the log filter.
-//! Pure formatting; the thread that writes stdout is in `writer`.
+//! Pure formatting; the thread that writes the lines is in `writer`, where they go in `sink`.
 
 mod dns_json;
 pub mod json;
+pub mod sink;
 pub mod writer;
+
+pub use sink::{Flow, Sink, WriteSink};
 
 use crate::correlate::{MessageStore, Session, Status, Verdict};
 use crate::dns::{class_name, rcode_name, rtype_name};
