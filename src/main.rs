@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use dnstap_analyser::correlate;
 use dnstap_analyser::ingest::net::ListenAddr;
 use dnstap_analyser::metrics::Metrics;
-use dnstap_analyser::output::{Format, LogFilter};
+use dnstap_analyser::output::{Format, LogFilter, WriteSink};
 use dnstap_analyser::pipeline::{self, Settings};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -138,7 +138,7 @@ fn main() -> ExitCode {
     let metrics = Arc::new(Metrics::default());
     let result = match &cli.command {
         Some(Command::Read { files }) => settings(&cli, false).and_then(|s| {
-            let errors = pipeline::read_files(&s, files, std::io::stdout(), metrics.clone())
+            let errors = pipeline::read_files(&s, files, WriteSink::stdout(), metrics.clone())
                 .map_err(|e| e.to_string())?;
             for e in &errors {
                 eprintln!("dnstap-analyser: {e}");
@@ -153,7 +153,7 @@ fn main() -> ExitCode {
             pipeline::serve(
                 &s,
                 &cli.listen,
-                std::io::stdout(),
+                WriteSink::stdout(),
                 metrics.clone(),
                 shutdown,
             )

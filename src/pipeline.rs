@@ -1,15 +1,23 @@
 //! Wires the stages into threads: readers (or the file reader) → bounded shard queues →
-//! correlator shards → one stdout writer. Data flows one way; shutdown follows it: readers
-//! stop, their queue senders drop, shards flush everything and drop theirs, the writer ends.
+//! correlator shards → one writer feeding an `output::Sink`. Data flows one way; shutdown
+//! follows it: readers stop, their queue senders drop, shards flush everything and drop
+//! theirs, the writer ends.
+//!
+//! Failures travel the other way, once: a thread that panics, or a writer whose sink fails,
+//! sets the halt flag the readers stop on (the same flag as SIGTERM), and the error comes back
+//! from `read_files`/`serve` when the threads are joined. A sink that ends on purpose (stdout
+//! closed by `| head`) is not a failure: the shards stop rendering and the analysis goes on.
 
 use crate::correlate::{self, Correlator, MessageStore, Session, Verdict};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
 use crate::ingest::{file, LossBoard, QueueDepths, Router, ShardInput, Shared};
 use crate::metrics::Metrics;
-use crate::output::{writer, Format, LogFilter, Renderer};
+use crate::output::writer::{self, OutputError};
+use crate::output::{Format, LogFilter, Renderer, Sink};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::convert::Infallible;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -29,19 +37,137 @@ pub struct Settings {
     pub format: Format,
 }
 
+/// Why the pipeline stopped short of a clean end.
+#[derive(Debug)]
+pub enum Error {
+    /// Listeners or readers could not be set up.
+    Setup(io::Error),
+    /// The sink failed; the sessions from then on were not written.
+    Output(OutputError),
+    /// A thread panicked (the panic hook has already printed where and why).
+    Panicked { thread: String, message: String },
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Setup(e) => e.fmt(f),
+            Self::Output(e) => e.fmt(f),
+            Self::Panicked { thread, message } => {
+                write!(f, "thread {thread} panicked: {message}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Setup(e) => Some(e),
+            Self::Output(e) => Some(e),
+            Self::Panicked { .. } => None,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Self::Setup(e)
+    }
+}
+
+/// A pipeline thread whose failure halts the process.
+struct Watched<E> {
+    name: String,
+    handle: JoinHandle<Result<(), E>>,
+}
+
+/// Sets the halt flag if its thread unwinds: a dead shard or writer must not leave the
+/// readers feeding queues nobody empties.
+struct HaltOnPanic(Arc<AtomicBool>);
+
+impl Drop for HaltOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Starts a pipeline thread (pinned to `core` if given). An error it returns, or a panic,
+/// sets `halt`.
+fn spawn_watched<E: Send + 'static>(
+    name: String,
+    core: Option<core_affinity::CoreId>,
+    halt: &Arc<AtomicBool>,
+    run: impl FnOnce() -> Result<(), E> + Send + 'static,
+) -> Watched<E> {
+    let halt = halt.clone();
+    let handle = std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            let guard = HaltOnPanic(halt);
+            if let Some(c) = core {
+                core_affinity::set_for_current(c);
+            }
+            let result = run();
+            if result.is_err() {
+                guard.0.store(true, Ordering::SeqCst);
+            }
+            result
+        })
+        .unwrap_or_else(|e| panic!("cannot spawn thread {name}: {e}"));
+    Watched { name, handle }
+}
+
+impl<E> Watched<E> {
+    /// Waits for the thread; a panic becomes `Error::Panicked`, a returned error is kept.
+    fn join(self) -> Result<Result<(), E>, Error> {
+        self.handle.join().map_err(|payload| Error::Panicked {
+            thread: self.name,
+            message: panic_message(payload.as_ref()),
+        })
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".into()
+    }
+}
+
+/// The first failure is the result; any later ones are printed so none is hidden.
+fn first_failure(failures: impl IntoIterator<Item = Error>) -> Result<(), Error> {
+    let mut first = None;
+    for e in failures {
+        if first.is_none() {
+            first = Some(e);
+        } else {
+            eprintln!("dnstap-analyser: error: {e}");
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
 /// The running shards and writer, fed through `senders`.
 struct Backend {
     senders: Vec<Sender<ShardInput>>,
     depths: QueueDepths,
-    shards: Vec<JoinHandle<()>>,
-    writer: JoinHandle<io::Result<()>>,
+    shards: Vec<Watched<Infallible>>,
+    writer: Watched<OutputError>,
     shared: Shared,
 }
 
+/// Starts the writer on `sink` and the shards; `halt` is set if either fails.
 fn start_backend(
     s: &Settings,
-    out: impl io::Write + Send + 'static,
+    sink: impl Sink + 'static,
     metrics: Arc<Metrics>,
+    halt: &Arc<AtomicBool>,
 ) -> Backend {
     let shared = Shared {
         sources: Default::default(),
@@ -51,7 +177,9 @@ fn start_backend(
         session_timeout: s.correlate.session_timeout,
     };
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<u8>>(64);
-    let writer = writer::spawn(batch_rx, out);
+    let writer = spawn_watched("writer".into(), None, halt, move || {
+        writer::run(batch_rx, sink)
+    });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut senders = Vec::new();
     let mut shards = Vec::new();
@@ -76,17 +204,10 @@ fn start_backend(
             depths: depths.clone(),
             index: i,
         };
-        shards.push(
-            std::thread::Builder::new()
-                .name(format!("shard-{i}"))
-                .spawn(move || {
-                    if let Some(c) = core {
-                        core_affinity::set_for_current(c);
-                    }
-                    run_shard(Correlator::new(cfg), ctx)
-                })
-                .expect("spawn shard thread"),
-        );
+        shards.push(spawn_watched(format!("shard-{i}"), core, halt, move || {
+            run_shard(Correlator::new(cfg), ctx);
+            Ok(())
+        }));
     }
     Backend {
         senders,
@@ -98,15 +219,18 @@ fn start_backend(
 }
 
 impl Backend {
-    /// Waits for the shards to flush and the writer to drain.
-    fn finish(self) -> io::Result<()> {
+    /// Waits for the shards to flush and the writer to drain; reports the first failure.
+    fn finish(self) -> Result<(), Error> {
         drop(self.senders);
-        for s in self.shards {
-            let _ = s.join();
-        }
-        self.writer
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("writer thread panicked")))
+        let shards = self.shards.into_iter().filter_map(|s| s.join().err());
+        let shards: Vec<Error> = shards.collect();
+        let writer = match self.writer.join() {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(Error::Output(e)),
+            Err(panicked) => Some(panicked),
+        };
+        // The writer first: when it fails, it is the cause.
+        first_failure(writer.into_iter().chain(shards))
     }
 }
 
@@ -124,6 +248,9 @@ struct ShardContext {
 struct LineSink {
     batch: Vec<u8>,
     out: Sender<Vec<u8>>,
+    /// The writer has gone (its sink ended or failed): nothing more is rendered, but every
+    /// session is still counted.
+    writer_gone: bool,
     renderer: Renderer,
     log: LogFilter,
     metrics: Arc<Metrics>,
@@ -132,7 +259,7 @@ struct LineSink {
 impl correlate::SessionSink for LineSink {
     fn session(&mut self, s: &Session, v: Verdict, store: &MessageStore) {
         self.metrics.session(&v);
-        if self.log.allows(v.status) {
+        if self.log.allows(v.status) && !self.writer_gone {
             self.renderer.render(s, &v, store, &mut self.batch);
             self.metrics
                 .sessions_printed
@@ -145,14 +272,18 @@ impl correlate::SessionSink for LineSink {
 
 impl LineSink {
     /// Hands the batch to the writer when it is big enough, or when `force`d (each tick, so
-    /// lines never wait long at low rates).
+    /// lines never wait long at low rates). A send fails only once the writer has returned,
+    /// which also wakes a send blocked on the full channel.
     fn hand_over(&mut self, force: bool) {
         if self.batch.len() >= writer::BATCH_BYTES || (force && !self.batch.is_empty()) {
             let full = std::mem::replace(
                 &mut self.batch,
                 Vec::with_capacity(writer::BATCH_BYTES + 4096),
             );
-            let _ = self.out.send(full);
+            if self.out.send(full).is_err() {
+                self.writer_gone = true;
+                self.batch = Vec::new();
+            }
         }
     }
 }
@@ -162,6 +293,7 @@ fn run_shard(mut corr: Correlator, ctx: ShardContext) {
     let mut sink = LineSink {
         batch: Vec::with_capacity(writer::BATCH_BYTES + 4096),
         out: ctx.out,
+        writer_gone: false,
         renderer: ctx.renderer,
         log: ctx.log,
         metrics: ctx.shared.metrics.clone(),
@@ -193,14 +325,17 @@ fn run_shard(mut corr: Correlator, ctx: ShardContext) {
     sink.hand_over(true);
 }
 
-/// `read FILE...`: the whole pipeline over files, then exit.
+/// `read FILE...`: the whole pipeline over files into `sink`, then exit. The files are
+/// read to the end even when the sink fails (the analysis is cheap without rendering and
+/// keeps the summary whole); the failure is the result.
 pub fn read_files(
     s: &Settings,
     paths: &[std::path::PathBuf],
-    out: impl io::Write + Send + 'static,
+    sink: impl Sink + 'static,
     metrics: Arc<Metrics>,
-) -> io::Result<Vec<file::FileError>> {
-    let backend = start_backend(s, out, metrics.clone());
+) -> Result<Vec<file::FileError>, Error> {
+    let halt = Arc::new(AtomicBool::new(false));
+    let backend = start_backend(s, sink, metrics.clone(), &halt);
     let mut router = Router::new(
         backend.senders.clone(),
         backend.depths.clone(),
@@ -210,18 +345,25 @@ pub fn read_files(
     );
     let errors = file::read_files(paths, &backend.shared, &mut router);
     drop(router);
-    backend.finish()?;
+    if let Err(e) = backend.finish() {
+        // The failure is the result; the unreadable files must not go unsaid.
+        for f in &errors {
+            eprintln!("dnstap-analyser: {f}");
+        }
+        return Err(e);
+    }
     Ok(errors)
 }
 
-/// Serves until `shutdown` is set, then drains, flushes and returns.
+/// Serves until `shutdown` is set, then drains, flushes and returns. A failing sink or a
+/// panicking thread sets `shutdown` itself, and is the result.
 pub fn serve(
     s: &Settings,
     listen: &[ListenAddr],
-    out: impl io::Write + Send + 'static,
+    sink: impl Sink + 'static,
     metrics: Arc<Metrics>,
     shutdown: Arc<AtomicBool>,
-) -> io::Result<()> {
+) -> Result<(), Error> {
     let mut listeners = Vec::new();
     for addr in listen {
         listeners.push(
@@ -231,7 +373,7 @@ pub fn serve(
     }
     let names: Vec<String> = listen.iter().map(|l| l.to_string()).collect();
     eprintln!("dnstap-analyser: listening on {}", names.join(", "));
-    let backend = start_backend(s, out, metrics.clone());
+    let backend = start_backend(s, sink, metrics.clone(), &shutdown);
     let open = Arc::new(AtomicUsize::new(0));
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut readers = Vec::new();
@@ -256,7 +398,7 @@ pub fn serve(
     }
     handles.remove(0);
     readers[0].accept_on(listeners, handles)?;
-    let threads: Vec<_> = readers
+    let threads: Vec<Watched<Infallible>> = readers
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
@@ -264,19 +406,188 @@ pub fn serve(
                 .pin
                 .then(|| cores.get(i % cores.len().max(1)).copied())
                 .flatten();
-            std::thread::Builder::new()
-                .name(format!("reader-{i}"))
-                .spawn(move || {
-                    if let Some(c) = core {
-                        core_affinity::set_for_current(c);
-                    }
-                    r.run()
-                })
-                .expect("spawn reader thread")
+            spawn_watched(format!("reader-{i}"), core, &shutdown, move || {
+                r.run();
+                Ok(())
+            })
         })
         .collect();
-    for t in threads {
-        let _ = t.join();
+    let readers: Vec<Error> = threads.into_iter().filter_map(|t| t.join().err()).collect();
+    let backend = backend.finish();
+    first_failure(readers.into_iter().chain(backend.err()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::Flow;
+    use std::sync::Mutex;
+
+    fn settings() -> Settings {
+        Settings {
+            readers: 1,
+            shards: 2,
+            queue_capacity: 4096,
+            pin: false,
+            correlate: correlate::Config {
+                session_timeout: 10_000_000_000,
+                orphan_grace: 2_000_000_000,
+                max_sessions: 100_000,
+                idle_flush: false,
+            },
+            max_connections: 16,
+            max_frame_size: 1 << 20,
+            log: LogFilter::ALL,
+            format: Format::Json,
+        }
     }
-    backend.finish()
+
+    /// 5000 sessions, about 12 MB of JSON: many batches.
+    fn burst() -> Vec<std::path::PathBuf> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        vec![dir.join("tests/fixtures/coredns/h_burst_5k.fstrm")]
+    }
+
+    /// What a sink does on its `after`-th write.
+    #[derive(Clone, Copy)]
+    enum Then {
+        Panic,
+        Fail,
+        End,
+    }
+
+    /// Keeps the lines; on its `after`-th write it panics, fails or ends.
+    struct Scripted {
+        lines: Arc<Mutex<Vec<u8>>>,
+        writes: usize,
+        after: usize,
+        then: Then,
+    }
+
+    impl Scripted {
+        fn new(after: usize, then: Then) -> (Self, Arc<Mutex<Vec<u8>>>) {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let sink = Self {
+                lines: lines.clone(),
+                writes: 0,
+                after,
+                then,
+            };
+            (sink, lines)
+        }
+    }
+
+    impl Sink for Scripted {
+        fn name(&self) -> &str {
+            "scripted"
+        }
+
+        fn write_lines(&mut self, lines: &[u8]) -> io::Result<Flow> {
+            self.writes += 1;
+            if self.writes >= self.after {
+                match self.then {
+                    Then::Panic => panic!("scripted sink gives up"),
+                    Then::Fail => return Err(io::ErrorKind::StorageFull.into()),
+                    Then::End => return Ok(Flow::End),
+                }
+            }
+            self.lines.lock().unwrap().extend_from_slice(lines);
+            Ok(Flow::Continue)
+        }
+
+        fn flush(&mut self) -> io::Result<Flow> {
+            Ok(Flow::Continue)
+        }
+
+        fn close(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn read_into(sink: Scripted) -> (Result<Vec<file::FileError>, Error>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::default());
+        let result = read_files(&settings(), &burst(), sink, metrics.clone());
+        (result, metrics)
+    }
+
+    #[test]
+    fn every_session_reaches_a_healthy_sink() {
+        let (sink, lines) = Scripted::new(usize::MAX, Then::End);
+        let (result, metrics) = read_into(sink);
+        assert!(result.unwrap().is_empty());
+        let lines = lines.lock().unwrap();
+        assert_eq!(lines.iter().filter(|&&b| b == b'\n').count(), 5000);
+        assert_eq!(metrics.sessions_printed.load(Relaxed), 5000);
+    }
+
+    #[test]
+    fn a_panicking_writer_is_the_result() {
+        let (sink, _) = Scripted::new(2, Then::Panic);
+        match read_into(sink).0 {
+            Err(Error::Panicked { thread, message }) => {
+                assert_eq!(thread, "writer");
+                assert_eq!(message, "scripted sink gives up");
+            }
+            other => panic!("expected the writer's panic, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_failing_sink_is_the_result_and_the_analysis_still_counts_everything() {
+        let (sink, _) = Scripted::new(2, Then::Fail);
+        let (result, metrics) = read_into(sink);
+        match result {
+            Err(Error::Output(e)) => {
+                assert_eq!(e.sink, "scripted");
+                assert_eq!(e.source.kind(), io::ErrorKind::StorageFull);
+            }
+            other => panic!("expected the sink's error, got {other:?}"),
+        }
+        assert_eq!(metrics.sessions.load(Relaxed), 5000);
+    }
+
+    #[test]
+    fn an_ended_sink_ends_the_output_not_the_analysis() {
+        let (sink, lines) = Scripted::new(2, Then::End);
+        let (result, metrics) = read_into(sink);
+        assert!(result.unwrap().is_empty());
+        assert_eq!(metrics.sessions.load(Relaxed), 5000);
+        let printed = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        assert!(printed > 0 && printed < 5000, "{printed} lines");
+    }
+
+    #[test]
+    fn a_panicking_pipeline_thread_halts_and_is_reported_by_name() {
+        let halt = Arc::new(AtomicBool::new(false));
+        let shard = spawn_watched(
+            "shard-7".into(),
+            None,
+            &halt,
+            || -> Result<(), Infallible> { panic!("correlator invariant broken") },
+        );
+        match shard.join() {
+            Err(Error::Panicked { thread, message }) => {
+                assert_eq!(thread, "shard-7");
+                assert_eq!(message, "correlator invariant broken");
+            }
+            other => panic!("expected the shard's panic, got {other:?}"),
+        }
+        assert!(halt.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_thread_that_returns_an_error_halts_and_one_that_ends_well_does_not() {
+        let halt = Arc::new(AtomicBool::new(false));
+        let fine = spawn_watched("fine".into(), None, &halt, || Ok::<(), String>(()));
+        assert!(matches!(fine.join(), Ok(Ok(()))));
+        assert!(!halt.load(Ordering::SeqCst));
+        let failing = spawn_watched("failing".into(), None, &halt, || Err("no".to_string()));
+        assert!(matches!(failing.join(), Ok(Err(e)) if e == "no"));
+        assert!(halt.load(Ordering::SeqCst));
+    }
 }

@@ -207,19 +207,48 @@ pub fn write_name<Octs: AsRef<[u8]>>(j: &mut Json<'_>, name: &ParsedName<Octs>) 
 
 /// Appends a name in presentation format, JSON-escaped.
 pub fn name_into<Octs: AsRef<[u8]>>(out: &mut Vec<u8>, name: &ParsedName<Octs>) {
+    // A JSON-escaped presentation escape: \\. and \\\\ in the text.
+    presentation_into(out, name, b"\\\\", b"\\\"");
+}
+
+/// A name in presentation format (`\.`, `\\`, `\"` and `\DDD` escapes), not yet escaped
+/// for JSON: for values that are escaped where they are written.
+pub fn presentation<Octs: AsRef<[u8]>>(name: &ParsedName<Octs>) -> String {
+    let mut out = Vec::with_capacity(64);
+    presentation_into(&mut out, name, b"\\", b"\"");
+    // Only printable ASCII and escapes were written.
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `backslash` and `quote` are how the escape character and a quote are spelled.
+fn presentation_into<Octs: AsRef<[u8]>>(
+    out: &mut Vec<u8>,
+    name: &ParsedName<Octs>,
+    backslash: &[u8],
+    quote: &[u8],
+) {
     let mut empty = true;
     for label in name.iter().filter(|l| !l.is_root()) {
         empty = false;
         for &b in label.as_slice() {
             match b {
-                // A JSON-escaped presentation escape: \\. and \\\\ in the text.
-                b'.' => out.extend_from_slice(b"\\\\."),
-                b'\\' => out.extend_from_slice(b"\\\\\\\\"),
-                b'"' => out.extend_from_slice(b"\\\\\\\""),
+                b'.' => {
+                    out.extend_from_slice(backslash);
+                    out.push(b'.');
+                }
+                b'\\' => {
+                    out.extend_from_slice(backslash);
+                    out.extend_from_slice(backslash);
+                }
+                b'"' => {
+                    out.extend_from_slice(backslash);
+                    out.extend_from_slice(quote);
+                }
                 0x21..=0x7e => out.push(b),
                 _ => {
                     use std::io::Write;
-                    let _ = write!(out, "\\\\{b:03}");
+                    out.extend_from_slice(backslash);
+                    let _ = write!(out, "{b:03}");
                 }
             }
         }
@@ -254,5 +283,6 @@ mod tests {
         write_name(&mut Json::new(&mut buf), &name);
         let text: String = serde_json::from_slice(&buf).unwrap();
         assert_eq!(text, r#"a\.b.c\\d.\".\032.\255."#);
+        assert_eq!(presentation(&name), text);
     }
 }

@@ -1,9 +1,13 @@
 //! Sessions to lines: the JSON and text layouts, the diagnosis sentence, the log filter.
-//! Pure formatting; the thread that writes stdout is in `writer`.
+//! Pure formatting; the thread that writes the lines is in `writer`, where they go in `sink`.
 
 mod dns_json;
 pub mod json;
+pub mod sink;
+mod text;
 pub mod writer;
+
+pub use sink::{Flow, Sink, WriteSink};
 
 use crate::correlate::{MessageStore, Session, Status, Verdict};
 use crate::dns::{class_name, rcode_name, rtype_name};
@@ -81,12 +85,18 @@ struct Decoded<'a> {
     role: Role,
     /// `correlate::Message` flags.
     flags: u8,
-    msg: DnstapMessage<'a>,
+    /// The stored bytes that did not decode keep their place in `messages`, as hex.
+    msg: Result<DnstapMessage<'a>, Undecodable<'a>>,
+}
+
+struct Undecodable<'a> {
+    error: dnstap::DecodeError,
+    bytes: &'a [u8],
 }
 
 impl Decoded<'_> {
     fn msg(&self) -> Option<&DnstapMessage<'_>> {
-        Some(&self.msg)
+        self.msg.as_ref().ok()
     }
 
     fn wire(&self) -> Option<&[u8]> {
@@ -133,22 +143,27 @@ impl Renderer {
         let mut decoded: Vec<Decoded<'_>> = s
             .messages
             .iter()
-            .filter_map(|m| {
-                Some(Decoded {
+            .map(|m| {
+                let bytes = store.get(m.bytes);
+                Decoded {
                     role: m.role,
                     flags: m.flags,
-                    msg: dnstap::decode_message(store.get(m.bytes)).ok()?,
-                })
+                    msg: dnstap::decode_message(bytes)
+                        .map_err(|error| Undecodable { error, bytes }),
+                }
             })
             .collect();
         // Upstream queries stored without the client's query get it back from the CQ.
         let cq_query = decoded
             .iter()
             .find(|d| d.role == Role::ClientQuery)
-            .and_then(|d| d.msg.query_message.clone());
-        for d in decoded.iter_mut() {
-            if d.flags & crate::correlate::Message::QUERY_FROM_CQ != 0 {
-                d.msg.query_message = cq_query.clone();
+            .and_then(|d| d.msg.as_ref().ok())
+            .and_then(|m| m.query_message.clone());
+        let from_cq =
+            |d: &&mut Decoded<'_>| d.flags & crate::correlate::Message::QUERY_FROM_CQ != 0;
+        for d in decoded.iter_mut().filter(from_cq) {
+            if let Ok(m) = &mut d.msg {
+                m.query_message = cq_query.clone();
             }
         }
         let facts = Facts::gather(s, &decoded, &self.sources);
@@ -167,20 +182,32 @@ impl Renderer {
             }
             Format::Text => {
                 use std::io::Write;
+                // Every string a sender controls goes through `text::escape_into`: one
+                // physical line per session, whatever the identity or the name holds.
                 let _ = write!(
                     out,
-                    "Status: {} BitMap: {} Identity: {} Client: {} Question: {} {} {} Rcode: {} Latency: {} Diagnosis: {}",
+                    "Status: {} BitMap: {} Identity: ",
                     v.status.name(),
-                    v.bitmap.0,
-                    facts.identity,
-                    facts.client.map_or("-".into(), |c| c.to_string()),
-                    facts.qname.as_deref().unwrap_or("-"),
+                    v.bitmap.0
+                );
+                text::escape_into(out, &facts.identity);
+                let _ = write!(
+                    out,
+                    " Client: {} Question: ",
+                    facts.client.map_or("-".into(), |c| c.to_string())
+                );
+                text::escape_into(out, facts.qname.as_deref().unwrap_or("-"));
+                let _ = write!(
+                    out,
+                    " {} {} Rcode: {} Latency: {} Diagnosis: ",
                     facts.qtype.as_deref().unwrap_or("-"),
                     facts.qclass.as_deref().unwrap_or("-"),
                     facts.rcode.as_deref().unwrap_or("-"),
-                    facts.latency.map_or("-".into(), |l| format!("{:.3}ms", l as f64 / 1e6)),
-                    diagnosis,
+                    facts
+                        .latency
+                        .map_or("-".into(), |l| format!("{:.3}ms", l as f64 / 1e6)),
                 );
+                text::escape_into(out, &diagnosis);
                 if let Some(loss) = v.loss {
                     let _ = write!(out, " LossReason: {}", loss.name());
                 }
@@ -213,8 +240,8 @@ impl Facts {
         // The client side: the CQ, or for an orphan its CR.
         let client_msg = decoded
             .iter()
-            .find(|d| matches!(d.role, Role::ClientQuery | Role::ClientResponse))
-            .map(|d| &d.msg);
+            .filter(|d| matches!(d.role, Role::ClientQuery | Role::ClientResponse))
+            .find_map(|d| d.msg());
         let client =
             client_msg.and_then(|m| dnstap::socket(m.query_address.as_deref(), m.query_port));
         let protocol = client_msg.and_then(|m| m.socket_protocol);
@@ -222,11 +249,7 @@ impl Facts {
             let msg = domain::base::Message::from_octets(d.wire()?).ok()?;
             let q = msg.first_question()?;
             Some((
-                {
-                    let mut name = Vec::with_capacity(64);
-                    dns_json::name_into(&mut name, q.qname());
-                    String::from_utf8_lossy(&name).into_owned()
-                },
+                dns_json::presentation(q.qname()),
                 rtype_name(q.qtype().to_int()),
                 class_name(q.qclass().to_int()),
             ))
@@ -373,9 +396,13 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
     j.begin_array();
     for d in decoded {
         j.begin_object();
-        let Some(m) = d.msg() else {
-            j.end_object();
-            continue;
+        let m = match &d.msg {
+            Ok(m) => m,
+            Err(u) => {
+                write_undecodable(j, d.role, u);
+                j.end_object();
+                continue;
+            }
         };
         j.key("type");
         j.name(message_type_name(m.type_pb));
@@ -430,6 +457,29 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
         j.end_object();
     }
     j.end_array();
+}
+
+/// A stored message that no longer decodes: its role (the dnstap type is inside the bytes),
+/// the reason and the bytes, so the line still shows every message the session had.
+fn write_undecodable(j: &mut Json<'_>, role: Role, u: &Undecodable<'_>) {
+    j.key("type");
+    j.name(role_name(role));
+    j.key("error");
+    j.display(format_args!(
+        "undecodable dnstap message: {}",
+        u.error.reason()
+    ));
+    j.field_str("hex", &dns_json::hex(u.bytes));
+}
+
+/// The roles under the names the exit summary counts them by.
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::ClientQuery => "CLIENT_QUERY",
+        Role::ClientResponse => "CLIENT_RESPONSE",
+        Role::UpstreamQuery => "UPSTREAM_QUERY",
+        Role::UpstreamResponse => "UPSTREAM_RESPONSE",
+    }
 }
 
 fn write_wire_name(j: &mut Json<'_>, wire: &[u8]) {
@@ -574,5 +624,125 @@ fn seen(bitmap: u8) -> String {
         "nothing".into()
     } else {
         names.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::correlate::{Config, Correlator};
+    use crate::dnstap::{Event, SenderProfile};
+    use crate::framestream::{Frame, FrameDecoder};
+    use serde_json::Value;
+
+    /// A real CoreDNS capture: one CQ answered from `hosts` (Succeeded/3), whose diagnosis
+    /// names the identity.
+    const HOSTS: &str = "a_hosts.fstrm";
+
+    /// Bytes that `decode_message` rejects: a field 1 claiming five bytes, holding one.
+    const GARBLED: &[u8] = &[0x0a, 0x05, 0x01];
+
+    /// Renders the sessions of a capture as sent by `identity`; `cq_bytes` replaces what is
+    /// stored for the client query.
+    fn render(fixture: &str, identity: &str, format: Format, cq_bytes: Option<&[u8]>) -> String {
+        let path = format!(
+            "{}/tests/fixtures/coredns/{fixture}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let mut buf = bytes::BytesMut::from(&std::fs::read(path).unwrap()[..]);
+        let sources = Arc::new(SourceRegistry::default());
+        let source = sources.intern(identity.as_bytes(), b"CoreDNS-1.10.1");
+        let renderer = Renderer::new(format, sources);
+        let mut corr = Correlator::new(Config {
+            idle_flush: false,
+            ..Config::default()
+        });
+        let mut out = Vec::new();
+        let mut sink =
+            |s: &Session, v: Verdict, store: &MessageStore| renderer.render(s, &v, store, &mut out);
+        let hasher = crate::dns::key_hasher();
+        let decoder = FrameDecoder::new(1 << 20);
+        while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+            let Frame::Data(frame) = frame else { continue };
+            let tap = dnstap::scan(&frame).unwrap();
+            let ev = Event::from_fields(&tap, source, SenderProfile::CoreDns, &hasher).unwrap();
+            let stored = match cq_bytes {
+                Some(b) if ev.role == Role::ClientQuery => b,
+                _ => tap.message_bytes,
+            };
+            corr.on_event(ev, stored, std::time::Instant::now(), &mut sink);
+        }
+        corr.flush(|_| 0, &mut sink);
+        String::from_utf8(out).unwrap()
+    }
+
+    fn json_lines(text: &str) -> Vec<Value> {
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_message_that_no_longer_decodes_is_shown_with_its_bytes() {
+        assert!(dnstap::decode_message(GARBLED).is_err());
+        let lines = json_lines(&render(HOSTS, "vm", Format::Json, Some(GARBLED)));
+        assert_eq!(lines.len(), 1);
+        let messages = lines[0]["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert_eq!(
+            messages[0],
+            serde_json::json!({
+                "type": "CLIENT_QUERY",
+                "error": "undecodable dnstap message: protobuf",
+                "hex": "0a0501",
+            })
+        );
+        assert_eq!(messages[1]["type"], "CLIENT_RESPONSE");
+        // What the CR still tells is kept.
+        assert_eq!(lines[0]["client"], "127.0.0.1:56390");
+        assert_eq!(lines[0]["qname"], "internal.test.");
+    }
+
+    #[test]
+    fn text_lines_show_the_undecodable_message_too() {
+        let line = render(HOSTS, "vm", Format::Text, Some(GARBLED));
+        let messages = line.split_once(" Messages: ").unwrap().1;
+        let messages: Value = serde_json::from_str(messages.trim_end()).unwrap();
+        assert_eq!(messages[0]["hex"], "0a0501");
+    }
+
+    #[test]
+    fn a_forged_identity_stays_on_its_own_text_line() {
+        let forged = "vm\nStatus: Succeeded BitMap: 15 Identity: forged\rStatus: Failed\t\\";
+        let text = render(HOSTS, forged, Format::Text, None);
+        assert_eq!(text.matches('\n').count(), 1, "{text}");
+        assert!(text.ends_with('\n'));
+        assert!(!text.contains('\r'));
+        let escaped = r"vm\nStatus: Succeeded BitMap: 15 Identity: forged\rStatus: Failed\t\\";
+        assert!(text.starts_with(&format!(
+            "Status: Succeeded BitMap: 3 Identity: {escaped} Client: "
+        )));
+        assert!(
+            text.contains(&format!("Diagnosis: {escaped} answered NOERROR itself")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn json_lines_keep_the_identity_exactly() {
+        let forged = "vm\nStatus: Succeeded\r";
+        let text = render(HOSTS, forged, Format::Json, None);
+        assert_eq!(text.matches('\n').count(), 1);
+        let lines = json_lines(&text);
+        assert_eq!(lines[0]["identity"], forged);
+    }
+
+    #[test]
+    fn the_question_is_in_presentation_format_in_both_layouts() {
+        let json = json_lines(&render(HOSTS, "vm", Format::Json, None));
+        let messages = json[0]["messages"].as_array().unwrap();
+        assert_eq!(json[0]["qname"], messages[0]["dns"]["question"][0]["name"]);
+        let text = render(HOSTS, "vm", Format::Text, None);
+        assert!(text.contains(" Question: internal.test. A IN "), "{text}");
     }
 }
