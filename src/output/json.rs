@@ -172,7 +172,8 @@ impl std::fmt::Write for Fmt<'_> {
 }
 
 pub fn write_millis(out: &mut Vec<u8>, nanos: u64) {
-    let micros = (nanos + 500) / 1000;
+    // Saturating: a sender controls the times, and a wrapped sum would print 0.000.
+    let micros = nanos.saturating_add(500) / 1000;
     let mut b = itoa::Buffer::new();
     out.extend_from_slice(b.format(micros / 1000).as_bytes());
     let frac = micros % 1000;

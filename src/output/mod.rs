@@ -9,7 +9,7 @@ pub mod writer;
 
 pub use sink::{Flow, Sink, WriteSink};
 
-use crate::correlate::{MessageStore, Session, Status, Verdict};
+use crate::correlate::{BitMap, MessageStore, Session, Status, Verdict};
 use crate::dns::{class_name, rcode_name, rtype_name};
 use crate::dnstap::{self, DnstapMessage, Nanos, Role, SourceRegistry};
 use json::Json;
@@ -211,6 +211,15 @@ impl Renderer {
                 if let Some(loss) = v.loss {
                     let _ = write!(out, " LossReason: {}", loss.name());
                 }
+                if let Some(inc) = v.incomplete {
+                    let missing: Vec<&str> = inc.missing.names().collect();
+                    let _ = write!(
+                        out,
+                        " Incomplete: {} ({})",
+                        missing.join(","),
+                        inc.cause.name()
+                    );
+                }
                 out.extend_from_slice(b" Messages: ");
                 write_messages(&mut Json::new(out), &decoded);
             }
@@ -383,6 +392,18 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, v: &Verdict, f: &Facts) {
     if let Some(loss) = v.loss {
         j.field_str("loss_reason", loss.name());
     }
+    if let Some(inc) = v.incomplete {
+        j.key("incomplete");
+        j.begin_object();
+        j.key("missing");
+        j.begin_array();
+        for role in inc.missing.names() {
+            j.name(role);
+        }
+        j.end_array();
+        j.field_str("cause", inc.cause.name());
+        j.end_object();
+    }
     if !s.has_wire {
         j.key("wire_messages");
         j.bool(false);
@@ -544,18 +565,21 @@ fn diagnose(s: &Session, v: &Verdict, f: &Facts) -> String {
             seen(v.bitmap.0)
         )
     } else {
-        match (v.status, v.bitmap.0) {
-            (Status::Succeeded, 3) => {
+        match (v.status, v.bitmap) {
+            (Status::Succeeded, BitMap::CQ_CR) => {
                 format!("{who} answered {rcode} itself{latency} (cache, hosts or a local zone), without forwarding.")
+            }
+            (Status::Succeeded, _) if tries == 0 => {
+                format!("The client got {rcode}{latency}; seen: {}.", seen(v.bitmap.0))
             }
             (Status::Succeeded, _) => format!(
                 "Forwarded to {upstreams} ({tries} attempt{}); the client got {rcode}{latency}.",
                 plural(tries)
             ),
-            (Status::Failed, 3) => format!(
+            (Status::Failed, BitMap::CQ_CR) => format!(
                 "{who} answered {rcode} itself{latency} without forwarding: check its zones, plugins and policy for this name."
             ),
-            (Status::Failed, 15) | (Status::Failed, 11) => {
+            (Status::Failed, BitMap::FORWARDED) | (Status::Failed, BitMap::CQ_CR_FR) => {
                 let up = answered
                     .last()
                     .and_then(|a| a.rcode)
@@ -565,24 +589,29 @@ fn diagnose(s: &Session, v: &Verdict, f: &Facts) -> String {
                     "Upstream {upstreams} answered {up}; the client got {rcode}{latency}: the upstream is failing for this name."
                 )
             }
-            (Status::Failed, 5) => format!(
+            (Status::Failed, BitMap::UPSTREAM_UNREACHABLE) => format!(
                 "Forwarded to {upstreams}, no answer after {tries} attempt{}: the upstream is unreachable or timing out; the client got SERVFAIL from {who} without a tap, or nothing.",
                 plural(tries)
             ),
-            (Status::Failed, 7) => format!(
+            (Status::Failed, BitMap::CQ_CR_FQ) => format!(
                 "Forwarded to {upstreams}, no answer after {tries} attempt{}; the client got {rcode}{latency}: the upstream is unreachable or timing out.",
                 plural(tries)
             ),
-            (Status::Failed, 13) | (Status::Failed, 9) => format!(
+            (Status::Failed, BitMap::CQ_FQ_FR) | (Status::Failed, BitMap::CQ_FR) => format!(
                 "Upstream {upstreams} answered, but the client got no response from {who}."
             ),
-            (Status::Failed, 1) => format!(
+            (Status::Failed, BitMap::CQ) => format!(
                 "No response and no upstream query: {who} dropped the request or answered through a path dnstap does not see (e.g. max_concurrent, an error) before it timed out."
             ),
             (Status::Failed, _) => format!("The client got {rcode}{latency}; seen: {}.", seen(v.bitmap.0)),
             (Status::SampleLoss, _) => format!("Incomplete sample; seen: {}.", seen(v.bitmap.0)),
         }
     };
+    if let Some(inc) = v.incomplete {
+        text.push_str(" Incomplete sample: ");
+        text.push_str(&inc.explain());
+        text.push('.');
+    }
     if !s.has_wire {
         text.push_str(" The sender logs no DNS messages: add `full` to the dnstap line.");
     }
