@@ -24,14 +24,16 @@ pub enum DnsError {
     NoQuestion,
 }
 
-impl DnsError {
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::Short => "dns_short",
-            Self::NoQuestion => "dns_no_question",
-        }
+impl std::fmt::Display for DnsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Short => "shorter than the 12-byte DNS header",
+            Self::NoQuestion => "no parseable question",
+        })
     }
 }
+
+impl std::error::Error for DnsError {}
 
 /// Fixed seeds: every reader thread must hash a name to the same shard.
 pub fn key_hasher() -> ahash::RandomState {

@@ -81,16 +81,7 @@ impl std::fmt::Display for FrameError {
     }
 }
 
-impl FrameError {
-    /// Stable counter label for the metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::DataFrameTooLarge { .. } => "frame_too_large",
-            Self::ControlFrameTooLarge { .. } => "control_too_large",
-            Self::MalformedControl(_) | Self::UnknownControlType(_) => "bad_control_frame",
-        }
-    }
-}
+impl std::error::Error for FrameError {}
 
 /// Splits a byte stream into frames. Feed it a buffer that grows with each read; it consumes
 /// whole frames and leaves partial ones in place until the rest arrives.
@@ -233,14 +224,7 @@ impl std::fmt::Display for ProtocolError {
     }
 }
 
-impl ProtocolError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::UnsupportedContentType(_) => "content_type",
-            Self::Unexpected { .. } => "protocol_violation",
-        }
-    }
-}
+impl std::error::Error for ProtocolError {}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {

@@ -1,7 +1,7 @@
 //! Counters shared by every stage, and the summary line printed on exit.
 
 use crate::correlate::{Status, Verdict};
-use crate::dnstap::Role;
+use crate::dnstap::{DecodeError, Role};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 pub enum Discard {
     /// A shard's queue was full; the sessions it touched become SampleLoss.
     QueueFull,
+    /// A shard's queue was gone (its shard had stopped): only during shutdown.
+    QueueDisconnected,
     /// A valid frame whose protobuf does not decode.
     Protobuf,
     /// A dnstap payload without a message.
@@ -34,8 +36,9 @@ pub enum Discard {
 }
 
 impl Discard {
-    pub const ALL: [Discard; 11] = [
+    pub const ALL: [Discard; 12] = [
         Discard::QueueFull,
+        Discard::QueueDisconnected,
         Discard::Protobuf,
         Discard::NoMessage,
         Discard::UnsupportedMessageType,
@@ -51,6 +54,7 @@ impl Discard {
     pub fn name(self) -> &'static str {
         match self {
             Self::QueueFull => "queue_full",
+            Self::QueueDisconnected => "queue_disconnected",
             Self::Protobuf => "protobuf_undecodable",
             Self::NoMessage => "no_message",
             Self::UnsupportedMessageType => "unsupported_message_type",
@@ -62,6 +66,35 @@ impl Discard {
             Self::HandshakeTimeout => "handshake_timeout",
             Self::ConnectionLimit => "connection_limit",
         }
+    }
+}
+
+/// The one reason a payload that yields no event is counted under.
+impl From<&DecodeError> for Discard {
+    fn from(e: &DecodeError) -> Self {
+        match e {
+            DecodeError::Protobuf(_) | DecodeError::Malformed | DecodeError::NoMessageType => {
+                Self::Protobuf
+            }
+            DecodeError::NoMessage => Self::NoMessage,
+            DecodeError::UnsupportedType(_) => Self::UnsupportedMessageType,
+            DecodeError::Dns(_) => Self::DnsUndecodable,
+        }
+    }
+}
+
+/// Displays an error with its causes: `error: cause: cause's cause`.
+pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(e) = cause {
+            write!(f, ": {e}")?;
+            cause = e.source();
+        }
+        Ok(())
     }
 }
 
@@ -211,5 +244,55 @@ impl Default for LogLimiter {
             in_window: 0,
             suppressed: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_discard_has_its_own_counter_and_summary_name() {
+        let m = Metrics::default();
+        for (i, d) in Discard::ALL.into_iter().enumerate() {
+            assert_eq!(d as usize, i, "{d:?} out of place in ALL");
+            m.discard(d, i as u64 + 1);
+        }
+        let summary: serde_json::Value = serde_json::from_str(&m.summary_json()).unwrap();
+        let dropped = summary["summary"]["dropped"].as_object().unwrap();
+        assert_eq!(dropped.len(), Discard::ALL.len(), "names are distinct");
+        for (i, d) in Discard::ALL.into_iter().enumerate() {
+            assert_eq!(dropped[d.name()], i as u64 + 1, "{}", d.name());
+        }
+        assert_eq!(m.discarded(Discard::QueueDisconnected), 2);
+    }
+
+    #[test]
+    fn decode_errors_map_to_one_reason_each() {
+        use crate::dns::DnsError;
+        use crate::dnstap::MessageType;
+        for (e, d) in [
+            (DecodeError::Malformed, Discard::Protobuf),
+            (DecodeError::NoMessageType, Discard::Protobuf),
+            (DecodeError::NoMessage, Discard::NoMessage),
+            (
+                DecodeError::UnsupportedType(MessageType::AUTH_QUERY),
+                Discard::UnsupportedMessageType,
+            ),
+            (DecodeError::Dns(DnsError::Short), Discard::DnsUndecodable),
+        ] {
+            assert_eq!(Discard::from(&e), d, "{e}");
+        }
+        let e = crate::dnstap::decode(b"\xff").unwrap_err();
+        assert_eq!(Discard::from(&e), Discard::Protobuf);
+    }
+
+    #[test]
+    fn error_chains_show_every_cause() {
+        let e = DecodeError::Dns(crate::dns::DnsError::NoQuestion);
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "undecodable DNS message: no parseable question"
+        );
     }
 }

@@ -1,0 +1,347 @@
+//! Routes events to correlator shards by key, in batches. A full shard queue never blocks a
+//! reader: the batch is dropped and counted, and the shard is told with the next batch it
+//! gets. Files block instead (nothing is lost offline).
+
+use crate::dnstap::{Event, MessageSpan};
+use crate::metrics::{Discard, Metrics};
+use crossbeam_channel::{Sender, TrySendError};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+/// What a shard receives: events in stream order, in batches so the queue is touched once
+/// per batch rather than once per message.
+pub enum ShardInput {
+    Events(Batch),
+}
+
+/// Events and the encoded messages they point into. The reader copies each message here
+/// (about a hundred bytes): sharing the read buffer instead would make every message an
+/// atomic reference count bounced between the reader's core and the shard's.
+#[derive(Default)]
+pub struct Batch {
+    pub events: Vec<Event>,
+    pub bytes: Vec<u8>,
+}
+
+impl Batch {
+    fn with_capacity() -> Self {
+        Self {
+            events: Vec::with_capacity(BATCH),
+            bytes: Vec::with_capacity(BATCH * 160),
+        }
+    }
+
+    fn push(&mut self, mut ev: Event, message: &[u8]) {
+        ev.message = MessageSpan {
+            start: self.bytes.len() as u32,
+            len: message.len() as u32,
+        };
+        self.bytes.extend_from_slice(message);
+        self.events.push(ev);
+    }
+}
+
+/// Events per batch; a reader sends partial batches at the end of every read.
+pub const BATCH: usize = 128;
+
+/// Events waiting in each shard's queue: readers add what they send, shards subtract what
+/// they took. `--queue-capacity` bounds this count, whatever the batch sizes.
+pub type QueueDepths = Arc<[AtomicU64]>;
+
+/// The shard of a key among `shards`: multiply-shift, uniform without a division. Every
+/// reader must pick the same shard for a key, so this depends on nothing else.
+fn shard_of(key: u64, shards: usize) -> usize {
+    (((key >> 32) * shards as u64) >> 32) as usize
+}
+
+/// Sends events to shards; one per reader thread.
+pub struct Router {
+    shards: Vec<Sender<ShardInput>>,
+    depths: QueueDepths,
+    capacity: u64,
+    batches: Vec<Batch>,
+    /// Events dropped per shard since the last batch that got through.
+    pending_drops: Vec<u32>,
+    /// Files apply backpressure instead of dropping: nothing is lost offline.
+    blocking: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl Router {
+    pub fn new(
+        shards: Vec<Sender<ShardInput>>,
+        depths: QueueDepths,
+        capacity: usize,
+        blocking: bool,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let n = shards.len();
+        Self {
+            shards,
+            depths,
+            capacity: capacity as u64,
+            batches: (0..n).map(|_| Batch::with_capacity()).collect(),
+            pending_drops: vec![0; n],
+            blocking,
+            metrics,
+        }
+    }
+
+    pub fn dispatch(&mut self, ev: Event, message: &[u8]) {
+        let shard = shard_of(ev.key, self.shards.len());
+        self.batches[shard].push(ev, message);
+        if self.batches[shard].events.len() >= BATCH {
+            self.send(shard);
+        }
+    }
+
+    /// Sends every partial batch (end of a read: don't hold events back at low rates).
+    pub fn flush(&mut self) {
+        for shard in 0..self.shards.len() {
+            if !self.batches[shard].events.is_empty() {
+                self.send(shard);
+            }
+        }
+    }
+
+    fn send(&mut self, shard: usize) {
+        let mut batch = std::mem::replace(&mut self.batches[shard], Batch::with_capacity());
+        let len = batch.events.len() as u32;
+        // The shard learns of earlier drops before it sees anything that came after them.
+        batch.events[0].drops_before = self.pending_drops[shard];
+        match self.enqueue(shard, ShardInput::Events(batch), len as u64) {
+            Ok(()) => self.pending_drops[shard] = 0,
+            Err(why) => {
+                self.pending_drops[shard] = self.pending_drops[shard].saturating_add(len);
+                self.metrics.discard(why, len as u64);
+            }
+        }
+    }
+
+    /// Puts a batch of `len` events on a shard's queue, or says why it could not.
+    fn enqueue(&self, shard: usize, input: ShardInput, len: u64) -> Result<(), Discard> {
+        let depth = &self.depths[shard];
+        if !self.blocking && depth.load(Relaxed) + len > self.capacity {
+            return Err(Discard::QueueFull);
+        }
+        depth.fetch_add(len, Relaxed);
+        let sent = if self.blocking {
+            self.shards[shard]
+                .send(input)
+                .map_err(|_| Discard::QueueDisconnected)
+        } else {
+            self.shards[shard].try_send(input).map_err(|e| match e {
+                TrySendError::Full(_) => Discard::QueueFull,
+                TrySendError::Disconnected(_) => Discard::QueueDisconnected,
+            })
+        };
+        if sent.is_err() {
+            depth.fetch_sub(len, Relaxed);
+        }
+        sent
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dnstap::{Role, SenderProfile, SourceId};
+    use crossbeam_channel::{bounded, Receiver};
+
+    fn event(key: u64) -> Event {
+        Event {
+            source: SourceId(0),
+            profile: SenderProfile::CoreDns,
+            role: Role::ClientQuery,
+            key,
+            question: None,
+            query_time: None,
+            response_time: None,
+            client: None,
+            upstream: None,
+            protocol: None,
+            watermark: 0,
+            loss_seq: 0,
+            drops_before: 0,
+            message: MessageSpan::default(),
+        }
+    }
+
+    /// A key that lands on `shard` of `n`.
+    fn key_for(shard: usize, n: usize) -> u64 {
+        let key = (((shard as u64) << 32) / n as u64 + 1) << 32;
+        assert_eq!(shard_of(key, n), shard);
+        key
+    }
+
+    struct Rig {
+        router: Router,
+        queues: Vec<Receiver<ShardInput>>,
+        depths: QueueDepths,
+        metrics: Arc<Metrics>,
+    }
+
+    /// `n` shards whose channels hold `slots` batches, `capacity` queued events, and mode.
+    fn rig(n: usize, slots: usize, capacity: usize, blocking: bool) -> Rig {
+        let (senders, queues) = (0..n).map(|_| bounded(slots)).unzip();
+        let depths: QueueDepths = (0..n).map(|_| AtomicU64::new(0)).collect();
+        let metrics = Arc::new(Metrics::default());
+        let router = Router::new(senders, depths.clone(), capacity, blocking, metrics.clone());
+        Rig {
+            router,
+            queues,
+            depths,
+            metrics,
+        }
+    }
+
+    fn received(q: &Receiver<ShardInput>) -> Vec<Batch> {
+        q.try_iter().map(|ShardInput::Events(b)| b).collect()
+    }
+
+    #[test]
+    fn shard_choice_is_deterministic_and_spreads_keys_evenly() {
+        let hasher = crate::dns::key_hasher();
+        for n in [1, 2, 3, 8, 13] {
+            let mut counts = vec![0u32; n];
+            for i in 0..13_000u64 {
+                let key = hasher.hash_one(i);
+                let shard = shard_of(key, n);
+                assert_eq!(shard, shard_of(key, n));
+                counts[shard] += 1;
+            }
+            let fair = 13_000 / n as u32;
+            for (s, &c) in counts.iter().enumerate() {
+                assert!(
+                    c > fair * 9 / 10 && c < fair * 11 / 10,
+                    "{n} shards: {s} got {c}"
+                );
+            }
+        }
+        assert_eq!(shard_of(0, 4), 0);
+        assert_eq!(shard_of(u64::MAX, 4), 3);
+    }
+
+    #[test]
+    fn events_go_out_in_batches_of_128_with_their_messages() {
+        let mut r = rig(2, 16, 1 << 20, false);
+        let k = key_for(1, 2);
+        for i in 0..BATCH + 5 {
+            r.router.dispatch(event(k), &[i as u8; 3]);
+        }
+        assert!(received(&r.queues[0]).is_empty());
+        let batches = received(&r.queues[1]);
+        assert_eq!(batches.len(), 1, "a full batch goes at once");
+        assert_eq!(batches[0].events.len(), BATCH);
+        assert_eq!(batches[0].events[7].message.of(&batches[0].bytes), [7; 3]);
+        assert_eq!(r.depths[1].load(Relaxed), BATCH as u64);
+        r.router.flush();
+        let rest = received(&r.queues[1]);
+        assert_eq!(rest.len(), 1, "flush sends the partial batch");
+        assert_eq!(rest[0].events.len(), 5);
+        assert_eq!(
+            rest[0].events[0].message.of(&rest[0].bytes),
+            [BATCH as u8; 3]
+        );
+        r.router.flush();
+        assert!(received(&r.queues[1]).is_empty(), "nothing to flush");
+    }
+
+    #[test]
+    fn a_full_queue_drops_counts_and_tells_the_next_batch() {
+        let mut r = rig(2, 16, 10, false);
+        let (k0, k1) = (key_for(0, 2), key_for(1, 2));
+        for _ in 0..8 {
+            r.router.dispatch(event(k0), b"m");
+        }
+        r.router.flush();
+        for _ in 0..3 {
+            r.router.dispatch(event(k0), b"m");
+        }
+        r.router.dispatch(event(k1), b"m");
+        r.router.flush();
+        assert_eq!(r.metrics.discarded(Discard::QueueFull), 3, "8 + 3 > 10");
+        assert_eq!(received(&r.queues[1])[0].events[0].drops_before, 0);
+        let first = received(&r.queues[0]);
+        assert_eq!(first.len(), 1);
+        assert_eq!(r.depths[0].load(Relaxed), 8);
+        // The shard takes its events; the next batch gets through and carries the drops.
+        r.depths[0].fetch_sub(8, Relaxed);
+        r.router.dispatch(event(k0), b"m");
+        r.router.dispatch(event(k0), b"m");
+        r.router.flush();
+        let next = received(&r.queues[0]);
+        assert_eq!(next[0].events[0].drops_before, 3);
+        assert_eq!(next[0].events[1].drops_before, 0);
+        r.router.dispatch(event(k0), b"m");
+        r.router.flush();
+        assert_eq!(
+            received(&r.queues[0])[0].events[0].drops_before,
+            0,
+            "told once"
+        );
+        assert_eq!(r.metrics.discarded(Discard::QueueDisconnected), 0);
+    }
+
+    #[test]
+    fn a_full_channel_counts_as_queue_full_and_restores_the_depth() {
+        let mut r = rig(1, 1, 1 << 20, false);
+        for _ in 0..2 {
+            r.router.dispatch(event(0), b"m");
+            r.router.flush();
+        }
+        assert_eq!(r.metrics.discarded(Discard::QueueFull), 1);
+        assert_eq!(r.depths[0].load(Relaxed), 1, "only the batch that got in");
+    }
+
+    #[test]
+    fn a_disconnected_queue_counts_queue_disconnected() {
+        for blocking in [false, true] {
+            let mut r = rig(1, 4, 1 << 20, blocking);
+            r.queues.clear();
+            r.router.dispatch(event(0), b"m");
+            r.router.dispatch(event(0), b"m");
+            r.router.flush();
+            assert_eq!(
+                r.metrics.discarded(Discard::QueueDisconnected),
+                2,
+                "{blocking}"
+            );
+            assert_eq!(r.metrics.discarded(Discard::QueueFull), 0);
+            assert_eq!(r.depths[0].load(Relaxed), 0);
+        }
+    }
+
+    #[test]
+    fn blocking_mode_waits_for_the_shard_and_never_drops() {
+        let mut r = rig(1, 1, 1, true);
+        let queue = r.queues.pop().unwrap();
+        let depths = r.depths.clone();
+        let shard = std::thread::spawn(move || {
+            let mut events = 0;
+            for ShardInput::Events(b) in queue.iter() {
+                depths[0].fetch_sub(b.events.len() as u64, Relaxed);
+                events += b.events.len();
+            }
+            events
+        });
+        for i in 0..1000u64 {
+            r.router.dispatch(event(i << 40), b"m");
+            if i % 7 == 0 {
+                r.router.flush();
+            }
+        }
+        let metrics = r.metrics.clone();
+        drop(r.router); // flushes the rest and disconnects
+        assert_eq!(shard.join().unwrap(), 1000);
+        for d in Discard::ALL {
+            assert_eq!(metrics.discarded(d), 0, "{}", d.name());
+        }
+    }
+}
