@@ -486,10 +486,7 @@ fn write_undecodable(j: &mut Json<'_>, role: Role, u: &Undecodable<'_>) {
     j.key("type");
     j.name(role_name(role));
     j.key("error");
-    j.display(format_args!(
-        "undecodable dnstap message: {}",
-        u.error.reason()
-    ));
+    j.display(crate::metrics::ErrorChain(&u.error));
     j.field_str("hex", &dns_json::hex(u.bytes));
 }
 
@@ -722,7 +719,7 @@ mod tests {
             messages[0],
             serde_json::json!({
                 "type": "CLIENT_QUERY",
-                "error": "undecodable dnstap message: protobuf",
+                "error": "undecodable dnstap protobuf: Cannot decode varint",
                 "hex": "0a0501",
             })
         );
