@@ -213,3 +213,6 @@ impl Default for LogLimiter {
         }
     }
 }
+
+pub mod health;
+pub mod model;
