@@ -214,5 +214,6 @@ impl Default for LogLimiter {
     }
 }
 
+pub mod exposition;
 pub mod health;
 pub mod model;
