@@ -137,6 +137,15 @@ fn gauge<const N: usize>(
     ConstGauge::new(v).encode(m.encode_family(&labels)?)
 }
 
+/// Gauges of counts print as integers.
+fn gauge_count<const N: usize>(
+    m: &mut MetricEncoder<'_>,
+    labels: [(&str, &str); N],
+    v: u64,
+) -> fmt::Result {
+    ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX)).encode(m.encode_family(&labels)?)
+}
+
 fn histogram<const N: usize>(
     m: &mut MetricEncoder<'_>,
     labels: [(&str, &str); N],
@@ -358,7 +367,7 @@ impl Families {
             MetricType::Gauge,
         )?;
         for (i, depth) in snap.queue_depths.iter().enumerate() {
-            gauge(&mut m, [("shard", &i.to_string())], *depth as f64)?;
+            gauge_count(&mut m, [("shard", &i.to_string())], *depth)?;
         }
         let mut m = family(
             enc,
@@ -367,7 +376,7 @@ impl Families {
             None,
             MetricType::Gauge,
         )?;
-        gauge(&mut m, [], snap.queue_capacity as f64)?;
+        gauge_count(&mut m, [], snap.queue_capacity)?;
 
         let mut m = family(
             enc,
@@ -377,7 +386,7 @@ impl Families {
             MetricType::Gauge,
         )?;
         for (i, n) in &snap.open_sessions {
-            gauge(&mut m, [("shard", &i.to_string())], *n as f64)?;
+            gauge_count(&mut m, [("shard", &i.to_string())], *n)?;
         }
         let mut m = family(
             enc,
@@ -427,7 +436,7 @@ impl Families {
             None,
             MetricType::Gauge,
         )?;
-        gauge(&mut m, [("version", env!("CARGO_PKG_VERSION"))], 1.0)
+        gauge_count(&mut m, [("version", env!("CARGO_PKG_VERSION"))], 1)
     }
 
     fn connections(&self, enc: &mut DescriptorEncoder<'_>, snap: &Snapshot) -> fmt::Result {
@@ -440,7 +449,7 @@ impl Families {
                 None,
                 MetricType::Gauge,
             )?;
-            gauge(&mut m, [], open as f64)?;
+            gauge_count(&mut m, [], open)?;
         }
         let mut m = family(
             enc,
@@ -547,10 +556,12 @@ mod tests {
         t
     }
 
+    type Labels = Vec<(String, String)>;
+
     #[derive(Debug)]
     struct Sample {
         name: String,
-        labels: Vec<(String, String)>,
+        labels: Labels,
         value: f64,
     }
 
@@ -679,7 +690,7 @@ mod tests {
         assert!(!hist.is_empty());
         for family in hist {
             let bucket = format!("{family}_bucket");
-            let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+            let mut series: BTreeMap<Labels, Vec<(f64, f64)>> = BTreeMap::new();
             for s in samples.iter().filter(|s| s.name == bucket) {
                 let le = s.labels.iter().find(|(k, _)| k == "le").expect("le label");
                 let le: f64 = if le.1 == "+Inf" {
