@@ -216,4 +216,5 @@ impl Default for LogLimiter {
 
 pub mod exposition;
 pub mod health;
+pub mod http;
 pub mod model;
