@@ -1,4 +1,10 @@
-//! Counters shared by every stage, and the summary line printed on exit.
+//! Counters shared by every stage, and the summary line printed on exit; the live view of
+//! them (per-thread stats, exposition, health and the HTTP endpoint) is in the submodules.
+
+pub mod exposition;
+pub mod health;
+pub mod http;
+pub mod model;
 
 use crate::correlate::{Status, Verdict};
 use crate::dnstap::{DecodeError, Role};

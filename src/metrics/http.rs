@@ -1,0 +1,430 @@
+//! The metrics HTTP endpoint: `/metrics`, `/healthz`, `/readyz`, `/top`.
+//!
+//! One thread with its own mio poll serves every scrape, off the data path. Sockets are
+//! non-blocking, so a client that sends half a request and stays, or sends garbage, holds
+//! nothing but its slot: each connection has a deadline (5 s to send its request, 10 s to take
+//! the response), requests are capped at 8 KiB, and at most 64 connections are kept — a new
+//! one evicts the oldest that has not finished its request. Requests are parsed by `httparse`;
+//! every response closes the connection, which Prometheus handles fine and keeps the server a
+//! small state machine.
+
+use super::exposition::{Exposition, Format};
+use super::model::Telemetry;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CONN: usize = 2;
+const MAX_CONNECTIONS: usize = 64;
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the response, unread input is drained this long so closing does not reset the
+/// connection before the client has read the response.
+const LINGER: Duration = Duration::from_secs(2);
+const SWEEP: Duration = Duration::from_millis(250);
+
+/// The metrics endpoint could not start.
+#[derive(Debug)]
+pub struct StartError {
+    pub addr: SocketAddr,
+    source: io::Error,
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot serve metrics on {}: {}", self.addr, self.source)
+    }
+}
+
+impl std::error::Error for StartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// The running endpoint; `stop` (or drop) ends its thread.
+pub struct MetricsServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Binds `addr` (port 0 picks a free port, see `local_addr`) and serves on a thread of its
+    /// own named `metrics-http`.
+    pub fn start(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<Self, StartError> {
+        let err = |source| StartError { addr, source };
+        let std_listener = std::net::TcpListener::bind(addr).map_err(err)?;
+        std_listener.set_nonblocking(true).map_err(err)?;
+        let local = std_listener.local_addr().map_err(err)?;
+        let mut listener = TcpListener::from_std(std_listener);
+        let poll = Poll::new().map_err(err)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(err)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(err)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = Server {
+            poll,
+            listener,
+            conns: (0..MAX_CONNECTIONS).map(|_| None).collect(),
+            exposition: Exposition::new(telemetry.clone()),
+            telemetry,
+            stop: stop.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("metrics-http".into())
+            .spawn(move || server.run())
+            .map_err(err)?;
+        Ok(Self {
+            addr: local,
+            stop,
+            waker,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving and waits for the thread; open scrapes are cut off.
+    pub fn stop(mut self) {
+        self.shut_down();
+    }
+
+    fn shut_down(&mut self) {
+        self.stop.store(true, Relaxed);
+        let _ = self.waker.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Reading,
+    Writing,
+    Lingering,
+}
+
+struct Conn {
+    stream: TcpStream,
+    phase: Phase,
+    accepted: Instant,
+    deadline: Instant,
+    request: Vec<u8>,
+    response: Vec<u8>,
+    sent: usize,
+}
+
+struct Server {
+    poll: Poll,
+    listener: TcpListener,
+    conns: Vec<Option<Conn>>,
+    exposition: Exposition,
+    telemetry: Arc<Telemetry>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(128);
+        while !self.stop.load(Relaxed) {
+            if let Err(e) = self.poll.poll(&mut events, Some(SWEEP)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                self.warn(format_args!("metrics endpoint stopped: poll failed: {e}"));
+                return;
+            }
+            for ev in events.iter() {
+                if ev.token().0 >= FIRST_CONN {
+                    self.serve(ev.token().0 - FIRST_CONN, Instant::now());
+                }
+            }
+            // Every wake, not only on a listener event: after a failed accept (out of file
+            // descriptors) the backlog would otherwise wait for the next connection's edge.
+            self.accept(Instant::now());
+            self.sweep(Instant::now());
+        }
+    }
+
+    fn warn(&self, msg: std::fmt::Arguments<'_>) {
+        self.telemetry.metrics.warn(msg);
+    }
+
+    fn accept(&mut self, now: Instant) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => self.admit(stream, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.warn(format_args!("metrics endpoint: accept failed: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes a free slot, or the slot of the oldest connection still sending its request.
+    fn admit(&mut self, mut stream: TcpStream, now: Instant) {
+        let slot = match self.conns.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                let victim = self
+                    .conns
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
+                    .min_by_key(|(_, c)| (c.phase != Phase::Reading, c.accepted))
+                    .map(|(i, _)| i);
+                let Some(i) = victim else { return };
+                self.close(i);
+                i
+            }
+        };
+        let token = Token(slot + FIRST_CONN);
+        if self
+            .poll
+            .registry()
+            .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+            .is_err()
+        {
+            return;
+        }
+        self.conns[slot] = Some(Conn {
+            stream,
+            phase: Phase::Reading,
+            accepted: now,
+            deadline: now + REQUEST_TIMEOUT,
+            request: Vec::new(),
+            response: Vec::new(),
+            sent: 0,
+        });
+        // Data may have arrived before registration; edge-triggered events would not say so.
+        self.serve(slot, now);
+    }
+
+    fn close(&mut self, slot: usize) {
+        if let Some(mut c) = self.conns[slot].take() {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+        }
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        for i in 0..self.conns.len() {
+            if self.conns[i].as_ref().is_some_and(|c| now >= c.deadline) {
+                self.close(i);
+            }
+        }
+    }
+
+    /// Advances one connection as far as its socket allows.
+    fn serve(&mut self, slot: usize, now: Instant) {
+        let Some(mut c) = self.conns[slot].take() else {
+            return;
+        };
+        let keep = match c.phase {
+            Phase::Reading => self.read_request(&mut c, now),
+            Phase::Writing | Phase::Lingering => true,
+        } && write_response(&mut c, now)
+            && linger(&mut c);
+        if keep {
+            self.conns[slot] = Some(c);
+        } else {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+        }
+    }
+
+    /// Reads what is there; once the request is complete (or hopeless), prepares the
+    /// response. False: close now.
+    fn read_request(&self, c: &mut Conn, now: Instant) -> bool {
+        let mut buf = [0u8; 4096];
+        let mut eof = false;
+        while c.request.len() < MAX_REQUEST_BYTES {
+            match c.stream.read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => c.request.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        let response = match req.parse(&c.request) {
+            Ok(httparse::Status::Complete(_)) => self.respond(&req),
+            Ok(httparse::Status::Partial) if c.request.len() >= MAX_REQUEST_BYTES => {
+                Response::text(431, "request header fields too large\n")
+            }
+            Ok(httparse::Status::Partial) => return !eof,
+            Err(httparse::Error::TooManyHeaders) => Response::text(431, "too many headers\n"),
+            Err(_) => Response::text(400, "bad request\n"),
+        };
+        let head = req.method == Some("HEAD");
+        c.response = response.into_bytes(head);
+        c.phase = Phase::Writing;
+        c.deadline = now + RESPONSE_TIMEOUT;
+        true
+    }
+
+    fn respond(&self, req: &httparse::Request<'_, '_>) -> Response {
+        match req.method {
+            Some("GET" | "HEAD") => {}
+            _ => {
+                let mut r = Response::text(405, "only GET and HEAD\n");
+                r.allow = true;
+                return r;
+            }
+        }
+        let path = req.path.unwrap_or("/");
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        match path {
+            "/metrics" => {
+                let accept = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("accept"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok());
+                let format = Format::negotiate(accept);
+                match self.exposition.render(format) {
+                    Ok(body) => Response {
+                        status: 200,
+                        content_type: format.content_type(),
+                        body: body.into_bytes(),
+                        allow: false,
+                    },
+                    Err(_) => Response::text(500, "metrics encoding failed\n"),
+                }
+            }
+            "/healthz" => {
+                let stalls = self.telemetry.health.check(Instant::now());
+                if stalls.is_empty() {
+                    Response::text(200, "ok\n")
+                } else {
+                    let body: String = stalls.iter().map(|s| format!("stuck: {s}\n")).collect();
+                    Response::text(503, &body)
+                }
+            }
+            "/readyz" => match self.telemetry.health.ready() {
+                Ok(()) => Response::text(200, "ready\n"),
+                Err(why) => Response::text(503, &format!("not ready: {}\n", why.explain())),
+            },
+            "/top" => match self.telemetry.top() {
+                Some(json) => Response {
+                    status: 200,
+                    content_type: "application/json",
+                    body: json.into_bytes(),
+                    allow: false,
+                },
+                None => Response::text(404, "/top is not available\n"),
+            },
+            _ => Response::text(404, "not found: try /metrics, /healthz, /readyz or /top\n"),
+        }
+    }
+}
+
+/// Sends what the socket takes; once all is sent, half-closes and lingers. False: close now.
+fn write_response(c: &mut Conn, now: Instant) -> bool {
+    if c.phase != Phase::Writing {
+        return true;
+    }
+    while c.sent < c.response.len() {
+        match c.stream.write(&c.response[c.sent..]) {
+            Ok(0) => return false,
+            Ok(n) => c.sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    let _ = c.stream.shutdown(Shutdown::Write);
+    c.phase = Phase::Lingering;
+    c.deadline = now + LINGER;
+    c.response = Vec::new();
+    true
+}
+
+/// Discards input until the client closes. False: close now.
+fn linger(c: &mut Conn) -> bool {
+    if c.phase != Phase::Lingering {
+        return true;
+    }
+    let mut buf = [0u8; 1024];
+    loop {
+        match c.stream.read(&mut buf) {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+    allow: bool,
+}
+
+impl Response {
+    fn text(status: u16, body: &str) -> Self {
+        Self {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.as_bytes().to_vec(),
+            allow: false,
+        }
+    }
+
+    /// The whole response; HEAD gets the same headers without the body.
+    fn into_bytes(self, head: bool) -> Vec<u8> {
+        let reason = match self.status {
+            200 => "OK",
+            400 => "Bad Request",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            431 => "Request Header Fields Too Large",
+            500 => "Internal Server Error",
+            _ => "Service Unavailable",
+        };
+        let mut out = format!(
+            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n",
+            self.status,
+            self.content_type,
+            self.body.len()
+        )
+        .into_bytes();
+        if self.allow {
+            out.extend_from_slice(b"Allow: GET, HEAD\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if !head {
+            out.extend_from_slice(&self.body);
+        }
+        out
+    }
+}

@@ -1,0 +1,994 @@
+//! What the readers and shards count for the Prometheus endpoint, and how a scrape sums it.
+//!
+//! Counting stays off shared cache lines: each reader or shard thread owns a [`ThreadStats`]
+//! and counts into plain integers in small maps keyed by already-interned ids. Once per tick
+//! the owner calls [`ThreadStats::publish`], which adds those deltas into the thread's
+//! published copy under a mutex that only the owner and the scraper ever take, and clears the
+//! deltas (keeping their capacity, so steady state allocates nothing). A scrape locks each
+//! published copy in turn and sums them ([`Telemetry::snapshot`]).
+//!
+//! Cardinality is bounded by [`LabelCap`]: the first `cap` identities and upstreams keep their
+//! own label; later ones are counted under `other`, and the overflow is counted too.
+
+use super::health::Health;
+use super::Metrics;
+use crate::correlate::{LossReason, Status, Verdict};
+use crate::dnstap::{Nanos, Role, SourceId, SourceRegistry};
+use hashbrown::{HashMap, HashSet};
+use std::hash::Hash;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+/// Why a session ended the way it did: the `cause` label of `sessions_total` and
+/// `client_latency_seconds`. See [`Cause::of`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Cause {
+    /// Succeeded without an upstream leg (cache, zone file, rewrite...).
+    LocalAnswer,
+    /// Succeeded with an answer from an upstream.
+    ForwardedAnswer,
+    /// Failed, and no upstream attempt was answered.
+    UpstreamTimeout,
+    /// Failed, and an upstream answered with an error rcode.
+    UpstreamError,
+    /// Failed with an error rcode to the client that no upstream error explains.
+    ServerError,
+    /// Failed without any response to the client and without a timed-out upstream leg.
+    NoResponse,
+    /// SampleLoss because the sender (CoreDNS) lost messages.
+    SenderLoss,
+    /// SampleLoss because this analyser dropped messages or evicted the session.
+    AnalyserLoss,
+}
+
+impl Cause {
+    pub const ALL: [Cause; 8] = [
+        Cause::LocalAnswer,
+        Cause::ForwardedAnswer,
+        Cause::UpstreamTimeout,
+        Cause::UpstreamError,
+        Cause::ServerError,
+        Cause::NoResponse,
+        Cause::SenderLoss,
+        Cause::AnalyserLoss,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LocalAnswer => "local_answer",
+            Self::ForwardedAnswer => "forwarded_answer",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamError => "upstream_error",
+            Self::ServerError => "server_error",
+            Self::NoResponse => "no_response",
+            Self::SenderLoss => "sender_loss",
+            Self::AnalyserLoss => "analyser_loss",
+        }
+    }
+
+    /// Classifies a finished session from its verdict and the outcomes of its upstream
+    /// attempts. SampleLoss is never a DNS failure: it is `analyser_loss` when this analyser
+    /// lost data (queue full, session table full) and `sender_loss` otherwise. A Failed session
+    /// is blamed on the most specific evidence first: an upstream error rcode, then upstream
+    /// attempts of which none was answered, then an error rcode of the server itself, and
+    /// finally the lack of any response.
+    ///
+    /// When the caller knows no attempts (no wire data), the bitmap stands in: an FQ without
+    /// any FR counts as unanswered upstream attempts, an FR as an answer.
+    pub fn of(verdict: &Verdict, attempts: AttemptSummary) -> Cause {
+        let bitmap = verdict.bitmap;
+        let upstream_leg = attempts.total() > 0
+            || bitmap.has(Role::UpstreamQuery)
+            || bitmap.has(Role::UpstreamResponse);
+        let some_answered = if attempts.total() > 0 {
+            attempts.answered + attempts.error_rcode > 0
+        } else {
+            bitmap.has(Role::UpstreamResponse)
+        };
+        match verdict.status {
+            Status::SampleLoss => match verdict.loss {
+                Some(LossReason::AnalyserQueueFull | LossReason::SessionTableFull) => {
+                    Cause::AnalyserLoss
+                }
+                _ => Cause::SenderLoss,
+            },
+            Status::Succeeded if upstream_leg => Cause::ForwardedAnswer,
+            Status::Succeeded => Cause::LocalAnswer,
+            Status::Failed if attempts.error_rcode > 0 => Cause::UpstreamError,
+            Status::Failed if upstream_leg && !some_answered => Cause::UpstreamTimeout,
+            Status::Failed if bitmap.has(Role::ClientResponse) => Cause::ServerError,
+            // Bitmap 1, or an upstream answered but the client never got a response.
+            Status::Failed => Cause::NoResponse,
+        }
+    }
+}
+
+/// The `outcome` label of `upstream_attempts_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AttemptOutcome {
+    Answered,
+    Timeout,
+    ErrorRcode,
+}
+
+impl AttemptOutcome {
+    pub const ALL: [AttemptOutcome; 3] = [Self::Answered, Self::Timeout, Self::ErrorRcode];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Answered => "answered",
+            Self::Timeout => "timeout",
+            Self::ErrorRcode => "error_rcode",
+        }
+    }
+
+    /// An attempt without a response timed out; NOERROR and NXDOMAIN are answers (as in
+    /// `Session::verdict`), as is a response without wire data; other rcodes are errors.
+    pub fn of(answered: bool, rcode: Option<u16>) -> Self {
+        match (answered, rcode) {
+            (false, _) => Self::Timeout,
+            (true, None | Some(0 | 3)) => Self::Answered,
+            (true, Some(_)) => Self::ErrorRcode,
+        }
+    }
+}
+
+/// How many attempts of a session ended each way; the input of [`Cause::of`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttemptSummary {
+    pub answered: u32,
+    pub timeout: u32,
+    pub error_rcode: u32,
+}
+
+impl AttemptSummary {
+    pub fn add(&mut self, outcome: AttemptOutcome) {
+        match outcome {
+            AttemptOutcome::Answered => self.answered += 1,
+            AttemptOutcome::Timeout => self.timeout += 1,
+            AttemptOutcome::ErrorRcode => self.error_rcode += 1,
+        }
+    }
+
+    pub fn total(&self) -> u32 {
+        self.answered + self.timeout + self.error_rcode
+    }
+}
+
+/// One upstream attempt of a finished session, as `ThreadStats::record_session` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptFact {
+    /// The forwarder target; `None` when the sender did not say (counted as `unknown`).
+    pub upstream: Option<SocketAddr>,
+    pub outcome: AttemptOutcome,
+    /// FQ → FR, when both times are known.
+    pub rtt: Option<Nanos>,
+}
+
+/// The `type` label of `messages_total`; RESOLVER_* count as FORWARDER_*.
+pub fn message_type_name(role: Role) -> &'static str {
+    match role {
+        Role::ClientQuery => "CLIENT_QUERY",
+        Role::ClientResponse => "CLIENT_RESPONSE",
+        Role::UpstreamQuery => "FORWARDER_QUERY",
+        Role::UpstreamResponse => "FORWARDER_RESPONSE",
+    }
+}
+
+/// Why a dnstap connection was closed: the `reason` label of `connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    Stopped,
+    PeerClosed,
+    BadStream,
+    IdleTimeout,
+    FrameBudget,
+    HandshakeTimeout,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 6] = [
+        Self::Stopped,
+        Self::PeerClosed,
+        Self::BadStream,
+        Self::IdleTimeout,
+        Self::FrameBudget,
+        Self::HandshakeTimeout,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Stopped => "stopped",
+            Self::PeerClosed => "peer_closed",
+            Self::BadStream => "bad_stream",
+            Self::IdleTimeout => "idle_timeout",
+            Self::FrameBudget => "frame_budget",
+            Self::HandshakeTimeout => "handshake_timeout",
+        }
+    }
+}
+
+/// Upper bounds of the latency histograms, in seconds (the contract's buckets).
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0,
+    5.0, 10.0,
+];
+
+/// The same bounds in nanoseconds, so observing needs no float arithmetic.
+const BUCKET_NANOS: [Nanos; 16] = [
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_000_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+
+/// Fixed buckets (not cumulative; the last one is `+Inf`) and the sum of the observations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Histogram {
+    pub counts: [u64; 17],
+    pub sum_nanos: u128,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, v: Nanos) {
+        // `le` is inclusive: a value equal to a bound belongs to that bound's bucket.
+        self.counts[BUCKET_NANOS.partition_point(|&b| b < v)] += 1;
+        self.sum_nanos += v as u128;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    pub fn sum_seconds(&self) -> f64 {
+        self.sum_nanos as f64 / 1e9
+    }
+}
+
+/// Identity label key: the interned source, or `other` past the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IdentityLabel {
+    Source(SourceId),
+    Other,
+}
+
+/// Upstream label key: the forwarder target, `unknown` when the sender gave none, or `other`
+/// past the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UpstreamLabel {
+    Addr(SocketAddr),
+    Unknown,
+    Other,
+}
+
+/// Admits at most `cap` distinct values of one label, first come first served, process-wide.
+#[derive(Debug)]
+pub struct LabelCap<K> {
+    cap: usize,
+    admitted: Mutex<HashSet<K>>,
+}
+
+impl<K: Hash + Eq + Copy> LabelCap<K> {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            admitted: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// True when `k` has (or now gets) a label of its own.
+    pub fn admit(&self, k: K) -> bool {
+        let mut set = lock(&self.admitted);
+        if set.contains(&k) {
+            return true;
+        }
+        if set.len() < self.cap {
+            set.insert(k);
+            return true;
+        }
+        false
+    }
+
+    /// Remembered answers per thread, so the lock is taken once per new value per thread. The
+    /// cache stops growing at a bound so that a flood of over-the-cap values cannot grow it.
+    fn admit_cached(&self, cache: &mut HashMap<K, bool>, k: K) -> bool {
+        if let Some(&ok) = cache.get(&k) {
+            return ok;
+        }
+        let ok = self.admit(k);
+        if ok || cache.len() < self.cap * 2 + 64 {
+            cache.insert(k, ok);
+        }
+        ok
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `sessions_total` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionKey {
+    pub identity: IdentityLabel,
+    pub status: Status,
+    pub bitmap: u8,
+    pub cause: Cause,
+}
+
+/// `upstream_attempts_total` key.
+pub type AttemptKey = (IdentityLabel, UpstreamLabel, AttemptOutcome);
+
+/// Which label's cap was hit: the `label` label of `label_overflow_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CappedLabel {
+    Identity,
+    Upstream,
+}
+
+impl CappedLabel {
+    pub const ALL: [CappedLabel; 2] = [Self::Identity, Self::Upstream];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Identity => "identity",
+            Self::Upstream => "upstream",
+        }
+    }
+}
+
+/// Everything one thread counts; also the shape of a published copy and of a scrape's sum.
+#[derive(Debug, Default, Clone)]
+pub struct Counts {
+    pub sessions: HashMap<SessionKey, u64>,
+    pub attempts: HashMap<AttemptKey, u64>,
+    pub upstream_rtt: HashMap<UpstreamLabel, Histogram>,
+    pub client_latency: HashMap<(IdentityLabel, Cause), Histogram>,
+    /// Indexed like `Role` (CQ, CR, FQ, FR).
+    pub messages: HashMap<IdentityLabel, [u64; 4]>,
+    /// Latest event time seen per identity (max, not a sum).
+    pub latest_event: HashMap<IdentityLabel, Nanos>,
+    pub evicted: u64,
+    /// Recordings put under `other`, indexed like `CappedLabel::ALL`.
+    pub overflow: [u64; 2],
+}
+
+trait Merge {
+    fn merge(&mut self, other: &Self);
+}
+
+impl Merge for u64 {
+    fn merge(&mut self, other: &Self) {
+        *self += other;
+    }
+}
+
+impl Merge for [u64; 4] {
+    fn merge(&mut self, other: &Self) {
+        for (a, b) in self.iter_mut().zip(other) {
+            *a += b;
+        }
+    }
+}
+
+impl Merge for Histogram {
+    fn merge(&mut self, other: &Self) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.sum_nanos += other.sum_nanos;
+    }
+}
+
+fn add_into<K: Hash + Eq + Copy, V: Merge + Default>(
+    into: &mut HashMap<K, V>,
+    from: impl Iterator<Item = (K, V)>,
+) {
+    for (k, v) in from {
+        into.entry(k).or_default().merge(&v);
+    }
+}
+
+impl Counts {
+    /// Adds `delta` into `self` and empties `delta`, keeping its allocations.
+    fn absorb(&mut self, delta: &mut Counts) {
+        add_into(&mut self.sessions, delta.sessions.drain());
+        add_into(&mut self.attempts, delta.attempts.drain());
+        add_into(&mut self.upstream_rtt, delta.upstream_rtt.drain());
+        add_into(&mut self.client_latency, delta.client_latency.drain());
+        add_into(&mut self.messages, delta.messages.drain());
+        self.merge_latest(delta.latest_event.drain());
+        self.evicted += std::mem::take(&mut delta.evicted);
+        for (a, b) in self.overflow.iter_mut().zip(&mut delta.overflow) {
+            *a += std::mem::take(b);
+        }
+    }
+
+    /// Adds a published copy into a scrape's sum.
+    fn add(&mut self, other: &Counts) {
+        add_into(
+            &mut self.sessions,
+            other.sessions.iter().map(|(k, v)| (*k, *v)),
+        );
+        add_into(
+            &mut self.attempts,
+            other.attempts.iter().map(|(k, v)| (*k, *v)),
+        );
+        let rtt = other.upstream_rtt.iter().map(|(k, v)| (*k, v.clone()));
+        add_into(&mut self.upstream_rtt, rtt);
+        let latency = other.client_latency.iter().map(|(k, v)| (*k, v.clone()));
+        add_into(&mut self.client_latency, latency);
+        add_into(
+            &mut self.messages,
+            other.messages.iter().map(|(k, v)| (*k, *v)),
+        );
+        self.merge_latest(other.latest_event.iter().map(|(k, v)| (*k, *v)));
+        self.evicted += other.evicted;
+        for (a, b) in self.overflow.iter_mut().zip(&other.overflow) {
+            *a += b;
+        }
+    }
+
+    fn merge_latest(&mut self, from: impl Iterator<Item = (IdentityLabel, Nanos)>) {
+        for (k, t) in from {
+            let e = self.latest_event.entry(k).or_insert(0);
+            *e = (*e).max(t);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+            && self.attempts.is_empty()
+            && self.upstream_rtt.is_empty()
+            && self.client_latency.is_empty()
+            && self.messages.is_empty()
+            && self.latest_event.is_empty()
+            && self.evicted == 0
+            && self.overflow == [0, 0]
+    }
+}
+
+/// Which kind of thread a `ThreadStats` belongs to; shards also export per-shard gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    Reader(usize),
+    Shard(usize),
+}
+
+/// The part of a thread's stats the scraper reads.
+#[derive(Debug)]
+struct Published {
+    kind: ThreadKind,
+    counts: Mutex<Counts>,
+    /// Written by the owning shard only.
+    open_sessions: AtomicU64,
+}
+
+/// Settings of the metric model (flags, later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    /// `--max-identity-labels`.
+    pub max_identity_labels: usize,
+    /// `--max-upstream-labels`.
+    pub max_upstream_labels: usize,
+    /// A stage with work pending and no progress for this long makes `/healthz` fail.
+    pub stall_after: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            max_identity_labels: 256,
+            max_upstream_labels: 256,
+            stall_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A closure rendering the `/top` JSON document on demand (on the metrics server's thread).
+pub type TopHook = Box<dyn Fn() -> String + Send + Sync>;
+
+/// Everything the metrics endpoint shows: the process-wide counters, the per-thread stats,
+/// the gauges the pipeline registers, and the health of each stage.
+pub struct Telemetry {
+    /// The existing global counters (they also feed the exit summary).
+    pub metrics: Arc<Metrics>,
+    pub health: Health,
+    sources: Arc<SourceRegistry>,
+    identities: LabelCap<SourceId>,
+    upstreams: LabelCap<SocketAddr>,
+    threads: Mutex<Vec<Arc<Published>>>,
+    queue_depths: OnceLock<Arc<[AtomicU64]>>,
+    queue_capacity: AtomicU64,
+    connections_open: OnceLock<Arc<AtomicUsize>>,
+    connections_closed: [AtomicU64; CloseReason::ALL.len()],
+    top: OnceLock<TopHook>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
+}
+
+impl Telemetry {
+    pub fn new(metrics: Arc<Metrics>, sources: Arc<SourceRegistry>, cfg: TelemetryConfig) -> Self {
+        Self {
+            metrics,
+            health: Health::new(cfg.stall_after),
+            sources,
+            identities: LabelCap::new(cfg.max_identity_labels),
+            upstreams: LabelCap::new(cfg.max_upstream_labels),
+            threads: Mutex::new(Vec::new()),
+            queue_depths: OnceLock::new(),
+            queue_capacity: AtomicU64::new(0),
+            connections_open: OnceLock::new(),
+            connections_closed: Default::default(),
+            top: OnceLock::new(),
+        }
+    }
+
+    /// Stats for one reader or shard thread; call before spawning it and move it in.
+    pub fn thread_stats(self: &Arc<Self>, kind: ThreadKind) -> ThreadStats {
+        let published = Arc::new(Published {
+            kind,
+            counts: Mutex::new(Counts::default()),
+            open_sessions: AtomicU64::new(0),
+        });
+        lock(&self.threads).push(published.clone());
+        ThreadStats {
+            telemetry: self.clone(),
+            published,
+            delta: Counts::default(),
+            identity_cache: HashMap::new(),
+            upstream_cache: HashMap::new(),
+        }
+    }
+
+    /// The shards' queue depths (`ingest::QueueDepths`) and their capacity, read at scrape.
+    pub fn set_queues(&self, depths: Arc<[AtomicU64]>, capacity: u64) {
+        let _ = self.queue_depths.set(depths);
+        self.queue_capacity.store(capacity, Relaxed);
+    }
+
+    /// The count of open dnstap connections the readers keep, read at scrape.
+    pub fn set_connections_open(&self, open: Arc<AtomicUsize>) {
+        let _ = self.connections_open.set(open);
+    }
+
+    pub fn connection_closed(&self, why: CloseReason) {
+        self.connections_closed[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Plugs in the `/top` document; until then `/top` answers 404. Only the first call counts.
+    pub fn set_top(&self, hook: TopHook) {
+        let _ = self.top.set(hook);
+    }
+
+    pub fn top(&self) -> Option<String> {
+        self.top.get().map(|f| f())
+    }
+
+    /// Sums every thread's published stats and reads the gauges.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut counts = Counts::default();
+        let mut open_sessions = Vec::new();
+        for p in lock(&self.threads).iter() {
+            counts.add(&lock(&p.counts));
+            if let ThreadKind::Shard(i) = p.kind {
+                open_sessions.push((i, p.open_sessions.load(Relaxed)));
+            }
+        }
+        open_sessions.sort_unstable();
+        let queue_depths = self
+            .queue_depths
+            .get()
+            .map(|d| d.iter().map(|a| a.load(Relaxed)).collect())
+            .unwrap_or_default();
+        Snapshot {
+            counts,
+            open_sessions,
+            queue_depths,
+            queue_capacity: self.queue_capacity.load(Relaxed),
+            connections_open: self.connections_open.get().map(|o| o.load(Relaxed) as u64),
+            connections_closed: CloseReason::ALL
+                .map(|r| (r, self.connections_closed[r as usize].load(Relaxed))),
+        }
+    }
+
+    /// The label value of an identity.
+    pub fn identity_name(&self, l: IdentityLabel) -> String {
+        match l {
+            IdentityLabel::Source(id) => self.sources.describe(id).0.to_string(),
+            IdentityLabel::Other => "other".into(),
+        }
+    }
+}
+
+pub fn upstream_name(l: UpstreamLabel) -> String {
+    match l {
+        UpstreamLabel::Addr(a) => a.to_string(),
+        UpstreamLabel::Unknown => "unknown".into(),
+        UpstreamLabel::Other => "other".into(),
+    }
+}
+
+/// One scrape's view: summed counts and the gauges read at that moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub counts: Counts,
+    /// (shard, open sessions), by shard.
+    pub open_sessions: Vec<(usize, u64)>,
+    /// Events waiting, indexed by shard.
+    pub queue_depths: Vec<u64>,
+    pub queue_capacity: u64,
+    /// `None` until the pipeline registers the counter (file mode has no connections).
+    pub connections_open: Option<u64>,
+    pub connections_closed: [(CloseReason, u64); CloseReason::ALL.len()],
+}
+
+/// The stats one reader or shard thread owns. Recording touches only thread-local maps;
+/// `publish` once per tick makes them visible to scrapes. Dropping it publishes what is left.
+pub struct ThreadStats {
+    telemetry: Arc<Telemetry>,
+    published: Arc<Published>,
+    delta: Counts,
+    identity_cache: HashMap<SourceId, bool>,
+    upstream_cache: HashMap<SocketAddr, bool>,
+}
+
+impl ThreadStats {
+    fn identity(&mut self, id: SourceId) -> IdentityLabel {
+        if self
+            .telemetry
+            .identities
+            .admit_cached(&mut self.identity_cache, id)
+        {
+            IdentityLabel::Source(id)
+        } else {
+            self.delta.overflow[CappedLabel::Identity as usize] += 1;
+            IdentityLabel::Other
+        }
+    }
+
+    fn upstream(&mut self, addr: Option<SocketAddr>) -> UpstreamLabel {
+        let Some(addr) = addr else {
+            return UpstreamLabel::Unknown;
+        };
+        if self
+            .telemetry
+            .upstreams
+            .admit_cached(&mut self.upstream_cache, addr)
+        {
+            UpstreamLabel::Addr(addr)
+        } else {
+            self.delta.overflow[CappedLabel::Upstream as usize] += 1;
+            UpstreamLabel::Other
+        }
+    }
+
+    /// Shard thread, once per finished session (where `Metrics::session` is called today):
+    /// counts the session, its attempts, their RTTs and the client latency (CQ → CR), and
+    /// returns the cause it was counted under.
+    pub fn record_session(
+        &mut self,
+        identity: SourceId,
+        verdict: &Verdict,
+        client_latency: Option<Nanos>,
+        attempts: impl IntoIterator<Item = AttemptFact>,
+    ) -> Cause {
+        let identity = self.identity(identity);
+        let mut summary = AttemptSummary::default();
+        for a in attempts {
+            summary.add(a.outcome);
+            let upstream = self.upstream(a.upstream);
+            *self
+                .delta
+                .attempts
+                .entry((identity, upstream, a.outcome))
+                .or_insert(0) += 1;
+            if let Some(rtt) = a.rtt {
+                self.delta
+                    .upstream_rtt
+                    .entry(upstream)
+                    .or_default()
+                    .observe(rtt);
+            }
+        }
+        let cause = Cause::of(verdict, summary);
+        let key = SessionKey {
+            identity,
+            status: verdict.status,
+            bitmap: verdict.bitmap.0 & 15,
+            cause,
+        };
+        *self.delta.sessions.entry(key).or_insert(0) += 1;
+        if let Some(latency) = client_latency {
+            self.delta
+                .client_latency
+                .entry((identity, cause))
+                .or_default()
+                .observe(latency);
+        }
+        if verdict.loss == Some(LossReason::SessionTableFull) {
+            self.delta.evicted += 1;
+        }
+        cause
+    }
+
+    /// Reader thread, per read and stream (not per message): `n` messages of `role` from
+    /// `identity`.
+    pub fn count_messages(&mut self, identity: SourceId, role: Role, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let identity = self.identity(identity);
+        let i = match role {
+            Role::ClientQuery => 0,
+            Role::ClientResponse => 1,
+            Role::UpstreamQuery => 2,
+            Role::UpstreamResponse => 3,
+        };
+        self.delta.messages.entry(identity).or_default()[i] += n;
+    }
+
+    /// Reader or shard thread: the latest event time seen from `identity` (its watermark);
+    /// the scrape exports wall clock minus the latest over all threads.
+    pub fn note_event_time(&mut self, identity: SourceId, time: Nanos) {
+        let identity = self.identity(identity);
+        let t = self.delta.latest_event.entry(identity).or_insert(0);
+        *t = (*t).max(time);
+    }
+
+    /// Shard thread, per tick: the sessions its correlator holds open.
+    pub fn set_open_sessions(&self, n: u64) {
+        self.published.open_sessions.store(n, Relaxed);
+    }
+
+    /// Once per tick (100 ms): makes the counts since the last publish visible to scrapes.
+    pub fn publish(&mut self) {
+        if self.delta.is_empty() {
+            return;
+        }
+        lock(&self.published.counts).absorb(&mut self.delta);
+    }
+}
+
+impl Drop for ThreadStats {
+    fn drop(&mut self) {
+        self.publish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::correlate::BitMap;
+
+    fn verdict(status: Status, bitmap: u8, loss: Option<LossReason>) -> Verdict {
+        Verdict {
+            status,
+            bitmap: BitMap(bitmap),
+            loss,
+            incomplete: None,
+        }
+    }
+
+    fn summary(outcomes: &[AttemptOutcome]) -> AttemptSummary {
+        let mut s = AttemptSummary::default();
+        for &o in outcomes {
+            s.add(o);
+        }
+        s
+    }
+
+    use AttemptOutcome::*;
+
+    #[test]
+    fn successes_split_by_upstream_leg() {
+        let none = AttemptSummary::default();
+        let v = verdict(Status::Succeeded, 3, None);
+        assert_eq!(Cause::of(&v, none), Cause::LocalAnswer);
+        let v = verdict(Status::Succeeded, 15, None);
+        assert_eq!(Cause::of(&v, summary(&[Answered])), Cause::ForwardedAnswer);
+        // Known from the bitmap alone when no attempts were given.
+        assert_eq!(Cause::of(&v, none), Cause::ForwardedAnswer);
+    }
+
+    #[test]
+    fn failures_blame_the_most_specific_evidence() {
+        let none = AttemptSummary::default();
+        // CQ + FQ, nothing answered: the upstream timed out.
+        let v = verdict(Status::Failed, 5, None);
+        assert_eq!(Cause::of(&v, summary(&[Timeout])), Cause::UpstreamTimeout);
+        assert_eq!(Cause::of(&v, none), Cause::UpstreamTimeout);
+        // SERVFAIL to the client after every attempt timed out is still the upstream's doing.
+        let v = verdict(Status::Failed, 7, None);
+        assert_eq!(
+            Cause::of(&v, summary(&[Timeout, Timeout])),
+            Cause::UpstreamTimeout
+        );
+        // An upstream error rcode wins over timeouts of other attempts.
+        let v = verdict(Status::Failed, 15, None);
+        assert_eq!(
+            Cause::of(&v, summary(&[Timeout, ErrorRcode])),
+            Cause::UpstreamError
+        );
+        // The upstream answered fine but the client got an error: the server's own.
+        assert_eq!(Cause::of(&v, summary(&[Answered])), Cause::ServerError);
+        let v = verdict(Status::Failed, 3, None);
+        assert_eq!(Cause::of(&v, none), Cause::ServerError);
+        // Nothing at all after the CQ.
+        let v = verdict(Status::Failed, 1, None);
+        assert_eq!(Cause::of(&v, none), Cause::NoResponse);
+        // An answered upstream but no response to the client.
+        let v = verdict(Status::Failed, 13, None);
+        assert_eq!(Cause::of(&v, summary(&[Answered])), Cause::NoResponse);
+    }
+
+    #[test]
+    fn sample_loss_is_never_a_dns_failure() {
+        let none = AttemptSummary::default();
+        for (loss, cause) in [
+            (LossReason::AnalyserQueueFull, Cause::AnalyserLoss),
+            (LossReason::SessionTableFull, Cause::AnalyserLoss),
+            (LossReason::SenderLoss, Cause::SenderLoss),
+            (LossReason::ClientQueryMissing, Cause::SenderLoss),
+            (LossReason::UpstreamResponseMissing, Cause::SenderLoss),
+            (LossReason::UpstreamQueryMissing, Cause::SenderLoss),
+        ] {
+            let v = verdict(Status::SampleLoss, 5, Some(loss));
+            assert_eq!(Cause::of(&v, summary(&[Timeout])), cause, "{loss:?}");
+            assert_eq!(Cause::of(&v, none), cause, "{loss:?}");
+        }
+    }
+
+    #[test]
+    fn attempt_outcomes_follow_the_verdict_rcodes() {
+        assert_eq!(AttemptOutcome::of(false, None), Timeout);
+        assert_eq!(AttemptOutcome::of(true, Some(0)), Answered);
+        assert_eq!(AttemptOutcome::of(true, Some(3)), Answered);
+        assert_eq!(AttemptOutcome::of(true, None), Answered);
+        assert_eq!(AttemptOutcome::of(true, Some(2)), ErrorRcode);
+        assert_eq!(AttemptOutcome::of(true, Some(5)), ErrorRcode);
+    }
+
+    #[test]
+    fn bucket_bounds_agree_and_are_inclusive() {
+        for (s, n) in LATENCY_BUCKETS.iter().zip(BUCKET_NANOS) {
+            assert_eq!((s * 1e9).round() as u64, n);
+        }
+        let mut h = Histogram::default();
+        h.observe(0);
+        h.observe(100_000); // exactly 0.0001 s
+        h.observe(100_001);
+        h.observe(10_000_000_000); // exactly 10 s
+        h.observe(10_000_000_001);
+        assert_eq!(h.counts[0], 2);
+        assert_eq!(h.counts[1], 1);
+        assert_eq!(h.counts[15], 1);
+        assert_eq!(h.counts[16], 1);
+        assert_eq!(h.count(), 5);
+        assert_eq!(h.sum_nanos, 20_000_200_002);
+    }
+
+    fn telemetry(cfg: TelemetryConfig) -> (Arc<Telemetry>, Arc<SourceRegistry>) {
+        let sources = Arc::new(SourceRegistry::default());
+        let t = Telemetry::new(Arc::new(Metrics::default()), sources.clone(), cfg);
+        (Arc::new(t), sources)
+    }
+
+    #[test]
+    fn counts_are_invisible_until_published_and_sum_over_threads() {
+        let (t, sources) = telemetry(TelemetryConfig::default());
+        let a = sources.intern(b"pod-a", b"");
+        let up: SocketAddr = "10.0.0.1:53".parse().unwrap();
+        let v = verdict(Status::Failed, 5, None);
+        let timeout = AttemptFact {
+            upstream: Some(up),
+            outcome: Timeout,
+            rtt: None,
+        };
+        let mut s0 = t.thread_stats(ThreadKind::Shard(0));
+        let mut s1 = t.thread_stats(ThreadKind::Shard(1));
+        assert_eq!(
+            s0.record_session(a, &v, None, [timeout]),
+            Cause::UpstreamTimeout
+        );
+        s1.record_session(a, &v, Some(2_000_000), [timeout, timeout]);
+        assert!(t.snapshot().counts.sessions.is_empty());
+        s0.publish();
+        s1.publish();
+        s1.set_open_sessions(7);
+        let snap = t.snapshot();
+        let key = SessionKey {
+            identity: IdentityLabel::Source(a),
+            status: Status::Failed,
+            bitmap: 5,
+            cause: Cause::UpstreamTimeout,
+        };
+        assert_eq!(snap.counts.sessions[&key], 2);
+        let akey = (IdentityLabel::Source(a), UpstreamLabel::Addr(up), Timeout);
+        assert_eq!(snap.counts.attempts[&akey], 3);
+        let lat = &snap.counts.client_latency[&(IdentityLabel::Source(a), Cause::UpstreamTimeout)];
+        assert_eq!(lat.count(), 1);
+        assert_eq!(snap.open_sessions, vec![(0, 0), (1, 7)]);
+        // Publishing again adds only what is new.
+        s0.record_session(a, &v, None, []);
+        drop(s0);
+        assert_eq!(t.snapshot().counts.sessions[&key], 3);
+    }
+
+    #[test]
+    fn labels_past_the_cap_become_other_and_are_counted() {
+        let cfg = TelemetryConfig {
+            max_identity_labels: 2,
+            max_upstream_labels: 1,
+            ..Default::default()
+        };
+        let (t, sources) = telemetry(cfg);
+        let mut s = t.thread_stats(ThreadKind::Reader(0));
+        let ids: Vec<SourceId> = (0..4)
+            .map(|i| sources.intern(format!("pod-{i}").as_bytes(), b""))
+            .collect();
+        for &id in &ids {
+            s.count_messages(id, Role::ClientQuery, 10);
+        }
+        let v = verdict(Status::Succeeded, 15, None);
+        for port in [53, 54, 55] {
+            let a = AttemptFact {
+                upstream: Some(SocketAddr::from(([10, 0, 0, 1], port))),
+                outcome: Answered,
+                rtt: Some(1000),
+            };
+            s.record_session(ids[0], &v, None, [a]);
+        }
+        s.publish();
+        let c = t.snapshot().counts;
+        assert_eq!(c.messages.len(), 3);
+        assert_eq!(c.messages[&IdentityLabel::Other][0], 20);
+        assert_eq!(c.messages[&IdentityLabel::Source(ids[1])][0], 10);
+        assert_eq!(c.upstream_rtt[&UpstreamLabel::Other].count(), 2);
+        assert_eq!(c.overflow, [2, 2]);
+        // Another thread sees the same admitted set.
+        let mut s2 = t.thread_stats(ThreadKind::Reader(1));
+        s2.count_messages(ids[3], Role::ClientResponse, 1);
+        s2.count_messages(ids[1], Role::ClientResponse, 1);
+        s2.publish();
+        let c = t.snapshot().counts;
+        assert_eq!(c.messages[&IdentityLabel::Other][1], 1);
+        assert_eq!(c.messages[&IdentityLabel::Source(ids[1])][1], 1);
+    }
+
+    #[test]
+    fn steady_state_recording_reuses_the_maps() {
+        let (t, sources) = telemetry(TelemetryConfig::default());
+        let a = sources.intern(b"pod-a", b"");
+        let mut s = t.thread_stats(ThreadKind::Shard(0));
+        let v = verdict(Status::Succeeded, 3, None);
+        s.record_session(a, &v, Some(1), []);
+        s.publish();
+        let cap = s.delta.sessions.capacity();
+        assert!(cap > 0);
+        for _ in 0..1000 {
+            s.record_session(a, &v, Some(1), []);
+        }
+        s.publish();
+        assert_eq!(s.delta.sessions.capacity(), cap);
+        assert_eq!(t.snapshot().counts.sessions.values().sum::<u64>(), 1001);
+    }
+}
