@@ -3,13 +3,14 @@
 //! stop, their queue senders drop, shards flush everything and drop theirs, the writer ends.
 
 use crate::correlate::{self, Correlator, MessageStore, Session, Verdict};
+use crate::ingest::limits::{ConnectionLimits, Slots};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
 use crate::ingest::{file, LossBoard, QueueDepths, Router, ShardInput, Shared};
 use crate::metrics::Metrics;
 use crate::output::{writer, Format, LogFilter, Renderer};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -25,6 +26,9 @@ pub struct Settings {
     pub correlate: correlate::Config,
     pub max_connections: usize,
     pub max_frame_size: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub frame_buffer_budget: usize,
     pub log: LogFilter,
     pub format: Format,
 }
@@ -232,7 +236,13 @@ pub fn serve(
     let names: Vec<String> = listen.iter().map(|l| l.to_string()).collect();
     eprintln!("dnstap-analyser: listening on {}", names.join(", "));
     let backend = start_backend(s, out, metrics.clone());
-    let open = Arc::new(AtomicUsize::new(0));
+    let limits = ConnectionLimits {
+        max_connections: s.max_connections,
+        handshake_timeout: s.handshake_timeout,
+        idle_timeout: s.idle_timeout,
+        frame_buffer_budget: s.frame_buffer_budget,
+    };
+    let slots = Arc::new(Slots::new(limits, s.readers.max(1)));
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut readers = Vec::new();
     let mut handles = Vec::new();
@@ -248,8 +258,7 @@ pub fn serve(
             backend.shared.clone(),
             router,
             shutdown.clone(),
-            open.clone(),
-            s.max_connections,
+            slots.clone(),
         )?;
         readers.push(reader);
         handles.push(handle);

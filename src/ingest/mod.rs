@@ -3,6 +3,7 @@
 //! event is dropped and counted, and the shard is told with the next event it gets.
 
 pub mod file;
+pub mod limits;
 pub mod net;
 
 use crate::dnstap::{self, Event, Nanos, Role, SenderProfile, SourceId, SourceRegistry};
