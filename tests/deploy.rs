@@ -313,7 +313,11 @@ fn flag_cases() -> Vec<(&'static str, Json, Vec<&'static str>)> {
             json!(4194304),
             vec!["--max-frame-size=4194304"],
         ),
-        ("handshake-timeout", json!(10), vec!["--handshake-timeout=10"]),
+        (
+            "handshake-timeout",
+            json!(10),
+            vec!["--handshake-timeout=10"],
+        ),
         ("idle-timeout", json!(600), vec!["--idle-timeout=600"]),
         (
             "frame-buffer-budget",
