@@ -115,6 +115,12 @@ int64 so that large values (maxSessions: 2000000) are not printed in float notat
 {{- if not (kindIs "invalid" $a.maxFrameSize) }}
 - {{ printf "--max-frame-size=%d" (int64 $a.maxFrameSize) | quote }}
 {{- end }}
+{{- if $a.log }}
+- {{ printf "--log=%s" (join "," $a.log) | quote }}
+{{- end }}
+{{- if $a.format }}
+- {{ printf "--format=%s" $a.format | quote }}
+{{- end }}
 {{- if not (kindIs "invalid" $a.handshakeTimeout) }}
 - {{ printf "--handshake-timeout=%d" (int64 $a.handshakeTimeout) | quote }}
 {{- end }}
@@ -123,12 +129,6 @@ int64 so that large values (maxSessions: 2000000) are not printed in float notat
 {{- end }}
 {{- if not (kindIs "invalid" $a.frameBufferBudget) }}
 - {{ printf "--frame-buffer-budget=%d" (int64 $a.frameBufferBudget) | quote }}
-{{- end }}
-{{- if $a.log }}
-- {{ printf "--log=%s" (join "," $a.log) | quote }}
-{{- end }}
-{{- if $a.format }}
-- {{ printf "--format=%s" $a.format | quote }}
 {{- end }}
 {{- range $a.extraArgs }}
 - {{ . | quote }}
