@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -69,13 +70,33 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 2_000_000)]
     max_sessions: usize,
 
-    /// Concurrent sender connections; more are refused and counted.
+    /// Concurrent sender connections. At the limit a new one takes the slot of the connection
+    /// idle the longest if that one has been idle for --idle-timeout (counted under
+    /// connections_closed.idle_timeout); otherwise it is refused and counted (connection_limit).
     #[arg(long, global = true, default_value_t = 1024)]
     max_connections: usize,
 
     /// Largest data frame accepted, in bytes; a larger one closes its connection.
     #[arg(long, global = true, default_value_t = 1 << 20)]
     max_frame_size: usize,
+
+    /// Seconds a new connection has to finish the Frame Streams handshake (READY/START); then
+    /// it is closed and counted (handshake_timeout).
+    #[arg(long, global = true, default_value_t = 5.0, value_name = "SECS")]
+    handshake_timeout: f64,
+
+    /// Seconds without a byte after which an established connection may be closed, only when
+    /// --max-connections is reached and a new sender needs the slot (longest idle first,
+    /// counted as idle_timeout). Below the limit idle connections stay: a quiet CoreDNS sends
+    /// nothing at all, and would lose the batch it next writes into a closed connection.
+    #[arg(long, global = true, default_value_t = 120.0, value_name = "SECS")]
+    idle_timeout: f64,
+
+    /// Bytes of partially received frames buffered over all connections. Over it, the
+    /// connections holding the largest partial frames (more than an equal share,
+    /// budget / --max-connections) are closed and counted (frame_budget).
+    #[arg(long, global = true, default_value_t = 64 << 20, value_name = "BYTES")]
+    frame_buffer_budget: usize,
 
     /// Which sessions to print: all, failed, sampleloss, succeeded, or a comma list.
     #[arg(long, global = true, default_value = "all", value_parser = LogFilter::parse)]
@@ -128,6 +149,12 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
         },
         max_connections: cli.max_connections.max(1),
         max_frame_size: cli.max_frame_size.clamp(64, 64 << 20),
+        handshake_timeout: Duration::from_nanos(seconds(
+            "handshake-timeout",
+            cli.handshake_timeout,
+        )?),
+        idle_timeout: Duration::from_nanos(seconds("idle-timeout", cli.idle_timeout)?),
+        frame_buffer_budget: cli.frame_buffer_budget.max(1),
         log: cli.log,
         format: cli.format,
     })

@@ -39,10 +39,12 @@ pub enum Discard {
     HandshakeTimeout,
     /// Over --max-connections.
     ConnectionLimit,
+    /// A partial frame dropped with its connection: over --frame-buffer-budget.
+    FrameBudget,
 }
 
 impl Discard {
-    pub const ALL: [Discard; 12] = [
+    pub const ALL: [Discard; 13] = [
         Discard::QueueFull,
         Discard::QueueDisconnected,
         Discard::Protobuf,
@@ -55,6 +57,7 @@ impl Discard {
         Discard::ContentType,
         Discard::HandshakeTimeout,
         Discard::ConnectionLimit,
+        Discard::FrameBudget,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +74,55 @@ impl Discard {
             Self::ContentType => "content_type",
             Self::HandshakeTimeout => "handshake_timeout",
             Self::ConnectionLimit => "connection_limit",
+            Self::FrameBudget => "frame_budget",
+        }
+    }
+}
+
+/// Why an accepted connection ended. Every closed connection has exactly one, so accepted =
+/// open + the sum of these; refused connections are `Discard::ConnectionLimit` instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnect {
+    /// The sender sent STOP.
+    Stopped,
+    /// The sender closed or reset without STOP.
+    PeerClosed,
+    /// Bytes the stream could not continue after (see the discard counted with it).
+    BadStream,
+    /// No READY/START within --handshake-timeout.
+    HandshakeTimeout,
+    /// Idle longer than --idle-timeout while --max-connections was reached: closed to make room.
+    IdleTimeout,
+    /// Held the largest partial frame while --frame-buffer-budget was exceeded.
+    FrameBudget,
+    /// Still open at shutdown.
+    Shutdown,
+    /// The analyser could not serve it (registering the socket failed).
+    ServerError,
+}
+
+impl Disconnect {
+    pub const ALL: [Disconnect; 8] = [
+        Disconnect::Stopped,
+        Disconnect::PeerClosed,
+        Disconnect::BadStream,
+        Disconnect::HandshakeTimeout,
+        Disconnect::IdleTimeout,
+        Disconnect::FrameBudget,
+        Disconnect::Shutdown,
+        Disconnect::ServerError,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Stopped => "stopped",
+            Self::PeerClosed => "peer_closed",
+            Self::BadStream => "bad_stream",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::IdleTimeout => "idle_timeout",
+            Self::FrameBudget => "frame_budget",
+            Self::Shutdown => "shutdown",
+            Self::ServerError => "server_error",
         }
     }
 }
@@ -132,6 +184,7 @@ pub struct Metrics {
     pub bytes: AtomicU64,
     pub connections_accepted: AtomicU64,
     pub connections_closed: AtomicU64,
+    connections_closed_by: [AtomicU64; Disconnect::ALL.len()],
     pub sessions: AtomicU64,
     /// [status][bitmap]
     pub sessions_by: [[AtomicU64; 16]; 3],
@@ -147,6 +200,16 @@ impl Metrics {
 
     pub fn discarded(&self, why: Discard) -> u64 {
         self.discards[why as usize].load(Relaxed)
+    }
+
+    /// One accepted connection ended, for this reason.
+    pub fn disconnected(&self, why: Disconnect) {
+        self.connections_closed_by[why as usize].fetch_add(1, Relaxed);
+        self.connections_closed.fetch_add(1, Relaxed);
+    }
+
+    pub fn disconnects(&self, why: Disconnect) -> u64 {
+        self.connections_closed_by[why as usize].load(Relaxed)
     }
 
     /// Adds a reader's local tally (kept per read, so the hot path touches no shared counter).
@@ -211,6 +274,10 @@ impl Metrics {
         for d in Discard::ALL {
             dropped.insert(d.name().into(), self.discarded(d).into());
         }
+        let mut closed = serde_json::Map::new();
+        for d in Disconnect::ALL {
+            closed.insert(d.name().into(), self.disconnects(d).into());
+        }
         let roles = [
             "CLIENT_QUERY",
             "CLIENT_RESPONSE",
@@ -226,6 +293,7 @@ impl Metrics {
             "messages_by_type": by_type,
             "frames": self.frames.load(Relaxed),
             "connections": self.connections_accepted.load(Relaxed),
+            "connections_closed": closed,
             "sessions": self.sessions.load(Relaxed),
             "sessions_printed": self.sessions_printed.load(Relaxed),
             "status": status,

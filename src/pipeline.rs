@@ -9,6 +9,7 @@
 //! closed by `| head`) is not a failure: the shards stop rendering and the analysis goes on.
 
 use crate::correlate::{self, Correlator, MessageStore, Session, Verdict};
+use crate::ingest::limits::{ConnectionLimits, Slots};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
 use crate::ingest::{file, LossBoard, QueueDepths, Router, ShardInput, Shared};
 use crate::metrics::Metrics;
@@ -17,7 +18,7 @@ use crate::output::{Format, LogFilter, Renderer, Sink};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::convert::Infallible;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,6 +34,9 @@ pub struct Settings {
     pub correlate: correlate::Config,
     pub max_connections: usize,
     pub max_frame_size: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub frame_buffer_budget: usize,
     pub log: LogFilter,
     pub format: Format,
 }
@@ -374,7 +378,13 @@ pub fn serve(
     let names: Vec<String> = listen.iter().map(|l| l.to_string()).collect();
     eprintln!("dnstap-analyser: listening on {}", names.join(", "));
     let backend = start_backend(s, sink, metrics.clone(), &shutdown);
-    let open = Arc::new(AtomicUsize::new(0));
+    let limits = ConnectionLimits {
+        max_connections: s.max_connections,
+        handshake_timeout: s.handshake_timeout,
+        idle_timeout: s.idle_timeout,
+        frame_buffer_budget: s.frame_buffer_budget,
+    };
+    let slots = Arc::new(Slots::new(limits, s.readers.max(1)));
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut readers = Vec::new();
     let mut handles = Vec::new();
@@ -390,8 +400,7 @@ pub fn serve(
             backend.shared.clone(),
             router,
             shutdown.clone(),
-            open.clone(),
-            s.max_connections,
+            slots.clone(),
         )?;
         readers.push(reader);
         handles.push(handle);
@@ -437,6 +446,9 @@ mod tests {
             },
             max_connections: 16,
             max_frame_size: 1 << 20,
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(120),
+            frame_buffer_budget: 64 << 20,
             log: LogFilter::ALL,
             format: Format::Json,
         }

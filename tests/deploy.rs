@@ -314,6 +314,17 @@ fn flag_cases() -> Vec<(&'static str, Json, Vec<&'static str>)> {
             vec!["--max-frame-size=4194304"],
         ),
         (
+            "handshake-timeout",
+            json!(10),
+            vec!["--handshake-timeout=10"],
+        ),
+        ("idle-timeout", json!(600), vec!["--idle-timeout=600"]),
+        (
+            "frame-buffer-budget",
+            json!(268435456),
+            vec!["--frame-buffer-budget=268435456"],
+        ),
+        (
             "log",
             json!(["failed", "sampleloss"]),
             vec!["--log=failed,sampleloss"],
@@ -509,6 +520,7 @@ fn all_options_values() -> Json {
             "readers": 2, "shards": 2, "queueCapacity": 131072, "pin": true,
             "sessionTimeout": 30, "orphanGrace": 3, "maxSessions": 4000000,
             "maxConnections": 256, "maxFrameSize": 2097152,
+            "handshakeTimeout": 10, "idleTimeout": 600, "frameBufferBudget": 134217728,
             "log": ["failed", "sampleloss"], "format": "text"
         },
         "service": {"name": SERVICE, "port": PORT, "clusterIP": "10.96.12.34",

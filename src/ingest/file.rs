@@ -1,5 +1,6 @@
 //! `read FILE...`: Frame Streams files through the same path as connections. Files are read in
-//! the order given as one stream per identity, so a capture split in parts joins up.
+//! the order given as one stream per identity, so a capture split in parts joins up. A file may
+//! hold several Frame Streams streams back to back (START…STOP, START…STOP): all are read.
 
 use super::{Router, Shared, StreamEnd, StreamIngest};
 use bytes::BytesMut;
@@ -45,30 +46,140 @@ fn read_one(path: &Path, ingest: &mut StreamIngest, router: &mut Router) -> Resu
     let mut scratch = vec![0u8; 1 << 20];
     // Files have no peer to answer: handshake replies are discarded.
     let mut replies = Vec::new();
+    // A STOP ended the last stream and nothing of another one has come since.
+    let mut between_streams = false;
     loop {
         let n = super::read_into(&mut file, &mut scratch, &mut buf).map_err(|e| e.to_string())?;
-        let fed = ingest.feed(&mut buf, router, &mut replies);
+        let fed = feed_streams(ingest, &mut buf, router, &mut replies, &mut between_streams);
         router.flush();
-        match fed {
-            Ok(true) => {
-                ingest.finish(StreamEnd::Stopped, buf.len());
-                return Ok(());
+        replies.clear();
+        if let Err(e) = fed {
+            ingest.finish(StreamEnd::Closed, 0);
+            return Err(e.to_string());
+        }
+        if n > 0 {
+            continue;
+        }
+        if between_streams && buf.is_empty() && !ingest.is_established() {
+            return Ok(());
+        }
+        ingest.finish(StreamEnd::Closed, buf.len());
+        return match buf.len() {
+            0 => Ok(()),
+            left => Err(format!(
+                "ends inside a frame ({left} bytes left), without STOP"
+            )),
+        };
+    }
+}
+
+/// Feeds every complete frame in `buf`. A file may hold several captures back to back
+/// (`cat a.fstrm b.fstrm`): after a STOP, the bytes that follow start a new stream with its
+/// own handshake.
+fn feed_streams(
+    ingest: &mut StreamIngest,
+    buf: &mut BytesMut,
+    router: &mut Router,
+    replies: &mut Vec<u8>,
+    between_streams: &mut bool,
+) -> Result<(), super::StreamError> {
+    loop {
+        if !ingest.feed(buf, router, replies)? {
+            if !buf.is_empty() {
+                *between_streams = false;
             }
-            Ok(false) if n == 0 => {
-                ingest.finish(StreamEnd::Closed, buf.len());
-                return match buf.len() {
-                    0 => Ok(()),
-                    left => Err(format!(
-                        "ends inside a frame ({left} bytes left), without STOP"
-                    )),
-                };
-            }
-            Ok(false) => {}
-            Err(e) => {
-                ingest.finish(StreamEnd::Closed, 0);
-                return Err(e.to_string());
+            return Ok(());
+        }
+        ingest.finish(StreamEnd::Stopped, 0);
+        ingest.restart_framing();
+        *between_streams = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::{LossBoard, QueueDepths, ShardInput};
+    use crate::metrics::Metrics;
+    use std::path::PathBuf;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/coredns")
+            .join(name)
+    }
+
+    /// What a file reader needs, with one shard whose queue the test reads.
+    fn backend() -> (Shared, Router, crossbeam_channel::Receiver<ShardInput>) {
+        let metrics = Arc::new(Metrics::default());
+        let shared = Shared {
+            sources: Default::default(),
+            board: Arc::new(LossBoard::default()),
+            metrics: metrics.clone(),
+            max_frame_size: 1 << 20,
+            session_timeout: 10_000_000_000,
+        };
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let depths: QueueDepths = Arc::new([AtomicU64::new(0)]);
+        (
+            shared,
+            Router::new(vec![tx], depths, 1 << 30, true, metrics),
+            rx,
+        )
+    }
+
+    /// Every event the files yield, in order, with its message bytes (batch offsets aside).
+    fn events_of(paths: &[PathBuf]) -> Vec<String> {
+        let (shared, mut router, rx) = backend();
+        let errors = read_files(paths, &shared, &mut router);
+        assert!(errors.is_empty(), "{paths:?}: {errors:?}");
+        drop(router);
+        let mut out = Vec::new();
+        for ShardInput::Events(batch) in rx.iter() {
+            for mut ev in batch.events {
+                let message = ev.message.of(&batch.bytes).to_vec();
+                ev.message = Default::default();
+                out.push(format!("{ev:?} {message:?}"));
             }
         }
-        replies.clear();
+        out
+    }
+
+    #[test]
+    fn captures_back_to_back_in_one_file_read_like_two_files() {
+        let parts = [fixture("b_forward.fstrm"), fixture("d_nxdomain.fstrm")];
+        let mut joined = Vec::new();
+        for p in &parts {
+            joined.extend(std::fs::read(p).unwrap());
+        }
+        let cat = std::env::temp_dir().join(format!(
+            "dnstap-analyser-{}-b_then_d.fstrm",
+            std::process::id()
+        ));
+        std::fs::write(&cat, joined).unwrap();
+        let from_cat = events_of(std::slice::from_ref(&cat));
+        let _ = std::fs::remove_file(&cat);
+        let first_alone = events_of(&parts[..1]);
+        assert!(!first_alone.is_empty());
+        let from_parts = events_of(&parts);
+        assert!(from_parts.len() > first_alone.len());
+        assert_eq!(from_cat, from_parts);
+    }
+
+    #[test]
+    fn a_frame_cut_short_after_stop_is_reported() {
+        let mut bytes = std::fs::read(fixture("b_forward.fstrm")).unwrap();
+        bytes.extend_from_slice(&[0, 0, 0, 5, b'x']);
+        let path = std::env::temp_dir().join(format!(
+            "dnstap-analyser-{}-trailing.fstrm",
+            std::process::id()
+        ));
+        std::fs::write(&path, bytes).unwrap();
+        let (shared, mut router, _rx) = backend();
+        let errors = read_files(std::slice::from_ref(&path), &shared, &mut router);
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(errors.len(), 1, "{errors:?}");
     }
 }

@@ -3,6 +3,7 @@
 //! of lost messages kept per source (`loss`).
 
 pub mod file;
+pub mod limits;
 mod loss;
 pub mod net;
 mod router;

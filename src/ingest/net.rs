@@ -1,20 +1,22 @@
 //! Listening sockets and reader threads: mio event loops that own connections, parse Frame
 //! Streams and route events. Reader 0 also accepts and deals connections out round-robin.
+//! The limits they enforce (connections, handshake, idle, frame budget) are in `limits`.
 
+use super::limits::Slots;
 use super::{Router, Shared, StreamEnd, StreamIngest};
-use crate::metrics::Discard;
+use crate::metrics::{Discard, Disconnect};
 use bytes::BytesMut;
 use crossbeam_channel::{Receiver, Sender};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A sender must finish READY/ACCEPT/START within this; established streams may idle forever.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a reader checks deadlines, publishes its idlest connection and the frame budget.
+const SWEEP: Duration = Duration::from_millis(100);
 /// Bytes read from one connection per wake-up before others get their turn.
 const READ_BUDGET: usize = 4 << 20;
 const READ_CHUNK: usize = 256 << 10;
@@ -66,10 +68,7 @@ impl Listener {
         Ok(match addr {
             ListenAddr::Tcp(a) => Self::Tcp(TcpListener::bind(*a)?),
             ListenAddr::Unix(p) => {
-                // A stale socket file from a previous run would make bind fail.
-                if std::os::unix::net::UnixStream::connect(p).is_err() {
-                    let _ = std::fs::remove_file(p);
-                }
+                clear_stale_socket(p)?;
                 Self::Unix(UnixListener::bind(p)?, p.clone())
             }
         })
@@ -87,6 +86,44 @@ impl Listener {
                 Ok((Stream::Unix(s), format!("unix:{}", path.display())))
             }
         }
+    }
+}
+
+/// Makes way for a unix listener: a socket file left by a previous run (nobody accepts on it)
+/// is removed. Anything else at the path, a regular file, a directory, a symlink or a socket
+/// some process still listens on, is not ours to delete: refuse it, naming the path.
+fn clear_stale_socket(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = path.display();
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("cannot inspect {shown}: {e}"),
+            ))
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{shown} exists and is not a socket; refusing to replace it"),
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{shown} is a live socket: another process accepts on it"),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot remove stale socket {shown}: {e}"))
+            }),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("{shown} is a socket that cannot be probed ({e}); refusing to replace it"),
+        )),
     }
 }
 
@@ -138,62 +175,121 @@ struct Conn {
     peer: String,
     ingest: StreamIngest,
     buf: BytesMut,
+    /// Bytes of `buf` last added to the shared partial-frame total.
+    partial: usize,
     /// Replies (ACCEPT, FINISH) not yet written.
     out: Vec<u8>,
     opened: Instant,
+    /// When bytes last arrived.
+    last_active: Instant,
 }
 
-/// A reader thread's inbox for connections accepted by reader 0.
+impl Conn {
+    /// Past the handshake and not stopped: the idle timeout applies, the handshake one not.
+    fn is_streaming(&self) -> bool {
+        self.ingest.is_established() && !self.ingest.is_stopped()
+    }
+}
+
+/// Why the reader closes a connection; each maps to one `Disconnect` counter.
+enum Ending {
+    Stopped,
+    PeerClosed,
+    Broken(super::StreamError),
+    HandshakeTimeout,
+    IdleTimeout,
+    FrameBudget,
+    Shutdown,
+}
+
+impl Ending {
+    fn counter(&self) -> Disconnect {
+        match self {
+            Self::Stopped => Disconnect::Stopped,
+            Self::PeerClosed => Disconnect::PeerClosed,
+            Self::Broken(_) => Disconnect::BadStream,
+            Self::HandshakeTimeout => Disconnect::HandshakeTimeout,
+            Self::IdleTimeout => Disconnect::IdleTimeout,
+            Self::FrameBudget => Disconnect::FrameBudget,
+            Self::Shutdown => Disconnect::Shutdown,
+        }
+    }
+}
+
+/// What other readers send a reader.
+enum Mail {
+    /// A connection the acceptor dealt to it.
+    Conn(Stream, String),
+    /// The acceptor is at --max-connections and picked this reader's longest-idle connection.
+    MakeRoom,
+}
+
+/// A reader thread's inbox.
 pub struct ReaderHandle {
-    conns: Sender<(Stream, String)>,
+    mail: Sender<Mail>,
     waker: Arc<Waker>,
+}
+
+impl ReaderHandle {
+    fn send(&self, mail: Mail) -> Result<(), Mail> {
+        self.mail.send(mail).map_err(|e| e.0)?;
+        let _ = self.waker.wake();
+        Ok(())
+    }
 }
 
 pub struct Reader {
     poll: Poll,
     listeners: Vec<Listener>,
-    inbox: Receiver<(Stream, String)>,
-    /// Other readers (for reader 0, which deals out accepted connections).
+    inbox: Receiver<Mail>,
+    /// Other readers (for reader 0, which deals out accepted connections): reader i+1 at i.
     peers: Vec<ReaderHandle>,
+    /// This reader's index in `slots`; 0 is the acceptor.
+    index: usize,
     next_peer: usize,
     conns: HashMap<Token, Conn>,
     next_token: usize,
     shared: Shared,
     router: Router,
     shutdown: Arc<AtomicBool>,
-    open_connections: Arc<AtomicUsize>,
-    max_connections: usize,
+    slots: Arc<Slots>,
+    /// The time of the current poll wake-up: one clock read per wake-up, not per read.
+    now: Instant,
+    last_sweep: Instant,
     scratch: Box<[u8]>,
 }
 
 impl Reader {
-    /// A reader and the handle other readers use to give it connections.
+    /// A reader and the handle other readers use to give it connections. The first reader
+    /// created on `slots` is the one to call `accept_on`.
     pub fn new(
         shared: Shared,
         router: Router,
         shutdown: Arc<AtomicBool>,
-        open_connections: Arc<AtomicUsize>,
-        max_connections: usize,
+        slots: Arc<Slots>,
     ) -> io::Result<(Self, ReaderHandle)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = crossbeam_channel::unbounded();
+        let now = Instant::now();
         let reader = Self {
             poll,
             listeners: Vec::new(),
             inbox: rx,
             peers: Vec::new(),
+            index: slots.join(),
             next_peer: 0,
             conns: HashMap::new(),
             next_token: FIRST_CONN,
             shared,
             router,
             shutdown,
-            open_connections,
-            max_connections,
+            slots,
+            now,
+            last_sweep: now,
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
         };
-        Ok((reader, ReaderHandle { conns: tx, waker }))
+        Ok((reader, ReaderHandle { mail: tx, waker }))
     }
 
     /// Makes this reader the acceptor: it owns the listeners and deals to `peers` too.
@@ -228,15 +324,13 @@ impl Reader {
                 self.close_all();
                 return;
             }
-            if let Err(e) = self
-                .poll
-                .poll(&mut events, Some(Duration::from_millis(200)))
-            {
+            if let Err(e) = self.poll.poll(&mut events, Some(SWEEP)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     self.shared.metrics.warn(format_args!("poll failed: {e}"));
                 }
                 continue;
             }
+            self.now = Instant::now();
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => self.take_inbox(),
@@ -253,13 +347,21 @@ impl Reader {
             }
             // Everything ready has been read: send the partial batches now.
             self.router.flush();
-            self.expire_handshakes();
+            if self.now.duration_since(self.last_sweep) >= SWEEP {
+                self.last_sweep = self.now;
+                self.sweep();
+            }
         }
     }
 
     fn take_inbox(&mut self) {
-        while let Ok((stream, peer)) = self.inbox.try_recv() {
-            self.adopt(stream, peer);
+        while let Ok(mail) = self.inbox.try_recv() {
+            match mail {
+                Mail::Conn(stream, peer) => self.adopt(stream, peer),
+                Mail::MakeRoom => {
+                    self.close_idlest();
+                }
+            }
         }
     }
 
@@ -273,15 +375,17 @@ impl Reader {
                     return;
                 }
             };
-            if self.open_connections.load(Relaxed) >= self.max_connections {
+            if self.slots.at_limit() && !self.make_room() {
                 self.shared.metrics.discard(Discard::ConnectionLimit, 1);
                 self.shared.metrics.warn(format_args!(
-                    "{peer}: refused, already {} connections (--max-connections)",
-                    self.max_connections
+                    "{peer}: refused, already {} connections and none idle for {}s \
+                     (--max-connections, --idle-timeout)",
+                    self.slots.limits.max_connections,
+                    self.slots.limits.idle_timeout.as_secs()
                 ));
                 continue;
             }
-            self.open_connections.fetch_add(1, Relaxed);
+            self.slots.opened();
             self.shared
                 .metrics
                 .connections_accepted
@@ -291,13 +395,50 @@ impl Reader {
             self.next_peer = self.next_peer.wrapping_add(1);
             if pick == 0 {
                 self.adopt(stream, peer);
-            } else {
-                let h = &self.peers[pick - 1];
-                if h.conns.send((stream, peer)).is_ok() {
-                    let _ = h.waker.wake();
-                }
+            } else if self.peers[pick - 1].send(Mail::Conn(stream, peer)).is_err() {
+                // That reader has already stopped: the process is shutting down.
+                self.slots.closed();
+                self.shared.metrics.disconnected(Disconnect::Shutdown);
             }
         }
+    }
+
+    /// At --max-connections: closes the connection idle the longest, if it has been idle for
+    /// --idle-timeout, so that a new sender gets its slot. A quiet CoreDNS sends nothing at all
+    /// (Frame Streams has no keepalive) and loses the batch it writes into a closed
+    /// connection, so idle connections are only closed when a slot is needed.
+    fn make_room(&mut self) -> bool {
+        let Some(reader) = self.slots.claim_idlest(self.now) else {
+            return false;
+        };
+        if reader == self.index {
+            return self.close_idlest();
+        }
+        // Another reader's: it closes it when it reads its mail. Until then the count is over
+        // the limit by one.
+        self.peers
+            .get(reader.wrapping_sub(1))
+            .is_some_and(|p| p.send(Mail::MakeRoom).is_ok())
+    }
+
+    /// Closes this reader's longest-idle established connection if it has been idle for
+    /// --idle-timeout; false if there is none.
+    fn close_idlest(&mut self) -> bool {
+        let Some((token, since)) = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.is_streaming())
+            .map(|(t, c)| (*t, c.last_active))
+            .min_by_key(|(_, since)| *since)
+        else {
+            return false;
+        };
+        let idle = Instant::now().saturating_duration_since(since);
+        if idle < self.slots.limits.idle_timeout {
+            return false;
+        }
+        self.close(token, Ending::IdleTimeout);
+        true
     }
 
     fn adopt(&mut self, mut stream: Stream, peer: String) {
@@ -311,7 +452,8 @@ impl Reader {
             self.shared
                 .metrics
                 .warn(format_args!("{peer}: cannot register: {e}"));
-            self.open_connections.fetch_sub(1, Relaxed);
+            self.slots.closed();
+            self.shared.metrics.disconnected(Disconnect::ServerError);
             return;
         }
         let ingest = StreamIngest::new(self.shared.clone(), peer.clone());
@@ -322,8 +464,10 @@ impl Reader {
                 peer,
                 ingest,
                 buf: BytesMut::with_capacity(64 << 10),
+                partial: 0,
                 out: Vec::new(),
-                opened: Instant::now(),
+                opened: self.now,
+                last_active: self.now,
             },
         );
         // Data may have arrived before registration.
@@ -340,18 +484,19 @@ impl Reader {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
                 // CoreDNS resets right after FINISH; before STOP it is a lost stream.
-                Err(_) => break Some(Ok(())),
+                Err(_) => break Some(Ending::PeerClosed),
             };
             if n == 0 {
-                break Some(Ok(()));
+                break Some(Ending::PeerClosed);
             }
+            conn.last_active = self.now;
             match conn
                 .ingest
                 .feed(&mut conn.buf, &mut self.router, &mut conn.out)
             {
-                Ok(true) => break Some(Ok(())),
+                Ok(true) => break Some(Ending::Stopped),
                 Ok(false) => {}
-                Err(e) => break Some(Err(e)),
+                Err(e) => break Some(Ending::Broken(e)),
             }
             budget = budget.saturating_sub(n);
             if budget == 0 {
@@ -364,11 +509,39 @@ impl Reader {
                 break None;
             }
         };
+        // One shared update per wake-up of a connection, not per frame.
+        let partial = conn.buf.len();
+        let mut total = None;
+        if partial != conn.partial {
+            total = Some(self.slots.partial_changed(conn.partial, partial));
+            conn.partial = partial;
+        }
         self.write_replies(token);
-        match end {
-            None => {}
-            Some(Ok(())) => self.close(token, None),
-            Some(Err(e)) => self.close(token, Some(e)),
+        if let Some(end) = end {
+            self.close(token, end);
+        }
+        if total.is_some_and(|t| self.slots.over_budget(t)) {
+            self.shed_partial_frames();
+        }
+    }
+
+    /// Over --frame-buffer-budget: closes this reader's connections holding the largest partial
+    /// frames until the total fits, but none holding no more than an equal share of the budget.
+    fn shed_partial_frames(&mut self) {
+        let share = self.slots.fair_share();
+        while self.slots.over_budget(self.slots.partial_bytes()) {
+            let Some((token, held)) = self
+                .conns
+                .iter()
+                .map(|(t, c)| (*t, c.partial))
+                .max_by_key(|(_, held)| *held)
+            else {
+                return;
+            };
+            if held <= share {
+                return;
+            }
+            self.close(token, Ending::FrameBudget);
         }
     }
 
@@ -413,61 +586,449 @@ impl Reader {
         }
     }
 
-    fn close(&mut self, token: Token, error: Option<super::StreamError>) {
+    /// Closes a connection and counts it once, under `why`. Bytes of a partial frame are
+    /// counted as a truncated frame only where no other counter already covers them.
+    fn close(&mut self, token: Token, why: Ending) {
         let Some(mut conn) = self.conns.remove(&token) else {
             return;
         };
         let _ = self.poll.registry().deregister(conn.stream.source());
-        let end = if conn.ingest.is_stopped() {
-            StreamEnd::Stopped
-        } else {
-            StreamEnd::Closed
-        };
-        let leftover = if error.is_some() { 0 } else { conn.buf.len() };
-        conn.ingest.finish(end, leftover);
-        if let Some(e) = error {
-            self.shared.metrics.discard(e.drop_reason(), 1);
-            self.shared
-                .metrics
-                .warn(format_args!("{}: {e}; connection closed", conn.peer));
-        } else if leftover > 0 {
-            self.shared.metrics.warn(format_args!(
-                "{}: connection ended inside a frame ({leftover} bytes), without STOP",
-                conn.peer
-            ));
+        self.slots.partial_changed(conn.partial, 0);
+        let held = conn.buf.len();
+        let metrics = self.shared.metrics.clone();
+        let peer = &conn.peer;
+        let limits = &self.slots.limits;
+        match &why {
+            Ending::Stopped => conn.ingest.finish(StreamEnd::Stopped, held),
+            Ending::PeerClosed | Ending::Shutdown => {
+                conn.ingest.finish(StreamEnd::Closed, held);
+                if held > 0 {
+                    metrics.warn(format_args!(
+                        "{peer}: connection ended inside a frame ({held} bytes), without STOP"
+                    ));
+                }
+            }
+            Ending::Broken(e) => {
+                conn.ingest.finish(StreamEnd::Closed, 0);
+                metrics.discard(e.drop_reason(), 1);
+                metrics.warn(format_args!("{peer}: {e}; connection closed"));
+            }
+            Ending::HandshakeTimeout => {
+                // The handshake bytes it sent are what handshake_timeout counts.
+                conn.ingest.finish(StreamEnd::Closed, 0);
+                metrics.discard(Discard::HandshakeTimeout, 1);
+                metrics.warn(format_args!(
+                    "{peer}: no Frame Streams handshake within {}s (--handshake-timeout); \
+                     connection closed",
+                    limits.handshake_timeout.as_secs_f64()
+                ));
+            }
+            Ending::IdleTimeout => {
+                // Everything it sent was read: nothing is lost unless a frame was half done.
+                conn.ingest.finish(StreamEnd::Stopped, held);
+                metrics.warn(format_args!(
+                    "{peer}: idle for over {}s while at {} connections; closed to make room \
+                     (--idle-timeout, --max-connections)",
+                    limits.idle_timeout.as_secs(),
+                    limits.max_connections
+                ));
+            }
+            Ending::FrameBudget => {
+                conn.ingest.finish(StreamEnd::Closed, 0);
+                metrics.discard(Discard::FrameBudget, 1);
+                metrics.warn(format_args!(
+                    "{peer}: holds the largest partial frame ({held} bytes) while partial frames \
+                     exceed {} bytes; connection closed (--frame-buffer-budget)",
+                    limits.frame_buffer_budget
+                ));
+            }
         }
-        self.open_connections.fetch_sub(1, Relaxed);
-        self.shared.metrics.connections_closed.fetch_add(1, Relaxed);
+        self.slots.closed();
+        metrics.disconnected(why.counter());
     }
 
-    fn expire_handshakes(&mut self) {
+    /// Housekeeping every `SWEEP`: handshake deadlines, this reader's longest-idle connection
+    /// for the acceptor, and the frame budget (another reader may have pushed it over).
+    fn sweep(&mut self) {
+        let deadline = self.slots.limits.handshake_timeout;
         let late: Vec<Token> = self
             .conns
             .iter()
-            .filter(|(_, c)| !c.ingest.is_established() && c.opened.elapsed() > HANDSHAKE_TIMEOUT)
+            .filter(|(_, c)| {
+                !c.ingest.is_established() && self.now.duration_since(c.opened) > deadline
+            })
             .map(|(t, _)| *t)
             .collect();
         for token in late {
-            if let Some(c) = self.conns.get(&token) {
-                self.shared.metrics.discard(Discard::HandshakeTimeout, 1);
-                self.shared.metrics.warn(format_args!(
-                    "{}: no Frame Streams handshake within {}s; connection closed",
-                    c.peer,
-                    HANDSHAKE_TIMEOUT.as_secs()
-                ));
-            }
-            self.close(token, None);
+            self.close(token, Ending::HandshakeTimeout);
+        }
+        let idlest = self
+            .conns
+            .values()
+            .filter(|c| c.is_streaming())
+            .map(|c| c.last_active)
+            .min();
+        self.slots.publish_idlest(self.index, idlest);
+        if self.slots.over_budget(self.slots.partial_bytes()) {
+            self.shed_partial_frames();
         }
     }
 
     /// Shutdown: read what the kernel already holds, then close every connection.
     fn close_all(&mut self) {
         self.listeners.clear();
+        // Connections dealt to this reader but not adopted yet are served too.
+        self.take_inbox();
         let tokens: Vec<Token> = self.conns.keys().copied().collect();
         for token in tokens {
             self.on_readable(token);
-            self.close(token, None);
+            self.close(token, Ending::Shutdown);
         }
+        self.slots.publish_idlest(self.index, None);
         self.router.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::framestream::{encode_control, encode_data, ControlKind, DNSTAP_CONTENT_TYPE};
+    use crate::ingest::limits::ConnectionLimits;
+    use crate::ingest::{LossBoard, QueueDepths, ShardInput};
+    use crate::metrics::Metrics;
+    use std::net::{Shutdown, SocketAddr, TcpStream as Client};
+    use std::sync::atomic::AtomicU64;
+    use std::thread::JoinHandle;
+
+    /// Readers on a loopback port, their events going into a queue nobody needs to read.
+    struct Analyser {
+        addr: SocketAddr,
+        metrics: Arc<Metrics>,
+        shutdown: Arc<AtomicBool>,
+        threads: Vec<JoinHandle<()>>,
+        _events: Receiver<ShardInput>,
+    }
+
+    impl Analyser {
+        fn start(limits: ConnectionLimits, readers: usize) -> Self {
+            let metrics = Arc::new(Metrics::default());
+            let shared = Shared {
+                sources: Default::default(),
+                board: Arc::new(LossBoard::default()),
+                metrics: metrics.clone(),
+                max_frame_size: 1 << 20,
+                session_timeout: 10_000_000_000,
+            };
+            let listener = Listener::bind(&"tcp://127.0.0.1:0".parse().unwrap()).unwrap();
+            let Listener::Tcp(l) = &listener else {
+                unreachable!()
+            };
+            let addr = l.local_addr().unwrap();
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let depths: QueueDepths = Arc::new([AtomicU64::new(0)]);
+            let slots = Arc::new(Slots::new(limits, readers));
+            let shutdown = Arc::new(AtomicBool::new(false));
+            let (mut all, mut handles) = (Vec::new(), Vec::new());
+            for _ in 0..readers {
+                let router = Router::new(vec![tx.clone()], depths.clone(), 1 << 30, false, {
+                    metrics.clone()
+                });
+                let (r, h) =
+                    Reader::new(shared.clone(), router, shutdown.clone(), slots.clone()).unwrap();
+                all.push(r);
+                handles.push(h);
+            }
+            handles.remove(0);
+            all[0].accept_on(vec![listener], handles).unwrap();
+            let threads = all
+                .into_iter()
+                .map(|r| std::thread::spawn(move || r.run()))
+                .collect();
+            Self {
+                addr,
+                metrics,
+                shutdown,
+                threads,
+                _events: rx,
+            }
+        }
+
+        fn connect(&self) -> Client {
+            let c = Client::connect(self.addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c
+        }
+
+        /// A sender that got through the bidirectional handshake, or None if it was refused.
+        fn sender(&self) -> Option<Client> {
+            let mut c = self.connect();
+            let mut ready = Vec::new();
+            encode_control(ControlKind::Ready, &[DNSTAP_CONTENT_TYPE], &mut ready);
+            c.write_all(&ready).ok()?;
+            let mut accept = Vec::new();
+            encode_control(ControlKind::Accept, &[DNSTAP_CONTENT_TYPE], &mut accept);
+            let mut got = vec![0; accept.len()];
+            c.read_exact(&mut got).ok()?;
+            assert_eq!(got, accept);
+            let mut start = Vec::new();
+            encode_control(ControlKind::Start, &[DNSTAP_CONTENT_TYPE], &mut start);
+            c.write_all(&start).ok()?;
+            Some(c)
+        }
+
+        /// Retries until a sender gets in (a refused one may get a slot a moment later); the
+        /// test fails if none does within a minute.
+        fn sender_eventually(&self) -> Client {
+            for _ in 0..600 {
+                if let Some(c) = self.sender() {
+                    return c;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            panic!("no connection slot became free");
+        }
+
+        fn stop(self) -> Arc<Metrics> {
+            self.shutdown.store(true, Relaxed);
+            for t in self.threads {
+                t.join().unwrap();
+            }
+            self.metrics
+        }
+    }
+
+    /// Sends STOP; true if FINISH comes back, i.e. the analyser still served the connection.
+    fn served_to_the_end(c: &mut Client) -> bool {
+        let mut stop = Vec::new();
+        encode_control(ControlKind::Stop, &[], &mut stop);
+        if c.write_all(&stop).is_err() {
+            return false;
+        }
+        let mut finish = Vec::new();
+        encode_control(ControlKind::Finish, &[], &mut finish);
+        let mut got = vec![0; finish.len()];
+        c.read_exact(&mut got).is_ok() && got == finish
+    }
+
+    /// Waits for the analyser to close `c` (EOF or reset); false if it is still open after 10 s.
+    fn closed_by_analyser(c: &mut Client) -> bool {
+        let mut byte = [0];
+        match c.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+        }
+    }
+
+    fn limits(max_connections: usize) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn at_the_limit_the_longest_idle_connection_makes_room() {
+        let a = Analyser::start(
+            ConnectionLimits {
+                idle_timeout: Duration::from_millis(50),
+                ..limits(2)
+            },
+            1,
+        );
+        let mut first = a.sender().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let mut second = a.sender().unwrap();
+        let mut third = a.sender_eventually();
+        assert!(closed_by_analyser(&mut first), "the idlest one goes");
+        assert!(served_to_the_end(&mut second));
+        assert!(served_to_the_end(&mut third));
+        let m = a.stop();
+        assert_eq!(m.disconnects(Disconnect::IdleTimeout), 1);
+        assert_eq!(m.disconnects(Disconnect::Stopped), 2);
+        assert_eq!(m.connections_accepted.load(Relaxed), 3);
+    }
+
+    #[test]
+    fn an_active_connection_keeps_its_slot_and_another_reader_makes_room() {
+        let a = Analyser::start(
+            ConnectionLimits {
+                idle_timeout: Duration::from_millis(300),
+                ..limits(2)
+            },
+            2,
+        );
+        // Dealt round-robin: the first to reader 0 (the acceptor), the second to reader 1.
+        let mut active = a.sender().unwrap();
+        let mut idle = a.sender().unwrap();
+        let keep_going = Arc::new(AtomicBool::new(true));
+        let keeper = {
+            let mut w = active.try_clone().unwrap();
+            let keep_going = keep_going.clone();
+            std::thread::spawn(move || {
+                let mut frame = Vec::new();
+                encode_data(b"not dnstap", &mut frame);
+                while keep_going.load(Relaxed) {
+                    w.write_all(&frame).unwrap();
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+        };
+        let mut third = a.sender_eventually();
+        keep_going.store(false, Relaxed);
+        keeper.join().unwrap();
+        assert!(closed_by_analyser(&mut idle));
+        assert!(served_to_the_end(&mut active));
+        assert!(served_to_the_end(&mut third));
+        let m = a.stop();
+        assert_eq!(m.disconnects(Disconnect::IdleTimeout), 1);
+    }
+
+    #[test]
+    fn partial_frames_over_the_budget_close_the_largest_holder() {
+        let a = Analyser::start(
+            ConnectionLimits {
+                frame_buffer_budget: 4096,
+                ..limits(4)
+            },
+            1,
+        );
+        // Equal share: 1024 bytes. Partial frames of 3004, 1504 and 54 bytes: 4562 in all.
+        let partial = |len: u32, sent: usize| {
+            let mut b = len.to_be_bytes().to_vec();
+            b.resize(4 + sent, b'x');
+            b
+        };
+        let mut big = a.sender().unwrap();
+        let mut mid = a.sender().unwrap();
+        let mut small = a.sender().unwrap();
+        small.write_all(&partial(100, 50)).unwrap();
+        big.write_all(&partial(100_000, 3000)).unwrap();
+        mid.write_all(&partial(2000, 1500)).unwrap();
+        assert!(closed_by_analyser(&mut big));
+        // The others are whole once their frames complete.
+        mid.write_all(&[b'x'; 500]).unwrap();
+        small.write_all(&[b'x'; 50]).unwrap();
+        assert!(served_to_the_end(&mut mid));
+        assert!(served_to_the_end(&mut small));
+        let m = a.stop();
+        assert_eq!(m.disconnects(Disconnect::FrameBudget), 1);
+        assert_eq!(m.discarded(Discard::FrameBudget), 1);
+        assert_eq!(m.discarded(Discard::TruncatedFrame), 0);
+    }
+
+    #[test]
+    fn a_handshake_timeout_is_counted_once() {
+        let a = Analyser::start(
+            ConnectionLimits {
+                handshake_timeout: Duration::from_millis(100),
+                ..limits(4)
+            },
+            1,
+        );
+        let mut c = a.connect();
+        // Half a READY frame, then nothing.
+        c.write_all(&[0, 0, 0, 0, 0, 0]).unwrap();
+        assert!(closed_by_analyser(&mut c));
+        let m = a.stop();
+        assert_eq!(m.discarded(Discard::HandshakeTimeout), 1);
+        assert_eq!(m.discarded(Discard::TruncatedFrame), 0);
+        assert_eq!(m.disconnects(Disconnect::HandshakeTimeout), 1);
+        assert_eq!(m.connections_closed.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn every_connection_is_counted_under_one_reason() {
+        let a = Analyser::start(limits(3), 1);
+        let mut stopped = a.sender().unwrap();
+        assert!(served_to_the_end(&mut stopped));
+        let gone = a.sender().unwrap();
+        gone.shutdown(Shutdown::Both).unwrap();
+        let mut broken = a.connect();
+        let mut data_first = Vec::new();
+        encode_data(b"data before the handshake", &mut data_first);
+        broken.write_all(&data_first).unwrap();
+        assert!(closed_by_analyser(&mut broken));
+        // Its slot must be free before the limit is tested.
+        for _ in 0..600 {
+            if a.metrics.disconnects(Disconnect::PeerClosed) == 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let open: Vec<Client> = (0..3).map(|_| a.sender().unwrap()).collect();
+        assert!(a.sender().is_none(), "over --max-connections");
+        let m = a.stop();
+        drop(open);
+        assert_eq!(m.disconnects(Disconnect::Stopped), 1);
+        assert_eq!(m.disconnects(Disconnect::PeerClosed), 1);
+        assert_eq!(m.disconnects(Disconnect::BadStream), 1);
+        assert_eq!(m.discarded(Discard::BadStream), 1);
+        assert_eq!(m.disconnects(Disconnect::Shutdown), 3);
+        assert_eq!(m.discarded(Discard::ConnectionLimit), 1);
+        let closed: u64 = Disconnect::ALL.iter().map(|d| m.disconnects(*d)).sum();
+        assert_eq!(m.connections_accepted.load(Relaxed), 6);
+        assert_eq!(m.connections_closed.load(Relaxed), closed);
+        assert_eq!(closed, 6);
+    }
+
+    fn scratch_path(name: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!(
+            "dnstap-analyser-{}-{name}.sock",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir(&p);
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    #[test]
+    fn a_regular_file_at_the_unix_path_is_left_alone() {
+        let path = scratch_path("regular");
+        std::fs::write(&path, "keep me").unwrap();
+        let err = Listener::bind(&ListenAddr::Unix(path.clone()))
+            .err()
+            .expect("bind must refuse a regular file");
+        assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_directory_at_the_unix_path_is_left_alone() {
+        let path = scratch_path("directory");
+        std::fs::create_dir(&path).unwrap();
+        let err = Listener::bind(&ListenAddr::Unix(path.clone())).err();
+        assert!(err.is_some());
+        assert!(path.is_dir());
+        std::fs::remove_dir(&path).unwrap();
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced() {
+        let path = scratch_path("stale");
+        // std does not remove the file when the listener goes: a crashed run's leftover.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let listener = Listener::bind(&ListenAddr::Unix(path.clone())).unwrap();
+        std::os::unix::net::UnixStream::connect(&path).expect("the new listener answers");
+        drop(listener);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_live_socket_is_not_taken_over() {
+        let path = scratch_path("live");
+        let other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let err = Listener::bind(&ListenAddr::Unix(path.clone()))
+            .err()
+            .expect("bind must refuse a socket another process accepts on");
+        assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
+        std::os::unix::net::UnixStream::connect(&path).expect("the other listener still answers");
+        drop(other);
+        std::fs::remove_file(&path).unwrap();
     }
 }

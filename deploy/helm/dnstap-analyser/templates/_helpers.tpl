@@ -121,6 +121,15 @@ int64 so that large values (maxSessions: 2000000) are not printed in float notat
 {{- if $a.format }}
 - {{ printf "--format=%s" $a.format | quote }}
 {{- end }}
+{{- if not (kindIs "invalid" $a.handshakeTimeout) }}
+- {{ printf "--handshake-timeout=%d" (int64 $a.handshakeTimeout) | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $a.idleTimeout) }}
+- {{ printf "--idle-timeout=%d" (int64 $a.idleTimeout) | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $a.frameBufferBudget) }}
+- {{ printf "--frame-buffer-budget=%d" (int64 $a.frameBufferBudget) | quote }}
+{{- end }}
 {{- range $a.extraArgs }}
 - {{ . | quote }}
 {{- end }}
