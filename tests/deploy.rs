@@ -608,7 +608,7 @@ fn check_objects(objs: &[Json], what: &str) {
     assert_eq!(svc["metadata"]["name"], SERVICE, "{what}: Service name");
     assert_eq!(svc["spec"]["type"], "ClusterIP", "{what}: Service type");
     let ports = svc["spec"]["ports"].as_array().unwrap();
-    assert_eq!(ports.len(), 1, "{what}: one Service port");
+    assert_eq!(ports.len(), 2, "{what}: Service ports dnstap and metrics");
     assert_eq!(ports[0]["port"], PORT, "{what}: Service port");
     assert_eq!(ports[0]["protocol"], "TCP", "{what}: Service protocol");
     assert_eq!(
@@ -674,12 +674,7 @@ fn check_objects(objs: &[Json], what: &str) {
         json!(["ALL"]),
         "{what}: drop ALL capabilities"
     );
-    for probe in ["readinessProbe", "livenessProbe"] {
-        assert_eq!(
-            c[probe]["tcpSocket"]["port"], "dnstap",
-            "{what}: {probe} must check the dnstap port"
-        );
-    }
+    check_metrics_port_and_probes(svc, &c, what);
     for kind in ["requests", "limits"] {
         for res in ["cpu", "memory"] {
             assert!(
@@ -1285,4 +1280,397 @@ fn docs_describe_the_whole_lifecycle_with_existing_files() {
         1,
         "the example Corefile has one dnstap line"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The metrics endpoint, the probes and the monitoring objects (docs/operations.md)
+
+/// The analyser's default metrics port (`--metrics-listen`, default 0.0.0.0:9435).
+const METRICS_PORT: i64 = 9435;
+/// The plain manifests of the monitoring objects: the chart's rendering, checked by
+/// `plain_monitoring_manifests_equal_the_chart`.
+const MONITORING_DIR: &str = "deploy/kubernetes/monitoring";
+/// Set to 1 to rewrite MONITORING_DIR from the chart instead of comparing with it.
+const BLESS_ENV: &str = "DNSTAP_BLESS_MONITORING_MANIFESTS";
+/// Template -> file in MONITORING_DIR.
+const MONITORING_TEMPLATES: &[(&str, &str)] = &[
+    ("templates/servicemonitor.yaml", "servicemonitor.yaml"),
+    ("templates/prometheusrule.yaml", "prometheusrule.yaml"),
+    ("templates/grafana-dashboard.yaml", "grafana-dashboard.yaml"),
+];
+const OPERATOR_API: &str = "monitoring.coreos.com/v1";
+
+/// Every monitoring object switched on, with the defaults of their other values.
+fn monitoring_on() -> Json {
+    json!({"monitoring": {
+        "serviceMonitor": {"enabled": true},
+        "prometheusRule": {"enabled": true},
+        "grafanaDashboard": {"enabled": true}
+    }})
+}
+
+fn named<'a>(list: &'a Json, name: &str) -> Option<&'a Json> {
+    list.as_array()?.iter().find(|p| p["name"] == name)
+}
+
+/// With metrics on (the default): a port named metrics on the Service and the container, and
+/// HTTP probes on it (readiness /readyz, liveness /healthz), patient enough for a busy analyser.
+fn check_metrics_port_and_probes(svc: &Json, c: &Json, what: &str) {
+    let sp = named(&svc["spec"]["ports"], "metrics")
+        .unwrap_or_else(|| panic!("{what}: the Service has no port named metrics"));
+    assert_eq!(sp["port"], METRICS_PORT, "{what}: Service metrics port");
+    assert_eq!(
+        sp["targetPort"], "metrics",
+        "{what}: Service metrics targetPort"
+    );
+    assert_eq!(sp["protocol"], "TCP", "{what}: Service metrics protocol");
+    let cp = named(&c["ports"], "metrics")
+        .unwrap_or_else(|| panic!("{what}: the container has no port named metrics"));
+    assert_eq!(
+        cp["containerPort"], METRICS_PORT,
+        "{what}: container metrics port"
+    );
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        let p = &c[probe];
+        assert_eq!(
+            p["httpGet"],
+            json!({"path": path, "port": "metrics"}),
+            "{what}: {probe} must GET {path} on the metrics port"
+        );
+        assert!(
+            p["tcpSocket"].is_null(),
+            "{what}: {probe} has a TCP probe too"
+        );
+    }
+    let live = &c["livenessProbe"];
+    let patience =
+        live["periodSeconds"].as_i64().unwrap() * live["failureThreshold"].as_i64().unwrap();
+    assert!(
+        patience >= 60,
+        "{what}: liveness restarts after {patience} s of failures; a busy analyser needs at least a minute"
+    );
+}
+
+fn metrics_args(objs: &[Json]) -> Vec<String> {
+    args_of(objs)
+        .into_iter()
+        .filter(|a| a.starts_with("--metrics-listen"))
+        .collect()
+}
+
+/// Writes the objects that Kubernetes' own schemas describe (not the operator's CRDs) to `dir`.
+fn write_core_objects(objs: &[Json], dir: &Path, case: &str) -> Vec<PathBuf> {
+    objs.iter()
+        .filter(|o| o["apiVersion"] != OPERATOR_API)
+        .enumerate()
+        .map(|(i, o)| {
+            let file = dir.join(format!("{case}-{i}.yaml"));
+            fs::write(&file, serde_yaml::to_string(o).unwrap()).unwrap();
+            file
+        })
+        .collect()
+}
+
+fn chart_file_yaml(name: &str) -> Json {
+    to_json(&serde_yaml::from_str(&read(&chart_dir().join("files").join(name))).unwrap())
+}
+
+#[test]
+fn chart_metrics_values_reach_the_pod_the_service_and_the_args() {
+    let cases: Vec<(&str, Json)> = vec![
+        ("defaults", json!({})),
+        ("port", json!({"metrics": {"enabled": true, "port": 9500}})),
+        (
+            "off",
+            json!({"metrics": {"enabled": false, "port": METRICS_PORT}}),
+        ),
+        ("ipv6", json!({"analyser": {"metricsListen": "[::]:9435"}})),
+        (
+            "no-annotations",
+            json!({"metrics": {"enabled": true, "port": METRICS_PORT, "scrapeAnnotations": false},
+                   "podAnnotations": {"example.com/team": "dns"}}),
+        ),
+        (
+            "metrics-from",
+            json!({"networkPolicy": {"metricsFrom": [{"namespaceSelector": {"matchLabels":
+                   {"kubernetes.io/metadata.name": "monitoring"}}}]}}),
+        ),
+    ];
+    let rendered = render_cases(&cases);
+    let dir = scratch_dir("metrics");
+    let by_name: BTreeMap<&str, Vec<Json>> = rendered
+        .iter()
+        .map(|r| (r.name.as_str(), r.expect_ok().objects()))
+        .collect();
+    for r in &rendered {
+        let objs = &by_name[r.name.as_str()];
+        kubernetes_validate(&r.write_to(&dir), objs.len());
+    }
+    let annotations = |objs: &[Json]| {
+        at(
+            find(objs, "Deployment"),
+            "spec.template.metadata.annotations",
+        )
+        .clone()
+    };
+    let np_rules = |objs: &[Json]| find(objs, "NetworkPolicy")["spec"]["ingress"].clone();
+
+    // Defaults: the binary's default port, so no flag; scrape annotations; metrics open to all.
+    let objs = &by_name["defaults"];
+    assert!(metrics_args(objs).is_empty(), "{:?}", metrics_args(objs));
+    assert_eq!(
+        annotations(objs),
+        json!({"prometheus.io/scrape": "true", "prometheus.io/port": "9435",
+               "prometheus.io/path": "/metrics"})
+    );
+    assert_eq!(
+        np_rules(objs)[1],
+        json!({"ports": [{"protocol": "TCP", "port": METRICS_PORT}]})
+    );
+
+    // Another port: passed to the binary, and every reference to the port follows.
+    let objs = &by_name["port"];
+    assert_eq!(metrics_args(objs), ["--metrics-listen=0.0.0.0:9500"]);
+    let c = container(objs);
+    assert_eq!(
+        named(&c["ports"], "metrics").unwrap()["containerPort"],
+        9500
+    );
+    let svc = find(objs, "Service");
+    assert_eq!(
+        named(&svc["spec"]["ports"], "metrics").unwrap()["port"],
+        9500
+    );
+    assert_eq!(annotations(objs)["prometheus.io/port"], "9500");
+    assert_eq!(np_rules(objs)[1]["ports"][0]["port"], 9500);
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "metrics");
+
+    // Off: --metrics-listen=none, no metrics port anywhere, TCP probes with the same timings.
+    let objs = &by_name["off"];
+    assert_eq!(metrics_args(objs), ["--metrics-listen=none"]);
+    let c = container(objs);
+    assert!(named(&c["ports"], "metrics").is_none(), "{}", c["ports"]);
+    assert!(named(&find(objs, "Service")["spec"]["ports"], "metrics").is_none());
+    assert!(annotations(objs).is_null(), "{}", annotations(objs));
+    assert_eq!(
+        np_rules(objs).as_array().unwrap().len(),
+        1,
+        "{}",
+        np_rules(objs)
+    );
+    let values: Json =
+        to_json(&serde_yaml::from_str(&read(&chart_dir().join("values.yaml"))).unwrap());
+    for probe in ["readinessProbe", "livenessProbe"] {
+        let mut expected = values[probe].clone();
+        let m = expected.as_object_mut().unwrap();
+        m.remove("httpGet");
+        m.insert("tcpSocket".into(), json!({"port": "dnstap"}));
+        assert_eq!(c[probe], expected, "metrics off: {probe}");
+    }
+
+    let objs = &by_name["ipv6"];
+    assert_eq!(metrics_args(objs), ["--metrics-listen=[::]:9435"]);
+
+    let objs = &by_name["no-annotations"];
+    assert_eq!(annotations(objs), json!({"example.com/team": "dns"}));
+
+    let objs = &by_name["metrics-from"];
+    assert_eq!(
+        np_rules(objs)[1]["from"],
+        json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}])
+    );
+}
+
+#[test]
+fn chart_rejects_bad_monitoring_values() {
+    let cases: Vec<(&str, Json)> = vec![
+        (
+            "service-monitor-without-metrics",
+            json!({"metrics": {"enabled": false, "port": METRICS_PORT},
+                   "monitoring": {"serviceMonitor": {"enabled": true}}}),
+        ),
+        (
+            "port-zero",
+            json!({"metrics": {"enabled": true, "port": 0}}),
+        ),
+        (
+            "listen-without-host",
+            json!({"analyser": {"metricsListen": "9435"}}),
+        ),
+        (
+            "typo",
+            json!({"monitoring": {"serviceMonitor": {"enable": true}}}),
+        ),
+        (
+            "bad-interval",
+            json!({"monitoring": {"serviceMonitor": {"interval": "30"}}}),
+        ),
+    ];
+    for r in render_cases(&cases) {
+        assert!(
+            r.error.is_some(),
+            "values case {:?} should be rejected, but rendered",
+            r.name
+        );
+    }
+}
+
+#[test]
+fn chart_monitoring_objects_render_and_validate() {
+    // Off by default.
+    let defaults = render_one("defaults", json!({}));
+    let kinds: BTreeSet<String> = defaults
+        .expect_ok()
+        .objects()
+        .iter()
+        .map(|o| kind_name(o).0)
+        .collect();
+    for kind in ["ServiceMonitor", "PrometheusRule", "ConfigMap"] {
+        assert!(!kinds.contains(kind), "{kind} must be off by default");
+    }
+
+    let values = json!({"monitoring": {
+        "serviceMonitor": {"enabled": true, "labels": {"release": "kube-prometheus-stack"},
+                           "interval": "15s", "scrapeTimeout": "5s"},
+        "prometheusRule": {"enabled": true, "labels": {"release": "kube-prometheus-stack"}},
+        "grafanaDashboard": {"enabled": true, "namespace": "monitoring",
+                             "labels": {"grafana_dashboard": "1"},
+                             "annotations": {"grafana_folder": "DNS"}}
+    }});
+    let rendered = render_one("monitoring", values);
+    let objs = rendered.expect_ok().objects();
+    let core: Vec<Json> = objs
+        .iter()
+        .filter(|o| o["apiVersion"] != OPERATOR_API)
+        .cloned()
+        .collect();
+    let dir = scratch_dir("monitoring");
+    kubernetes_validate(&write_core_objects(&objs, &dir, "monitoring"), core.len());
+
+    // The operator's CRDs have no schema here: check them field by field.
+    let svc = find(&objs, "Service");
+    let sm = find(&objs, "ServiceMonitor");
+    assert_eq!(sm["apiVersion"], OPERATOR_API);
+    assert_eq!(sm["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(sm["metadata"]["labels"]["release"], "kube-prometheus-stack");
+    let spec = sm["spec"].as_object().unwrap();
+    assert_eq!(
+        spec.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        BTreeSet::from(["selector", "namespaceSelector", "endpoints"])
+    );
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(
+            &svc["metadata"]["labels"][k], v,
+            "ServiceMonitor selects the Service by {k}"
+        );
+    }
+    assert_eq!(
+        sm["spec"]["namespaceSelector"],
+        json!({"matchNames": [NAMESPACE]})
+    );
+    let endpoints = sm["spec"]["endpoints"].as_array().unwrap();
+    assert_eq!(endpoints.len(), 1);
+    assert_eq!(
+        endpoints[0],
+        json!({"port": "metrics", "path": "/metrics", "scheme": "http",
+               "interval": "15s", "scrapeTimeout": "5s"})
+    );
+    assert!(named(&svc["spec"]["ports"], "metrics").is_some());
+
+    // The PrometheusRule carries exactly the rule file that promtool checks (tests/monitoring.rs).
+    let rule = find(&objs, "PrometheusRule");
+    assert_eq!(rule["apiVersion"], OPERATOR_API);
+    assert_eq!(rule["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(
+        rule["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
+    assert_eq!(rule["spec"], chart_file_yaml("alerts.yaml"));
+    assert_eq!(rule["spec"]["groups"][0]["name"], "dnstap-analyser");
+
+    // The dashboard ConfigMap carries exactly files/dashboard.json.
+    let cm = find(&objs, "ConfigMap");
+    assert_eq!(cm["metadata"]["namespace"], "monitoring");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(
+        cm["metadata"]["annotations"],
+        json!({"grafana_folder": "DNS"})
+    );
+    let data = cm["data"].as_object().unwrap();
+    assert_eq!(data.len(), 1);
+    let shipped = read(&chart_dir().join("files/dashboard.json"));
+    assert_eq!(
+        data["dnstap-analyser.json"].as_str().unwrap().trim_end(),
+        shipped.trim_end(),
+        "the ConfigMap must carry files/dashboard.json verbatim"
+    );
+}
+
+/// The rendered text of a template without the Helm-only labels, as kept in MONITORING_DIR.
+fn plain_text_of(rendered: &str, template: &str) -> String {
+    let mut out = format!(
+        "# Generated from the Helm chart deploy/helm/dnstap-analyser ({template}, release\n\
+         # dnstap-analyser in kube-system) for clusters without Helm; tests/deploy.rs checks that\n\
+         # both stay equal. Do not edit: change the chart, then run\n\
+         #   {BLESS_ENV}=1 cargo test --release --test deploy plain_monitoring\n\
+         # Install and labels: docs/operations.md.\n"
+    );
+    for line in rendered.trim_start().lines() {
+        let t = line.trim_start();
+        if HELM_ONLY_LABELS
+            .iter()
+            .any(|l| t.starts_with(&format!("{l}:")))
+        {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn plain_monitoring_manifests_equal_the_chart() {
+    let rendered = render_one("monitoring", monitoring_on());
+    rendered.expect_ok();
+    let dir = root().join(MONITORING_DIR);
+    let bless = std::env::var(BLESS_ENV).is_ok_and(|v| v == "1");
+    let mut plain_files = Vec::new();
+    for (template, file) in MONITORING_TEMPLATES {
+        let (_, text) = rendered
+            .manifests
+            .iter()
+            .find(|(k, _)| k.ends_with(template))
+            .unwrap_or_else(|| panic!("the chart has no {template}"));
+        let path = dir.join(file);
+        if bless {
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(&path, plain_text_of(text, template)).unwrap();
+        }
+        let chart: Vec<Json> = yaml_docs(text, template)
+            .iter()
+            .map(|y| strip_helm_labels(to_json(y)))
+            .collect();
+        let plain: Vec<Json> = yaml_docs(&read(&path), file).iter().map(to_json).collect();
+        assert_eq!(chart.len(), 1, "{template} renders one object");
+        assert_eq!(
+            plain, chart,
+            "{MONITORING_DIR}/{file} differs from the chart's {template}; regenerate it with \
+             {BLESS_ENV}=1 cargo test --release --test deploy plain_monitoring"
+        );
+        plain_files.push(path);
+    }
+    let mut listed: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    listed.sort();
+    let mut expected: Vec<String> = MONITORING_TEMPLATES
+        .iter()
+        .map(|(_, f)| f.to_string())
+        .collect();
+    expected.sort();
+    assert_eq!(listed, expected, "files of {MONITORING_DIR}");
+    // The ConfigMap is a core object: validate the plain file too.
+    kubernetes_validate(&[dir.join("grafana-dashboard.yaml")], 1);
 }

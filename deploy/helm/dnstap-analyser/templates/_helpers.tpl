@@ -130,7 +130,29 @@ int64 so that large values (maxSessions: 2000000) are not printed in float notat
 {{- if not (kindIs "invalid" $a.frameBufferBudget) }}
 - {{ printf "--frame-buffer-budget=%d" (int64 $a.frameBufferBudget) | quote }}
 {{- end }}
+{{- /* --metrics-listen only when it differs from the analyser's default 0.0.0.0:9435. */}}
+{{- if not .Values.metrics.enabled }}
+- "--metrics-listen=none"
+{{- else if $a.metricsListen }}
+- {{ printf "--metrics-listen=%s" $a.metricsListen | quote }}
+{{- else if ne (int64 .Values.metrics.port) 9435 }}
+- {{ printf "--metrics-listen=0.0.0.0:%d" (int64 .Values.metrics.port) | quote }}
+{{- end }}
 {{- range $a.extraArgs }}
 - {{ . | quote }}
 {{- end }}
+{{- end }}
+
+{{/*
+A probe from values: as given, except that with metrics.enabled=false an httpGet probe (it would
+target the metrics port, which is then closed) becomes a TCP connection to the dnstap port with the
+same timings. Called with (dict "probe" <probe values> "root" $).
+*/}}
+{{- define "dnstap-analyser.probe" -}}
+{{- $probe := deepCopy .probe }}
+{{- if and (not .root.Values.metrics.enabled) (hasKey $probe "httpGet") }}
+{{- $_ := unset $probe "httpGet" }}
+{{- $_ := set $probe "tcpSocket" (dict "port" "dnstap") }}
+{{- end }}
+{{- toYaml $probe }}
 {{- end }}

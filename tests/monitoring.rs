@@ -1,0 +1,826 @@
+//! Checks of the monitoring files (see docs/operations.md):
+//! - the alert rules `deploy/helm/dnstap-analyser/files/alerts.yaml` (the one rule file; the
+//!   chart's PrometheusRule embeds it, tests/deploy.rs checks that), with `promtool check rules`;
+//! - their unit tests `deploy/monitoring/alerts.test.yaml` with `promtool test rules`, which must
+//!   cover every alert firing and not firing, and must fail when the rules are broken;
+//! - the Grafana dashboard `deploy/helm/dnstap-analyser/files/dashboard.json`;
+//! - that every metric the alerts and the dashboard use is one the analyser exposes
+//!   (`EXPOSITION`, the names of the metrics contract) with labels and label values it has;
+//! - that every alert's runbook link points at a section of docs/operations.md.
+//!
+//! `promtool` comes from the Debian package `prometheus` (listed in .ci/apt-packages). A missing
+//! promtool is a test failure, never a skip.
+
+use serde_json::{json, Value as Json};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+// ---------------------------------------------------------------------------------------------
+// The expected exposition: the metrics contract of the analyser (issue #9)
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+struct Metric {
+    name: &'static str,
+    kind: Kind,
+    labels: &'static [&'static str],
+}
+
+const fn metric(name: &'static str, kind: Kind, labels: &'static [&'static str]) -> Metric {
+    Metric { name, kind, labels }
+}
+
+/// Every metric the analyser exposes on /metrics, with its labels.
+const EXPOSITION: &[Metric] = &[
+    metric(
+        "dnstap_analyser_sessions_total",
+        Kind::Counter,
+        &["identity", "status", "bitmap", "cause"],
+    ),
+    metric(
+        "dnstap_analyser_upstream_attempts_total",
+        Kind::Counter,
+        &["identity", "upstream", "outcome"],
+    ),
+    metric(
+        "dnstap_analyser_upstream_rtt_seconds",
+        Kind::Histogram,
+        &["upstream"],
+    ),
+    metric(
+        "dnstap_analyser_client_latency_seconds",
+        Kind::Histogram,
+        &["identity", "cause"],
+    ),
+    metric(
+        "dnstap_analyser_messages_total",
+        Kind::Counter,
+        &["identity", "type"],
+    ),
+    metric("dnstap_analyser_frames_total", Kind::Counter, &[]),
+    metric("dnstap_analyser_received_bytes_total", Kind::Counter, &[]),
+    metric(
+        "dnstap_analyser_discarded_total",
+        Kind::Counter,
+        &["reason"],
+    ),
+    metric(
+        "dnstap_analyser_queue_depth_events",
+        Kind::Gauge,
+        &["shard"],
+    ),
+    metric("dnstap_analyser_queue_capacity_events", Kind::Gauge, &[]),
+    metric("dnstap_analyser_open_sessions", Kind::Gauge, &["shard"]),
+    metric("dnstap_analyser_sessions_evicted_total", Kind::Counter, &[]),
+    metric("dnstap_analyser_connections_open", Kind::Gauge, &[]),
+    metric(
+        "dnstap_analyser_connections_accepted_total",
+        Kind::Counter,
+        &[],
+    ),
+    metric(
+        "dnstap_analyser_connections_refused_total",
+        Kind::Counter,
+        &[],
+    ),
+    metric(
+        "dnstap_analyser_connections_closed_total",
+        Kind::Counter,
+        &["reason"],
+    ),
+    metric(
+        "dnstap_analyser_watermark_lag_seconds",
+        Kind::Gauge,
+        &["identity"],
+    ),
+    metric(
+        "dnstap_analyser_label_overflow_total",
+        Kind::Counter,
+        &["label"],
+    ),
+    metric("dnstap_analyser_build_info", Kind::Gauge, &["version"]),
+];
+
+/// Labels Prometheus adds to every scraped series (target labels), usable in any selector.
+const TARGET_LABELS: &[&str] = &[
+    "job",
+    "instance",
+    "namespace",
+    "pod",
+    "service",
+    "container",
+];
+
+/// The closed value sets of the contract, per label name (and metric, where they differ).
+fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
+    Some(match (metric, label) {
+        (_, "status") => &["Succeeded", "Failed", "SampleLoss"],
+        (_, "cause") => &[
+            "local_answer",
+            "forwarded_answer",
+            "upstream_timeout",
+            "upstream_error",
+            "server_error",
+            "no_response",
+            "sender_loss",
+            "analyser_loss",
+        ],
+        (_, "outcome") => &["answered", "timeout", "error_rcode"],
+        (_, "type") => &[
+            "CLIENT_QUERY",
+            "CLIENT_RESPONSE",
+            "FORWARDER_QUERY",
+            "FORWARDER_RESPONSE",
+        ],
+        ("dnstap_analyser_discarded_total", "reason") => &[
+            "queue_full",
+            "queue_disconnected",
+            "protobuf_undecodable",
+            "no_message",
+            "unsupported_message_type",
+            "dns_undecodable",
+            "upstream_without_wire",
+            "bad_stream",
+            "truncated_frame",
+            "content_type",
+            "handshake_timeout",
+            "connection_limit",
+            "time_out_of_range",
+            "session_table_full",
+            "idle_timeout",
+            "frame_budget",
+        ],
+        ("dnstap_analyser_connections_closed_total", "reason") => &[
+            "stopped",
+            "peer_closed",
+            "bad_stream",
+            "idle_timeout",
+            "frame_budget",
+            "handshake_timeout",
+        ],
+        (_, "label") => &["identity", "upstream"],
+        _ => return None,
+    })
+}
+
+/// The alerts of the contract (PrometheusRule group `dnstap-analyser`).
+const ALERTS: &[&str] = &[
+    "DnstapUpstreamTimingOut",
+    "DnstapErrorRcodesRising",
+    "DnstapCoreDNSDroppingTapMessages",
+    "DnstapAnalyserDropping",
+    "DnstapCoreDNSPodSilent",
+];
+/// Alerts about DNS failures: SampleLoss must never fire them.
+const FAILURE_ALERTS: &[&str] = &["DnstapUpstreamTimingOut", "DnstapErrorRcodesRising"];
+
+// ---------------------------------------------------------------------------------------------
+// Paths, tools, parsing
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn rules_path() -> PathBuf {
+    root().join("deploy/helm/dnstap-analyser/files/alerts.yaml")
+}
+
+fn rule_tests_path() -> PathBuf {
+    root().join("deploy/monitoring/alerts.test.yaml")
+}
+
+fn dashboard_path() -> PathBuf {
+    root().join("deploy/helm/dnstap-analyser/files/dashboard.json")
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+fn yaml(path: &Path) -> Json {
+    let y: serde_yaml::Value = serde_yaml::from_str(&read(path))
+        .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()));
+    serde_json::to_value(y).unwrap()
+}
+
+fn scratch_dir(test: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("monitoring-{test}"));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs promtool; its absence fails the test and names the package that provides it.
+fn promtool(args: &[&str]) -> Output {
+    Command::new("promtool")
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run promtool ({e}): install the Debian package `prometheus` \
+                 (apt-get install --no-install-recommends prometheus; it is in .ci/apt-packages, \
+                 so `bash .ci/install-deps` installs it)"
+            )
+        })
+}
+
+fn promtool_ok(args: &[&str]) -> String {
+    let out = promtool(args);
+    let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "promtool {args:?} failed:\n{report}");
+    report
+}
+
+/// The alerting rules of the rule file, by name.
+fn alert_rules() -> BTreeMap<String, Json> {
+    let rules = yaml(&rules_path());
+    let groups = rules["groups"].as_array().expect("rule file has groups");
+    assert_eq!(groups.len(), 1, "one rule group");
+    assert_eq!(groups[0]["name"], "dnstap-analyser");
+    groups[0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let name = r["alert"]
+                .as_str()
+                .expect("only alerting rules")
+                .to_string();
+            (name, r.clone())
+        })
+        .collect()
+}
+
+fn dashboard() -> Json {
+    serde_json::from_str(&read(&dashboard_path())).expect("dashboard.json is valid JSON")
+}
+
+/// Non-row panels of the dashboard (rows nest their panels only when collapsed).
+fn dashboard_panels(d: &Json) -> Vec<Json> {
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().expect("dashboard has panels") {
+        if p["type"] == "row" {
+            out.extend(p["panels"].as_array().into_iter().flatten().cloned());
+        } else {
+            out.push(p.clone());
+        }
+    }
+    out
+}
+
+/// Every string of a JSON document, one per line (JSON escapes resolved).
+fn all_strings(v: &Json) -> String {
+    match v {
+        Json::String(s) => format!("{s}\n"),
+        Json::Array(a) => a.iter().map(all_strings).collect(),
+        Json::Object(o) => o.values().map(all_strings).collect(),
+        _ => String::new(),
+    }
+}
+
+fn dashboard_exprs(d: &Json) -> Vec<(String, String)> {
+    dashboard_panels(d)
+        .iter()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or("?").to_string();
+            p["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |t| (title.clone(), t["expr"].as_str().unwrap_or("").to_string()))
+        })
+        .collect()
+}
+
+/// A selector in a PromQL text: the metric name and its label matchers (label, op, value).
+#[derive(Debug)]
+struct Selector {
+    name: String,
+    matchers: Vec<(String, String, String)>,
+}
+
+fn is_ident(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
+}
+
+/// Every `dnstap_analyser_*` identifier in `src`, with the matchers in braces right after it.
+fn selectors(src: &str) -> Vec<Selector> {
+    let mut out = Vec::new();
+    for (i, _) in src.match_indices("dnstap_analyser_") {
+        if src[..i].chars().next_back().is_some_and(is_ident) {
+            continue;
+        }
+        let name: String = src[i..].chars().take_while(|c| is_ident(*c)).collect();
+        let rest = &src[i + name.len()..];
+        let mut matchers = Vec::new();
+        if let Some(body) = rest.strip_prefix('{') {
+            let body = &body[..body.find('}').expect("selector braces close")];
+            for m in body.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+                let op_at = m.find(['=', '!']).expect("matcher has an operator");
+                let label = m[..op_at].trim().to_string();
+                let after = &m[op_at..];
+                let op_len = if after.starts_with("=~")
+                    || after.starts_with("!=")
+                    || after.starts_with("!~")
+                {
+                    2
+                } else {
+                    1
+                };
+                let value = after[op_len..].trim().trim_matches('"').to_string();
+                matchers.push((label, after[..op_len].to_string(), value));
+            }
+        }
+        out.push(Selector { name, matchers });
+    }
+    out
+}
+
+/// The exposition entry of a name used in PromQL (`_bucket`, `_sum`, `_count` of a histogram).
+fn exposed(name: &str) -> Option<(&'static Metric, bool)> {
+    if let Some(m) = EXPOSITION.iter().find(|m| m.name == name) {
+        return Some((m, false));
+    }
+    for suffix in ["_bucket", "_sum", "_count"] {
+        if let Some(base) = name.strip_suffix(suffix) {
+            if let Some(m) = EXPOSITION
+                .iter()
+                .find(|m| m.name == base && m.kind == Kind::Histogram)
+            {
+                return Some((m, suffix == "_bucket"));
+            }
+        }
+    }
+    None
+}
+
+/// Checks every selector of `src` against the exposition; returns the metric names used, or
+/// what is wrong.
+fn check_against_exposition(src: &str, what: &str) -> Result<BTreeSet<String>, String> {
+    let mut used = BTreeSet::new();
+    for s in selectors(src) {
+        let name = &s.name;
+        let (m, bucket) = exposed(name).ok_or_else(|| {
+            format!("{what}: {name} is not a metric of the analyser's exposition")
+        })?;
+        used.insert(m.name.to_string());
+        for (label, op, value) in &s.matchers {
+            let known = m.labels.contains(&label.as_str())
+                || TARGET_LABELS.contains(&label.as_str())
+                || (bucket && label == "le");
+            if !known {
+                return Err(format!("{what}: {name} has no label {label}"));
+            }
+            // Dashboard variables ($identity) stand for whatever values exist.
+            if value.starts_with('$') {
+                continue;
+            }
+            let Some(allowed) = label_values(m.name, label) else {
+                continue;
+            };
+            let alternatives: Vec<&str> = if op.contains('~') {
+                value.split('|').collect()
+            } else {
+                vec![value.as_str()]
+            };
+            if let Some(v) = alternatives.iter().find(|v| !allowed.contains(v)) {
+                return Err(format!(
+                    "{what}: {name}{{{label}{op}\"{value}\"}}: {v:?} is not a value of {label} \
+                     (contract: {allowed:?})"
+                ));
+            }
+        }
+    }
+    Ok(used)
+}
+
+/// `promtool test rules` on the unit tests, run against `rules` instead of the shipped file.
+fn run_rule_tests_against(rules: &str, dir: &Path) -> Output {
+    let rules_file = dir.join("alerts.yaml");
+    fs::write(&rules_file, rules).unwrap();
+    let tests = read(&rule_tests_path()).replace(
+        "  - ../helm/dnstap-analyser/files/alerts.yaml\n",
+        &format!("  - {}\n", rules_file.display()),
+    );
+    assert!(
+        tests.contains(&rules_file.display().to_string()),
+        "rule_files entry not replaced"
+    );
+    let tests_file = dir.join("alerts.test.yaml");
+    fs::write(&tests_file, tests).unwrap();
+    promtool(&["test", "rules", tests_file.to_str().unwrap()])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests: alert rules
+
+#[test]
+fn alert_rules_pass_promtool_check() {
+    let report = promtool_ok(&["check", "rules", rules_path().to_str().unwrap()]);
+    assert!(
+        report.contains(&format!("SUCCESS: {} rules found", ALERTS.len())),
+        "{report}"
+    );
+
+    // The check must be able to fail: a rule with a PromQL syntax error.
+    let dir = scratch_dir("check");
+    let broken = read(&rules_path()).replacen("> 0.05", "> > 0.05", 1);
+    let file = dir.join("broken.yaml");
+    fs::write(&file, broken).unwrap();
+    let out = promtool(&["check", "rules", file.to_str().unwrap()]);
+    assert!(
+        !out.status.success(),
+        "promtool accepted a broken expression"
+    );
+}
+
+#[test]
+fn alert_rules_are_the_contract_with_annotations_and_runbooks() {
+    let rules = alert_rules();
+    let names: BTreeSet<&str> = rules.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        ALERTS.iter().copied().collect(),
+        "alerts of the rule file"
+    );
+    let operations = read(&root().join("docs/operations.md"));
+    for (name, rule) in &rules {
+        assert!(rule["for"].is_string(), "{name}: no `for`");
+        assert!(
+            ["warning", "critical", "info"]
+                .contains(&rule["labels"]["severity"].as_str().unwrap_or("")),
+            "{name}: severity label"
+        );
+        let a = &rule["annotations"];
+        for key in ["summary", "description", "runbook"] {
+            assert!(
+                a[key].as_str().is_some_and(|s| s.len() > 20),
+                "{name}: annotation {key} missing or empty"
+            );
+        }
+        // The runbook link points at this alert's section of docs/operations.md.
+        let anchor = name.to_lowercase();
+        assert!(
+            a["runbook"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("docs/operations.md#{anchor}")),
+            "{name}: runbook must end with docs/operations.md#{anchor}: {}",
+            a["runbook"]
+        );
+        assert!(
+            operations
+                .lines()
+                .any(|l| l.trim() == format!("### {name}")),
+            "docs/operations.md has no section `### {name}` (anchor #{anchor})"
+        );
+        // Alerts per CoreDNS pod / upstream name them.
+        let expr = rule["expr"].as_str().unwrap();
+        for label in ["identity", "upstream"] {
+            if expr.contains(&format!("by ({label}")) || expr.contains(&format!(", {label})")) {
+                let needle = format!("{{{{ $labels.{label} }}}}");
+                assert!(
+                    a["summary"].as_str().unwrap().contains(&needle)
+                        && a["description"].as_str().unwrap().contains(&needle),
+                    "{name}: summary and description must name {needle}"
+                );
+            }
+        }
+    }
+    // Failure alerts look at failures only, never at SampleLoss.
+    let errors = rules["DnstapErrorRcodesRising"]["expr"].as_str().unwrap();
+    assert!(errors.contains(r#"status="Failed""#) && errors.contains(r#"status!="SampleLoss""#));
+}
+
+#[test]
+fn alert_rule_unit_tests_pass_and_cover_every_alert() {
+    let report = promtool_ok(&["test", "rules", rule_tests_path().to_str().unwrap()]);
+    assert!(report.contains("SUCCESS"), "{report}");
+
+    let tests = yaml(&rule_tests_path());
+    assert_eq!(
+        tests["rule_files"],
+        json!(["../helm/dnstap-analyser/files/alerts.yaml"]),
+        "the unit tests must run against the shipped rule file"
+    );
+    let groups = tests["tests"].as_array().expect("tests");
+    let mut fires = BTreeSet::new();
+    let mut silent = BTreeSet::new();
+    for g in groups {
+        for t in g["alert_rule_test"].as_array().into_iter().flatten() {
+            let name = t["alertname"].as_str().unwrap().to_string();
+            if t["exp_alerts"].as_array().is_some_and(|a| !a.is_empty()) {
+                fires.insert(name);
+            } else {
+                silent.insert(name);
+            }
+        }
+    }
+    for alert in ALERTS {
+        assert!(fires.contains(*alert), "no unit test where {alert} fires");
+        assert!(
+            silent.contains(*alert),
+            "no unit test where {alert} stays silent"
+        );
+    }
+
+    // SampleLoss from CoreDNS (sender_loss) must be tested against the failure alerts: a group
+    // with sender_loss sessions tests both, and a pod with sender loss fires neither.
+    let sender_loss_group = groups.iter().find(|g| {
+        let tested: BTreeSet<&str> = g["alert_rule_test"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["alertname"].as_str())
+            .collect();
+        let lossy: BTreeSet<String> = g["input_series"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["series"].as_str())
+            .filter(|s| s.contains(r#"cause="sender_loss""#))
+            .filter_map(|s| {
+                s.split(r#"identity=""#)
+                    .nth(1)
+                    .map(|r| r[..r.find('"').unwrap()].to_string())
+            })
+            .collect();
+        let failing: BTreeSet<String> = g["alert_rule_test"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| FAILURE_ALERTS.contains(&t["alertname"].as_str().unwrap_or("")))
+            .flat_map(|t| t["exp_alerts"].as_array().cloned().unwrap_or_default())
+            .filter_map(|a| a["exp_labels"]["identity"].as_str().map(str::to_string))
+            .collect();
+        FAILURE_ALERTS.iter().all(|a| tested.contains(a))
+            && lossy.iter().any(|i| !failing.contains(i))
+    });
+    assert!(
+        sender_loss_group.is_some(),
+        "no unit test group shows sender_loss sessions not firing the failure alerts"
+    );
+}
+
+/// Each mutation breaks one property of the rules; the unit tests must catch every one.
+#[test]
+fn alert_rule_unit_tests_catch_broken_rules() {
+    let shipped = read(&rules_path());
+    let mutations: &[(&str, &str, &str)] = &[
+        (
+            "SampleLoss dilutes the error ratio",
+            r#"sum by (identity) (rate(dnstap_analyser_sessions_total{status!="SampleLoss"}[5m]))
+          ) > 0.05"#,
+            r#"sum by (identity) (rate(dnstap_analyser_sessions_total[5m]))
+          ) > 0.05"#,
+        ),
+        (
+            "SampleLoss counted as a failure",
+            r#"{status="Failed", cause=~"upstream_error|server_error"}"#,
+            r#"{status=~"Failed|SampleLoss", cause=~"upstream_error|server_error|sender_loss"}"#,
+        ),
+        (
+            "timeouts counted as error rcodes",
+            r#"cause=~"upstream_error|server_error""#,
+            r#"cause=~"upstream_error|server_error|upstream_timeout|no_response""#,
+        ),
+        (
+            "no rate floor on upstream attempts",
+            "rate(dnstap_analyser_upstream_attempts_total[5m])) >= 0.1",
+            "rate(dnstap_analyser_upstream_attempts_total[5m])) >= 0",
+        ),
+        ("threshold 50%", "> 0.05", "> 0.5"),
+        ("no `for`", "for: 5m", "for: 0m"),
+        (
+            "a CoreDNS rollout counts as silence",
+            "          <\n              count(",
+            "          <=\n              count(",
+        ),
+        (
+            "sender loss alert on analyser loss",
+            r#"{status="SampleLoss", cause="sender_loss"}"#,
+            r#"{status="SampleLoss"}"#,
+        ),
+        (
+            "analyser dropping on any discard",
+            r#"{reason=~"queue_full|queue_disconnected|session_table_full"}"#,
+            "",
+        ),
+    ];
+    let dir = scratch_dir("mutations");
+    // The harness itself passes with the unchanged rules.
+    let out = run_rule_tests_against(&shipped, &dir);
+    assert!(
+        out.status.success(),
+        "unchanged rules fail in the scratch copy:\n{}",
+        text(&out.stdout)
+    );
+    for (what, from, to) in mutations {
+        assert!(
+            shipped.contains(from),
+            "mutation {what:?}: {from:?} not in the rules"
+        );
+        let out = run_rule_tests_against(&shipped.replace(from, to), &dir);
+        assert!(
+            !out.status.success(),
+            "the unit tests pass although the rules are broken ({what})"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests: metric names
+
+#[test]
+fn alerts_and_dashboard_use_only_exposed_metrics() {
+    let rules = alert_rules();
+    let mut used_by_alerts = BTreeSet::new();
+    for (name, rule) in &rules {
+        let used = check_against_exposition(rule["expr"].as_str().unwrap(), name);
+        used_by_alerts.extend(used.unwrap_or_else(|e| panic!("{e}")));
+    }
+    // The whole dashboard: panel queries, variable queries and texts.
+    let used_by_dashboard = check_against_exposition(&all_strings(&dashboard()), "dashboard.json")
+        .unwrap_or_else(|e| panic!("{e}"));
+    for required in [
+        "dnstap_analyser_sessions_total",
+        "dnstap_analyser_upstream_attempts_total",
+        "dnstap_analyser_discarded_total",
+        "dnstap_analyser_messages_total",
+    ] {
+        assert!(
+            used_by_alerts.contains(required),
+            "alerts do not use {required}: {used_by_alerts:?}"
+        );
+    }
+    for required in [
+        "dnstap_analyser_sessions_total",
+        "dnstap_analyser_upstream_attempts_total",
+        "dnstap_analyser_upstream_rtt_seconds",
+        "dnstap_analyser_client_latency_seconds",
+        "dnstap_analyser_discarded_total",
+        "dnstap_analyser_queue_depth_events",
+        "dnstap_analyser_open_sessions",
+    ] {
+        assert!(
+            used_by_dashboard.contains(required),
+            "the dashboard does not use {required}: {used_by_dashboard:?}"
+        );
+    }
+
+    // The checker must be able to fail.
+    for (bad, what) in [
+        (
+            "rate(dnstap_analyser_session_total[5m])",
+            "a misspelt metric name",
+        ),
+        (
+            r#"dnstap_analyser_sessions_total{status="Timeout"}"#,
+            "an unknown status value",
+        ),
+        (
+            r#"dnstap_analyser_sessions_total{cause=~"local_answer|timeout"}"#,
+            "an unknown cause in a regex",
+        ),
+        (
+            r#"dnstap_analyser_upstream_rtt_seconds_bucket{identity="a"}"#,
+            "a label the histogram lacks",
+        ),
+        ("dnstap_analyser_up", "dnstap_analyser_up (not exported)"),
+    ] {
+        assert!(
+            check_against_exposition(bad, "negative").is_err(),
+            "{what} passed: {bad}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests: dashboard
+
+#[test]
+fn dashboard_has_the_panels() {
+    let d = dashboard();
+    assert_eq!(d["uid"], "dnstap-analyser");
+    assert!(d["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(
+        d["schemaVersion"].as_i64().unwrap_or(0) >= 36,
+        "schemaVersion"
+    );
+    let vars = d["templating"]["list"]
+        .as_array()
+        .expect("template variables");
+    let ds = vars
+        .iter()
+        .find(|v| v["name"] == "datasource")
+        .expect("datasource variable");
+    assert_eq!(ds["type"], "datasource");
+    assert_eq!(ds["query"], "prometheus");
+    assert!(
+        vars.iter().any(|v| v["name"] == "identity"),
+        "identity variable"
+    );
+
+    let panels = dashboard_panels(&d);
+    let mut ids = BTreeSet::new();
+    for p in d["panels"].as_array().unwrap() {
+        assert!(
+            ids.insert(p["id"].as_i64().expect("panel id")),
+            "duplicate panel id {}",
+            p["id"]
+        );
+        let g = &p["gridPos"];
+        assert!(
+            g["x"].as_i64().unwrap() + g["w"].as_i64().unwrap() <= 24,
+            "{} too wide",
+            p["title"]
+        );
+    }
+    for p in &panels {
+        let title = p["title"].as_str().unwrap_or("");
+        assert_eq!(
+            p["datasource"]["uid"], "${datasource}",
+            "{title}: data source variable"
+        );
+        let targets = p["targets"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{title}: no targets"));
+        assert!(!targets.is_empty(), "{title}: no targets");
+        for t in targets {
+            assert!(
+                t["expr"].as_str().is_some_and(|e| !e.is_empty()),
+                "{title}: empty query"
+            );
+        }
+    }
+
+    // (title fragment, query fragment): the panels issue #9 asks for.
+    let exprs = dashboard_exprs(&d);
+    let required: &[(&str, &str)] = &[
+        ("Failure ratio per CoreDNS pod", r#"sum by (identity, cause) (rate(dnstap_analyser_sessions_total{status="Failed""#),
+        ("Failure ratio per CoreDNS pod", r#"status!="SampleLoss""#),
+        ("Upstream timeouts", r#"outcome="timeout""#),
+        ("Upstream RTT", "histogram_quantile(0.99, sum by (upstream, le) (rate(dnstap_analyser_upstream_rtt_seconds_bucket"),
+        ("Client latency", "histogram_quantile(0.99, sum by (identity, le) (rate(dnstap_analyser_client_latency_seconds_bucket"),
+        ("SampleLoss", r#"status="SampleLoss""#),
+        ("Drops", "dnstap_analyser_discarded_total"),
+        ("Queue depth", "dnstap_analyser_queue_depth_events"),
+        ("Open sessions", "dnstap_analyser_open_sessions"),
+    ];
+    for (title, fragment) in required {
+        assert!(
+            exprs
+                .iter()
+                .any(|(t, e)| t.contains(title) && e.contains(fragment)),
+            "no panel titled *{title}* with a query containing {fragment:?}"
+        );
+    }
+}
+
+#[test]
+fn dashboard_queries_are_valid_promql() {
+    // promtool parses every panel query as a recording rule, with the Grafana variables
+    // replaced by what Grafana would put there.
+    let d = dashboard();
+    let rules: Vec<Json> = dashboard_exprs(&d)
+        .iter()
+        .enumerate()
+        .map(|(i, (_, e))| {
+            let expr = e
+                .replace("$__rate_interval", "2m")
+                .replace("$identity", ".*")
+                .replace("$upstream", ".*");
+            json!({"record": format!("dashboard:query_{i}"), "expr": expr})
+        })
+        .collect();
+    assert!(
+        rules.len() >= 10,
+        "too few dashboard queries: {}",
+        rules.len()
+    );
+    let file = scratch_dir("dashboard").join("queries.yaml");
+    let doc = json!({"groups": [{"name": "dashboard", "rules": rules}]});
+    fs::write(&file, serde_yaml::to_string(&doc).unwrap()).unwrap();
+    let report = promtool_ok(&["check", "rules", file.to_str().unwrap()]);
+    assert!(report.contains("SUCCESS"), "{report}");
+    // Variables left over would be PromQL errors above; a `$` elsewhere is a typo.
+    for (title, e) in dashboard_exprs(&d) {
+        let cleaned = e
+            .replace("$__rate_interval", "")
+            .replace("$identity", "")
+            .replace("$upstream", "");
+        assert!(!cleaned.contains('$'), "{title}: unknown variable in {e}");
+    }
+}
