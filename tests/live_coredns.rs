@@ -6,9 +6,9 @@
 //!              |                                                 REFUSED else) or a silent socket
 //!              `--dnstap tcp, full--> dnstap-analyser
 //!
-//! The CoreDNS binary comes from the environment variable `COREDNS` (`.ci/run` points it at
-//! `../shared/bin/coredns` when that exists). Without it every test here says on stderr that it
-//! did not run, and returns. nsd and dig are required (Debian packages nsd, dnsutils).
+//! The CoreDNS binary comes from the environment variable `COREDNS` (`.ci/run` sets it when CI
+//! keeps a CoreDNS binary beside the checkout). Without it every test here says on stderr that
+//! it did not run, and returns. nsd and dig are required (Debian packages nsd, dnsutils).
 //!
 //! CoreDNS writes dnstap through a 4 KB buffer flushed when full or after 1 s without a new
 //! message: sessions are awaited with a deadline, never after a fixed sleep.

@@ -132,8 +132,8 @@ pub fn require_venv_tool(name: &str, pypi_package: &str) -> PathBuf {
     path
 }
 
-/// The real CoreDNS binary named by the environment variable `COREDNS` (`.ci/run` points it at
-/// `../shared/bin/coredns`). None when unset: the caller says loudly that it did not run.
+/// The real CoreDNS binary named by the environment variable `COREDNS` (`.ci/run` sets it when
+/// CI provides one). None when unset: the caller says loudly that it did not run.
 pub fn coredns_binary() -> Option<PathBuf> {
     let path = PathBuf::from(std::env::var_os("COREDNS").filter(|v| !v.is_empty())?);
     assert!(
