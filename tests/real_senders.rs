@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 use support::{
     coredns_fixture, fstrm_replay_tcp, fstrm_replay_unix, go_dnstap_rewrite, go_dnstap_tcp, read,
-    run_sender, Analyser, TempDir,
+    require_binary, run_sender, Analyser, TempDir,
 };
 
 const CAPTURES: [&str; 4] = [
@@ -233,4 +233,11 @@ fn files_written_by_the_go_dnstap_cli_read_like_the_captures() {
     let rewritten = read(std::slice::from_ref(&out), &[]);
     assert_eq!(rewritten.signatures(), read(&[file], &[]).signatures());
     assert_eq!(rewritten.sessions.len(), 4);
+}
+
+/// The rule every tier follows: a missing tool fails the test naming the package to install.
+#[test]
+#[should_panic(expected = "install the Debian package `no-such-package`")]
+fn a_missing_tool_fails_naming_its_debian_package() {
+    require_binary("no-such-tool-for-dnstap-tests", "no-such-package");
 }

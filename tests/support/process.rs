@@ -1,7 +1,7 @@
 //! Child processes: run to the end with a time limit, or keep running as a daemon in its own
 //! process group; signals (sent with the `kill` command, no libc); socket state from /proc.
 
-use super::tail;
+use super::{require_binary, tail};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
@@ -10,8 +10,12 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+fn kill() -> Command {
+    Command::new(require_binary("kill", "procps"))
+}
+
 pub fn signal_group(pgid: u32, sig: &str) {
-    let _ = Command::new("kill")
+    let _ = kill()
         .arg(format!("-{sig}"))
         .arg("--")
         .arg(format!("-{pgid}"))
@@ -21,7 +25,7 @@ pub fn signal_group(pgid: u32, sig: &str) {
 }
 
 pub fn signal_pid(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
+    let _ = kill()
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
         .stdout(Stdio::null())
