@@ -1,5 +1,5 @@
 //! Per-stage cost in ns per message, over the 10,724 messages of a real CoreDNS burst
-//! (../shared/fixtures/coredns/h_burst_5k.fstrm):
+//! (tests/fixtures/coredns/h_burst_5k.fstrm):
 //!   cargo bench --bench stages
 //! Stages: Frame Streams decoding, protobuf decoding, DNS question parsing, event extraction,
 //! correlation + classification, and JSON rendering of the finished sessions.
@@ -18,9 +18,9 @@ use std::time::Instant;
 fn capture() -> Vec<u8> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/coredns/h_burst_5k.fstrm"
+        "/tests/fixtures/coredns/h_burst_5k.fstrm"
     );
-    std::fs::read(path).expect("../shared/fixtures must sit beside the checkout")
+    std::fs::read(path).expect("tests/fixtures/coredns/h_burst_5k.fstrm is part of the repository")
 }
 
 fn frames(bytes: &[u8]) -> Vec<Bytes> {

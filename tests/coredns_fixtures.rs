@@ -245,7 +245,7 @@ fn log_filter_and_text_format() {
         failed.summary["sessions"], 3,
         "the summary counts every session"
     );
-    let out = std::process::Command::new(support::bin())
+    let out = std::process::Command::new(support::analyser_bin())
         .args(["read", "--format", "text"])
         .arg(&g[0])
         .output()

@@ -8,14 +8,17 @@
 //!
 //! A missing tool is a test failure, never a skip.
 
+mod support;
+
 use serde_json::{json, Value as Json};
 use serde_yaml::Value as Yaml;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
+use support::repo_root as root;
+use support::{analyser_bin, require_venv_tool, run_to_end, text};
 
 /// Kubernetes versions whose schemas the objects must satisfy: the oldest release the chart is
 /// meant for that `kubernetes-validate` still ships, and a recent one.
@@ -32,10 +35,6 @@ const INSTALL_HINT: &str = "run `bash .ci/install-deps` (it creates .ci/venv wit
 
 // ---------------------------------------------------------------------------------------------
 // Paths and tools
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn chart_dir() -> PathBuf {
     root().join("deploy/helm/dnstap-analyser")
@@ -54,68 +53,6 @@ fn scratch_dir(test: &str) -> PathBuf {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn venv_tool(name: &str) -> PathBuf {
-    let path = root().join(".ci/venv/bin").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: {INSTALL_HINT}",
-        path.display()
-    );
-    path
-}
-
-/// Runs a command with a time limit; panics if it does not finish.
-fn run(cmd: &mut Command, stdin: Option<&str>, limit: Duration) -> Output {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    // Drain both pipes in threads so that a child with a lot of output never blocks.
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = pipe.read_to_end(&mut buf);
-            buf
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().unwrap();
-        pipe.write_all(input.as_bytes()).unwrap();
-    }
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} did not finish within {limit:?}\nstdout:\n{}\nstderr:\n{}",
-                text(&stdout.join().unwrap()),
-                text(&stderr.join().unwrap())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -211,8 +148,8 @@ fn args_of(objs: &[Json]) -> Vec<String> {
 
 /// Long flags of `dnstap-analyser --help`, with whether each takes a value.
 fn help_flags() -> BTreeMap<String, bool> {
-    let out = run(
-        Command::new(env!("CARGO_BIN_EXE_dnstap-analyser")).arg("--help"),
+    let out = run_to_end(
+        Command::new(analyser_bin()).arg("--help"),
         None,
         Duration::from_secs(30),
     );
@@ -357,8 +294,8 @@ fn empty_frame_stream(path: &Path) {
 fn run_binary_with(args: &[String], dir: &Path) -> Output {
     let input = dir.join("empty.fstrm");
     empty_frame_stream(&input);
-    run(
-        Command::new(env!("CARGO_BIN_EXE_dnstap-analyser"))
+    run_to_end(
+        Command::new(analyser_bin())
             .args(args)
             .arg("read")
             .arg(&input),
@@ -462,7 +399,7 @@ impl Rendered {
 }
 
 fn render_cases(cases: &[(&str, Json)]) -> Vec<Rendered> {
-    let python = venv_tool("python");
+    let python = require_venv_tool("python", "helm-python-sdk");
     let input = Json::Array(
         cases
             .iter()
@@ -470,7 +407,7 @@ fn render_cases(cases: &[(&str, Json)]) -> Vec<Rendered> {
             .collect(),
     )
     .to_string();
-    let out = run(
+    let out = run_to_end(
         Command::new(&python)
             .arg("-c")
             .arg(RENDER_PY)
@@ -552,9 +489,9 @@ fn all_options_values() -> Json {
 /// checks that it validated `expected_objects` objects per version.
 fn kubernetes_validate(files: &[PathBuf], expected_objects: usize) {
     assert!(!files.is_empty());
-    let tool = venv_tool("kubernetes-validate");
+    let tool = require_venv_tool("kubernetes-validate", "kubernetes-validate");
     for version in KUBERNETES_VERSIONS {
-        let out = run(
+        let out = run_to_end(
             Command::new(&tool)
                 .args(["--strict", "--kubernetes-version", version])
                 .args(files),
@@ -777,10 +714,13 @@ fn plain_manifests_validate_against_kubernetes_schemas() {
         1,
     );
     fs::write(&bad, broken).unwrap();
-    let out = run(
-        Command::new(venv_tool("kubernetes-validate"))
-            .args(["--strict", "--kubernetes-version", KUBERNETES_VERSIONS[0]])
-            .arg(&bad),
+    let out = run_to_end(
+        Command::new(require_venv_tool(
+            "kubernetes-validate",
+            "kubernetes-validate",
+        ))
+        .args(["--strict", "--kubernetes-version", KUBERNETES_VERSIONS[0]])
+        .arg(&bad),
         None,
         Duration::from_secs(120),
     );

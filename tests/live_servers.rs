@@ -12,16 +12,15 @@
 //! (.ci/apt-packages). A missing one fails the test naming the package. Expected sessions per
 //! server are explained in docs/senders.md.
 
-#[path = "common/live.rs"]
-mod live;
+mod support;
 
-use live::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
+use support::*;
 
 /// Name used by the readiness probes; its sessions are not part of any expectation.
 const PROBE: &str = "ready.example.test";
@@ -46,22 +45,14 @@ fn run_standard_queries(server: &mut Server, port: u16, refused_rcode: &str) {
         ("txt.example.test", "TXT", true, "NOERROR"),
     ];
     for (name, qtype, tcp, want) in cases {
-        server.assert_running();
-        let a = dig(port, name, qtype, tcp, 5);
-        assert_eq!(
-            a.rcode.as_deref(),
-            Some(want),
-            "{}: dig {name} {qtype}{} answered {:?}, expected {want}:\n{}",
-            server.name,
-            if tcp { " +tcp" } else { "" },
-            a.rcode,
-            a.output
-        );
+        dig_expect(server, port, (name, qtype, tcp), want);
     }
 }
 
-fn finish(what: &str, t0: Instant, an: Analyser, dir: &TempDir) -> (AnalyserOutput, Vec<Value>) {
-    let out = an.stop();
+/// Stops the analyser, saves what it printed into `dir`, checks that every session line is
+/// counted in the summary, and returns the output and the sessions without the probes.
+fn finish(what: &str, t0: Instant, an: Analyser, dir: &TempDir) -> (Output, Vec<Value>) {
+    let out = an.stop_unchecked();
     out.save(&dir.join("sessions.jsonl"));
     out.assert_clean(what);
     let all = out.sessions.len() as u64;
@@ -71,12 +62,17 @@ fn finish(what: &str, t0: Instant, an: Analyser, dir: &TempDir) -> (AnalyserOutp
         "{what}: summary.sessions differs from the number of session lines printed"
     );
     let sessions = without_probe(out.sessions.clone());
+    // A burst's sessions are too many to list.
+    let listing = if sessions.len() <= 100 {
+        describe_all(&sessions)
+    } else {
+        String::new()
+    };
     eprintln!(
-        "[live] {what}: {} sessions ({} without probes), {:.1} s\n{}",
+        "[live] {what}: {} sessions ({} without probes), {:.1} s\n{listing}",
         all,
         sessions.len(),
         t0.elapsed().as_secs_f64(),
-        describe_all(&sessions)
     );
     (out, sessions)
 }
@@ -108,16 +104,7 @@ fn unbound_tcp_sessions() {
     let dir = TempDir::new("unbound");
     let silent = SilentUpstream::start();
     let nsd = start_nsd(&dir);
-    let tap = alloc_port();
-    let mut an = Analyser::start(&["--listen".into(), format!("tcp://127.0.0.1:{tap}")]);
-    an.wait_tcp(tap);
-    let mut ub = start_unbound(&dir, nsd.port, silent.port, tap);
-    wait_until(
-        "unbound to connect its dnstap TCP stream",
-        Duration::from_secs(10),
-        || tcp_connections_to(tap) >= 1,
-    );
-    thread::sleep(Duration::from_millis(300));
+    let (an, mut ub) = behind_tcp_analyser(&dir, &nsd, &silent);
 
     run_standard_queries(&mut ub.server, ub.port, "SERVFAIL");
     let a = dig(ub.port, "x.silent.test", "A", false, 3);
@@ -173,6 +160,25 @@ fn unbound_tcp_sessions() {
     assert_sessions("unbound live", &sessions, &expected);
 }
 
+/// The analyser listening on TCP, then unbound forwarding to `nsd` (silent.test to `silent`),
+/// connected to it.
+fn behind_tcp_analyser(
+    dir: &TempDir,
+    nsd: &Upstream,
+    silent: &SilentUpstream,
+) -> (Analyser, Forwarder) {
+    let an = Analyser::serve_tcp(&[]);
+    let tap = an.port();
+    let ub = start_unbound(dir, nsd.port, silent.port, tap);
+    wait_until(
+        "unbound to connect its dnstap TCP stream",
+        Duration::from_secs(10),
+        || tcp_connections_to(tap) >= 1,
+    );
+    thread::sleep(Duration::from_millis(300));
+    (an, ub)
+}
+
 /// The analyser listening on a unix socket (with a 20 s session timeout: BIND and Knot Resolver
 /// answer a silent upstream late), then the forwarder `start` makes, connected to it. The socket
 /// must exist first: kresd disables dnstap for good if it does not.
@@ -182,13 +188,7 @@ fn behind_unix_analyser(
     start: impl FnOnce(&Path) -> Forwarder,
 ) -> (Analyser, Forwarder) {
     let sock = dir.join("tap.sock");
-    let mut an = Analyser::start(&[
-        "--listen".into(),
-        format!("unix://{}", sock.display()),
-        "--session-timeout".into(),
-        "20".into(),
-    ]);
-    an.wait_unix(&sock);
+    let an = Analyser::serve_unix(&sock, &["--session-timeout", "20"]);
     let fwd = start(&sock);
     wait_until(
         &format!("{name} to connect its dnstap unix stream"),
@@ -328,18 +328,13 @@ fn dnsdist_tcp_sessions() {
     let silent = SilentUpstream::start();
     let nsd = start_nsd(&dir);
     let tap = alloc_port();
-    let mut an = Analyser::start(&[
-        "--listen".into(),
-        format!("tcp://127.0.0.1:{tap}"),
+    let an = Analyser::serve(
+        Listen::Tcp(tap),
         // The silent query's session (CQ only) must time out while dnsdist is still connected:
         // dnsdist closes without STOP, and a session still open at that moment cannot be told
         // from one whose CR was lost. One shard, so that the next query's time expires it.
-        "--session-timeout".into(),
-        "3".into(),
-        "--shards".into(),
-        "1".into(),
-    ]);
-    an.wait_tcp(tap);
+        &["--session-timeout", "3", "--shards", "1"],
+    );
     let mut dd = start_dnsdist(&dir, nsd.port, silent.port, tap);
     wait_until(
         "dnsdist to connect its dnstap TCP stream",
@@ -404,16 +399,7 @@ fn unbound_burst_one_session_per_query() {
     let dir = TempDir::new("burst");
     let silent = SilentUpstream::start();
     let nsd = start_nsd(&dir);
-    let tap = alloc_port();
-    let mut an = Analyser::start(&["--listen".into(), format!("tcp://127.0.0.1:{tap}")]);
-    an.wait_tcp(tap);
-    let mut ub = start_unbound(&dir, nsd.port, silent.port, tap);
-    wait_until(
-        "unbound to connect its dnstap TCP stream",
-        Duration::from_secs(10),
-        || tcp_connections_to(tap) >= 1,
-    );
-    thread::sleep(Duration::from_millis(300));
+    let (an, mut ub) = behind_tcp_analyser(&dir, &nsd, &silent);
 
     // Small name list, warmed one query at a time so that each name misses exactly once.
     let mut small: Vec<String> = (1..=20).map(|i| format!("h{i}.example.test A")).collect();
@@ -471,7 +457,7 @@ fn unbound_burst_one_session_per_query() {
     thread::sleep(Duration::from_millis(1500));
 
     ub.server.stop();
-    let (out, sessions) = finish_quiet("unbound burst", t0, an, &dir);
+    let (out, sessions) = finish("unbound burst", t0, an, &dir);
     let queries = warm.sent + burst.sent;
     let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
     let mut by_bitmap: BTreeMap<u64, usize> = BTreeMap::new();
@@ -520,27 +506,4 @@ fn unbound_burst_one_session_per_query() {
         );
     }
     eprintln!("[live] unbound burst: {:.1} s", t0.elapsed().as_secs_f64());
-}
-
-/// Like `finish`, without printing every session.
-fn finish_quiet(
-    what: &str,
-    t0: Instant,
-    an: Analyser,
-    dir: &TempDir,
-) -> (AnalyserOutput, Vec<Value>) {
-    let out = an.stop();
-    out.save(&dir.join("sessions.jsonl"));
-    out.assert_clean(what);
-    assert_eq!(
-        out.summary_sessions(),
-        Some(out.sessions.len() as u64),
-        "{what}: summary.sessions differs from the number of session lines printed"
-    );
-    let sessions = without_probe(out.sessions.clone());
-    eprintln!(
-        "[live] {what}: stopped after {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
-    (out, sessions)
 }

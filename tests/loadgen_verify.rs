@@ -2,69 +2,11 @@
 //! traffic over TCP on loopback, and `dnstap-loadgen verify` checks every reported session
 //! against the ground truth. No timing assertions: the machine is shared and noisy.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod support;
 
-fn analyser() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_dnstap-analyser"))
-}
-
-/// `cargo test --workspace` builds the loadgen binary next to the analyser; when only this
-/// package is tested, build it the same way.
-fn loadgen() -> PathBuf {
-    let path = analyser().with_file_name("dnstap-loadgen");
-    if !path.exists() {
-        let release = analyser().parent().is_some_and(|d| d.ends_with("release"));
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "dnstap-loadgen", "--bin", "dnstap-loadgen"]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "building dnstap-loadgen failed");
-    }
-    assert!(path.exists(), "{} not found", path.display());
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_with_timeout(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("loadgen-verify-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_default()
-}
+use std::process::Command;
+use std::time::Duration;
+use support::{loadgen_bin, run_to_end, text, Analyser, TempDir};
 
 /// Sends `sessions` at `rate` into a fresh analyser, stops it with SIGTERM, and returns
 /// verify's exit status and report.
@@ -73,87 +15,67 @@ fn run_and_verify(name: &str, extra: &[&str]) -> (bool, String) {
     // only measure contention.
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = scratch(name);
-    let port = free_port();
-    let out = dir.join("sessions.jsonl");
-    let err = dir.join("analyser.stderr");
-    let mut analyser = Command::new(analyser())
-        .args([
-            "--listen",
-            &format!("tcp://127.0.0.1:{port}"),
-            "--shards",
-            "2",
-            // Unoptimised test builds on a shared machine may fall behind for a moment: a
-            // deep queue makes them buffer instead of shedding, so the match can be exact.
-            "--queue-capacity",
-            "1000000",
-        ])
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
+    let mut dir = TempDir::new(&format!("loadgen-{name}"));
+    let analyser = Analyser::serve_tcp(&[
+        "--shards",
+        "2",
+        // Unoptimised test builds on a shared machine may fall behind for a moment: a
+        // deep queue makes them buffer instead of shedding, so the match can be exact.
+        "--queue-capacity",
+        "1000000",
+    ]);
     let truth = dir.join("truth.json");
     let truth_sessions = dir.join("truth.tsv");
-    let mut gen = Command::new(loadgen())
-        .args(["run", "--connect", &format!("127.0.0.1:{port}")])
-        .args([
-            "--connections",
-            "4",
-            "--sessions",
-            "20000",
-            "--rate",
-            "5000",
-            "--seed",
-            "7",
-        ])
-        .args(["--connect-timeout", "20"])
-        .arg("--truth")
-        .arg(&truth)
-        .arg("--truth-sessions")
-        .arg(&truth_sessions)
-        .args(extra)
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let gen_status = wait_with_timeout(&mut gen, Duration::from_secs(120), "dnstap-loadgen run");
-    let term = Command::new("kill")
-        .args(["-TERM", &analyser.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let st = wait_with_timeout(&mut analyser, Duration::from_secs(60), "dnstap-analyser");
+    let gen = run_to_end(
+        Command::new(loadgen_bin())
+            .args(["run", "--connect", &analyser.addr()])
+            .args([
+                "--connections",
+                "4",
+                "--sessions",
+                "20000",
+                "--rate",
+                "5000",
+                "--seed",
+                "7",
+            ])
+            .args(["--connect-timeout", "20"])
+            .arg("--truth")
+            .arg(&truth)
+            .arg("--truth-sessions")
+            .arg(&truth_sessions)
+            .args(extra),
+        None,
+        Duration::from_secs(120),
+    );
+    let out = analyser.stop_unchecked();
+    let sessions = dir.join("sessions.jsonl");
+    out.save(&sessions);
     assert!(
-        gen_status.success(),
-        "loadgen failed; analyser stderr:\n{}",
-        read(&err)
+        gen.status.success(),
+        "loadgen failed:\n{}{}\nanalyser stderr:\n{}",
+        text(&gen.stdout),
+        text(&gen.stderr),
+        out.stderr
     );
-    assert!(
-        st.success(),
-        "analyser exited with {st}; stderr:\n{}",
-        read(&err)
+    out.assert_clean("analyser fed by the load generator");
+    let v = run_to_end(
+        Command::new(loadgen_bin())
+            .arg("verify")
+            .arg("--ground-truth")
+            .arg(&truth)
+            .arg("--truth-sessions")
+            .arg(&truth_sessions)
+            .arg("--summary")
+            .arg(sessions.with_extension("stderr"))
+            .arg("--sessions")
+            .arg(&sessions),
+        None,
+        Duration::from_secs(120),
     );
-    let v = Command::new(loadgen())
-        .arg("verify")
-        .arg("--ground-truth")
-        .arg(&truth)
-        .arg("--truth-sessions")
-        .arg(&truth_sessions)
-        .arg("--summary")
-        .arg(&err)
-        .arg("--sessions")
-        .arg(&out)
-        .output()
-        .unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
-    if v.status.success() {
-        let _ = std::fs::remove_dir_all(&dir);
-    } else {
-        eprintln!("inputs kept in {}", dir.display());
+    let report = format!("{}{}", text(&v.stdout), text(&v.stderr));
+    if !v.status.success() {
+        dir.keep();
     }
     (v.status.success(), report)
 }

@@ -1,4 +1,4 @@
-//! Every capture of the four other servers (../shared/fixtures/{unbound,named,kresd,dnsdist})
+//! Every capture of the four other servers (tests/fixtures/{unbound,named,kresd,dnsdist})
 //! through `dnstap-analyser read FILE --format json`, with the default options, must give the
 //! sessions a person expects from the scenario. The expectations and their reasons are the
 //! tables in docs/senders.md; keep both in step.
@@ -6,13 +6,12 @@
 //! Upstream addresses in the captures: 127.0.0.1:15353 = nsd, :15354 = silent (blackholed),
 //! :15355 = closed port (ICMP port unreachable).
 
-#[path = "common/live.rs"]
-mod live;
+mod support;
 
-use live::*;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::PathBuf;
+use support::*;
 
 const NSD: &str = "127.0.0.1:15353";
 const SILENT: &str = "127.0.0.1:15354";
@@ -21,12 +20,8 @@ const CLOSED: &str = "127.0.0.1:15355";
 /// Quick answers (everything except the timeouts) take well under 100 ms.
 const QUICK: (f64, f64) = (0.0, 100.0);
 
-fn fixture(server: &str, scenario: &str) -> PathBuf {
-    let p = fixtures_dir()
-        .join(server)
-        .join(format!("{scenario}.fstrm"));
-    assert!(p.is_file(), "fixture {} is missing", p.display());
-    p
+fn capture(server: &str, scenario: &str) -> PathBuf {
+    fixture(server, &format!("{scenario}.fstrm"))
 }
 
 /// Facts from the `.txt` table next to a capture: data frame count and the CQ client addresses.
@@ -64,9 +59,7 @@ fn check(
     expected: Vec<Expect>,
 ) {
     let what = format!("{server}/{scenario}.fstrm");
-    let file = fixture(server, scenario);
-    let out = run_read(&[file], &[]);
-    out.assert_clean(&what);
+    let out = read(&[capture(server, scenario)], &[]);
     let expected: Vec<Expect> = expected
         .into_iter()
         .map(|e| e.ident(identity, version))

@@ -5,9 +5,11 @@
 mod support;
 use std::io::Write;
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::Duration;
-use support::{coredns_fixture, fstrm_replay_tcp, go_dnstap_tcp, read, run_sender, Served};
+use support::{
+    coredns_fixture, fstrm_replay_tcp, fstrm_replay_unix, go_dnstap_rewrite, go_dnstap_tcp, read,
+    require_binary, run_sender, Analyser, TempDir,
+};
 
 const CAPTURES: [&str; 4] = [
     "b_forward.fstrm",
@@ -20,7 +22,7 @@ const CAPTURES: [&str; 4] = [
 fn go_dnstap_cli_replay_equals_read() {
     for capture in CAPTURES {
         let file = coredns_fixture(capture);
-        let served = Served::start(&[]);
+        let served = Analyser::serve_tcp(&[]);
         run_sender(&mut go_dnstap_tcp(&served.addr(), &file));
         let live = served.stop();
         assert_eq!(
@@ -35,8 +37,8 @@ fn go_dnstap_cli_replay_equals_read() {
 fn fstrm_replay_over_tcp_and_unix_equals_read() {
     for capture in CAPTURES {
         let file = coredns_fixture(capture);
-        let served = Served::start(&[]);
-        run_sender(&mut fstrm_replay_tcp(served.port, &file));
+        let served = Analyser::serve_tcp(&[]);
+        run_sender(&mut fstrm_replay_tcp(served.port(), &file));
         let live = served.stop();
         assert_eq!(
             live.signatures(),
@@ -44,18 +46,11 @@ fn fstrm_replay_over_tcp_and_unix_equals_read() {
             "{capture} via fstrm_replay TCP"
         );
     }
-    let dir = std::env::temp_dir().join(format!("dnstap-analyser-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("unix");
     let sock = dir.join("tap.sock");
-    let served = Served::start(&["--listen", &format!("unix://{}", sock.display())]);
+    let served = Analyser::serve_unix(&sock, &[]);
     let file = coredns_fixture("h_burst_5k.fstrm");
-    run_sender(
-        Command::new("fstrm_replay")
-            .args(["-t", "protobuf:dnstap.Dnstap", "-u"])
-            .arg(&sock)
-            .arg("-r")
-            .arg(&file),
-    );
+    run_sender(&mut fstrm_replay_unix(&sock, &file));
     let live = served.stop();
     assert_eq!(
         live.signatures(),
@@ -63,12 +58,11 @@ fn fstrm_replay_over_tcp_and_unix_equals_read() {
         "h_burst_5k via unix socket"
     );
     assert!(!sock.exists(), "the socket file is removed on exit");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn a_silent_stream_is_flushed_by_the_wall_clock() {
-    let served = Served::start(&["--session-timeout", "1"]);
+    let served = Analyser::serve_tcp(&["--session-timeout", "1"]);
     let file = coredns_fixture("g_timeout.fstrm");
     // dnstap -T ends its stream with STOP; the timed-out sessions are still pending after it.
     run_sender(&mut go_dnstap_tcp(&served.addr(), &file));
@@ -110,11 +104,11 @@ fn send_bad(addr: &str, bytes: &[u8], hold: Duration) -> TcpStream {
 
 #[test]
 fn bad_input_on_other_connections_leaves_the_good_stream_exact() {
-    let served = Served::start(&["--max-frame-size", "4096", "--max-connections", "20"]);
+    let served = Analyser::serve_tcp(&["--max-frame-size", "4096", "--max-connections", "20"]);
     let addr = served.addr();
     let file = coredns_fixture("h_burst_5k.fstrm");
     let good = {
-        let (port, file) = (served.port, file.clone());
+        let (port, file) = (served.port(), file.clone());
         std::thread::spawn(move || run_sender(&mut fstrm_replay_tcp(port, &file)))
     };
     // A stalled handshake and idle connections up to the limit, held while the rest runs.
@@ -208,14 +202,13 @@ fn split_by_id(file: &std::path::Path, dir: &std::path::Path) -> [std::path::Pat
 #[test]
 fn two_live_connections_with_the_same_identity_are_both_served() {
     let file = coredns_fixture("h_burst_5k.fstrm");
-    let dir = std::env::temp_dir().join(format!("dnstap-analyser-split-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let parts = split_by_id(&file, &dir);
-    let served = Served::start(&[]);
+    let dir = TempDir::new("split");
+    let parts = split_by_id(&file, dir.path());
+    let served = Analyser::serve_tcp(&[]);
     let senders: Vec<_> = parts
         .iter()
         .map(|part| {
-            let (port, part) = (served.port, part.clone());
+            let (port, part) = (served.port(), part.clone());
             std::thread::spawn(move || run_sender(&mut fstrm_replay_tcp(port, &part)))
         })
         .collect();
@@ -223,7 +216,6 @@ fn two_live_connections_with_the_same_identity_are_both_served() {
         s.join().unwrap();
     }
     let live = served.stop();
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(
         live.signatures(),
         read(&[file], &[]).signatures(),
@@ -235,16 +227,17 @@ fn two_live_connections_with_the_same_identity_are_both_served() {
 #[test]
 fn files_written_by_the_go_dnstap_cli_read_like_the_captures() {
     let file = coredns_fixture("k_bind_tcp.fstrm");
-    let out = std::env::temp_dir().join(format!("dnstap-analyser-w-{}.fstrm", std::process::id()));
-    run_sender(
-        Command::new("dnstap")
-            .arg("-r")
-            .arg(&file)
-            .arg("-w")
-            .arg(&out),
-    );
+    let dir = TempDir::new("rewrite");
+    let out = dir.join("rewritten.fstrm");
+    run_sender(&mut go_dnstap_rewrite(&file, &out));
     let rewritten = read(std::slice::from_ref(&out), &[]);
-    let _ = std::fs::remove_file(&out);
     assert_eq!(rewritten.signatures(), read(&[file], &[]).signatures());
     assert_eq!(rewritten.sessions.len(), 4);
+}
+
+/// The rule every tier follows: a missing tool fails the test naming the package to install.
+#[test]
+#[should_panic(expected = "install the Debian package `no-such-package`")]
+fn a_missing_tool_fails_naming_its_debian_package() {
+    require_binary("no-such-tool-for-dnstap-tests", "no-such-package");
 }

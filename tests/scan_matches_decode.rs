@@ -1,19 +1,18 @@
 //! The hot path's field scan reads exactly what the generated protobuf decoder reads, for
 //! every message of every real capture (CoreDNS, unbound, BIND, Knot Resolver, dnsdist).
 
+mod support;
+
 use bytes::BytesMut;
 use dnstap_analyser::dnstap;
 use dnstap_analyser::framestream::{Frame, FrameDecoder};
-use std::path::Path;
 
 #[test]
 fn scan_agrees_with_the_generated_decoder_on_every_capture() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    let root = support::fixtures_dir();
     let mut checked = 0;
     for server in ["coredns", "unbound", "named", "kresd", "dnsdist"] {
-        for entry in
-            std::fs::read_dir(root.join(server)).expect("../shared/fixtures beside the checkout")
-        {
+        for entry in std::fs::read_dir(root.join(server)).expect("tests/fixtures/<server>") {
             let path = entry.unwrap().path();
             if path.extension().is_none_or(|e| e != "fstrm") {
                 continue;

@@ -1,262 +1,286 @@
-//! Runs the real analyser binary: offline (`read`) or serving on a loopback port, and
-//! collects its session lines and exit summary.
-#![allow(dead_code)]
+//! The one test harness: every integration test includes it with `mod support;`.
+//!
+//! - [`analyser`]: the analyser binary in `read` or serve mode ([`read`], [`Analyser`]), its
+//!   session lines and `{"summary":...}` line ([`Output`]).
+//! - [`senders`]: Frame Streams senders replaying captures (fstrm_replay, the Go `dnstap` CLI).
+//! - [`servers`]: real DNS servers on loopback (nsd, unbound, named, kresd, dnsdist, CoreDNS),
+//!   a silent upstream, dig and dnsperf.
+//! - [`sessions`]: expected sessions ([`Expect`]) and their order-free comparison.
+//! - [`process`]: child processes with time limits, signals, socket state from /proc.
+//!
+//! Rules this harness enforces:
+//! - Inputs come from the repository (`tests/fixtures/`, `tests/live/`); only the optional
+//!   CoreDNS binary comes from outside, through `COREDNS` ([`coredns_binary`]).
+//! - A missing tool fails the test naming the Debian package that provides it
+//!   ([`require_binary`], [`require_venv_tool`]); nothing is skipped silently.
+//! - Only loopback addresses; ports from 25000-25999 ([`alloc_port`]).
+//! - Every process started here is killed when its guard is dropped, also when the test panics.
+#![allow(dead_code, unused_imports)]
 
-use serde_json::Value;
-use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
+pub mod analyser;
+pub mod process;
+pub mod senders;
+pub mod servers;
+pub mod sessions;
+
+pub use analyser::*;
+pub use process::*;
+pub use senders::*;
+pub use servers::*;
+pub use sessions::*;
+
+use std::fs;
+use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::thread;
 use std::time::{Duration, Instant};
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_dnstap-analyser")
+// ---------------------------------------------------------------------------------------------
+// Paths and programs
+// ---------------------------------------------------------------------------------------------
+
+/// The repository root (the analyser's package).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-pub fn coredns_fixture(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/coredns")
-        .join(name);
+/// The analyser binary cargo built for the integration tests.
+pub fn analyser_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_dnstap-analyser"))
+}
+
+/// The load generator binary. `cargo test --workspace` builds it next to the analyser; when only
+/// the analyser's package is tested, it is built here the same way (release or not).
+pub fn loadgen_bin() -> PathBuf {
+    let analyser = analyser_bin();
+    let path = analyser.with_file_name("dnstap-loadgen");
+    if !path.exists() {
+        let release = analyser.parent().is_some_and(|d| d.ends_with("release"));
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "-p", "dnstap-loadgen", "--bin", "dnstap-loadgen"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.current_dir(repo_root()).status().unwrap();
+        assert!(status.success(), "building dnstap-loadgen failed");
+    }
+    assert!(path.exists(), "{} not found", path.display());
+    path
+}
+
+/// `tests/fixtures/`: the real captures (see its README.md).
+pub fn fixtures_dir() -> PathBuf {
+    let dir = repo_root().join("tests").join("fixtures");
     assert!(
-        p.exists(),
-        "fixture {} missing: ../shared/fixtures must sit beside the checkout",
-        p.display()
+        dir.is_dir(),
+        "fixture folder {} is missing from the checkout",
+        dir.display()
     );
+    dir
+}
+
+/// `tests/fixtures/<server>/<file>`, which must exist.
+pub fn fixture(server: &str, file: &str) -> PathBuf {
+    let p = fixtures_dir().join(server).join(file);
+    assert!(p.is_file(), "fixture {} is missing", p.display());
     p
 }
 
-/// What one run printed: session lines on stdout, the summary line on stderr.
-pub struct Output {
-    pub sessions: Vec<Value>,
-    pub summary: Value,
-    pub stderr: String,
+/// `tests/fixtures/coredns/<file>`.
+pub fn coredns_fixture(file: &str) -> PathBuf {
+    fixture("coredns", file)
 }
 
-impl Output {
-    fn parse(stdout: &[u8], stderr: String) -> Self {
-        let sessions = stdout
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| {
-                serde_json::from_slice(l)
-                    .unwrap_or_else(|e| panic!("bad line {e}: {}", String::from_utf8_lossy(l)))
-            })
-            .collect();
-        let summary_line = stderr
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("{\"summary\""))
-            .unwrap_or_else(|| panic!("no summary line on stderr:\n{stderr}"));
-        let summary: Value = serde_json::from_str(summary_line).unwrap();
-        Output {
-            sessions,
-            summary: summary["summary"].clone(),
-            stderr,
+/// `tests/live/`: config templates and zone files of the live tests.
+pub fn live_dir() -> PathBuf {
+    repo_root().join("tests").join("live")
+}
+
+/// Finds a program on PATH or in the sbin directories (root's PATH is not always inherited).
+/// Panics naming the Debian package that provides it: a missing tool is a failure, never a skip.
+pub fn require_binary(name: &str, debian_package: &str) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    for extra in ["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin", "/bin"] {
+        dirs.push(PathBuf::from(extra));
+    }
+    for d in dirs {
+        let candidate = d.join(name);
+        if candidate.is_file() {
+            return candidate;
         }
     }
-
-    /// (status, bitmap) -> count, as "Status/bitmap" strings sorted.
-    pub fn counts(&self) -> std::collections::BTreeMap<String, usize> {
-        let mut m = std::collections::BTreeMap::new();
-        for s in &self.sessions {
-            *m.entry(format!("{}/{}", s["status"].as_str().unwrap(), s["bitmap"]))
-                .or_insert(0) += 1;
-        }
-        m
-    }
-
-    /// Sorted per-session signatures: the facts a replay must reproduce exactly.
-    pub fn signatures(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .sessions
-            .iter()
-            .map(|s| {
-                format!(
-                    "{} {} {} {} {} {} {} {}",
-                    s["status"],
-                    s["bitmap"],
-                    s["identity"],
-                    s["qname"],
-                    s["qtype"],
-                    s["rcode"],
-                    s["dns_id"],
-                    s["upstreams"].as_array().map_or(0, |a| a.len())
-                )
-            })
-            .collect();
-        v.sort();
-        v
-    }
-
-    pub fn discarded(&self, reason: &str) -> u64 {
-        self.summary["dropped"][reason]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no counter {reason}"))
-    }
-}
-
-pub fn read(files: &[PathBuf], extra: &[&str]) -> Output {
-    let out = Command::new(bin())
-        .arg("read")
-        .args(files)
-        .args(extra)
-        .output()
-        .expect("run dnstap-analyser read");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "read failed: {stderr}");
-    Output::parse(&out.stdout, stderr)
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A serving analyser; SIGTERM on `stop` (and on drop, if a test panics first).
-pub struct Served {
-    child: Option<Child>,
-    /// Session lines as they arrive, so a test can watch them before stopping the analyser.
-    lines: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-    stdout: Option<JoinHandle<()>>,
-    stderr: Option<JoinHandle<String>>,
-    pub port: u16,
-}
-
-impl Served {
-    pub fn start(extra: &[&str]) -> Served {
-        let port = free_port();
-        let mut child = Command::new(bin())
-            .arg("--listen")
-            .arg(format!("tcp://127.0.0.1:{port}"))
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start dnstap-analyser");
-        let mut out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let stdout = std::thread::spawn(move || {
-            let mut buf = [0u8; 65536];
-            while let Ok(n) = out.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = std::thread::spawn(move || {
-            let mut all = String::new();
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if line.contains("listening on") {
-                    let _ = tx.send(());
-                }
-                all.push_str(&line);
-                all.push('\n');
-            }
-            all
-        });
-        rx.recv_timeout(Duration::from_secs(20))
-            .expect("analyser did not start listening");
-        Served {
-            child: Some(child),
-            lines,
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-            port,
-        }
-    }
-
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// SIGTERM, wait for exit 0, and return what it printed.
-    pub fn stop(mut self) -> Output {
-        let mut child = self.child.take().unwrap();
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "analyser did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        self.stdout.take().unwrap().join().unwrap();
-        let stderr = self.stderr.take().unwrap().join().unwrap();
-        assert!(status.success(), "analyser exited with {status}: {stderr}");
-        let stdout = std::mem::take(&mut *self.lines.lock().unwrap());
-        Output::parse(&stdout, stderr)
-    }
-
-    /// Waits until at least `n` complete session lines have been printed; false on timeout.
-    pub fn wait_for_lines(&self, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|b| **b == b'\n')
-                .count()
-                >= n
-            {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        false
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// The Go `dnstap` CLI (CoreDNS's Frame Streams library) replaying a capture over TCP.
-pub fn go_dnstap_tcp(addr: &str, file: &Path) -> Command {
-    let mut cmd = Command::new("dnstap");
-    cmd.arg("-r").arg(file).arg("-T").arg(addr);
-    cmd
-}
-
-/// `fstrm_replay` (fstrm-bin) sending a capture to the analyser over TCP.
-pub fn fstrm_replay_tcp(port: u16, file: &Path) -> Command {
-    let mut cmd = Command::new("fstrm_replay");
-    cmd.args(["-t", "protobuf:dnstap.Dnstap", "-a", "127.0.0.1", "-p"])
-        .arg(port.to_string())
-        .arg("-r")
-        .arg(file);
-    cmd
-}
-
-/// Runs a sender command to completion, failing with its output if it fails.
-pub fn run_sender(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (install fstrm-bin and golang-github-dnstap-golang-dnstap-cli: .ci/install-deps)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    panic!(
+        "`{name}` is not installed: install the Debian package `{debian_package}` \
+         (listed in .ci/apt-packages; .ci/install-deps installs it)"
     );
+}
+
+/// A program of the Python virtual environment `.ci/venv` (from the PyPI package
+/// `pypi_package`). Panics saying how to create it when it is missing.
+pub fn require_venv_tool(name: &str, pypi_package: &str) -> PathBuf {
+    let path = repo_root().join(".ci/venv/bin").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `.ci/install-deps` (it creates .ci/venv with the PyPI package \
+         `{pypi_package}`)",
+        path.display()
+    );
+    path
+}
+
+/// The real CoreDNS binary named by the environment variable `COREDNS` (`.ci/run` sets it when
+/// CI provides one). None when unset: the caller says loudly that it did not run.
+pub fn coredns_binary() -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var_os("COREDNS").filter(|v| !v.is_empty())?);
+    assert!(
+        path.is_file(),
+        "COREDNS={} is not a file: point it at a CoreDNS binary or unset it",
+        path.display()
+    );
+    Some(path)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ports, temp dirs, templates, waiting
+// ---------------------------------------------------------------------------------------------
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+/// A loopback port in 25000-25999 that is free for both TCP and UDP right now.
+pub fn alloc_port() -> u16 {
+    const LO: u16 = 25000;
+    const SPAN: u16 = 1000;
+    // Start at a pid-dependent offset so two test processes rarely probe the same ports.
+    let _ = NEXT_PORT.compare_exchange(
+        0,
+        (std::process::id() % SPAN as u32) as u16 + 1,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let n = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        let port = LO + (n % SPAN);
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        let udp = UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 25000-25999");
+}
+
+static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+
+/// A temp dir removed on drop (kept when the test panics, or with DNSTAP_LIVE_KEEP=1).
+pub struct TempDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let mut base = std::env::temp_dir();
+        // unix socket paths must stay below ~100 bytes
+        if base.as_os_str().len() > 40 {
+            base = PathBuf::from("/tmp");
+        }
+        let n = NEXT_DIR.fetch_add(1, Ordering::SeqCst);
+        let path = base.join(format!("dnstap-test-{}-{}-{}", std::process::id(), n, tag));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        TempDir { path, keep: false }
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.path.join(p)
+    }
+    /// Keeps the directory after the test (for a failure found after the fact).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if self.keep || thread::panicking() || std::env::var_os("DNSTAP_LIVE_KEEP").is_some() {
+            eprintln!("[test] keeping {}", self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Reads `tests/live/<template>` and replaces every `@KEY@` with its value.
+pub fn render(template: &str, vars: &[(&str, String)]) -> String {
+    let path = live_dir().join(template);
+    let mut text =
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    for (k, v) in vars {
+        text = text.replace(&format!("@{k}@"), v);
+    }
+    if let Some(left) = placeholder(&text) {
+        panic!("template {template}: placeholder {left} not substituted");
+    }
+    text
+}
+
+/// The first `@UPPER_CASE@` placeholder in `text`: any one left is a bug in the test.
+fn placeholder(text: &str) -> Option<String> {
+    let b = text.as_bytes();
+    (0..b.len()).find_map(|i| {
+        let rest = &b[i + 1..];
+        let n = rest
+            .iter()
+            .take_while(|c| c.is_ascii_uppercase() || **c == b'_')
+            .count();
+        (b[i] == b'@' && n > 0 && rest.get(n) == Some(&b'@'))
+            .then(|| String::from_utf8_lossy(&b[i..i + n + 2]).into_owned())
+    })
+}
+
+/// Renders a template into `dir/<out_name>`.
+pub fn render_to(
+    template: &str,
+    dir: &TempDir,
+    out_name: &str,
+    vars: &[(&str, String)],
+) -> PathBuf {
+    let out = dir.join(out_name);
+    fs::write(&out, render(template, vars))
+        .unwrap_or_else(|e| panic!("write {}: {e}", out.display()));
+    out
+}
+
+/// Polls `f` until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    assert!(
+        poll_until(timeout, &mut f),
+        "timed out after {timeout:?} waiting for {what}"
+    );
+}
+
+/// Polls `f` until it holds or `timeout` passes; says which.
+pub fn poll_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
 }

@@ -1,0 +1,403 @@
+//! The analyser binary: `read` over files ([`read`]), or serving on a loopback TCP port or a
+//! unix socket ([`Analyser`]), and what it printed ([`Output`]): session lines on stdout, the
+//! `{"summary":...}` line on stderr.
+
+use super::process::{run_to_end, signal_group, signal_pid, tcp_listening, unix_listening};
+use super::{alloc_port, analyser_bin, poll_until, tail};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// What one run printed.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// stdout as printed, one entry per non-empty line
+    pub lines: Vec<String>,
+    /// the lines that are JSON objects: the sessions
+    pub sessions: Vec<Value>,
+    /// stdout lines that are not JSON objects (must be empty)
+    pub bad_lines: Vec<String>,
+    /// the inner value of the last `{"summary":{...}}` line on stderr; Null if none
+    pub summary: Value,
+    pub stderr: String,
+    pub exit: Option<ExitStatus>,
+}
+
+impl Output {
+    fn parse(lines: Vec<String>, stderr: String, exit: Option<ExitStatus>) -> Output {
+        let mut sessions = Vec::with_capacity(lines.len());
+        let mut bad_lines = Vec::new();
+        for line in &lines {
+            match serde_json::from_str::<Value>(line) {
+                Ok(v) if v.is_object() => sessions.push(v),
+                _ => bad_lines.push(line.clone()),
+            }
+        }
+        let summary = stderr
+            .lines()
+            .rev()
+            .find_map(|l| {
+                let v: Value = serde_json::from_str(l.trim()).ok()?;
+                v.get("summary").cloned()
+            })
+            .unwrap_or(Value::Null);
+        Output {
+            lines,
+            sessions,
+            bad_lines,
+            summary,
+            stderr,
+            exit,
+        }
+    }
+
+    /// Panics unless the analyser exited 0, printed only JSON lines and a summary.
+    pub fn assert_clean(&self, what: &str) {
+        assert!(
+            self.exit.is_some_and(|s| s.success()),
+            "{what}: analyser exit status {:?}; stderr:\n{}",
+            self.exit,
+            tail(&self.stderr, 40)
+        );
+        assert!(
+            self.bad_lines.is_empty(),
+            "{what}: analyser printed non-JSON lines on stdout: {:?}",
+            &self.bad_lines[..self.bad_lines.len().min(5)]
+        );
+        assert!(
+            self.summary.is_object(),
+            "{what}: no {{\"summary\":...}} line on stderr:\n{}",
+            tail(&self.stderr, 40)
+        );
+    }
+
+    /// "Status/bitmap" -> number of sessions.
+    pub fn counts(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for s in &self.sessions {
+            *m.entry(format!("{}/{}", s["status"].as_str().unwrap(), s["bitmap"]))
+                .or_insert(0) += 1;
+        }
+        m
+    }
+
+    /// Sorted per-session signatures: the facts a replay must reproduce exactly.
+    pub fn signatures(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .sessions
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {} {} {} {} {} {} {}",
+                    s["status"],
+                    s["bitmap"],
+                    s["identity"],
+                    s["qname"],
+                    s["qtype"],
+                    s["rcode"],
+                    s["dns_id"],
+                    s["upstreams"].as_array().map_or(0, |a| a.len())
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// `summary.dropped.<reason>`; panics when the summary has no such counter.
+    pub fn discarded(&self, reason: &str) -> u64 {
+        self.summary["dropped"][reason]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {reason} in {}", self.summary))
+    }
+
+    /// `summary.sessions`
+    pub fn summary_sessions(&self) -> Option<u64> {
+        self.summary.get("sessions")?.as_u64()
+    }
+
+    /// `summary.messages`
+    pub fn summary_messages(&self) -> Option<u64> {
+        self.summary.get("messages")?.as_u64()
+    }
+
+    /// Messages listed in the printed sessions (all of them when every session is printed).
+    pub fn messages_in_sessions(&self) -> u64 {
+        self.sessions
+            .iter()
+            .map(|s| s["messages"].as_array().map_or(0, |m| m.len() as u64))
+            .sum()
+    }
+
+    /// Writes stdout as printed to `path` and stderr next to it (`.stderr`), for a post-mortem
+    /// in a kept temp dir or for a tool that reads the analyser's output files.
+    pub fn save(&self, path: &Path) {
+        let mut text = String::new();
+        for l in &self.lines {
+            text.push_str(l);
+            text.push('\n');
+        }
+        fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        let err = path.with_extension("stderr");
+        fs::write(&err, &self.stderr).unwrap_or_else(|e| panic!("write {}: {e}", err.display()));
+    }
+}
+
+/// `dnstap-analyser read FILE... --format json` plus `extra` options; waits at most 60 s and
+/// panics unless the run is clean ([`Output::assert_clean`]).
+pub fn read(files: &[PathBuf], extra: &[&str]) -> Output {
+    let mut cmd = Command::new(analyser_bin());
+    cmd.arg("read")
+        .args(files)
+        .args(["--format", "json"])
+        .args(extra);
+    let what = format!("{cmd:?}");
+    let out = run_to_end(&mut cmd, None, Duration::from_secs(60));
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let out = Output::parse(lines, stderr, Some(out.status));
+    out.assert_clean(&what);
+    out
+}
+
+/// Where a serving analyser listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(u16),
+    Unix(PathBuf),
+}
+
+impl Listen {
+    pub fn url(&self) -> String {
+        match self {
+            Listen::Tcp(port) => format!("tcp://127.0.0.1:{port}"),
+            Listen::Unix(path) => format!("unix://{}", path.display()),
+        }
+    }
+
+    fn is_listening(&self) -> bool {
+        match self {
+            Listen::Tcp(port) => tcp_listening(*port),
+            Listen::Unix(path) => unix_listening(path),
+        }
+    }
+}
+
+/// A serving `dnstap-analyser` (its own process group). Stdout lines are collected as they
+/// arrive, so a test can watch sessions before stopping it. Dropping it kills it.
+pub struct Analyser {
+    child: Option<Child>,
+    pub listen: Listen,
+    pub args: Vec<String>,
+    lines: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Analyser {
+    /// Serves on a free loopback TCP port with `extra` options; returns once it listens.
+    pub fn serve_tcp(extra: &[&str]) -> Analyser {
+        Analyser::serve(Listen::Tcp(alloc_port()), extra)
+    }
+
+    /// Serves on the unix socket `path` with `extra` options; returns once it listens.
+    pub fn serve_unix(path: &Path, extra: &[&str]) -> Analyser {
+        Analyser::serve(Listen::Unix(path.to_path_buf()), extra)
+    }
+
+    /// Serves on `listen` with `extra` options (`--format json` is added); returns once it
+    /// listens.
+    pub fn serve(listen: Listen, extra: &[&str]) -> Analyser {
+        let mut args = vec!["--listen".to_string(), listen.url()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(["--format".to_string(), "json".to_string()]);
+        let mut child = Command::new(analyser_bin())
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", analyser_bin().display()));
+        eprintln!("[test] started analyser pid {}: {args:?}", child.id());
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let readers = vec![
+            collect_lines(child.stdout.take().unwrap(), lines.clone()),
+            collect_text(child.stderr.take().unwrap(), stderr.clone()),
+        ];
+        let mut an = Analyser {
+            child: Some(child),
+            listen,
+            args,
+            lines,
+            stderr,
+            readers,
+        };
+        an.wait_listening();
+        an
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.listen.is_listening() {
+            self.assert_running("waiting for its listener");
+            assert!(
+                Instant::now() < deadline,
+                "analyser does not listen on {} after 20 s",
+                self.listen.url()
+            );
+            thread::sleep(Duration::from_millis(30));
+        }
+    }
+
+    /// Panics with its stderr if the analyser has exited.
+    pub fn assert_running(&mut self, what: &str) {
+        if let Some(c) = self.child.as_mut() {
+            if let Ok(Some(st)) = c.try_wait() {
+                thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "analyser exited ({st}) while {what}; stderr:\n{}",
+                    tail(&self.stderr.lock().unwrap(), 40)
+                );
+            }
+        }
+    }
+
+    /// The TCP port it listens on.
+    pub fn port(&self) -> u16 {
+        match &self.listen {
+            Listen::Tcp(port) => *port,
+            Listen::Unix(path) => panic!("analyser listens on unix {}", path.display()),
+        }
+    }
+
+    /// `127.0.0.1:PORT` of its TCP listener.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port())
+    }
+
+    /// Session lines printed so far. Complete sessions show up within about a second at low
+    /// rates; wait for them with a deadline ([`Analyser::wait_for_sessions`]).
+    pub fn sessions_so_far(&self) -> Vec<Value> {
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits until at least `n` lines have been printed; false on timeout.
+    pub fn wait_for_lines(&self, n: usize, timeout: Duration) -> bool {
+        poll_until(timeout, || self.lines.lock().unwrap().len() >= n)
+    }
+
+    /// Waits until the sessions printed so far satisfy `done`; false on timeout.
+    pub fn wait_for_sessions(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&[Value]) -> bool,
+    ) -> bool {
+        poll_until(timeout, || done(&self.sessions_so_far()))
+    }
+
+    /// SIGTERM (which flushes every open session), wait for the exit, and return everything
+    /// printed; panics unless the run is clean ([`Output::assert_clean`]).
+    pub fn stop(self) -> Output {
+        let what = format!("analyser {:?}", self.args);
+        let out = self.stop_unchecked();
+        out.assert_clean(&what);
+        out
+    }
+
+    /// Like [`Analyser::stop`], leaving the judgement to the caller (e.g. to save the output
+    /// first). Panics only if the analyser does not exit within 30 s.
+    pub fn stop_unchecked(mut self) -> Output {
+        let mut child = self.child.take().expect("analyser already stopped");
+        let pid = child.id();
+        signal_pid(pid, "TERM");
+        let exit = super::process::wait_child(&mut child, Duration::from_secs(30));
+        if exit.is_none() {
+            signal_group(pid, "KILL");
+            let _ = child.wait();
+        }
+        for t in self.readers.drain(..) {
+            let _ = t.join();
+        }
+        let stderr = std::mem::take(&mut *self.stderr.lock().unwrap());
+        assert!(
+            exit.is_some(),
+            "analyser did not exit within 30 s of SIGTERM; stderr:\n{}",
+            tail(&stderr, 40)
+        );
+        let lines = std::mem::take(&mut *self.lines.lock().unwrap());
+        Output::parse(lines, stderr, exit)
+    }
+}
+
+impl Drop for Analyser {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal_group(child.id(), "KILL");
+            let _ = child.kill();
+            let _ = child.wait();
+            if thread::panicking() {
+                eprintln!(
+                    "[test] ---- analyser stderr ----\n{}",
+                    tail(&self.stderr.lock().unwrap(), 30)
+                );
+            }
+        }
+    }
+}
+
+/// Appends every non-empty line of `pipe` to `lines` as it arrives.
+fn collect_lines(
+    pipe: impl Read + Send + 'static,
+    lines: Arc<Mutex<Vec<String>>>,
+) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut r = BufReader::new(pipe);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf);
+                    let line = line.trim_end_matches(['\n', '\r']);
+                    if !line.trim().is_empty() {
+                        lines.lock().unwrap().push(line.to_string());
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Appends everything `pipe` writes to `text` as it arrives.
+fn collect_text(mut pipe: impl Read + Send + 'static, text: Arc<Mutex<String>>) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => text
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk[..n])),
+            }
+        }
+    })
+}

@@ -1,0 +1,431 @@
+//! Real DNS servers on loopback, started from the templates in `tests/live/`: the authoritative
+//! upstream (nsd), the forwarders under test (unbound, BIND named, Knot Resolver, dnsdist,
+//! CoreDNS), a silent upstream that never answers, and the DNS clients dig and dnsperf.
+
+use super::process::{tcp_connections_to, tcp_listening, Server};
+use super::{alloc_port, live_dir, render_to, require_binary, tail, wait_until, TempDir};
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::UdpSocket;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------------
+// A silent upstream
+// ---------------------------------------------------------------------------------------------
+
+/// What a silent upstream has received.
+#[derive(Default)]
+struct Received {
+    /// question name (lower case, no trailing dot) of every datagram, in arrival order
+    qnames: Vec<String>,
+    last: Option<Instant>,
+}
+
+/// A "silent" upstream: a UDP socket on loopback that receives queries and never answers.
+/// It records the datagrams, so a test knows how many upstream attempts a forwarder made.
+pub struct SilentUpstream {
+    pub port: u16,
+    received: Arc<Mutex<Received>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SilentUpstream {
+    pub fn start() -> SilentUpstream {
+        let port = alloc_port();
+        let sock = UdpSocket::bind(("127.0.0.1", port)).expect("bind silent upstream");
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let received = Arc::new(Mutex::new(Received::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, s) = (received.clone(), stop.clone());
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !s.load(Ordering::SeqCst) {
+                if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                    let mut r = r.lock().unwrap();
+                    r.qnames.push(question_name(&buf[..n]).unwrap_or_default());
+                    r.last = Some(Instant::now());
+                }
+            }
+        });
+        SilentUpstream {
+            port,
+            received,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Datagrams received so far.
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().qnames.len()
+    }
+
+    /// Datagrams received so far that ask for `qname` (any case, trailing dot optional); a
+    /// forwarder's health checks ask for other names.
+    pub fn count_for(&self, qname: &str) -> usize {
+        let want = super::norm_name(qname);
+        let r = self.received.lock().unwrap();
+        r.qnames.iter().filter(|q| **q == want).count()
+    }
+
+    /// Waits until at least `min` datagrams arrived and none for `quiet`; returns the count.
+    pub fn wait_quiet(&self, min: usize, quiet: Duration, timeout: Duration) -> usize {
+        wait_until(
+            "the silent upstream to stop receiving retries",
+            timeout,
+            || {
+                let r = self.received.lock().unwrap();
+                r.qnames.len() >= min && r.last.is_some_and(|t| t.elapsed() >= quiet)
+            },
+        );
+        self.count()
+    }
+}
+
+impl Drop for SilentUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The question name of a DNS message (lower case, no trailing dot); None if it does not parse
+/// or uses compression (a query's first name never does).
+fn question_name(msg: &[u8]) -> Option<String> {
+    let mut labels = Vec::new();
+    let mut at = 12;
+    loop {
+        let len = *msg.get(at)? as usize;
+        if len == 0 {
+            return Some(labels.join("."));
+        }
+        if len > 63 {
+            return None;
+        }
+        let label = msg.get(at + 1..at + 1 + len)?;
+        labels.push(String::from_utf8_lossy(label).to_ascii_lowercase());
+        at += 1 + len;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// DNS clients
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct DigAnswer {
+    /// `status:` of the answer, None when no answer arrived.
+    pub rcode: Option<String>,
+    pub elapsed: Duration,
+    pub output: String,
+}
+
+/// One query with dig, exactly one attempt (`+tries=1`, so exactly one client query on the wire).
+pub fn dig(port: u16, qname: &str, qtype: &str, tcp: bool, timeout_s: u32) -> DigAnswer {
+    let dig = require_binary("dig", "dnsutils");
+    let mut cmd = Command::new(dig);
+    cmd.arg("-p")
+        .arg(port.to_string())
+        .arg("@127.0.0.1")
+        .arg(qname)
+        .arg(qtype)
+        .arg("+tries=1")
+        .arg(format!("+time={timeout_s}"));
+    if tcp {
+        cmd.arg("+tcp");
+    }
+    let t0 = Instant::now();
+    let out = cmd.output().expect("run dig");
+    let elapsed = t0.elapsed();
+    let output = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rcode = output
+        .lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .map(|s| s.split(',').next().unwrap_or("").trim().to_string());
+    DigAnswer {
+        rcode,
+        elapsed,
+        output,
+    }
+}
+
+/// Asks `server` (at `port`) for `qname`/`qtype` with dig and asserts the rcode it answers, so a
+/// broken server setup shows up as such and not as an analyser bug.
+pub fn dig_expect(server: &mut Server, port: u16, query: (&str, &str, bool), want: &str) {
+    let (name, qtype, tcp) = query;
+    server.assert_running();
+    let a = dig(port, name, qtype, tcp, 5);
+    assert_eq!(
+        a.rcode.as_deref(),
+        Some(want),
+        "{}: dig {name} {qtype}{} answered {:?}, expected {want}:\n{}",
+        server.name,
+        if tcp { " +tcp" } else { "" },
+        a.rcode,
+        a.output
+    );
+}
+
+/// Polls with dig until the server at `port` answers `qname` (any rcode).
+pub fn wait_dns_ready(server: &mut Server, port: u16, qname: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        server.assert_running();
+        let a = dig(port, qname, "A", false, 1);
+        if a.rcode.is_some() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "{} on port {port} did not answer {qname} within {timeout:?}; log:\n{}",
+                server.name,
+                tail(&server.log_text(), 30)
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Parsed `dnsperf` statistics.
+#[derive(Debug, Clone, Default)]
+pub struct PerfStats {
+    pub sent: u64,
+    pub completed: u64,
+    pub lost: u64,
+    pub rcodes: BTreeMap<String, u64>,
+    pub output: String,
+}
+
+/// Runs dnsperf against 127.0.0.1:port with `args` (must bound the run: -n/-l and -Q).
+pub fn dnsperf(port: u16, datafile: &Path, args: &[&str]) -> PerfStats {
+    let bin = require_binary("dnsperf", "dnsperf");
+    let out = Command::new(bin)
+        .arg("-s")
+        .arg("127.0.0.1")
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-d")
+        .arg(datafile)
+        .args(args)
+        .output()
+        .expect("run dnsperf");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "dnsperf failed ({}):\n{text}",
+        out.status
+    );
+    let num = |key: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("dnsperf output has no `{key}`:\n{text}"))
+    };
+    let mut rcodes = BTreeMap::new();
+    if let Some(line) = text
+        .lines()
+        .find(|l| l.trim().starts_with("Response codes:"))
+    {
+        // "Response codes:       NOERROR 9000 (90.00%), NXDOMAIN 1000 (10.00%)"
+        let rest = line.trim().trim_start_matches("Response codes:");
+        for part in rest.split(',') {
+            let mut w = part.split_whitespace();
+            if let (Some(code), Some(n)) = (w.next(), w.next()) {
+                if let Ok(n) = n.parse() {
+                    rcodes.insert(code.to_string(), n);
+                }
+            }
+        }
+    }
+    PerfStats {
+        sent: num("Queries sent:"),
+        completed: num("Queries completed:"),
+        lost: num("Queries lost:"),
+        rcodes,
+        output: text,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers (templates in tests/live/)
+// ---------------------------------------------------------------------------------------------
+
+/// The authoritative upstream: nsd serving example.test (NOERROR/NXDOMAIN) and a broken
+/// servfail.test (SERVFAIL); everything else is REFUSED.
+pub struct Upstream {
+    pub port: u16,
+    pub server: Server,
+}
+
+pub fn start_nsd(dir: &TempDir) -> Upstream {
+    let nsd = require_binary("nsd", "nsd");
+    let port = alloc_port();
+    for z in ["example.test.zone", "servfail.test.zone"] {
+        fs::copy(live_dir().join(z), dir.join(z)).expect("copy zone file");
+    }
+    let conf = render_to(
+        "nsd.conf",
+        dir,
+        "nsd.conf",
+        &[
+            ("DIR", dir.path().display().to_string()),
+            ("PORT", port.to_string()),
+        ],
+    );
+    let mut cmd = Command::new(nsd);
+    cmd.arg("-d").arg("-c").arg(&conf);
+    let mut server = Server::spawn("nsd", cmd, dir.join("nsd.stdout"));
+    wait_dns_ready(
+        &mut server,
+        port,
+        "ready.example.test",
+        Duration::from_secs(15),
+    );
+    Upstream { port, server }
+}
+
+/// A forwarder under test: its client port and its process.
+pub struct Forwarder {
+    pub port: u16,
+    pub server: Server,
+}
+
+/// A forwarder `name` (binary `name` from Debian package `package`) with `name.conf` rendered
+/// from tests/live/ with its listening PORT, UPSTREAM, SILENT and the given `vars`, started with
+/// the arguments `args` gives for that config, and answering on PORT.
+fn start_forwarder(
+    dir: &TempDir,
+    (name, package): (&str, &str),
+    (upstream, silent): (u16, u16),
+    vars: &[(&str, String)],
+    args: impl FnOnce(&mut Command, &Path),
+    ready_within: Duration,
+) -> Forwarder {
+    let bin = require_binary(name, package);
+    let port = alloc_port();
+    let mut all = vec![
+        ("DIR", dir.path().display().to_string()),
+        ("PORT", port.to_string()),
+        ("UPSTREAM", upstream.to_string()),
+        ("SILENT", silent.to_string()),
+    ];
+    all.extend(vars.iter().cloned());
+    let conf_name = format!("{name}.conf");
+    let conf = render_to(&conf_name, dir, &conf_name, &all);
+    let mut cmd = Command::new(bin);
+    args(&mut cmd, &conf);
+    let mut server = Server::spawn(name, cmd, dir.join(&format!("{name}.log")));
+    wait_dns_ready(&mut server, port, "ready.example.test", ready_within);
+    Forwarder { port, server }
+}
+
+/// unbound forwarding to `upstream`, `silent.test` to the silent socket, dnstap over TCP to
+/// 127.0.0.1:`tap_port`.
+pub fn start_unbound(dir: &TempDir, upstream: u16, silent: u16, tap_port: u16) -> Forwarder {
+    start_forwarder(
+        dir,
+        ("unbound", "unbound"),
+        (upstream, silent),
+        &[("TAP", tap_port.to_string())],
+        |cmd, conf| {
+            cmd.arg("-d").arg("-c").arg(conf);
+        },
+        Duration::from_secs(20),
+    )
+}
+
+/// BIND named forwarding (`forward only`), dnstap to the unix socket `tap_sock`.
+pub fn start_named(dir: &TempDir, upstream: u16, silent: u16, tap_sock: &Path) -> Forwarder {
+    start_forwarder(
+        dir,
+        ("named", "bind9"),
+        (upstream, silent),
+        &[("TAPSOCK", tap_sock.display().to_string())],
+        // -g: foreground, log to stderr; no -u: stays root; -n 1: one worker thread
+        |cmd, conf| {
+            cmd.arg("-g").arg("-n").arg("1").arg("-c").arg(conf);
+        },
+        Duration::from_secs(30),
+    )
+}
+
+/// Knot Resolver (kresd) forwarding, dnstap to the unix socket `tap_sock` (must already exist).
+pub fn start_kresd(dir: &TempDir, upstream: u16, silent: u16, tap_sock: &Path) -> Forwarder {
+    let rundir = dir.join("kresd-run");
+    fs::create_dir_all(&rundir).unwrap();
+    start_forwarder(
+        dir,
+        ("kresd", "knot-resolver"),
+        (upstream, silent),
+        &[("TAPSOCK", tap_sock.display().to_string())],
+        // -n: non-interactive (no console on stdin)
+        |cmd, conf| {
+            cmd.arg("-n").arg("-c").arg(conf).arg(&rundir);
+        },
+        Duration::from_secs(20),
+    )
+}
+
+/// dnsdist balancing to `upstream` (and `silent.test` to the silent socket), dnstap over TCP
+/// to 127.0.0.1:`tap_port`.
+pub fn start_dnsdist(dir: &TempDir, upstream: u16, silent: u16, tap_port: u16) -> Forwarder {
+    start_forwarder(
+        dir,
+        ("dnsdist", "dnsdist"),
+        (upstream, silent),
+        &[("TAP", tap_port.to_string())],
+        // --supervised: foreground, no console; no --uid/--gid: stays root
+        |cmd, conf| {
+            cmd.arg("--supervised")
+                .arg("--disable-syslog")
+                .arg("-C")
+                .arg(conf);
+        },
+        Duration::from_secs(20),
+    )
+}
+
+/// The real CoreDNS binary `coredns` with `tests/live/Corefile`: `hosts` answers
+/// `internal.test` locally, `cache`, `forward . 127.0.0.1:<upstream>`, and `dnstap
+/// tcp://127.0.0.1:<tap_port> full`. Returns once CoreDNS listens and its dnstap stream is
+/// connected (the analyser must already listen on `tap_port`). No readiness query: it would
+/// be a session of its own.
+pub fn start_coredns(dir: &TempDir, coredns: &Path, upstream: u16, tap_port: u16) -> Forwarder {
+    let port = alloc_port();
+    let conf = render_to(
+        "Corefile",
+        dir,
+        "Corefile",
+        &[
+            ("PORT", port.to_string()),
+            ("UPSTREAM", upstream.to_string()),
+            ("TAP", tap_port.to_string()),
+        ],
+    );
+    let mut cmd = Command::new(coredns);
+    cmd.arg("-conf").arg(&conf);
+    let mut server = Server::spawn("coredns", cmd, dir.join("coredns.log"));
+    wait_until(
+        "CoreDNS to listen and connect its dnstap stream",
+        Duration::from_secs(15),
+        || {
+            server.assert_running();
+            tcp_listening(port) && tcp_connections_to(tap_port) >= 1
+        },
+    );
+    Forwarder { port, server }
+}
