@@ -22,12 +22,14 @@ pub mod process;
 pub mod senders;
 pub mod servers;
 pub mod sessions;
+pub mod tls;
 
 pub use analyser::*;
 pub use process::*;
 pub use senders::*;
 pub use servers::*;
 pub use sessions::*;
+pub use tls::*;
 
 use std::fs;
 use std::net::{TcpListener, UdpSocket};
