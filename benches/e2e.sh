@@ -4,7 +4,7 @@
 # sent into each receiver in turn.
 #
 # Usage: benches/e2e.sh [OPTIONS] [SUITE...]
-#   SUITE: compare (default) | paced | storm | scaling | all
+#   SUITE: compare (default) | paced | storm | scaling | tls | all
 #     compare  max rate, pre-generated, into: fstrm_capture -w /dev/null, Go `dnstap -l -q`,
 #              Go `dnstap -l -j`, analyser --log failed, analyser --log all (JSON to /dev/null)
 #     paced    --paced-msgs messages/s (default 1,000,000) for --paced-secs (default 60)
@@ -13,6 +13,8 @@
 #              --storm-sessions (default 1,200,000) paced at 100k sessions/s, so ~1M
 #              sessions wait for expiry at once; peak RSS, and all must end Failed/5
 #     scaling  analyser --log failed with --shards 1/2/4 x --readers 1/2
+#     tls      analyser --log failed over plaintext, TLS and mTLS (certificates made with the
+#              openssl CLI into DIR/tls), the same traffic into each: the cost of TLS
 #   OPTIONS:
 #     --sessions N        sessions per compare/scaling run (default 600000: ~2.07M messages)
 #     --connections N     emulated CoreDNS pods (default 4)
@@ -58,8 +60,8 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0; shift ;;
     --analyser-args) AN_EXTRA=$2; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//; /^set -euo/d'; exit 0 ;;
-    compare | paced | storm | scaling) SUITES+=("$1"); shift ;;
-    all) SUITES+=(compare paced storm scaling); shift ;;
+    compare | paced | storm | scaling | tls) SUITES+=("$1"); shift ;;
+    all) SUITES+=(compare paced storm scaling tls); shift ;;
     *) echo "e2e.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -237,6 +239,42 @@ suite_scaling() {
     done
 }
 
+# A throwaway CA, the analyser's certificate (localhost, 127.0.0.1) and a client's, in DIR/tls.
+make_certs() {
+    local d=$OUT/tls
+    mkdir -p "$d"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj /CN=bench-ca -keyout "$d/ca.key" -out "$d/ca.pem" 2>/dev/null
+    for who in server client; do
+        local usage=serverAuth
+        [ "$who" = client ] && usage=clientAuth
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$who" \
+            -keyout "$d/$who.key" -out "$d/$who.csr" 2>/dev/null
+        openssl x509 -req -in "$d/$who.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" \
+            -CAcreateserial -days 2 -out "$d/$who.pem" \
+            -extfile <(printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=%s\n' "$usage") \
+            2>/dev/null
+    done
+}
+
+suite_tls() {
+    command -v openssl >/dev/null || { echo "e2e.sh: tls needs openssl (Debian: openssl)" >&2; return 1; }
+    make_certs
+    local d=$OUT/tls
+    local lg_tls="$LG_MAX --tls --tls-ca $d/ca.pem --tls-server-name localhost"
+    local an_tls=(--tls-cert "$d/server.pem" --tls-key "$d/server.key")
+    # shellcheck disable=SC2086
+    measure analyser_plain analyser /dev/null "$LG_MAX" \
+        "$AN" --listen tcp://127.0.0.1:@PORT@ --log failed $AN_EXTRA
+    # shellcheck disable=SC2086
+    measure analyser_tls analyser /dev/null "$lg_tls" \
+        "$AN" --listen tls://127.0.0.1:@PORT@ "${an_tls[@]}" --log failed $AN_EXTRA
+    # shellcheck disable=SC2086
+    measure analyser_mtls analyser /dev/null "$lg_tls --tls-cert $d/client.pem --tls-key $d/client.key" \
+        "$AN" --listen tls://127.0.0.1:@PORT@ "${an_tls[@]}" --tls-client-ca "$d/ca.pem" \
+        --log failed $AN_EXTRA
+}
+
 for s in "${SUITES[@]}"; do
     "suite_$s"
 done
@@ -264,5 +302,10 @@ ratio("analyser_log_failed", "fstrm_capture")
 ratio("analyser_log_all_json", "fstrm_capture")
 ratio("analyser_log_failed", "go_dnstap_q")
 ratio("analyser_log_all_json", "go_dnstap_j")
+ratio("analyser_tls", "analyser_plain")
+ratio("analyser_mtls", "analyser_plain")
+for a in ("analyser_tls", "analyser_mtls"):
+    if a in by and "analyser_plain" in by and by["analyser_plain"]["cpu_s_per_M"]:
+        print(f"\n{a} / analyser_plain CPU-s per M msgs: **{by[a]['cpu_s_per_M'] / by['analyser_plain']['cpu_s_per_M']:.2f}x**")
 PY
 echo "results in $OUT" >&2

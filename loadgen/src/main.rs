@@ -2,7 +2,7 @@ use clap::{Args, Parser, Subcommand};
 use dnstap_loadgen::dnswire;
 use dnstap_loadgen::gen::{self, Config, Outcome};
 use dnstap_loadgen::run::{self, Output, RunOptions};
-use dnstap_loadgen::send::Target;
+use dnstap_loadgen::send::{Target, TlsClient};
 use dnstap_loadgen::verify::{self, Logged};
 use std::io::Write;
 use std::path::PathBuf;
@@ -39,6 +39,21 @@ struct RunArgs {
         required_unless_present = "write"
     )]
     connect: Option<String>,
+    /// Send over TLS (the receiver's tls:// listener), as CoreDNS's `dnstap tls://` does.
+    #[arg(long, requires_all = ["connect", "tls_ca"])]
+    tls: bool,
+    /// PEM CA certificates to trust for the receiver's certificate (with --tls).
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate chain for mTLS (with --tls-key).
+    #[arg(long, value_name = "FILE", requires_all = ["tls", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Name the receiver's certificate must carry; default: the host of --connect.
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    tls_server_name: Option<String>,
     /// Write one Frame Streams file (START, data, STOP; all pods merged in time order)
     /// instead of sending.
     #[arg(long, value_name = "FILE")]
@@ -173,6 +188,25 @@ fn parse_weights(s: &str, what: &str) -> Result<Vec<(String, f64)>, String> {
         .collect()
 }
 
+/// `--tls`: the TCP target wrapped in TLS with the CA, name and client certificate given.
+fn with_tls(target: Target, a: &RunArgs) -> Result<Target, String> {
+    if !a.tls {
+        return Ok(target);
+    }
+    let Target::Tcp(addr) = target else {
+        return Err("--tls needs a TCP --connect address".into());
+    };
+    let host = match addr.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+        None => addr.as_str(),
+    };
+    let name = a.tls_server_name.as_deref().unwrap_or(host);
+    let ca = a.tls_ca.as_deref().ok_or("--tls needs --tls-ca")?;
+    let client = a.tls_cert.as_deref().zip(a.tls_key.as_deref());
+    let tls = TlsClient::new(ca, name, client)?;
+    Ok(Target::Tls(addr, tls))
+}
+
 fn build(a: &RunArgs) -> Result<(Config, RunOptions), String> {
     let mut cfg = Config::default();
     if a.connections == 0 {
@@ -270,7 +304,7 @@ fn build(a: &RunArgs) -> Result<(Config, RunOptions), String> {
     cfg.record_sessions = a.truth_sessions.is_some();
     cfg.start_ns = run::now_ns();
     let output = match (&a.connect, &a.write) {
-        (Some(c), None) => Output::Send(Target::parse(c)?),
+        (Some(c), None) => Output::Send(with_tls(Target::parse(c)?, a)?),
         (None, Some(w)) => Output::File(w.clone()),
         _ => return Err("give exactly one of --connect or --write".into()),
     };

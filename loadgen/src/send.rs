@@ -5,16 +5,89 @@ use bytes::BytesMut;
 use dnstap_analyser::framestream::{
     encode_control, ControlKind, Frame, FrameDecoder, DNSTAP_CONTENT_TYPE,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Tcp(String),
+    /// TCP with TLS around the Frame Streams, as CoreDNS's `dnstap tls://`.
+    Tls(String, TlsClient),
     Unix(PathBuf),
+}
+
+/// How the load generator speaks TLS: the CAs it trusts, the name it expects, and the client
+/// certificate it presents for mTLS if any.
+#[derive(Clone)]
+pub struct TlsClient {
+    config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TlsClient({:?})", self.server_name)
+    }
+}
+
+impl PartialEq for TlsClient {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.config, &other.config) && self.server_name == other.server_name
+    }
+}
+
+impl Eq for TlsClient {}
+
+fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+impl TlsClient {
+    /// Trusts the CAs in `ca` (PEM), expects `server_name` in the receiver's certificate, and
+    /// presents `client` = (certificate chain, key) PEM files if given.
+    pub fn new(
+        ca: &Path,
+        server_name: &str,
+        client: Option<(&Path, &Path)>,
+    ) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in pem_certs(ca)? {
+            roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
+        let config = match client {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| format!("{}: {e}", key.display()))?;
+                builder
+                    .with_client_auth_cert(pem_certs(cert)?, key)
+                    .map_err(|e| format!("{}: {e}", cert.display()))?
+            }
+        };
+        let server_name = ServerName::try_from(server_name.to_string())
+            .map_err(|e| format!("--tls-server-name {server_name:?}: {e}"))?;
+        Ok(Self {
+            config: Arc::new(config),
+            server_name,
+        })
+    }
 }
 
 impl Target {
@@ -36,8 +109,11 @@ impl Target {
     }
 }
 
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
 pub enum Conn {
     Tcp(TcpStream),
+    Tls(Box<TlsStream>),
     Unix(UnixStream),
 }
 
@@ -45,6 +121,7 @@ impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Conn::Tcp(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
             Conn::Unix(s) => s.read(buf),
         }
     }
@@ -54,11 +131,16 @@ impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Conn::Tcp(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
             Conn::Unix(s) => s.write(buf),
         }
     }
+    /// TLS: records rustls holds go out (the others write straight to the socket).
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            Conn::Tls(s) => s.flush(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -66,16 +148,28 @@ impl Conn {
     fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
         match self {
             Conn::Tcp(s) => s.set_read_timeout(d),
+            Conn::Tls(s) => s.sock.set_read_timeout(d),
             Conn::Unix(s) => s.set_read_timeout(d),
         }
     }
 
-    fn shutdown(&self) {
+    fn shutdown(&mut self) {
         let _ = match self {
             Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Tls(s) => {
+                s.conn.send_close_notify();
+                let _ = s.flush();
+                s.sock.shutdown(std::net::Shutdown::Both)
+            }
             Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
         };
     }
+}
+
+fn tcp(addr: &str) -> io::Result<TcpStream> {
+    let s = TcpStream::connect(addr)?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
 }
 
 /// Connects, retrying until `patience` runs out (the receiver may still be starting).
@@ -83,9 +177,12 @@ pub fn connect(target: &Target, patience: Duration) -> Result<Conn, String> {
     let deadline = Instant::now() + patience;
     loop {
         let r = match target {
-            Target::Tcp(a) => TcpStream::connect(a.as_str()).map(|s| {
-                let _ = s.set_nodelay(true);
-                Conn::Tcp(s)
+            Target::Tcp(a) => tcp(a).map(Conn::Tcp),
+            Target::Tls(a, tls) => tcp(a).and_then(|s| {
+                let name = tls.server_name.clone();
+                let c = rustls::ClientConnection::new(tls.config.clone(), name)
+                    .map_err(io::Error::other)?;
+                Ok(Conn::Tls(Box::new(rustls::StreamOwned::new(c, s))))
             }),
             Target::Unix(p) => UnixStream::connect(p).map(Conn::Unix),
         };
@@ -142,6 +239,7 @@ pub fn open(conn: &mut Conn, patience: Duration) -> Result<(), String> {
     let mut out = Vec::with_capacity(64);
     encode_control(ControlKind::Ready, &[DNSTAP_CONTENT_TYPE], &mut out);
     conn.write_all(&out)
+        .and_then(|()| conn.flush())
         .map_err(|e| format!("write READY: {e}"))?;
     let mut buf = BytesMut::new();
     match read_control(conn, &mut buf, patience)? {
@@ -159,6 +257,7 @@ pub fn close(conn: &mut Conn, patience: Duration) -> Result<bool, String> {
     let mut out = Vec::with_capacity(16);
     encode_control(ControlKind::Stop, &[], &mut out);
     conn.write_all(&out)
+        .and_then(|()| conn.flush())
         .map_err(|e| format!("write STOP: {e}"))?;
     let mut buf = BytesMut::new();
     let r = read_control(conn, &mut buf, patience);
