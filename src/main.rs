@@ -175,7 +175,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a duration: use e.g. 500ms, 15s, 2m, 1h or 10"))?;
     let secs = value * scale;
-    if !(secs <= MAX_DURATION.as_secs_f64()) {
+    // Digits and dots only: never NaN, at most infinite.
+    if secs > MAX_DURATION.as_secs_f64() {
         return Err(format!("{s:?} is longer than the maximum of 24h"));
     }
     let d = Duration::from_secs_f64(secs);
