@@ -136,12 +136,16 @@ fn at_rate_zero_only_failed_and_sampleloss_sessions_are_printed() {
         of_status(&out, "Failed").count() as u64,
         summary_status(&out, "Failed")
     );
-    // --log still decides first: no SampleLoss line when it asks for Failed only.
-    let failed_only = read(
+    // --log decides first: the sample only thins the Succeeded sessions it lets through.
+    let loss_only = read(
         &reconnect(),
-        &["--sample-succeeded", "0.5", "--log", "failed"],
+        &["--sample-succeeded", "0.5", "--log", "sampleloss"],
     );
-    assert!(failed_only.sessions.iter().all(|s| s_status(s) == "Failed"));
+    assert_eq!(loss_only.sessions.len() as u64, loss);
+    assert!(loss_only
+        .sessions
+        .iter()
+        .all(|s| s_status(s) == "SampleLoss"));
 }
 
 #[test]
