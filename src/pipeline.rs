@@ -14,7 +14,7 @@ use crate::ingest::net::{ListenAddr, Listener, Reader};
 use crate::ingest::{file, LossBoard, QueueDepths, Router, ShardInput, Shared};
 use crate::metrics::Metrics;
 use crate::output::writer::{self, OutputError};
-use crate::output::{Format, LogFilter, Renderer, Sink};
+use crate::output::{Format, LineOptions, LinePolicy, LogFilter, Renderer, Sink};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::convert::Infallible;
 use std::io;
@@ -38,6 +38,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub frame_buffer_budget: usize,
     pub log: LogFilter,
+    /// `--sample-succeeded`, `--messages`.
+    pub lines: LineOptions,
     pub format: Format,
 }
 
@@ -202,8 +204,8 @@ fn start_backend(
         let ctx = ShardContext {
             rx,
             out: batch_tx.clone(),
-            renderer: Renderer::new(s.format, shared.sources.clone()),
-            log: s.log,
+            renderer: Renderer::new(s.format, shared.sources.clone()).with_options(s.lines),
+            policy: LinePolicy::new(s.log, s.lines),
             shared: shared.clone(),
             depths: depths.clone(),
             index: i,
@@ -244,11 +246,12 @@ struct ShardContext {
     index: usize,
     out: Sender<Vec<u8>>,
     renderer: Renderer,
-    log: LogFilter,
+    policy: LinePolicy,
     shared: Shared,
 }
 
-/// Counts every finished session, renders the ones `--log` wants into a batch for the writer.
+/// Counts every finished session, renders the ones `--log` and `--sample-succeeded` want
+/// into a batch for the writer.
 struct LineSink {
     batch: Vec<u8>,
     out: Sender<Vec<u8>>,
@@ -256,14 +259,14 @@ struct LineSink {
     /// session is still counted.
     writer_gone: bool,
     renderer: Renderer,
-    log: LogFilter,
+    policy: LinePolicy,
     metrics: Arc<Metrics>,
 }
 
 impl correlate::SessionSink for LineSink {
     fn session(&mut self, s: &Session, v: Verdict, store: &MessageStore) {
         self.metrics.session(&v);
-        if self.log.allows(v.status) && !self.writer_gone {
+        if !self.writer_gone && self.policy.prints(s, &v) {
             self.renderer.render(s, &v, store, &mut self.batch);
             self.metrics
                 .sessions_printed
@@ -299,7 +302,7 @@ fn run_shard(mut corr: Correlator, ctx: ShardContext) {
         out: ctx.out,
         writer_gone: false,
         renderer: ctx.renderer,
-        log: ctx.log,
+        policy: ctx.policy,
         metrics: ctx.shared.metrics.clone(),
     };
     let mut last_tick = Instant::now();
@@ -450,6 +453,7 @@ mod tests {
             idle_timeout: Duration::from_secs(120),
             frame_buffer_budget: 64 << 20,
             log: LogFilter::ALL,
+            lines: LineOptions::default(),
             format: Format::Json,
         }
     }

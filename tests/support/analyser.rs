@@ -298,6 +298,11 @@ impl Analyser {
             .collect()
     }
 
+    /// Everything printed on stderr so far (logs, periodic summaries).
+    pub fn stderr_so_far(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
     /// Waits until at least `n` lines have been printed; false on timeout.
     pub fn wait_for_lines(&self, n: usize, timeout: Duration) -> bool {
         poll_until(timeout, || self.lines.lock().unwrap().len() >= n)
