@@ -5,6 +5,7 @@ pub mod exposition;
 pub mod health;
 pub mod http;
 pub mod model;
+pub mod top;
 
 use crate::correlate::{Status, Verdict};
 use crate::dnstap::{DecodeError, Role};
