@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use dnstap_analyser::correlate;
 use dnstap_analyser::ingest::net::ListenAddr;
 use dnstap_analyser::metrics::Metrics;
+use dnstap_analyser::metrics::{top_client, ErrorChain};
 use dnstap_analyser::output::{Format, LogFilter, WriteSink};
 use dnstap_analyser::pipeline::{self, Settings};
 use std::path::PathBuf;
@@ -115,6 +116,22 @@ enum Command {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Show the qnames, clients and upstreams with the most Failed sessions of a running
+    /// analyser (its /top endpoint), redrawn every --interval: the `kubectl top` of DNS failures.
+    Top {
+        /// The analyser's metrics endpoint (--metrics-listen).
+        #[arg(long, default_value = "http://127.0.0.1:9435")]
+        url: String,
+        /// How often to poll and redraw: 2s, 500ms, 1m, or seconds.
+        #[arg(long, default_value = "2s", value_parser = top_client::parse_interval)]
+        interval: Duration,
+        /// Print one table without terminal escapes and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+        /// Rows shown per table.
+        #[arg(long, default_value_t = 10)]
+        rows: usize,
+    },
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
@@ -164,6 +181,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let metrics = Arc::new(Metrics::default());
     let result = match &cli.command {
+        // A client of another analyser: no pipeline, no summary.
+        Some(Command::Top {
+            url,
+            interval,
+            once,
+            rows,
+        }) => {
+            return match top_client::run(url, *interval, *once, *rows) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dnstap-analyser: error: {}", ErrorChain(&e));
+                    ExitCode::from(2)
+                }
+            }
+        }
         Some(Command::Read { files }) => settings(&cli, false).and_then(|s| {
             let errors = pipeline::read_files(&s, files, WriteSink::stdout(), metrics.clone())
                 .map_err(|e| e.to_string())?;

@@ -6,6 +6,7 @@ pub mod health;
 pub mod http;
 pub mod model;
 pub mod top;
+pub mod top_client;
 
 use crate::correlate::{Status, Verdict};
 use crate::dnstap::{DecodeError, Role};
