@@ -7,6 +7,8 @@ pub mod sink;
 mod text;
 pub mod writer;
 
+/// The qname of a stored message, for consumers other than the renderer (`/top`).
+pub use dns_json::question_name_into;
 pub use sink::{Flow, Sink, WriteSink};
 
 use crate::correlate::{BitMap, MessageStore, Session, Status, Verdict};
