@@ -12,7 +12,7 @@ use crate::correlate::{self, Correlator, Message, MessageStore, Session, Verdict
 use crate::dnstap::{self, Nanos, Role, SourceRegistry};
 use crate::ingest::limits::{ConnectionLimits, Slots};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
-use crate::ingest::{file, LossBoard, QueueDepths, Router, ShardInput, Shared, SourceCount};
+use crate::ingest::{file, LossBoard, QueueDepths, Router, ShardInput, Shared};
 use crate::metrics::health::Heartbeat;
 use crate::metrics::http::{MetricsServer, StartError};
 use crate::metrics::model::{
@@ -529,7 +529,7 @@ pub fn read_files(
     // Reading files is this run's way of accepting dnstap.
     telemetry.health.set_listening();
     let errors = file::read_files(paths, &backend.shared, &mut router, &mut |c| {
-        count_source(&mut stats, c);
+        c.record(&mut stats);
         let now = Instant::now();
         heartbeat.beat(now, true);
         if now.duration_since(published) >= TICK {
@@ -550,14 +550,6 @@ pub fn read_files(
         return Err(e);
     }
     Ok(errors)
-}
-
-/// A reader's per-read counts of one source into its live stats.
-fn count_source(stats: &mut ThreadStats, c: &SourceCount) {
-    for (role, n) in SourceCount::ROLES.into_iter().zip(c.by_role) {
-        stats.count_messages(c.source, role, n);
-    }
-    stats.note_event_time(c.source, c.latest);
 }
 
 /// Serves until `shutdown` is set, then drains, flushes and returns. A failing sink or a

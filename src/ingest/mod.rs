@@ -139,6 +139,14 @@ impl SourceCount {
         Role::UpstreamQuery,
         Role::UpstreamResponse,
     ];
+
+    /// Adds these counts to a reader's live stats.
+    pub fn record(&self, stats: &mut crate::metrics::model::ThreadStats) {
+        for (role, n) in Self::ROLES.into_iter().zip(self.by_role) {
+            stats.count_messages(self.source, role, n);
+        }
+        stats.note_event_time(self.source, self.latest);
+    }
 }
 
 impl StreamIngest {

@@ -3,7 +3,7 @@
 //! The limits they enforce (connections, handshake, idle, frame budget) are in `limits`.
 
 use super::limits::Slots;
-use super::{Router, Shared, SourceCount, StreamEnd, StreamIngest};
+use super::{Router, Shared, StreamEnd, StreamIngest};
 use crate::metrics::{Discard, Disconnect};
 use bytes::BytesMut;
 use crossbeam_channel::{Receiver, Sender};
@@ -538,12 +538,7 @@ impl Reader {
             }
         };
         if let Some(l) = &mut self.live {
-            conn.ingest.take_source_counts(|c| {
-                for (role, n) in SourceCount::ROLES.into_iter().zip(c.by_role) {
-                    l.stats.count_messages(c.source, role, n);
-                }
-                l.stats.note_event_time(c.source, c.latest);
-            });
+            conn.ingest.take_source_counts(|c| c.record(&mut l.stats));
         }
         // One shared update per wake-up of a connection, not per frame.
         let partial = conn.buf.len();
