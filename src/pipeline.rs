@@ -16,8 +16,9 @@ use crate::ingest::{file, LossBoard, QueueDepths, Router, ShardInput, Shared};
 use crate::metrics::health::Heartbeat;
 use crate::metrics::http::{MetricsServer, StartError};
 use crate::metrics::model::{
-    AttemptFact, AttemptOutcome, Telemetry, TelemetryConfig, ThreadKind, ThreadStats,
+    AttemptFact, AttemptOutcome, Cause, Telemetry, TelemetryConfig, ThreadKind, ThreadStats,
 };
+use crate::metrics::top::{Failure, ShardTop, TopBoard, TopConfig};
 use crate::metrics::{Discard, Metrics};
 use crate::output::writer::{self, OutputError};
 use crate::output::{Format, LogFilter, Renderer, Sink};
@@ -239,6 +240,8 @@ fn start_backend(
     let mut shards = Vec::new();
     let depths: QueueDepths = (0..s.shards.max(1)).map(|_| AtomicU64::new(0)).collect();
     telemetry.set_queues(depths.clone(), s.queue_capacity as u64);
+    let top = TopBoard::new(TopConfig::default());
+    telemetry.set_top(top.hook());
     for i in 0..s.shards.max(1) {
         // The depth counter bounds the events; the channel only bounds the number of batches,
         // which may be small at low rates.
@@ -262,6 +265,7 @@ fn start_backend(
             index: i,
             stats: telemetry.thread_stats(ThreadKind::Shard(i)),
             heartbeat: telemetry.health.stage(format!("shard-{i}"), Some(pending)),
+            top: top.shard(),
         };
         shards.push(spawn_watched(format!("shard-{i}"), core, halt, move || {
             run_shard(Correlator::new(cfg), ctx);
@@ -303,6 +307,7 @@ struct ShardContext {
     shared: Shared,
     stats: ThreadStats,
     heartbeat: Arc<Heartbeat>,
+    top: ShardTop,
 }
 
 /// Counts every finished session, renders the ones `--log` wants into a batch for the writer.
@@ -320,6 +325,10 @@ struct LineSink {
     stats: ThreadStats,
     attempts: Vec<Attempt>,
     heartbeat: Arc<Heartbeat>,
+    /// This shard's part of `/top`, and the buffers a Failed session is described in.
+    top: ShardTop,
+    top_qname: Vec<u8>,
+    top_upstreams: Vec<SocketAddr>,
 }
 
 impl correlate::SessionSink for LineSink {
@@ -327,8 +336,12 @@ impl correlate::SessionSink for LineSink {
         self.metrics.session(&v);
         upstream_attempts(s, store, &mut self.attempts);
         let facts = self.attempts.iter().map(Attempt::fact);
-        self.stats
+        let cause = self
+            .stats
             .record_session(s.source, &v, client_latency(s), facts);
+        if v.status == correlate::Status::Failed {
+            self.record_top_failure(s, store, cause);
+        }
         if self.log.allows(v.status) && !self.writer_gone {
             self.renderer.render(s, &v, store, &mut self.batch);
             self.metrics
@@ -341,6 +354,40 @@ impl correlate::SessionSink for LineSink {
 }
 
 impl LineSink {
+    /// Counts a Failed session into `/top`: its qname and client from the first client-side
+    /// message that has them (as the rendered line shows them), and the upstreams it tried.
+    fn record_top_failure(&mut self, s: &Session, store: &MessageStore, cause: Cause) {
+        let (mut qname, mut client) = (false, None);
+        for m in &s.messages {
+            let Some(f) = dnstap::scan_message(store.get(m.bytes)) else {
+                continue;
+            };
+            if client.is_none() && matches!(m.role, Role::ClientQuery | Role::ClientResponse) {
+                client = dnstap::socket(f.query_address, f.query_port).map(|a| a.ip());
+            }
+            let wire = if m.role.is_response() {
+                f.response_message
+            } else {
+                f.query_message
+            };
+            qname = qname
+                || wire.is_some_and(|w| crate::output::question_name_into(w, &mut self.top_qname));
+        }
+        self.top_upstreams.clear();
+        let tried = self.attempts.iter().filter_map(|a| a.upstream);
+        self.top_upstreams.extend(tried);
+        let failure = Failure {
+            cause,
+            qname: qname
+                .then(|| std::str::from_utf8(&self.top_qname).ok())
+                .flatten(),
+            client,
+            upstreams: &self.top_upstreams,
+        };
+        let at = self.top.since_origin(Instant::now());
+        self.top.record(at, &failure);
+    }
+
     /// Hands the batch to the writer when it is big enough, or when `force`d (each tick, so
     /// lines never wait long at low rates). A send fails only once the writer has returned,
     /// which also wakes a send blocked on the full channel.
@@ -461,6 +508,9 @@ fn run_shard(mut corr: Correlator, ctx: ShardContext) {
         stats: ctx.stats,
         attempts: Vec::new(),
         heartbeat: ctx.heartbeat,
+        top: ctx.top,
+        top_qname: Vec::new(),
+        top_upstreams: Vec::new(),
     };
     let mut last_tick = Instant::now();
     loop {
@@ -484,6 +534,7 @@ fn run_shard(mut corr: Correlator, ctx: ShardContext) {
             last_tick = now;
             corr.on_tick(now, |s| board.get(s), &mut sink);
             publish(&mut corr, &mut sink.stats, &metrics);
+            sink.top.publish(sink.top.since_origin(now));
         }
         sink.hand_over(tick);
         sink.heartbeat.beat(now, false);
