@@ -36,9 +36,11 @@
 //! Bounded whatever the senders send: per shard, `buckets + 1` buckets (the published ring and
 //! the current one) of three summaries of `K` counters; a qname key is cut to
 //! [`MAX_QNAME_BYTES`] (its rightmost labels, which name the zone, are kept), clients are IP
-//! addresses (no port), upstreams socket addresses. With K = 100 and 10 buckets that is about
-//! 11 × 100 × (200 + 80 + 80) bytes ≈ 400 KB per shard. Buffers are reused: in steady state
-//! recording allocates nothing.
+//! addresses (no port), upstreams socket addresses. A counter takes at most 112 bytes plus, for
+//! a qname, a key buffer of at most 2 × [`MAX_QNAME_BYTES`] (amortized growth); with K = 100 and
+//! 10 buckets that is at most 11 × 100 × (368 + 112 + 112) bytes ≈ 0.65 MB per shard, plus the
+//! index of the current bucket. Buffers are reused: in steady state recording allocates
+//! nothing, and publishing copies into the buffers of the bucket it overwrites.
 
 use super::model::{Cause, TopHook};
 use hashbrown::HashMap;
@@ -971,6 +973,11 @@ mod tests {
             .iter()
             .all(|c| c.key.capacity() <= 2 * MAX_QNAME_BYTES));
         assert_eq!(shard.current.clients.summary().counters().len(), 1);
+        // The sizes the module doc's memory bound is made of.
+        use std::mem::size_of;
+        assert!(size_of::<Counter<String>>() <= 112);
+        assert!(size_of::<Counter<IpAddr>>() <= 112);
+        assert!(size_of::<Counter<SocketAddr>>() <= 112);
     }
 
     #[test]
