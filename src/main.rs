@@ -4,10 +4,13 @@
 use clap::{Parser, Subcommand};
 use dnstap_analyser::correlate;
 use dnstap_analyser::ingest::net::ListenAddr;
+use dnstap_analyser::metrics::model::TelemetryConfig;
 use dnstap_analyser::metrics::Metrics;
+use dnstap_analyser::metrics::{top_client, ErrorChain};
 use dnstap_analyser::output::stats::PeriodicSummary;
 use dnstap_analyser::output::{Format, LineOptions, LogFilter, Messages, SampleRate, WriteSink};
 use dnstap_analyser::pipeline::{self, Settings};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -124,6 +127,61 @@ struct Cli {
     /// with the counters since start. Default: only at exit.
     #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
     stats_interval: Option<Duration>,
+    /// Where to serve the live metrics (GET /metrics, Prometheus text or OpenMetrics), /healthz,
+    /// /readyz and /top: HOST:PORT, or `none` for no endpoint. Serving defaults to 0.0.0.0:9435
+    /// (clear of CoreDNS's 9153 and node-exporter's 9100); `read` serves them only when this is
+    /// given, since a file run ends in seconds. An address that cannot be bound is an error.
+    #[arg(long, global = true, value_name = "HOST:PORT|none", value_parser = parse_metrics_listen)]
+    metrics_listen: Option<MetricsListen>,
+
+    /// Distinct `identity` label values (CoreDNS pods) the metrics keep; later identities are
+    /// counted under `other`, and dnstap_analyser_label_overflow_total{label="identity"} counts them.
+    #[arg(long, global = true, default_value_t = 256, value_name = "N")]
+    max_identity_labels: usize,
+
+    /// Distinct `upstream` label values (IP:PORT of forwarder targets) the metrics keep; later
+    /// ones are counted under `other`, and label_overflow_total{label="upstream"} counts them.
+    #[arg(long, global = true, default_value_t = 256, value_name = "N")]
+    max_upstream_labels: usize,
+
+    /// /healthz answers 503 once a reader, shard or the writer has had work pending and made no
+    /// progress for this long (e.g. the writer blocked on a full stdout). 30s, 500ms, 2m, or
+    /// plain seconds.
+    #[arg(long, global = true, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    stall_timeout: Duration,
+}
+
+/// `--metrics-listen`: an address, or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetricsListen {
+    At(SocketAddr),
+    Off,
+}
+
+/// The serving default of `--metrics-listen`.
+const METRICS_LISTEN: &str = "0.0.0.0:9435";
+
+fn parse_metrics_listen(s: &str) -> Result<MetricsListen, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(MetricsListen::Off);
+    }
+    let mut addrs = s
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not HOST:PORT or none: {e}"))?;
+    addrs
+        .next()
+        .map(MetricsListen::At)
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+/// The endpoint of a run: serving has one unless `none`; `read` only when asked.
+fn metrics_listen(cli: &Cli, serving: bool) -> Option<SocketAddr> {
+    match cli.metrics_listen {
+        Some(MetricsListen::At(a)) => Some(a),
+        Some(MetricsListen::Off) => None,
+        None if serving => METRICS_LISTEN.parse().ok(),
+        None => None,
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -133,6 +191,22 @@ enum Command {
     Read {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+    },
+    /// Show the qnames, clients and upstreams with the most Failed sessions of a running
+    /// analyser (its /top endpoint), redrawn every --interval: the `kubectl top` of DNS failures.
+    Top {
+        /// The analyser's metrics endpoint (--metrics-listen).
+        #[arg(long, default_value = "http://127.0.0.1:9435")]
+        url: String,
+        /// How often to poll and redraw: 2s, 500ms, 1m, or seconds.
+        #[arg(long, default_value = "2s", value_parser = top_client::parse_interval)]
+        interval: Duration,
+        /// Print one table without terminal escapes and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+        /// Rows shown per table.
+        #[arg(long, default_value_t = 10)]
+        rows: usize,
     },
 }
 
@@ -214,6 +288,13 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
             messages: cli.messages,
         },
         format: cli.format,
+        // Only serving flushes idle streams: `idle_flush` says which mode this is.
+        metrics_listen: metrics_listen(cli, idle_flush),
+        telemetry: TelemetryConfig {
+            max_identity_labels: cli.max_identity_labels,
+            max_upstream_labels: cli.max_upstream_labels,
+            stall_after: cli.stall_timeout,
+        },
     })
 }
 
@@ -232,6 +313,21 @@ fn main() -> ExitCode {
         }
     };
     let result = match &cli.command {
+        // A client of another analyser: no pipeline, no summary.
+        Some(Command::Top {
+            url,
+            interval,
+            once,
+            rows,
+        }) => {
+            return match top_client::run(url, *interval, *once, *rows) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dnstap-analyser: error: {}", ErrorChain(&e));
+                    ExitCode::from(2)
+                }
+            }
+        }
         Some(Command::Read { files }) => settings(&cli, false).and_then(|s| {
             let errors = pipeline::read_files(&s, files, WriteSink::stdout(), metrics.clone())
                 .map_err(|e| e.to_string())?;

@@ -115,7 +115,7 @@ fn serve_into_a_full_disk_shuts_down_with_the_error() {
     let mut child = Command::new(analyser_bin())
         .arg("--listen")
         .arg(format!("unix://{}", socket.display()))
-        .args(["--shards", "2"])
+        .args(["--shards", "2", "--metrics-listen", "127.0.0.1:0"])
         .stdout(dev_full())
         .stderr(Stdio::piped())
         .spawn()

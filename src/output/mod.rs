@@ -9,6 +9,8 @@ pub mod stats;
 mod text;
 pub mod writer;
 
+/// The qname of a stored message, for consumers other than the renderer (`/top`).
+pub use dns_json::question_name_into;
 pub use policy::{LineOptions, LinePolicy, Messages, SampleRate};
 pub use sink::{Flow, Sink, WriteSink};
 
