@@ -18,6 +18,9 @@ OUT=${FUZZ_OUT:-out}
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(framestream dnstap_scan dns_question pipeline)
 
+# The fuzz crate is outside the main workspace, so the root `cargo fmt --all` does not see it.
+cargo fmt --check
+
 if ! cargo afl --version 2>/dev/null | grep -q "^cargo-afl $AFL_RS_VERSION "; then
     # Installing cargo-afl also builds AFL++ for the current toolchain.
     cargo install cargo-afl --version "$AFL_RS_VERSION" --locked

@@ -13,7 +13,7 @@
 //! exception is not taken, and a message the scan accepts is one the renderer can decode
 //! (`decode_message` on the kept bytes).
 
-use dnstap_analyser::dnstap::{self, DnstapMessage, MessageFields, MessageType};
+use dnstap_analyser::dnstap::{self, DnstapMessage, MessageFields};
 
 /// Which of the two decoders accepted the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -72,7 +72,7 @@ pub fn classify(data: &[u8]) -> Agreement {
 
 fn same_fields(m: &DnstapMessage<'_>, f: &MessageFields<'_>) {
     // The generated decoder defaults an absent type; the scan leaves it None.
-    assert_eq!(m.type_pb, f.kind.unwrap_or(MessageType::default()), "type");
+    assert_eq!(m.type_pb, f.kind.unwrap_or_default(), "type");
     assert_eq!(m.socket_protocol, f.protocol, "protocol");
     assert_eq!(m.query_address.as_deref(), f.query_address, "query_address");
     assert_eq!(m.response_address.as_deref(), f.response_address);

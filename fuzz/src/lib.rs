@@ -7,8 +7,11 @@ pub mod dnstap_scan;
 pub mod framestream;
 pub mod pipeline;
 
+/// A target's property: panics when `data` breaks it.
+pub type Check = fn(data: &[u8]);
+
 /// The targets by name, as the binaries and `fuzz/regressions/<target>/` are named.
-pub const TARGETS: [(&str, fn(&[u8])); 4] = [
+pub const TARGETS: [(&str, Check); 4] = [
     ("framestream", framestream::check),
     ("dnstap_scan", dnstap_scan::check),
     ("dns_question", dns_question::check),

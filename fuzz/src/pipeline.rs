@@ -72,8 +72,13 @@ pub fn check(data: &[u8]) {
     std::fs::write(&path, data).expect("write the temporary capture");
     let metrics = Arc::new(Metrics::default());
     let out = Captured::default();
-    let errors = pipeline::read_files(&settings(), &[path.clone()], out.clone(), metrics.clone())
-        .expect("read_files");
+    let errors = pipeline::read_files(
+        &settings(),
+        std::slice::from_ref(&path),
+        out.clone(),
+        metrics.clone(),
+    )
+    .expect("read_files");
     let _ = std::fs::remove_file(&path);
     for e in &errors {
         let _ = e.to_string();
