@@ -71,6 +71,13 @@ fn main() {
 }
 
 fn collect(p: &Path, out: &mut Vec<PathBuf>) {
+    let hidden = p
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+    if hidden && p.parent().is_some() {
+        // AFL keeps links to queue entries under .state/: count each input once.
+        return;
+    }
     if p.is_dir() {
         let mut entries: Vec<_> = std::fs::read_dir(p)
             .unwrap()
