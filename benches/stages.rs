@@ -2,7 +2,8 @@
 //! (tests/fixtures/coredns/h_burst_5k.fstrm):
 //!   cargo bench --bench stages
 //! Stages: Frame Streams decoding, protobuf decoding, DNS question parsing, event extraction,
-//! correlation + classification, and JSON rendering of the finished sessions.
+//! correlation + classification, and JSON rendering of the finished sessions (all of them with
+//! their messages, without them, and sampled as `--sample-succeeded 0.01 --messages failed`).
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -10,7 +11,9 @@ use dnstap_analyser::correlate::{Config, Correlator, MessageStore, Session, Verd
 use dnstap_analyser::dns;
 use dnstap_analyser::dnstap::{self, Event, SenderProfile, SourceId, SourceRegistry};
 use dnstap_analyser::framestream::{Frame, FrameDecoder};
-use dnstap_analyser::output::{Format, Renderer};
+use dnstap_analyser::output::{
+    Format, LineOptions, LinePolicy, LogFilter, Messages as MessageLines, Renderer, SampleRate,
+};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
@@ -158,6 +161,46 @@ fn stages(c: &mut Criterion) {
             black_box(out.len())
         })
     });
+    // Issue #9: the same lines without their messages, and the policy recommended for an
+    // analyser left on (every session still goes through the policy; 1 % of the Succeeded
+    // and every Failed one is rendered).
+    for (name, rate, messages) in [
+        (
+            "correlate_and_render_json_messages_failed",
+            1.0,
+            MessageLines::Failed,
+        ),
+        (
+            "correlate_and_render_json_messages_none",
+            1.0,
+            MessageLines::None,
+        ),
+        (
+            "correlate_and_render_json_sample_0.01_messages_failed",
+            0.01,
+            MessageLines::Failed,
+        ),
+    ] {
+        let options = LineOptions {
+            sample_succeeded: SampleRate::new(rate).unwrap(),
+            messages,
+        };
+        let policy = LinePolicy::new(LogFilter::ALL, options);
+        let renderer =
+            Renderer::new(Format::Json, Arc::new(SourceRegistry::default())).with_options(options);
+        g.bench_function(name, |b| {
+            let mut out = Vec::with_capacity(16 << 20);
+            b.iter(|| {
+                out.clear();
+                correlate(&events, &mut |s, v, store| {
+                    if policy.prints(s, &v) {
+                        renderer.render(s, &v, store, &mut out)
+                    }
+                });
+                black_box(out.len())
+            })
+        });
+    }
     g.finish();
 }
 

@@ -5,9 +5,13 @@ use clap::{Parser, Subcommand};
 use dnstap_analyser::correlate;
 use dnstap_analyser::ingest::net::ListenAddr;
 use dnstap_analyser::ingest::tls::TlsFiles;
+use dnstap_analyser::metrics::model::TelemetryConfig;
 use dnstap_analyser::metrics::Metrics;
-use dnstap_analyser::output::{Format, LogFilter, WriteSink};
+use dnstap_analyser::metrics::{top_client, ErrorChain};
+use dnstap_analyser::output::stats::PeriodicSummary;
+use dnstap_analyser::output::{Format, LineOptions, LogFilter, Messages, SampleRate, WriteSink};
 use dnstap_analyser::pipeline::{self, Settings};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -57,15 +61,16 @@ struct Cli {
     #[arg(long, global = true)]
     pin: bool,
 
-    /// Seconds of the sender's clock after a CLIENT_QUERY before a session without response is
-    /// emitted. CoreDNS taps the last upstream attempt of a timed-out request 6 s after it began.
-    #[arg(long, global = true, default_value_t = 10.0, value_name = "SECS")]
-    session_timeout: f64,
+    /// Time of the sender's clock after a CLIENT_QUERY before a session without response is
+    /// emitted (15s, 500ms, 2m, or plain seconds). CoreDNS taps the last upstream attempt of a
+    /// timed-out request 6 s after it began.
+    #[arg(long, global = true, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    session_timeout: Duration,
 
-    /// Seconds of the sender's clock an orphan (a response whose query has not arrived) waits
+    /// Time of the sender's clock an orphan (a response whose query has not arrived) waits
     /// for its query before it is reported as SampleLoss.
-    #[arg(long, global = true, default_value_t = 2.0, value_name = "SECS")]
-    orphan_grace: f64,
+    #[arg(long, global = true, default_value = "2s", value_name = "DURATION", value_parser = parse_duration)]
+    orphan_grace: Duration,
 
     /// Open sessions kept at most, split evenly over the shards; beyond it the oldest session of
     /// the sender is evicted as SampleLoss (session_table_full). About 500 bytes per session.
@@ -82,17 +87,17 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 1 << 20)]
     max_frame_size: usize,
 
-    /// Seconds a new connection has to finish the Frame Streams handshake (READY/START); then
+    /// Time a new connection has to finish the Frame Streams handshake (READY/START); then
     /// it is closed and counted (handshake_timeout).
-    #[arg(long, global = true, default_value_t = 5.0, value_name = "SECS")]
-    handshake_timeout: f64,
+    #[arg(long, global = true, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
+    handshake_timeout: Duration,
 
-    /// Seconds without a byte after which an established connection may be closed, only when
+    /// Time without a byte after which an established connection may be closed, only when
     /// --max-connections is reached and a new sender needs the slot (longest idle first,
     /// counted as idle_timeout). Below the limit idle connections stay: a quiet CoreDNS sends
     /// nothing at all, and would lose the batch it next writes into a closed connection.
-    #[arg(long, global = true, default_value_t = 120.0, value_name = "SECS")]
-    idle_timeout: f64,
+    #[arg(long, global = true, default_value = "120s", value_name = "DURATION", value_parser = parse_duration)]
+    idle_timeout: Duration,
 
     /// Bytes of partially received frames buffered over all connections. Over it, the
     /// connections holding the largest partial frames (more than an equal share,
@@ -121,6 +126,78 @@ struct Cli {
     /// Output line format: json (one object per line) or text (Status: ... BitMap: ... Messages: [...]).
     #[arg(long, global = true, default_value = "json", value_parser = parse_format)]
     format: Format,
+
+    /// Fraction of the Succeeded sessions --log lets through to print (0 to 1, e.g. 0.01);
+    /// Failed and SampleLoss are all printed. Chosen by a hash of the session, so a replay
+    /// prints the same ones; the summary counts every session, and a sampled line says
+    /// "sample_rate" to re-weight by.
+    #[arg(long, global = true, default_value = "1", value_name = "RATE", value_parser = SampleRate::parse)]
+    sample_succeeded: SampleRate,
+
+    /// Which lines carry the decoded messages: all, failed (Failed and SampleLoss only) or
+    /// none. Diagnosis, rcodes, upstream attempts and latencies are on every line.
+    #[arg(long, global = true, default_value = "all", value_name = "WHICH", value_parser = Messages::parse)]
+    messages: Messages,
+
+    /// Also print the summary line on stderr this often (e.g. 60s), marked "interval":true,
+    /// with the counters since start. Default: only at exit.
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
+    stats_interval: Option<Duration>,
+    /// Where to serve the live metrics (GET /metrics, Prometheus text or OpenMetrics), /healthz,
+    /// /readyz and /top: HOST:PORT, or `none` for no endpoint. Serving defaults to 0.0.0.0:9435
+    /// (clear of CoreDNS's 9153 and node-exporter's 9100); `read` serves them only when this is
+    /// given, since a file run ends in seconds. An address that cannot be bound is an error.
+    #[arg(long, global = true, value_name = "HOST:PORT|none", value_parser = parse_metrics_listen)]
+    metrics_listen: Option<MetricsListen>,
+
+    /// Distinct `identity` label values (CoreDNS pods) the metrics keep; later identities are
+    /// counted under `other`, and dnstap_analyser_label_overflow_total{label="identity"} counts them.
+    #[arg(long, global = true, default_value_t = 256, value_name = "N")]
+    max_identity_labels: usize,
+
+    /// Distinct `upstream` label values (IP:PORT of forwarder targets) the metrics keep; later
+    /// ones are counted under `other`, and label_overflow_total{label="upstream"} counts them.
+    #[arg(long, global = true, default_value_t = 256, value_name = "N")]
+    max_upstream_labels: usize,
+
+    /// /healthz answers 503 once a reader, shard or the writer has had work pending and made no
+    /// progress for this long (e.g. the writer blocked on a full stdout). 30s, 500ms, 2m, or
+    /// plain seconds.
+    #[arg(long, global = true, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    stall_timeout: Duration,
+}
+
+/// `--metrics-listen`: an address, or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetricsListen {
+    At(SocketAddr),
+    Off,
+}
+
+/// The serving default of `--metrics-listen`.
+const METRICS_LISTEN: &str = "0.0.0.0:9435";
+
+fn parse_metrics_listen(s: &str) -> Result<MetricsListen, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(MetricsListen::Off);
+    }
+    let mut addrs = s
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not HOST:PORT or none: {e}"))?;
+    addrs
+        .next()
+        .map(MetricsListen::At)
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+/// The endpoint of a run: serving has one unless `none`; `read` only when asked.
+fn metrics_listen(cli: &Cli, serving: bool) -> Option<SocketAddr> {
+    match cli.metrics_listen {
+        Some(MetricsListen::At(a)) => Some(a),
+        Some(MetricsListen::Off) => None,
+        None if serving => METRICS_LISTEN.parse().ok(),
+        None => None,
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,6 +207,22 @@ enum Command {
     Read {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+    },
+    /// Show the qnames, clients and upstreams with the most Failed sessions of a running
+    /// analyser (its /top endpoint), redrawn every --interval: the `kubectl top` of DNS failures.
+    Top {
+        /// The analyser's metrics endpoint (--metrics-listen).
+        #[arg(long, default_value = "http://127.0.0.1:9435")]
+        url: String,
+        /// How often to poll and redraw: 2s, 500ms, 1m, or seconds.
+        #[arg(long, default_value = "2s", value_parser = top_client::parse_interval)]
+        interval: Duration,
+        /// Print one table without terminal escapes and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+        /// Rows shown per table.
+        #[arg(long, default_value_t = 10)]
+        rows: usize,
     },
 }
 
@@ -141,13 +234,50 @@ fn parse_format(s: &str) -> Result<Format, String> {
     }
 }
 
-fn seconds(name: &str, v: f64) -> Result<u64, String> {
-    if !(v.is_finite() && v > 0.0 && v < 86_400.0) {
+/// Longest duration a flag accepts.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// Every duration flag: a number with a unit (`500ms`, `15s`, `2m`, `1h`) or plain seconds
+/// (`10`, `2.5`, what the chart passes), above zero and at most 24 hours.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    if number.is_empty() {
         return Err(format!(
-            "--{name} must be between 0 and 86400 seconds, got {v}"
+            "{s:?} is not a duration: use e.g. 500ms, 15s, 2m, 1h or 10"
         ));
     }
-    Ok((v * 1e9) as u64)
+    let scale = match unit.trim_start() {
+        "ms" => 1e-3,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?}: use ms, s, m or h (e.g. 500ms, 15s, 2m), or plain seconds"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: use e.g. 500ms, 15s, 2m, 1h or 10"))?;
+    let secs = value * scale;
+    // Digits and dots only: never NaN, at most infinite.
+    if secs > MAX_DURATION.as_secs_f64() {
+        return Err(format!("{s:?} is longer than the maximum of 24h"));
+    }
+    let d = Duration::from_secs_f64(secs);
+    if d.is_zero() {
+        return Err(format!("{s:?}: the duration must be above zero"));
+    }
+    Ok(d)
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos() as u64
 }
 
 /// The TLS files, required when a listener is tls://.
@@ -176,29 +306,63 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
         queue_capacity: cli.queue_capacity as usize,
         pin: cli.pin,
         correlate: correlate::Config {
-            session_timeout: seconds("session-timeout", cli.session_timeout)?,
-            orphan_grace: seconds("orphan-grace", cli.orphan_grace)?,
+            session_timeout: nanos(cli.session_timeout),
+            orphan_grace: nanos(cli.orphan_grace),
             max_sessions: cli.max_sessions.max(1),
             idle_flush,
         },
         max_connections: cli.max_connections.max(1),
         max_frame_size: cli.max_frame_size.clamp(64, 64 << 20),
-        handshake_timeout: Duration::from_nanos(seconds(
-            "handshake-timeout",
-            cli.handshake_timeout,
-        )?),
-        idle_timeout: Duration::from_nanos(seconds("idle-timeout", cli.idle_timeout)?),
+        handshake_timeout: cli.handshake_timeout,
+        idle_timeout: cli.idle_timeout,
         frame_buffer_budget: cli.frame_buffer_budget.max(1),
         tls: tls_files(cli)?,
         log: cli.log,
+        lines: LineOptions {
+            sample_succeeded: cli.sample_succeeded,
+            messages: cli.messages,
+        },
         format: cli.format,
+        // Only serving flushes idle streams: `idle_flush` says which mode this is.
+        metrics_listen: metrics_listen(cli, idle_flush),
+        telemetry: TelemetryConfig {
+            max_identity_labels: cli.max_identity_labels,
+            max_upstream_labels: cli.max_upstream_labels,
+            stall_after: cli.stall_timeout,
+        },
     })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let metrics = Arc::new(Metrics::default());
+    let stats = cli
+        .stats_interval
+        .map(|every| PeriodicSummary::to_stderr(metrics.clone(), every))
+        .transpose();
+    let stats = match stats {
+        Ok(stats) => stats,
+        Err(e) => {
+            eprintln!("dnstap-analyser: error: cannot start the --stats-interval thread: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match &cli.command {
+        // A client of another analyser: no pipeline, no summary.
+        Some(Command::Top {
+            url,
+            interval,
+            once,
+            rows,
+        }) => {
+            return match top_client::run(url, *interval, *once, *rows) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dnstap-analyser: error: {}", ErrorChain(&e));
+                    ExitCode::from(2)
+                }
+            }
+        }
         Some(Command::Read { files }) => settings(&cli, false).and_then(|s| {
             let errors = pipeline::read_files(&s, files, WriteSink::stdout(), metrics.clone())
                 .map_err(|e| e.to_string())?;
@@ -223,6 +387,8 @@ fn main() -> ExitCode {
             Ok(true)
         }),
     };
+    // The periodic lines end before the exit summary, which is always the last.
+    drop(stats);
     eprintln!("{}", metrics.summary_json());
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -231,5 +397,81 @@ fn main() -> ExitCode {
             eprintln!("dnstap-analyser: error: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_units_or_plain_seconds() {
+        let ms = Duration::from_millis;
+        for (text, want) in [
+            ("15s", ms(15_000)),
+            ("500ms", ms(500)),
+            ("2m", ms(120_000)),
+            ("1h", ms(3_600_000)),
+            ("10", ms(10_000)),
+            ("2.5", ms(2_500)),
+            ("0.5m", ms(30_000)),
+            ("1.5s", ms(1_500)),
+            (" 30 s ", ms(30_000)),
+            ("24h", ms(86_400_000)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(want), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn bad_durations_say_why() {
+        for (text, reason) in [
+            ("0", "above zero"),
+            ("0ms", "above zero"),
+            ("0.0000000001", "above zero"),
+            ("25h", "maximum of 24h"),
+            ("99999999999999999999", "maximum of 24h"),
+            ("10d", "unknown unit"),
+            ("5 sec", "unknown unit"),
+            ("-5s", "not a duration"),
+            ("", "not a duration"),
+            ("s", "not a duration"),
+            ("1.2.3s", "not a duration"),
+        ] {
+            let err = parse_duration(text).expect_err(text);
+            assert!(err.contains(reason), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn every_duration_flag_goes_through_the_parser() {
+        let cli = Cli::try_parse_from([
+            "dnstap-analyser",
+            "--session-timeout=15s",
+            "--orphan-grace=500ms",
+            "--handshake-timeout=2m",
+            "--idle-timeout=1h",
+            "--stats-interval=60",
+        ])
+        .unwrap();
+        assert_eq!(cli.session_timeout, Duration::from_secs(15));
+        assert_eq!(cli.orphan_grace, Duration::from_millis(500));
+        assert_eq!(cli.handshake_timeout, Duration::from_secs(120));
+        assert_eq!(cli.idle_timeout, Duration::from_secs(3600));
+        assert_eq!(cli.stats_interval, Some(Duration::from_secs(60)));
+        let err = Cli::try_parse_from(["dnstap-analyser", "--idle-timeout=3d"]).unwrap_err();
+        assert!(err.to_string().contains("unknown unit"), "{err}");
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let cli = Cli::try_parse_from(["dnstap-analyser"]).unwrap();
+        assert_eq!(cli.session_timeout, Duration::from_secs(10));
+        assert_eq!(cli.orphan_grace, Duration::from_secs(2));
+        assert_eq!(cli.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(cli.idle_timeout, Duration::from_secs(120));
+        assert_eq!(cli.stats_interval, None);
+        assert_eq!(cli.sample_succeeded, SampleRate::ALL);
+        assert_eq!(cli.messages, Messages::All);
     }
 }

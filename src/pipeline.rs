@@ -8,17 +8,25 @@
 //! from `read_files`/`serve` when the threads are joined. A sink that ends on purpose (stdout
 //! closed by `| head`) is not a failure: the shards stop rendering and the analysis goes on.
 
-use crate::correlate::{self, Correlator, MessageStore, Session, Verdict};
+use crate::correlate::{self, Correlator, Message, MessageStore, Session, Verdict};
+use crate::dnstap::{self, Nanos, Role, SourceRegistry};
 use crate::ingest::limits::{ConnectionLimits, Slots};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
 use crate::ingest::tls::{TlsAcceptor, TlsFiles};
 use crate::ingest::{file, LossBoard, QueueDepths, Router, ShardInput, Shared};
-use crate::metrics::Metrics;
+use crate::metrics::health::Heartbeat;
+use crate::metrics::http::{MetricsServer, StartError};
+use crate::metrics::model::{
+    AttemptFact, AttemptOutcome, Cause, Telemetry, TelemetryConfig, ThreadKind, ThreadStats,
+};
+use crate::metrics::top::{Failure, ShardTop, TopBoard, TopConfig};
+use crate::metrics::{Discard, Metrics};
 use crate::output::writer::{self, OutputError};
-use crate::output::{Format, LogFilter, Renderer, Sink};
+use crate::output::{Format, LineOptions, LinePolicy, LogFilter, Renderer, Sink};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -41,7 +49,13 @@ pub struct Settings {
     /// Certificates of the `tls://` listeners; `None` when there are none.
     pub tls: Option<TlsFiles>,
     pub log: LogFilter,
+    /// `--sample-succeeded`, `--messages`.
+    pub lines: LineOptions,
     pub format: Format,
+    /// Where to serve /metrics, /healthz, /readyz and /top; `None`: no endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Label caps and the stall limit of the live metrics.
+    pub telemetry: TelemetryConfig,
 }
 
 /// Why the pipeline stopped short of a clean end.
@@ -49,6 +63,8 @@ pub struct Settings {
 pub enum Error {
     /// Listeners or readers could not be set up.
     Setup(io::Error),
+    /// The metrics endpoint could not start (its address is taken, say).
+    Metrics(StartError),
     /// The sink failed; the sessions from then on were not written.
     Output(OutputError),
     /// A thread panicked (the panic hook has already printed where and why).
@@ -59,6 +75,7 @@ impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Setup(e) => e.fmt(f),
+            Self::Metrics(e) => e.fmt(f),
             Self::Output(e) => e.fmt(f),
             Self::Panicked { thread, message } => {
                 write!(f, "thread {thread} panicked: {message}")
@@ -71,6 +88,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Setup(e) => Some(e),
+            Self::Metrics(e) => Some(e),
             Self::Output(e) => Some(e),
             Self::Panicked { .. } => None,
         }
@@ -169,28 +187,66 @@ struct Backend {
     shared: Shared,
 }
 
+/// The live view of a run: the telemetry every stage counts into, and its HTTP endpoint if
+/// one was asked for. Made before the stages, so that they can register with it.
+struct Live {
+    telemetry: Arc<Telemetry>,
+    server: Option<MetricsServer>,
+}
+
+impl Live {
+    fn start(s: &Settings, metrics: Arc<Metrics>) -> Result<Self, Error> {
+        let sources = Arc::new(SourceRegistry::default());
+        let telemetry = Arc::new(Telemetry::new(metrics, sources, s.telemetry));
+        let server = match s.metrics_listen {
+            Some(addr) => {
+                let server =
+                    MetricsServer::start(addr, telemetry.clone()).map_err(Error::Metrics)?;
+                eprintln!(
+                    "dnstap-analyser: metrics on http://{}/metrics",
+                    server.local_addr()
+                );
+                Some(server)
+            }
+            None => None,
+        };
+        Ok(Self { telemetry, server })
+    }
+
+    /// Stops the endpoint: the run is over (its last numbers are in the exit summary).
+    fn stop(self) {
+        if let Some(server) = self.server {
+            server.stop();
+        }
+    }
+}
+
 /// Starts the writer on `sink` and the shards; `halt` is set if either fails.
 fn start_backend(
     s: &Settings,
     sink: impl Sink + 'static,
-    metrics: Arc<Metrics>,
+    telemetry: &Arc<Telemetry>,
     halt: &Arc<AtomicBool>,
 ) -> Backend {
     let shared = Shared {
-        sources: Default::default(),
+        sources: telemetry.sources().clone(),
         board: Arc::new(LossBoard::default()),
-        metrics,
+        metrics: telemetry.metrics.clone(),
         max_frame_size: s.max_frame_size,
         session_timeout: s.correlate.session_timeout,
     };
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<u8>>(64);
+    let heartbeat = telemetry.health.stage("writer", None);
     let writer = spawn_watched("writer".into(), None, halt, move || {
-        writer::run(batch_rx, sink)
+        writer::run(batch_rx, sink, |busy| heartbeat.beat(Instant::now(), busy))
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut senders = Vec::new();
     let mut shards = Vec::new();
     let depths: QueueDepths = (0..s.shards.max(1)).map(|_| AtomicU64::new(0)).collect();
+    telemetry.set_queues(depths.clone(), s.queue_capacity as u64);
+    let top = TopBoard::new(TopConfig::default());
+    telemetry.set_top(top.hook());
     for i in 0..s.shards.max(1) {
         // The depth counter bounds the events; the channel only bounds the number of batches,
         // which may be small at low rates.
@@ -202,14 +258,19 @@ fn start_backend(
             .pin
             .then(|| cores.get((s.readers + i) % cores.len().max(1)).copied())
             .flatten();
+        let depth = depths.clone();
+        let pending = Box::new(move || depth[i].load(Relaxed) > 0);
         let ctx = ShardContext {
             rx,
             out: batch_tx.clone(),
-            renderer: Renderer::new(s.format, shared.sources.clone()),
-            log: s.log,
+            renderer: Renderer::new(s.format, shared.sources.clone()).with_options(s.lines),
+            policy: LinePolicy::new(s.log, s.lines),
             shared: shared.clone(),
             depths: depths.clone(),
             index: i,
+            stats: telemetry.thread_stats(ThreadKind::Shard(i)),
+            heartbeat: telemetry.health.stage(format!("shard-{i}"), Some(pending)),
+            top: top.shard(),
         };
         shards.push(spawn_watched(format!("shard-{i}"), core, halt, move || {
             run_shard(Correlator::new(cfg), ctx);
@@ -247,11 +308,15 @@ struct ShardContext {
     index: usize,
     out: Sender<Vec<u8>>,
     renderer: Renderer,
-    log: LogFilter,
+    policy: LinePolicy,
     shared: Shared,
+    stats: ThreadStats,
+    heartbeat: Arc<Heartbeat>,
+    top: ShardTop,
 }
 
-/// Counts every finished session, renders the ones `--log` wants into a batch for the writer.
+/// Counts every finished session, renders the ones `--log` and `--sample-succeeded` want
+/// into a batch for the writer.
 struct LineSink {
     batch: Vec<u8>,
     out: Sender<Vec<u8>>,
@@ -259,14 +324,31 @@ struct LineSink {
     /// session is still counted.
     writer_gone: bool,
     renderer: Renderer,
-    log: LogFilter,
+    policy: LinePolicy,
     metrics: Arc<Metrics>,
+    /// The live metrics of this shard, and the upstream attempts of the session at hand
+    /// (reused, so counting a session allocates nothing).
+    stats: ThreadStats,
+    attempts: Vec<Attempt>,
+    heartbeat: Arc<Heartbeat>,
+    /// This shard's part of `/top`, and the buffers a Failed session is described in.
+    top: ShardTop,
+    top_qname: Vec<u8>,
+    top_upstreams: Vec<SocketAddr>,
 }
 
 impl correlate::SessionSink for LineSink {
     fn session(&mut self, s: &Session, v: Verdict, store: &MessageStore) {
         self.metrics.session(&v);
-        if self.log.allows(v.status) && !self.writer_gone {
+        upstream_attempts(s, store, &mut self.attempts);
+        let facts = self.attempts.iter().map(Attempt::fact);
+        let cause = self
+            .stats
+            .record_session(s.source, &v, client_latency(s), facts);
+        if v.status == correlate::Status::Failed {
+            self.record_top_failure(s, store, cause);
+        }
+        if !self.writer_gone && self.policy.prints(s, &v) {
             self.renderer.render(s, &v, store, &mut self.batch);
             self.metrics
                 .sessions_printed
@@ -278,6 +360,40 @@ impl correlate::SessionSink for LineSink {
 }
 
 impl LineSink {
+    /// Counts a Failed session into `/top`: its qname and client from the first client-side
+    /// message that has them (as the rendered line shows them), and the upstreams it tried.
+    fn record_top_failure(&mut self, s: &Session, store: &MessageStore, cause: Cause) {
+        let (mut qname, mut client) = (false, None);
+        for m in &s.messages {
+            let Some(f) = dnstap::scan_message(store.get(m.bytes)) else {
+                continue;
+            };
+            if client.is_none() && matches!(m.role, Role::ClientQuery | Role::ClientResponse) {
+                client = dnstap::socket(f.query_address, f.query_port).map(|a| a.ip());
+            }
+            let wire = if m.role.is_response() {
+                f.response_message
+            } else {
+                f.query_message
+            };
+            qname = qname
+                || wire.is_some_and(|w| crate::output::question_name_into(w, &mut self.top_qname));
+        }
+        self.top_upstreams.clear();
+        let tried = self.attempts.iter().filter_map(|a| a.upstream);
+        self.top_upstreams.extend(tried);
+        let failure = Failure {
+            cause,
+            qname: qname
+                .then(|| std::str::from_utf8(&self.top_qname).ok())
+                .flatten(),
+            client,
+            upstreams: &self.top_upstreams,
+        };
+        let at = self.top.since_origin(Instant::now());
+        self.top.record(at, &failure);
+    }
+
     /// Hands the batch to the writer when it is big enough, or when `force`d (each tick, so
     /// lines never wait long at low rates). A send fails only once the writer has returned,
     /// which also wakes a send blocked on the full channel.
@@ -291,25 +407,123 @@ impl LineSink {
                 self.writer_gone = true;
                 self.batch = Vec::new();
             }
+            // A batch handed over is progress, also in the middle of a long flush.
+            self.heartbeat.beat(Instant::now(), true);
         }
+    }
+}
+
+/// CQ → CR: the CR's response_time minus the CQ's query_time, when both are known.
+fn client_latency(s: &Session) -> Option<Nanos> {
+    let q = s.cq_time()?;
+    let r = s
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == Role::ClientResponse)?
+        .time()?;
+    r.checked_sub(q)
+}
+
+/// One upstream attempt of a finished session, as the metrics count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Attempt {
+    upstream: Option<SocketAddr>,
+    query_time: Option<Nanos>,
+    answered: bool,
+    rcode: Option<u8>,
+    rtt: Option<Nanos>,
+}
+
+impl Attempt {
+    fn fact(&self) -> AttemptFact {
+        AttemptFact {
+            upstream: self.upstream,
+            outcome: AttemptOutcome::of(self.answered, self.rcode.map(u16::from)),
+            rtt: self.rtt,
+        }
+    }
+}
+
+/// Pairs the session's upstream queries with their responses the way the rendered line does
+/// (same upstream, and the same query_time where the sender copies it, else the oldest open
+/// attempt), into `out`. Addresses and times come from the stored bytes through the hot
+/// path's wire scan, not a decode: this runs for every session, printed or not.
+fn upstream_attempts(s: &Session, store: &MessageStore, out: &mut Vec<Attempt>) {
+    out.clear();
+    for m in &s.messages {
+        if !matches!(m.role, Role::UpstreamQuery | Role::UpstreamResponse) {
+            continue;
+        }
+        let f = dnstap::scan_message(store.get(m.bytes)).unwrap_or_default();
+        let upstream = dnstap::socket(f.response_address, f.response_port);
+        let query_time = dnstap::time(f.query_time_sec, f.query_time_nsec);
+        if m.role == Role::UpstreamQuery {
+            out.push(Attempt {
+                upstream,
+                query_time,
+                answered: false,
+                rcode: None,
+                rtt: None,
+            });
+            continue;
+        }
+        answer(m, upstream, query_time, &f, out);
+    }
+}
+
+/// Records an upstream response: on the open attempt it answers, or as an attempt of its own.
+fn answer(
+    m: &Message,
+    upstream: Option<SocketAddr>,
+    query_time: Option<Nanos>,
+    f: &dnstap::MessageFields<'_>,
+    out: &mut Vec<Attempt>,
+) {
+    let response_time = dnstap::time(f.response_time_sec, f.response_time_nsec);
+    let answered = Attempt {
+        upstream,
+        query_time,
+        answered: true,
+        rcode: m.rcode,
+        rtt: query_time
+            .zip(response_time)
+            .and_then(|(q, r)| r.checked_sub(q)),
+    };
+    let open = |a: &Attempt| !a.answered && a.upstream == upstream;
+    let i = out
+        .iter()
+        .position(|a| open(a) && a.query_time == query_time)
+        .or_else(|| out.iter().position(open));
+    match i {
+        Some(i) => out[i] = answered,
+        None => out.push(answered),
     }
 }
 
 fn run_shard(mut corr: Correlator, ctx: ShardContext) {
     let board = ctx.shared.board.clone();
+    let metrics = ctx.shared.metrics.clone();
     let mut sink = LineSink {
         batch: Vec::with_capacity(writer::BATCH_BYTES + 4096),
         out: ctx.out,
         writer_gone: false,
         renderer: ctx.renderer,
-        log: ctx.log,
+        policy: ctx.policy,
         metrics: ctx.shared.metrics.clone(),
+        stats: ctx.stats,
+        attempts: Vec::new(),
+        heartbeat: ctx.heartbeat,
+        top: ctx.top,
+        top_qname: Vec::new(),
+        top_upstreams: Vec::new(),
     };
     let mut last_tick = Instant::now();
     loop {
         let input = ctx.rx.recv_timeout(TICK);
-        // One clock read per burst: the wall clock only drives the idle flush.
+        // One clock read per burst: the wall clock drives the idle flush and the heartbeat.
         let now = Instant::now();
+        sink.heartbeat.beat(now, true);
         match input {
             Ok(ShardInput::Events(batch)) => {
                 ctx.depths[ctx.index].fetch_sub(batch.events.len() as u64, Relaxed);
@@ -325,11 +539,25 @@ fn run_shard(mut corr: Correlator, ctx: ShardContext) {
         if tick {
             last_tick = now;
             corr.on_tick(now, |s| board.get(s), &mut sink);
+            publish(&mut corr, &mut sink.stats, &metrics);
+            sink.top.publish(sink.top.since_origin(now));
         }
         sink.hand_over(tick);
+        sink.heartbeat.beat(now, false);
     }
     corr.flush(|s| board.get(s), &mut sink);
     sink.hand_over(true);
+    publish(&mut corr, &mut sink.stats, &metrics);
+}
+
+/// Once per tick: what the correlator could not keep, its open sessions, and the counts.
+fn publish(corr: &mut Correlator, stats: &mut ThreadStats, metrics: &Metrics) {
+    let discarded = corr.take_discarded();
+    if discarded > 0 {
+        metrics.discard(Discard::SessionTableFull, discarded);
+    }
+    stats.set_open_sessions(corr.open_sessions() as u64);
+    stats.publish();
 }
 
 /// `read FILE...`: the whole pipeline over files into `sink`, then exit. The files are
@@ -342,7 +570,9 @@ pub fn read_files(
     metrics: Arc<Metrics>,
 ) -> Result<Vec<file::FileError>, Error> {
     let halt = Arc::new(AtomicBool::new(false));
-    let backend = start_backend(s, sink, metrics.clone(), &halt);
+    let live = Live::start(s, metrics.clone())?;
+    let telemetry = live.telemetry.clone();
+    let backend = start_backend(s, sink, &telemetry, &halt);
     let mut router = Router::new(
         backend.senders.clone(),
         backend.depths.clone(),
@@ -350,9 +580,26 @@ pub fn read_files(
         true,
         metrics,
     );
-    let errors = file::read_files(paths, &backend.shared, &mut router);
-    drop(router);
-    if let Err(e) = backend.finish() {
+    let mut stats = telemetry.thread_stats(ThreadKind::Reader(0));
+    let heartbeat = telemetry.health.stage("reader-0", None);
+    let mut published = Instant::now();
+    // Reading files is this run's way of accepting dnstap.
+    telemetry.health.set_listening();
+    let errors = file::read_files(paths, &backend.shared, &mut router, &mut |c| {
+        c.record(&mut stats);
+        let now = Instant::now();
+        heartbeat.beat(now, true);
+        if now.duration_since(published) >= TICK {
+            published = now;
+            stats.publish();
+        }
+    });
+    heartbeat.beat(Instant::now(), false);
+    drop((router, stats));
+    telemetry.health.set_draining();
+    let finished = backend.finish();
+    live.stop();
+    if let Err(e) = finished {
         // The failure is the result; the unreadable files must not go unsaid.
         for f in &errors {
             eprintln!("dnstap-analyser: {f}");
@@ -387,9 +634,11 @@ pub fn serve(
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?,
         );
     }
+    let live = Live::start(s, metrics.clone())?;
+    let telemetry = live.telemetry.clone();
     let names: Vec<String> = listen.iter().map(|l| l.to_string()).collect();
     eprintln!("dnstap-analyser: listening on {}", names.join(", "));
-    let backend = start_backend(s, sink, metrics.clone(), &shutdown);
+    let backend = start_backend(s, sink, &telemetry, &shutdown);
     let limits = ConnectionLimits {
         max_connections: s.max_connections,
         handshake_timeout: s.handshake_timeout,
@@ -397,10 +646,12 @@ pub fn serve(
         frame_buffer_budget: s.frame_buffer_budget,
     };
     let slots = Arc::new(Slots::new(limits, s.readers.max(1)));
+    let open = slots.clone();
+    telemetry.set_connections_open(Box::new(move || open.open() as u64));
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut readers = Vec::new();
     let mut handles = Vec::new();
-    for _ in 0..s.readers.max(1) {
+    for i in 0..s.readers.max(1) {
         let router = Router::new(
             backend.senders.clone(),
             backend.depths.clone(),
@@ -408,12 +659,16 @@ pub fn serve(
             false,
             metrics.clone(),
         );
-        let (reader, handle) = Reader::new(
+        let (mut reader, handle) = Reader::new(
             backend.shared.clone(),
             router,
             shutdown.clone(),
             slots.clone(),
         )?;
+        reader.instrument(
+            telemetry.thread_stats(ThreadKind::Reader(i)),
+            telemetry.health.stage(format!("reader-{i}"), None),
+        );
         readers.push(reader);
         handles.push(handle);
     }
@@ -433,8 +688,16 @@ pub fn serve(
             })
         })
         .collect();
+    // The listeners are registered with reader 0, which now runs: connections are accepted.
+    telemetry.health.set_listening();
+    // A panicking thread sets the flag too, so this wait ends whatever stops the run.
+    while !shutdown.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    telemetry.health.set_draining();
     let readers: Vec<Error> = threads.into_iter().filter_map(|t| t.join().err()).collect();
     let backend = backend.finish();
+    live.stop();
     first_failure(readers.into_iter().chain(backend.err()))
 }
 
@@ -463,7 +726,10 @@ mod tests {
             frame_buffer_budget: 64 << 20,
             tls: None,
             log: LogFilter::ALL,
+            lines: LineOptions::default(),
             format: Format::Json,
+            metrics_listen: None,
+            telemetry: TelemetryConfig::default(),
         }
     }
 

@@ -267,6 +267,13 @@ fn flag_cases() -> Vec<(&'static str, Json, Vec<&'static str>)> {
             vec!["--log=failed,sampleloss"],
         ),
         ("format", json!("text"), vec!["--format=text"]),
+        (
+            "sample-succeeded",
+            json!(0.01),
+            vec!["--sample-succeeded=0.01"],
+        ),
+        ("messages", json!("failed"), vec!["--messages=failed"]),
+        ("stats-interval", json!("60s"), vec!["--stats-interval=60s"]),
     ]
 }
 
@@ -458,7 +465,8 @@ fn all_options_values() -> Json {
             "sessionTimeout": 30, "orphanGrace": 3, "maxSessions": 4000000,
             "maxConnections": 256, "maxFrameSize": 2097152,
             "handshakeTimeout": 10, "idleTimeout": 600, "frameBufferBudget": 134217728,
-            "log": ["failed", "sampleloss"], "format": "text"
+            "log": ["failed", "sampleloss"], "format": "text",
+            "sampleSucceeded": 0.01, "messages": "failed", "statsInterval": 60
         },
         "service": {"name": SERVICE, "port": PORT, "clusterIP": "10.96.12.34",
                     "annotations": {"example.com/owner": "dns-team"}},
@@ -972,6 +980,18 @@ fn chart_rejects_bad_values() {
         ("not-a-number", json!({"analyser": {"shards": "many"}})),
         ("zero-readers", json!({"analyser": {"readers": 0}})),
         ("unknown-log", json!({"analyser": {"log": ["everything"]}})),
+        (
+            "rate-above-one",
+            json!({"analyser": {"sampleSucceeded": 1.5}}),
+        ),
+        (
+            "unknown-messages",
+            json!({"analyser": {"messages": "some"}}),
+        ),
+        (
+            "interval-in-days",
+            json!({"analyser": {"statsInterval": "1d"}}),
+        ),
         (
             "bad-listen",
             json!({"analyser": {"listen": ["0.0.0.0:6000"]}}),

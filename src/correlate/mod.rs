@@ -34,8 +34,6 @@ const MAX_MESSAGES: usize = 64;
 /// attempt) loses to any plausible time-distance match.
 const EXACT_MATCH: u64 = 0;
 const FALLBACK_MATCH: u64 = 1 << 62;
-/// Slack for matching times: BIND stamps milliseconds, unbound stamps FR before its FQ.
-const TIME_SLACK: Nanos = 2_000_000;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -355,7 +353,7 @@ impl Correlator {
             }
             let same_client = client == 0 || s.client == 0 || client == s.client;
             let cq = s.cq_time().unwrap_or(s.first_time);
-            (same_client && id == s.dns_id && cq <= t.saturating_add(TIME_SLACK))
+            (same_client && id == s.dns_id && cq <= t.saturating_add(ev.profile.time_slack()))
                 .then(|| t.saturating_sub(cq))
         });
         let slot = match found {
@@ -413,7 +411,7 @@ impl Correlator {
                 });
             }
             let start = s.cq_time().unwrap_or(s.first_time);
-            (start <= t.saturating_add(TIME_SLACK)).then(|| t.saturating_sub(start))
+            (start <= t.saturating_add(ev.profile.time_slack())).then(|| t.saturating_sub(start))
         });
         let slot = match found {
             Some(slot) => slot,
@@ -660,14 +658,15 @@ fn strip_query_of(
 
 /// Whether a CQ explains an orphan opened by its own response or upstream leg.
 fn explains_orphan(cq: &Event, client: u32, t: Nanos, orphan: &Session) -> bool {
+    let slack = cq.profile.time_slack();
     let client_ok = orphan.client == 0 || orphan.client == client;
     let id_ok = orphan.dns_id.is_none() || orphan.dns_id == cq.question.map(|q| q.id);
     let cr_time_ok = orphan
         .messages
         .iter()
         .filter(|m| m.role == Role::ClientResponse)
-        .all(|m| m.time().is_none_or(|rt| rt.saturating_add(TIME_SLACK) >= t));
-    client_ok && id_ok && cr_time_ok && orphan.first_time.saturating_add(TIME_SLACK) >= t
+        .all(|m| m.time().is_none_or(|rt| rt.saturating_add(slack) >= t));
+    client_ok && id_ok && cr_time_ok && orphan.first_time.saturating_add(slack) >= t
 }
 
 #[cfg(test)]

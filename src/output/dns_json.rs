@@ -220,6 +220,20 @@ pub fn presentation<Octs: AsRef<[u8]>>(name: &ParsedName<Octs>) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The first question's name of a DNS message, as `presentation` spells it, into `out`
+/// (cleared first; reused, so the caller allocates once). False without a parseable question.
+pub fn question_name_into(wire: &[u8], out: &mut Vec<u8>) -> bool {
+    out.clear();
+    let Ok(msg) = domain::base::Message::from_octets(wire) else {
+        return false;
+    };
+    let Some(q) = msg.first_question() else {
+        return false;
+    };
+    presentation_into(out, q.qname(), b"\\", b"\"");
+    true
+}
+
 /// `backslash` and `quote` are how the escape character and a quote are spelled.
 fn presentation_into<Octs: AsRef<[u8]>>(
     out: &mut Vec<u8>,
@@ -272,6 +286,16 @@ pub fn hex(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_question_name_is_written_into_a_reused_buffer() {
+        let mut buf = b"left over".to_vec();
+        let query = crate::dns::tests::query(&["www", "Example", "test"], 7);
+        assert!(question_name_into(&query, &mut buf));
+        assert_eq!(buf, b"www.Example.test.");
+        assert!(!question_name_into(&query[..14], &mut buf));
+        assert!(buf.is_empty());
+    }
 
     #[test]
     fn names_are_escaped_for_presentation_and_for_json() {

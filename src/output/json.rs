@@ -132,6 +132,15 @@ impl<'a> Json<'a> {
         });
     }
 
+    /// A finite number in its shortest form (`0.01`, never an exponent); null otherwise.
+    pub fn float(&mut self, v: f64) {
+        if !v.is_finite() {
+            return self.null();
+        }
+        self.sep();
+        let _ = write!(Fmt(self.out), "{v}");
+    }
+
     pub fn bool(&mut self, v: bool) {
         self.sep();
         self.out

@@ -3,10 +3,15 @@
 
 mod dns_json;
 pub mod json;
+pub mod policy;
 pub mod sink;
+pub mod stats;
 mod text;
 pub mod writer;
 
+/// The qname of a stored message, for consumers other than the renderer (`/top`).
+pub use dns_json::question_name_into;
+pub use policy::{LineOptions, LinePolicy, Messages, SampleRate};
 pub use sink::{Flow, Sink, WriteSink};
 
 use crate::correlate::{BitMap, MessageStore, Session, Status, Verdict};
@@ -131,15 +136,30 @@ impl Decoded<'_> {
 pub struct Renderer {
     format: Format,
     sources: Arc<SourceRegistry>,
+    options: LineOptions,
 }
 
 impl Renderer {
     pub fn new(format: Format, sources: Arc<SourceRegistry>) -> Self {
-        Self { format, sources }
+        Self {
+            format,
+            sources,
+            options: LineOptions::default(),
+        }
+    }
+
+    /// Lines that say their sample rate and carry the messages only where `options` wants.
+    pub fn with_options(self, options: LineOptions) -> Self {
+        Self { options, ..self }
     }
 
     /// Appends one line (with its newline) for the session to `out`.
     pub fn render(&self, s: &Session, v: &Verdict, store: &MessageStore, out: &mut Vec<u8>) {
+        let with_messages = self.options.messages.rendered_for(v.status);
+        // Only Succeeded lines are sampled; the others are all printed (rate 1).
+        let sample_rate = (v.status == Status::Succeeded
+            && !self.options.sample_succeeded.keeps_all())
+        .then(|| self.options.sample_succeeded.rate());
         let mut decoded: Vec<Decoded<'_>> = s
             .messages
             .iter()
@@ -153,18 +173,8 @@ impl Renderer {
                 }
             })
             .collect();
-        // Upstream queries stored without the client's query get it back from the CQ.
-        let cq_query = decoded
-            .iter()
-            .find(|d| d.role == Role::ClientQuery)
-            .and_then(|d| d.msg.as_ref().ok())
-            .and_then(|m| m.query_message.clone());
-        let from_cq =
-            |d: &&mut Decoded<'_>| d.flags & crate::correlate::Message::QUERY_FROM_CQ != 0;
-        for d in decoded.iter_mut().filter(from_cq) {
-            if let Ok(m) = &mut d.msg {
-                m.query_message = cq_query.clone();
-            }
+        if with_messages {
+            restore_upstream_queries(&mut decoded);
         }
         let facts = Facts::gather(s, &decoded, &self.sources);
         let diagnosis = diagnose(s, v, &facts);
@@ -174,22 +184,27 @@ impl Renderer {
                 j.begin_object();
                 j.field_str("status", v.status.name());
                 j.field_uint("bitmap", v.bitmap.0 as u64);
+                if let Some(rate) = sample_rate {
+                    j.key("sample_rate");
+                    j.float(rate);
+                }
                 j.field_str("diagnosis", &diagnosis);
                 write_summary_fields(&mut j, s, v, &facts);
-                j.key("messages");
-                write_messages(&mut j, &decoded);
+                if with_messages {
+                    j.key("messages");
+                    write_messages(&mut j, &decoded);
+                }
                 j.end_object();
             }
             Format::Text => {
                 use std::io::Write;
                 // Every string a sender controls goes through `text::escape_into`: one
                 // physical line per session, whatever the identity or the name holds.
-                let _ = write!(
-                    out,
-                    "Status: {} BitMap: {} Identity: ",
-                    v.status.name(),
-                    v.bitmap.0
-                );
+                let _ = write!(out, "Status: {} BitMap: {}", v.status.name(), v.bitmap.0);
+                if let Some(rate) = sample_rate {
+                    let _ = write!(out, " SampleRate: {rate}");
+                }
+                out.extend_from_slice(b" Identity: ");
                 text::escape_into(out, &facts.identity);
                 let _ = write!(
                     out,
@@ -220,11 +235,29 @@ impl Renderer {
                         inc.cause.name()
                     );
                 }
-                out.extend_from_slice(b" Messages: ");
-                write_messages(&mut Json::new(out), &decoded);
+                if with_messages {
+                    out.extend_from_slice(b" Messages: ");
+                    write_messages(&mut Json::new(out), &decoded);
+                }
             }
         }
         out.push(b'\n');
+    }
+}
+
+/// Upstream queries stored without the client's query (the flag QUERY_FROM_CQ) get it back
+/// from the CQ, for the messages list. The facts of the line do not need it.
+fn restore_upstream_queries(decoded: &mut [Decoded<'_>]) {
+    let cq_query = decoded
+        .iter()
+        .find(|d| d.role == Role::ClientQuery)
+        .and_then(|d| d.msg.as_ref().ok())
+        .and_then(|m| m.query_message.clone());
+    let from_cq = |d: &&mut Decoded<'_>| d.flags & crate::correlate::Message::QUERY_FROM_CQ != 0;
+    for d in decoded.iter_mut().filter(from_cq) {
+        if let Ok(m) = &mut d.msg {
+            m.query_message = cq_query.clone();
+        }
     }
 }
 
@@ -671,6 +704,16 @@ mod tests {
     /// Renders the sessions of a capture as sent by `identity`; `cq_bytes` replaces what is
     /// stored for the client query.
     fn render(fixture: &str, identity: &str, format: Format, cq_bytes: Option<&[u8]>) -> String {
+        render_with(fixture, identity, format, cq_bytes, LineOptions::default())
+    }
+
+    fn render_with(
+        fixture: &str,
+        identity: &str,
+        format: Format,
+        cq_bytes: Option<&[u8]>,
+        options: LineOptions,
+    ) -> String {
         let path = format!(
             "{}/tests/fixtures/coredns/{fixture}",
             env!("CARGO_MANIFEST_DIR")
@@ -678,7 +721,7 @@ mod tests {
         let mut buf = bytes::BytesMut::from(&std::fs::read(path).unwrap()[..]);
         let sources = Arc::new(SourceRegistry::default());
         let source = sources.intern(identity.as_bytes(), b"CoreDNS-1.10.1");
-        let renderer = Renderer::new(format, sources);
+        let renderer = Renderer::new(format, sources).with_options(options);
         let mut corr = Correlator::new(Config {
             idle_flush: false,
             ..Config::default()
@@ -770,5 +813,68 @@ mod tests {
         assert_eq!(json[0]["qname"], messages[0]["dns"]["question"][0]["name"]);
         let text = render(HOSTS, "vm", Format::Text, None);
         assert!(text.contains(" Question: internal.test. A IN "), "{text}");
+    }
+
+    fn sampled(rate: f64, messages: Messages) -> LineOptions {
+        LineOptions {
+            sample_succeeded: SampleRate::new(rate).unwrap(),
+            messages,
+        }
+    }
+
+    #[test]
+    fn a_sampled_succeeded_text_line_says_its_rate_and_may_leave_the_messages_out() {
+        let line = render_with(
+            HOSTS,
+            "vm",
+            Format::Text,
+            None,
+            sampled(0.25, Messages::Failed),
+        );
+        assert!(
+            line.starts_with("Status: Succeeded BitMap: 3 SampleRate: 0.25 Identity: vm "),
+            "{line}"
+        );
+        assert!(!line.contains("Messages:"), "{line}");
+        assert!(line.contains(" Rcode: NOERROR Latency: "), "{line}");
+        let all = render_with(HOSTS, "vm", Format::Text, None, sampled(1.0, Messages::All));
+        assert!(all.starts_with("Status: Succeeded BitMap: 3 Identity: vm "));
+        assert!(all.contains(" Messages: [{"), "{all}");
+    }
+
+    #[test]
+    fn a_failed_line_is_not_sampled_and_keeps_its_messages_unless_none() {
+        let options = sampled(0.25, Messages::Failed);
+        let failed = json_lines(&render_with(
+            "e_servfail.fstrm",
+            "vm",
+            Format::Json,
+            None,
+            options,
+        ));
+        assert_eq!(failed[0]["status"], "Failed");
+        assert!(failed[0].get("sample_rate").is_none(), "{}", failed[0]);
+        assert!(failed[0]["messages"]
+            .as_array()
+            .is_some_and(|m| !m.is_empty()));
+        let options = sampled(0.25, Messages::None);
+        let bare = json_lines(&render_with(
+            "e_servfail.fstrm",
+            "vm",
+            Format::Json,
+            None,
+            options,
+        ));
+        assert!(bare[0].get("messages").is_none(), "{}", bare[0]);
+        // Everything but the messages is the same line.
+        let mut full = failed[0].clone();
+        full.as_object_mut().unwrap().remove("messages");
+        assert_eq!(bare[0], full);
+        let text = render_with("e_servfail.fstrm", "vm", Format::Text, None, options);
+        assert!(
+            text.starts_with("Status: Failed BitMap: 15 Identity: vm "),
+            "{text}"
+        );
+        assert!(!text.contains("Messages:"), "{text}");
     }
 }

@@ -130,6 +130,18 @@ int64 so that large values (maxSessions: 2000000) are not printed in float notat
 {{- if not (kindIs "invalid" $a.frameBufferBudget) }}
 - {{ printf "--frame-buffer-budget=%d" (int64 $a.frameBufferBudget) | quote }}
 {{- end }}
+{{- if not (kindIs "invalid" $a.sampleSucceeded) }}
+- {{ printf "--sample-succeeded=%v" $a.sampleSucceeded | quote }}
+{{- end }}
+{{- if $a.messages }}
+- {{ printf "--messages=%s" $a.messages | quote }}
+{{- end }}
+{{- /* --stats-interval: a duration ("60s") as given, or whole seconds. */}}
+{{- if kindIs "string" $a.statsInterval }}
+- {{ printf "--stats-interval=%s" $a.statsInterval | quote }}
+{{- else if not (kindIs "invalid" $a.statsInterval) }}
+- {{ printf "--stats-interval=%d" (int64 $a.statsInterval) | quote }}
+{{- end }}
 {{- /* --metrics-listen only when it differs from the analyser's default 0.0.0.0:9435. */}}
 {{- if not .Values.metrics.enabled }}
 - "--metrics-listen=none"

@@ -1,0 +1,6 @@
+//! AFL++ entry point: `cargo afl fuzz ... target/release/framestream` (see fuzz/smoke.sh).
+fn main() {
+    afl::fuzz!(|data: &[u8]| {
+        dnstap_analyser_fuzz::framestream::check(data);
+    });
+}
