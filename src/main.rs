@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 use dnstap_analyser::correlate;
 use dnstap_analyser::ingest::net::ListenAddr;
+use dnstap_analyser::ingest::tls::TlsFiles;
 use dnstap_analyser::metrics::Metrics;
 use dnstap_analyser::output::{Format, LogFilter, WriteSink};
 use dnstap_analyser::pipeline::{self, Settings};
@@ -28,7 +29,8 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// Where to accept Frame Streams senders: tcp://HOST:PORT or unix:///PATH. Repeat for several listeners.
+    /// Where to accept Frame Streams senders: tcp://HOST:PORT, tls://HOST:PORT (needs
+    /// --tls-cert and --tls-key) or unix:///PATH. Repeat for several listeners.
     #[arg(
         long,
         global = true,
@@ -98,6 +100,20 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 64 << 20, value_name = "BYTES")]
     frame_buffer_budget: usize,
 
+    /// PEM certificate chain the tls:// listeners present (server certificate first). Reread
+    /// when the file changes: new connections get the new one, open ones keep theirs.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1), reread with it.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates for mTLS: a tls:// sender must present a certificate they signed,
+    /// or it is refused (connections_closed.tls_client_cert). Without it no sender is asked.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
+
     /// Which sessions to print: all, failed, sampleloss, succeeded, or a comma list.
     #[arg(long, global = true, default_value = "all", value_parser = LogFilter::parse)]
     log: LogFilter,
@@ -134,6 +150,24 @@ fn seconds(name: &str, v: f64) -> Result<u64, String> {
     Ok((v * 1e9) as u64)
 }
 
+/// The TLS files, required when a listener is tls://.
+fn tls_files(cli: &Cli) -> Result<Option<TlsFiles>, String> {
+    let wanted = cli.listen.iter().any(|l| matches!(l, ListenAddr::Tls(_)));
+    match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: cli.tls_client_ca.clone(),
+        })),
+        (None, None) if !wanted && cli.tls_client_ca.is_none() => Ok(None),
+        _ => Err(
+            "TLS needs --listen tls://HOST:PORT with both --tls-cert and --tls-key \
+                  (--tls-client-ca adds mTLS)"
+                .into(),
+        ),
+    }
+}
+
 fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     Ok(Settings {
@@ -155,6 +189,7 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
         )?),
         idle_timeout: Duration::from_nanos(seconds("idle-timeout", cli.idle_timeout)?),
         frame_buffer_budget: cli.frame_buffer_budget.max(1),
+        tls: tls_files(cli)?,
         log: cli.log,
         format: cli.format,
     })

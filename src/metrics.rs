@@ -99,10 +99,16 @@ pub enum Disconnect {
     Shutdown,
     /// The analyser could not serve it (registering the socket failed).
     ServerError,
+    /// The TLS handshake failed: not TLS, nothing in common, or our certificate refused.
+    TlsHandshake,
+    /// mTLS: no client certificate, or one the client CA does not vouch for.
+    TlsClientCert,
+    /// TLS failed after the handshake: a corrupt record, a renegotiation pressed, a fatal alert.
+    TlsError,
 }
 
 impl Disconnect {
-    pub const ALL: [Disconnect; 8] = [
+    pub const ALL: [Disconnect; 11] = [
         Disconnect::Stopped,
         Disconnect::PeerClosed,
         Disconnect::BadStream,
@@ -111,6 +117,9 @@ impl Disconnect {
         Disconnect::FrameBudget,
         Disconnect::Shutdown,
         Disconnect::ServerError,
+        Disconnect::TlsHandshake,
+        Disconnect::TlsClientCert,
+        Disconnect::TlsError,
     ];
 
     pub fn name(self) -> &'static str {
@@ -123,6 +132,9 @@ impl Disconnect {
             Self::FrameBudget => "frame_budget",
             Self::Shutdown => "shutdown",
             Self::ServerError => "server_error",
+            Self::TlsHandshake => "tls_handshake",
+            Self::TlsClientCert => "tls_client_cert",
+            Self::TlsError => "tls_error",
         }
     }
 }
@@ -190,6 +202,11 @@ pub struct Metrics {
     pub sessions_by: [[AtomicU64; 16]; 3],
     pub sessions_printed: AtomicU64,
     discards: [AtomicU64; Discard::ALL.len()],
+    /// TLS handshakes completed (connections that got to Frame Streams over TLS).
+    pub tls_handshakes: AtomicU64,
+    /// Changed certificate files loaded, and changed ones that did not load (the old stay).
+    pub tls_cert_reloads: AtomicU64,
+    pub tls_cert_reload_errors: AtomicU64,
     log_limiter: Mutex<LogLimiter>,
 }
 
@@ -300,6 +317,11 @@ impl Metrics {
             "bitmap": bitmap,
             "status_bitmap": by,
             "dropped": dropped,
+            "tls": {
+                "handshakes": self.tls_handshakes.load(Relaxed),
+                "cert_reloads": self.tls_cert_reloads.load(Relaxed),
+                "cert_reload_errors": self.tls_cert_reload_errors.load(Relaxed),
+            },
         }})
         .to_string()
     }

@@ -11,6 +11,7 @@
 use crate::correlate::{self, Correlator, MessageStore, Session, Verdict};
 use crate::ingest::limits::{ConnectionLimits, Slots};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
+use crate::ingest::tls::{TlsAcceptor, TlsFiles};
 use crate::ingest::{file, LossBoard, QueueDepths, Router, ShardInput, Shared};
 use crate::metrics::Metrics;
 use crate::output::writer::{self, OutputError};
@@ -37,6 +38,8 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub frame_buffer_budget: usize,
+    /// Certificates of the `tls://` listeners; `None` when there are none.
+    pub tls: Option<TlsFiles>,
     pub log: LogFilter,
     pub format: Format,
 }
@@ -370,8 +373,17 @@ pub fn serve(
 ) -> Result<(), Error> {
     let mut listeners = Vec::new();
     for addr in listen {
+        let listener = match (addr, &s.tls) {
+            (ListenAddr::Tls(a), Some(files)) => TlsAcceptor::load(files, metrics.clone())
+                .map_err(|e| {
+                    let why = crate::metrics::ErrorChain(&e).to_string();
+                    io::Error::new(io::ErrorKind::InvalidInput, why)
+                })
+                .and_then(|acceptor| Listener::bind_tls(*a, acceptor)),
+            _ => Listener::bind(addr),
+        };
         listeners.push(
-            Listener::bind(addr)
+            listener
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?,
         );
     }
@@ -449,6 +461,7 @@ mod tests {
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(120),
             frame_buffer_budget: 64 << 20,
+            tls: None,
             log: LogFilter::ALL,
             format: Format::Json,
         }

@@ -7,6 +7,7 @@ pub mod limits;
 mod loss;
 pub mod net;
 mod router;
+pub mod tls;
 
 pub use loss::LossBoard;
 pub use router::{Batch, QueueDepths, Router, ShardInput, BATCH};

@@ -3,6 +3,7 @@
 //! The limits they enforce (connections, handshake, idle, frame budget) are in `limits`.
 
 use super::limits::Slots;
+use super::tls::{TlsAcceptor, TlsFailure, TlsStream};
 use super::{Router, Shared, StreamEnd, StreamIngest};
 use crate::metrics::{Discard, Disconnect};
 use bytes::BytesMut;
@@ -10,7 +11,7 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,10 +24,12 @@ const READ_CHUNK: usize = 256 << 10;
 const WAKER: Token = Token(usize::MAX);
 const FIRST_CONN: usize = 1 << 20;
 
-/// Where to listen: `tcp://host:port` or `unix:///path`.
+/// Where to listen: `tcp://host:port`, `tls://host:port` or `unix:///path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
     Tcp(std::net::SocketAddr),
+    /// Frame Streams inside TLS, with the certificate of `--tls-cert`.
+    Tls(std::net::SocketAddr),
     Unix(std::path::PathBuf),
 }
 
@@ -39,13 +42,23 @@ impl std::str::FromStr for ListenAddr {
             }
             return Ok(Self::Unix(path.into()));
         }
-        let addr = s.strip_prefix("tcp://").unwrap_or(s);
+        let (addr, tls) = match s.strip_prefix("tls://") {
+            Some(a) => (a, true),
+            None => (s.strip_prefix("tcp://").unwrap_or(s), false),
+        };
         use std::net::ToSocketAddrs;
-        addr.to_socket_addrs()
-            .map_err(|e| format!("{s:?} is not tcp://HOST:PORT or unix:///PATH ({e})"))?
+        let addr = addr
+            .to_socket_addrs()
+            .map_err(|e| {
+                format!("{s:?} is not tcp://HOST:PORT, tls://HOST:PORT or unix:///PATH ({e})")
+            })?
             .next()
-            .map(Self::Tcp)
-            .ok_or_else(|| format!("{s:?} resolves to no address"))
+            .ok_or_else(|| format!("{s:?} resolves to no address"))?;
+        Ok(if tls {
+            Self::Tls(addr)
+        } else {
+            Self::Tcp(addr)
+        })
     }
 }
 
@@ -53,6 +66,7 @@ impl std::fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Tcp(a) => write!(f, "tcp://{a}"),
+            Self::Tls(a) => write!(f, "tls://{a}"),
             Self::Unix(p) => write!(f, "unix://{}", p.display()),
         }
     }
@@ -60,13 +74,21 @@ impl std::fmt::Display for ListenAddr {
 
 pub enum Listener {
     Tcp(TcpListener),
+    Tls(TcpListener, Box<TlsAcceptor>),
     Unix(UnixListener, std::path::PathBuf),
 }
 
 impl Listener {
+    /// A plaintext listener; `tls://` needs its certificates: see `bind_tls`.
     pub fn bind(addr: &ListenAddr) -> io::Result<Self> {
         Ok(match addr {
             ListenAddr::Tcp(a) => Self::Tcp(TcpListener::bind(*a)?),
+            ListenAddr::Tls(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "tls:// needs --tls-cert and --tls-key",
+                ))
+            }
             ListenAddr::Unix(p) => {
                 clear_stale_socket(p)?;
                 Self::Unix(UnixListener::bind(p)?, p.clone())
@@ -74,12 +96,30 @@ impl Listener {
         })
     }
 
-    fn accept(&self) -> io::Result<(Stream, String)> {
+    /// A TLS listener on `addr` whose handshakes use `acceptor`'s certificates.
+    pub fn bind_tls(addr: std::net::SocketAddr, acceptor: TlsAcceptor) -> io::Result<Self> {
+        Ok(Self::Tls(TcpListener::bind(addr)?, Box::new(acceptor)))
+    }
+
+    fn source(&mut self) -> &mut dyn mio::event::Source {
+        match self {
+            Self::Tcp(l) | Self::Tls(l, _) => l,
+            Self::Unix(l, _) => l,
+        }
+    }
+
+    fn accept(&mut self) -> io::Result<(Stream, String)> {
         match self {
             Self::Tcp(l) => {
                 let (s, peer) = l.accept()?;
                 let _ = s.set_nodelay(true);
                 Ok((Stream::Tcp(s), peer.to_string()))
+            }
+            Self::Tls(l, acceptor) => {
+                let (s, peer) = l.accept()?;
+                let _ = s.set_nodelay(true);
+                let tls = acceptor.accept(s)?;
+                Ok((Stream::Tls(Box::new(tls)), format!("tls:{peer}")))
             }
             Self::Unix(l, path) => {
                 let (s, _) = l.accept()?;
@@ -137,6 +177,7 @@ impl Drop for Listener {
 
 enum Stream {
     Tcp(TcpStream),
+    Tls(Box<TlsStream>),
     Unix(UnixStream),
 }
 
@@ -144,17 +185,27 @@ impl Stream {
     fn source(&mut self) -> &mut dyn mio::event::Source {
         match self {
             Self::Tcp(s) => s,
+            Self::Tls(s) => s.socket(),
             Self::Unix(s) => s,
         }
     }
-}
 
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Appends what arrived to `buf`, decrypted if TLS; `Ok(0)` at the end of the stream.
+    fn read_into(
+        &mut self,
+        scratch: &mut [u8],
+        buf: &mut BytesMut,
+        metrics: &crate::metrics::Metrics,
+    ) -> io::Result<usize> {
         match self {
-            Self::Tcp(s) => s.read(buf),
-            Self::Unix(s) => s.read(buf),
+            Self::Tcp(s) => super::read_into(s, scratch, buf),
+            Self::Tls(s) => s.read_into(scratch, buf, metrics),
+            Self::Unix(s) => super::read_into(s, scratch, buf),
         }
+    }
+
+    fn is_tls_handshaking(&self) -> bool {
+        matches!(self, Self::Tls(s) if s.is_handshaking())
     }
 }
 
@@ -162,11 +213,16 @@ impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Self::Tcp(s) => s.write(buf),
+            Self::Tls(s) => s.write(buf),
             Self::Unix(s) => s.write(buf),
         }
     }
+    /// TLS records already made (handshake, encrypted replies) that wait for the socket.
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            Self::Tls(s) => s.flush(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -200,6 +256,7 @@ enum Ending {
     IdleTimeout,
     FrameBudget,
     Shutdown,
+    Tls(TlsFailure),
 }
 
 impl Ending {
@@ -212,6 +269,7 @@ impl Ending {
             Self::IdleTimeout => Disconnect::IdleTimeout,
             Self::FrameBudget => Disconnect::FrameBudget,
             Self::Shutdown => Disconnect::Shutdown,
+            Self::Tls(e) => e.counter(),
         }
     }
 }
@@ -300,18 +358,9 @@ impl Reader {
     ) -> io::Result<()> {
         self.listeners = listeners;
         for (i, l) in self.listeners.iter_mut().enumerate() {
-            let token = Token(i);
-            match l {
-                Listener::Tcp(l) => self
-                    .poll
-                    .registry()
-                    .register(l, token, Interest::READABLE)?,
-                Listener::Unix(l, _) => {
-                    self.poll
-                        .registry()
-                        .register(l, token, Interest::READABLE)?
-                }
-            }
+            self.poll
+                .registry()
+                .register(l.source(), Token(i), Interest::READABLE)?;
         }
         self.peers = peers;
         Ok(())
@@ -480,11 +529,15 @@ impl Reader {
         };
         let mut budget = READ_BUDGET;
         let end = loop {
-            let n = match super::read_into(&mut conn.stream, &mut self.scratch, &mut conn.buf) {
+            let metrics = &self.shared.metrics;
+            let n = match conn
+                .stream
+                .read_into(&mut self.scratch, &mut conn.buf, metrics)
+            {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
                 // CoreDNS resets right after FINISH; before STOP it is a lost stream.
-                Err(_) => break Some(Ending::PeerClosed),
+                Err(e) => break Some(TlsFailure::take(e).map_or(Ending::PeerClosed, Ending::Tls)),
             };
             if n == 0 {
                 break Some(Ending::PeerClosed);
@@ -564,9 +617,15 @@ impl Reader {
         let Some(conn) = self.conns.get_mut(&token) else {
             return;
         };
-        while !conn.out.is_empty() {
-            match conn.stream.write(&conn.out) {
-                Ok(n) => {
+        loop {
+            let written = if conn.out.is_empty() {
+                conn.stream.flush().map(|()| None)
+            } else {
+                conn.stream.write(&conn.out).map(Some)
+            };
+            match written {
+                Ok(None) => return,
+                Ok(Some(n)) => {
                     conn.out.drain(..n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -617,11 +676,21 @@ impl Reader {
                 // The handshake bytes it sent are what handshake_timeout counts.
                 conn.ingest.finish(StreamEnd::Closed, 0);
                 metrics.discard(Discard::HandshakeTimeout, 1);
+                let layer = match conn.stream.is_tls_handshaking() {
+                    true => "TLS",
+                    false => "Frame Streams",
+                };
                 metrics.warn(format_args!(
-                    "{peer}: no Frame Streams handshake within {}s (--handshake-timeout); \
+                    "{peer}: no {layer} handshake within {}s (--handshake-timeout); \
                      connection closed",
                     limits.handshake_timeout.as_secs_f64()
                 ));
+            }
+            Ending::Tls(e) => {
+                // A partial frame is lost with the stream; the TLS counter says why.
+                conn.ingest.finish(StreamEnd::Closed, held);
+                let why = crate::metrics::ErrorChain(e);
+                metrics.warn(format_args!("{peer}: {why}; connection closed"));
             }
             Ending::IdleTimeout => {
                 // Everything it sent was read: nothing is lost unless a frame was half done.
@@ -696,6 +765,7 @@ mod tests {
     use crate::ingest::limits::ConnectionLimits;
     use crate::ingest::{LossBoard, QueueDepths, ShardInput};
     use crate::metrics::Metrics;
+    use std::io::Read;
     use std::net::{Shutdown, SocketAddr, TcpStream as Client};
     use std::sync::atomic::AtomicU64;
     use std::thread::JoinHandle;
