@@ -228,7 +228,26 @@ plus one session timeout (an analyser that keeps up flushes the sessions of one 
 {{- define "dnstap-analyser.drainSeconds" -}}
 {{- $timeout := .Values.analyser.sessionTimeout }}
 {{- if kindIs "invalid" $timeout }}{{ $timeout = 10 }}{{ end }}
-{{- add (int64 .Values.preStopSleepSeconds) (int64 $timeout) }}
+{{- add (int64 .Values.preStopSleepSeconds) (include "dnstap-analyser.seconds" $timeout) }}
+{{- end }}
+
+{{/*
+Whole seconds (rounded up) of a duration value: a number of seconds, or a string such as "10",
+"500ms", "15s", "2m", "1h".
+*/}}
+{{- define "dnstap-analyser.seconds" -}}
+{{- $v := . }}
+{{- if kindIs "string" $v }}
+{{- $scale := 1.0 }}
+{{- if hasSuffix "ms" $v }}{{ $v = trimSuffix "ms" $v }}{{ $scale = 0.001 }}
+{{- else if hasSuffix "h" $v }}{{ $v = trimSuffix "h" $v }}{{ $scale = 3600.0 }}
+{{- else if hasSuffix "m" $v }}{{ $v = trimSuffix "m" $v }}{{ $scale = 60.0 }}
+{{- else }}{{ $v = trimSuffix "s" $v }}
+{{- end }}
+{{- mulf (float64 $v) $scale | ceil | int64 }}
+{{- else }}
+{{- $v | float64 | ceil | int64 }}
+{{- end }}
 {{- end }}
 
 {{/*
