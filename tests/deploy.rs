@@ -1645,7 +1645,7 @@ fn plain_monitoring_manifests_equal_the_chart() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// TLS, replicas and draining (issue #11; docs/kubernetes.md sections 6.2 and 6.3)
+// TLS, replicas and draining (issue #11; docs/kubernetes.md sections 6.3 and 6.4)
 
 const CERT_MANAGER_API: &str = "cert-manager.io/v1";
 /// The TLS variant of the plain manifests, and the cert-manager objects without Helm.
@@ -2150,7 +2150,7 @@ fn tls_header(values: &str, what: &str) -> String {
          # kube-system, values {values}): {what}\n\
          # tests/deploy.rs checks that both stay equal. Do not edit: change the chart, then run\n\
          #   {BLESS_TLS_ENV}=1 cargo test --release --test deploy plain_tls\n\
-         # Guide: docs/kubernetes.md, section 6.3.\n"
+         # Guide: docs/kubernetes.md, section 6.4.\n"
     )
 }
 
@@ -2181,7 +2181,7 @@ fn plain_tls_manifests_equal_the_chart() {
             tls_header(
                 "tls.certManager.enabled=true, issuerRef.name=dnstap-analyser-ca",
                 "the cert-manager\n# Certificate that writes the Secret dnstap-analyser-tls. Add the \
-                 Service's ClusterIP after applying\n# (docs/kubernetes.md 6.3, step 2): \
+                 Service's ClusterIP after applying\n# (docs/kubernetes.md 6.4, step 2): \
                  kubectl -n kube-system patch certificate dnstap-analyser ...",
             ),
         ),
@@ -2434,7 +2434,7 @@ fn stopping_pod_drains_within_its_grace_period() {
     }
 }
 
-/// The shell lines of the openssl recipe in docs/kubernetes.md 6.3 (the code block that makes
+/// The shell lines of the openssl recipe in docs/kubernetes.md 6.4 (the code block that makes
 /// the CA), without the kubectl line.
 fn documented_openssl_recipe() -> Vec<String> {
     let doc = read(&root().join("docs/kubernetes.md"));
