@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 use support::repo_root as root;
-use support::{analyser_bin, require_venv_tool, run_to_end, text};
+use support::{
+    alloc_port, analyser_bin, require_binary, require_venv_tool, run_to_end, tcp_listening, text,
+    wait_until, Analyser, TempDir,
+};
 
 /// Kubernetes versions whose schemas the objects must satisfy: the oldest release the chart is
 /// meant for that `kubernetes-validate` still ships, and a recent one.
@@ -228,6 +231,21 @@ fn flag_cases() -> Vec<(&'static str, Json, Vec<&'static str>)> {
             "listen",
             json!(["tcp://0.0.0.0:6001", "tcp://[::]:6001"]),
             vec!["--listen=tcp://0.0.0.0:6001", "--listen=tcp://[::]:6001"],
+        ),
+        (
+            "tls-cert",
+            json!("/certs/server.crt"),
+            vec!["--tls-cert=/certs/server.crt"],
+        ),
+        (
+            "tls-key",
+            json!("/certs/server.key"),
+            vec!["--tls-key=/certs/server.key"],
+        ),
+        (
+            "tls-client-ca",
+            json!("/certs/clients.crt"),
+            vec!["--tls-client-ca=/certs/clients.crt"],
         ),
         ("readers", json!(3), vec!["--readers=3"]),
         ("shards", json!(5), vec!["--shards=5"]),
@@ -631,7 +649,8 @@ fn check_objects(objs: &[Json], what: &str) {
     let args = args_of(objs);
     assert!(
         args.iter()
-            .any(|a| a == &format!("--listen=tcp://0.0.0.0:{PORT}")),
+            .any(|a| a == &format!("--listen=tcp://0.0.0.0:{PORT}")
+                || a == &format!("--listen=tls://0.0.0.0:{PORT}")),
         "{what}: the analyser must listen on {PORT}: {args:?}"
     );
 
@@ -1090,9 +1109,12 @@ fn container_args_are_accepted_by_the_binary() {
     let help = help_flags();
 
     let plain = args_of(&plain_objects());
+    let mut mtls = tls_secret_values();
+    mtls["tls"]["clientCA"] = json!(true);
     let rendered = render_cases(&[
         ("defaults", json!({})),
         ("all-options", all_options_values()),
+        ("mtls", mtls),
     ]);
     let sets = [
         ("plain manifests", plain),
@@ -1103,6 +1125,12 @@ fn container_args_are_accepted_by_the_binary() {
         (
             "chart with all options",
             args_of(&rendered[1].expect_ok().objects()),
+        ),
+        // Parsed only: `read` mode does not open the certificate files. The TLS listener with
+        // real files is `chart_tls_args_serve_the_documented_certificate`.
+        (
+            "chart with mTLS",
+            args_of(&rendered[2].expect_ok().objects()),
         ),
     ];
     for (what, args) in &sets {
@@ -1318,10 +1346,11 @@ fn metrics_args(objs: &[Json]) -> Vec<String> {
         .collect()
 }
 
-/// Writes the objects that Kubernetes' own schemas describe (not the operator's CRDs) to `dir`.
+/// Writes the objects that Kubernetes' own schemas describe (not the operator's or
+/// cert-manager's CRDs) to `dir`.
 fn write_core_objects(objs: &[Json], dir: &Path, case: &str) -> Vec<PathBuf> {
     objs.iter()
-        .filter(|o| o["apiVersion"] != OPERATOR_API)
+        .filter(|o| o["apiVersion"] != OPERATOR_API && o["apiVersion"] != CERT_MANAGER_API)
         .enumerate()
         .map(|(i, o)| {
             let file = dir.join(format!("{case}-{i}.yaml"));
@@ -1633,4 +1662,1030 @@ fn plain_monitoring_manifests_equal_the_chart() {
     assert_eq!(listed, expected, "files of {MONITORING_DIR}");
     // The ConfigMap is a core object: validate the plain file too.
     kubernetes_validate(&[dir.join("grafana-dashboard.yaml")], 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS, replicas and draining (issue #11; docs/kubernetes.md sections 6.3 and 6.4)
+
+const CERT_MANAGER_API: &str = "cert-manager.io/v1";
+/// The TLS variant of the plain manifests, and the cert-manager objects without Helm.
+const TLS_DIR: &str = "deploy/kubernetes/tls";
+/// Set to 1 to rewrite the generated files of TLS_DIR from the chart instead of comparing.
+const BLESS_TLS_ENV: &str = "DNSTAP_BLESS_TLS_MANIFESTS";
+const TLS_SECRET: &str = "dnstap-analyser-tls";
+const TLS_MOUNT: &str = "/etc/dnstap-analyser/tls";
+const CA_ISSUER: &str = "dnstap-analyser-ca";
+
+/// TLS from an existing Secret: the values `deploy/kubernetes/tls/dnstap-analyser.yaml` renders.
+fn tls_secret_values() -> Json {
+    json!({"tls": {"enabled": true, "existingSecret": TLS_SECRET}})
+}
+
+/// TLS from cert-manager, signed by the Issuer of `deploy/kubernetes/tls/ca-issuer.yaml`.
+fn tls_cert_manager_values() -> Json {
+    json!({"tls": {"enabled": true,
+                   "certManager": {"enabled": true, "issuerRef": {"name": CA_ISSUER}}}})
+}
+
+fn pod_spec(objs: &[Json]) -> Json {
+    at(find(objs, "Deployment"), "spec.template.spec").clone()
+}
+
+/// The pod of a TLS rendering: listens on tls:// only, gets the Secret's files as flags, and
+/// mounts the whole Secret read-only (never with subPath, which would freeze renewals).
+fn check_tls_pod(objs: &[Json], secret: &str, mount: &str, client_ca: bool, what: &str) {
+    let args = args_of(objs);
+    let listen: Vec<&String> = args.iter().filter(|a| a.starts_with("--listen")).collect();
+    assert_eq!(
+        listen,
+        [&format!("--listen=tls://0.0.0.0:{PORT}")],
+        "{what}: one TLS listener on the dnstap port"
+    );
+    let tls: Vec<&str> = args
+        .iter()
+        .filter(|a| a.starts_with("--tls-"))
+        .map(String::as_str)
+        .collect();
+    let mut expected = vec![
+        format!("--tls-cert={mount}/tls.crt"),
+        format!("--tls-key={mount}/tls.key"),
+    ];
+    if client_ca {
+        expected.push(format!("--tls-client-ca={mount}/ca.crt"));
+    }
+    assert_eq!(tls, expected, "{what}: TLS flags");
+
+    let c = container(objs);
+    assert_eq!(
+        c["volumeMounts"],
+        json!([{"name": "tls", "mountPath": mount, "readOnly": true}]),
+        "{what}: the Secret is mounted read-only as a directory, without subPath"
+    );
+    let pod = pod_spec(objs);
+    assert_eq!(
+        pod["volumes"],
+        json!([{"name": "tls", "secret": {"secretName": secret, "defaultMode": 0o440}}]),
+        "{what}: Secret volume"
+    );
+    assert_eq!(
+        pod["securityContext"]["fsGroup"], RUN_AS_USER,
+        "{what}: the Secret's files belong to the analyser's group"
+    );
+    assert_eq!(pod["securityContext"]["runAsGroup"], RUN_AS_USER);
+    // Same Service port and NetworkPolicy as plaintext: only the scheme changes.
+    check_objects(objs, what);
+}
+
+/// `2160h`, `1h30m`, `90s` -> seconds; None if it is not a Go duration.
+fn go_duration_secs(s: &str) -> Option<f64> {
+    let mut total = 0.0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .filter(|&n| n > 0)?;
+        let value: f64 = rest[..n].parse().ok()?;
+        rest = &rest[n..];
+        let (unit, scale) = [("ms", 0.001), ("h", 3600.0), ("m", 60.0), ("s", 1.0)]
+            .into_iter()
+            .find(|(u, _)| rest.starts_with(u))?;
+        rest = &rest[unit.len()..];
+        total += value * scale;
+    }
+    (total > 0.0).then_some(total)
+}
+
+fn keys_within(obj: &Json, allowed: &[&str], what: &str) {
+    let map = obj
+        .as_object()
+        .unwrap_or_else(|| panic!("{what}: not an object: {obj}"));
+    for k in map.keys() {
+        assert!(
+            allowed.contains(&k.as_str()),
+            "{what}: unknown field {k:?} (allowed: {allowed:?})"
+        );
+    }
+}
+
+fn check_cert_manager_meta(obj: &Json, kind: &str, what: &str) {
+    assert_eq!(obj["apiVersion"], CERT_MANAGER_API, "{what}: apiVersion");
+    assert_eq!(obj["kind"], kind, "{what}: kind");
+    keys_within(obj, &["apiVersion", "kind", "metadata", "spec"], what);
+    let name = obj["metadata"]["name"].as_str().expect("metadata.name");
+    assert!(
+        !name.is_empty()
+            && name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+        "{what}: name {name:?}"
+    );
+    assert_eq!(obj["metadata"]["namespace"], NAMESPACE, "{what}: namespace");
+}
+
+/// A cert-manager Certificate checked field by field against cert-manager.io/v1 (the CRD's
+/// schema is not available offline): known fields only, required ones present, enums, names and
+/// addresses well formed, renewal before the end.
+fn check_certificate(cert: &Json, what: &str) {
+    check_cert_manager_meta(cert, "Certificate", what);
+    let spec = &cert["spec"];
+    keys_within(
+        spec,
+        &[
+            "additionalOutputFormats",
+            "commonName",
+            "dnsNames",
+            "duration",
+            "emailAddresses",
+            "encodeUsagesInRequest",
+            "ipAddresses",
+            "isCA",
+            "issuerRef",
+            "keystores",
+            "literalSubject",
+            "nameConstraints",
+            "otherNames",
+            "privateKey",
+            "renewBefore",
+            "renewBeforePercentage",
+            "renewal",
+            "revisionHistoryLimit",
+            "secretName",
+            "secretTemplate",
+            "signatureAlgorithm",
+            "subject",
+            "uris",
+            "usages",
+        ],
+        &format!("{what}: spec"),
+    );
+    assert!(
+        spec["secretName"].as_str().is_some_and(|s| !s.is_empty()),
+        "{what}: spec.secretName is required"
+    );
+    let issuer = &spec["issuerRef"];
+    keys_within(
+        issuer,
+        &["name", "kind", "group"],
+        &format!("{what}: issuerRef"),
+    );
+    assert!(
+        issuer["name"].as_str().is_some_and(|s| !s.is_empty()),
+        "{what}: issuerRef.name is required"
+    );
+    if issuer["group"] == "cert-manager.io" {
+        assert!(
+            ["Issuer", "ClusterIssuer"].contains(&issuer["kind"].as_str().unwrap_or("")),
+            "{what}: issuerRef.kind {}",
+            issuer["kind"]
+        );
+    }
+    if let Some(key) = spec.get("privateKey") {
+        keys_within(
+            key,
+            &["algorithm", "encoding", "rotationPolicy", "size"],
+            what,
+        );
+        for (field, allowed) in [
+            ("algorithm", &["RSA", "ECDSA", "Ed25519"][..]),
+            ("encoding", &["PKCS1", "PKCS8"][..]),
+            ("rotationPolicy", &["Never", "Always"][..]),
+        ] {
+            if let Some(v) = key.get(field) {
+                assert!(
+                    allowed.contains(&v.as_str().unwrap_or("")),
+                    "{what}: privateKey.{field} {v}"
+                );
+            }
+        }
+        if key["algorithm"] == "ECDSA" {
+            assert!([256, 384, 521].contains(&key["size"].as_i64().unwrap_or(0)));
+        }
+    }
+    const USAGES: &[&str] = &[
+        "signing",
+        "digital signature",
+        "content commitment",
+        "key encipherment",
+        "key agreement",
+        "data encipherment",
+        "cert sign",
+        "crl sign",
+        "encipher only",
+        "decipher only",
+        "any",
+        "server auth",
+        "client auth",
+        "code signing",
+        "email protection",
+        "s/mime",
+        "ipsec end system",
+        "ipsec tunnel",
+        "ipsec user",
+        "timestamping",
+        "ocsp signing",
+        "microsoft sgc",
+        "netscape sgc",
+    ];
+    for u in spec["usages"].as_array().into_iter().flatten() {
+        assert!(
+            USAGES.contains(&u.as_str().unwrap_or("")),
+            "{what}: usage {u}"
+        );
+    }
+    for n in spec["dnsNames"].as_array().into_iter().flatten() {
+        let n = n.as_str().expect("dnsNames are strings");
+        assert!(
+            n.split('.').all(|l| !l.is_empty()
+                && l.len() <= 63
+                && l.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')),
+            "{what}: dnsName {n:?}"
+        );
+    }
+    for ip in spec["ipAddresses"].as_array().into_iter().flatten() {
+        let ip = ip.as_str().expect("ipAddresses are strings");
+        assert!(
+            ip.parse::<std::net::IpAddr>().is_ok(),
+            "{what}: ipAddress {ip:?}"
+        );
+    }
+    if let Some(t) = spec.get("secretTemplate") {
+        keys_within(t, &["labels", "annotations"], what);
+    }
+    let duration = spec["duration"]
+        .as_str()
+        .map(|d| go_duration_secs(d).unwrap_or_else(|| panic!("{what}: duration {d:?}")));
+    let renew = spec["renewBefore"]
+        .as_str()
+        .map(|d| go_duration_secs(d).unwrap_or_else(|| panic!("{what}: renewBefore {d:?}")));
+    if let Some(d) = duration {
+        assert!(d >= 3600.0, "{what}: cert-manager's minimum duration is 1h");
+    }
+    if let (Some(d), Some(r)) = (duration, renew) {
+        assert!(r < d, "{what}: renewBefore must be shorter than duration");
+    }
+}
+
+/// A cert-manager Issuer: exactly one kind of issuer, known fields.
+fn check_issuer(issuer: &Json, what: &str) {
+    check_cert_manager_meta(issuer, "Issuer", what);
+    let spec = issuer["spec"].as_object().expect("Issuer spec");
+    assert_eq!(spec.len(), 1, "{what}: one issuer type");
+    keys_within(
+        &issuer["spec"],
+        &["acme", "ca", "selfSigned", "vault", "venafi"],
+        what,
+    );
+    if let Some(ca) = spec.get("ca") {
+        keys_within(
+            ca,
+            &[
+                "crlDistributionPoints",
+                "issuingCertificateURLs",
+                "ocspServers",
+                "secretName",
+            ],
+            what,
+        );
+        assert!(ca["secretName"].is_string(), "{what}: ca.secretName");
+    }
+}
+
+#[test]
+fn chart_tls_values_mount_the_secret_and_reach_the_args() {
+    let mut mtls = tls_secret_values();
+    mtls["tls"]["clientCA"] = json!(true);
+    let mut full = tls_cert_manager_values();
+    full["tls"]["certManager"]["issuerRef"] = json!({"name": "corp-ca", "kind": "ClusterIssuer",
+                                                      "group": "cert-manager.io"});
+    full["tls"]["certManager"]["ipAddresses"] = json!(["fd00:10:96::12", "10.96.12.34"]);
+    full["tls"]["certManager"]["dnsNames"] = json!(["dnstap.example.com"]);
+    full["tls"]["certManager"]["secretName"] = json!("dnstap-cert");
+    full["tls"]["mountPath"] = json!("/run/tls");
+    full["service"] = json!({"name": SERVICE, "port": PORT, "clusterIP": "10.96.12.34"});
+    let cases: Vec<(&str, Json)> = vec![
+        ("secret", tls_secret_values()),
+        ("mtls", mtls),
+        ("cert-manager", tls_cert_manager_values()),
+        ("cert-manager-full", full),
+        // Own files: the flags only, no volume.
+        (
+            "own-files",
+            json!({"analyser": {"listen": ["tls://0.0.0.0:6000"], "tlsCert": "/own/c.pem",
+                                "tlsKey": "/own/k.pem"}}),
+        ),
+    ];
+    let rendered = render_cases(&cases);
+    let dir = scratch_dir("tls");
+    let by_name: BTreeMap<&str, Vec<Json>> = rendered
+        .iter()
+        .map(|r| (r.name.as_str(), r.expect_ok().objects()))
+        .collect();
+    for (name, objs) in &by_name {
+        let core = write_core_objects(objs, &dir, name);
+        let n = core.len();
+        kubernetes_validate(&core, n);
+    }
+
+    check_tls_pod(&by_name["secret"], TLS_SECRET, TLS_MOUNT, false, "secret");
+    assert!(
+        !by_name["secret"].iter().any(|o| o["kind"] == "Certificate"),
+        "no Certificate without certManager.enabled"
+    );
+    check_tls_pod(&by_name["mtls"], TLS_SECRET, TLS_MOUNT, true, "mtls");
+
+    let objs = &by_name["cert-manager"];
+    check_tls_pod(objs, TLS_SECRET, TLS_MOUNT, false, "cert-manager");
+    let cert = find(objs, "Certificate");
+    check_certificate(cert, "chart Certificate");
+    assert_eq!(cert["spec"]["secretName"], TLS_SECRET);
+    assert_eq!(
+        cert["spec"]["issuerRef"],
+        json!({"name": CA_ISSUER, "kind": "Issuer", "group": "cert-manager.io"})
+    );
+    assert_eq!(
+        cert["spec"]["dnsNames"],
+        json!([
+            SERVICE,
+            format!("{SERVICE}.{NAMESPACE}"),
+            format!("{SERVICE}.{NAMESPACE}.svc"),
+            format!("{SERVICE}.{NAMESPACE}.svc.cluster.local")
+        ])
+    );
+    assert!(cert["spec"]["ipAddresses"].is_null(), "no address known");
+    assert!(cert["spec"]["usages"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("server auth")));
+    assert_eq!(cert["spec"]["privateKey"]["rotationPolicy"], "Always");
+
+    let objs = &by_name["cert-manager-full"];
+    check_tls_pod(objs, "dnstap-cert", "/run/tls", false, "cert-manager-full");
+    let cert = find(objs, "Certificate");
+    check_certificate(cert, "chart Certificate (all values)");
+    assert_eq!(cert["spec"]["issuerRef"]["kind"], "ClusterIssuer");
+    assert_eq!(
+        cert["spec"]["ipAddresses"],
+        json!(["10.96.12.34", "fd00:10:96::12"]),
+        "the fixed ClusterIP, once, and the listed addresses"
+    );
+    assert!(cert["spec"]["dnsNames"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("dnstap.example.com")));
+    let notes = rendered
+        .iter()
+        .find(|r| r.name == "cert-manager-full")
+        .unwrap()
+        .notes();
+    assert!(
+        notes.contains("dnstap tls://10.96.12.34:6000 full"),
+        "NOTES give the TLS line:\n{notes}"
+    );
+
+    let objs = &by_name["own-files"];
+    let args = args_of(objs);
+    assert!(
+        args.contains(&"--tls-cert=/own/c.pem".to_string()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&"--tls-key=/own/k.pem".to_string()),
+        "{args:?}"
+    );
+    assert!(pod_spec(objs)["volumes"].is_null());
+}
+
+#[test]
+fn chart_defaults_have_tls_off() {
+    let values: Json =
+        to_json(&serde_yaml::from_str(&read(&chart_dir().join("values.yaml"))).unwrap());
+    assert_eq!(values["tls"]["enabled"], false, "TLS is off by default");
+    assert_eq!(values["tls"]["certManager"]["enabled"], false);
+    for objs in [
+        render_one("defaults", json!({})).expect_ok().objects(),
+        plain_objects(),
+    ] {
+        let args = args_of(&objs);
+        assert!(
+            args.contains(&format!("--listen=tcp://0.0.0.0:{PORT}")),
+            "{args:?}"
+        );
+        assert!(!args.iter().any(|a| a.starts_with("--tls")), "{args:?}");
+        assert!(pod_spec(&objs)["volumes"].is_null());
+        assert!(!objs.iter().any(|o| o["kind"] == "Certificate"));
+    }
+}
+
+#[test]
+fn chart_rejects_bad_tls_and_drain_values() {
+    let cases: Vec<(&str, Json)> = vec![
+        ("tls-without-certificate", json!({"tls": {"enabled": true}})),
+        (
+            "secret-and-cert-manager",
+            json!({"tls": {"enabled": true, "existingSecret": TLS_SECRET,
+                           "certManager": {"enabled": true, "issuerRef": {"name": CA_ISSUER}}}}),
+        ),
+        (
+            "cert-manager-without-issuer",
+            json!({"tls": {"enabled": true, "certManager": {"enabled": true}}}),
+        ),
+        (
+            "tls-with-plaintext-listen",
+            json!({"tls": {"enabled": true, "existingSecret": TLS_SECRET},
+                   "analyser": {"listen": ["tcp://0.0.0.0:6000"]}}),
+        ),
+        (
+            "bad-key-algorithm",
+            json!({"tls": {"certManager": {"privateKey": {"algorithm": "DSA"}}}}),
+        ),
+        ("typo", json!({"tls": {"enable": true}})),
+        ("relative-mount", json!({"tls": {"mountPath": "certs"}})),
+        (
+            "bad-duration",
+            json!({"tls": {"certManager": {"duration": "90 days"}}}),
+        ),
+        (
+            "bad-affinity",
+            json!({"service": {"name": SERVICE, "port": PORT, "sessionAffinity": "Cookie"}}),
+        ),
+        (
+            "grace-too-short",
+            json!({"terminationGracePeriodSeconds": 19}),
+        ),
+        (
+            "grace-too-short-for-timeout",
+            json!({"terminationGracePeriodSeconds": 30, "analyser": {"sessionTimeout": 30}}),
+        ),
+        (
+            "pdb-max-unavailable-zero",
+            json!({"podDisruptionBudget": {"enabled": true, "maxUnavailable": 0}}),
+        ),
+    ];
+    for r in render_cases(&cases) {
+        assert!(
+            r.error.is_some(),
+            "values case {:?} should be rejected, but rendered",
+            r.name
+        );
+    }
+    // The limit itself renders: preStop 5 + session timeout 10 + 5.
+    render_one(
+        "grace-at-limit",
+        json!({"terminationGracePeriodSeconds": 20}),
+    )
+    .expect_ok();
+}
+
+/// The text of the chart's templates for `values`, without Helm-only labels, one document per
+/// object, in the order of `templates`.
+fn plain_text_for(rendered: &Rendered, templates: &[&str], header: &str) -> String {
+    let mut out = String::from(header);
+    for t in templates {
+        let (_, text) = rendered
+            .manifests
+            .iter()
+            .find(|(k, _)| k.ends_with(&format!("templates/{t}")))
+            .unwrap_or_else(|| panic!("the chart has no {t}"));
+        out.push_str("---\n");
+        for line in text.trim_start().lines() {
+            let trimmed = line.trim_start();
+            if HELM_ONLY_LABELS
+                .iter()
+                .any(|l| trimmed.starts_with(&format!("{l}:")))
+            {
+                continue;
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn tls_header(values: &str, what: &str) -> String {
+    format!(
+        "# Generated from the Helm chart deploy/helm/dnstap-analyser (release dnstap-analyser in\n\
+         # kube-system, values {values}): {what}\n\
+         # tests/deploy.rs checks that both stay equal. Do not edit: change the chart, then run\n\
+         #   {BLESS_TLS_ENV}=1 cargo test --release --test deploy plain_tls\n\
+         # Guide: docs/kubernetes.md, section 6.4.\n"
+    )
+}
+
+#[test]
+fn plain_tls_manifests_equal_the_chart() {
+    let rendered = render_cases(&[
+        ("secret", tls_secret_values()),
+        ("cert-manager", tls_cert_manager_values()),
+    ]);
+    let dir = root().join(TLS_DIR);
+    let bless = std::env::var(BLESS_TLS_ENV).is_ok_and(|v| v == "1");
+    let files = [
+        (
+            &rendered[0],
+            "dnstap-analyser.yaml",
+            vec!["serviceaccount.yaml", "service.yaml", "deployment.yaml", "networkpolicy.yaml"],
+            tls_header(
+                "tls.enabled=true, tls.existingSecret=dnstap-analyser-tls",
+                "the plain manifests\n# with TLS on, for clusters without Helm. The Secret dnstap-analyser-tls \
+                 (tls.crt, tls.key, ca.crt)\n# must exist: create it, or let cert-manager write it \
+                 (certificate.yaml).",
+            ),
+        ),
+        (
+            &rendered[1],
+            "certificate.yaml",
+            vec!["certificate.yaml"],
+            tls_header(
+                "tls.certManager.enabled=true, issuerRef.name=dnstap-analyser-ca",
+                "the cert-manager\n# Certificate that writes the Secret dnstap-analyser-tls. Add the \
+                 Service's ClusterIP after applying\n# (docs/kubernetes.md 6.4, step 2): \
+                 kubectl -n kube-system patch certificate dnstap-analyser ...",
+            ),
+        ),
+    ];
+    for (r, file, templates, header) in &files {
+        r.expect_ok();
+        let path = dir.join(file);
+        if bless {
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(&path, plain_text_for(r, templates, header)).unwrap();
+        }
+        let chart: BTreeMap<(String, String), Json> = r
+            .objects()
+            .into_iter()
+            .filter(|o| {
+                templates.iter().any(|t| {
+                    let kind = kind_name(o).0.to_lowercase();
+                    t.trim_end_matches(".yaml") == kind
+                })
+            })
+            .map(|o| (kind_name(&o), strip_helm_labels(o)))
+            .collect();
+        let plain: BTreeMap<(String, String), Json> = yaml_docs(&read(&path), file)
+            .iter()
+            .map(|y| {
+                let o = to_json(y);
+                (kind_name(&o), o)
+            })
+            .collect();
+        assert_eq!(chart.len(), templates.len(), "{file}: objects of the chart");
+        assert_eq!(
+            plain, chart,
+            "{TLS_DIR}/{file} differs from the chart; regenerate it with \
+             {BLESS_TLS_ENV}=1 cargo test --release --test deploy plain_tls"
+        );
+    }
+    let plain = yaml_docs(&read(&dir.join("dnstap-analyser.yaml")), "tls manifest")
+        .iter()
+        .map(to_json)
+        .collect::<Vec<_>>();
+    check_tls_pod(&plain, TLS_SECRET, TLS_MOUNT, false, "plain TLS manifests");
+    kubernetes_validate(&[dir.join("dnstap-analyser.yaml")], plain.len());
+    // One plain Deployment fits both: cert-manager writes the Secret the manifest mounts.
+    let strip = |objs: Vec<Json>| strip_helm_labels(find(&objs, "Deployment").clone());
+    assert_eq!(
+        strip(rendered[0].objects()),
+        strip(rendered[1].objects()),
+        "the Deployment must not depend on where the Secret comes from"
+    );
+    let cert = yaml_docs(&read(&dir.join("certificate.yaml")), "certificate.yaml");
+    check_certificate(&to_json(&cert[0]), "plain certificate.yaml");
+    // The plain TLS manifests differ from the plaintext ones only in TLS.
+    let base: BTreeSet<(String, String)> = plain_objects().iter().map(kind_name).collect();
+    let tls: BTreeSet<(String, String)> = plain.iter().map(kind_name).collect();
+    assert_eq!(
+        base, tls,
+        "same objects as deploy/kubernetes/dnstap-analyser.yaml"
+    );
+}
+
+#[test]
+fn ca_issuer_is_a_valid_cert_manager_chain() {
+    let path = root().join(TLS_DIR).join("ca-issuer.yaml");
+    let objs: Vec<Json> = yaml_docs(&read(&path), "ca-issuer.yaml")
+        .iter()
+        .map(to_json)
+        .collect();
+    let kinds: Vec<(String, String)> = objs.iter().map(kind_name).collect();
+    assert_eq!(
+        kinds,
+        [
+            ("Issuer", "dnstap-analyser-selfsigned"),
+            ("Certificate", "dnstap-analyser-ca"),
+            ("Issuer", CA_ISSUER),
+        ]
+        .map(|(k, n)| (k.to_string(), n.to_string()))
+    );
+    check_issuer(&objs[0], "self-signed Issuer");
+    assert_eq!(objs[0]["spec"], json!({"selfSigned": {}}));
+    check_certificate(&objs[1], "CA Certificate");
+    assert_eq!(objs[1]["spec"]["isCA"], true);
+    assert_eq!(
+        objs[1]["spec"]["issuerRef"]["name"], objs[0]["metadata"]["name"],
+        "the CA is signed by the self-signed Issuer"
+    );
+    assert_eq!(objs[1]["spec"]["privateKey"]["rotationPolicy"], "Never");
+    check_issuer(&objs[2], "CA Issuer");
+    assert_eq!(
+        objs[2]["spec"]["ca"]["secretName"], objs[1]["spec"]["secretName"],
+        "the CA Issuer signs with the CA Certificate's Secret"
+    );
+    // The analyser's Certificate (plain and chart) uses this Issuer.
+    let cert = yaml_docs(
+        &read(&root().join(TLS_DIR).join("certificate.yaml")),
+        "cert",
+    );
+    assert_eq!(to_json(&cert[0])["spec"]["issuerRef"]["name"], CA_ISSUER);
+
+    // The structural check can fail: a misspelt field and a bad usage are caught.
+    for (field, value) in [
+        ("dnsName", json!(["a"])),
+        ("usages", json!(["server-auth"])),
+    ] {
+        let mut bad = objs[1].clone();
+        bad["spec"][field] = value;
+        let caught = std::panic::catch_unwind(|| check_certificate(&bad, "bad"));
+        assert!(caught.is_err(), "check_certificate accepted spec.{field}");
+    }
+}
+
+#[test]
+fn service_keeps_each_coredns_pod_on_one_replica() {
+    let cases: Vec<(&str, Json)> = vec![
+        ("defaults", json!({})),
+        (
+            "replicas",
+            json!({"replicaCount": 3, "podDisruptionBudget": {"enabled": true}}),
+        ),
+        (
+            "min-available",
+            json!({"replicaCount": 3, "podDisruptionBudget": {"enabled": true, "minAvailable": 2}}),
+        ),
+        (
+            "no-affinity",
+            json!({"service": {"name": SERVICE, "port": PORT, "sessionAffinity": "None"}}),
+        ),
+    ];
+    let rendered = render_cases(&cases);
+    let dir = scratch_dir("replicas");
+    let by_name: BTreeMap<&str, &Rendered> = rendered
+        .iter()
+        .map(|r| (r.name.as_str(), r.expect_ok()))
+        .collect();
+    for r in &rendered {
+        kubernetes_validate(&r.write_to(&dir), r.objects().len());
+    }
+    let affinity = json!({"clientIP": {"timeoutSeconds": 10800}});
+    for (what, objs) in [
+        ("chart defaults", by_name["defaults"].objects()),
+        ("plain manifests", plain_objects()),
+    ] {
+        let svc = find(&objs, "Service");
+        assert_eq!(svc["spec"]["sessionAffinity"], "ClientIP", "{what}");
+        assert_eq!(svc["spec"]["sessionAffinityConfig"], affinity, "{what}");
+    }
+
+    let objs = by_name["replicas"].objects();
+    assert_eq!(find(&objs, "Deployment")["spec"]["replicas"], 3);
+    let pdb = find(&objs, "PodDisruptionBudget");
+    assert_eq!(
+        pdb["spec"]["maxUnavailable"], 1,
+        "one replica at a time, whatever replicaCount is"
+    );
+    assert!(pdb["spec"]["minAvailable"].is_null(), "{pdb}");
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        find(&objs, "Deployment")["spec"]["selector"]["matchLabels"]
+    );
+    let notes = by_name["replicas"].notes();
+    assert!(
+        notes.contains("logs -l app.kubernetes.io/name=dnstap-analyser --prefix"),
+        "{notes}"
+    );
+    assert!(!notes.contains("WARNING"), "{notes}");
+
+    let objs = by_name["min-available"].objects();
+    let pdb = find(&objs, "PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["minAvailable"], 2);
+    assert!(
+        pdb["spec"]["maxUnavailable"].is_null(),
+        "only one of the two: {pdb}"
+    );
+
+    let objs = by_name["no-affinity"].objects();
+    let svc = find(&objs, "Service");
+    assert!(svc["spec"]["sessionAffinity"].is_null(), "{svc}");
+    assert!(svc["spec"]["sessionAffinityConfig"].is_null(), "{svc}");
+}
+
+/// `--session-timeout=N` of the args, in seconds.
+fn session_timeout_arg(objs: &[Json]) -> i64 {
+    args_of(objs)
+        .iter()
+        .find_map(|a| a.strip_prefix("--session-timeout="))
+        .map(|v| v.trim_end_matches('s').parse().expect("seconds"))
+        .unwrap_or(10)
+}
+
+#[test]
+fn stopping_pod_drains_within_its_grace_period() {
+    let cases: Vec<(&str, Json)> = vec![
+        ("defaults", json!({})),
+        ("long-timeout", json!({"analyser": {"sessionTimeout": 30}})),
+        ("no-sleep", json!({"preStopSleepSeconds": 0})),
+        (
+            "explicit",
+            json!({"terminationGracePeriodSeconds": 90, "preStopSleepSeconds": 15}),
+        ),
+    ];
+    let rendered = render_cases(&cases);
+    let by_name: BTreeMap<&str, Vec<Json>> = rendered
+        .iter()
+        .map(|r| (r.name.as_str(), r.expect_ok().objects()))
+        .collect();
+    let drain = |objs: &[Json], what: &str| -> (i64, i64) {
+        let dep = find(objs, "Deployment");
+        assert_eq!(
+            dep["spec"]["strategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}),
+            "{what}: the new pod is ready before the old one stops"
+        );
+        let c = container(objs);
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{what}");
+        let sleep = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+            .as_i64()
+            .unwrap_or(0);
+        if sleep == 0 {
+            assert!(c["lifecycle"].is_null(), "{what}: no empty hook");
+        } else {
+            assert_eq!(
+                c["lifecycle"],
+                json!({"preStop": {"sleep": {"seconds": sleep}}}),
+                "{what}: a kubelet sleep, no exec (the image has no shell)"
+            );
+        }
+        let grace = at(dep, "spec.template.spec.terminationGracePeriodSeconds")
+            .as_i64()
+            .expect("terminationGracePeriodSeconds");
+        let timeout = session_timeout_arg(objs);
+        assert!(
+            grace >= sleep + timeout + 5,
+            "{what}: grace {grace} s < preStop {sleep} + session timeout {timeout} + 5"
+        );
+        (sleep, grace)
+    };
+    assert_eq!(drain(&by_name["defaults"], "chart defaults"), (5, 30));
+    assert_eq!(drain(&plain_objects(), "plain manifests"), (5, 30));
+    assert_eq!(
+        drain(&by_name["long-timeout"], "sessionTimeout 30"),
+        (5, 50)
+    );
+    assert_eq!(
+        drain(&by_name["no-sleep"], "preStopSleepSeconds 0"),
+        (0, 25)
+    );
+    assert_eq!(drain(&by_name["explicit"], "explicit"), (15, 90));
+    let dir = scratch_dir("drain");
+    for r in &rendered {
+        kubernetes_validate(&r.write_to(&dir), r.objects().len());
+    }
+}
+
+/// The shell lines of the openssl recipe in docs/kubernetes.md 6.4 (the code block that makes
+/// the CA), without the kubectl line.
+fn documented_openssl_recipe() -> Vec<String> {
+    let doc = read(&root().join("docs/kubernetes.md"));
+    let block = doc
+        .split("```")
+        .find(|b| b.contains("openssl req -x509"))
+        .expect("docs/kubernetes.md has the openssl recipe");
+    let lines: Vec<String> = block
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("openssl ") || l.starts_with("printf "))
+        .map(str::to_string)
+        .collect();
+    assert!(lines.len() >= 4, "recipe too short: {lines:?}");
+    lines
+}
+
+fn run_recipe(dir: &Path, ip: &str) {
+    let openssl = require_binary("openssl", "openssl");
+    let script = documented_openssl_recipe().join("\n");
+    let out = run_to_end(
+        Command::new("sh")
+            .args(["-e", "-c", &script])
+            .current_dir(dir)
+            .env("DNSTAP_IP", ip)
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    openssl.parent().unwrap().display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            ),
+        None,
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "the openssl recipe of docs/kubernetes.md failed:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// `openssl s_client` verifying the analyser's certificate the way CoreDNS does: against the
+/// CA, for the IP address of its dnstap line.
+fn tls_client_verifies(port: u16, ca: &Path, ip: &str) -> (bool, String) {
+    let out = run_to_end(
+        Command::new(require_binary("openssl", "openssl"))
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-CAfile",
+            ])
+            .arg(ca)
+            .args(["-verify_ip", ip, "-verify_return_error", "-brief"]),
+        Some(""),
+        Duration::from_secs(30),
+    );
+    (
+        out.status.success(),
+        format!("{}{}", text(&out.stdout), text(&out.stderr)),
+    )
+}
+
+#[test]
+fn chart_tls_args_serve_the_documented_certificate() {
+    let dir = TempDir::new("deploy-tls-serve");
+    run_recipe(dir.path(), "127.0.0.1");
+    let verify = |ip: &str| {
+        run_to_end(
+            Command::new(require_binary("openssl", "openssl"))
+                .current_dir(dir.path())
+                .args(["verify", "-CAfile", "ca.crt", "-verify_ip", ip, "tls.crt"]),
+            None,
+            Duration::from_secs(30),
+        )
+        .status
+        .success()
+    };
+    assert!(
+        verify("127.0.0.1"),
+        "the recipe's certificate must name its IP"
+    );
+    assert!(!verify("10.96.99.99"), "the check must fail for another IP");
+
+    // The chart's TLS args, pointed at the recipe's files through tls.mountPath, run by the
+    // real binary in serve mode on a free port.
+    let port = alloc_port();
+    let mut values = tls_secret_values();
+    values["tls"]["mountPath"] = json!(dir.path().display().to_string());
+    values["containerPort"] = json!(port);
+    values["analyser"] = json!({"format": null});
+    let objs = render_one("serve", values).expect_ok().objects();
+    let args: Vec<String> = args_of(&objs)
+        .into_iter()
+        .map(|a| a.replace("tls://0.0.0.0:", "tls://127.0.0.1:"))
+        .collect();
+    assert!(
+        args.contains(&format!("--listen=tls://127.0.0.1:{port}")),
+        "{args:?}"
+    );
+    let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut analyser = Analyser::serve_tcp(&extra);
+    wait_until("the TLS listener", Duration::from_secs(20), || {
+        analyser.assert_running("starting its TLS listener");
+        tcp_listening(port)
+    });
+    let (ok, log) = tls_client_verifies(port, &dir.join("ca.crt"), "127.0.0.1");
+    assert!(
+        ok,
+        "a client checking like CoreDNS refused the certificate:\n{log}"
+    );
+    assert!(
+        log.contains("Verification: OK") && log.contains("TLSv1.3"),
+        "{log}"
+    );
+    let (ok, log) = tls_client_verifies(port, &dir.join("ca.crt"), "10.96.99.99");
+    assert!(
+        !ok,
+        "the client must refuse a certificate without its IP:\n{log}"
+    );
+    let out = analyser.stop();
+    assert!(
+        out.summary["tls"]["handshakes"].as_u64().unwrap_or(0) >= 1,
+        "the analyser counted no TLS handshake: {}",
+        out.summary
+    );
+}
+
+#[test]
+fn coredns_tls_snippets_match_the_analyser() {
+    let coredns = root().join("deploy/coredns");
+    let code = |file: &str| -> Vec<String> {
+        read(&coredns.join(file))
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    };
+    let plain = code("Corefile.dnstap.example");
+    let tls = code("Corefile.dnstap-tls.example");
+    let expected: Vec<String> = plain
+        .iter()
+        .map(|l| l.replace("dnstap tcp://", "dnstap tls://"))
+        .collect();
+    assert_eq!(
+        tls, expected,
+        "the TLS example differs from the plaintext one only in the scheme"
+    );
+    assert!(
+        tls.iter()
+            .any(|l| l.trim() == format!("dnstap tls://10.96.12.34:{PORT} full")),
+        "{tls:?}"
+    );
+
+    // The CoreDNS patch: merged into a kubeadm-like CoreDNS Deployment the way a strategic
+    // merge patch does (containers, env and volumes by name), it must validate, add the CA
+    // directory to SSL_CERT_DIR while keeping /etc/ssl/certs, and mount an optional ConfigMap
+    // with only ca.crt (never the analyser's Secret and its key).
+    let patch = to_json(
+        &serde_yaml::from_str(&read(&coredns.join("coredns-dnstap-ca.patch.yaml"))).unwrap(),
+    );
+    let pspec = at(&patch, "spec.template.spec");
+    let pc = &pspec["containers"][0];
+    assert_eq!(pc["name"], "coredns");
+    let cert_dir = pc["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "SSL_CERT_DIR")
+        .expect("SSL_CERT_DIR")["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dirs: Vec<&str> = cert_dir.split(':').collect();
+    assert!(dirs.contains(&"/etc/ssl/certs"), "{cert_dir}");
+    let mount = &pc["volumeMounts"][0];
+    assert!(
+        dirs.contains(&mount["mountPath"].as_str().unwrap()),
+        "{cert_dir}"
+    );
+    assert_eq!(mount["readOnly"], true);
+    assert!(mount["subPath"].is_null());
+    let vol = &pspec["volumes"][0];
+    assert_eq!(vol["name"], mount["name"]);
+    assert!(
+        vol["secret"].is_null(),
+        "the analyser's key must not reach CoreDNS"
+    );
+    assert_eq!(
+        vol["configMap"]["optional"], true,
+        "CoreDNS must start without it"
+    );
+    assert_eq!(vol["configMap"]["items"][0]["key"], "ca.crt");
+
+    let mut coredns_dep = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "coredns", "namespace": NAMESPACE, "labels": {"k8s-app": "kube-dns"}},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"k8s-app": "kube-dns"}},
+            "template": {"metadata": {"labels": {"k8s-app": "kube-dns"}}, "spec": {
+                "priorityClassName": "system-cluster-critical", "serviceAccountName": "coredns",
+                "dnsPolicy": "Default",
+                "containers": [{"name": "coredns", "image": "registry.k8s.io/coredns/coredns:v1.11.3",
+                    "args": ["-conf", "/etc/coredns/Corefile"],
+                    "volumeMounts": [{"name": "config-volume", "mountPath": "/etc/coredns", "readOnly": true}],
+                    "ports": [{"containerPort": 53, "name": "dns", "protocol": "UDP"}]}],
+                "volumes": [{"name": "config-volume", "configMap": {"name": "coredns",
+                    "items": [{"key": "Corefile", "path": "Corefile"}]}}]}}}
+    });
+    {
+        let spec = &mut coredns_dep["spec"]["template"]["spec"];
+        let c = &mut spec["containers"][0];
+        c["env"] = pc["env"].clone();
+        c["volumeMounts"]
+            .as_array_mut()
+            .unwrap()
+            .extend(pc["volumeMounts"].as_array().unwrap().iter().cloned());
+        spec["volumes"]
+            .as_array_mut()
+            .unwrap()
+            .extend(pspec["volumes"].as_array().unwrap().iter().cloned());
+    }
+    let dir = scratch_dir("coredns-patch");
+    let file = dir.join("coredns.yaml");
+    fs::write(&file, serde_yaml::to_string(&coredns_dep).unwrap()).unwrap();
+    kubernetes_validate(&[file], 1);
+    // Only the paths a strategic merge patch needs: nothing else to overwrite in CoreDNS.
+    keys_within(&patch, &["spec"], "patch");
+    keys_within(&patch["spec"], &["template"], "patch");
+    keys_within(pspec, &["containers", "volumes"], "patch");
+    keys_within(pc, &["name", "env", "volumeMounts"], "patch");
 }

@@ -81,12 +81,33 @@ int64 so that large values (maxSessions: 2000000) are not printed in float notat
 */}}
 {{- define "dnstap-analyser.args" -}}
 {{- $a := .Values.analyser }}
+{{- $tls := .Values.tls }}
 {{- $listen := $a.listen }}
 {{- if not $listen }}
-{{- $listen = list (printf "tcp://0.0.0.0:%d" (int64 .Values.containerPort)) }}
+{{- $listen = list (printf "%s://0.0.0.0:%d" (ternary "tls" "tcp" $tls.enabled) (int64 .Values.containerPort)) }}
 {{- end }}
 {{- range $listen }}
 - {{ printf "--listen=%s" . | quote }}
+{{- end }}
+{{- /* TLS files: an explicit analyser.tls* value wins; else the mounted Secret's files with tls.enabled. */}}
+{{- $cert := $a.tlsCert }}
+{{- $key := $a.tlsKey }}
+{{- $clientCa := $a.tlsClientCa }}
+{{- if $tls.enabled }}
+{{- $cert = $cert | default (printf "%s/tls.crt" $tls.mountPath) }}
+{{- $key = $key | default (printf "%s/tls.key" $tls.mountPath) }}
+{{- if $tls.clientCA }}
+{{- $clientCa = $clientCa | default (printf "%s/ca.crt" $tls.mountPath) }}
+{{- end }}
+{{- end }}
+{{- with $cert }}
+- {{ printf "--tls-cert=%s" . | quote }}
+{{- end }}
+{{- with $key }}
+- {{ printf "--tls-key=%s" . | quote }}
+{{- end }}
+{{- with $clientCa }}
+- {{ printf "--tls-client-ca=%s" . | quote }}
 {{- end }}
 {{- if not (kindIs "invalid" $a.readers) }}
 - {{ printf "--readers=%d" (int64 $a.readers) | quote }}
@@ -167,4 +188,88 @@ same timings. Called with (dict "probe" <probe values> "root" $).
 {{- $_ := set $probe "tcpSocket" (dict "port" "dnstap") }}
 {{- end }}
 {{- toYaml $probe }}
+{{- end }}
+
+{{/*
+Name of the Secret with the TLS certificate: tls.existingSecret, else the cert-manager
+Certificate's secretName, else <fullname>-tls.
+*/}}
+{{- define "dnstap-analyser.tlsSecretName" -}}
+{{- if .Values.tls.existingSecret }}
+{{- .Values.tls.existingSecret }}
+{{- else }}
+{{- .Values.tls.certManager.secretName | default (printf "%s-tls" (include "dnstap-analyser.fullname" .)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Combinations of values the schema cannot express. Renders nothing, or fails with the reason.
+*/}}
+{{- define "dnstap-analyser.validate" -}}
+{{- $tls := .Values.tls }}
+{{- $cm := $tls.certManager }}
+{{- if and $tls.enabled (not $tls.existingSecret) (not $cm.enabled) }}
+{{- fail "tls.enabled needs a certificate: set tls.existingSecret, or tls.certManager.enabled with tls.certManager.issuerRef.name" }}
+{{- end }}
+{{- if and $tls.existingSecret $cm.enabled }}
+{{- fail "tls.existingSecret and tls.certManager.enabled exclude each other: the Certificate writes its own Secret (tls.certManager.secretName)" }}
+{{- end }}
+{{- if and $cm.enabled (not $cm.issuerRef.name) }}
+{{- fail "tls.certManager.enabled needs tls.certManager.issuerRef.name (an Issuer or ClusterIssuer of cert-manager)" }}
+{{- end }}
+{{- if and $tls.enabled .Values.analyser.listen }}
+{{- $tlsListen := false }}
+{{- range .Values.analyser.listen }}
+{{- if hasPrefix "tls://" . }}{{ $tlsListen = true }}{{ end }}
+{{- end }}
+{{- if not $tlsListen }}
+{{- fail "tls.enabled, but analyser.listen has no tls:// address: leave analyser.listen empty or list a tls:// address" }}
+{{- end }}
+{{- end }}
+{{- $grace := .Values.terminationGracePeriodSeconds }}
+{{- $needed := add (include "dnstap-analyser.drainSeconds" .) 5 }}
+{{- if and (not (kindIs "invalid" $grace)) (lt (int64 $grace) (int64 $needed)) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be at least preStopSleepSeconds + analyser.sessionTimeout + 5 = %d: the pod needs that long to drain and flush its open sessions" (int64 $grace) (int64 $needed)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Seconds a stopping pod needs before the flush can start and for the flush itself: the preStop sleep
+plus one session timeout (an analyser that keeps up flushes the sessions of one timeout in less).
+*/}}
+{{- define "dnstap-analyser.drainSeconds" -}}
+{{- $timeout := .Values.analyser.sessionTimeout }}
+{{- if kindIs "invalid" $timeout }}{{ $timeout = 10 }}{{ end }}
+{{- add (int64 .Values.preStopSleepSeconds) (include "dnstap-analyser.seconds" $timeout) }}
+{{- end }}
+
+{{/*
+Whole seconds (rounded up) of a duration value: a number of seconds, or a string such as "10",
+"500ms", "15s", "2m", "1h".
+*/}}
+{{- define "dnstap-analyser.seconds" -}}
+{{- $v := . }}
+{{- if kindIs "string" $v }}
+{{- $scale := 1.0 }}
+{{- if hasSuffix "ms" $v }}{{ $v = trimSuffix "ms" $v }}{{ $scale = 0.001 }}
+{{- else if hasSuffix "h" $v }}{{ $v = trimSuffix "h" $v }}{{ $scale = 3600.0 }}
+{{- else if hasSuffix "m" $v }}{{ $v = trimSuffix "m" $v }}{{ $scale = 60.0 }}
+{{- else }}{{ $v = trimSuffix "s" $v }}
+{{- end }}
+{{- mulf (float64 $v) $scale | ceil | int64 }}
+{{- else }}
+{{- $v | float64 | ceil | int64 }}
+{{- end }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the value, or the drain time plus 15 s for the writer and the exit.
+*/}}
+{{- define "dnstap-analyser.terminationGracePeriodSeconds" -}}
+{{- $grace := .Values.terminationGracePeriodSeconds }}
+{{- if kindIs "invalid" $grace }}
+{{- add (include "dnstap-analyser.drainSeconds" .) 15 }}
+{{- else }}
+{{- int64 $grace }}
+{{- end }}
 {{- end }}
