@@ -6,10 +6,15 @@
 //! - the Grafana dashboard `deploy/helm/dnstap-analyser/files/dashboard.json`;
 //! - that every metric the alerts and the dashboard use is one the analyser exposes
 //!   (`EXPOSITION`, the names of the metrics contract) with labels and label values it has;
-//! - that every alert's runbook link points at a section of docs/operations.md.
+//! - that every alert's runbook link points at a section of docs/operations.md;
+//! - that a REAL scrape of a serving analyser (after load-generator traffic with upstream
+//!   timeouts, forwarded answers and sender loss) has exactly the contract's families and
+//!   labels, and a sample of every metric the alerts and the dashboard use.
 //!
 //! `promtool` comes from the Debian package `prometheus` (listed in .ci/apt-packages). A missing
 //! promtool is a test failure, never a skip.
+
+mod support;
 
 use serde_json::{json, Value as Json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -823,4 +828,176 @@ fn dashboard_queries_are_valid_promql() {
             .replace("$upstream", "");
         assert!(!cleaned.contains('$'), "{title}: unknown variable in {e}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests: a real scrape
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Counter => "counter",
+        Kind::Gauge => "gauge",
+        Kind::Histogram => "histogram",
+    }
+}
+
+/// Identities of the load generator's emulated CoreDNS pods in [`real_scrape`].
+const PODS: usize = 2;
+
+/// One scrape (Prometheus text) of a serving analyser after load-generator traffic with
+/// upstream timeouts, forwarded answers and sender loss (SampleLoss), taken once every
+/// labelled family those give has samples. Shared by the tests below (one analyser run).
+fn real_scrape() -> &'static support::Exposition {
+    static SCRAPE: std::sync::OnceLock<support::Exposition> = std::sync::OnceLock::new();
+    SCRAPE.get_or_init(|| {
+        let metrics = format!("127.0.0.1:{}", support::alloc_port());
+        let analyser = support::Analyser::serve_tcp(&["--metrics-listen", &metrics]);
+        // Max rate: the generator's synthetic clock lets upstream timeouts end within the
+        // stream; --loss drops bursts of messages as a CoreDNS with a full queue does.
+        let gen = support::run_to_end(
+            Command::new(support::loadgen_bin())
+                .args(["run", "--connect", &analyser.addr()])
+                .args(["--connections", &PODS.to_string(), "--sessions", "3000"])
+                .args(["--loss", "0.02", "--seed", "5", "--connect-timeout", "20"]),
+            None,
+            std::time::Duration::from_secs(120),
+        );
+        assert!(
+            gen.status.success(),
+            "loadgen failed:\n{}{}",
+            text(&gen.stdout),
+            text(&gen.stderr)
+        );
+        let wanted: &[(&str, &str, &str)] = &[
+            (
+                "dnstap_analyser_sessions_total",
+                "cause",
+                "forwarded_answer",
+            ),
+            (
+                "dnstap_analyser_sessions_total",
+                "cause",
+                "upstream_timeout",
+            ),
+            ("dnstap_analyser_sessions_total", "cause", "sender_loss"),
+            (
+                "dnstap_analyser_upstream_attempts_total",
+                "outcome",
+                "timeout",
+            ),
+            (
+                "dnstap_analyser_upstream_attempts_total",
+                "outcome",
+                "answered",
+            ),
+        ];
+        let mut scrape = String::new();
+        let complete = support::poll_until(std::time::Duration::from_secs(60), || {
+            scrape = support::scrape_text(&metrics);
+            let e = support::Exposition::parse(&scrape);
+            wanted
+                .iter()
+                .all(|(name, l, v)| e.sum(name, &[(l, v)]) > 0.0)
+        });
+        assert!(
+            complete,
+            "after the traffic, the scrape still lacks one of {wanted:?}:\n{scrape}"
+        );
+        analyser.stop();
+        support::Exposition::parse(&scrape)
+    })
+}
+
+#[test]
+fn a_real_scrape_has_exactly_the_contract_families_and_labels() {
+    let scrape = real_scrape();
+    for m in EXPOSITION {
+        assert_eq!(
+            scrape.types.get(m.name).map(String::as_str),
+            Some(kind_name(m.kind)),
+            "# TYPE of {} in the scrape",
+            m.name
+        );
+    }
+    for (name, kind) in &scrape.types {
+        assert!(
+            EXPOSITION.iter().any(|m| m.name == name),
+            "{name} ({kind}) is exposed but not in the contract"
+        );
+    }
+    let mut identities = BTreeSet::new();
+    for s in &scrape.samples {
+        let (m, bucket) =
+            exposed(&s.name).unwrap_or_else(|| panic!("sample {} of no contract family", s.name));
+        let mut want: BTreeSet<&str> = m.labels.iter().copied().collect();
+        if bucket {
+            want.insert("le");
+        }
+        let have: BTreeSet<&str> = s.labels.keys().map(String::as_str).collect();
+        assert_eq!(have, want, "labels of {} {:?}", s.name, s.labels);
+        for (label, value) in &s.labels {
+            if let Some(allowed) = label_values(m.name, label) {
+                assert!(
+                    allowed.contains(&value.as_str()),
+                    "{}{{{label}=\"{value}\"}}: not a value of the contract {allowed:?}",
+                    s.name
+                );
+            }
+        }
+        if let Some(i) = s.labels.get("identity") {
+            identities.insert(i.clone());
+        }
+        if let Some(u) = s.labels.get("upstream") {
+            assert!(
+                u == "other" || u == "unknown" || u.parse::<std::net::SocketAddr>().is_ok(),
+                "upstream label {u:?} is not IP:PORT"
+            );
+        }
+        if let Some(b) = s.labels.get("bitmap") {
+            assert!(
+                b.parse::<u8>().is_ok_and(|b| (1..=15).contains(&b)),
+                "bitmap label {b:?}"
+            );
+        }
+    }
+    // The identity label is the CoreDNS pod, never a client or a qname.
+    let pods: BTreeSet<String> = (0..PODS).map(|i| format!("coredns-{i}")).collect();
+    assert_eq!(identities, pods, "identity label values");
+    assert!(
+        !scrape.types.contains_key("dnstap_analyser_up"),
+        "dnstap_analyser_up is not exported (Prometheus has `up`)"
+    );
+}
+
+#[test]
+fn every_metric_of_the_alerts_and_the_dashboard_is_in_a_real_scrape() {
+    let mut used: BTreeMap<String, String> = BTreeMap::new();
+    for (alert, rule) in alert_rules() {
+        for s in selectors(rule["expr"].as_str().unwrap()) {
+            used.entry(s.name)
+                .or_insert_with(|| format!("alert {alert}"));
+        }
+    }
+    for s in selectors(&all_strings(&dashboard())) {
+        used.entry(s.name)
+            .or_insert_with(|| "dashboard.json".into());
+    }
+    assert!(used.len() >= 8, "too few metric names found: {used:?}");
+    let scrape = real_scrape();
+    let missing: Vec<String> = used
+        .iter()
+        .filter(|(name, _)| {
+            // A histogram named without suffix: Prometheus stores its series under `_bucket`.
+            let series = match exposed(name) {
+                Some((m, false)) if m.kind == Kind::Histogram => format!("{name}_bucket"),
+                _ => name.to_string(),
+            };
+            !scrape.has(&series)
+        })
+        .map(|(name, user)| format!("{name} (used by {user})"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "metrics without a sample in a real scrape: {missing:?}"
+    );
 }
