@@ -4,9 +4,11 @@
 use clap::{Parser, Subcommand};
 use dnstap_analyser::correlate;
 use dnstap_analyser::ingest::net::ListenAddr;
+use dnstap_analyser::metrics::model::TelemetryConfig;
 use dnstap_analyser::metrics::Metrics;
 use dnstap_analyser::output::{Format, LogFilter, WriteSink};
 use dnstap_analyser::pipeline::{self, Settings};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -105,6 +107,85 @@ struct Cli {
     /// Output line format: json (one object per line) or text (Status: ... BitMap: ... Messages: [...]).
     #[arg(long, global = true, default_value = "json", value_parser = parse_format)]
     format: Format,
+
+    /// Where to serve the live metrics (GET /metrics, Prometheus text or OpenMetrics), /healthz,
+    /// /readyz and /top: HOST:PORT, or `none` for no endpoint. Serving defaults to 0.0.0.0:9435
+    /// (clear of CoreDNS's 9153 and node-exporter's 9100); `read` serves them only when this is
+    /// given, since a file run ends in seconds. An address that cannot be bound is an error.
+    #[arg(long, global = true, value_name = "HOST:PORT|none", value_parser = parse_metrics_listen)]
+    metrics_listen: Option<MetricsListen>,
+
+    /// Distinct `identity` label values (CoreDNS pods) the metrics keep; later identities are
+    /// counted under `other`, and dnstap_analyser_label_overflow_total{label="identity"} counts them.
+    #[arg(long, global = true, default_value_t = 256, value_name = "N")]
+    max_identity_labels: usize,
+
+    /// Distinct `upstream` label values (IP:PORT of forwarder targets) the metrics keep; later
+    /// ones are counted under `other`, and label_overflow_total{label="upstream"} counts them.
+    #[arg(long, global = true, default_value_t = 256, value_name = "N")]
+    max_upstream_labels: usize,
+
+    /// /healthz answers 503 once a reader, shard or the writer has had work pending and made no
+    /// progress for this long (e.g. the writer blocked on a full stdout). 30s, 500ms, 2m, or
+    /// plain seconds.
+    #[arg(long, global = true, default_value = "30s", value_name = "DURATION", value_parser = parse_stall_timeout)]
+    stall_timeout: Duration,
+}
+
+/// `--metrics-listen`: an address, or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetricsListen {
+    At(SocketAddr),
+    Off,
+}
+
+/// The serving default of `--metrics-listen`.
+const METRICS_LISTEN: &str = "0.0.0.0:9435";
+
+fn parse_metrics_listen(s: &str) -> Result<MetricsListen, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(MetricsListen::Off);
+    }
+    let mut addrs = s
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not HOST:PORT or none: {e}"))?;
+    addrs
+        .next()
+        .map(MetricsListen::At)
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+fn parse_stall_timeout(s: &str) -> Result<Duration, String> {
+    let (number, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let scale = match unit {
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("unknown unit in {s:?}: use ms, s, m or h")),
+    };
+    let secs = number
+        .trim()
+        .parse::<f64>()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 500ms or 2m"))?
+        * scale;
+    if !(secs.is_finite() && secs > 0.0 && secs < 86_400.0) {
+        return Err(format!("{s:?} must be between 0 and 24 hours"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The endpoint of a run: serving has one unless `none`; `read` only when asked.
+fn metrics_listen(cli: &Cli, serving: bool) -> Option<SocketAddr> {
+    match cli.metrics_listen {
+        Some(MetricsListen::At(a)) => Some(a),
+        Some(MetricsListen::Off) => None,
+        None if serving => METRICS_LISTEN.parse().ok(),
+        None => None,
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -157,6 +238,13 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
         frame_buffer_budget: cli.frame_buffer_budget.max(1),
         log: cli.log,
         format: cli.format,
+        // Only serving flushes idle streams: `idle_flush` says which mode this is.
+        metrics_listen: metrics_listen(cli, idle_flush),
+        telemetry: TelemetryConfig {
+            max_identity_labels: cli.max_identity_labels,
+            max_upstream_labels: cli.max_upstream_labels,
+            stall_after: cli.stall_timeout,
+        },
     })
 }
 

@@ -41,10 +41,13 @@ pub enum Discard {
     ConnectionLimit,
     /// A partial frame dropped with its connection: over --frame-buffer-budget.
     FrameBudget,
+    /// A message no session could take: the session table was full (--max-sessions) and held
+    /// nothing to evict.
+    SessionTableFull,
 }
 
 impl Discard {
-    pub const ALL: [Discard; 13] = [
+    pub const ALL: [Discard; 14] = [
         Discard::QueueFull,
         Discard::QueueDisconnected,
         Discard::Protobuf,
@@ -58,6 +61,7 @@ impl Discard {
         Discard::HandshakeTimeout,
         Discard::ConnectionLimit,
         Discard::FrameBudget,
+        Discard::SessionTableFull,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +79,7 @@ impl Discard {
             Self::HandshakeTimeout => "handshake_timeout",
             Self::ConnectionLimit => "connection_limit",
             Self::FrameBudget => "frame_budget",
+            Self::SessionTableFull => "session_table_full",
         }
     }
 }

@@ -8,16 +8,23 @@
 //! from `read_files`/`serve` when the threads are joined. A sink that ends on purpose (stdout
 //! closed by `| head`) is not a failure: the shards stop rendering and the analysis goes on.
 
-use crate::correlate::{self, Correlator, MessageStore, Session, Verdict};
+use crate::correlate::{self, Correlator, Message, MessageStore, Session, Verdict};
+use crate::dnstap::{self, Nanos, Role, SourceRegistry};
 use crate::ingest::limits::{ConnectionLimits, Slots};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
 use crate::ingest::{file, LossBoard, QueueDepths, Router, ShardInput, Shared};
-use crate::metrics::Metrics;
+use crate::metrics::health::Heartbeat;
+use crate::metrics::http::{MetricsServer, StartError};
+use crate::metrics::model::{
+    AttemptFact, AttemptOutcome, Telemetry, TelemetryConfig, ThreadKind, ThreadStats,
+};
+use crate::metrics::{Discard, Metrics};
 use crate::output::writer::{self, OutputError};
 use crate::output::{Format, LogFilter, Renderer, Sink};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -39,6 +46,10 @@ pub struct Settings {
     pub frame_buffer_budget: usize,
     pub log: LogFilter,
     pub format: Format,
+    /// Where to serve /metrics, /healthz, /readyz and /top; `None`: no endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Label caps and the stall limit of the live metrics.
+    pub telemetry: TelemetryConfig,
 }
 
 /// Why the pipeline stopped short of a clean end.
@@ -46,6 +57,8 @@ pub struct Settings {
 pub enum Error {
     /// Listeners or readers could not be set up.
     Setup(io::Error),
+    /// The metrics endpoint could not start (its address is taken, say).
+    Metrics(StartError),
     /// The sink failed; the sessions from then on were not written.
     Output(OutputError),
     /// A thread panicked (the panic hook has already printed where and why).
@@ -56,6 +69,7 @@ impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Setup(e) => e.fmt(f),
+            Self::Metrics(e) => e.fmt(f),
             Self::Output(e) => e.fmt(f),
             Self::Panicked { thread, message } => {
                 write!(f, "thread {thread} panicked: {message}")
@@ -68,6 +82,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Setup(e) => Some(e),
+            Self::Metrics(e) => Some(e),
             Self::Output(e) => Some(e),
             Self::Panicked { .. } => None,
         }
@@ -166,28 +181,64 @@ struct Backend {
     shared: Shared,
 }
 
+/// The live view of a run: the telemetry every stage counts into, and its HTTP endpoint if
+/// one was asked for. Made before the stages, so that they can register with it.
+struct Live {
+    telemetry: Arc<Telemetry>,
+    server: Option<MetricsServer>,
+}
+
+impl Live {
+    fn start(s: &Settings, metrics: Arc<Metrics>) -> Result<Self, Error> {
+        let sources = Arc::new(SourceRegistry::default());
+        let telemetry = Arc::new(Telemetry::new(metrics, sources, s.telemetry));
+        let server = match s.metrics_listen {
+            Some(addr) => {
+                let server =
+                    MetricsServer::start(addr, telemetry.clone()).map_err(Error::Metrics)?;
+                eprintln!(
+                    "dnstap-analyser: metrics on http://{}/metrics",
+                    server.local_addr()
+                );
+                Some(server)
+            }
+            None => None,
+        };
+        Ok(Self { telemetry, server })
+    }
+
+    /// Stops the endpoint: the run is over (its last numbers are in the exit summary).
+    fn stop(self) {
+        if let Some(server) = self.server {
+            server.stop();
+        }
+    }
+}
+
 /// Starts the writer on `sink` and the shards; `halt` is set if either fails.
 fn start_backend(
     s: &Settings,
     sink: impl Sink + 'static,
-    metrics: Arc<Metrics>,
+    telemetry: &Arc<Telemetry>,
     halt: &Arc<AtomicBool>,
 ) -> Backend {
     let shared = Shared {
-        sources: Default::default(),
+        sources: telemetry.sources().clone(),
         board: Arc::new(LossBoard::default()),
-        metrics,
+        metrics: telemetry.metrics.clone(),
         max_frame_size: s.max_frame_size,
         session_timeout: s.correlate.session_timeout,
     };
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<u8>>(64);
+    let heartbeat = telemetry.health.stage("writer", None);
     let writer = spawn_watched("writer".into(), None, halt, move || {
-        writer::run(batch_rx, sink)
+        writer::run(batch_rx, sink, |busy| heartbeat.beat(Instant::now(), busy))
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut senders = Vec::new();
     let mut shards = Vec::new();
     let depths: QueueDepths = (0..s.shards.max(1)).map(|_| AtomicU64::new(0)).collect();
+    telemetry.set_queues(depths.clone(), s.queue_capacity as u64);
     for i in 0..s.shards.max(1) {
         // The depth counter bounds the events; the channel only bounds the number of batches,
         // which may be small at low rates.
@@ -199,6 +250,8 @@ fn start_backend(
             .pin
             .then(|| cores.get((s.readers + i) % cores.len().max(1)).copied())
             .flatten();
+        let depth = depths.clone();
+        let pending = Box::new(move || depth[i].load(Relaxed) > 0);
         let ctx = ShardContext {
             rx,
             out: batch_tx.clone(),
@@ -207,6 +260,8 @@ fn start_backend(
             shared: shared.clone(),
             depths: depths.clone(),
             index: i,
+            stats: telemetry.thread_stats(ThreadKind::Shard(i)),
+            heartbeat: telemetry.health.stage(format!("shard-{i}"), Some(pending)),
         };
         shards.push(spawn_watched(format!("shard-{i}"), core, halt, move || {
             run_shard(Correlator::new(cfg), ctx);
@@ -246,6 +301,8 @@ struct ShardContext {
     renderer: Renderer,
     log: LogFilter,
     shared: Shared,
+    stats: ThreadStats,
+    heartbeat: Arc<Heartbeat>,
 }
 
 /// Counts every finished session, renders the ones `--log` wants into a batch for the writer.
@@ -258,11 +315,20 @@ struct LineSink {
     renderer: Renderer,
     log: LogFilter,
     metrics: Arc<Metrics>,
+    /// The live metrics of this shard, and the upstream attempts of the session at hand
+    /// (reused, so counting a session allocates nothing).
+    stats: ThreadStats,
+    attempts: Vec<Attempt>,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl correlate::SessionSink for LineSink {
     fn session(&mut self, s: &Session, v: Verdict, store: &MessageStore) {
         self.metrics.session(&v);
+        upstream_attempts(s, store, &mut self.attempts);
+        let facts = self.attempts.iter().map(Attempt::fact);
+        self.stats
+            .record_session(s.source, &v, client_latency(s), facts);
         if self.log.allows(v.status) && !self.writer_gone {
             self.renderer.render(s, &v, store, &mut self.batch);
             self.metrics
@@ -288,12 +354,103 @@ impl LineSink {
                 self.writer_gone = true;
                 self.batch = Vec::new();
             }
+            // A batch handed over is progress, also in the middle of a long flush.
+            self.heartbeat.beat(Instant::now(), true);
         }
+    }
+}
+
+/// CQ → CR: the CR's response_time minus the CQ's query_time, when both are known.
+fn client_latency(s: &Session) -> Option<Nanos> {
+    let q = s.cq_time()?;
+    let r = s
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == Role::ClientResponse)?
+        .time()?;
+    r.checked_sub(q)
+}
+
+/// One upstream attempt of a finished session, as the metrics count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Attempt {
+    upstream: Option<SocketAddr>,
+    query_time: Option<Nanos>,
+    answered: bool,
+    rcode: Option<u8>,
+    rtt: Option<Nanos>,
+}
+
+impl Attempt {
+    fn fact(&self) -> AttemptFact {
+        AttemptFact {
+            upstream: self.upstream,
+            outcome: AttemptOutcome::of(self.answered, self.rcode.map(u16::from)),
+            rtt: self.rtt,
+        }
+    }
+}
+
+/// Pairs the session's upstream queries with their responses the way the rendered line does
+/// (same upstream, and the same query_time where the sender copies it, else the oldest open
+/// attempt), into `out`. Addresses and times come from the stored bytes through the hot
+/// path's wire scan, not a decode: this runs for every session, printed or not.
+fn upstream_attempts(s: &Session, store: &MessageStore, out: &mut Vec<Attempt>) {
+    out.clear();
+    for m in &s.messages {
+        if !matches!(m.role, Role::UpstreamQuery | Role::UpstreamResponse) {
+            continue;
+        }
+        let f = dnstap::scan_message(store.get(m.bytes)).unwrap_or_default();
+        let upstream = dnstap::socket(f.response_address, f.response_port);
+        let query_time = dnstap::time(f.query_time_sec, f.query_time_nsec);
+        if m.role == Role::UpstreamQuery {
+            out.push(Attempt {
+                upstream,
+                query_time,
+                answered: false,
+                rcode: None,
+                rtt: None,
+            });
+            continue;
+        }
+        answer(m, upstream, query_time, &f, out);
+    }
+}
+
+/// Records an upstream response: on the open attempt it answers, or as an attempt of its own.
+fn answer(
+    m: &Message,
+    upstream: Option<SocketAddr>,
+    query_time: Option<Nanos>,
+    f: &dnstap::MessageFields<'_>,
+    out: &mut Vec<Attempt>,
+) {
+    let response_time = dnstap::time(f.response_time_sec, f.response_time_nsec);
+    let answered = Attempt {
+        upstream,
+        query_time,
+        answered: true,
+        rcode: m.rcode,
+        rtt: query_time
+            .zip(response_time)
+            .and_then(|(q, r)| r.checked_sub(q)),
+    };
+    let open = |a: &Attempt| !a.answered && a.upstream == upstream;
+    let i = out
+        .iter()
+        .position(|a| open(a) && a.query_time == query_time)
+        .or_else(|| out.iter().position(open));
+    match i {
+        Some(i) => out[i] = answered,
+        None => out.push(answered),
     }
 }
 
 fn run_shard(mut corr: Correlator, ctx: ShardContext) {
     let board = ctx.shared.board.clone();
+    let metrics = ctx.shared.metrics.clone();
     let mut sink = LineSink {
         batch: Vec::with_capacity(writer::BATCH_BYTES + 4096),
         out: ctx.out,
@@ -301,12 +458,16 @@ fn run_shard(mut corr: Correlator, ctx: ShardContext) {
         renderer: ctx.renderer,
         log: ctx.log,
         metrics: ctx.shared.metrics.clone(),
+        stats: ctx.stats,
+        attempts: Vec::new(),
+        heartbeat: ctx.heartbeat,
     };
     let mut last_tick = Instant::now();
     loop {
         let input = ctx.rx.recv_timeout(TICK);
-        // One clock read per burst: the wall clock only drives the idle flush.
+        // One clock read per burst: the wall clock drives the idle flush and the heartbeat.
         let now = Instant::now();
+        sink.heartbeat.beat(now, true);
         match input {
             Ok(ShardInput::Events(batch)) => {
                 ctx.depths[ctx.index].fetch_sub(batch.events.len() as u64, Relaxed);
@@ -322,11 +483,24 @@ fn run_shard(mut corr: Correlator, ctx: ShardContext) {
         if tick {
             last_tick = now;
             corr.on_tick(now, |s| board.get(s), &mut sink);
+            publish(&mut corr, &mut sink.stats, &metrics);
         }
         sink.hand_over(tick);
+        sink.heartbeat.beat(now, false);
     }
     corr.flush(|s| board.get(s), &mut sink);
     sink.hand_over(true);
+    publish(&mut corr, &mut sink.stats, &metrics);
+}
+
+/// Once per tick: what the correlator could not keep, its open sessions, and the counts.
+fn publish(corr: &mut Correlator, stats: &mut ThreadStats, metrics: &Metrics) {
+    let discarded = corr.take_discarded();
+    if discarded > 0 {
+        metrics.discard(Discard::SessionTableFull, discarded);
+    }
+    stats.set_open_sessions(corr.open_sessions() as u64);
+    stats.publish();
 }
 
 /// `read FILE...`: the whole pipeline over files into `sink`, then exit. The files are
@@ -339,7 +513,9 @@ pub fn read_files(
     metrics: Arc<Metrics>,
 ) -> Result<Vec<file::FileError>, Error> {
     let halt = Arc::new(AtomicBool::new(false));
-    let backend = start_backend(s, sink, metrics.clone(), &halt);
+    let live = Live::start(s, metrics.clone())?;
+    let telemetry = live.telemetry.clone();
+    let backend = start_backend(s, sink, &telemetry, &halt);
     let mut router = Router::new(
         backend.senders.clone(),
         backend.depths.clone(),
@@ -347,9 +523,26 @@ pub fn read_files(
         true,
         metrics,
     );
-    let errors = file::read_files(paths, &backend.shared, &mut router);
-    drop(router);
-    if let Err(e) = backend.finish() {
+    let mut stats = telemetry.thread_stats(ThreadKind::Reader(0));
+    let heartbeat = telemetry.health.stage("reader-0", None);
+    let mut published = Instant::now();
+    // Reading files is this run's way of accepting dnstap.
+    telemetry.health.set_listening();
+    let errors = file::read_files(paths, &backend.shared, &mut router, &mut |c| {
+        c.record(&mut stats);
+        let now = Instant::now();
+        heartbeat.beat(now, true);
+        if now.duration_since(published) >= TICK {
+            published = now;
+            stats.publish();
+        }
+    });
+    heartbeat.beat(Instant::now(), false);
+    drop((router, stats));
+    telemetry.health.set_draining();
+    let finished = backend.finish();
+    live.stop();
+    if let Err(e) = finished {
         // The failure is the result; the unreadable files must not go unsaid.
         for f in &errors {
             eprintln!("dnstap-analyser: {f}");
@@ -375,9 +568,11 @@ pub fn serve(
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?,
         );
     }
+    let live = Live::start(s, metrics.clone())?;
+    let telemetry = live.telemetry.clone();
     let names: Vec<String> = listen.iter().map(|l| l.to_string()).collect();
     eprintln!("dnstap-analyser: listening on {}", names.join(", "));
-    let backend = start_backend(s, sink, metrics.clone(), &shutdown);
+    let backend = start_backend(s, sink, &telemetry, &shutdown);
     let limits = ConnectionLimits {
         max_connections: s.max_connections,
         handshake_timeout: s.handshake_timeout,
@@ -385,10 +580,12 @@ pub fn serve(
         frame_buffer_budget: s.frame_buffer_budget,
     };
     let slots = Arc::new(Slots::new(limits, s.readers.max(1)));
+    let open = slots.clone();
+    telemetry.set_connections_open(Box::new(move || open.open() as u64));
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut readers = Vec::new();
     let mut handles = Vec::new();
-    for _ in 0..s.readers.max(1) {
+    for i in 0..s.readers.max(1) {
         let router = Router::new(
             backend.senders.clone(),
             backend.depths.clone(),
@@ -396,12 +593,16 @@ pub fn serve(
             false,
             metrics.clone(),
         );
-        let (reader, handle) = Reader::new(
+        let (mut reader, handle) = Reader::new(
             backend.shared.clone(),
             router,
             shutdown.clone(),
             slots.clone(),
         )?;
+        reader.instrument(
+            telemetry.thread_stats(ThreadKind::Reader(i)),
+            telemetry.health.stage(format!("reader-{i}"), None),
+        );
         readers.push(reader);
         handles.push(handle);
     }
@@ -421,8 +622,16 @@ pub fn serve(
             })
         })
         .collect();
+    // The listeners are registered with reader 0, which now runs: connections are accepted.
+    telemetry.health.set_listening();
+    // A panicking thread sets the flag too, so this wait ends whatever stops the run.
+    while !shutdown.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    telemetry.health.set_draining();
     let readers: Vec<Error> = threads.into_iter().filter_map(|t| t.join().err()).collect();
     let backend = backend.finish();
+    live.stop();
     first_failure(readers.into_iter().chain(backend.err()))
 }
 
@@ -451,6 +660,8 @@ mod tests {
             frame_buffer_budget: 64 << 20,
             log: LogFilter::ALL,
             format: Format::Json,
+            metrics_listen: None,
+            telemetry: TelemetryConfig::default(),
         }
     }
 

@@ -53,8 +53,9 @@ fn scan_tap(frame: &[u8]) -> Option<TapFields<'_>> {
     Some(t)
 }
 
-/// Tags are `field << 3 | wire type` of dnstap.Message (proto/dnstap.proto).
-fn scan_message(b: &[u8]) -> Option<MessageFields<'_>> {
+/// Scans an encoded dnstap.Message (what a session stores) for the same fields; `None` when
+/// it does not parse. Tags are `field << 3 | wire type` of dnstap.Message (proto/dnstap.proto).
+pub fn scan_message(b: &[u8]) -> Option<MessageFields<'_>> {
     let mut r = Wire(b);
     let mut m = MessageFields::default();
     while !r.0.is_empty() {

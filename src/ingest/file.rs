@@ -2,7 +2,7 @@
 //! the order given as one stream per identity, so a capture split in parts joins up. A file may
 //! hold several Frame Streams streams back to back (START…STOP, START…STOP): all are read.
 
-use super::{Router, Shared, StreamEnd, StreamIngest};
+use super::{Router, Shared, SourceCount, StreamEnd, StreamIngest};
 use bytes::BytesMut;
 use std::path::Path;
 
@@ -19,18 +19,20 @@ impl std::fmt::Display for FileError {
 }
 
 /// Reads every file into the router. A file that cannot be opened or whose framing is broken
-/// is reported; the files after it are still read.
+/// is reported; the files after it are still read. `counted` gets the per-source counts after
+/// every read (the live metrics).
 pub fn read_files(
     paths: &[impl AsRef<Path>],
     shared: &Shared,
     router: &mut Router,
+    counted: &mut impl FnMut(&SourceCount),
 ) -> Vec<FileError> {
     let mut ingest = StreamIngest::new(shared.clone(), "file".into());
     let mut errors = Vec::new();
     for path in paths {
         let path = path.as_ref();
         ingest.restart_framing();
-        if let Err(message) = read_one(path, &mut ingest, router) {
+        if let Err(message) = read_one(path, &mut ingest, router, counted) {
             errors.push(FileError {
                 path: path.display().to_string(),
                 message,
@@ -40,7 +42,12 @@ pub fn read_files(
     errors
 }
 
-fn read_one(path: &Path, ingest: &mut StreamIngest, router: &mut Router) -> Result<(), String> {
+fn read_one(
+    path: &Path,
+    ingest: &mut StreamIngest,
+    router: &mut Router,
+    counted: &mut impl FnMut(&SourceCount),
+) -> Result<(), String> {
     let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut buf = BytesMut::with_capacity(1 << 20);
     let mut scratch = vec![0u8; 1 << 20];
@@ -51,6 +58,7 @@ fn read_one(path: &Path, ingest: &mut StreamIngest, router: &mut Router) -> Resu
     loop {
         let n = super::read_into(&mut file, &mut scratch, &mut buf).map_err(|e| e.to_string())?;
         let fed = feed_streams(ingest, &mut buf, router, &mut replies, &mut between_streams);
+        ingest.take_source_counts(&mut *counted);
         router.flush();
         replies.clear();
         if let Err(e) = fed {
@@ -133,7 +141,7 @@ mod tests {
     /// Every event the files yield, in order, with its message bytes (batch offsets aside).
     fn events_of(paths: &[PathBuf]) -> Vec<String> {
         let (shared, mut router, rx) = backend();
-        let errors = read_files(paths, &shared, &mut router);
+        let errors = read_files(paths, &shared, &mut router, &mut |_| {});
         assert!(errors.is_empty(), "{paths:?}: {errors:?}");
         drop(router);
         let mut out = Vec::new();
@@ -178,7 +186,12 @@ mod tests {
         ));
         std::fs::write(&path, bytes).unwrap();
         let (shared, mut router, _rx) = backend();
-        let errors = read_files(std::slice::from_ref(&path), &shared, &mut router);
+        let errors = read_files(
+            std::slice::from_ref(&path),
+            &shared,
+            &mut router,
+            &mut |_| {},
+        );
         let _ = std::fs::remove_file(&path);
         assert_eq!(errors.len(), 1, "{errors:?}");
     }

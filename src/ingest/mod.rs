@@ -117,6 +117,36 @@ pub struct StreamIngest {
     tracks: HashMap<SourceId, SourceTrack>,
     hasher: ahash::RandomState,
     tally: Tally,
+    /// Messages and latest event time per source since the owner last took them
+    /// (`take_source_counts`): a stream carries one identity or a few, so a short list.
+    source_counts: Vec<SourceCount>,
+}
+
+/// What a stream counted for one source between two `StreamIngest::take_source_counts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceCount {
+    pub source: SourceId,
+    /// Indexed like `SourceCount::ROLES`.
+    pub by_role: [u64; 4],
+    /// The source's watermark (latest event time) on this stream.
+    pub latest: Nanos,
+}
+
+impl SourceCount {
+    pub const ROLES: [Role; 4] = [
+        Role::ClientQuery,
+        Role::ClientResponse,
+        Role::UpstreamQuery,
+        Role::UpstreamResponse,
+    ];
+
+    /// Adds these counts to a reader's live stats.
+    pub fn record(&self, stats: &mut crate::metrics::model::ThreadStats) {
+        for (role, n) in Self::ROLES.into_iter().zip(self.by_role) {
+            stats.count_messages(self.source, role, n);
+        }
+        stats.note_event_time(self.source, self.latest);
+    }
 }
 
 impl StreamIngest {
@@ -131,6 +161,37 @@ impl StreamIngest {
             tracks: HashMap::new(),
             hasher: crate::dns::key_hasher(),
             tally: Tally::default(),
+            source_counts: Vec::new(),
+        }
+    }
+
+    /// Hands over the per-source counts gathered since the last call (a reader calls this per
+    /// read, so the live metrics cost nothing per message), keeping the list's capacity.
+    pub fn take_source_counts(&mut self, mut f: impl FnMut(&SourceCount)) {
+        for c in self.source_counts.drain(..) {
+            f(&c);
+        }
+    }
+
+    fn count_source(&mut self, source: SourceId, role: Role, watermark: Nanos) {
+        let i = SourceCount::ROLES
+            .iter()
+            .position(|r| *r == role)
+            .unwrap_or(0);
+        match self.source_counts.iter_mut().find(|c| c.source == source) {
+            Some(c) => {
+                c.by_role[i] += 1;
+                c.latest = c.latest.max(watermark);
+            }
+            None => {
+                let mut by_role = [0; 4];
+                by_role[i] = 1;
+                self.source_counts.push(SourceCount {
+                    source,
+                    by_role,
+                    latest: watermark,
+                });
+            }
         }
     }
 
@@ -243,6 +304,7 @@ impl StreamIngest {
             self.shared.board.bump(source);
         }
         ev.loss_seq = self.shared.board.get(source);
+        self.count_source(source, ev.role, ev.watermark);
         router.dispatch(ev, tap.message_bytes);
     }
 

@@ -257,6 +257,15 @@ pub struct Reader {
     now: Instant,
     last_sweep: Instant,
     scratch: Box<[u8]>,
+    /// Live metrics and heartbeat, once `instrument`ed (the pipeline does; unit tests don't).
+    live: Option<Live>,
+}
+
+/// A reader's share of the live metrics: its own stats (published every sweep) and the
+/// heartbeat `/healthz` watches.
+struct Live {
+    stats: crate::metrics::model::ThreadStats,
+    heartbeat: Arc<crate::metrics::health::Heartbeat>,
 }
 
 impl Reader {
@@ -288,8 +297,18 @@ impl Reader {
             now,
             last_sweep: now,
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
+            live: None,
         };
         Ok((reader, ReaderHandle { mail: tx, waker }))
+    }
+
+    /// Counts messages per identity into `stats` and beats `heartbeat` on every wake-up.
+    pub fn instrument(
+        &mut self,
+        stats: crate::metrics::model::ThreadStats,
+        heartbeat: Arc<crate::metrics::health::Heartbeat>,
+    ) {
+        self.live = Some(Live { stats, heartbeat });
     }
 
     /// Makes this reader the acceptor: it owns the listeners and deals to `peers` too.
@@ -331,6 +350,9 @@ impl Reader {
                 continue;
             }
             self.now = Instant::now();
+            if let Some(l) = &self.live {
+                l.heartbeat.beat(self.now, true);
+            }
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => self.take_inbox(),
@@ -350,6 +372,12 @@ impl Reader {
             if self.now.duration_since(self.last_sweep) >= SWEEP {
                 self.last_sweep = self.now;
                 self.sweep();
+                if let Some(l) = &mut self.live {
+                    l.stats.publish();
+                }
+            }
+            if let Some(l) = &self.live {
+                l.heartbeat.beat(self.now, false);
             }
         }
     }
@@ -509,6 +537,9 @@ impl Reader {
                 break None;
             }
         };
+        if let Some(l) = &mut self.live {
+            conn.ingest.take_source_counts(|c| c.record(&mut l.stats));
+        }
         // One shared update per wake-up of a connection, not per frame.
         let partial = conn.buf.len();
         let mut total = None;

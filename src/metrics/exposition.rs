@@ -6,7 +6,7 @@ use super::model::{
     message_type_name, upstream_name, CappedLabel, Histogram, IdentityLabel, Snapshot, Telemetry,
     LATENCY_BUCKETS,
 };
-use super::Discard;
+use super::{Discard, Disconnect};
 use crate::dnstap::Role;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
@@ -474,8 +474,8 @@ impl Families {
             None,
             MetricType::Counter,
         )?;
-        for (reason, n) in snap.connections_closed {
-            counter(&mut m, [("reason", reason.name())], n)?;
+        for d in Disconnect::ALL {
+            counter(&mut m, [("reason", d.name())], metrics.disconnects(d))?;
         }
         Ok(())
     }
@@ -768,7 +768,7 @@ mod tests {
     #[test]
     fn prometheus_text_has_every_contract_family_well_formed() {
         let t = sample_telemetry();
-        t.set_connections_open(Arc::new(3.into()));
+        t.set_connections_open(Box::new(|| 3));
         let text = Exposition::new(t).render(Format::Prometheus).unwrap();
         let p = check_exposition(&text, false);
         for (name, kind) in CONTRACT_FAMILIES {

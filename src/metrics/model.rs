@@ -17,7 +17,7 @@ use crate::dnstap::{Nanos, Role, SourceId, SourceRegistry};
 use hashbrown::{HashMap, HashSet};
 use std::hash::Hash;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -174,39 +174,6 @@ pub fn message_type_name(role: Role) -> &'static str {
         Role::ClientResponse => "CLIENT_RESPONSE",
         Role::UpstreamQuery => "FORWARDER_QUERY",
         Role::UpstreamResponse => "FORWARDER_RESPONSE",
-    }
-}
-
-/// Why a dnstap connection was closed: the `reason` label of `connections_closed_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CloseReason {
-    Stopped,
-    PeerClosed,
-    BadStream,
-    IdleTimeout,
-    FrameBudget,
-    HandshakeTimeout,
-}
-
-impl CloseReason {
-    pub const ALL: [CloseReason; 6] = [
-        Self::Stopped,
-        Self::PeerClosed,
-        Self::BadStream,
-        Self::IdleTimeout,
-        Self::FrameBudget,
-        Self::HandshakeTimeout,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Stopped => "stopped",
-            Self::PeerClosed => "peer_closed",
-            Self::BadStream => "bad_stream",
-            Self::IdleTimeout => "idle_timeout",
-            Self::FrameBudget => "frame_budget",
-            Self::HandshakeTimeout => "handshake_timeout",
-        }
     }
 }
 
@@ -499,6 +466,9 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// Reads a gauge owned elsewhere (e.g. the open connections), at scrape.
+pub type CountProbe = Box<dyn Fn() -> u64 + Send + Sync>;
+
 /// A closure rendering the `/top` JSON document on demand (on the metrics server's thread).
 pub type TopHook = Box<dyn Fn() -> String + Send + Sync>;
 
@@ -514,8 +484,7 @@ pub struct Telemetry {
     threads: Mutex<Vec<Arc<Published>>>,
     queue_depths: OnceLock<Arc<[AtomicU64]>>,
     queue_capacity: AtomicU64,
-    connections_open: OnceLock<Arc<AtomicUsize>>,
-    connections_closed: [AtomicU64; CloseReason::ALL.len()],
+    connections_open: OnceLock<CountProbe>,
     top: OnceLock<TopHook>,
 }
 
@@ -537,7 +506,6 @@ impl Telemetry {
             queue_depths: OnceLock::new(),
             queue_capacity: AtomicU64::new(0),
             connections_open: OnceLock::new(),
-            connections_closed: Default::default(),
             top: OnceLock::new(),
         }
     }
@@ -565,13 +533,9 @@ impl Telemetry {
         self.queue_capacity.store(capacity, Relaxed);
     }
 
-    /// The count of open dnstap connections the readers keep, read at scrape.
-    pub fn set_connections_open(&self, open: Arc<AtomicUsize>) {
+    /// Reads the count of open dnstap connections at scrape (the readers keep it).
+    pub fn set_connections_open(&self, open: CountProbe) {
         let _ = self.connections_open.set(open);
-    }
-
-    pub fn connection_closed(&self, why: CloseReason) {
-        self.connections_closed[why as usize].fetch_add(1, Relaxed);
     }
 
     /// Plugs in the `/top` document; until then `/top` answers 404. Only the first call counts.
@@ -604,10 +568,13 @@ impl Telemetry {
             open_sessions,
             queue_depths,
             queue_capacity: self.queue_capacity.load(Relaxed),
-            connections_open: self.connections_open.get().map(|o| o.load(Relaxed) as u64),
-            connections_closed: CloseReason::ALL
-                .map(|r| (r, self.connections_closed[r as usize].load(Relaxed))),
+            connections_open: self.connections_open.get().map(|open| open()),
         }
+    }
+
+    /// The identities the stages intern and the labels name.
+    pub fn sources(&self) -> &Arc<SourceRegistry> {
+        &self.sources
     }
 
     /// The label value of an identity.
@@ -638,7 +605,6 @@ pub struct Snapshot {
     pub queue_capacity: u64,
     /// `None` until the pipeline registers the counter (file mode has no connections).
     pub connections_open: Option<u64>,
-    pub connections_closed: [(CloseReason, u64); CloseReason::ALL.len()],
 }
 
 /// The stats one reader or shard thread owns. Recording touches only thread-local maps;
@@ -749,6 +715,9 @@ impl ThreadStats {
     /// Reader or shard thread: the latest event time seen from `identity` (its watermark);
     /// the scrape exports wall clock minus the latest over all threads.
     pub fn note_event_time(&mut self, identity: SourceId, time: Nanos) {
+        if time == 0 {
+            return; // the sender gave no time
+        }
         let identity = self.identity(identity);
         let t = self.delta.latest_event.entry(identity).or_insert(0);
         *t = (*t).max(time);

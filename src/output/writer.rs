@@ -30,12 +30,20 @@ impl std::error::Error for OutputError {
 }
 
 /// Writes every batch to `sink` until all senders are gone or the sink ends, then closes it.
-pub fn run(batches: Receiver<Vec<u8>>, mut sink: impl Sink) -> Result<(), OutputError> {
+/// `beat(busy)` stamps the writer's heartbeat: busy before a batch goes to the sink, idle once
+/// it is written, so a sink that blocks (a pipe nobody reads) shows as a stuck writer.
+pub fn run(
+    batches: Receiver<Vec<u8>>,
+    mut sink: impl Sink,
+    beat: impl Fn(bool),
+) -> Result<(), OutputError> {
     for batch in batches.iter() {
+        beat(true);
         let mut flow = sink.write_lines(&batch).map_err(|e| fail(&sink, e))?;
         if flow == Flow::Continue && batches.is_empty() {
             flow = sink.flush().map_err(|e| fail(&sink, e))?;
         }
+        beat(false);
         if flow == Flow::End {
             break;
         }
@@ -100,7 +108,7 @@ mod tests {
     fn flushes_when_caught_up_and_closes_at_the_end() {
         let probe = Probe::default();
         let log = probe.log.clone();
-        run(feed(&["a\n", "b\n"]), probe).unwrap();
+        run(feed(&["a\n", "b\n"]), probe, |_| {}).unwrap();
         assert_eq!(*log.lock().unwrap(), ["a\n", "b\n", "flush", "close"]);
     }
 
@@ -111,7 +119,7 @@ mod tests {
             ..Probe::default()
         };
         let log = probe.log.clone();
-        let err = run(feed(&["a\n", "b\n"]), probe).unwrap_err();
+        let err = run(feed(&["a\n", "b\n"]), probe, |_| {}).unwrap_err();
         assert_eq!(err.source.kind(), io::ErrorKind::WriteZero);
         assert!(err
             .to_string()
@@ -126,7 +134,7 @@ mod tests {
             ..Probe::default()
         };
         let log = probe.log.clone();
-        run(feed(&["a\n", "b\n"]), probe).unwrap();
+        run(feed(&["a\n", "b\n"]), probe, |_| {}).unwrap();
         assert_eq!(*log.lock().unwrap(), ["a\n", "close"]);
     }
 }

@@ -221,6 +221,11 @@ impl Analyser {
     pub fn serve(listen: Listen, extra: &[&str]) -> Analyser {
         let mut args = vec!["--listen".to_string(), listen.url()];
         args.extend(extra.iter().map(|s| s.to_string()));
+        // The metrics endpoint runs in every test, on a free port unless the test picks one:
+        // the default 0.0.0.0:9435 would collide between tests running at once.
+        if !extra.iter().any(|a| a.starts_with("--metrics-listen")) {
+            args.extend(["--metrics-listen".to_string(), "127.0.0.1:0".to_string()]);
+        }
         args.extend(["--format".to_string(), "json".to_string()]);
         let mut child = Command::new(analyser_bin())
             .args(&args)
