@@ -239,6 +239,7 @@ fn prometheus_query_api_gives_the_ground_truth_and_the_exit_summary() {
     let out = analyser.stop();
     drop(prom);
 
+    println!("Prometheus: by status {by_status:?}\nby cause {by_cause:?}\nattempts {attempts:?}");
     // Prometheus = ground truth.
     assert_eq!(by_status, truth.object(&["status"]), "sessions by status");
     let truth_causes = truth.count_by(|s| s.cause().to_string());
