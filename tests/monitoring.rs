@@ -987,6 +987,21 @@ fn a_real_scrape_has_exactly_the_contract_families_and_labels() {
             );
         }
     }
+    // The contract's buckets, sub-millisecond cache hits to multi-second timeouts.
+    let buckets: BTreeSet<&str> = [
+        "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1",
+        "0.25", "0.5", "1", "2", "5", "10", "+Inf",
+    ]
+    .into();
+    for m in EXPOSITION.iter().filter(|m| m.kind == Kind::Histogram) {
+        let bucket = format!("{}_bucket", m.name);
+        let les: BTreeSet<&str> = scrape
+            .named(&bucket)
+            .map(|s| s.labels["le"].as_str())
+            .map(|le| le.strip_suffix(".0").unwrap_or(le))
+            .collect();
+        assert_eq!(les, buckets, "buckets of {}", m.name);
+    }
     // The identity label is the CoreDNS pod, never a client or a qname.
     let pods: BTreeSet<String> = (0..PODS).map(|i| format!("coredns-{i}")).collect();
     assert_eq!(identities, pods, "identity label values");
