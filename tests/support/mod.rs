@@ -7,6 +7,9 @@
 //!   a silent upstream, dig and dnsperf.
 //! - [`sessions`]: expected sessions ([`Expect`]) and their order-free comparison.
 //! - [`process`]: child processes with time limits, signals, socket state from /proc.
+//! - [`http`]: a minimal HTTP client for loopback servers (metrics port, Prometheus API).
+//! - [`prometheus`]: a real Prometheus server scraping targets, its query API, `promtool`, and
+//!   a parser for the text exposition of a scrape.
 //!
 //! Rules this harness enforces:
 //! - Inputs come from the repository (`tests/fixtures/`, `tests/live/`); only the optional
@@ -18,14 +21,18 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod analyser;
+pub mod http;
 pub mod process;
+pub mod prometheus;
 pub mod senders;
 pub mod servers;
 pub mod sessions;
 pub mod tls;
 
 pub use analyser::*;
+pub use http::*;
 pub use process::*;
+pub use prometheus::*;
 pub use senders::*;
 pub use servers::*;
 pub use sessions::*;
