@@ -209,7 +209,7 @@ enum Command {
         files: Vec<PathBuf>,
     },
     /// Show the qnames, clients and upstreams with the most Failed sessions of a running
-    /// analyser (its /top endpoint), redrawn every --interval: the `kubectl top` of DNS failures.
+    /// analyser (its /top endpoint), redrawn every few seconds: the `kubectl top` of DNS failures.
     Top {
         /// The analyser's metrics endpoint (--metrics-listen).
         #[arg(long, default_value = "http://127.0.0.1:9435")]

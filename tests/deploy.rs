@@ -292,6 +292,22 @@ fn flag_cases() -> Vec<(&'static str, Json, Vec<&'static str>)> {
         ),
         ("messages", json!("failed"), vec!["--messages=failed"]),
         ("stats-interval", json!("60s"), vec!["--stats-interval=60s"]),
+        (
+            "metrics-listen",
+            json!("0.0.0.0:9436"),
+            vec!["--metrics-listen=0.0.0.0:9436"],
+        ),
+        (
+            "max-identity-labels",
+            json!(512),
+            vec!["--max-identity-labels=512"],
+        ),
+        (
+            "max-upstream-labels",
+            json!(64),
+            vec!["--max-upstream-labels=64"],
+        ),
+        ("stall-timeout", json!("45s"), vec!["--stall-timeout=45s"]),
     ]
 }
 
@@ -484,7 +500,8 @@ fn all_options_values() -> Json {
             "maxConnections": 256, "maxFrameSize": 2097152,
             "handshakeTimeout": 10, "idleTimeout": 600, "frameBufferBudget": 134217728,
             "log": ["failed", "sampleloss"], "format": "text",
-            "sampleSucceeded": 0.01, "messages": "failed", "statsInterval": 60
+            "sampleSucceeded": 0.01, "messages": "failed", "statsInterval": 60,
+            "maxIdentityLabels": 512, "maxUpstreamLabels": 64, "stallTimeout": 45
         },
         "service": {"name": SERVICE, "port": PORT, "clusterIP": "10.96.12.34",
                     "annotations": {"example.com/owner": "dns-team"}},

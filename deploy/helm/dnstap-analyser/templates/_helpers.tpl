@@ -157,6 +157,17 @@ int64 so that large values (maxSessions: 2000000) are not printed in float notat
 {{- if $a.messages }}
 - {{ printf "--messages=%s" $a.messages | quote }}
 {{- end }}
+{{- if not (kindIs "invalid" $a.maxIdentityLabels) }}
+- {{ printf "--max-identity-labels=%d" (int64 $a.maxIdentityLabels) | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $a.maxUpstreamLabels) }}
+- {{ printf "--max-upstream-labels=%d" (int64 $a.maxUpstreamLabels) | quote }}
+{{- end }}
+{{- if kindIs "string" $a.stallTimeout }}
+- {{ printf "--stall-timeout=%s" $a.stallTimeout | quote }}
+{{- else if not (kindIs "invalid" $a.stallTimeout) }}
+- {{ printf "--stall-timeout=%d" (int64 $a.stallTimeout) | quote }}
+{{- end }}
 {{- /* --stats-interval: a duration ("60s") as given, or whole seconds. */}}
 {{- if kindIs "string" $a.statsInterval }}
 - {{ printf "--stats-interval=%s" $a.statsInterval | quote }}
