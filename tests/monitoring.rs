@@ -70,6 +70,12 @@ const EXPOSITION: &[Metric] = &[
         &["identity", "type"],
     ),
     metric("dnstap_analyser_frames_total", Kind::Counter, &[]),
+    metric("dnstap_analyser_tls_handshakes_total", Kind::Counter, &[]),
+    metric(
+        "dnstap_analyser_tls_certificate_reloads_total",
+        Kind::Counter,
+        &["result"],
+    ),
     metric("dnstap_analyser_received_bytes_total", Kind::Counter, &[]),
     metric(
         "dnstap_analyser_discarded_total",
@@ -174,7 +180,13 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
             // could not serve.
             "shutdown",
             "server_error",
+            // tls:// listeners (issue #11): failed handshakes, refused client certificates,
+            // TLS errors after the handshake.
+            "tls_handshake",
+            "tls_client_cert",
+            "tls_error",
         ],
+        ("dnstap_analyser_tls_certificate_reloads_total", "result") => &["ok", "error"],
         (_, "label") => &["identity", "upstream"],
         _ => return None,
     })

@@ -477,6 +477,33 @@ impl Families {
         for d in Disconnect::ALL {
             counter(&mut m, [("reason", d.name())], metrics.disconnects(d))?;
         }
+        // How an operator sees that CoreDNS really connected over TLS, and that a rotated
+        // certificate was picked up (or refused).
+        let mut m = family(
+            enc,
+            "tls_handshakes",
+            "TLS handshakes completed on tls:// listeners.",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, [], metrics.tls_handshakes.load(Relaxed))?;
+        let mut m = family(
+            enc,
+            "tls_certificate_reloads",
+            "Certificate files reloaded after they changed, by result (error: the old certificate stays).",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(
+            &mut m,
+            [("result", "ok")],
+            metrics.tls_cert_reloads.load(Relaxed),
+        )?;
+        counter(
+            &mut m,
+            [("result", "error")],
+            metrics.tls_cert_reload_errors.load(Relaxed),
+        )?;
         Ok(())
     }
 }
