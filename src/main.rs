@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 use dnstap_analyser::correlate;
 use dnstap_analyser::ingest::net::ListenAddr;
+use dnstap_analyser::ingest::SenderLimits;
 use dnstap_analyser::metrics::Metrics;
 use dnstap_analyser::output::{Format, LogFilter, WriteSink};
 use dnstap_analyser::pipeline::{self, Settings};
@@ -98,6 +99,28 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 64 << 20, value_name = "BYTES")]
     frame_buffer_budget: usize,
 
+    /// Sender identities (the dnstap identity, or the peer address without one) registered at
+    /// once. A message of a new identity beyond it is dropped and counted (identity_limit):
+    /// identities are never merged, so one sender cannot hide another's sessions.
+    #[arg(long, global = true, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    max_identities: u32,
+
+    /// Identities one connection (or the files of `read`) may send at once; a message of
+    /// another is dropped and counted (identity_limit). CoreDNS sends one; a relay, several.
+    #[arg(long, global = true, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_identities_per_connection: u32,
+
+    /// Seconds after which a connection forgets an identity it sent nothing of, and the
+    /// analyser reclaims an identity no connection sends (making room under --max-identities).
+    /// At least --session-timeout + 60 s, so its sessions are out before its name goes.
+    #[arg(long, global = true, default_value_t = 600.0, value_name = "SECS")]
+    identity_idle_timeout: f64,
+
+    /// Seconds a message's time may lie ahead of the wall clock. A later time (or one before
+    /// 2000) is ignored and counted (time_out_of_range); the message keeps its stream's clock.
+    #[arg(long, global = true, default_value_t = 86_400.0, value_name = "SECS")]
+    max_time_ahead: f64,
+
     /// Which sessions to print: all, failed, sampleloss, succeeded, or a comma list.
     #[arg(long, global = true, default_value = "all", value_parser = LogFilter::parse)]
     log: LogFilter,
@@ -136,13 +159,14 @@ fn seconds(name: &str, v: f64) -> Result<u64, String> {
 
 fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let session_timeout = seconds("session-timeout", cli.session_timeout)?;
     Ok(Settings {
         readers: cli.readers as usize,
         shards: cli.shards.map_or(cores, |s| s as usize),
         queue_capacity: cli.queue_capacity as usize,
         pin: cli.pin,
         correlate: correlate::Config {
-            session_timeout: seconds("session-timeout", cli.session_timeout)?,
+            session_timeout,
             orphan_grace: seconds("orphan-grace", cli.orphan_grace)?,
             max_sessions: cli.max_sessions.max(1),
             idle_flush,
@@ -155,6 +179,25 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
         )?),
         idle_timeout: Duration::from_nanos(seconds("idle-timeout", cli.idle_timeout)?),
         frame_buffer_budget: cli.frame_buffer_budget.max(1),
+        senders: SenderLimits {
+            max_identities: cli.max_identities as usize,
+            identities_per_stream: cli.max_identities_per_connection as usize,
+            // Never before the identity's sessions are out of the shards.
+            identity_idle: Duration::from_nanos(seconds(
+                "identity-idle-timeout",
+                cli.identity_idle_timeout,
+            )?)
+            .max(Duration::from_nanos(session_timeout) + Duration::from_secs(60)),
+            max_time_ahead: Duration::try_from_secs_f64(cli.max_time_ahead)
+                .ok()
+                .filter(|d| *d <= Duration::from_secs(366 * 86_400))
+                .ok_or_else(|| {
+                    format!(
+                        "--max-time-ahead must be between 0 and 31622400 seconds, got {}",
+                        cli.max_time_ahead
+                    )
+                })?,
+        },
         log: cli.log,
         format: cli.format,
     })

@@ -41,10 +41,16 @@ pub enum Discard {
     ConnectionLimit,
     /// A partial frame dropped with its connection: over --frame-buffer-budget.
     FrameBudget,
+    /// A message time outside the plausible range (before 2000, or later than --max-time-ahead
+    /// past the wall clock): the time is dropped, the message kept at its stream's clock.
+    TimeOutOfRange,
+    /// A message of a new identity refused: --max-identities (or
+    /// --max-identities-per-connection on its connection) were in use.
+    IdentityLimit,
 }
 
 impl Discard {
-    pub const ALL: [Discard; 13] = [
+    pub const ALL: [Discard; 15] = [
         Discard::QueueFull,
         Discard::QueueDisconnected,
         Discard::Protobuf,
@@ -58,6 +64,8 @@ impl Discard {
         Discard::HandshakeTimeout,
         Discard::ConnectionLimit,
         Discard::FrameBudget,
+        Discard::TimeOutOfRange,
+        Discard::IdentityLimit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +83,8 @@ impl Discard {
             Self::HandshakeTimeout => "handshake_timeout",
             Self::ConnectionLimit => "connection_limit",
             Self::FrameBudget => "frame_budget",
+            Self::TimeOutOfRange => "time_out_of_range",
+            Self::IdentityLimit => "identity_limit",
         }
     }
 }

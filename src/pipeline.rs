@@ -11,7 +11,7 @@
 use crate::correlate::{self, Correlator, MessageStore, Session, Verdict};
 use crate::ingest::limits::{ConnectionLimits, Slots};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
-use crate::ingest::{file, LossBoard, QueueDepths, Router, ShardInput, Shared};
+use crate::ingest::{file, LossBoard, QueueDepths, Router, SenderLimits, ShardInput, Shared};
 use crate::metrics::Metrics;
 use crate::output::writer::{self, OutputError};
 use crate::output::{Format, LogFilter, Renderer, Sink};
@@ -37,6 +37,8 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub frame_buffer_budget: usize,
+    /// Identities, their expiry, plausible event times.
+    pub senders: SenderLimits,
     pub log: LogFilter,
     pub format: Format,
 }
@@ -174,11 +176,12 @@ fn start_backend(
     halt: &Arc<AtomicBool>,
 ) -> Backend {
     let shared = Shared {
-        sources: Default::default(),
+        sources: Arc::new(s.senders.registry()),
         board: Arc::new(LossBoard::default()),
         metrics,
         max_frame_size: s.max_frame_size,
         session_timeout: s.correlate.session_timeout,
+        limits: s.senders,
     };
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<u8>>(64);
     let writer = spawn_watched("writer".into(), None, halt, move || {
@@ -449,6 +452,7 @@ mod tests {
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(120),
             frame_buffer_budget: 64 << 20,
+            senders: SenderLimits::default(),
             log: LogFilter::ALL,
             format: Format::Json,
         }
