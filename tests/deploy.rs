@@ -261,9 +261,21 @@ fn flag_cases() -> Vec<(&'static str, Json, Vec<&'static str>)> {
             json!(268435456),
             vec!["--frame-buffer-budget=268435456"],
         ),
-        ("max-identities", json!(20000), vec!["--max-identities=20000"]),
-        ("max-identities-per-connection", json!(50), vec!["--max-identities-per-connection=50"]),
-        ("identity-idle-timeout", json!(1800), vec!["--identity-idle-timeout=1800"]),
+        (
+            "max-identities",
+            json!(20000),
+            vec!["--max-identities=20000"],
+        ),
+        (
+            "max-identities-per-connection",
+            json!(50),
+            vec!["--max-identities-per-connection=50"],
+        ),
+        (
+            "identity-idle-timeout",
+            json!(1800),
+            vec!["--identity-idle-timeout=1800"],
+        ),
         ("max-time-ahead", json!(3600), vec!["--max-time-ahead=3600"]),
         (
             "log",

@@ -398,8 +398,9 @@ fn overload_keeps_every_delivered_verdict() {
     let dropped_by_coredns = coredns_dropped(&log);
     let summary = &out.summary;
     eprintln!(
-        "[test] CoreDNS logged {dropped_by_coredns} dropped dnstap messages; analyser: {} \
-         connections {}, messages {}, sessions {}, status {}, dropped {}",
+        "[test] CoreDNS logged {dropped_by_coredns} dropped dnstap messages in {} lines; \
+         analyser: {} connections {}, messages {}, sessions {}, status {}, dropped {}",
+        log.matches("Dropped dnstap messages").count(),
         summary["connections"],
         summary["connections_closed"],
         summary["messages"],
