@@ -108,7 +108,7 @@ struct Cli {
     /// Identities one connection (or the files of `read`) may send at once; a message of
     /// another is dropped and counted (identity_limit). CoreDNS sends one; a relay, several.
     #[arg(long, global = true, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
-    max_identities_per_connection: u32,
+    identities_per_connection: u32,
 
     /// Seconds after which a connection forgets an identity it sent nothing of, and the
     /// analyser reclaims an identity no connection sends (making room under --max-identities).
@@ -181,7 +181,7 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
         frame_buffer_budget: cli.frame_buffer_budget.max(1),
         senders: SenderLimits {
             max_identities: cli.max_identities as usize,
-            identities_per_stream: cli.max_identities_per_connection as usize,
+            identities_per_stream: cli.identities_per_connection as usize,
             // Never before the identity's sessions are out of the shards.
             identity_idle: Duration::from_nanos(seconds(
                 "identity-idle-timeout",

@@ -45,7 +45,7 @@ pub enum Discard {
     /// past the wall clock): the time is dropped, the message kept at its stream's clock.
     TimeOutOfRange,
     /// A message of a new identity refused: --max-identities (or
-    /// --max-identities-per-connection on its connection) were in use.
+    /// --identities-per-connection on its connection) were in use.
     IdentityLimit,
 }
 

@@ -267,9 +267,9 @@ fn flag_cases() -> Vec<(&'static str, Json, Vec<&'static str>)> {
             vec!["--max-identities=20000"],
         ),
         (
-            "max-identities-per-connection",
+            "identities-per-connection",
             json!(50),
-            vec!["--max-identities-per-connection=50"],
+            vec!["--identities-per-connection=50"],
         ),
         (
             "identity-idle-timeout",

@@ -39,7 +39,7 @@ impl SourceId {
 }
 
 /// A new identity arrived while `--max-identities` were in use and none could be reclaimed
-/// (or its connection had `--max-identities-per-connection`).
+/// (or its connection had `--identities-per-connection`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdentityLimit {
     pub max: usize,
@@ -50,7 +50,7 @@ pub struct IdentityLimit {
 impl std::fmt::Display for IdentityLimit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (what, flag) = if self.per_connection {
-            ("on this connection", "--max-identities-per-connection")
+            ("on this connection", "--identities-per-connection")
         } else {
             ("in use", "--max-identities")
         };

@@ -62,7 +62,7 @@ impl SenderLimits {
 pub struct SenderLimits {
     /// Identities registered at once (`--max-identities`).
     pub max_identities: usize,
-    /// Identities one stream may track at once (`--max-identities-per-connection`).
+    /// Identities one stream may track at once (`--identities-per-connection`).
     pub identities_per_stream: usize,
     /// A stream forgets an identity it has sent nothing of for this long (wall clock), and
     /// the registry reclaims one no stream tracks after it too (`--identity-idle-timeout`).

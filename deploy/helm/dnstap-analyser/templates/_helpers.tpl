@@ -133,8 +133,8 @@ int64 so that large values (maxSessions: 2000000) are not printed in float notat
 {{- if not (kindIs "invalid" $a.maxIdentities) }}
 - {{ printf "--max-identities=%d" (int64 $a.maxIdentities) | quote }}
 {{- end }}
-{{- if not (kindIs "invalid" $a.maxIdentitiesPerConnection) }}
-- {{ printf "--max-identities-per-connection=%d" (int64 $a.maxIdentitiesPerConnection) | quote }}
+{{- if not (kindIs "invalid" $a.identitiesPerConnection) }}
+- {{ printf "--identities-per-connection=%d" (int64 $a.identitiesPerConnection) | quote }}
 {{- end }}
 {{- if not (kindIs "invalid" $a.identityIdleTimeout) }}
 - {{ printf "--identity-idle-timeout=%d" (int64 $a.identityIdleTimeout) | quote }}
