@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use dnstap_analyser::correlate;
 use dnstap_analyser::ingest::net::ListenAddr;
 use dnstap_analyser::ingest::tls::TlsFiles;
+use dnstap_analyser::ingest::SenderLimits;
 use dnstap_analyser::metrics::model::TelemetryConfig;
 use dnstap_analyser::metrics::Metrics;
 use dnstap_analyser::metrics::{top_client, ErrorChain};
@@ -118,6 +119,28 @@ struct Cli {
     /// or it is refused (connections_closed.tls_client_cert). Without it no sender is asked.
     #[arg(long, global = true, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
+
+    /// Sender identities (the dnstap identity, or the peer address without one) registered at
+    /// once. A message of a new identity beyond it is dropped and counted (identity_limit):
+    /// identities are never merged, so one sender cannot hide another's sessions.
+    #[arg(long, global = true, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    max_identities: u32,
+
+    /// Identities one connection (or the files of `read`) may send at once; a message of
+    /// another is dropped and counted (identity_limit). CoreDNS sends one; a relay, several.
+    #[arg(long, global = true, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    identities_per_connection: u32,
+
+    /// How long a connection keeps an identity it sent nothing of, and the analyser an
+    /// identity no connection sends (then reclaimed, making room under --max-identities).
+    /// At least --session-timeout + 60 s, so its sessions are out before its name goes.
+    #[arg(long, global = true, default_value = "600s", value_name = "DURATION", value_parser = parse_duration)]
+    identity_idle_timeout: Duration,
+
+    /// How far a message's time may lie ahead of the wall clock. A later time (or one before
+    /// 2000) is ignored and counted (time_out_of_range); the message keeps its stream's clock.
+    #[arg(long, global = true, default_value = "24h", value_name = "DURATION", value_parser = parse_duration)]
+    max_time_ahead: Duration,
 
     /// Which sessions to print: all, failed, sampleloss, succeeded, or a comma list.
     #[arg(long, global = true, default_value = "all", value_parser = LogFilter::parse)]
@@ -317,6 +340,15 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
         idle_timeout: cli.idle_timeout,
         frame_buffer_budget: cli.frame_buffer_budget.max(1),
         tls: tls_files(cli)?,
+        senders: SenderLimits {
+            max_identities: cli.max_identities as usize,
+            identities_per_stream: cli.identities_per_connection as usize,
+            // Never before the identity's sessions are out of the shards.
+            identity_idle: cli
+                .identity_idle_timeout
+                .max(cli.session_timeout + Duration::from_secs(60)),
+            max_time_ahead: cli.max_time_ahead,
+        },
         log: cli.log,
         lines: LineOptions {
             sample_succeeded: cli.sample_succeeded,

@@ -46,10 +46,16 @@ pub enum Discard {
     /// A message no session could take: the session table was full (--max-sessions) and held
     /// nothing to evict.
     SessionTableFull,
+    /// A message time outside the plausible range (before 2000, or later than --max-time-ahead
+    /// past the wall clock): the time is dropped, the message kept at its stream's clock.
+    TimeOutOfRange,
+    /// A message of a new identity refused: --max-identities (or
+    /// --identities-per-connection on its connection) were in use.
+    IdentityLimit,
 }
 
 impl Discard {
-    pub const ALL: [Discard; 14] = [
+    pub const ALL: [Discard; 16] = [
         Discard::QueueFull,
         Discard::QueueDisconnected,
         Discard::Protobuf,
@@ -64,6 +70,8 @@ impl Discard {
         Discard::ConnectionLimit,
         Discard::FrameBudget,
         Discard::SessionTableFull,
+        Discard::TimeOutOfRange,
+        Discard::IdentityLimit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,6 +90,8 @@ impl Discard {
             Self::ConnectionLimit => "connection_limit",
             Self::FrameBudget => "frame_budget",
             Self::SessionTableFull => "session_table_full",
+            Self::TimeOutOfRange => "time_out_of_range",
+            Self::IdentityLimit => "identity_limit",
         }
     }
 }

@@ -9,11 +9,11 @@
 //! closed by `| head`) is not a failure: the shards stop rendering and the analysis goes on.
 
 use crate::correlate::{self, Correlator, Message, MessageStore, Session, Verdict};
-use crate::dnstap::{self, Nanos, Role, SourceRegistry};
+use crate::dnstap::{self, Nanos, Role};
 use crate::ingest::limits::{ConnectionLimits, Slots};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
 use crate::ingest::tls::{TlsAcceptor, TlsFiles};
-use crate::ingest::{file, LossBoard, QueueDepths, Router, ShardInput, Shared};
+use crate::ingest::{file, LossBoard, QueueDepths, Router, SenderLimits, ShardInput, Shared};
 use crate::metrics::health::Heartbeat;
 use crate::metrics::http::{MetricsServer, StartError};
 use crate::metrics::model::{
@@ -48,6 +48,8 @@ pub struct Settings {
     pub frame_buffer_budget: usize,
     /// Certificates of the `tls://` listeners; `None` when there are none.
     pub tls: Option<TlsFiles>,
+    /// Identities, their expiry, plausible event times.
+    pub senders: SenderLimits,
     pub log: LogFilter,
     /// `--sample-succeeded`, `--messages`.
     pub lines: LineOptions,
@@ -196,7 +198,7 @@ struct Live {
 
 impl Live {
     fn start(s: &Settings, metrics: Arc<Metrics>) -> Result<Self, Error> {
-        let sources = Arc::new(SourceRegistry::default());
+        let sources = Arc::new(s.senders.registry());
         let telemetry = Arc::new(Telemetry::new(metrics, sources, s.telemetry));
         let server = match s.metrics_listen {
             Some(addr) => {
@@ -234,6 +236,7 @@ fn start_backend(
         metrics: telemetry.metrics.clone(),
         max_frame_size: s.max_frame_size,
         session_timeout: s.correlate.session_timeout,
+        limits: s.senders,
     };
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<u8>>(64);
     let heartbeat = telemetry.health.stage("writer", None);
@@ -725,6 +728,7 @@ mod tests {
             idle_timeout: Duration::from_secs(120),
             frame_buffer_budget: 64 << 20,
             tls: None,
+            senders: SenderLimits::default(),
             log: LogFilter::ALL,
             lines: LineOptions::default(),
             format: Format::Json,

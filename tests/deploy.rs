@@ -280,6 +280,22 @@ fn flag_cases() -> Vec<(&'static str, Json, Vec<&'static str>)> {
             vec!["--frame-buffer-budget=268435456"],
         ),
         (
+            "max-identities",
+            json!(20000),
+            vec!["--max-identities=20000"],
+        ),
+        (
+            "identities-per-connection",
+            json!(50),
+            vec!["--identities-per-connection=50"],
+        ),
+        (
+            "identity-idle-timeout",
+            json!(1800),
+            vec!["--identity-idle-timeout=1800"],
+        ),
+        ("max-time-ahead", json!(3600), vec!["--max-time-ahead=3600"]),
+        (
             "log",
             json!(["failed", "sampleloss"]),
             vec!["--log=failed,sampleloss"],

@@ -287,3 +287,208 @@ fn receiver_restart_is_survived() {
         describe_all(&rest)
     );
 }
+
+/// The rcode the upstream gives a name of the overload burst (see `overload_query_file`).
+fn designed_rcode(qname: &str) -> &'static str {
+    if qname.ends_with(".servfail.test") {
+        "SERVFAIL"
+    } else if qname.ends_with(".refused.test") {
+        "REFUSED"
+    } else if qname.starts_with("nx") && qname.ends_with(".example.test") {
+        "NXDOMAIN"
+    } else {
+        "NOERROR"
+    }
+}
+
+/// A dnsperf data file of `n` distinct names (every query misses CoreDNS's cache): one in 10
+/// SERVFAILs (the broken servfail.test zone), one in 20 is REFUSED (outside nsd's zones), one in
+/// 10 is NXDOMAIN, the rest NOERROR through the *.w.example.test wildcard.
+fn overload_query_file(dir: &TempDir, n: usize) -> PathBuf {
+    let mut text = String::with_capacity(n * 32);
+    for i in 0..n {
+        let name = match i % 20 {
+            0 | 10 => format!("s{i}.servfail.test"),
+            5 => format!("r{i}.refused.test"),
+            3 | 13 => format!("nx{i}.example.test"),
+            _ => format!("q{i}.w.example.test"),
+        };
+        text.push_str(&name);
+        text.push_str(" A\n");
+    }
+    let path = dir.join("burst.queries");
+    std::fs::write(&path, text).expect("write the dnsperf data file");
+    path
+}
+
+/// SIGCONTs the analyser if the test ends (or panics) while it is stopped.
+struct Stalled(u32);
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        signal_pid(self.0, "CONT");
+    }
+}
+
+/// `Dropped dnstap messages: N` lines of CoreDNS's log, summed.
+fn coredns_dropped(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| l.split("Dropped dnstap messages: ").nth(1))
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// Issue #10 live: CoreDNS overloaded while its receiver stalls. The analyser is stopped with
+/// SIGSTOP for 12 s while dnsperf sends a burst of 20,000 distinct queries through CoreDNS; its
+/// dnstap queue (10,000 messages) overflows, CoreDNS drops messages and logs how many, and it
+/// gives up on the blocked connection and opens another. After SIGCONT the analyser reads what
+/// the kernel kept. Then:
+/// - no verdict is wrong: every session whose CLIENT_RESPONSE arrived carries that response's
+///   verdict (Succeeded for NOERROR/NXDOMAIN, Failed otherwise) and its rcode is the one the
+///   upstream gives that name; none is SampleLoss; none without a response is Failed (every
+///   query was answered, so only loss explains a missing response);
+/// - Failed sessions are exactly the failures the client saw whose response reached the
+///   analyser: Failed = client failures − failing names without a session holding a response;
+/// - every message counted is in a printed session.
+#[test]
+fn overload_keeps_every_delivered_verdict() {
+    let Some(coredns) = coredns_or_skip("overload_keeps_every_delivered_verdict") else {
+        return;
+    };
+    const QUERIES: usize = 20_000;
+    const STALL: Duration = Duration::from_secs(12);
+    let dir = TempDir::new("coredns-overload");
+    let nsd = start_nsd(&dir);
+    let mut an = Analyser::serve_tcp(&[]);
+    let mut cd = start_coredns(&dir, &coredns, nsd.port, an.port());
+    let data = overload_query_file(&dir, QUERIES);
+
+    let stalled_at = std::time::Instant::now();
+    signal_pid(an.pid(), "STOP");
+    let stalled = Stalled(an.pid());
+    let perf = dnsperf(cd.port, &data, &["-n", "1", "-Q", "5000", "-t", "5"]);
+    cd.server.assert_running();
+    let connections_during_stall = tcp_connections_to(an.port());
+    if let Some(rest) = STALL.checked_sub(stalled_at.elapsed()) {
+        thread::sleep(rest);
+    }
+    drop(stalled);
+    an.assert_running("after SIGCONT");
+    eprintln!(
+        "[test] dnsperf: sent {} completed {} lost {} rcodes {:?}; {} dnstap connections \
+         during the stall",
+        perf.sent, perf.completed, perf.lost, perf.rcodes, connections_during_stall
+    );
+    assert_eq!(perf.sent, QUERIES as u64, "dnsperf:\n{}", perf.output);
+
+    // Let the analyser catch up: wait until no line has come for 3 s (bounded).
+    let mut seen = (0usize, std::time::Instant::now());
+    poll_until(Duration::from_secs(25), || {
+        let n = an.sessions_so_far().len();
+        if n != seen.0 {
+            seen = (n, std::time::Instant::now());
+        }
+        seen.1.elapsed() >= Duration::from_secs(3)
+    });
+    cd.server.stop();
+    let log = cd.server.log_text();
+    let out = an.stop();
+    assert_all_counted("CoreDNS overload", &out);
+
+    let dropped_by_coredns = coredns_dropped(&log);
+    let summary = &out.summary;
+    eprintln!(
+        "[test] CoreDNS logged {dropped_by_coredns} dropped dnstap messages in {} lines; \
+         analyser: {} connections {}, messages {}, sessions {}, status {}, dropped {}",
+        log.matches("Dropped dnstap messages").count(),
+        summary["connections"],
+        summary["connections_closed"],
+        summary["messages"],
+        summary["sessions"],
+        summary["status_bitmap"],
+        summary["dropped"]
+    );
+    assert!(
+        dropped_by_coredns > 0,
+        "the stall did not overflow CoreDNS's dnstap queue: nothing was tested; log tail:\n{}",
+        tail(&log, 20)
+    );
+
+    let has_cr = |s: &Value| s_bitmap(s) & 2 != 0;
+    let mut errors = Vec::new();
+    let mut failing_names_with_response = std::collections::HashSet::new();
+    for s in &out.sessions {
+        let qname = s_qname(s);
+        let want = designed_rcode(&qname);
+        if has_cr(s) {
+            let verdict = if matches!(want, "NOERROR" | "NXDOMAIN") {
+                "Succeeded"
+            } else {
+                failing_names_with_response.insert(qname.clone());
+                "Failed"
+            };
+            if s_status(s) != verdict || s_rcode(s) != Some(want) {
+                errors.push(format!("want {verdict} {want}: {}", describe(s)));
+            }
+        } else if s_status(s) == "Failed" {
+            errors.push(format!(
+                "every query was answered, so only loss explains a missing response: {}",
+                describe(s)
+            ));
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{} wrong verdicts, e.g.:\n{}",
+        errors.len(),
+        errors[..errors.len().min(20)].join("\n")
+    );
+
+    let client_failures: u64 = perf
+        .rcodes
+        .iter()
+        .filter(|(code, _)| !matches!(code.as_str(), "NOERROR" | "NXDOMAIN"))
+        .map(|(_, n)| n)
+        .sum();
+    let designed_failures = (0..QUERIES)
+        .filter(|i| matches!(i % 20, 0 | 5 | 10))
+        .count() as u64;
+    let failed = out
+        .sessions
+        .iter()
+        .filter(|s| s_status(s) == "Failed")
+        .count() as u64;
+    let failures_without_response = designed_failures - failing_names_with_response.len() as u64;
+    eprintln!(
+        "[test] client saw {client_failures} failures; analyser: {failed} Failed, \
+         {failures_without_response} failing queries whose response it never received, \
+         {} SampleLoss",
+        out.sessions
+            .iter()
+            .filter(|s| s_status(s) == "SampleLoss")
+            .count()
+    );
+    assert!(
+        failed > 0,
+        "no failure reached the analyser: nothing was tested"
+    );
+    assert_eq!(
+        failed,
+        failing_names_with_response.len() as u64,
+        "one Failed session per failing query whose response arrived"
+    );
+    if perf.lost == 0 {
+        assert_eq!(
+            client_failures, designed_failures,
+            "dnsperf:\n{}",
+            perf.output
+        );
+        assert_eq!(
+            failed,
+            client_failures - failures_without_response,
+            "Failed = what the client saw, minus the failures whose response CoreDNS dropped"
+        );
+    } else {
+        assert!(failed <= client_failures + perf.lost);
+    }
+}

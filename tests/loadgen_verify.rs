@@ -91,9 +91,30 @@ fn every_session_is_classified_as_generated() {
     );
 }
 
+/// Issue #10's verdict rule under 1 % sender loss in bursts: every session whose client
+/// response was delivered carries that response's verdict (none SampleLoss, none wrong), and
+/// only sessions without a delivered response whose loss could explain it are SampleLoss.
+/// verify checks it line by line against the ground truth; the facts say it was exercised.
 #[test]
-fn sessions_that_lost_messages_are_sample_loss() {
+fn answered_sessions_keep_their_verdict_under_sender_loss() {
     let (ok, report) = run_and_verify("loss", &["--loss", "0.01"]);
     println!("{report}");
     assert!(ok, "verify failed:\n{report}");
+    let v: serde_json::Value = serde_json::from_str(&report).expect("verify prints JSON");
+    let facts = &v["verify"]["facts"];
+    let n = |k: &str| {
+        facts[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no fact {k}: {report}"))
+    };
+    assert!(n("sender_dropped_messages") > 0, "no loss was injected");
+    assert!(
+        n("lost_sessions_carrying_their_response_verdict") > 0,
+        "no session lost messages around a delivered response: nothing was tested"
+    );
+    assert_eq!(
+        n("sessions_with_response_delivered_carrying_its_verdict"),
+        n("sessions_with_response_delivered"),
+        "{report}"
+    );
 }

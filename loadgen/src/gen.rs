@@ -124,7 +124,7 @@ impl Default for Config {
             loss: 0.0,
             loss_burst: (8, 24),
             event_rate: 100_000.0,
-            start_ns: 1_800_000_000 * NS,
+            start_ns: 1_700_000_000 * NS,
             upstreams: 2,
             max_attempts: 3,
             record_sessions: false,
@@ -192,6 +192,9 @@ pub struct Counts {
     pub intact: u64,
     pub lost_some: u64,
     pub lost_all: u64,
+    /// Sessions that lost messages but whose CLIENT_RESPONSE was delivered, by expected
+    /// status (Succeeded, Failed): their outcome is known despite the loss.
+    pub lost_answered: [u64; 2],
     pub generated: [u64; 4],
     pub dropped: [u64; 4],
     pub bursts: u64,
@@ -217,6 +220,9 @@ impl Counts {
         self.intact += o.intact;
         self.lost_some += o.lost_some;
         self.lost_all += o.lost_all;
+        for (a, b) in self.lost_answered.iter_mut().zip(o.lost_answered) {
+            *a += b;
+        }
         for i in 0..4 {
             self.generated[i] += o.generated[i];
             self.dropped[i] += o.dropped[i];
@@ -744,18 +750,15 @@ impl PodGen {
         if answered {
             self.counts.rcodes[s.rcode as usize & 15] += 1;
         }
-        let status = if s.delivered == 0 {
-            None
-        } else if s.lost {
-            Some(SAMPLE_LOSS)
-        } else if answered && dnswire::rcode_succeeds(s.rcode) {
-            Some(SUCCEEDED)
-        } else {
-            Some(FAILED)
-        };
+        let status = expected_status(s.delivered, s.lost, answered, s.rcode);
         match (status, s.lost) {
             (None, _) => self.counts.lost_all += 1,
-            (Some(_), true) => self.counts.lost_some += 1,
+            (Some(st), true) => {
+                self.counts.lost_some += 1;
+                if st != SAMPLE_LOSS {
+                    self.counts.lost_answered[st] += 1;
+                }
+            }
             (Some(_), false) => self.counts.intact += 1,
         }
         if let Some(st) = status {
@@ -792,6 +795,28 @@ impl PodGen {
             },
             s.t_cq,
         );
+    }
+}
+
+/// The Status the analyser must give a session (issue #10): one whose CLIENT_RESPONSE was
+/// delivered carries that response's verdict, whatever else was lost; one without a delivered
+/// response is SampleLoss when it lost messages (the response may be among them) and Failed
+/// otherwise (CoreDNS never answered). None: nothing of it was delivered.
+pub fn expected_status(delivered: u8, lost: bool, answered: bool, rcode: u8) -> Option<usize> {
+    const CR: u8 = 1 << 1;
+    if delivered == 0 {
+        None
+    } else if delivered & CR != 0 {
+        debug_assert!(answered, "a CR is only generated for answered sessions");
+        Some(if dnswire::rcode_succeeds(rcode) {
+            SUCCEEDED
+        } else {
+            FAILED
+        })
+    } else if lost {
+        Some(SAMPLE_LOSS)
+    } else {
+        Some(FAILED)
     }
 }
 

@@ -382,6 +382,10 @@ pub fn truth_json(cfg: &Config, opts: &RunOptions, r: &RunResult) -> Value {
         "sessions_intact": c.intact,
         "sessions_lost_some": c.lost_some,
         "sessions_lost_all": c.lost_all,
+        "sessions_lost_answered": {
+            "Succeeded": c.lost_answered[gen::SUCCEEDED],
+            "Failed": c.lost_answered[gen::FAILED],
+        },
         "expected_sessions": c.intact + c.lost_some,
         "status": status,
         "bitmap": bitmap,

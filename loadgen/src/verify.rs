@@ -183,7 +183,6 @@ fn check_summary(gt: &Value, s: &Value, sender_loss: u64, analyser_drops: u64, r
     }
     let gt_status = count_map(gt.get("status"));
     let got_status = count_map(s.get("status"));
-    let g = |m: &std::collections::BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
     rep.fact("analyser_status", json!(got_status));
     rep.fact("expected_status", json!(gt_status));
     let gt_sb = status_bitmap(gt.get("status_bitmap"));
@@ -217,35 +216,85 @@ fn check_summary(gt: &Value, s: &Value, sender_loss: u64, analyser_drops: u64, r
             ));
         }
     } else {
-        // Loss: sessions that lost something must not be Succeeded/Failed, and intact ones
-        // may be flagged SampleLoss; so Succeeded and Failed can only shrink, per bitmap too.
-        for st in ["Succeeded", "Failed"] {
-            let (e, a) = (g(&gt_status, st), g(&got_status, st));
-            if a > e {
-                rep.err(format!(
-                    "analyser reported {a} {st}, but only {e} sessions were intact and {st}"
-                ));
-            }
-        }
-        for (k, a) in got_sb.iter().filter(|(k, _)| !k.starts_with("SampleLoss")) {
-            let e = gt_sb.get(k).copied().unwrap_or(0);
-            if *a > e {
-                rep.err(format!(
-                    "analyser reported {a} {k}, but only {e} intact sessions were {k}"
-                ));
-            }
-        }
-        let intact_ok = g(&gt_status, "Succeeded") + g(&gt_status, "Failed");
-        let got_ok = g(&got_status, "Succeeded") + g(&got_status, "Failed");
-        rep.fact(
-            "intact_sessions_flagged_sampleloss_at_most",
-            intact_ok.saturating_sub(got_ok),
+        check_summary_under_loss(
+            gt,
+            &gt_status,
+            &got_status,
+            &gt_sb,
+            &got_sb,
+            analyser_drops,
+            rep,
         );
-        if analyser_drops > 0 {
-            rep.notes.push(format!(
-                "the analyser shed {analyser_drops} events (queue_full): exact counts not required"
+    }
+}
+
+/// With loss (issue #10's verdict rule): every session whose CLIENT_RESPONSE was delivered
+/// carries that response's verdict, so the Succeeded count and the count of Failed sessions
+/// with a response are exact; Failed sessions without a response (timeouts, no response) may
+/// turn SampleLoss when loss is evident while they are open, so Failed can only shrink by
+/// those. When the analyser shed events itself it may have lost responses too: then the counts
+/// can only shrink.
+fn check_summary_under_loss(
+    gt: &Value,
+    gt_status: &std::collections::BTreeMap<String, u64>,
+    got_status: &std::collections::BTreeMap<String, u64>,
+    gt_sb: &std::collections::BTreeMap<String, u64>,
+    got_sb: &std::collections::BTreeMap<String, u64>,
+    analyser_drops: u64,
+    rep: &mut Report,
+) {
+    let g = |m: &std::collections::BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+    // (Status, whether the bitmap has the CR bit) totals of a "Status/bitmap" map.
+    let answered = |m: &std::collections::BTreeMap<String, u64>, st: &str| -> u64 {
+        m.iter()
+            .filter_map(|(k, n)| {
+                let (s, b) = k.split_once('/')?;
+                let b: u8 = b.parse().ok()?;
+                (s == st && b & 2 != 0).then_some(*n)
+            })
+            .sum()
+    };
+    rep.fact(
+        "sessions_lost_answered",
+        gt.get("sessions_lost_answered")
+            .cloned()
+            .unwrap_or(Value::Null),
+    );
+    for st in ["Succeeded", "Failed"] {
+        let (e, a) = (answered(gt_sb, st), answered(got_sb, st));
+        let exact = analyser_drops == 0;
+        if (exact && a != e) || a > e {
+            rep.err(format!(
+                "analyser reported {a} {st} sessions with a client response, the ground truth \
+                 has {e}: every session whose response was delivered carries its verdict"
             ));
         }
+    }
+    for (k, a) in got_sb {
+        if k.starts_with("SampleLoss/")
+            && k["SampleLoss/".len()..]
+                .parse::<u8>()
+                .is_ok_and(|b| b & 2 != 0)
+        {
+            rep.err(format!(
+                "analyser reported {a} {k}: a session whose client response arrived is never SampleLoss"
+            ));
+        }
+    }
+    let (e, a) = (g(gt_status, "Failed"), g(got_status, "Failed"));
+    if a > e {
+        rep.err(format!(
+            "analyser reported {a} Failed, the ground truth has only {e}"
+        ));
+    }
+    rep.fact(
+        "unanswered_sessions_flagged_sampleloss_at_most",
+        e.saturating_sub(a),
+    );
+    if analyser_drops > 0 {
+        rep.notes.push(format!(
+            "the analyser shed {analyser_drops} events (queue_full): exact counts not required"
+        ));
     }
 }
 
@@ -255,7 +304,34 @@ struct Truth {
     status: String,
     bitmap: u8,
     lost: bool,
+    /// A line was matched to it (a lost session may come out in pieces).
     used: bool,
+    /// The line carrying its client response was matched to it.
+    verdict_seen: bool,
+}
+
+/// BitMap bit of CLIENT_RESPONSE.
+const CR: u8 = 2;
+
+impl Truth {
+    /// Whether its CLIENT_RESPONSE was delivered: then its status is known and exact.
+    fn answered(&self) -> bool {
+        self.bitmap & CR != 0
+    }
+
+    /// Whether a Succeeded/Failed line with `bitmap` is this session, or (lost sessions only)
+    /// its piece that holds the response: the response decides the status, the bitmap is
+    /// what was delivered (a piece may lack what an earlier fragment took).
+    fn explains_answer(&self, status: &str, bitmap: u8) -> bool {
+        if self.verdict_seen || self.status != status {
+            return false;
+        }
+        if self.lost {
+            self.answered() && bitmap & CR != 0 && bitmap & !self.bitmap == 0
+        } else {
+            !self.used && self.bitmap == bitmap
+        }
+    }
 }
 
 type Key = (String, String, Option<u16>);
@@ -343,6 +419,7 @@ fn load_truth(path: &Path) -> Result<TruthTable, String> {
             bitmap: c[6].parse().unwrap_or(0),
             lost: c[7] == "1",
             used: false,
+            verdict_seen: false,
         });
     }
     Ok(t)
@@ -379,8 +456,7 @@ fn check_sessions(
         .map_err(|e| format!("{}: {e}", sessions_path.display()))?;
     let (mut lines, mut matched, mut lost_ok, mut flagged, mut stray_loss) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut no_id = 0u64;
-    let (mut fragments, mut lost_as_final) = (0u64, 0u64);
+    let (mut no_id, mut fragments, mut lost_with_verdict) = (0u64, 0u64, 0u64);
     for (n, line) in BufReader::new(f).lines().enumerate() {
         let line = line.map_err(|e| e.to_string())?;
         if !line.starts_with('{') {
@@ -418,39 +494,44 @@ fn check_sessions(
             "line {}: {status}/{bitmap} {identity} {qname} id={id:?} client={client:?}",
             n + 1
         );
-        let cands = truth.candidates(identity.clone(), qname.clone(), id, &client, false);
-        // A lost session may come out in pieces (orphans): the later pieces find it used.
-        let fragment_of_lost = status == "SampleLoss"
-            && cands.is_empty()
-            && truth
-                .candidates(identity, qname, id, &client, true)
-                .iter()
-                .any(|&i| truth.all[i].lost);
+        // Pieces of a lost session find it used already: they may match it again.
+        let cands = truth.candidates(identity, qname, id, &client, true);
         let all = &mut truth.all;
         match status.as_str() {
             "Succeeded" | "Failed" => {
-                if let Some(&i) = cands
+                let intact = cands
                     .iter()
-                    .find(|&&i| !all[i].lost && all[i].status == status && all[i].bitmap == bitmap)
-                {
-                    all[i].used = true;
-                    matched += 1;
+                    .copied()
+                    .find(|&i| !all[i].lost && all[i].explains_answer(&status, bitmap));
+                let found = intact.or_else(|| {
+                    cands
+                        .iter()
+                        .copied()
+                        .find(|&i| all[i].explains_answer(&status, bitmap))
+                });
+                if let Some(i) = found {
+                    let t = &mut all[i];
+                    t.used = true;
+                    t.verdict_seen = t.answered();
+                    if t.lost {
+                        lost_with_verdict += 1;
+                    } else {
+                        matched += 1;
+                    }
                 } else {
                     let truth = cands
-                        .first()
+                        .iter()
                         .map(|&i| &all[i])
+                        .find(|t| !t.verdict_seen)
+                        .or_else(|| cands.first().map(|&i| &all[i]))
                         .map(|t| {
-                            let masked = t.lost && t.bitmap == bitmap && matches!(bitmap, 1 | 3 | 5 | 15);
-                            if t.lost {
-                                lost_as_final += 1;
-                            }
                             format!(
                                 "{}/{}{}",
                                 t.status,
                                 t.bitmap,
-                                match (t.lost, masked) {
-                                    (true, true) => " (it lost messages; what remained looks like a complete CoreDNS session, so only loss evidence on the stream can flag it)",
-                                    (true, false) => " (it lost messages)",
+                                match (t.lost, t.answered()) {
+                                    (true, true) => " (it lost messages; its response was delivered)",
+                                    (true, false) => " (it lost messages, its response among them or it had none)",
                                     _ => "",
                                 }
                             )
@@ -460,20 +541,29 @@ fn check_sessions(
                 }
             }
             "SampleLoss" => {
-                if let Some(&i) = cands.iter().find(|&&i| all[i].lost) {
+                if bitmap & CR != 0 {
+                    rep.err(format!(
+                        "{what}: its client response arrived, so its outcome is known and it \
+                         must carry that response's verdict"
+                    ));
+                }
+                let unused = |i: &usize| !all[*i].used;
+                if let Some(&i) = cands.iter().filter(|i| unused(i)).find(|&&i| all[i].lost) {
                     all[i].used = true;
                     lost_ok += 1;
-                } else if let Some(&i) = cands.iter().find(|&&i| !all[i].lost) {
+                } else if let Some(&i) = cands.iter().filter(|i| unused(i)).find(|&&i| !all[i].lost)
+                {
                     all[i].used = true;
                     let t = &all[i];
                     flagged += 1;
-                    if !loss {
+                    if !loss || t.answered() {
                         rep.err(format!(
-                            "{what}: no message was lost, ground truth says {}/{}",
+                            "{what}: no message of it was lost, ground truth says {}/{}",
                             t.status, t.bitmap
                         ));
                     }
-                } else if fragment_of_lost {
+                } else if cands.iter().any(|&i| all[i].lost) {
+                    // A lost session may come out in pieces (orphans).
                     fragments += 1;
                 } else {
                     stray_loss += 1;
@@ -487,13 +577,35 @@ fn check_sessions(
     }
     // Generated sessions that should have been printed but were not.
     let (mut missing, mut lost_unseen, mut unseen_maybe_flagged) = (0u64, 0u64, 0u64);
-    let mut vanished = 0u64;
-    for t in truth.all.iter().filter(|t| !t.used && t.status != "-") {
+    let (mut vanished, mut answered, mut answer_missing, mut answer_shed) =
+        (0u64, 0u64, 0u64, 0u64);
+    for t in truth.all.iter().filter(|t| t.status != "-") {
+        if t.answered() && logs(&logged, &t.status) {
+            answered += 1;
+            if !t.verdict_seen {
+                if analyser_shed {
+                    // The analyser may have shed the response itself.
+                    answer_shed += 1;
+                } else {
+                    answer_missing += 1;
+                    if answer_missing <= 20 {
+                        rep.err(format!(
+                            "generated session {}/{} client {} (lost messages: {}): its response \
+                             was delivered but no {} line carries it",
+                            t.status, t.bitmap, t.client, t.lost, t.status
+                        ));
+                    }
+                }
+            }
+            continue;
+        }
+        if t.used {
+            continue;
+        }
         if t.lost {
             lost_unseen += 1;
         } else if logs(&logged, &t.status) {
             if analyser_shed {
-                // The analyser may have shed every message of it.
                 vanished += 1;
             } else if loss && !logged.sample_loss {
                 unseen_maybe_flagged += 1;
@@ -508,6 +620,12 @@ fn check_sessions(
             }
         }
     }
+    if answer_missing > 20 {
+        rep.err(format!(
+            "... {} more answered sessions without a line carrying their verdict",
+            answer_missing - 20
+        ));
+    }
     if missing > 20 {
         rep.err(format!(
             "... {} more generated sessions never reported",
@@ -515,13 +633,25 @@ fn check_sessions(
         ));
     }
     if analyser_shed {
-        rep.fact("intact_sessions_not_reported_analyser_shed", vanished);
+        rep.fact("sessions_not_reported_analyser_shed", vanished);
+        rep.fact(
+            "answered_sessions_without_their_verdict_analyser_shed",
+            answer_shed,
+        );
     }
     rep.fact("session_lines", lines);
     rep.fact("lines_matched_exactly", matched);
+    rep.fact("sessions_with_response_delivered", answered);
+    rep.fact(
+        "sessions_with_response_delivered_carrying_its_verdict",
+        answered - answer_missing - answer_shed,
+    );
+    rep.fact(
+        "lost_sessions_carrying_their_response_verdict",
+        lost_with_verdict,
+    );
     rep.fact("lost_sessions_reported_sampleloss", lost_ok);
-    rep.fact("intact_sessions_flagged_sampleloss", flagged);
-    rep.fact("lost_sessions_reported_succeeded_or_failed", lost_as_final);
+    rep.fact("unanswered_intact_sessions_flagged_sampleloss", flagged);
     rep.fact("sampleloss_fragments_of_lost_sessions", fragments);
     rep.fact("sampleloss_lines_without_a_generated_session", stray_loss);
     rep.fact("lost_sessions_not_matched", lost_unseen);
@@ -538,4 +668,112 @@ fn check_sessions(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the per-session check of `lines` against `truth` (TSV rows without the header)
+    /// with sender loss; returns the errors.
+    fn errors(truth: &[&str], lines: &[&str]) -> Vec<String> {
+        let dir = std::env::temp_dir().join(format!(
+            "loadgen-verify-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (t, s) = (dir.join("truth.tsv"), dir.join("sessions.jsonl"));
+        std::fs::write(
+            &t,
+            format!("{}{}\n", crate::gen::RECORD_HEADER, truth.join("\n")),
+        )
+        .unwrap();
+        std::fs::write(&s, lines.join("\n")).unwrap();
+        let mut rep = Report::default();
+        check_sessions(&t, &s, Logged::ALL, true, false, &mut rep).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        rep.errors
+    }
+
+    fn line(status: &str, bitmap: u8, qname: &str, id: u16) -> String {
+        format!(
+            r#"{{"status":"{status}","bitmap":{bitmap},"identity":"coredns-0","qname":"{qname}.","client":"10.244.0.2:1000","dns_id":{id}}}"#
+        )
+    }
+
+    // identity qname id client outcome status bitmap lost rcode cq_time
+    const INTACT: &str =
+        "coredns-0\ta.example.com\t1\t10.244.0.2:1000\tforward\tSucceeded\t15\t0\tNOERROR\t1";
+    /// Lost its CQ; FQ, FR and the SERVFAIL response were delivered.
+    const LOST_ANSWERED: &str =
+        "coredns-0\tb.example.com\t2\t10.244.0.2:1000\tforward\tFailed\t14\t1\tSERVFAIL\t2";
+    /// Lost its FR and CR: the outcome is unknown.
+    const LOST_UNANSWERED: &str =
+        "coredns-0\tc.example.com\t3\t10.244.0.2:1000\tforward\tSampleLoss\t5\t1\tNOERROR\t3";
+
+    #[test]
+    fn answered_sessions_must_carry_their_verdict_under_loss() {
+        let good = [
+            line("Succeeded", 15, "a.example.com", 1),
+            line("Failed", 14, "b.example.com", 2),
+            line("SampleLoss", 5, "c.example.com", 3),
+        ];
+        let truth = [INTACT, LOST_ANSWERED, LOST_UNANSWERED];
+        let refs = |v: &[String]| v.iter().map(String::clone).collect::<Vec<_>>();
+        fn as_str(v: &[String]) -> Vec<&str> {
+            v.iter().map(String::as_str).collect()
+        }
+        let ok = refs(&good);
+        assert_eq!(errors(&truth, &as_str(&ok)), Vec::<String>::new());
+
+        // The old rule (an answered session that lost messages is SampleLoss) now fails...
+        let mut old = refs(&good);
+        old[1] = line("SampleLoss", 14, "b.example.com", 2);
+        let e = errors(&truth, &as_str(&old));
+        assert!(
+            e.iter()
+                .any(|e| e.contains("must carry that response's verdict")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|e| e.contains("no Failed line carries it")),
+            "{e:?}"
+        );
+        // ... as does a wrong verdict, and a verdict for an unknown outcome.
+        let mut wrong = refs(&good);
+        wrong[1] = line("Succeeded", 14, "b.example.com", 2);
+        assert!(!errors(&truth, &as_str(&wrong)).is_empty());
+        let mut guessed = refs(&good);
+        guessed[2] = line("Failed", 5, "c.example.com", 3);
+        assert!(!errors(&truth, &as_str(&guessed)).is_empty());
+    }
+
+    #[test]
+    fn a_wrong_ground_truth_is_caught() {
+        let lines = [
+            line("Succeeded", 15, "a.example.com", 1),
+            line("Failed", 14, "b.example.com", 2),
+            line("SampleLoss", 5, "c.example.com", 3),
+        ];
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        // The truth of the old rule: the answered session that lost its CQ as SampleLoss.
+        let old_truth = LOST_ANSWERED.replace("\tFailed\t", "\tSampleLoss\t");
+        let e = errors(&[INTACT, &old_truth, LOST_UNANSWERED], &lines);
+        assert!(e.iter().any(|e| e.contains("line 2: Failed/14")), "{e:?}");
+    }
+
+    #[test]
+    fn a_lost_session_may_come_out_in_pieces() {
+        // Its orphan FQ first (SampleLoss), then the piece with the response.
+        let lines = [
+            line("SampleLoss", 4, "b.example.com", 2),
+            line("Failed", 10, "b.example.com", 2),
+        ];
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        assert_eq!(errors(&[LOST_ANSWERED], &lines), Vec::<String>::new());
+        // A second piece with a response is one too many.
+        let twice = [lines[1], lines[1]];
+        assert!(!errors(&[LOST_ANSWERED], &twice).is_empty());
+    }
 }

@@ -19,5 +19,5 @@ pub use event::{Event, MessageSpan, Nanos, Role};
 pub use pb::mod_Message::Type as MessageType;
 pub use pb::{Dnstap, Message as DnstapMessage, SocketProtocol};
 pub use sender::{SenderProfile, SenderTraits};
-pub use sources::{SourceId, SourceRegistry};
+pub use sources::{IdentityLimit, SourceId, SourceRegistry};
 pub use wire::{query_message_field, scan, scan_message, MessageFields, TapFields};

@@ -128,6 +128,7 @@ mod tests {
             metrics: metrics.clone(),
             max_frame_size: 1 << 20,
             session_timeout: 10_000_000_000,
+            limits: Default::default(),
         };
         let (tx, rx) = crossbeam_channel::unbounded();
         let depths: QueueDepths = Arc::new([AtomicU64::new(0)]);

@@ -6,16 +6,18 @@ use hashbrown::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 
-/// Ids `0..2^FIRST_BITS` live in chunk 0; chunk k holds the next `2^(FIRST_BITS + k)`.
+/// Slots `0..2^FIRST_BITS` live in chunk 0; chunk k holds the next `2^(FIRST_BITS + k)`.
 const FIRST_BITS: u32 = 10;
-/// Enough doubling chunks to cover every `u32` id.
-const CHUNKS: usize = (33 - FIRST_BITS) as usize;
+/// Enough doubling chunks to cover every registry slot (`SourceId::MAX_SLOTS`).
+const CHUNKS: usize = (SourceId::MAX_SLOTS.trailing_zeros() + 1 - FIRST_BITS) as usize;
 
 /// Per-source sender-loss sequence numbers, shared by all readers and shards. A source's
 /// number grows whenever loss becomes evident on it; sessions compare it over their lifetime.
 ///
-/// Exactly one counter per source, however many identities come: counters live in chunks of
-/// doubling size, allocated when a source in them first shows loss. Reading is lock-free
+/// Exactly one counter per registry slot, so per identity at any time (an identity that
+/// reuses a reclaimed slot inherits its number, harmlessly: sessions compare it, never read it
+/// absolutely). Counters live in chunks of doubling size, allocated when a slot in them
+/// first shows loss, so memory follows `--max-identities`. Reading is lock-free
 /// (one acquire load for the chunk, one relaxed load for the counter): readers read their
 /// source's number for every message.
 pub struct LossBoard {
@@ -32,7 +34,7 @@ impl Default for LossBoard {
 
 /// (chunk, index in it) of a source's counter.
 fn locate(source: SourceId) -> (usize, usize) {
-    let n = source.0 as u64 + (1 << FIRST_BITS);
+    let n = source.slot() as u64 + (1 << FIRST_BITS);
     let top = 63 - n.leading_zeros();
     ((top - FIRST_BITS) as usize, (n - (1 << top)) as usize)
 }
@@ -160,21 +162,26 @@ mod tests {
     }
 
     #[test]
-    fn every_id_has_its_own_counter_across_chunk_edges() {
+    fn every_slot_has_its_own_counter_across_chunk_edges() {
         let board = LossBoard::default();
-        let ids: Vec<u32> = (0..12)
+        let last = SourceId::MAX_SLOTS as u32 - 1;
+        let ids: Vec<u32> = (0..11)
             .flat_map(|k| {
                 let edge = (1u32 << (FIRST_BITS + k)) - (1 << FIRST_BITS);
                 [edge.saturating_sub(1), edge, edge + 1]
             })
-            .chain([u32::MAX - 1, u32::MAX])
+            .chain([last - 1, last])
+            .filter(|&id| id <= last)
             .collect::<std::collections::BTreeSet<u32>>()
             .into_iter()
             .collect();
         let mut seen = std::collections::HashSet::new();
         for &id in &ids {
             let (chunk, i) = locate(SourceId(id));
-            assert!(i < 1 << (FIRST_BITS as usize + chunk), "id {id}");
+            assert!(
+                chunk < CHUNKS && i < 1 << (FIRST_BITS as usize + chunk),
+                "id {id}"
+            );
             assert!(seen.insert((chunk, i)), "id {id} shares a counter");
         }
         for (n, &id) in ids.iter().take(20).enumerate() {
@@ -185,7 +192,11 @@ mod tests {
         for (n, &id) in ids.iter().take(20).enumerate() {
             assert_eq!(board.get(SourceId(id)), n as u64 + 1, "id {id}");
         }
-        assert_eq!(board.get(SourceId(1 << 20)), 0, "untouched chunk reads 0");
+        assert_eq!(board.get(SourceId(1 << 19)), 0, "untouched chunk reads 0");
+        // Any u32 is a valid id: its generation bits select no other counter.
+        let before = board.get(SourceId(last));
+        board.bump(SourceId(u32::MAX));
+        assert_eq!(board.get(SourceId(last)), before + 1);
     }
 
     #[test]

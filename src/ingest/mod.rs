@@ -12,13 +12,16 @@ pub mod tls;
 pub use loss::LossBoard;
 pub use router::{Batch, QueueDepths, Router, ShardInput, BATCH};
 
-use crate::dnstap::{self, Event, Nanos, Role, SenderProfile, SourceId, SourceRegistry};
+use crate::dnstap::{
+    self, Event, IdentityLimit, Nanos, Role, SenderProfile, SourceId, SourceRegistry,
+};
 use crate::framestream::{Frame, FrameDecoder, FrameError, ProtocolError, ReceiverStream, Step};
 use crate::metrics::{Discard, ErrorChain, Metrics, Tally};
 use bytes::BytesMut;
 use hashbrown::HashMap;
 use loss::SourceTrack;
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 /// Reads once from `src` and appends what arrived to `buf`, through `scratch`: copying the
 /// bytes that came is cheaper than zeroing spare capacity before every read.
@@ -45,7 +48,44 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub max_frame_size: usize,
     pub session_timeout: Nanos,
+    pub limits: SenderLimits,
 }
+
+impl SenderLimits {
+    /// The registry of identities these limits bound.
+    pub fn registry(&self) -> SourceRegistry {
+        SourceRegistry::new(self.max_identities, self.identity_idle)
+    }
+}
+
+/// Bounds on what senders control, beyond the connection limits (`limits`).
+#[derive(Debug, Clone, Copy)]
+pub struct SenderLimits {
+    /// Identities registered at once (`--max-identities`).
+    pub max_identities: usize,
+    /// Identities one stream may track at once (`--identities-per-connection`).
+    pub identities_per_stream: usize,
+    /// A stream forgets an identity it has sent nothing of for this long (wall clock), and
+    /// the registry reclaims one no stream tracks after it too (`--identity-idle-timeout`).
+    pub identity_idle: Duration,
+    /// Event times later than the wall clock plus this are out of range (`--max-time-ahead`).
+    pub max_time_ahead: Duration,
+}
+
+impl Default for SenderLimits {
+    fn default() -> Self {
+        Self {
+            max_identities: 10_000,
+            identities_per_stream: 1000,
+            identity_idle: Duration::from_secs(600),
+            max_time_ahead: Duration::from_secs(86_400),
+        }
+    }
+}
+
+/// Event times before this (2000-01-01) are out of range: no sender's clock is that wrong on
+/// purpose, and 0 is what a zeroed field gives.
+pub const EARLIEST_EVENT_TIME: Nanos = 946_684_800 * 1_000_000_000;
 
 /// How a stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,13 +154,20 @@ pub struct StreamIngest {
     decoder: FrameDecoder,
     receiver: ReceiverStream,
     /// Last identity seen and what it resolved to: identities rarely change within a stream.
-    identity_cache: Option<(Vec<u8>, SourceId, SenderProfile)>,
-    tracks: HashMap<SourceId, SourceTrack>,
+    identity_cache: Option<(Vec<u8>, Resolved)>,
+    /// The identities this stream tracks, each holding one reference in the registry.
+    tracks: HashMap<SourceId, Tracked>,
     hasher: ahash::RandomState,
     tally: Tally,
     /// Messages and latest event time per source since the owner last took them
     /// (`take_source_counts`): a stream carries one identity or a few, so a short list.
     source_counts: Vec<SourceCount>,
+    /// The wall clock at the current `feed`, read once per read rather than per message.
+    now: Instant,
+    /// The latest plausible event time at the current `feed`.
+    latest_time: Nanos,
+    /// When idle tracks were last looked for.
+    swept_at: Instant,
 }
 
 /// What a stream counted for one source between two `StreamIngest::take_source_counts`.
@@ -150,9 +197,27 @@ impl SourceCount {
     }
 }
 
+/// What an identity resolved to on this stream.
+#[derive(Debug, Clone, Copy)]
+enum Resolved {
+    Source(SourceId, SenderProfile),
+    /// Refused (identity limit) at this time; asked again a second later.
+    Refused(Instant),
+}
+
+/// A stream's state for one of its identities.
+struct Tracked {
+    track: SourceTrack,
+    last_used: Instant,
+}
+
+/// How often a stream looks for identities it no longer sends.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 impl StreamIngest {
     pub fn new(shared: Shared, peer: String) -> Self {
         let decoder = FrameDecoder::new(shared.max_frame_size);
+        let now = Instant::now();
         Self {
             shared,
             peer,
@@ -163,6 +228,9 @@ impl StreamIngest {
             hasher: crate::dns::key_hasher(),
             tally: Tally::default(),
             source_counts: Vec::new(),
+            now,
+            latest_time: 0,
+            swept_at: now,
         }
     }
 
@@ -196,6 +264,11 @@ impl StreamIngest {
         }
     }
 
+    /// Identities the stream tracks now.
+    pub fn tracked_identities(&self) -> usize {
+        self.tracks.len()
+    }
+
     /// Starts a new Frame Streams stream (the next file) keeping the per-source state.
     pub fn restart_framing(&mut self) {
         self.receiver = ReceiverStream::new();
@@ -218,9 +291,52 @@ impl StreamIngest {
         router: &mut Router,
         replies: &mut Vec<u8>,
     ) -> Result<bool, StreamError> {
+        self.feed_at(buf, router, replies, Instant::now(), SystemTime::now())
+    }
+
+    /// `feed` at a given time (tests).
+    fn feed_at(
+        &mut self,
+        buf: &mut BytesMut,
+        router: &mut Router,
+        replies: &mut Vec<u8>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<bool, StreamError> {
+        self.now = now;
+        let ahead = wall
+            .checked_add(self.shared.limits.max_time_ahead)
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(Nanos::MAX, |d| {
+                Nanos::try_from(d.as_nanos()).unwrap_or(Nanos::MAX)
+            });
+        self.latest_time = ahead.min(crate::correlate::LATEST_EVENT_TIME);
+        if now.saturating_duration_since(self.swept_at) >= SWEEP_EVERY {
+            self.forget_idle_identities();
+        }
         let result = self.feed_frames(buf, router, replies);
         self.shared.metrics.add(&std::mem::take(&mut self.tally));
         result
+    }
+
+    /// Lets go of the identities this stream has sent nothing of for `identity_idle`: their
+    /// open queries are older than any session the correlator still waits for.
+    fn forget_idle_identities(&mut self) {
+        self.swept_at = self.now;
+        let (now, idle) = (self.now, self.shared.limits.identity_idle);
+        let sources = &self.shared.sources;
+        self.tracks.retain(|id, t| {
+            let keep = now.saturating_duration_since(t.last_used) < idle;
+            if !keep {
+                sources.release(*id, now);
+            }
+            keep
+        });
+        if let Some((_, Resolved::Source(id, _))) = &self.identity_cache {
+            if !self.tracks.contains_key(id) {
+                self.identity_cache = None;
+            }
+        }
     }
 
     fn feed_frames(
@@ -264,7 +380,19 @@ impl StreamIngest {
             }
         }
     }
+}
 
+impl Drop for StreamIngest {
+    /// The stream's identities are no longer tracked by it.
+    fn drop(&mut self) {
+        let now = Instant::now();
+        for id in self.tracks.keys() {
+            self.shared.sources.release(*id, now);
+        }
+    }
+}
+
+impl StreamIngest {
     fn on_payload(&mut self, payload: bytes::Bytes, router: &mut Router) {
         let tap = match dnstap::scan(&payload) {
             Ok(t) => t,
@@ -279,7 +407,9 @@ impl StreamIngest {
                 return;
             }
         };
-        let (source, profile) = self.source_of(tap.identity, tap.version);
+        let Some((source, profile)) = self.source_of(tap.identity, tap.version) else {
+            return;
+        };
         let metrics = &self.shared.metrics;
         let mut ev = match Event::from_fields(&tap, source, profile, &self.hasher) {
             Ok(ev) => ev,
@@ -298,8 +428,13 @@ impl StreamIngest {
             metrics.discard(Discard::UpstreamWithoutWire, 1);
             return;
         }
+        self.drop_implausible_times(&mut ev);
         self.tally.message(ev.role);
-        let track = self.tracks.entry(source).or_default();
+        let Some(tracked) = self.tracks.get_mut(&source) else {
+            return;
+        };
+        tracked.last_used = self.now;
+        let track = &mut tracked.track;
         ev.watermark = track.advance(ev.time());
         if track.reveals_loss(&ev, self.shared.session_timeout) {
             self.shared.board.bump(source);
@@ -309,21 +444,356 @@ impl StreamIngest {
         router.dispatch(ev, tap.message_bytes);
     }
 
-    /// The source and profile of a message's identity (the peer's name when it has none).
-    fn source_of(&mut self, identity: &[u8], version: &[u8]) -> (SourceId, SenderProfile) {
-        if let Some((id, s, p)) = &self.identity_cache {
+    /// A time before 2000 or past the wall clock plus `--max-time-ahead` is dropped from the
+    /// event, which then takes its stream's clock: one sender's broken (or hostile) clock must
+    /// neither move its identity's clock nor keep a session open forever. Counted
+    /// (`time_out_of_range`) and logged; the message itself is kept.
+    fn drop_implausible_times(&self, ev: &mut Event) {
+        let plausible = |t: &Nanos| (EARLIEST_EVENT_TIME..=self.latest_time).contains(t);
+        let (query, response) = (ev.query_time, ev.response_time);
+        ev.query_time = query.filter(plausible);
+        ev.response_time = response.filter(plausible);
+        if (query, response) != (ev.query_time, ev.response_time) {
+            let metrics = &self.shared.metrics;
+            metrics.discard(Discard::TimeOutOfRange, 1);
+            let secs = |t: Option<Nanos>| t.map(|t| t / 1_000_000_000);
+            metrics.warn(format_args!(
+                "{}: {:?} with a time outside 2000..now+{}s (query {:?} s, response {:?} s \
+                 since 1970); the time is ignored",
+                self.peer,
+                ev.role,
+                self.shared.limits.max_time_ahead.as_secs(),
+                secs(query),
+                secs(response),
+            ));
+        }
+    }
+
+    /// The source and profile of a message's identity (the peer's name when it has none), now
+    /// tracked by this stream; None when the identity is refused (counted and logged).
+    fn source_of(&mut self, identity: &[u8], version: &[u8]) -> Option<(SourceId, SenderProfile)> {
+        if let Some((id, resolved)) = &self.identity_cache {
             if id.as_slice() == identity {
-                return (*s, *p);
+                match *resolved {
+                    Resolved::Source(s, p) => return Some((s, p)),
+                    Resolved::Refused(at)
+                        if self.now.saturating_duration_since(at) < SWEEP_EVERY =>
+                    {
+                        self.shared.metrics.discard(Discard::IdentityLimit, 1);
+                        return None;
+                    }
+                    Resolved::Refused(_) => {}
+                }
             }
         }
+        let resolved = match self.track(identity, version) {
+            Ok(source) => Resolved::Source(source, SenderProfile::from_version(version)),
+            Err(limit) => {
+                let metrics = &self.shared.metrics;
+                metrics.discard(Discard::IdentityLimit, 1);
+                metrics.warn(format_args!(
+                    "{}: identity {:?}: {limit}; its messages are dropped and counted \
+                     (identity_limit)",
+                    self.peer,
+                    String::from_utf8_lossy(identity).escape_debug().to_string(),
+                ));
+                Resolved::Refused(self.now)
+            }
+        };
+        self.identity_cache = Some((identity.to_vec(), resolved));
+        match resolved {
+            Resolved::Source(s, p) => Some((s, p)),
+            Resolved::Refused(_) => None,
+        }
+    }
+
+    /// Registers the identity with this stream: one registry reference per tracked identity.
+    fn track(&mut self, identity: &[u8], version: &[u8]) -> Result<SourceId, IdentityLimit> {
+        let peer;
         let name = if identity.is_empty() {
-            self.peer.as_bytes()
+            peer = self.peer.clone();
+            peer.as_bytes()
         } else {
             identity
         };
-        let source = self.shared.sources.intern(name, version);
-        let profile = SenderProfile::from_version(version);
-        self.identity_cache = Some((identity.to_vec(), source, profile));
-        (source, profile)
+        let sources = self.shared.sources.clone();
+        if let Some(source) = sources.lookup(name) {
+            if self.tracks.contains_key(&source) {
+                // Tracked already: the version may have changed.
+                sources.acquire(name, version, self.now)?;
+                sources.release(source, self.now);
+                return Ok(source);
+            }
+        }
+        // Refused before the registry sees it: a connection at its limit must not fill the
+        // registry with names it cannot use.
+        let per_stream = self.shared.limits.identities_per_stream;
+        if self.tracks.len() >= per_stream {
+            self.forget_idle_identities();
+        }
+        if self.tracks.len() >= per_stream {
+            return Err(IdentityLimit {
+                max: per_stream,
+                per_connection: true,
+            });
+        }
+        let source = sources.acquire(name, version, self.now)?;
+        let tracked = Tracked {
+            track: SourceTrack::default(),
+            last_used: self.now,
+        };
+        self.tracks.insert(source, tracked);
+        Ok(source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dnstap::{pb, DnstapMessage, MessageType};
+    use quick_protobuf::{MessageWrite, Writer};
+    use std::borrow::Cow;
+    use std::sync::atomic::AtomicU64;
+
+    const S: Nanos = 1_000_000_000;
+
+    /// A reader's view: one stream into one shard whose queue the test reads.
+    struct Stream {
+        ingest: StreamIngest,
+        router: Router,
+        rx: crossbeam_channel::Receiver<ShardInput>,
+        metrics: Arc<Metrics>,
+        sources: Arc<SourceRegistry>,
+        now: Instant,
+        wall: SystemTime,
+    }
+
+    impl Stream {
+        fn new(limits: SenderLimits) -> Self {
+            let metrics = Arc::new(Metrics::default());
+            let sources = Arc::new(limits.registry());
+            let shared = Shared {
+                sources: sources.clone(),
+                board: Arc::new(LossBoard::default()),
+                metrics: metrics.clone(),
+                max_frame_size: 1 << 20,
+                session_timeout: 10 * S,
+                limits,
+            };
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let depths: QueueDepths = Arc::new([AtomicU64::new(0)]);
+            let router = Router::new(vec![tx], depths, 1 << 30, true, metrics.clone());
+            let mut s = Self {
+                ingest: StreamIngest::new(shared, "peer".into()),
+                router,
+                rx,
+                metrics,
+                sources,
+                now: Instant::now(),
+                wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000),
+            };
+            // Unidirectional START.
+            let ct = crate::framestream::DNSTAP_CONTENT_TYPE;
+            let mut start = vec![0, 0, 0, 0];
+            start.extend_from_slice(&(12 + ct.len() as u32).to_be_bytes());
+            start.extend_from_slice(&[0, 0, 0, 2, 0, 0, 0, 1]);
+            start.extend_from_slice(&(ct.len() as u32).to_be_bytes());
+            start.extend_from_slice(ct);
+            s.feed(&start);
+            s
+        }
+
+        fn feed(&mut self, bytes: &[u8]) {
+            let mut buf = BytesMut::from(bytes);
+            let mut replies = Vec::new();
+            let (now, wall) = (self.now, self.wall);
+            let r = self
+                .ingest
+                .feed_at(&mut buf, &mut self.router, &mut replies, now, wall);
+            assert!(r.is_ok() && buf.is_empty(), "{r:?}");
+        }
+
+        /// One message of `identity`: a query (CQ) or a response (CR) of DNS id `id`, stamped
+        /// at `secs` since 1970.
+        fn send(&mut self, identity: &[u8], role: MessageType, id: u16, secs: u64) {
+            let mut wire = crate::dns::tests::query(&["www", "example", "test"], id);
+            let response = role == MessageType::CLIENT_RESPONSE;
+            if response {
+                wire[2] |= 0x80;
+            }
+            let client = [127, 0, 0, 1];
+            let msg = DnstapMessage {
+                type_pb: role,
+                socket_family: Some(pb::SocketFamily::INET),
+                socket_protocol: Some(pb::SocketProtocol::UDP),
+                query_address: Some(Cow::Borrowed(&client[..])),
+                query_port: Some(5300),
+                query_time_sec: Some(secs),
+                response_time_sec: response.then_some(secs),
+                query_message: (!response).then_some(Cow::Borrowed(&wire[..])),
+                response_message: response.then_some(Cow::Borrowed(&wire[..])),
+                ..Default::default()
+            };
+            let tap = pb::Dnstap {
+                identity: Some(Cow::Borrowed(identity)),
+                version: Some(Cow::Borrowed(b"CoreDNS-1.10.1")),
+                type_pb: pb::mod_Dnstap::Type::MESSAGE,
+                message: Some(msg),
+                ..Default::default()
+            };
+            let mut frame = (tap.get_size() as u32).to_be_bytes().to_vec();
+            tap.write_message(&mut Writer::new(&mut frame)).unwrap();
+            self.feed(&frame);
+        }
+
+        /// (identity, role, query_time, watermark) of every event routed so far.
+        fn events(&mut self) -> Vec<(String, Role, Option<Nanos>, Nanos)> {
+            self.router.flush();
+            let mut out = Vec::new();
+            while let Ok(ShardInput::Events(batch)) = self.rx.try_recv() {
+                for ev in batch.events {
+                    let name = self.sources.describe(ev.source).0.to_string();
+                    out.push((name, ev.role, ev.query_time, ev.watermark));
+                }
+            }
+            out
+        }
+    }
+
+    const NOW: u64 = 1_750_000_000;
+
+    #[test]
+    fn implausible_times_are_dropped_counted_and_move_no_clock() {
+        let mut s = Stream::new(SenderLimits::default());
+        s.send(b"good", MessageType::CLIENT_QUERY, 1, NOW - 5);
+        s.send(b"evil", MessageType::CLIENT_QUERY, 2, NOW - 3);
+        s.send(b"evil", MessageType::CLIENT_QUERY, 3, u64::MAX);
+        s.send(b"evil", MessageType::CLIENT_QUERY, 4, NOW + 2 * 86_400);
+        s.send(b"evil", MessageType::CLIENT_QUERY, 5, 1);
+        s.send(b"evil", MessageType::CLIENT_QUERY, 6, NOW - 2);
+        s.send(b"good", MessageType::CLIENT_QUERY, 7, NOW - 1);
+        s.send(b"evil", MessageType::CLIENT_QUERY, 8, NOW + 3600);
+        let ev = s.events();
+        let ev: Vec<(&str, Option<Nanos>, Nanos)> =
+            ev.iter().map(|(n, _, t, w)| (n.as_str(), *t, *w)).collect();
+        let t = |secs: u64| secs * S;
+        assert_eq!(
+            ev,
+            [
+                ("good", Some(t(NOW - 5)), t(NOW - 5)),
+                ("evil", Some(t(NOW - 3)), t(NOW - 3)),
+                ("evil", None, t(NOW - 3)),
+                ("evil", None, t(NOW - 3)),
+                ("evil", None, t(NOW - 3)),
+                ("evil", Some(t(NOW - 2)), t(NOW - 2)),
+                ("good", Some(t(NOW - 1)), t(NOW - 1)),
+                ("evil", Some(t(NOW + 3600)), t(NOW + 3600)),
+            ],
+            "out-of-range times are gone and the clocks never saw them; within a day ahead is fine"
+        );
+        assert_eq!(s.metrics.discarded(Discard::TimeOutOfRange), 3);
+        assert_eq!(
+            s.metrics
+                .messages
+                .load(std::sync::atomic::Ordering::Relaxed),
+            8,
+            "the messages themselves are kept"
+        );
+    }
+
+    fn limits(max: usize, per_stream: usize, idle_secs: u64) -> SenderLimits {
+        SenderLimits {
+            max_identities: max,
+            identities_per_stream: per_stream,
+            identity_idle: Duration::from_secs(idle_secs),
+            ..SenderLimits::default()
+        }
+    }
+
+    #[test]
+    fn identities_beyond_the_limit_are_refused_and_counted_never_merged() {
+        let mut s = Stream::new(limits(3, 1000, 600));
+        for name in [&b"a"[..], b"b", b"c", b"d", b"e", b"a", b"d", b"c"] {
+            s.send(name, MessageType::CLIENT_QUERY, 1, NOW);
+        }
+        let names: Vec<String> = s.events().into_iter().map(|e| e.0).collect();
+        assert_eq!(names, ["a", "b", "c", "a", "c"]);
+        assert_eq!(s.metrics.discarded(Discard::IdentityLimit), 3);
+        assert_eq!(s.sources.len(), 3);
+    }
+
+    #[test]
+    fn a_connection_tracks_a_bounded_number_of_identities() {
+        let mut s = Stream::new(limits(10_000, 2, 600));
+        for name in [&b"a"[..], b"b", b"c", b"a"] {
+            s.send(name, MessageType::CLIENT_QUERY, 1, NOW);
+        }
+        assert_eq!(s.events().len(), 3);
+        assert_eq!(s.metrics.discarded(Discard::IdentityLimit), 1);
+        assert_eq!(s.ingest.tracked_identities(), 2);
+        assert_eq!(
+            s.sources.len(),
+            2,
+            "the refused one holds no registry entry"
+        );
+    }
+
+    #[test]
+    fn a_hundred_thousand_identities_take_bounded_state_and_expire() {
+        let idle = 60;
+        let mut s = Stream::new(limits(1000, 1000, idle));
+        // A pod that stays.
+        s.send(b"steady", MessageType::CLIENT_QUERY, 1, NOW);
+        for i in 0..100_000u32 {
+            if i % 10_000 == 0 {
+                s.send(b"steady", MessageType::CLIENT_QUERY, 2, NOW);
+            }
+            s.send(
+                format!("churn-{i}").as_bytes(),
+                MessageType::CLIENT_QUERY,
+                3,
+                NOW,
+            );
+            assert!(s.ingest.tracked_identities() <= 1000);
+            assert!(s.sources.len() <= 1000 && s.sources.capacity_used() <= 1000);
+            let _ = s.events();
+        }
+        let refused = s.metrics.discarded(Discard::IdentityLimit);
+        assert_eq!(
+            refused,
+            100_000 - 999,
+            "the first 999 got a slot, beside steady"
+        );
+        // Later: the churned identities went quiet; steady still sends.
+        for step in 1..=3 {
+            s.now += Duration::from_secs(idle);
+            s.send(
+                b"steady",
+                MessageType::CLIENT_QUERY,
+                10 + step,
+                NOW + step as u64,
+            );
+        }
+        assert_eq!(s.ingest.tracked_identities(), 1, "only steady is tracked");
+        s.send(b"newcomer", MessageType::CLIENT_QUERY, 20, NOW + 4);
+        assert_eq!(s.metrics.discarded(Discard::IdentityLimit), refused);
+        assert_eq!(s.sources.len(), 2, "the quiet ones were reclaimed");
+        let steady: Vec<_> = s
+            .events()
+            .into_iter()
+            .filter(|e| e.0 == "steady" || e.0 == "newcomer")
+            .collect();
+        assert_eq!(steady.len(), 4, "steady was never refused: {steady:?}");
+    }
+
+    #[test]
+    fn dropping_a_stream_lets_go_of_its_identities() {
+        let mut s = Stream::new(limits(1, 10, 60));
+        s.send(b"a", MessageType::CLIENT_QUERY, 1, NOW);
+        let (sources, metrics, now) = (s.sources.clone(), s.metrics.clone(), s.now);
+        drop(s);
+        let later = now + Duration::from_secs(120);
+        assert!(sources.acquire(b"b", b"", later).is_ok(), "a was reclaimed");
+        assert_eq!(metrics.discarded(Discard::IdentityLimit), 0);
     }
 }

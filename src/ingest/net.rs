@@ -819,6 +819,7 @@ mod tests {
                 metrics: metrics.clone(),
                 max_frame_size: 1 << 20,
                 session_timeout: 10_000_000_000,
+                limits: Default::default(),
             };
             let listener = Listener::bind(&"tcp://127.0.0.1:0".parse().unwrap()).unwrap();
             let Listener::Tcp(l) = &listener else {

@@ -280,6 +280,11 @@ impl Analyser {
         }
     }
 
+    /// Its process id (e.g. to stall it with SIGSTOP); panics once it is stopped.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("analyser already stopped").id()
+    }
+
     /// The TCP port it listens on.
     pub fn port(&self) -> u16 {
         match &self.listen {

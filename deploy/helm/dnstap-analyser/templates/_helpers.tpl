@@ -174,6 +174,18 @@ int64 so that large values (maxSessions: 2000000) are not printed in float notat
 {{- else if not (kindIs "invalid" $a.statsInterval) }}
 - {{ printf "--stats-interval=%d" (int64 $a.statsInterval) | quote }}
 {{- end }}
+{{- if not (kindIs "invalid" $a.maxIdentities) }}
+- {{ printf "--max-identities=%d" (int64 $a.maxIdentities) | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $a.identitiesPerConnection) }}
+- {{ printf "--identities-per-connection=%d" (int64 $a.identitiesPerConnection) | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $a.identityIdleTimeout) }}
+- {{ printf "--identity-idle-timeout=%d" (int64 $a.identityIdleTimeout) | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $a.maxTimeAhead) }}
+- {{ printf "--max-time-ahead=%d" (int64 $a.maxTimeAhead) | quote }}
+{{- end }}
 {{- /* --metrics-listen only when it differs from the analyser's default 0.0.0.0:9435. */}}
 {{- if not .Values.metrics.enabled }}
 - "--metrics-listen=none"
