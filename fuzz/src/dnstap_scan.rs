@@ -14,6 +14,7 @@
 //! (`decode_message` on the kept bytes).
 
 use dnstap_analyser::dnstap::{self, DnstapMessage, MessageFields};
+use dnstap_analyser::metrics::{Discard, ErrorChain};
 
 /// Which of the two decoders accepted the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -38,7 +39,7 @@ pub fn classify(data: &[u8]) -> Agreement {
     let (fast, full) = match (fast, full) {
         (Ok(fast), Ok(full)) => (fast, full),
         (Err(e), Err(_)) => {
-            let _ = (e.to_string(), e.reason());
+            let _ = (ErrorChain(&e).to_string(), Discard::from(&e));
             return Agreement::BothErr;
         }
         (Ok(fast), Err(_)) => {

@@ -12,12 +12,13 @@ use bytes::BytesMut;
 use dnstap_analyser::correlate;
 use dnstap_analyser::dnstap;
 use dnstap_analyser::framestream::{FrameDecoder, ReceiverStream, Step};
+use dnstap_analyser::metrics::model::TelemetryConfig;
 use dnstap_analyser::metrics::{Discard, Metrics};
-use dnstap_analyser::output::{Format, LogFilter};
+use dnstap_analyser::output::{Flow, Format, LineOptions, LogFilter, Messages, SampleRate, Sink};
 use dnstap_analyser::pipeline::{self, Settings};
-use std::io::Write;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 const MAX_FRAME_SIZE: usize = 4096;
 
@@ -31,16 +32,22 @@ const PER_MESSAGE: [Discard; 6] = [
     Discard::UpstreamWithoutWire,
 ];
 
-/// The writer thread's stdout: a buffer the check reads afterwards.
+/// The writer thread's sink: a buffer the check reads afterwards.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
+impl Sink for Captured {
+    fn name(&self) -> &str {
+        "memory"
     }
-    fn flush(&mut self) -> std::io::Result<()> {
+    fn write_lines(&mut self, lines: &[u8]) -> std::io::Result<Flow> {
+        self.0.lock().unwrap().extend_from_slice(lines);
+        Ok(Flow::Continue)
+    }
+    fn flush(&mut self) -> std::io::Result<Flow> {
+        Ok(Flow::Continue)
+    }
+    fn close(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }
@@ -57,8 +64,18 @@ fn settings() -> Settings {
         },
         max_connections: 1,
         max_frame_size: MAX_FRAME_SIZE,
+        handshake_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(120),
+        frame_buffer_budget: 64 << 20,
         log: LogFilter::ALL,
+        // Every session printed with all its messages: the checks count lines and messages.
+        lines: LineOptions {
+            sample_succeeded: SampleRate::ALL,
+            messages: Messages::All,
+        },
         format: Format::Json,
+        metrics_listen: None,
+        telemetry: TelemetryConfig::default(),
     }
 }
 
@@ -134,8 +151,9 @@ pub fn check(data: &[u8]) {
     }
 }
 
-/// The dnstap payloads a Frame Streams reader hands on: data frames after START, up to STOP
-/// or the first framing or protocol error.
+/// The dnstap payloads a Frame Streams file reader hands on: data frames after START, up to
+/// the first framing or protocol error; after a STOP the bytes that follow start a new stream
+/// with its own handshake (captures back to back, `cat a.fstrm b.fstrm`).
 fn payloads(data: &[u8]) -> Vec<bytes::Bytes> {
     let decoder = FrameDecoder::new(MAX_FRAME_SIZE);
     let mut rx = ReceiverStream::new();
@@ -144,7 +162,8 @@ fn payloads(data: &[u8]) -> Vec<bytes::Bytes> {
     while let Ok(Some(frame)) = decoder.decode(&mut buf) {
         match rx.on_frame(frame) {
             Ok(Step::Data(payload)) => out.push(payload),
-            Ok(Step::Finished(_)) | Err(_) => break,
+            Ok(Step::Finished(_)) => rx = ReceiverStream::new(),
+            Err(_) => break,
             Ok(_) => {}
         }
     }
