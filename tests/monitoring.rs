@@ -164,6 +164,7 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
             "handshake_timeout",
             "connection_limit",
             "time_out_of_range",
+            "identity_limit",
             "session_table_full",
             "idle_timeout",
             "frame_budget",

@@ -7,6 +7,7 @@
 //! forward compression pointer (`domain` only follows pointers to earlier bytes; the analyser
 //! follows any, at most 16 hops), and a qname of 256 wire bytes (one over RFC 1035's 255).
 
+use dnstap_analyser::metrics::ErrorChain;
 use domain::base::Message;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -27,7 +28,7 @@ pub fn classify(data: &[u8]) -> Agreement {
     let (ours, theirs) = match (ours, theirs) {
         (Ok(o), Some(t)) => (o, t),
         (Err(e), None) => {
-            let _ = e.reason();
+            let _ = ErrorChain(&e).to_string();
             return Agreement::BothErr;
         }
         (Ok(_), None) => {

@@ -12,6 +12,7 @@ use dnstap_analyser::framestream::{
     encode_data, ControlKind, Frame, FrameDecoder, FrameError, ReceiverStream, Step,
     DNSTAP_CONTENT_TYPE, MAX_CONTROL_FRAME,
 };
+use dnstap_analyser::metrics::ErrorChain;
 
 #[derive(Debug, PartialEq)]
 enum Outcome {
@@ -81,7 +82,7 @@ fn decode_all<'a>(max: usize, chunks: impl Iterator<Item = &'a [u8]>) -> (Vec<Ou
                     out.push(Outcome::Frame(frame));
                 }
                 Err(e) => {
-                    let _ = (e.to_string(), e.reason());
+                    let _ = ErrorChain(&e).to_string();
                     out.push(Outcome::Error(e));
                     return (out, buf.to_vec());
                 }
@@ -151,7 +152,7 @@ fn receive(outcomes: &[Outcome]) {
                 return;
             }
             Err(e) => {
-                let _ = (e.to_string(), e.reason());
+                let _ = ErrorChain(&e).to_string();
                 return;
             }
         }

@@ -40,7 +40,7 @@ fn scan_tap(frame: &[u8]) -> Option<TapFields<'_>> {
     let mut r = Wire(frame);
     let mut t = TapFields::default();
     while !r.0.is_empty() {
-        match r.varint()? {
+        match r.tag()? {
             10 => t.identity = r.bytes()?,
             18 => t.version = r.bytes()?,
             114 => {
@@ -59,7 +59,7 @@ pub fn scan_message(b: &[u8]) -> Option<MessageFields<'_>> {
     let mut r = Wire(b);
     let mut m = MessageFields::default();
     while !r.0.is_empty() {
-        match r.varint()? {
+        match r.tag()? {
             8 => m.kind = Some(MessageType::from(r.varint()? as i32)),
             24 => m.protocol = Some(SocketProtocol::from(r.varint()? as i32)),
             34 => m.query_address = Some(r.bytes()?),
@@ -86,7 +86,7 @@ pub fn query_message_field(
     let mut r = Wire(message);
     while !r.0.is_empty() {
         let start = message.len() - r.0.len();
-        let tag = r.varint()?;
+        let tag = r.tag()?;
         if tag == 82 {
             let value = r.bytes()?;
             let end = message.len() - r.0.len();
@@ -120,6 +120,14 @@ impl<'a> Wire<'a> {
             }
         }
         None
+    }
+
+    /// A field's tag. quick-protobuf, which renders the kept messages, reads tags as 32 bits
+    /// and drops the higher ones, so a wider tag would be one field to it and an unknown one
+    /// here: reject it (no valid field number needs more than 32 bits).
+    #[inline(always)]
+    fn tag(&mut self) -> Option<u64> {
+        self.varint().filter(|&t| t <= u64::from(u32::MAX))
     }
 
     #[inline(always)]
@@ -172,6 +180,22 @@ mod tests {
             "wire type 3"
         );
         assert!(scan(b"").unwrap().message.is_none());
+    }
+
+    #[test]
+    fn a_tag_over_32_bits_is_malformed_as_the_renderer_would_misread_it() {
+        // `10 | 1 << 35`: quick-protobuf keeps the low 32 bits, so to the renderer it is an
+        // identity ("b") that the scan would otherwise skip as an unknown field.
+        let frame = b"\x0a\x01a\x8a\x80\x80\x80\x80\x01\x01b";
+        let full = super::super::decode(frame).unwrap();
+        assert_eq!(full.identity.as_deref(), Some(&b"b"[..]));
+        assert!(matches!(scan(frame), Err(DecodeError::Malformed)));
+        // The same inside the message (a wide query_message tag), and when locating it.
+        let message = b"\x08\x05\xd2\x80\x80\x80\x80\x01\x01x";
+        assert!(scan_message(message).is_none());
+        assert_eq!(query_message_field(message), None);
+        // The widest valid tag is still skipped as an unknown field.
+        assert!(scan(b"\x0a\x01a\xf8\xff\xff\xff\x0f\x00").is_ok());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! hold several Frame Streams streams back to back (START…STOP, START…STOP): all are read.
 
 use super::{Router, Shared, SourceCount, StreamEnd, StreamIngest};
+use crate::metrics::Metrics;
 use bytes::BytesMut;
 use std::path::Path;
 
@@ -32,7 +33,7 @@ pub fn read_files(
     for path in paths {
         let path = path.as_ref();
         ingest.restart_framing();
-        if let Err(message) = read_one(path, &mut ingest, router, counted) {
+        if let Err(message) = read_one(path, &mut ingest, router, &shared.metrics, counted) {
             errors.push(FileError {
                 path: path.display().to_string(),
                 message,
@@ -46,6 +47,7 @@ fn read_one(
     path: &Path,
     ingest: &mut StreamIngest,
     router: &mut Router,
+    metrics: &Metrics,
     counted: &mut impl FnMut(&SourceCount),
 ) -> Result<(), String> {
     let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
@@ -63,6 +65,8 @@ fn read_one(
         replies.clear();
         if let Err(e) = fed {
             ingest.finish(StreamEnd::Closed, 0);
+            // Counted as for a connection: the rest of the file is not read.
+            metrics.discard(e.drop_reason(), 1);
             return Err(e.to_string());
         }
         if n > 0 {
@@ -108,9 +112,10 @@ fn feed_streams(
 mod tests {
     use super::*;
     use crate::ingest::{LossBoard, QueueDepths, ShardInput};
-    use crate::metrics::Metrics;
+    use crate::metrics::Discard;
     use std::path::PathBuf;
     use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::Ordering::Relaxed;
     use std::sync::Arc;
 
     fn fixture(name: &str) -> PathBuf {
@@ -195,5 +200,31 @@ mod tests {
         );
         let _ = std::fs::remove_file(&path);
         assert_eq!(errors.len(), 1, "{errors:?}");
+    }
+
+    #[test]
+    fn a_data_frame_before_start_is_a_bad_stream_not_a_frame() {
+        // A 2-byte data frame where READY or START belongs (fuzz/regressions/pipeline/).
+        let path = std::env::temp_dir().join(format!(
+            "dnstap-analyser-{}-data_before_start.fstrm",
+            std::process::id()
+        ));
+        std::fs::write(&path, [0, 0, 0, 2, 0x0a, 0]).unwrap();
+        let (shared, mut router, _rx) = backend();
+        let errors = read_files(
+            std::slice::from_ref(&path),
+            &shared,
+            &mut router,
+            &mut |_| {},
+        );
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let m = &shared.metrics;
+        assert_eq!(m.frames.load(Relaxed), 0, "no frame was delivered as data");
+        assert_eq!(
+            m.discarded(Discard::BadStream),
+            1,
+            "the stream error is counted"
+        );
     }
 }

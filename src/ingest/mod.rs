@@ -15,7 +15,7 @@ pub use router::{Batch, QueueDepths, Router, ShardInput, BATCH};
 use crate::dnstap::{
     self, Event, IdentityLimit, Nanos, Role, SenderProfile, SourceId, SourceRegistry,
 };
-use crate::framestream::{Frame, FrameDecoder, FrameError, ProtocolError, ReceiverStream, Step};
+use crate::framestream::{FrameDecoder, FrameError, ProtocolError, ReceiverStream, Step};
 use crate::metrics::{Discard, ErrorChain, Metrics, Tally};
 use bytes::BytesMut;
 use hashbrown::HashMap;
@@ -350,14 +350,17 @@ impl StreamIngest {
                 Some(f) => f,
                 None => return Ok(false),
             };
-            if let Frame::Data(d) = &frame {
-                self.tally.frames += 1;
-                self.tally.bytes += d.len() as u64 + 4;
-            }
             match self.receiver.on_frame(frame)? {
                 Step::Continue => {}
                 Step::Reply(r) => replies.extend_from_slice(&r),
-                Step::Data(payload) => self.on_payload(payload, router),
+                Step::Data(payload) => {
+                    // Counted once the receiver takes it as dnstap: a data frame it refuses
+                    // (before START) ends the stream as bad_stream instead, so every frame
+                    // counted is a message or a per-message drop.
+                    self.tally.frames += 1;
+                    self.tally.bytes += payload.len() as u64 + 4;
+                    self.on_payload(payload, router)
+                }
                 Step::Finished(reply) => {
                     if let Some(r) = reply {
                         replies.extend_from_slice(&r);
