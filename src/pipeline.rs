@@ -60,6 +60,32 @@ pub struct Settings {
     pub telemetry: TelemetryConfig,
 }
 
+/// The command line's defaults (one reader, one shard per core, no TLS, no metrics endpoint),
+/// for embedders and tests that change a few fields.
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            readers: 1,
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            queue_capacity: 262_144,
+            pin: false,
+            correlate: correlate::Config::default(),
+            max_connections: 1024,
+            max_frame_size: 1 << 20,
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(120),
+            frame_buffer_budget: 64 << 20,
+            tls: None,
+            senders: SenderLimits::default(),
+            log: LogFilter::ALL,
+            lines: LineOptions::default(),
+            format: Format::Json,
+            metrics_listen: None,
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
 /// Why the pipeline stopped short of a clean end.
 #[derive(Debug)]
 pub enum Error {
@@ -723,17 +749,7 @@ mod tests {
                 idle_flush: false,
             },
             max_connections: 16,
-            max_frame_size: 1 << 20,
-            handshake_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(120),
-            frame_buffer_budget: 64 << 20,
-            tls: None,
-            senders: SenderLimits::default(),
-            log: LogFilter::ALL,
-            lines: LineOptions::default(),
-            format: Format::Json,
-            metrics_listen: None,
-            telemetry: TelemetryConfig::default(),
+            ..Settings::default()
         }
     }
 

@@ -11,13 +11,11 @@
 use bytes::BytesMut;
 use dnstap_analyser::correlate;
 use dnstap_analyser::framestream::{FrameDecoder, ReceiverStream, Step};
-use dnstap_analyser::metrics::model::TelemetryConfig;
 use dnstap_analyser::metrics::{Discard, Metrics};
 use dnstap_analyser::output::{Flow, Format, LineOptions, LogFilter, Messages, SampleRate, Sink};
 use dnstap_analyser::pipeline::{self, Settings};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 const MAX_FRAME_SIZE: usize = 4096;
 
@@ -63,9 +61,6 @@ fn settings() -> Settings {
         },
         max_connections: 1,
         max_frame_size: MAX_FRAME_SIZE,
-        handshake_timeout: Duration::from_secs(5),
-        idle_timeout: Duration::from_secs(120),
-        frame_buffer_budget: 64 << 20,
         log: LogFilter::ALL,
         // Every session printed with all its messages: the checks count lines and messages.
         lines: LineOptions {
@@ -73,8 +68,7 @@ fn settings() -> Settings {
             messages: Messages::All,
         },
         format: Format::Json,
-        metrics_listen: None,
-        telemetry: TelemetryConfig::default(),
+        ..Settings::default()
     }
 }
 
