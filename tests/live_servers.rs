@@ -33,22 +33,6 @@ fn without_probe(sessions: Vec<Value>) -> Vec<Value> {
 }
 
 /// The client side of the standard scenarios, in this order:
-/// NOERROR, same name again (cache), NXDOMAIN, SERVFAIL, REFUSED, NOERROR over TCP.
-/// Asserts what dig got, so a broken server setup shows up as such and not as an analyser bug.
-fn run_standard_queries(server: &mut Server, port: u16, refused_rcode: &str) {
-    let cases: [(&str, &str, bool, &str); 6] = [
-        ("www.example.test", "A", false, "NOERROR"),
-        ("www.example.test", "A", false, "NOERROR"),
-        ("nx.example.test", "A", false, "NXDOMAIN"),
-        ("x.servfail.test", "A", false, "SERVFAIL"),
-        ("x.refused.test", "A", false, refused_rcode),
-        ("txt.example.test", "TXT", true, "NOERROR"),
-    ];
-    for (name, qtype, tcp, want) in cases {
-        dig_expect(server, port, (name, qtype, tcp), want);
-    }
-}
-
 /// Stops the analyser, saves what it printed into `dir`, checks that every session line is
 /// counted in the summary, and returns the output and the sessions without the probes.
 fn finish(what: &str, t0: Instant, an: Analyser, dir: &TempDir) -> (Output, Vec<Value>) {
@@ -123,40 +107,7 @@ fn unbound_tcp_sessions() {
 
     ub.server.stop();
     let (_, sessions) = finish("unbound live", t0, an, &dir);
-    let up = format!("127.0.0.1:{}", nsd.port);
-    let fwd = UpKind::Forwarder;
-    let expected = vec![
-        Expect::new("www.example.test", "Succeeded", 15)
-            .rcode("NOERROR")
-            .attempts(fwd, 1, Some("NOERROR"))
-            .addr(&up),
-        Expect::new("www.example.test", "Succeeded", 3).rcode("NOERROR"),
-        Expect::new("nx.example.test", "Succeeded", 15)
-            .rcode("NXDOMAIN")
-            .attempts(fwd, 1, Some("NXDOMAIN"))
-            .addr(&up),
-        Expect::new("x.servfail.test", "Failed", 15)
-            .rcode("SERVFAIL")
-            .attempts(fwd, 5, Some("SERVFAIL"))
-            .addr(&up),
-        Expect::new("x.refused.test", "Failed", 15)
-            .rcode("SERVFAIL")
-            .attempts(fwd, 5, Some("REFUSED"))
-            .addr(&up),
-        Expect::new("txt.example.test", "Succeeded", 15)
-            .qtype("TXT")
-            .tcp()
-            .rcode("NOERROR")
-            .attempts(fwd, 1, Some("NOERROR"))
-            .addr(&up),
-        Expect::new("x.silent.test", "Failed", 5)
-            .attempts(fwd, attempts, None)
-            .addr(format!("127.0.0.1:{}", silent.port)),
-    ];
-    let expected: Vec<Expect> = expected
-        .into_iter()
-        .map(|e| e.ident("live-unbound", "unbound 1."))
-        .collect();
+    let expected = unbound_expected(nsd.port, silent.port, attempts);
     assert_sessions("unbound live", &sessions, &expected);
 }
 

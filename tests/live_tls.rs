@@ -380,8 +380,8 @@ fn unbound_mtls_sessions_while_strangers_are_refused() {
     assert_eq!(tls_count(&out, "handshakes"), 1, "unbound's only");
 }
 
-/// Starts unbound sending to `t`'s TLS port, runs the standard scenarios (calling `meanwhile`
-/// halfway), stops, and checks the sessions of the plaintext unbound live test.
+/// Starts unbound sending to `t`'s TLS port, calls `meanwhile` once its stream is up, runs the
+/// standard scenarios, stops, and checks the sessions of the plaintext unbound live test.
 fn unbound_scenarios(
     dir: &TempDir,
     t: TlsAnalyser,
@@ -397,43 +397,8 @@ fn unbound_scenarios(
         || tcp_connections_to(t.tls_port) >= 1,
     );
     let port = ub.port;
-    dig_expect(
-        &mut ub.server,
-        port,
-        ("www.example.test", "A", false),
-        "NOERROR",
-    );
-    dig_expect(
-        &mut ub.server,
-        port,
-        ("www.example.test", "A", false),
-        "NOERROR",
-    );
-    dig_expect(
-        &mut ub.server,
-        port,
-        ("nx.example.test", "A", false),
-        "NXDOMAIN",
-    );
     meanwhile(&t);
-    dig_expect(
-        &mut ub.server,
-        port,
-        ("x.servfail.test", "A", false),
-        "SERVFAIL",
-    );
-    dig_expect(
-        &mut ub.server,
-        port,
-        ("x.refused.test", "A", false),
-        "SERVFAIL",
-    );
-    dig_expect(
-        &mut ub.server,
-        port,
-        ("txt.example.test", "TXT", true),
-        "NOERROR",
-    );
+    run_standard_queries(&mut ub.server, port, "SERVFAIL");
     let a = dig(port, "x.silent.test", "A", false, 3);
     assert_eq!(
         a.rcode, None,
@@ -456,39 +421,7 @@ fn unbound_scenarios(
         .filter(|s| s_qname(s) != PROBE)
         .cloned()
         .collect();
-    let up = format!("127.0.0.1:{}", nsd.port);
-    let fwd = UpKind::Forwarder;
-    let expected: Vec<Expect> = vec![
-        Expect::new("www.example.test", "Succeeded", 15)
-            .rcode("NOERROR")
-            .attempts(fwd, 1, Some("NOERROR"))
-            .addr(&up),
-        Expect::new("www.example.test", "Succeeded", 3).rcode("NOERROR"),
-        Expect::new("nx.example.test", "Succeeded", 15)
-            .rcode("NXDOMAIN")
-            .attempts(fwd, 1, Some("NXDOMAIN"))
-            .addr(&up),
-        Expect::new("x.servfail.test", "Failed", 15)
-            .rcode("SERVFAIL")
-            .attempts(fwd, 5, Some("SERVFAIL"))
-            .addr(&up),
-        Expect::new("x.refused.test", "Failed", 15)
-            .rcode("SERVFAIL")
-            .attempts(fwd, 5, Some("REFUSED"))
-            .addr(&up),
-        Expect::new("txt.example.test", "Succeeded", 15)
-            .qtype("TXT")
-            .tcp()
-            .rcode("NOERROR")
-            .attempts(fwd, 1, Some("NOERROR"))
-            .addr(&up),
-        Expect::new("x.silent.test", "Failed", 5)
-            .attempts(fwd, attempts, None)
-            .addr(format!("127.0.0.1:{}", silent.port)),
-    ]
-    .into_iter()
-    .map(|e| e.ident("live-unbound", "unbound 1."))
-    .collect();
+    let expected = unbound_expected(nsd.port, silent.port, attempts);
     assert_sessions("unbound over TLS", &sessions, &expected);
     out
 }

@@ -3,6 +3,7 @@
 //! CoreDNS), a silent upstream that never answers, and the DNS clients dig and dnsperf.
 
 use super::process::{tcp_connections_to, tcp_listening, Server};
+use super::sessions::{Expect, UpKind};
 use super::{alloc_port, live_dir, render_to, require_binary, tail, wait_until, TempDir};
 use std::collections::BTreeMap;
 use std::fs;
@@ -428,4 +429,59 @@ pub fn start_coredns(dir: &TempDir, coredns: &Path, upstream: u16, tap_port: u16
         },
     );
     Forwarder { port, server }
+}
+
+/// NOERROR, same name again (cache), NXDOMAIN, SERVFAIL, REFUSED, NOERROR over TCP.
+/// Asserts what dig got, so a broken server setup shows up as such and not as an analyser bug.
+pub fn run_standard_queries(server: &mut Server, port: u16, refused_rcode: &str) {
+    let cases: [(&str, &str, bool, &str); 6] = [
+        ("www.example.test", "A", false, "NOERROR"),
+        ("www.example.test", "A", false, "NOERROR"),
+        ("nx.example.test", "A", false, "NXDOMAIN"),
+        ("x.servfail.test", "A", false, "SERVFAIL"),
+        ("x.refused.test", "A", false, refused_rcode),
+        ("txt.example.test", "TXT", true, "NOERROR"),
+    ];
+    for (name, qtype, tcp, want) in cases {
+        dig_expect(server, port, (name, qtype, tcp), want);
+    }
+}
+
+/// The sessions of `run_standard_queries` plus one query to the silent upstream (answered
+/// `attempts` times by nothing) through unbound: FQ/FR with fresh DNS ids, SERVFAIL and REFUSED
+/// retried 5 times, the silent name without a client response.
+pub fn unbound_expected(nsd_port: u16, silent_port: u16, attempts: usize) -> Vec<Expect> {
+    let up = format!("127.0.0.1:{nsd_port}");
+    let fwd = UpKind::Forwarder;
+    vec![
+        Expect::new("www.example.test", "Succeeded", 15)
+            .rcode("NOERROR")
+            .attempts(fwd, 1, Some("NOERROR"))
+            .addr(&up),
+        Expect::new("www.example.test", "Succeeded", 3).rcode("NOERROR"),
+        Expect::new("nx.example.test", "Succeeded", 15)
+            .rcode("NXDOMAIN")
+            .attempts(fwd, 1, Some("NXDOMAIN"))
+            .addr(&up),
+        Expect::new("x.servfail.test", "Failed", 15)
+            .rcode("SERVFAIL")
+            .attempts(fwd, 5, Some("SERVFAIL"))
+            .addr(&up),
+        Expect::new("x.refused.test", "Failed", 15)
+            .rcode("SERVFAIL")
+            .attempts(fwd, 5, Some("REFUSED"))
+            .addr(&up),
+        Expect::new("txt.example.test", "Succeeded", 15)
+            .qtype("TXT")
+            .tcp()
+            .rcode("NOERROR")
+            .attempts(fwd, 1, Some("NOERROR"))
+            .addr(&up),
+        Expect::new("x.silent.test", "Failed", 5)
+            .attempts(fwd, attempts, None)
+            .addr(format!("127.0.0.1:{silent_port}")),
+    ]
+    .into_iter()
+    .map(|e| e.ident("live-unbound", "unbound 1."))
+    .collect()
 }
