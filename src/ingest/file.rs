@@ -111,7 +111,7 @@ fn feed_streams(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::{LossBoard, QueueDepths, ShardInput};
+    use crate::ingest::{QueueDepths, ShardInput};
     use crate::metrics::Discard;
     use std::path::PathBuf;
     use std::sync::atomic::AtomicU64;
@@ -126,15 +126,8 @@ mod tests {
 
     /// What a file reader needs, with one shard whose queue the test reads.
     fn backend() -> (Shared, Router, crossbeam_channel::Receiver<ShardInput>) {
-        let metrics = Arc::new(Metrics::default());
-        let shared = Shared {
-            sources: Default::default(),
-            board: Arc::new(LossBoard::default()),
-            metrics: metrics.clone(),
-            max_frame_size: 1 << 20,
-            session_timeout: 10_000_000_000,
-            limits: Default::default(),
-        };
+        let shared = Shared::for_tests(Default::default());
+        let metrics = shared.metrics.clone();
         let (tx, rx) = crossbeam_channel::unbounded();
         let depths: QueueDepths = Arc::new([AtomicU64::new(0)]);
         (

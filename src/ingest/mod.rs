@@ -51,6 +51,22 @@ pub struct Shared {
     pub limits: SenderLimits,
 }
 
+impl Shared {
+    /// What a reader in a unit test needs: these sender limits, 1 MiB frames, a 10 s session
+    /// timeout, fresh counters.
+    #[cfg(test)]
+    pub(crate) fn for_tests(limits: SenderLimits) -> Self {
+        Self {
+            sources: Arc::new(limits.registry()),
+            board: Arc::new(LossBoard::default()),
+            metrics: Arc::new(Metrics::default()),
+            max_frame_size: 1 << 20,
+            session_timeout: 10_000_000_000,
+            limits,
+        }
+    }
+}
+
 impl SenderLimits {
     /// The registry of identities these limits bound.
     pub fn registry(&self) -> SourceRegistry {
@@ -573,16 +589,8 @@ mod tests {
 
     impl Stream {
         fn new(limits: SenderLimits) -> Self {
-            let metrics = Arc::new(Metrics::default());
-            let sources = Arc::new(limits.registry());
-            let shared = Shared {
-                sources: sources.clone(),
-                board: Arc::new(LossBoard::default()),
-                metrics: metrics.clone(),
-                max_frame_size: 1 << 20,
-                session_timeout: 10 * S,
-                limits,
-            };
+            let shared = Shared::for_tests(limits);
+            let (metrics, sources) = (shared.metrics.clone(), shared.sources.clone());
             let (tx, rx) = crossbeam_channel::unbounded();
             let depths: QueueDepths = Arc::new([AtomicU64::new(0)]);
             let router = Router::new(vec![tx], depths, 1 << 30, true, metrics.clone());

@@ -794,7 +794,7 @@ mod tests {
     use super::*;
     use crate::framestream::{encode_control, encode_data, ControlKind, DNSTAP_CONTENT_TYPE};
     use crate::ingest::limits::ConnectionLimits;
-    use crate::ingest::{LossBoard, QueueDepths, ShardInput};
+    use crate::ingest::{QueueDepths, ShardInput};
     use crate::metrics::Metrics;
     use std::io::Read;
     use std::net::{Shutdown, SocketAddr, TcpStream as Client};
@@ -812,15 +812,8 @@ mod tests {
 
     impl Analyser {
         fn start(limits: ConnectionLimits, readers: usize) -> Self {
-            let metrics = Arc::new(Metrics::default());
-            let shared = Shared {
-                sources: Default::default(),
-                board: Arc::new(LossBoard::default()),
-                metrics: metrics.clone(),
-                max_frame_size: 1 << 20,
-                session_timeout: 10_000_000_000,
-                limits: Default::default(),
-            };
+            let shared = Shared::for_tests(Default::default());
+            let metrics = shared.metrics.clone();
             let listener = Listener::bind(&"tcp://127.0.0.1:0".parse().unwrap()).unwrap();
             let Listener::Tcp(l) = &listener else {
                 unreachable!()
