@@ -179,8 +179,14 @@ mod tests {
     fn a_frame_cut_short_after_stop_is_reported() {
         let mut bytes = std::fs::read(fixture("b_forward.fstrm")).unwrap();
         bytes.extend_from_slice(&[0, 0, 0, 5, b'x']);
+        let (_, errors) = read_bytes("trailing", &bytes);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+    }
+
+    /// Reads `bytes` as a file of their own; the metrics and the file errors.
+    fn read_bytes(tag: &str, bytes: &[u8]) -> (Shared, Vec<FileError>) {
         let path = std::env::temp_dir().join(format!(
-            "dnstap-analyser-{}-trailing.fstrm",
+            "dnstap-analyser-{}-{tag}.fstrm",
             std::process::id()
         ));
         std::fs::write(&path, bytes).unwrap();
@@ -192,25 +198,13 @@ mod tests {
             &mut |_| {},
         );
         let _ = std::fs::remove_file(&path);
-        assert_eq!(errors.len(), 1, "{errors:?}");
+        (shared, errors)
     }
 
     #[test]
     fn a_data_frame_before_start_is_a_bad_stream_not_a_frame() {
         // A 2-byte data frame where READY or START belongs (fuzz/regressions/pipeline/).
-        let path = std::env::temp_dir().join(format!(
-            "dnstap-analyser-{}-data_before_start.fstrm",
-            std::process::id()
-        ));
-        std::fs::write(&path, [0, 0, 0, 2, 0x0a, 0]).unwrap();
-        let (shared, mut router, _rx) = backend();
-        let errors = read_files(
-            std::slice::from_ref(&path),
-            &shared,
-            &mut router,
-            &mut |_| {},
-        );
-        let _ = std::fs::remove_file(&path);
+        let (shared, errors) = read_bytes("data_before_start", &[0, 0, 0, 2, 0x0a, 0]);
         assert_eq!(errors.len(), 1, "{errors:?}");
         let m = &shared.metrics;
         assert_eq!(m.frames.load(Relaxed), 0, "no frame was delivered as data");

@@ -447,6 +447,24 @@ pub fn run_standard_queries(server: &mut Server, port: u16, refused_rcode: &str)
     }
 }
 
+/// Asks unbound on `port` for x.silent.test, which it forwards to `silent`: no answer comes, and
+/// unbound gives up after a few retries (infra-cache-max-rtt 1000). Returns how many queries
+/// the silent upstream got.
+pub fn unbound_silent_query(port: u16, silent: &SilentUpstream) -> usize {
+    let a = dig(port, "x.silent.test", "A", false, 3);
+    assert_eq!(
+        a.rcode, None,
+        "unbound answered x.silent.test: {}",
+        a.output
+    );
+    let attempts = silent.wait_quiet(1, Duration::from_millis(2500), Duration::from_secs(30));
+    assert!(
+        attempts >= 2,
+        "unbound sent {attempts} queries to the silent upstream"
+    );
+    attempts
+}
+
 /// The sessions of `run_standard_queries` plus one query to the silent upstream (answered
 /// `attempts` times by nothing) through unbound: FQ/FR with fresh DNS ids, SERVFAIL and REFUSED
 /// retried 5 times, the silent name without a client response.
