@@ -20,8 +20,8 @@ pub struct SenderTraits {
     pub profile: SenderProfile,
     /// Shown in the output's `sender` field.
     pub name: &'static str,
-    /// How its version string starts (ASCII, any case).
-    pub version_prefix: &'static [u8],
+    /// How its version string may start (ASCII, any case).
+    pub version_prefixes: &'static [&'static [u8]],
     /// Copies the client's DNS id into its upstream messages, so the id can be part of the
     /// key; senders that give upstream queries fresh ids must be keyed without it.
     pub keeps_client_id: bool,
@@ -46,7 +46,7 @@ const PROFILES: [SenderTraits; 6] = [
     SenderTraits {
         profile: SenderProfile::CoreDns,
         name: "CoreDNS",
-        version_prefix: b"CoreDNS-",
+        version_prefixes: &[b"CoreDNS-"],
         keeps_client_id: true,
         writes_in_order: true,
         min_session_wait: 0,
@@ -55,7 +55,7 @@ const PROFILES: [SenderTraits; 6] = [
     SenderTraits {
         profile: SenderProfile::Unbound,
         name: "unbound",
-        version_prefix: b"unbound",
+        version_prefixes: &[b"unbound"],
         keeps_client_id: false,
         writes_in_order: false,
         min_session_wait: 0,
@@ -65,7 +65,7 @@ const PROFILES: [SenderTraits; 6] = [
     SenderTraits {
         profile: SenderProfile::Bind,
         name: "BIND",
-        version_prefix: b"BIND",
+        version_prefixes: &[b"BIND"],
         keeps_client_id: false,
         writes_in_order: false,
         min_session_wait: 20 * S,
@@ -75,7 +75,8 @@ const PROFILES: [SenderTraits; 6] = [
     SenderTraits {
         profile: SenderProfile::KnotResolver,
         name: "Knot Resolver",
-        version_prefix: b"Knot Resolver",
+        // kresd 5.6 from Debian says "knot-resolver 5.6.0" (tests/fixtures/kresd).
+        version_prefixes: &[b"Knot Resolver", b"knot-resolver"],
         keeps_client_id: false,
         writes_in_order: false,
         min_session_wait: 20 * S,
@@ -84,7 +85,7 @@ const PROFILES: [SenderTraits; 6] = [
     SenderTraits {
         profile: SenderProfile::Dnsdist,
         name: "dnsdist",
-        version_prefix: b"dnsdist",
+        version_prefixes: &[b"dnsdist"],
         keeps_client_id: false,
         writes_in_order: false,
         min_session_wait: 0,
@@ -94,7 +95,7 @@ const PROFILES: [SenderTraits; 6] = [
     SenderTraits {
         profile: SenderProfile::Unknown,
         name: "unknown",
-        version_prefix: b"",
+        version_prefixes: &[b""],
         keeps_client_id: false,
         writes_in_order: false,
         min_session_wait: 0,
@@ -112,7 +113,7 @@ impl SenderProfile {
         };
         PROFILES
             .iter()
-            .find(|t| starts(t.version_prefix))
+            .find(|t| t.version_prefixes.iter().any(|p| starts(p)))
             .map_or(Self::Unknown, |t| t.profile)
     }
 
@@ -161,6 +162,7 @@ mod tests {
             (b"unbound 1.17.1", SenderProfile::Unbound),
             (b"BIND 9.18.49", SenderProfile::Bind),
             (b"Knot Resolver 5.6.0", SenderProfile::KnotResolver),
+            (b"knot-resolver 5.6.0", SenderProfile::KnotResolver),
             (b"dnsdist 1.7.3", SenderProfile::Dnsdist),
             (b"coredns-1.11.3", SenderProfile::CoreDns),
             (b"CoreDNS", SenderProfile::Unknown),
