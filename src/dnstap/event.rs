@@ -98,6 +98,33 @@ impl MessageSpan {
 }
 
 impl Event {
+    /// An event with only what routing and loss bookkeeping look at, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(
+        profile: SenderProfile,
+        role: Role,
+        key: u64,
+        question: Option<QuestionSummary>,
+        query_time: Option<Nanos>,
+    ) -> Self {
+        Event {
+            source: SourceId(0),
+            profile,
+            role,
+            key,
+            question,
+            query_time,
+            response_time: None,
+            client: None,
+            upstream: None,
+            protocol: None,
+            watermark: 0,
+            loss_seq: 0,
+            drops_before: 0,
+            message: MessageSpan::default(),
+        }
+    }
+
     /// Extracts an event from a scanned payload.
     pub fn from_fields(
         tap: &TapFields<'_>,

@@ -147,7 +147,7 @@ impl SourceTrack {
 mod tests {
     use super::*;
     use crate::dns::QuestionSummary;
-    use crate::dnstap::{MessageSpan, SenderProfile};
+    use crate::dnstap::SenderProfile;
 
     #[test]
     fn loss_on_one_identity_never_shows_on_another() {
@@ -229,22 +229,7 @@ mod tests {
             qtype: 1,
             qclass: 1,
         });
-        Event {
-            source: SourceId(0),
-            profile,
-            role,
-            key,
-            question,
-            query_time: Some(1),
-            response_time: None,
-            client: None,
-            upstream: None,
-            protocol: None,
-            watermark: 0,
-            loss_seq: 0,
-            drops_before: 0,
-            message: MessageSpan::default(),
-        }
+        Event::for_tests(profile, role, key, question, Some(1))
     }
 
     #[test]

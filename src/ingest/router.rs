@@ -151,26 +151,11 @@ impl Drop for Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dnstap::{Role, SenderProfile, SourceId};
+    use crate::dnstap::{Role, SenderProfile};
     use crossbeam_channel::{bounded, Receiver};
 
     fn event(key: u64) -> Event {
-        Event {
-            source: SourceId(0),
-            profile: SenderProfile::CoreDns,
-            role: Role::ClientQuery,
-            key,
-            question: None,
-            query_time: None,
-            response_time: None,
-            client: None,
-            upstream: None,
-            protocol: None,
-            watermark: 0,
-            loss_seq: 0,
-            drops_before: 0,
-            message: MessageSpan::default(),
-        }
+        Event::for_tests(SenderProfile::CoreDns, Role::ClientQuery, key, None, None)
     }
 
     /// A key that lands on `shard` of `n`.
