@@ -35,7 +35,8 @@ struct Cli {
     command: Option<Command>,
 
     /// Where to accept Frame Streams senders: tcp://HOST:PORT, tls://HOST:PORT (needs
-    /// --tls-cert and --tls-key) or unix:///PATH. Repeat for several listeners.
+    /// --tls-cert and --tls-key) or unix:///PATH. Repeat for several listeners. Port 0 takes
+    /// a free port; the startup log line `listening on ...` names every bound address.
     #[arg(
         long,
         global = true,

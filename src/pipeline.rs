@@ -561,6 +561,7 @@ fn run_shard(mut corr: Correlator, ctx: ShardContext) {
                     corr.on_event(ev, message, now, &mut sink);
                 }
             }
+            Ok(ShardInput::StreamEnded(ended)) => corr.on_stream_end(&ended, now, &mut sink),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
@@ -665,7 +666,7 @@ pub fn serve(
     }
     let live = Live::start(s, metrics.clone())?;
     let telemetry = live.telemetry.clone();
-    let names: Vec<String> = listen.iter().map(|l| l.to_string()).collect();
+    let names: Vec<String> = listeners.iter().map(Listener::local_url).collect();
     eprintln!("dnstap-analyser: listening on {}", names.join(", "));
     let backend = start_backend(s, sink, &telemetry, &shutdown);
     let limits = ConnectionLimits {

@@ -211,8 +211,8 @@ fn receiver_restart_is_survived() {
     };
     let dir = TempDir::new("coredns-restart");
     let nsd = start_nsd(&dir);
-    let port = alloc_port();
-    let first = Analyser::serve(Listen::Tcp(port), &[]);
+    let first = Analyser::serve_tcp(&[]);
+    let port = first.port();
     let mut cd = start_coredns(&dir, &coredns, nsd.port, port);
     let up = format!("127.0.0.1:{}", nsd.port);
 
@@ -321,6 +321,27 @@ fn overload_query_file(dir: &TempDir, n: usize) -> PathBuf {
     path
 }
 
+/// What CoreDNS's `log` plugin says each client got, by question name: the rcode, or None
+/// where the plugin chain failed (logged as `-`; the `errors` plugin says why). CoreDNS then
+/// answers SERVFAIL itself, outside dnstap, so no CLIENT_RESPONSE is written. A line looks like
+/// `[INFO] 127.0.0.1:37602 - 63974 "A IN q1.example.test. udp 56 false 1232" NOERROR qr,aa 107 0.0004s`.
+fn coredns_answers(log: &str) -> std::collections::HashMap<String, Option<String>> {
+    log.lines()
+        .filter(|l| l.starts_with("[INFO] "))
+        .filter_map(|l| {
+            let mut parts = l.split('"');
+            let question = parts.nth(1)?;
+            let rcode = parts.next()?.split_whitespace().next()?;
+            let qname = norm_name(question.split_whitespace().nth(2)?);
+            Some((qname, (rcode != "-").then(|| rcode.to_string())))
+        })
+        .collect()
+}
+
+/// Requests in flight when CoreDNS's dnstap stream broke may look unanswered (see the test).
+/// Observed: at most one per run; a request takes about 0.2 ms, CoreDNS ran 5,000 a second.
+const MAX_CUT_AT_THE_BREAK: usize = 2;
+
 /// SIGCONTs the analyser if the test ends (or panics) while it is stopped.
 struct Stalled(u32);
 
@@ -342,13 +363,15 @@ fn coredns_dropped(log: &str) -> u64 {
 /// SIGSTOP for 12 s while dnsperf sends a burst of 20,000 distinct queries through CoreDNS; its
 /// dnstap queue (10,000 messages) overflows, CoreDNS drops messages and logs how many, and it
 /// gives up on the blocked connection and opens another. After SIGCONT the analyser reads what
-/// the kernel kept. Then:
+/// the kernel kept. CoreDNS's `log` plugin says what each client got; against it:
 /// - no verdict is wrong: every session whose CLIENT_RESPONSE arrived carries that response's
-///   verdict (Succeeded for NOERROR/NXDOMAIN, Failed otherwise) and its rcode is the one the
-///   upstream gives that name; none is SampleLoss; none without a response is Failed (every
-///   query was answered, so only loss explains a missing response);
-/// - Failed sessions are exactly the failures the client saw whose response reached the
-///   analyser: Failed = client failures − failing names without a session holding a response;
+///   verdict (Succeeded for NOERROR/NXDOMAIN, Failed otherwise), and its rcode is the one CoreDNS
+///   logged for that name (which is the one nsd is designed to give); none is SampleLoss;
+/// - a session without a response is Failed only where CoreDNS failed the query itself (a
+///   forward timing out under the load: it then answers SERVFAIL outside dnstap), or for the
+///   requests in flight where the stream broke (at most `MAX_CUT_AT_THE_BREAK`, without FR:
+///   nothing on the stream shows what they lost); anything else is loss, never Failed;
+/// - the client's failures (dnsperf) are the ones CoreDNS logged;
 /// - every message counted is in a printed session.
 #[test]
 fn overload_keeps_every_delivered_verdict() {
@@ -414,28 +437,70 @@ fn overload_keeps_every_delivered_verdict() {
         tail(&log, 20)
     );
 
-    let has_cr = |s: &Value| s_bitmap(s) & 2 != 0;
+    // What each client got, by CoreDNS's own `log` plugin: the ground truth per query.
+    let answers = coredns_answers(&log);
+    assert!(
+        answers.len() as u64 >= perf.completed,
+        "CoreDNS logged {} queries, dnsperf completed {}",
+        answers.len(),
+        perf.completed
+    );
+    let is_failure = |rcode: &str| !matches!(rcode, "NOERROR" | "NXDOMAIN");
     let mut errors = Vec::new();
-    let mut failing_names_with_response = std::collections::HashSet::new();
+    let mut coredns_failures = 0u64;
+    for (qname, answer) in &answers {
+        match answer {
+            Some(rcode) if rcode == designed_rcode(qname) => {}
+            Some(rcode) => errors.push(format!(
+                "{qname}: CoreDNS answered {rcode}, not as designed"
+            )),
+            None => coredns_failures += 1,
+        }
+    }
+    let mut failed_with_response = 0u64;
+    let mut cut = Vec::new();
     for s in &out.sessions {
         let qname = s_qname(s);
-        let want = designed_rcode(&qname);
-        if has_cr(s) {
-            let verdict = if matches!(want, "NOERROR" | "NXDOMAIN") {
-                "Succeeded"
-            } else {
-                failing_names_with_response.insert(qname.clone());
+        let Some(answer) = answers.get(&qname) else {
+            errors.push(format!("a session CoreDNS did not log: {}", describe(s)));
+            continue;
+        };
+        if s_bitmap(s) & 2 != 0 {
+            // The CR arrived: its verdict is what the client got.
+            let rcode = s_rcode(s).unwrap_or("null");
+            let verdict = if is_failure(rcode) {
                 "Failed"
+            } else {
+                "Succeeded"
             };
-            if s_status(s) != verdict || s_rcode(s) != Some(want) {
-                errors.push(format!("want {verdict} {want}: {}", describe(s)));
+            failed_with_response += u64::from(verdict == "Failed");
+            if s_status(s) != verdict || answer.as_deref() != Some(rcode) {
+                errors.push(format!(
+                    "want {verdict}, CoreDNS answered {answer:?}: {}",
+                    describe(s)
+                ));
             }
-        } else if s_status(s) == "Failed" {
-            errors.push(format!(
-                "every query was answered, so only loss explains a missing response: {}",
-                describe(s)
-            ));
+        } else if s_status(s) == "Failed" && answer.is_some() {
+            // An FR without CR is proof of loss (client_response_missing). Without an FR, a
+            // request in flight when CoreDNS's stream broke may have lost the rest of its
+            // messages with nothing else on the stream showing it (the dropped messages
+            // around it were whole sessions): it looks like an upstream timeout.
+            let cut_at_the_break = s_bitmap(s) & 8 == 0;
+            let what = format!("CoreDNS answered {answer:?}: {}", describe(s));
+            match cut_at_the_break {
+                true => cut.push(what),
+                false => errors.push(format!("only loss explains a missing response: {what}")),
+            }
         }
+    }
+    eprintln!("[test] requests cut at the break, Failed: {cut:#?}");
+    if cut.len() > MAX_CUT_AT_THE_BREAK {
+        errors.push(format!(
+            "{} Failed sessions without a response on answered names, more than the {} \
+             requests in flight at a break: {cut:#?}",
+            cut.len(),
+            MAX_CUT_AT_THE_BREAK
+        ));
     }
     assert!(
         errors.is_empty(),
@@ -444,51 +509,48 @@ fn overload_keeps_every_delivered_verdict() {
         errors[..errors.len().min(20)].join("\n")
     );
 
-    let client_failures: u64 = perf
-        .rcodes
-        .iter()
-        .filter(|(code, _)| !matches!(code.as_str(), "NOERROR" | "NXDOMAIN"))
-        .map(|(_, n)| n)
-        .sum();
-    let designed_failures = (0..QUERIES)
-        .filter(|i| matches!(i % 20, 0 | 5 | 10))
-        .count() as u64;
+    // CoreDNS's own failures (a forward that timed out under the load) are answered SERVFAIL
+    // by the server outside dnstap: no CR, and Failed is the right verdict (bitmap 5).
     let failed = out
         .sessions
         .iter()
         .filter(|s| s_status(s) == "Failed")
         .count() as u64;
-    let failures_without_response = designed_failures - failing_names_with_response.len() as u64;
+    let failed_without_response = failed - failed_with_response - cut.len() as u64;
+    let answered_failures = answers
+        .values()
+        .filter(|a| a.as_deref().is_some_and(is_failure))
+        .count() as u64;
+    let client_failures: u64 = perf
+        .rcodes
+        .iter()
+        .filter(|(code, _)| is_failure(code))
+        .map(|(_, n)| n)
+        .sum();
     eprintln!(
-        "[test] client saw {client_failures} failures; analyser: {failed} Failed, \
-         {failures_without_response} failing queries whose response it never received, \
-         {} SampleLoss",
+        "[test] client saw {client_failures} failures; CoreDNS answered {answered_failures} \
+         failures and failed {coredns_failures} queries itself; analyser: {failed} Failed \
+         ({failed_with_response} with the failing response), {} SampleLoss",
         out.sessions
             .iter()
             .filter(|s| s_status(s) == "SampleLoss")
             .count()
     );
     assert!(
-        failed > 0,
-        "no failure reached the analyser: nothing was tested"
+        failed_with_response > 0,
+        "no failing response reached the analyser: nothing was tested"
     );
-    assert_eq!(
-        failed,
-        failing_names_with_response.len() as u64,
-        "one Failed session per failing query whose response arrived"
+    assert!(
+        failed_without_response <= coredns_failures,
+        "{failed_without_response} Failed sessions without a response, but CoreDNS failed only \
+         {coredns_failures} queries itself"
     );
     if perf.lost == 0 {
         assert_eq!(
-            client_failures, designed_failures,
-            "dnsperf:\n{}",
+            client_failures,
+            answered_failures + coredns_failures,
+            "the client's failures are CoreDNS's logged ones; dnsperf:\n{}",
             perf.output
         );
-        assert_eq!(
-            failed,
-            client_failures - failures_without_response,
-            "Failed = what the client saw, minus the failures whose response CoreDNS dropped"
-        );
-    } else {
-        assert!(failed <= client_failures + perf.lost);
     }
 }

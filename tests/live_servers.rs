@@ -267,14 +267,13 @@ fn dnsdist_tcp_sessions() {
     let dir = TempDir::new("dnsdist");
     let silent = SilentUpstream::start();
     let nsd = start_nsd(&dir);
-    let tap = alloc_port();
-    let an = Analyser::serve(
-        Listen::Tcp(tap),
+    let an = Analyser::serve_tcp(
         // The silent query's session (CQ only) must time out while dnsdist is still connected:
         // dnsdist closes without STOP, and a session still open at that moment cannot be told
         // from one whose CR was lost. One shard, so that the next query's time expires it.
         &["--session-timeout", "3", "--shards", "1"],
     );
+    let tap = an.port();
     let mut dd = start_dnsdist(&dir, nsd.port, silent.port, tap);
     wait_until(
         "dnsdist to connect its dnstap TCP stream",

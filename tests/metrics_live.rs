@@ -191,9 +191,8 @@ fn count<K: Ord>(keys: impl IntoIterator<Item = K>) -> BTreeMap<K, u64> {
 
 #[test]
 fn a_scrape_agrees_with_the_printed_sessions_and_the_exit_summary() {
-    let mport = alloc_port();
-    let metrics_listen = format!("127.0.0.1:{mport}");
-    let an = Analyser::serve_tcp(&["--metrics-listen", &metrics_listen, "--log", "all"]);
+    let an = Analyser::serve_tcp(&["--log", "all"]);
+    let mport = an.metrics_port();
     wait_until("/readyz says ready", Duration::from_secs(20), || {
         get(mport, "/readyz").0 == 200
     });
@@ -341,12 +340,10 @@ struct Unread {
 
 impl Unread {
     fn serve(extra: &[&str]) -> Unread {
-        let (dnstap_port, metrics_port) = (alloc_port(), alloc_port());
+        // Port 0: the kernel picks both ports, the analyser logs them.
         let mut child = Command::new(analyser_bin())
-            .arg("--listen")
-            .arg(format!("tcp://127.0.0.1:{dnstap_port}"))
-            .arg("--metrics-listen")
-            .arg(format!("127.0.0.1:{metrics_port}"))
+            .args(["--listen", "tcp://127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .args(["--log", "all", "--format", "json"])
             .args(extra)
             .stdin(Stdio::null())
@@ -371,12 +368,19 @@ impl Unread {
             child,
             stdout,
             stderr,
-            metrics_port,
-            dnstap_port,
+            metrics_port: 0,
+            dnstap_port: 0,
         };
         wait_until("the analyser listens", Duration::from_secs(20), || {
             an.assert_running();
-            tcp_listening(dnstap_port) && tcp_listening(metrics_port)
+            let log = an.stderr.lock().unwrap();
+            match (logged_listen_port(&log, "tcp"), logged_metrics_port(&log)) {
+                (Some(dnstap), Some(metrics)) => {
+                    (an.dnstap_port, an.metrics_port) = (dnstap, metrics);
+                    true
+                }
+                _ => false,
+            }
         });
         an
     }

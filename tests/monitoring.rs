@@ -868,8 +868,8 @@ const PODS: usize = 2;
 fn real_scrape() -> &'static support::Exposition {
     static SCRAPE: std::sync::OnceLock<support::Exposition> = std::sync::OnceLock::new();
     SCRAPE.get_or_init(|| {
-        let metrics = format!("127.0.0.1:{}", support::alloc_port());
-        let analyser = support::Analyser::serve_tcp(&["--metrics-listen", &metrics]);
+        let analyser = support::Analyser::serve_tcp(&[]);
+        let metrics = analyser.metrics_addr();
         // Two runs at max rate (the generator's synthetic clock lets upstream timeouts end
         // within the stream). The first is intact: upstream timeouts stay Failed. The second
         // drops bursts of messages as a CoreDNS with a full queue does: SampleLoss. It starts

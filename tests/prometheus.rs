@@ -22,14 +22,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 use support::{
-    alloc_port, coredns_fixture, fstrm_replay_tcp, loadgen_bin, poll_until, promtool_check_metrics,
-    read, run_sender, run_to_end, scrape_text, text, Analyser, Exposition, Prometheus, TempDir,
+    coredns_fixture, fstrm_replay_tcp, loadgen_bin, poll_until, promtool_check_metrics, read,
+    run_sender, run_to_end, scrape_text, text, Analyser, Exposition, Prometheus, TempDir,
 };
-
-/// `--metrics-listen` on a free loopback port: (flag value, address).
-fn metrics_listen() -> String {
-    format!("127.0.0.1:{}", alloc_port())
-}
 
 // ---------------------------------------------------------------------------------------------
 // The load generator's ground truth
@@ -157,7 +152,6 @@ const SESSIONS: u64 = 20_000;
 #[test]
 fn prometheus_query_api_gives_the_ground_truth_and_the_exit_summary() {
     let dir = TempDir::new("prom-loadgen");
-    let metrics = metrics_listen();
     let analyser = Analyser::serve_tcp(&[
         "--shards",
         "2",
@@ -165,9 +159,8 @@ fn prometheus_query_api_gives_the_ground_truth_and_the_exit_summary() {
         // so the counts can be exact.
         "--queue-capacity",
         "1000000",
-        "--metrics-listen",
-        &metrics,
     ]);
+    let metrics = analyser.metrics_addr();
     let mut prom = Prometheus::start(&dir, std::slice::from_ref(&metrics));
     prom.wait_for_targets_up(Duration::from_secs(60));
 
@@ -335,8 +328,8 @@ fn status_bitmap_of(m: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
 
 #[test]
 fn promtool_check_metrics_passes_on_a_real_scrape() {
-    let metrics = metrics_listen();
-    let analyser = Analyser::serve_tcp(&["--metrics-listen", &metrics]);
+    let analyser = Analyser::serve_tcp(&[]);
+    let metrics = analyser.metrics_addr();
     // h_burst_5k has local and forwarded answers, server and upstream errors: every histogram
     // and most labelled families get samples.
     let file = coredns_fixture("h_burst_5k.fstrm");
@@ -449,8 +442,8 @@ impl Drop for Nuisances {
 
 #[test]
 fn slow_and_garbage_http_clients_leave_a_running_stream_exact() {
-    let metrics = metrics_listen();
-    let analyser = Analyser::serve_tcp(&["--metrics-listen", &metrics]);
+    let analyser = Analyser::serve_tcp(&[]);
+    let metrics = analyser.metrics_addr();
     let file = coredns_fixture("h_burst_5k.fstrm");
     let nuisances = Nuisances::connect(&metrics);
     // The stream runs while they are all connected and the slowloris dribbles.

@@ -80,10 +80,8 @@ fn top_lists_the_failing_qnames_clients_and_upstreams_of_a_live_stream() {
     assert!(want.qnames.contains_key("www.example.test."));
     assert!(want.qnames.contains_key("x.broken.test."));
 
-    let metrics_port = alloc_port();
-    let listen = format!("127.0.0.1:{metrics_port}");
-    let an = Analyser::serve_tcp(&["--metrics-listen", &listen]);
-    let url = format!("http://{listen}");
+    let an = Analyser::serve_tcp(&[]);
+    let url = format!("http://{}", an.metrics_addr());
     // Before any session: an empty document, not an error.
     let empty = dnstap_analyser::metrics::top_client::fetch(&url).expect("/top answers");
     assert_eq!(empty["failed"], 0, "{empty}");

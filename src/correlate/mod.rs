@@ -9,7 +9,7 @@ mod table;
 pub use session::{BitMap, Incomplete, LossReason, Message, Session, Status, Verdict};
 pub use store::{MessageRef, MessageStore};
 
-use crate::dnstap::{Event, Nanos, Role, SourceId};
+use crate::dnstap::{Event, Nanos, Role, SourceId, StreamEnded, StreamId};
 use hashbrown::{HashMap, HashSet};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -25,6 +25,9 @@ const LONGEST_WAIT: Nanos = 1 << 62;
 /// A silent stream's clock is assumed to advance with the wall clock, lagging this much:
 /// CoreDNS holds frames in a 4 KB buffer, so at low rates they arrive seconds late.
 pub const IDLE_LAG: Duration = Duration::from_secs(5);
+/// A stream this far behind its source's leading stream holds nothing back: a sender cannot
+/// keep its identity's sessions open with one connection's broken clock.
+const STREAM_SKEW_LIMIT: Nanos = 60_000_000_000;
 /// How long an answered-locally CoreDNS session waits for evidence of loss around it.
 const LOSS_HOLD: Nanos = 1_000_000_000;
 /// Messages kept per session; a retry storm beyond this is counted, not stored.
@@ -57,10 +60,12 @@ impl Default for Config {
 
 /// Per-source clock and expiry order, as this shard sees the source.
 struct SourceClock {
-    /// The sender's clock: the latest event time on its stream when our latest event left.
+    /// The sender's clock: the latest event time on its streams when our latest event left.
     watermark: Nanos,
     /// When that watermark last advanced, for the idle flush.
     advanced_at: Instant,
+    /// The clock of each stream that carried the source recently: usually one.
+    streams: Vec<StreamClock>,
     /// The latest sender-loss sequence seen on the source.
     loss_seq: u64,
     /// (deadline, slot, slot generation); entries of finished or rescheduled sessions go
@@ -72,6 +77,49 @@ struct SourceClock {
     seen_at: Instant,
     /// Whether the source has an entry in `Correlator::retiring`.
     retire_queued: bool,
+}
+
+/// One stream's clock for a source, as this shard sees it.
+struct StreamClock {
+    stream: StreamId,
+    watermark: Nanos,
+    advanced_at: Instant,
+}
+
+impl SourceClock {
+    /// The clock sessions expire by: the slowest of the source's streams still moving. A
+    /// sender's second connection (CoreDNS redials when the first stalls) must not expire
+    /// sessions whose remaining messages, or the evidence that they were lost, are still
+    /// unread on the first. A stream silent for `IDLE_LAG`, or `STREAM_SKEW_LIMIT` behind,
+    /// holds nothing back.
+    fn expiry_clock(&self, now: Instant) -> Nanos {
+        let slowest = self
+            .streams
+            .iter()
+            .filter(|s| now.saturating_duration_since(s.advanced_at) < IDLE_LAG)
+            .map(|s| s.watermark)
+            .min();
+        let floor = self.watermark.saturating_sub(STREAM_SKEW_LIMIT);
+        slowest.map_or(self.watermark, |w| w.max(floor))
+    }
+
+    fn advance_stream(&mut self, stream: StreamId, watermark: Nanos, now: Instant) {
+        if let Some(s) = self.streams.iter_mut().find(|s| s.stream == stream) {
+            if watermark > s.watermark {
+                s.watermark = watermark;
+                s.advanced_at = now;
+            }
+            return;
+        }
+        // Streams that hold nothing back any more make room (closed ones left already).
+        self.streams
+            .retain(|s| now.saturating_duration_since(s.advanced_at) < IDLE_LAG);
+        self.streams.push(StreamClock {
+            stream,
+            watermark,
+            advanced_at: now,
+        });
+    }
 }
 
 /// Where a finished session goes. Its messages' bytes are in `store` until the call returns.
@@ -172,6 +220,7 @@ impl Correlator {
             .or_insert_with(|| SourceClock {
                 watermark: 0,
                 advanced_at: now,
+                streams: Vec::new(),
                 loss_seq: 0,
                 expiry: BinaryHeap::new(),
                 open: 0,
@@ -185,6 +234,7 @@ impl Correlator {
             clock.watermark = watermark;
             clock.advanced_at = now;
         }
+        clock.advance_stream(ev.stream, watermark, now);
         clock.loss_seq = clock.loss_seq.max(ev.loss_seq);
         let source = ev.source;
         match ev.role {
@@ -192,9 +242,34 @@ impl Correlator {
             Role::ClientResponse => self.on_client_response(ev, t, sink),
             Role::UpstreamQuery | Role::UpstreamResponse => self.on_upstream(ev, t, sink),
         }
-        self.expire(source, None, sink);
+        self.expire_by_streams(source, now, sink);
         if self.sources.get(&source).is_some_and(|c| c.open == 0) {
             self.queue_retirement(source);
+        }
+    }
+
+    /// A stream ended: it holds its sources' clocks back no more, and the sessions it leaves
+    /// open learn whether its end was evidence of loss before they expire.
+    pub fn on_stream_end(
+        &mut self,
+        ended: &StreamEnded,
+        now: Instant,
+        sink: &mut impl SessionSink,
+    ) {
+        for &(source, loss_seq) in &ended.sources {
+            let Some(c) = self.sources.get_mut(&source) else {
+                continue;
+            };
+            c.loss_seq = c.loss_seq.max(loss_seq);
+            c.streams.retain(|s| s.stream != ended.stream);
+            self.expire_by_streams(source, now, sink);
+        }
+    }
+
+    /// Emits what the source's streams have all passed (see `SourceClock::expiry_clock`).
+    fn expire_by_streams(&mut self, source: SourceId, now: Instant, sink: &mut impl SessionSink) {
+        if let Some(clock) = self.sources.get(&source).map(|c| c.expiry_clock(now)) {
+            self.expire(source, clock, sink);
         }
     }
 
@@ -225,7 +300,7 @@ impl Correlator {
                 idle.push((*id, c.watermark.saturating_add(silent)));
             }
             for &(source, clock) in &idle {
-                self.expire(source, Some(clock), sink);
+                self.expire(source, clock, sink);
             }
             self.idle = idle;
         }
@@ -296,7 +371,7 @@ impl Correlator {
             if let Some(c) = self.sources.get_mut(&source) {
                 c.loss_seq = c.loss_seq.max(loss_seq(source));
             }
-            self.expire(source, Some(Nanos::MAX), sink);
+            self.expire(source, Nanos::MAX, sink);
         }
     }
 
@@ -589,17 +664,16 @@ impl Correlator {
         }
     }
 
-    /// Emits the source's sessions whose deadline its clock has passed.
-    fn expire(&mut self, source: SourceId, clock: Option<Nanos>, sink: &mut impl SessionSink) {
+    /// Emits the source's sessions whose deadline `clock` has passed.
+    fn expire(&mut self, source: SourceId, clock: Nanos, sink: &mut impl SessionSink) {
         loop {
             let Some(c) = self.sources.get_mut(&source) else {
                 return;
             };
-            let now = clock.unwrap_or(c.watermark).max(c.watermark);
             let Some(&Reverse((deadline, slot, generation))) = c.expiry.peek() else {
                 return;
             };
-            if deadline > now {
+            if deadline > clock {
                 return;
             }
             c.expiry.pop();
@@ -688,6 +762,7 @@ mod tests {
     ) -> Event {
         Event {
             source: SourceId(1),
+            stream: StreamId::default(),
             profile: SenderProfile::CoreDns,
             role,
             key: 1000 + id as u64,
@@ -732,6 +807,23 @@ mod tests {
             let out = &mut self.out;
             self.corr
                 .on_event(e, &[], self.now, &mut |s: &Session, v, _: &MessageStore| {
+                    out.push((s.clone(), v))
+                });
+        }
+        /// `e` on stream `stream`, whose clock `e` advances.
+        fn feed_on(&mut self, stream: u32, mut e: Event) {
+            e.stream = StreamId(stream);
+            self.feed(e);
+        }
+        /// Stream `stream` of source 1 ended, the source's loss sequence being `loss_seq`.
+        fn end_stream(&mut self, stream: u32, loss_seq: u64) {
+            let ended = StreamEnded {
+                stream: StreamId(stream),
+                sources: vec![(SourceId(1), loss_seq)],
+            };
+            let out = &mut self.out;
+            self.corr
+                .on_stream_end(&ended, self.now, &mut |s: &Session, v, _: &MessageStore| {
                     out.push((s.clone(), v))
                 });
         }
@@ -863,6 +955,80 @@ mod tests {
             run.verdicts()[1],
             (Status::Failed, BitMap::CQ, None),
             "opened after the loss"
+        );
+    }
+
+    /// CoreDNS redials when its connection stalls: the new stream runs ahead while the old
+    /// one's tail, here a session whose FR and CR were lost, is still being read. The session
+    /// waits for the old stream, whose end without STOP is the evidence of loss.
+    #[test]
+    fn a_second_stream_does_not_expire_what_the_first_still_owes() {
+        let mut run = Run::new();
+        run.feed_on(1, ev(Role::ClientQuery, 1, T0, None, 0));
+        run.feed_on(1, ev(Role::UpstreamQuery, 1, T0 + 1000, None, 0));
+        run.feed_on(2, ev(Role::ClientQuery, 2, T0 + 30 * S, None, 0));
+        assert!(run.out.is_empty(), "held while stream 1 is open");
+        run.end_stream(1, 1);
+        assert_eq!(
+            run.verdicts(),
+            [(
+                Status::SampleLoss,
+                BitMap::CQ_FQ,
+                Some(LossReason::SenderLoss)
+            )]
+        );
+        run.flush();
+        assert_eq!(
+            run.verdicts()[1],
+            (Status::SampleLoss, BitMap::CQ, Some(LossReason::SenderLoss)),
+            "open on the identity when its loss became evident"
+        );
+    }
+
+    /// What may hold a source back is bounded: a stream silent for the idle lag, or one
+    /// `STREAM_SKEW_LIMIT` behind the leading stream, no longer does.
+    #[test]
+    fn a_silent_or_far_behind_stream_holds_nothing_back() {
+        let mut run = Run::new();
+        run.feed_on(1, ev(Role::ClientQuery, 1, T0, None, 0));
+        run.now += IDLE_LAG;
+        run.feed_on(2, ev(Role::ClientQuery, 2, T0 + 11 * S, None, 0));
+        assert_eq!(
+            run.verdicts(),
+            [(Status::Failed, BitMap::CQ, None)],
+            "silent"
+        );
+
+        let mut run = Run::new();
+        run.feed_on(1, ev(Role::ClientQuery, 1, T0, None, 0));
+        run.feed_on(
+            2,
+            ev(
+                Role::ClientQuery,
+                2,
+                T0 + STREAM_SKEW_LIMIT + 9 * S,
+                None,
+                0,
+            ),
+        );
+        assert!(
+            run.out.is_empty(),
+            "within the limit plus the session timeout"
+        );
+        run.feed_on(
+            2,
+            ev(
+                Role::ClientQuery,
+                3,
+                T0 + STREAM_SKEW_LIMIT + 11 * S,
+                None,
+                0,
+            ),
+        );
+        assert_eq!(
+            run.verdicts(),
+            [(Status::Failed, BitMap::CQ, None)],
+            "behind"
         );
     }
 
@@ -1215,8 +1381,20 @@ mod tests {
         run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
         run.feed(ev(Role::UpstreamQuery, 1, T0 + 1, None, 0));
         run.feed(ev(Role::UpstreamResponse, 1, T0 + 1, Some(T0 + 2), 0));
+        run.feed(ev(Role::ClientQuery, 2, T0 + 3, None, 0));
         run.flush();
-        assert_eq!(run.verdicts(), [(Status::Failed, BitMap::CQ_FQ_FR, None)]);
+        assert_eq!(
+            run.verdicts(),
+            [
+                // The input ended before the CR CoreDNS writes right after the FR.
+                (
+                    Status::SampleLoss,
+                    BitMap::CQ_FQ_FR,
+                    Some(LossReason::ClientResponseMissing)
+                ),
+                (Status::Failed, BitMap::CQ, None)
+            ]
+        );
         assert_eq!(run.corr.open_sessions(), 0);
     }
 }

@@ -128,6 +128,9 @@ pub enum LossReason {
     UpstreamResponseMissing,
     /// An FR arrived without its FQ.
     UpstreamQueryMissing,
+    /// A sender that writes in order (CoreDNS) got the upstream's answer, but the CR it
+    /// writes right after never came.
+    ClientResponseMissing,
     /// This analyser's shard queue overflowed while the session was open.
     AnalyserQueueFull,
     /// The sender lost messages on this identity while the session was open (orphans,
@@ -143,6 +146,7 @@ impl LossReason {
             Self::ClientQueryMissing => "client_query_missing",
             Self::UpstreamResponseMissing => "upstream_response_missing",
             Self::UpstreamQueryMissing => "upstream_query_missing",
+            Self::ClientResponseMissing => "client_response_missing",
             Self::AnalyserQueueFull => "analyser_queue_full",
             Self::SenderLoss => "sender_loss",
             Self::SessionTableFull => "session_table_full",
@@ -154,6 +158,7 @@ impl LossReason {
             Self::ClientQueryMissing => "its CLIENT_QUERY was never received (lost by the sender or during a reconnect)",
             Self::UpstreamResponseMissing => "the client got an answer but the FORWARDER_RESPONSE it came from was never received",
             Self::UpstreamQueryMissing => "a FORWARDER_RESPONSE arrived without its FORWARDER_QUERY",
+            Self::ClientResponseMissing => "the upstream answered, but the CLIENT_RESPONSE the sender writes right after was never received",
             Self::AnalyserQueueFull => "the analyser dropped messages of this shard while the session was open (queue full: raise --shards or --queue-capacity)",
             Self::SenderLoss => "the sender lost dnstap messages on this identity while the session was open (CoreDNS queue full or reconnect)",
             Self::SessionTableFull => "the session table was full (--max-sessions) and this session was evicted before it ended",
@@ -289,6 +294,10 @@ impl Session {
             self.loss.or(loss_evident)
         };
         if !self.has(Role::ClientResponse) {
+            // An in-order sender writes the CR right after the answered exchange: an FR
+            // without it proves the CR lost, even when nothing else on the stream shows it.
+            let answered = self.upstream_responses > 0 && self.profile.writes_in_order();
+            let cause = cause.or(answered.then_some(LossReason::ClientResponseMissing));
             // The outcome is unknown when loss could have taken the response.
             return Verdict {
                 status: cause.map_or(Status::Failed, |_| Status::SampleLoss),
@@ -389,6 +398,29 @@ mod tests {
         );
         let v = session(&[(ClientQuery, None)]).verdict(None);
         assert_eq!((v.status, v.bitmap), (Status::Failed, BitMap::CQ));
+    }
+
+    /// CoreDNS writes the CR right after an answered exchange, so an FR without a CR is proof
+    /// of loss by itself. A sender that does not write in order proves nothing that way.
+    #[test]
+    fn an_answered_exchange_without_client_response_is_loss_from_coredns() {
+        let roles = [
+            (ClientQuery, None),
+            (UpstreamQuery, None),
+            (UpstreamResponse, Some(0)),
+        ];
+        let v = session(&roles).verdict(None);
+        assert_eq!(
+            (v.status, v.bitmap, v.loss),
+            (
+                Status::SampleLoss,
+                BitMap::CQ_FQ_FR,
+                Some(LossReason::ClientResponseMissing)
+            )
+        );
+        let mut unbound = session(&roles);
+        unbound.profile = SenderProfile::Unbound;
+        assert_eq!(unbound.verdict(None).status, Status::Failed);
     }
 
     #[test]

@@ -51,11 +51,29 @@ impl Role {
     }
 }
 
+/// The stream (connection, or file) an event came on. A sender may have several at once:
+/// CoreDNS opens a new connection when the old one stalls, while the old one's tail is still
+/// unread. Numbered per process; a number reused after 2^32 streams could only make a
+/// long-gone stream's clock count again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct StreamId(pub u32);
+
+/// A stream ended (a connection closed, a file was read): besides [`Event`], the one thing
+/// ingest tells the correlator. `sources` are the identities it carried, each with its
+/// sender-loss sequence once the end was accounted for (a stream that ends without STOP is
+/// evidence of loss), so the sessions it leaves open learn of that before they expire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEnded {
+    pub stream: StreamId,
+    pub sources: Vec<(SourceId, u64)>,
+}
+
 /// One dnstap message, reduced to what correlation needs. The frame rides along (shared, not
 /// copied) so the session can render the original message when it is emitted.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub source: SourceId,
+    pub stream: StreamId,
     pub profile: SenderProfile,
     pub role: Role,
     /// Shard routing and bucket key (see `key`).
@@ -109,6 +127,7 @@ impl Event {
     ) -> Self {
         Event {
             source: SourceId(0),
+            stream: StreamId::default(),
             profile,
             role,
             key,
@@ -148,6 +167,7 @@ impl Event {
         let (client, upstream) = sockets(m, role);
         Ok(Event {
             source,
+            stream: StreamId::default(),
             profile,
             role,
             key: key(

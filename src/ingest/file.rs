@@ -64,7 +64,7 @@ fn read_one(
         router.flush();
         replies.clear();
         if let Err(e) = fed {
-            ingest.finish(StreamEnd::Closed, 0);
+            ingest.finish(StreamEnd::Closed, 0, router);
             // Counted as for a connection: the rest of the file is not read.
             metrics.discard(e.drop_reason(), 1);
             return Err(e.to_string());
@@ -75,7 +75,7 @@ fn read_one(
         if between_streams && buf.is_empty() && !ingest.is_established() {
             return Ok(());
         }
-        ingest.finish(StreamEnd::Closed, buf.len());
+        ingest.finish(StreamEnd::Closed, buf.len(), router);
         return match buf.len() {
             0 => Ok(()),
             left => Err(format!(
@@ -102,7 +102,7 @@ fn feed_streams(
             }
             return Ok(());
         }
-        ingest.finish(StreamEnd::Stopped, 0);
+        ingest.finish(StreamEnd::Stopped, 0, router);
         ingest.restart_framing();
         *between_streams = true;
     }
@@ -144,10 +144,11 @@ mod tests {
         assert!(errors.is_empty(), "{paths:?}: {errors:?}");
         drop(router);
         let mut out = Vec::new();
-        for ShardInput::Events(batch) in rx.iter() {
+        for batch in rx.iter().filter_map(ShardInput::into_batch) {
             for mut ev in batch.events {
                 let message = ev.message.of(&batch.bytes).to_vec();
                 ev.message = Default::default();
+                ev.stream = Default::default();
                 out.push(format!("{ev:?} {message:?}"));
             }
         }

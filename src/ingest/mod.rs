@@ -13,7 +13,8 @@ pub use loss::LossBoard;
 pub use router::{Batch, QueueDepths, Router, ShardInput, BATCH};
 
 use crate::dnstap::{
-    self, Event, IdentityLimit, Nanos, Role, SenderProfile, SourceId, SourceRegistry,
+    self, Event, IdentityLimit, Nanos, Role, SenderProfile, SourceId, SourceRegistry, StreamEnded,
+    StreamId,
 };
 use crate::framestream::{FrameDecoder, FrameError, ProtocolError, ReceiverStream, Step};
 use crate::metrics::{Discard, ErrorChain, Metrics, Tally};
@@ -165,6 +166,7 @@ impl StreamError {
 /// One Frame Streams byte stream (a connection, or a file) turned into routed events.
 pub struct StreamIngest {
     shared: Shared,
+    stream: StreamId,
     /// Name used as the source when a message carries no identity.
     peer: String,
     decoder: FrameDecoder,
@@ -229,13 +231,18 @@ struct Tracked {
 
 /// How often a stream looks for identities it no longer sends.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// The next stream's number.
+static NEXT_STREAM: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 impl StreamIngest {
     pub fn new(shared: Shared, peer: String) -> Self {
         let decoder = FrameDecoder::new(shared.max_frame_size);
         let now = Instant::now();
+        // Relaxed: the number only has to be unique, not ordered with anything.
+        let stream = StreamId(NEXT_STREAM.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         Self {
             shared,
+            stream,
             peer,
             decoder,
             receiver: ReceiverStream::new(),
@@ -387,17 +394,28 @@ impl StreamIngest {
         }
     }
 
+    /// Loss became evident on this stream: every session open on its sources is touched.
+    pub fn loss_evident(&self) {
+        for source in self.tracks.keys() {
+            self.shared.board.bump(*source);
+        }
+    }
+
     /// The stream is over. Without STOP, buffered frames were lost at the sender: that is
-    /// evidence of loss for every session still open on its sources.
-    pub fn finish(&mut self, end: StreamEnd, leftover: usize) {
+    /// evidence of loss for every session still open on its sources. The shards hear of the
+    /// end after the stream's last event, and stop waiting for its clock.
+    pub fn finish(&mut self, end: StreamEnd, leftover: usize, router: &mut Router) {
         if leftover > 0 {
             self.shared.metrics.discard(Discard::TruncatedFrame, 1);
         }
         if end == StreamEnd::Closed || leftover > 0 {
-            for source in self.tracks.keys() {
-                self.shared.board.bump(*source);
-            }
+            self.loss_evident();
         }
+        let board = &self.shared.board;
+        router.end_stream(StreamEnded {
+            stream: self.stream,
+            sources: self.tracks.keys().map(|&s| (s, board.get(s))).collect(),
+        });
     }
 }
 
@@ -453,6 +471,7 @@ impl StreamIngest {
             return;
         };
         tracked.last_used = self.now;
+        ev.stream = self.stream;
         let track = &mut tracked.track;
         ev.watermark = track.advance(ev.time());
         if track.reveals_loss(&ev, self.shared.session_timeout) {
@@ -624,44 +643,16 @@ mod tests {
             assert!(r.is_ok() && buf.is_empty(), "{r:?}");
         }
 
-        /// One message of `identity`: a query (CQ) or a response (CR) of DNS id `id`, stamped
-        /// at `secs` since 1970.
+        /// One message of `identity` (see [`frame`]).
         fn send(&mut self, identity: &[u8], role: MessageType, id: u16, secs: u64) {
-            let mut wire = crate::dns::tests::query(&["www", "example", "test"], id);
-            let response = role == MessageType::CLIENT_RESPONSE;
-            if response {
-                wire[2] |= 0x80;
-            }
-            let client = [127, 0, 0, 1];
-            let msg = DnstapMessage {
-                type_pb: role,
-                socket_family: Some(pb::SocketFamily::INET),
-                socket_protocol: Some(pb::SocketProtocol::UDP),
-                query_address: Some(Cow::Borrowed(&client[..])),
-                query_port: Some(5300),
-                query_time_sec: Some(secs),
-                response_time_sec: response.then_some(secs),
-                query_message: (!response).then_some(Cow::Borrowed(&wire[..])),
-                response_message: response.then_some(Cow::Borrowed(&wire[..])),
-                ..Default::default()
-            };
-            let tap = pb::Dnstap {
-                identity: Some(Cow::Borrowed(identity)),
-                version: Some(Cow::Borrowed(b"CoreDNS-1.10.1")),
-                type_pb: pb::mod_Dnstap::Type::MESSAGE,
-                message: Some(msg),
-                ..Default::default()
-            };
-            let mut frame = (tap.get_size() as u32).to_be_bytes().to_vec();
-            tap.write_message(&mut Writer::new(&mut frame)).unwrap();
-            self.feed(&frame);
+            self.feed(&frame(identity, role, id, secs));
         }
 
         /// (identity, role, query_time, watermark) of every event routed so far.
         fn events(&mut self) -> Vec<(String, Role, Option<Nanos>, Nanos)> {
             self.router.flush();
             let mut out = Vec::new();
-            while let Ok(ShardInput::Events(batch)) = self.rx.try_recv() {
+            for batch in self.rx.try_iter().filter_map(ShardInput::into_batch) {
                 for ev in batch.events {
                     let name = self.sources.describe(ev.source).0.to_string();
                     out.push((name, ev.role, ev.query_time, ev.watermark));
@@ -669,6 +660,39 @@ mod tests {
             }
             out
         }
+    }
+
+    /// A CoreDNS data frame of `identity`: a query (CQ) or a response (CR) of DNS id `id`,
+    /// stamped at `secs` since 1970.
+    pub(crate) fn frame(identity: &[u8], role: MessageType, id: u16, secs: u64) -> Vec<u8> {
+        let mut wire = crate::dns::tests::query(&["www", "example", "test"], id);
+        let response = role == MessageType::CLIENT_RESPONSE;
+        if response {
+            wire[2] |= 0x80;
+        }
+        let client = [127, 0, 0, 1];
+        let msg = DnstapMessage {
+            type_pb: role,
+            socket_family: Some(pb::SocketFamily::INET),
+            socket_protocol: Some(pb::SocketProtocol::UDP),
+            query_address: Some(Cow::Borrowed(&client[..])),
+            query_port: Some(5300),
+            query_time_sec: Some(secs),
+            response_time_sec: response.then_some(secs),
+            query_message: (!response).then_some(Cow::Borrowed(&wire[..])),
+            response_message: response.then_some(Cow::Borrowed(&wire[..])),
+            ..Default::default()
+        };
+        let tap = pb::Dnstap {
+            identity: Some(Cow::Borrowed(identity)),
+            version: Some(Cow::Borrowed(b"CoreDNS-1.10.1")),
+            type_pb: pb::mod_Dnstap::Type::MESSAGE,
+            message: Some(msg),
+            ..Default::default()
+        };
+        let mut frame = (tap.get_size() as u32).to_be_bytes().to_vec();
+        tap.write_message(&mut Writer::new(&mut frame)).unwrap();
+        frame
     }
 
     const NOW: u64 = 1_750_000_000;

@@ -18,6 +18,11 @@ use std::time::{Duration, Instant};
 
 /// How often a reader checks deadlines, publishes its idlest connection and the frame budget.
 const SWEEP: Duration = Duration::from_millis(100);
+/// A sender silent this long inside a frame was cut off mid-write. CoreDNS flushes its 4 KB
+/// buffer (which may end inside a frame) at least once a second, so a healthy stream never
+/// holds a partial frame this long; one that gave up a stalled connection without closing it
+/// does, and what it had buffered is lost.
+const CUT_OFF_AFTER: Duration = Duration::from_secs(3);
 /// Bytes read from one connection per wake-up before others get their turn.
 const READ_BUDGET: usize = 4 << 20;
 const READ_CHUNK: usize = 256 << 10;
@@ -99,6 +104,17 @@ impl Listener {
     /// A TLS listener on `addr` whose handshakes use `acceptor`'s certificates.
     pub fn bind_tls(addr: std::net::SocketAddr, acceptor: TlsAcceptor) -> io::Result<Self> {
         Ok(Self::Tls(TcpListener::bind(addr)?, Box::new(acceptor)))
+    }
+
+    /// The address it is bound to, as a `--listen` URL: with port 0 the kernel picked one,
+    /// and operators (and tests) need to know which.
+    pub fn local_url(&self) -> String {
+        let bound = |l: &TcpListener| l.local_addr().map(|a| a.to_string());
+        match self {
+            Self::Tcp(l) => format!("tcp://{}", bound(l).unwrap_or_else(|e| e.to_string())),
+            Self::Tls(l, _) => format!("tls://{}", bound(l).unwrap_or_else(|e| e.to_string())),
+            Self::Unix(_, path) => format!("unix://{}", path.display()),
+        }
     }
 
     fn source(&mut self) -> &mut dyn mio::event::Source {
@@ -238,6 +254,8 @@ struct Conn {
     opened: Instant,
     /// When bytes last arrived.
     last_active: Instant,
+    /// Silent inside a frame for `CUT_OFF_AFTER` since bytes last arrived (said once).
+    cut_off: bool,
 }
 
 impl Conn {
@@ -545,6 +563,7 @@ impl Reader {
                 out: Vec::new(),
                 opened: self.now,
                 last_active: self.now,
+                cut_off: false,
             },
         );
         // Data may have arrived before registration.
@@ -571,6 +590,7 @@ impl Reader {
                 break Some(Ending::PeerClosed);
             }
             conn.last_active = self.now;
+            conn.cut_off = false;
             match conn
                 .ingest
                 .feed(&mut conn.buf, &mut self.router, &mut conn.out)
@@ -689,9 +709,12 @@ impl Reader {
         let peer = &conn.peer;
         let limits = &self.slots.limits;
         match &why {
-            Ending::Stopped => conn.ingest.finish(StreamEnd::Stopped, held),
+            Ending::Stopped => conn
+                .ingest
+                .finish(StreamEnd::Stopped, held, &mut self.router),
             Ending::PeerClosed | Ending::Shutdown => {
-                conn.ingest.finish(StreamEnd::Closed, held);
+                conn.ingest
+                    .finish(StreamEnd::Closed, held, &mut self.router);
                 if held > 0 {
                     metrics.warn(format_args!(
                         "{peer}: connection ended inside a frame ({held} bytes), without STOP"
@@ -699,13 +722,13 @@ impl Reader {
                 }
             }
             Ending::Broken(e) => {
-                conn.ingest.finish(StreamEnd::Closed, 0);
+                conn.ingest.finish(StreamEnd::Closed, 0, &mut self.router);
                 metrics.discard(e.drop_reason(), 1);
                 metrics.warn(format_args!("{peer}: {e}; connection closed"));
             }
             Ending::HandshakeTimeout => {
                 // The handshake bytes it sent are what handshake_timeout counts.
-                conn.ingest.finish(StreamEnd::Closed, 0);
+                conn.ingest.finish(StreamEnd::Closed, 0, &mut self.router);
                 metrics.discard(Discard::HandshakeTimeout, 1);
                 let layer = match conn.stream.is_tls_handshaking() {
                     true => "TLS",
@@ -719,13 +742,15 @@ impl Reader {
             }
             Ending::Tls(e) => {
                 // A partial frame is lost with the stream; the TLS counter says why.
-                conn.ingest.finish(StreamEnd::Closed, held);
+                conn.ingest
+                    .finish(StreamEnd::Closed, held, &mut self.router);
                 let why = crate::metrics::ErrorChain(e);
                 metrics.warn(format_args!("{peer}: {why}; connection closed"));
             }
             Ending::IdleTimeout => {
                 // Everything it sent was read: nothing is lost unless a frame was half done.
-                conn.ingest.finish(StreamEnd::Stopped, held);
+                conn.ingest
+                    .finish(StreamEnd::Stopped, held, &mut self.router);
                 metrics.warn(format_args!(
                     "{peer}: idle for over {}s while at {} connections; closed to make room \
                      (--idle-timeout, --max-connections)",
@@ -734,7 +759,7 @@ impl Reader {
                 ));
             }
             Ending::FrameBudget => {
-                conn.ingest.finish(StreamEnd::Closed, 0);
+                conn.ingest.finish(StreamEnd::Closed, 0, &mut self.router);
                 metrics.discard(Discard::FrameBudget, 1);
                 metrics.warn(format_args!(
                     "{peer}: holds the largest partial frame ({held} bytes) while partial frames \
@@ -762,6 +787,7 @@ impl Reader {
         for token in late {
             self.close(token, Ending::HandshakeTimeout);
         }
+        self.notice_cut_off_senders();
         let idlest = self
             .conns
             .values()
@@ -771,6 +797,28 @@ impl Reader {
         self.slots.publish_idlest(self.index, idlest);
         if self.slots.over_budget(self.slots.partial_bytes()) {
             self.shed_partial_frames();
+        }
+    }
+
+    /// A stream silent inside a frame is evidence of loss on its identities now, not when
+    /// its sender finally closes it (CoreDNS keeps a connection it gave up open until it
+    /// exits): the sessions open on them must not be taken for unanswered meanwhile.
+    fn notice_cut_off_senders(&mut self) {
+        for conn in self.conns.values_mut() {
+            let silent = self.now.saturating_duration_since(conn.last_active);
+            if conn.cut_off || conn.buf.is_empty() || !conn.is_streaming() || silent < CUT_OFF_AFTER
+            {
+                continue;
+            }
+            conn.cut_off = true;
+            conn.ingest.loss_evident();
+            self.shared.metrics.warn(format_args!(
+                "{}: silent for {}s inside a frame ({} bytes held): the sender was cut off \
+                 mid-write; sessions open on its identities may be incomplete",
+                conn.peer,
+                silent.as_secs(),
+                conn.buf.len()
+            ));
         }
     }
 
@@ -805,6 +853,7 @@ mod tests {
     struct Analyser {
         addr: SocketAddr,
         metrics: Arc<Metrics>,
+        shared: Shared,
         shutdown: Arc<AtomicBool>,
         threads: Vec<JoinHandle<()>>,
         _events: Receiver<ShardInput>,
@@ -819,6 +868,8 @@ mod tests {
                 unreachable!()
             };
             let addr = l.local_addr().unwrap();
+            assert_eq!(listener.local_url(), format!("tcp://{addr}"));
+            assert_ne!(addr.port(), 0, "port 0 is resolved to the bound port");
             let (tx, rx) = crossbeam_channel::unbounded();
             let depths: QueueDepths = Arc::new([AtomicU64::new(0)]);
             let slots = Arc::new(Slots::new(limits, readers));
@@ -842,6 +893,7 @@ mod tests {
             Self {
                 addr,
                 metrics,
+                shared,
                 shutdown,
                 threads,
                 _events: rx,
@@ -923,6 +975,28 @@ mod tests {
             max_connections,
             ..Default::default()
         }
+    }
+
+    /// CoreDNS keeps a connection it gave up on open, cut inside a frame: after
+    /// `CUT_OFF_AFTER` of silence that is evidence of loss on its identity, once.
+    #[test]
+    fn a_sender_silent_inside_a_frame_shows_loss_on_its_identity() {
+        use crate::dnstap::MessageType;
+        let a = Analyser::start(limits(4), 1);
+        let mut c = a.sender().unwrap();
+        let query = super::super::tests::frame(b"pod", MessageType::CLIENT_QUERY, 1, 1_750_000_000);
+        c.write_all(&query).unwrap();
+        c.write_all(&query[..query.len() / 2]).unwrap();
+        let (board, sources) = (&a.shared.board, &a.shared.sources);
+        let pod = || sources.lookup(b"pod");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pod().is_none_or(|s| board.get(s) == 0) {
+            assert!(Instant::now() < deadline, "no loss evident after 20 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(CUT_OFF_AFTER + Duration::from_millis(500));
+        assert_eq!(board.get(pod().unwrap()), 1, "said once per stall");
+        a.stop();
     }
 
     #[test]

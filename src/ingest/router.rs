@@ -2,7 +2,7 @@
 //! reader: the batch is dropped and counted, and the shard is told with the next batch it
 //! gets. Files block instead (nothing is lost offline).
 
-use crate::dnstap::{Event, MessageSpan};
+use crate::dnstap::{Event, MessageSpan, StreamEnded};
 use crate::metrics::{Discard, Metrics};
 use crossbeam_channel::{Sender, TrySendError};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -12,6 +12,19 @@ use std::sync::Arc;
 /// per batch rather than once per message.
 pub enum ShardInput {
     Events(Batch),
+    /// Sent to every shard after the stream's last batch.
+    StreamEnded(Arc<StreamEnded>),
+}
+
+impl ShardInput {
+    /// The events, for tests that look only at those.
+    #[cfg(test)]
+    pub(crate) fn into_batch(self) -> Option<Batch> {
+        match self {
+            Self::Events(batch) => Some(batch),
+            Self::StreamEnded(_) => None,
+        }
+    }
 }
 
 /// Events and the encoded messages they point into. The reader copies each message here
@@ -104,6 +117,21 @@ impl Router {
         }
     }
 
+    /// Tells every shard that a stream ended, after everything it sent. A shard that cannot
+    /// take the notice now (its queue is full) stops waiting for the stream's clock once the
+    /// stream has been silent for the idle lag: nothing is lost, sessions wait a little longer.
+    pub fn end_stream(&mut self, ended: StreamEnded) {
+        self.flush();
+        let ended = Arc::new(ended);
+        for shard in &self.shards {
+            let notice = ShardInput::StreamEnded(ended.clone());
+            let _ = match self.blocking {
+                true => shard.send(notice).map_err(|_| ()),
+                false => shard.try_send(notice).map_err(|_| ()),
+            };
+        }
+    }
+
     fn send(&mut self, shard: usize) {
         let mut batch = std::mem::replace(&mut self.batches[shard], Batch::with_capacity());
         let len = batch.events.len() as u32;
@@ -187,7 +215,7 @@ mod tests {
     }
 
     fn received(q: &Receiver<ShardInput>) -> Vec<Batch> {
-        q.try_iter().map(|ShardInput::Events(b)| b).collect()
+        q.try_iter().filter_map(ShardInput::into_batch).collect()
     }
 
     #[test]
@@ -236,6 +264,31 @@ mod tests {
         );
         r.router.flush();
         assert!(received(&r.queues[1]).is_empty(), "nothing to flush");
+    }
+
+    /// Every shard hears of a stream's end after the events it sent before.
+    #[test]
+    fn a_stream_end_follows_the_streams_events_on_every_shard() {
+        let mut r = rig(2, 8, 1000, false);
+        r.router.dispatch(event(key_for(1, 2)), b"m");
+        let ended = StreamEnded {
+            stream: crate::dnstap::StreamId(7),
+            sources: vec![(crate::dnstap::SourceId(3), 2)],
+        };
+        r.router.end_stream(ended.clone());
+        let kinds = |q: &Receiver<ShardInput>| -> Vec<String> {
+            q.try_iter()
+                .map(|i| match i {
+                    ShardInput::Events(b) => format!("{} events", b.events.len()),
+                    ShardInput::StreamEnded(e) => {
+                        assert_eq!(*e, ended);
+                        "end".to_string()
+                    }
+                })
+                .collect()
+        };
+        assert_eq!(kinds(&r.queues[0]), ["end"]);
+        assert_eq!(kinds(&r.queues[1]), ["1 events", "end"]);
     }
 
     #[test]
@@ -310,7 +363,7 @@ mod tests {
         let depths = r.depths.clone();
         let shard = std::thread::spawn(move || {
             let mut events = 0;
-            for ShardInput::Events(b) in queue.iter() {
+            for b in queue.iter().filter_map(ShardInput::into_batch) {
                 depths[0].fetch_sub(b.events.len() as u64, Relaxed);
                 events += b.events.len();
             }

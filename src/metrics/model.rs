@@ -819,6 +819,7 @@ mod tests {
             (LossReason::ClientQueryMissing, Cause::SenderLoss),
             (LossReason::UpstreamResponseMissing, Cause::SenderLoss),
             (LossReason::UpstreamQueryMissing, Cause::SenderLoss),
+            (LossReason::ClientResponseMissing, Cause::SenderLoss),
         ] {
             let v = verdict(Status::SampleLoss, 5, Some(loss));
             assert_eq!(Cause::of(&v, summary(&[Timeout])), cause, "{loss:?}");

@@ -171,7 +171,31 @@ pub fn read(files: &[PathBuf], extra: &[&str]) -> Output {
     out
 }
 
-/// Where a serving analyser listens.
+/// The port of the first `scheme://` listener in an analyser's log
+/// (`dnstap-analyser: listening on URL, URL`, printed once every listener is bound).
+pub fn logged_listen_port(stderr: &str, scheme: &str) -> Option<u16> {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("dnstap-analyser: listening on "))?;
+    let prefix = format!("{scheme}://");
+    line.split(", ").find_map(|url| {
+        let addr = url.strip_prefix(&prefix)?;
+        addr.rsplit_once(':')?.1.parse().ok()
+    })
+}
+
+/// The port of the metrics endpoint in an analyser's log
+/// (`dnstap-analyser: metrics on http://ADDR/metrics`).
+pub fn logged_metrics_port(stderr: &str) -> Option<u16> {
+    let url = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("dnstap-analyser: metrics on http://"))?;
+    let addr = url.strip_suffix("/metrics")?;
+    addr.rsplit_once(':')?.1.parse().ok()
+}
+
+/// Where a serving analyser listens. `Tcp(0)` lets the kernel pick a free port, which the
+/// analyser then logs: no other process can take it between choosing and binding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
     Tcp(u16),
@@ -208,7 +232,7 @@ pub struct Analyser {
 impl Analyser {
     /// Serves on a free loopback TCP port with `extra` options; returns once it listens.
     pub fn serve_tcp(extra: &[&str]) -> Analyser {
-        Analyser::serve(Listen::Tcp(alloc_port()), extra)
+        Analyser::serve(Listen::Tcp(0), extra)
     }
 
     /// Serves on the unix socket `path` with `extra` options; returns once it listens.
@@ -256,6 +280,21 @@ impl Analyser {
 
     fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
+        if self.listen == Listen::Tcp(0) {
+            while self.bound_port("tcp").is_none() {
+                self.assert_running("waiting for its listener");
+                assert!(
+                    Instant::now() < deadline,
+                    "analyser logs no listener after 20 s"
+                );
+                thread::sleep(Duration::from_millis(30));
+            }
+            let port = self
+                .bound_port("tcp")
+                .expect("a tcp:// listener in its log");
+            self.listen = Listen::Tcp(port);
+            self.args[1] = self.listen.url();
+        }
         while !self.listen.is_listening() {
             self.assert_running("waiting for its listener");
             assert!(
@@ -267,14 +306,39 @@ impl Analyser {
         }
     }
 
+    /// The port of its first `scheme://` listener, as bound (port 0 resolved).
+    pub fn bound_port(&self, scheme: &str) -> Option<u16> {
+        logged_listen_port(&self.stderr_so_far(), scheme)
+    }
+
+    /// The loopback port of its metrics endpoint, as bound (port 0 resolved).
+    pub fn metrics_port(&self) -> u16 {
+        logged_metrics_port(&self.stderr_so_far()).expect("the metrics endpoint in its log")
+    }
+
+    /// `127.0.0.1:PORT` of its metrics endpoint (for scrapes and Prometheus targets).
+    pub fn metrics_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.metrics_port())
+    }
+
+    /// Everything printed on stderr so far (logs, periodic summaries). A poisoned lock is
+    /// read anyway: a test that panicked must not hide the analyser's own words.
+    pub fn stderr_so_far(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     /// Panics with its stderr if the analyser has exited.
     pub fn assert_running(&mut self, what: &str) {
         if let Some(c) = self.child.as_mut() {
             if let Ok(Some(st)) = c.try_wait() {
                 thread::sleep(Duration::from_millis(100));
+                let stderr = self.stderr_so_far();
                 panic!(
                     "analyser exited ({st}) while {what}; stderr:\n{}",
-                    tail(&self.stderr.lock().unwrap(), 40)
+                    tail(&stderr, 40)
                 );
             }
         }
@@ -306,11 +370,6 @@ impl Analyser {
             .iter()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
-    }
-
-    /// Everything printed on stderr so far (logs, periodic summaries).
-    pub fn stderr_so_far(&self) -> String {
-        self.stderr.lock().unwrap().clone()
     }
 
     /// Waits until at least `n` lines have been printed; false on timeout.
@@ -368,10 +427,8 @@ impl Drop for Analyser {
             let _ = child.kill();
             let _ = child.wait();
             if thread::panicking() {
-                eprintln!(
-                    "[test] ---- analyser stderr ----\n{}",
-                    tail(&self.stderr.lock().unwrap(), 30)
-                );
+                let stderr = self.stderr_so_far();
+                eprintln!("[test] ---- analyser stderr ----\n{}", tail(&stderr, 30));
             }
         }
     }

@@ -96,22 +96,24 @@ pub struct TlsAnalyser {
 impl TlsAnalyser {
     /// Serves TLS with `server` (and mTLS against `client_ca` if given) plus `extra` options.
     pub fn serve(server: &CertFiles, client_ca: Option<&Path>, extra: &[&str]) -> TlsAnalyser {
-        let tls_port = alloc_port();
-        let listen = format!("tls://127.0.0.1:{tls_port}");
         let (cert, key) = (server.cert.display(), server.key.display());
         let (cert, key) = (cert.to_string(), key.to_string());
-        let mut args = vec!["--listen", &listen, "--tls-cert", &cert, "--tls-key", &key];
+        let mut args = vec![
+            "--listen",
+            "tls://127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ];
         let ca = client_ca.map(|p| p.display().to_string());
         if let Some(ca) = &ca {
             args.extend(["--tls-client-ca", ca.as_str()]);
         }
         args.extend(extra);
-        let mut an = Analyser::serve_tcp(&args);
-        // Both listeners are bound before serving starts; the plaintext one was first.
-        while !tcp_listening(tls_port) {
-            an.assert_running("waiting for its TLS listener");
-            thread::sleep(Duration::from_millis(20));
-        }
+        let an = Analyser::serve_tcp(&args);
+        // Both listeners were bound (and listening) before the analyser logged them.
+        let tls_port = an.bound_port("tls").expect("a tls:// listener in its log");
         TlsAnalyser { an, tls_port }
     }
 }
