@@ -93,6 +93,12 @@ impl SourceClock {
     /// unread on the first. A stream silent for `IDLE_LAG`, or `STREAM_SKEW_LIMIT` behind,
     /// holds nothing back.
     fn expiry_clock(&self, now: Instant) -> Nanos {
+        // The usual case, one stream that is the source's clock: nothing to compare.
+        if let [only] = self.streams.as_slice() {
+            if only.watermark >= self.watermark {
+                return self.watermark;
+            }
+        }
         let slowest = self
             .streams
             .iter()
