@@ -16,7 +16,8 @@
 //!   CoreDNS binary comes from outside, through `COREDNS` ([`coredns_binary`]).
 //! - A missing tool fails the test naming the Debian package that provides it
 //!   ([`require_binary`], [`require_venv_tool`]); nothing is skipped silently.
-//! - Only loopback addresses; ports from 25000-25999 ([`alloc_port`]).
+//! - Only loopback addresses. The analyser binds port 0 and logs the ports it got; the other
+//!   servers get ports from 25000-25999 ([`alloc_port`]).
 //! - Every process started here is killed when its guard is dropped, also when the test panics.
 #![allow(dead_code, unused_imports)]
 
@@ -163,10 +164,15 @@ static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 pub fn alloc_port() -> u16 {
     const LO: u16 = 25000;
     const SPAN: u16 = 1000;
-    // Start at a pid-dependent offset so two test processes rarely probe the same ports.
+    // Start at a random offset so that two test processes (say two CI jobs on one host,
+    // whose fresh containers have the same pids) rarely probe the same ports in step.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id();
     let _ = NEXT_PORT.compare_exchange(
         0,
-        (std::process::id() % SPAN as u32) as u16 + 1,
+        (seed % SPAN as u32) as u16 + 1,
         Ordering::SeqCst,
         Ordering::SeqCst,
     );
