@@ -494,6 +494,13 @@ fn overload_keeps_every_delivered_verdict() {
         }
     }
     eprintln!("[test] requests cut at the break, Failed: {cut:#?}");
+    let warnings: Vec<&str> = out.stderr.lines().filter(|l| !l.starts_with('{')).collect();
+    eprintln!("[test] the analyser's log:\n{}", warnings.join("\n"));
+    for (i, s) in out.sessions.iter().enumerate() {
+        if s_bitmap(s) & 2 == 0 {
+            eprintln!("[test] line {i} of {}: {}", out.sessions.len(), describe(s));
+        }
+    }
     if cut.len() > MAX_CUT_AT_THE_BREAK {
         errors.push(format!(
             "{} Failed sessions without a response on answered names, more than the {} \
