@@ -9,6 +9,12 @@
 //! closed by `| head`) is not a failure: the shards stop rendering and the analysis goes on.
 
 use crate::correlate::{self, Correlator, Message, MessageStore, Session, Verdict};
+
+// A connection cut off inside a frame must show loss before the correlator stops waiting for it.
+const _: () = assert!(
+    crate::ingest::net::CUT_OFF_AFTER.as_secs() < correlate::IDLE_LAG.as_secs(),
+    "CUT_OFF_AFTER must be shorter than IDLE_LAG"
+);
 use crate::dnstap::{self, Nanos, Role};
 use crate::ingest::limits::{ConnectionLimits, Slots};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
@@ -561,7 +567,10 @@ fn run_shard(mut corr: Correlator, ctx: ShardContext) {
                     corr.on_event(ev, message, now, &mut sink);
                 }
             }
-            Ok(ShardInput::StreamEnded(ended)) => corr.on_stream_end(&ended, now, &mut sink),
+            Ok(ShardInput::StreamEnded {
+                ended,
+                drops_before,
+            }) => corr.on_stream_end(&ended, drops_before, now, &mut sink),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }

@@ -28,6 +28,9 @@ pub const IDLE_LAG: Duration = Duration::from_secs(5);
 /// A stream this far behind its source's leading stream holds nothing back: a sender cannot
 /// keep its identity's sessions open with one connection's broken clock.
 const STREAM_SKEW_LIMIT: Nanos = 60_000_000_000;
+/// Stream clocks kept per source (a sender's connections at once: CoreDNS has one, two while
+/// it redials); the per-event cost stays that of a short list.
+const MAX_STREAMS_PER_SOURCE: usize = 8;
 /// How long an answered-locally CoreDNS session waits for evidence of loss around it.
 const LOSS_HOLD: Nanos = 1_000_000_000;
 /// Messages kept per session; a retry storm beyond this is counted, not stored.
@@ -99,14 +102,16 @@ impl SourceClock {
                 return self.watermark;
             }
         }
-        let slowest = self
-            .streams
-            .iter()
-            .filter(|s| now.saturating_duration_since(s.advanced_at) < IDLE_LAG)
-            .map(|s| s.watermark)
-            .min();
+        let slowest = self.moving_streams(now).map(|s| s.watermark).min();
         let floor = self.watermark.saturating_sub(STREAM_SKEW_LIMIT);
         slowest.map_or(self.watermark, |w| w.max(floor))
+    }
+
+    /// The streams whose clock advanced within `IDLE_LAG`: the ones that hold expiry back.
+    fn moving_streams(&self, now: Instant) -> impl Iterator<Item = &StreamClock> {
+        self.streams
+            .iter()
+            .filter(move |s| now.saturating_duration_since(s.advanced_at) < IDLE_LAG)
     }
 
     fn advance_stream(&mut self, stream: StreamId, watermark: Nanos, now: Instant) {
@@ -117,9 +122,14 @@ impl SourceClock {
             }
             return;
         }
-        // Streams that hold nothing back any more make room (closed ones left already).
+        // Streams that hold nothing back any more make room (closed ones left already); one
+        // identity spread over many connections holds back by its slowest few at most.
         self.streams
             .retain(|s| now.saturating_duration_since(s.advanced_at) < IDLE_LAG);
+        if self.streams.len() >= MAX_STREAMS_PER_SOURCE {
+            let slowest = (0..self.streams.len()).min_by_key(|&i| self.streams[i].watermark);
+            self.streams.swap_remove(slowest.unwrap_or(0));
+        }
         self.streams.push(StreamClock {
             stream,
             watermark,
@@ -255,13 +265,18 @@ impl Correlator {
     }
 
     /// A stream ended: it holds its sources' clocks back no more, and the sessions it leaves
-    /// open learn whether its end was evidence of loss before they expire.
+    /// open learn whether its end was evidence of loss (or the analyser dropped events of
+    /// this shard just before: `drops_before`) before they expire.
     pub fn on_stream_end(
         &mut self,
         ended: &StreamEnded,
+        drops_before: u32,
         now: Instant,
         sink: &mut impl SessionSink,
     ) {
+        if drops_before > 0 {
+            self.drop_epoch = self.drop_epoch.wrapping_add(1);
+        }
         for &(source, loss_seq) in &ended.sources {
             let Some(c) = self.sources.get_mut(&source) else {
                 continue;
@@ -295,6 +310,10 @@ impl Correlator {
                 let Some(c) = self.sources.get_mut(id) else {
                     continue;
                 };
+                // A slower stream still moving holds the source; its events expire it.
+                if c.moving_streams(now).next().is_some() {
+                    continue;
+                }
                 let Some(silent) = now
                     .saturating_duration_since(c.advanced_at)
                     .checked_sub(IDLE_LAG)
@@ -821,6 +840,14 @@ mod tests {
             e.stream = StreamId(stream);
             self.feed(e);
         }
+        /// The wall-clock tick (idle flush), no loss on the board.
+        fn tick(&mut self) {
+            let out = &mut self.out;
+            self.corr
+                .on_tick(self.now, |_| 0, &mut |s: &Session, v, _: &MessageStore| {
+                    out.push((s.clone(), v))
+                });
+        }
         /// Stream `stream` of source 1 ended, the source's loss sequence being `loss_seq`.
         fn end_stream(&mut self, stream: u32, loss_seq: u64) {
             let ended = StreamEnded {
@@ -828,10 +855,12 @@ mod tests {
                 sources: vec![(SourceId(1), loss_seq)],
             };
             let out = &mut self.out;
-            self.corr
-                .on_stream_end(&ended, self.now, &mut |s: &Session, v, _: &MessageStore| {
-                    out.push((s.clone(), v))
-                });
+            self.corr.on_stream_end(
+                &ended,
+                0,
+                self.now,
+                &mut |s: &Session, v, _: &MessageStore| out.push((s.clone(), v)),
+            );
         }
         fn flush(&mut self) {
             let out = &mut self.out;
@@ -974,19 +1003,26 @@ mod tests {
         run.feed_on(1, ev(Role::UpstreamQuery, 1, T0 + 1000, None, 0));
         run.feed_on(2, ev(Role::ClientQuery, 2, T0 + 30 * S, None, 0));
         assert!(run.out.is_empty(), "held while stream 1 is open");
+        // The leading stream falls silent while the slower one still moves: the idle flush
+        // must not expire by the leading clock either.
+        run.now += IDLE_LAG + Duration::from_secs(1);
+        run.feed_on(1, ev(Role::ClientQuery, 3, T0 + S, None, 0));
+        run.tick();
+        assert!(run.out.is_empty(), "held while stream 1 moves");
+        // Its end (without STOP) is the evidence; stream 2 now sets the clock alone.
         run.end_stream(1, 1);
+        let loss = Some(LossReason::SenderLoss);
         assert_eq!(
             run.verdicts(),
-            [(
-                Status::SampleLoss,
-                BitMap::CQ_FQ,
-                Some(LossReason::SenderLoss)
-            )]
+            [
+                (Status::SampleLoss, BitMap::CQ_FQ, loss),
+                (Status::SampleLoss, BitMap::CQ, loss)
+            ]
         );
         run.flush();
         assert_eq!(
-            run.verdicts()[1],
-            (Status::SampleLoss, BitMap::CQ, Some(LossReason::SenderLoss)),
+            run.verdicts()[2],
+            (Status::SampleLoss, BitMap::CQ, loss),
             "open on the identity when its loss became evident"
         );
     }

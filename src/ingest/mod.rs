@@ -231,8 +231,8 @@ struct Tracked {
 
 /// How often a stream looks for identities it no longer sends.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// The next stream's number.
-static NEXT_STREAM: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+/// The next stream's number (0 is `StreamId::default()`, no stream's).
+static NEXT_STREAM: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 impl StreamIngest {
     pub fn new(shared: Shared, peer: String) -> Self {
@@ -410,6 +410,10 @@ impl StreamIngest {
         }
         if end == StreamEnd::Closed || leftover > 0 {
             self.loss_evident();
+        }
+        if self.tracks.is_empty() {
+            // It carried no identity (a probe, a failed handshake): no shard knows it.
+            return;
         }
         let board = &self.shared.board;
         router.end_stream(StreamEnded {

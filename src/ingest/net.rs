@@ -21,8 +21,9 @@ const SWEEP: Duration = Duration::from_millis(100);
 /// A sender silent this long inside a frame was cut off mid-write. CoreDNS flushes its 4 KB
 /// buffer (which may end inside a frame) at least once a second, so a healthy stream never
 /// holds a partial frame this long; one that gave up a stalled connection without closing it
-/// does, and what it had buffered is lost.
-const CUT_OFF_AFTER: Duration = Duration::from_secs(3);
+/// does, and what it had buffered is lost. Shorter than the correlator's idle lag, so the
+/// evidence is there before a silent stream stops holding its sessions (`pipeline` checks).
+pub const CUT_OFF_AFTER: Duration = Duration::from_secs(3);
 /// Bytes read from one connection per wake-up before others get their turn.
 const READ_BUDGET: usize = 4 << 20;
 const READ_CHUNK: usize = 256 << 10;

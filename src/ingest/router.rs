@@ -12,8 +12,12 @@ use std::sync::Arc;
 /// per batch rather than once per message.
 pub enum ShardInput {
     Events(Batch),
-    /// Sent to every shard after the stream's last batch.
-    StreamEnded(Arc<StreamEnded>),
+    /// Sent to every shard after the stream's last batch, with the events for that shard
+    /// dropped since the last batch that got through (the stream's last batch may be one).
+    StreamEnded {
+        ended: Arc<StreamEnded>,
+        drops_before: u32,
+    },
 }
 
 impl ShardInput {
@@ -22,7 +26,7 @@ impl ShardInput {
     pub(crate) fn into_batch(self) -> Option<Batch> {
         match self {
             Self::Events(batch) => Some(batch),
-            Self::StreamEnded(_) => None,
+            Self::StreamEnded { .. } => None,
         }
     }
 }
@@ -119,16 +123,23 @@ impl Router {
 
     /// Tells every shard that a stream ended, after everything it sent. A shard that cannot
     /// take the notice now (its queue is full) stops waiting for the stream's clock once the
-    /// stream has been silent for the idle lag: nothing is lost, sessions wait a little longer.
+    /// stream has been silent for the idle lag, and hears of the drops with its next batch:
+    /// nothing is lost, sessions wait a little longer.
     pub fn end_stream(&mut self, ended: StreamEnded) {
         self.flush();
         let ended = Arc::new(ended);
-        for shard in &self.shards {
-            let notice = ShardInput::StreamEnded(ended.clone());
-            let _ = match self.blocking {
-                true => shard.send(notice).map_err(|_| ()),
-                false => shard.try_send(notice).map_err(|_| ()),
+        for (shard, queue) in self.shards.iter().enumerate() {
+            let notice = ShardInput::StreamEnded {
+                ended: ended.clone(),
+                drops_before: self.pending_drops[shard],
             };
+            let sent = match self.blocking {
+                true => queue.send(notice).is_ok(),
+                false => queue.try_send(notice).is_ok(),
+            };
+            if sent {
+                self.pending_drops[shard] = 0;
+            }
         }
     }
 
@@ -280,15 +291,28 @@ mod tests {
             q.try_iter()
                 .map(|i| match i {
                     ShardInput::Events(b) => format!("{} events", b.events.len()),
-                    ShardInput::StreamEnded(e) => {
+                    ShardInput::StreamEnded {
+                        ended: e,
+                        drops_before,
+                    } => {
                         assert_eq!(*e, ended);
-                        "end".to_string()
+                        format!("end after {drops_before} drops")
                     }
                 })
                 .collect()
         };
-        assert_eq!(kinds(&r.queues[0]), ["end"]);
-        assert_eq!(kinds(&r.queues[1]), ["1 events", "end"]);
+        assert_eq!(kinds(&r.queues[0]), ["end after 0 drops"]);
+        assert_eq!(kinds(&r.queues[1]), ["1 events", "end after 0 drops"]);
+
+        // The stream's last batch did not fit: the notice carries its drops, once.
+        let mut r = rig(2, 8, 2, false);
+        for _ in 0..3 {
+            r.router.dispatch(event(key_for(0, 2)), b"m");
+        }
+        r.router.end_stream(ended.clone());
+        r.router.end_stream(ended.clone());
+        let expected = ["end after 3 drops", "end after 0 drops"];
+        assert_eq!(kinds(&r.queues[0]), expected);
     }
 
     #[test]

@@ -294,6 +294,8 @@ impl Analyser {
                 .expect("a tcp:// listener in its log");
             self.listen = Listen::Tcp(port);
             self.args[1] = self.listen.url();
+            // Logged once bound and listening: no need to probe (a probe is a connection).
+            return;
         }
         while !self.listen.is_listening() {
             self.assert_running("waiting for its listener");
