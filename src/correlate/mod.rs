@@ -812,6 +812,13 @@ mod tests {
         }
     }
 
+    /// A sink that keeps every session it is given, with its verdict.
+    fn keep(
+        out: &mut Vec<(Session, Verdict)>,
+    ) -> impl FnMut(&Session, Verdict, &MessageStore) + '_ {
+        move |s, v, _| out.push((s.clone(), v))
+    }
+
     struct Run {
         corr: Correlator,
         out: Vec<(Session, Verdict)>,
@@ -829,24 +836,21 @@ mod tests {
         fn feed(&mut self, mut e: Event) {
             let t = e.time().unwrap();
             e.watermark = t;
-            let out = &mut self.out;
             self.corr
-                .on_event(e, &[], self.now, &mut |s: &Session, v, _: &MessageStore| {
-                    out.push((s.clone(), v))
-                });
+                .on_event(e, &[], self.now, &mut keep(&mut self.out));
         }
         /// `e` on stream `stream`, whose clock `e` advances.
         fn feed_on(&mut self, stream: u32, mut e: Event) {
             e.stream = StreamId(stream);
             self.feed(e);
         }
-        /// The wall-clock tick (idle flush), no loss on the board.
+        /// The wall-clock tick (idle flush) now, no loss on the board.
         fn tick(&mut self) {
-            let out = &mut self.out;
-            self.corr
-                .on_tick(self.now, |_| 0, &mut |s: &Session, v, _: &MessageStore| {
-                    out.push((s.clone(), v))
-                });
+            self.tick_at(self.now);
+        }
+        /// The wall-clock tick at `at`, no loss on the board.
+        fn tick_at(&mut self, at: Instant) {
+            self.corr.on_tick(at, |_| 0, &mut keep(&mut self.out));
         }
         /// Stream `stream` of source 1 ended, the source's loss sequence being `loss_seq`.
         fn end_stream(&mut self, stream: u32, loss_seq: u64) {
@@ -854,20 +858,11 @@ mod tests {
                 stream: StreamId(stream),
                 sources: vec![(SourceId(1), loss_seq)],
             };
-            let out = &mut self.out;
-            self.corr.on_stream_end(
-                &ended,
-                0,
-                self.now,
-                &mut |s: &Session, v, _: &MessageStore| out.push((s.clone(), v)),
-            );
+            let sink = &mut keep(&mut self.out);
+            self.corr.on_stream_end(&ended, 0, self.now, sink);
         }
         fn flush(&mut self) {
-            let out = &mut self.out;
-            self.corr
-                .flush(|_| 0, &mut |s: &Session, v, _: &MessageStore| {
-                    out.push((s.clone(), v))
-                });
+            self.corr.flush(|_| 0, &mut keep(&mut self.out));
         }
         fn verdicts(&self) -> Vec<(Status, BitMap, Option<LossReason>)> {
             self.out
@@ -934,11 +929,7 @@ mod tests {
             // Every attempt's FQ carries the same query_time; they are tapped 2 s apart.
             let mut fq = ev(Role::UpstreamQuery, 1, T0 + 70_000, None, 0);
             fq.watermark = T0 + attempt * 2 * S;
-            let out = &mut run.out;
-            run.corr
-                .on_event(fq, &[], run.now, &mut |s: &Session, v, _: &MessageStore| {
-                    out.push((s.clone(), v))
-                });
+            run.corr.on_event(fq, &[], run.now, &mut keep(&mut run.out));
         }
         forwarded(&mut run, 2, T0 + 9 * S, 0);
         assert_eq!(
@@ -1197,19 +1188,10 @@ mod tests {
     fn silent_streams_are_flushed_by_the_wall_clock() {
         let mut run = Run::new();
         run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
-        let out = &mut run.out;
         let later = run.now + Duration::from_secs(14);
-        run.corr
-            .on_tick(later, |_| 0, &mut |s: &Session, v, _: &MessageStore| {
-                out.push((s.clone(), v))
-            });
+        run.tick_at(later);
         assert!(run.out.is_empty(), "10 s timeout + 5 s lag not yet passed");
-        let out = &mut run.out;
-        run.corr.on_tick(
-            later + Duration::from_secs(2),
-            |_| 0,
-            &mut |s: &Session, v, _: &MessageStore| out.push((s.clone(), v)),
-        );
+        run.tick_at(later + Duration::from_secs(2));
         assert_eq!(run.verdicts(), [(Status::Failed, BitMap::CQ, None)]);
     }
 
@@ -1222,15 +1204,9 @@ mod tests {
             run.feed(cq);
         }
         assert_eq!(run.corr.tracked_sources(), 10_000);
-        let out = &mut run.out;
-        let mut tick = |corr: &mut Correlator, at: Instant| {
-            corr.on_tick(at, |_| 0, &mut |s: &Session, v, _: &MessageStore| {
-                out.push((s.clone(), v))
-            })
-        };
-        tick(&mut run.corr, run.now + Duration::from_secs(14));
+        run.tick_at(run.now + Duration::from_secs(14));
         assert_eq!(run.corr.tracked_sources(), 10_000, "sessions still open");
-        tick(&mut run.corr, run.now + Duration::from_secs(16));
+        run.tick_at(run.now + Duration::from_secs(16));
         assert_eq!(run.out.len(), 10_000, "every session expired");
         assert_eq!(run.corr.tracked_sources(), 0);
         assert!(run.corr.busy.is_empty() && run.corr.retiring.is_empty());
@@ -1240,14 +1216,7 @@ mod tests {
     fn a_source_is_kept_while_it_sends_or_has_sessions_open() {
         let mut run = Run::new();
         let t0 = run.now;
-        let tick = |run: &mut Run, secs: u64| {
-            let out = &mut run.out;
-            run.corr.on_tick(
-                t0 + Duration::from_secs(secs),
-                |_| 0,
-                &mut |s: &Session, v, _: &MessageStore| out.push((s.clone(), v)),
-            );
-        };
+        let tick = |run: &mut Run, secs: u64| run.tick_at(t0 + Duration::from_secs(secs));
         forwarded(&mut run, 1, T0, 0); // done at once: nothing open
         tick(&mut run, 10);
         run.now = t0 + Duration::from_secs(10);
@@ -1377,13 +1346,7 @@ mod tests {
             ..Config::default()
         });
         run.feed(ev(Role::ClientQuery, 1, LATEST_EVENT_TIME, None, 0));
-        let out = &mut run.out;
-        let much_later = run.now + Duration::from_secs(1 << 40);
-        run.corr.on_tick(
-            much_later,
-            |_| 0,
-            &mut |s: &Session, v, _: &MessageStore| out.push((s.clone(), v)),
-        );
+        run.tick_at(run.now + Duration::from_secs(1 << 40));
         assert_eq!(run.verdicts(), [(Status::Failed, BitMap::CQ, None)]);
     }
 
