@@ -675,7 +675,11 @@ pub fn serve(
     }
     let live = Live::start(s, metrics.clone())?;
     let telemetry = live.telemetry.clone();
-    let names: Vec<String> = listeners.iter().map(Listener::local_url).collect();
+    let names: Vec<String> = listeners
+        .iter()
+        .zip(listen)
+        .map(|(l, asked)| l.local_addr().as_ref().unwrap_or(asked).to_string())
+        .collect();
     eprintln!("dnstap-analyser: listening on {}", names.join(", "));
     let backend = start_backend(s, sink, &telemetry, &shutdown);
     let limits = ConnectionLimits {

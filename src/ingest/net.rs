@@ -107,15 +107,14 @@ impl Listener {
         Ok(Self::Tls(TcpListener::bind(addr)?, Box::new(acceptor)))
     }
 
-    /// The address it is bound to, as a `--listen` URL: with port 0 the kernel picked one,
-    /// and operators (and tests) need to know which.
-    pub fn local_url(&self) -> String {
-        let bound = |l: &TcpListener| l.local_addr().map(|a| a.to_string());
-        match self {
-            Self::Tcp(l) => format!("tcp://{}", bound(l).unwrap_or_else(|e| e.to_string())),
-            Self::Tls(l, _) => format!("tls://{}", bound(l).unwrap_or_else(|e| e.to_string())),
-            Self::Unix(_, path) => format!("unix://{}", path.display()),
-        }
+    /// The address it is bound to: with port 0 the kernel picked one, and operators (and
+    /// tests) need to know which.
+    pub fn local_addr(&self) -> io::Result<ListenAddr> {
+        Ok(match self {
+            Self::Tcp(l) => ListenAddr::Tcp(l.local_addr()?),
+            Self::Tls(l, _) => ListenAddr::Tls(l.local_addr()?),
+            Self::Unix(_, path) => ListenAddr::Unix(path.clone()),
+        })
     }
 
     fn source(&mut self) -> &mut dyn mio::event::Source {
@@ -869,7 +868,7 @@ mod tests {
                 unreachable!()
             };
             let addr = l.local_addr().unwrap();
-            assert_eq!(listener.local_url(), format!("tcp://{addr}"));
+            assert_eq!(listener.local_addr().unwrap(), ListenAddr::Tcp(addr));
             assert_ne!(addr.port(), 0, "port 0 is resolved to the bound port");
             let (tx, rx) = crossbeam_channel::unbounded();
             let depths: QueueDepths = Arc::new([AtomicU64::new(0)]);
