@@ -252,11 +252,12 @@ fn log_filter_and_text_format() {
         failed.summary["sessions"], 3,
         "the summary counts every session"
     );
-    let out = std::process::Command::new(support::analyser_bin())
-        .args(["read", "--format", "text"])
-        .arg(&g[0])
-        .output()
-        .unwrap();
+    let out = support::run_ok(
+        std::process::Command::new(support::analyser_bin())
+            .args(["read", "--format", "text"])
+            .arg(&g[0]),
+        std::time::Duration::from_secs(60),
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert_eq!(text.lines().count(), 3);
     for line in text.lines() {

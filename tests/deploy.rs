@@ -19,8 +19,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 use support::repo_root as root;
 use support::{
-    alloc_port, analyser_bin, require_binary, require_venv_tool, run_to_end, tcp_listening, text,
-    wait_until, Analyser, TempDir,
+    analyser_bin, require_binary, require_venv_tool, run_to_end, text, Analyser, Listen, TempDir,
 };
 
 /// Kubernetes versions whose schemas the objects must satisfy: the oldest release the chart is
@@ -2577,26 +2576,24 @@ fn chart_tls_args_serve_the_documented_certificate() {
 
     // The chart's TLS args, pointed at the recipe's files through tls.mountPath, run by the
     // real binary in serve mode on a free port.
-    let port = alloc_port();
-    let mut values = tls_secret_values();
-    values["tls"]["mountPath"] = json!(dir.path().display().to_string());
-    values["containerPort"] = json!(port);
-    values["analyser"] = json!({"format": null});
-    let objs = render_one("serve", values).expect_ok().objects();
-    let args: Vec<String> = args_of(&objs)
-        .into_iter()
-        .map(|a| a.replace("tls://0.0.0.0:", "tls://127.0.0.1:"))
-        .collect();
-    assert!(
-        args.contains(&format!("--listen=tls://127.0.0.1:{port}")),
-        "{args:?}"
-    );
-    let extra: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut analyser = Analyser::serve_tcp(&extra);
-    wait_until("the TLS listener", Duration::from_secs(20), || {
-        analyser.assert_running("starting its TLS listener");
-        tcp_listening(port)
+    let (analyser, port) = Analyser::serve_on_free_port(|port| {
+        let mut values = tls_secret_values();
+        values["tls"]["mountPath"] = json!(dir.path().display().to_string());
+        values["containerPort"] = json!(port);
+        values["analyser"] = json!({"format": null});
+        let objs = render_one("serve", values).expect_ok().objects();
+        let args: Vec<String> = args_of(&objs)
+            .into_iter()
+            .map(|a| a.replace("tls://0.0.0.0:", "tls://127.0.0.1:"))
+            .collect();
+        assert!(
+            args.contains(&format!("--listen=tls://127.0.0.1:{port}")),
+            "{args:?}"
+        );
+        (Listen::Tcp(0), args)
     });
+    // It logged every listener bound and listening, the chart's TLS port among them.
+    assert_eq!(analyser.bound_port("tls"), Some(port));
     let (ok, log) = tls_client_verifies(port, &dir.join("ca.crt"), "127.0.0.1");
     assert!(
         ok,
@@ -2721,4 +2718,22 @@ fn coredns_tls_snippets_match_the_analyser() {
     keys_within(&patch["spec"], &["template"], "patch");
     keys_within(pspec, &["containers", "volumes"], "patch");
     keys_within(pc, &["name", "env", "volumeMounts"], "patch");
+}
+
+/// CI runs the README's test command, word for word, and it does not stop at the first failing
+/// test binary (one flake must not hide the rest).
+#[test]
+fn ci_runs_the_readme_test_command() {
+    let readme = fs::read_to_string(root().join("README.md")).unwrap();
+    let command = readme
+        .lines()
+        .find_map(|l| l.strip_prefix(".ci/install-deps && "))
+        .expect("README: the `.ci/install-deps && cargo test ...` line");
+    assert!(command.starts_with("cargo test "), "{command}");
+    assert!(command.contains("--no-fail-fast"), "{command}");
+    let ci = fs::read_to_string(root().join(".ci/run")).unwrap();
+    assert!(
+        ci.lines().any(|l| l.trim() == command),
+        ".ci/run does not run the README's `{command}`:\n{ci}"
+    );
 }

@@ -27,7 +27,7 @@ const IDENTITY: &str = "live-coredns";
 const VERSION: &str = "CoreDNS-1.";
 /// How long sessions may take to show up: CoreDNS's 1 s flush, the analyser's 5 s idle lag for
 /// sessions that wait for a later event, and a loaded machine.
-const DELIVERY: Duration = Duration::from_secs(30);
+const DELIVERY: Duration = Duration::from_secs(60);
 
 /// The CoreDNS binary, or None after saying loudly that `test` did not run. Written to stderr
 /// directly: the test harness would swallow `eprintln!` of a passing test.
@@ -213,8 +213,7 @@ fn receiver_restart_is_survived() {
     let nsd = start_nsd(&dir);
     // A fixed port outside the ephemeral range: in the restart gap, CoreDNS's redials to a
     // free ephemeral port could connect to themselves.
-    let port = alloc_port();
-    let first = Analyser::serve(Listen::Tcp(port), &[]);
+    let (first, port) = Analyser::serve_on_free_port(|port| (Listen::Tcp(port), Vec::new()));
     let mut cd = start_coredns(&dir, &coredns, nsd.port, port);
     let up = format!("127.0.0.1:{}", nsd.port);
 

@@ -22,9 +22,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 use support::*;
 
-/// Name used by the readiness probes; its sessions are not part of any expectation.
-const PROBE: &str = "ready.example.test";
-
 fn without_probe(sessions: Vec<Value>) -> Vec<Value> {
     sessions
         .into_iter()
@@ -92,7 +89,7 @@ fn unbound_tcp_sessions() {
 
     run_standard_queries(&mut ub.server, ub.port, "SERVFAIL");
     let attempts = unbound_silent_query(ub.port, &silent);
-    // unbound drops what is still queued for dnstap when it stops (the wait above covers it)
+    wait_for_unbound_scenarios(&an, attempts);
 
     ub.server.stop();
     let (_, sessions) = finish("unbound live", t0, an, &dir);
@@ -108,14 +105,8 @@ fn behind_tcp_analyser(
     silent: &SilentUpstream,
 ) -> (Analyser, Forwarder) {
     let an = Analyser::serve_tcp(&[]);
-    let tap = an.port();
-    let ub = start_unbound(dir, nsd.port, silent.port, tap);
-    wait_until(
-        "unbound to connect its dnstap TCP stream",
-        Duration::from_secs(10),
-        || tcp_connections_to(tap) >= 1,
-    );
-    thread::sleep(Duration::from_millis(300));
+    let mut ub = start_unbound(dir, nsd.port, silent.port, an.port());
+    wait_stream_flowing(&an, &mut ub);
     (an, ub)
 }
 
@@ -124,18 +115,12 @@ fn behind_tcp_analyser(
 /// must exist first: kresd disables dnstap for good if it does not.
 fn behind_unix_analyser(
     dir: &TempDir,
-    name: &str,
     start: impl FnOnce(&Path) -> Forwarder,
 ) -> (Analyser, Forwarder) {
     let sock = dir.join("tap.sock");
     let an = Analyser::serve_unix(&sock, &["--session-timeout", "20"]);
-    let fwd = start(&sock);
-    wait_until(
-        &format!("{name} to connect its dnstap unix stream"),
-        Duration::from_secs(15),
-        || unix_connections_to(&sock) >= 1,
-    );
-    thread::sleep(Duration::from_millis(300));
+    let mut fwd = start(&sock);
+    wait_stream_flowing(&an, &mut fwd);
     (an, fwd)
 }
 
@@ -149,9 +134,8 @@ fn named_unix_sessions() {
     let silent = SilentUpstream::start();
     let nsd = start_nsd(&dir);
     // named answers the silent query after 10 s: its session stays open long enough
-    let (an, mut nm) = behind_unix_analyser(&dir, "named", |sock| {
-        start_named(&dir, nsd.port, silent.port, sock)
-    });
+    let (an, mut nm) =
+        behind_unix_analyser(&dir, |sock| start_named(&dir, nsd.port, silent.port, sock));
 
     run_standard_queries(&mut nm.server, nm.port, "SERVFAIL");
     let a = dig(nm.port, "x.silent.test", "A", false, 20);
@@ -167,7 +151,7 @@ fn named_unix_sessions() {
         "named sent {attempts} queries to the silent upstream"
     );
     // libfstrm flushes about once a second; named flushes on STOP anyway
-    thread::sleep(Duration::from_millis(1200));
+    wait_for_sessions_besides_probes(&an, 7, "named live");
 
     nm.server.stop();
     let (_, sessions) = finish("named live", t0, an, &dir);
@@ -220,9 +204,8 @@ fn kresd_unix_sessions() {
     let silent = SilentUpstream::start();
     let nsd = start_nsd(&dir);
     // kresd answers the silent query after 2-16 s: its session stays open long enough
-    let (an, mut kr) = behind_unix_analyser(&dir, "kresd", |sock| {
-        start_kresd(&dir, nsd.port, silent.port, sock)
-    });
+    let (an, mut kr) =
+        behind_unix_analyser(&dir, |sock| start_kresd(&dir, nsd.port, silent.port, sock));
 
     run_standard_queries(&mut kr.server, kr.port, "SERVFAIL");
     let a = dig(kr.port, "x.silent.test", "A", false, 20);
@@ -233,7 +216,7 @@ fn kresd_unix_sessions() {
         a.output
     );
     let answered_after = a.elapsed.as_secs_f64() * 1000.0;
-    thread::sleep(Duration::from_millis(1200));
+    wait_for_sessions_besides_probes(&an, 7, "kresd live");
 
     kr.server.stop();
     let (_, sessions) = finish("kresd live", t0, an, &dir);
@@ -273,16 +256,11 @@ fn dnsdist_tcp_sessions() {
         // from one whose CR was lost. One shard, so that the next query's time expires it.
         &["--session-timeout", "3", "--shards", "1"],
     );
-    let tap = an.port();
-    let mut dd = start_dnsdist(&dir, nsd.port, silent.port, tap);
-    wait_until(
-        "dnsdist to connect its dnstap TCP stream",
-        Duration::from_secs(15),
-        || tcp_connections_to(tap) >= 1,
-    );
-    thread::sleep(Duration::from_millis(300));
+    let mut dd = start_dnsdist(&dir, nsd.port, silent.port, an.port());
+    wait_stream_flowing(&an, &mut dd);
 
     run_standard_queries(&mut dd.server, dd.port, "REFUSED");
+    let asked_silent = Instant::now();
     let a = dig(dd.port, "x.silent.test", "A", false, 3);
     assert_eq!(
         a.rcode, None,
@@ -294,9 +272,11 @@ fn dnsdist_tcp_sessions() {
         "dnsdist did not forward x.silent.test to the silent backend"
     );
     // One more (probe) query moves dnsdist's clock past the silent session's 3 s timeout, so
-    // the analyser emits it as timed out before dnsdist disconnects. dnsdist writes every ~2 s
-    // and loses what it has not written when it stops: let that tick pass.
-    thread::sleep(Duration::from_millis(1500));
+    // the analyser emits it as timed out before dnsdist disconnects: its time must be well past
+    // the silent query's (a clock to pass, not a wait for something to happen).
+    if let Some(rest) = Duration::from_millis(4500).checked_sub(asked_silent.elapsed()) {
+        thread::sleep(rest);
+    }
     let probe = dig(dd.port, PROBE, "A", false, 3);
     assert_eq!(
         probe.rcode.as_deref(),
@@ -304,7 +284,8 @@ fn dnsdist_tcp_sessions() {
         "dnsdist probe: {}",
         probe.output
     );
-    thread::sleep(Duration::from_millis(3500));
+    // dnsdist writes every ~2 s and loses what it has not written when it stops.
+    wait_for_sessions_besides_probes(&an, 7, "dnsdist live");
 
     dd.server.stop();
     let (_, sessions) = finish("dnsdist live", t0, an, &dir);
@@ -393,7 +374,7 @@ fn unbound_burst_one_session_per_query() {
     );
     assert_eq!(silent.count(), 0);
     // unbound drops what is still queued for dnstap when it stops: let the tail drain first
-    thread::sleep(Duration::from_millis(1500));
+    wait_for_sessions_besides_probes(&an, (warm.sent + burst.sent) as usize, "unbound burst");
 
     ub.server.stop();
     let (out, sessions) = finish("unbound burst", t0, an, &dir);

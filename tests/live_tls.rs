@@ -16,8 +16,6 @@ use std::thread;
 use std::time::Duration;
 use support::*;
 
-const PROBE: &str = "ready.example.test";
-
 /// A TLS 1.3 sender and a TLS 1.2 sender give exactly the sessions of their captures, like a
 /// plaintext sender on the listener beside them.
 #[test]
@@ -292,12 +290,19 @@ fn certificates_rotate_without_dropping_connections() {
     fs::copy(&stray.cert, gen3.join("tls.pem")).unwrap();
     fs::copy(&first.key, gen3.join("tls.key")).unwrap();
     swap_to(&gen3);
-    // Past the once-a-second check: the next connection looks at the files.
-    thread::sleep(Duration::from_millis(1100));
-    let mut after = tls_connect(t.tls_port, config.clone());
-    handshake(&mut after).unwrap();
-    assert_eq!(presented_cert(&after), pem_der(&second.cert), "kept");
-    drop(after);
+    // New connections look at the files at most once a second: connect until one has seen
+    // the broken set, each getting the kept certificate.
+    wait_until(
+        "a new connection to find the broken set",
+        Duration::from_secs(60),
+        || {
+            let mut after = tls_connect(t.tls_port, config.clone());
+            handshake(&mut after).unwrap();
+            assert_eq!(presented_cert(&after), pem_der(&second.cert), "kept");
+            t.an.stderr_so_far()
+                .contains("TLS certificate not reloaded")
+        },
+    );
 
     // The connection from before the rotations streams to the end.
     let capture = coredns_fixture("b_forward.fstrm");
@@ -391,15 +396,12 @@ fn unbound_scenarios(
     let silent = SilentUpstream::start();
     let nsd = start_nsd(dir);
     let mut ub = start_unbound_tls(dir, (nsd.port, silent.port), t.tls_port, tls);
-    wait_until(
-        "unbound to connect its dnstap TLS stream",
-        Duration::from_secs(10),
-        || tcp_connections_to(t.tls_port) >= 1,
-    );
+    wait_stream_flowing(&t.an, &mut ub);
     let port = ub.port;
     meanwhile(&t);
     run_standard_queries(&mut ub.server, port, "SERVFAIL");
     let attempts = unbound_silent_query(port, &silent);
+    wait_for_unbound_scenarios(&t.an, attempts);
     ub.server.stop();
 
     let out = t.an.stop_unchecked();

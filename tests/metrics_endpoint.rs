@@ -1,5 +1,7 @@
 //! The metrics endpoint in process: real sockets on 127.0.0.1, plain TcpStream clients.
 
+mod support;
+
 use dnstap_analyser::correlate::{BitMap, Status, Verdict};
 use dnstap_analyser::dnstap::{Role, SourceRegistry};
 use dnstap_analyser::metrics::http::MetricsServer;
@@ -251,34 +253,11 @@ fn a_taken_port_is_a_clear_error() {
 /// `promtool check metrics` (from Debian's `prometheus` package) on a real scrape.
 #[test]
 fn promtool_accepts_a_scrape() {
-    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
     let t = telemetry(Duration::from_secs(30));
     let server = start(&t);
     let body = get(server.local_addr(), "/metrics").body;
     server.stop();
-    let mut child = std::process::Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "{promtool} not runnable ({e}): install it with \
-                 `apt-get install -y --no-install-recommends prometheus`"
-            )
-        });
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Err(report) = support::promtool_check_metrics(&body) {
+        panic!("promtool check metrics failed:\n{report}");
+    }
 }

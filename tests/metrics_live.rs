@@ -9,12 +9,7 @@ mod support;
 
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::process::Command;
 use std::time::Duration;
 use support::*;
 
@@ -32,101 +27,29 @@ const CAPTURES: [&str; 4] = [
 
 /// `GET path` on 127.0.0.1:`port`: (status, body).
 fn get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port))
-        .unwrap_or_else(|e| panic!("connect to the metrics port {port}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    (status, body.to_string())
+    let reply = http_get(&format!("127.0.0.1:{port}"), path, &[])
+        .unwrap_or_else(|e| panic!("GET {path} from the metrics port: {e}"));
+    (reply.status, reply.body)
 }
 
-/// One sample: metric name, labels, value.
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// The samples of a Prometheus text exposition.
-fn parse_exposition(text: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| parse_sample(l).unwrap_or_else(|| panic!("unparseable sample line {l:?}")))
-        .collect()
-}
-
-fn parse_sample(line: &str) -> Option<Sample> {
-    let (series, value) = line.rsplit_once(' ')?;
-    let value = value.parse().ok()?;
-    let (name, mut rest) = match series.split_once('{') {
-        Some((n, r)) => (n, r.strip_suffix('}')?),
-        None => (series, ""),
-    };
-    let mut labels = BTreeMap::new();
-    while !rest.is_empty() {
-        let (key, after) = rest.split_once("=\"")?;
-        let mut val = String::new();
-        let mut chars = after.char_indices();
-        let end = loop {
-            match chars.next()? {
-                (i, '"') => break i,
-                (_, '\\') => match chars.next()?.1 {
-                    'n' => val.push('\n'),
-                    c => val.push(c),
-                },
-                (_, c) => val.push(c),
-            }
-        };
-        labels.insert(key.trim_start_matches(',').to_string(), val);
-        rest = &after[end + 1..];
-        rest = rest.strip_prefix(',').unwrap_or(rest);
-    }
-    Some(Sample {
-        name: name.to_string(),
-        labels,
-        value,
-    })
-}
-
-struct Scrape(Vec<Sample>);
+struct Scrape(Exposition);
 
 impl Scrape {
     fn take(port: u16) -> Scrape {
-        let (status, body) = get(port, "/metrics");
-        assert_eq!(status, 200, "/metrics: {body}");
-        Scrape(parse_exposition(&body))
+        Scrape(Exposition::parse(&scrape_text(&format!(
+            "127.0.0.1:{port}"
+        ))))
     }
 
     /// Sums `name` over the samples whose labels include `labels`.
     fn sum(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        self.0
-            .iter()
-            .filter(|s| s.name == name)
-            .filter(|s| {
-                labels
-                    .iter()
-                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|s| s.value as u64)
-            .sum()
+        self.0.sum(name, labels) as u64
     }
 
     /// `name` summed by the values of `by` (label names), over every sample.
     fn by(&self, name: &str, by: &[&str]) -> BTreeMap<Vec<String>, u64> {
         let mut out = BTreeMap::new();
-        for s in self.0.iter().filter(|s| s.name == name) {
+        for s in self.0.named(name) {
             let key = by
                 .iter()
                 .map(|k| s.labels.get(*k).cloned().unwrap_or_default())
@@ -138,7 +61,7 @@ impl Scrape {
     }
 
     fn has(&self, name: &str) -> bool {
-        self.0.iter().any(|s| s.name == name)
+        self.0.has(name)
     }
 }
 
@@ -193,7 +116,7 @@ fn count<K: Ord>(keys: impl IntoIterator<Item = K>) -> BTreeMap<K, u64> {
 fn a_scrape_agrees_with_the_printed_sessions_and_the_exit_summary() {
     let an = Analyser::serve_tcp(&["--log", "all"]);
     let mport = an.metrics_port();
-    wait_until("/readyz says ready", Duration::from_secs(20), || {
+    wait_until("/readyz says ready", Duration::from_secs(60), || {
         get(mport, "/readyz").0 == 200
     });
     for c in CAPTURES {
@@ -314,9 +237,8 @@ fn a_scrape_agrees_with_the_printed_sessions_and_the_exit_summary() {
         assert!(
             scrape
                 .0
-                .iter()
-                .any(|s| s.name == "dnstap_analyser_discarded_total"
-                    && s.labels.get("reason") == Some(reason)),
+                .named("dnstap_analyser_discarded_total")
+                .any(|s| s.labels.get("reason") == Some(reason)),
             "discard reason {reason} is not exported"
         );
         assert_eq!(
@@ -330,111 +252,33 @@ fn a_scrape_agrees_with_the_printed_sessions_and_the_exit_summary() {
 
 /// A serving analyser whose stdout is a pipe nobody reads until `read_stdout`: its writer
 /// blocks once the pipe is full, as on a stalled log collector.
-struct Unread {
-    child: Child,
-    stdout: Option<ChildStdout>,
-    stderr: Arc<Mutex<String>>,
-    metrics_port: u16,
-    dnstap_port: u16,
+fn unread(extra: &[&str]) -> Analyser {
+    let mut args = vec!["--log", "all"];
+    args.extend(extra);
+    Analyser::serve_with(Listen::Tcp(0), &args, Stdout::Unread)
 }
 
-impl Unread {
-    fn serve(extra: &[&str]) -> Unread {
-        // Port 0: the kernel picks both ports, the analyser logs them.
-        let mut child = Command::new(analyser_bin())
-            .args(["--listen", "tcp://127.0.0.1:0"])
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            .args(["--log", "all", "--format", "json"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .expect("start the analyser");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().unwrap();
-        let text = stderr.clone();
-        thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
-                text.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
-            }
-        });
-        let stdout = child.stdout.take();
-        let mut an = Unread {
-            child,
-            stdout,
-            stderr,
-            metrics_port: 0,
-            dnstap_port: 0,
-        };
-        wait_until("the analyser listens", Duration::from_secs(20), || {
-            an.assert_running();
-            let log = an.stderr.lock().unwrap();
-            match (logged_listen_port(&log, "tcp"), logged_metrics_port(&log)) {
-                (Some(dnstap), Some(metrics)) => {
-                    (an.dnstap_port, an.metrics_port) = (dnstap, metrics);
-                    true
-                }
-                _ => false,
-            }
-        });
-        an
-    }
-
-    fn assert_running(&mut self) {
-        if let Ok(Some(st)) = self.child.try_wait() {
-            panic!("analyser exited ({st}):\n{}", self.stderr.lock().unwrap());
-        }
-    }
-
-    /// Starts reading stdout; the thread returns the number of lines.
-    fn read_stdout(&mut self) -> JoinHandle<usize> {
-        let stdout = self.stdout.take().expect("stdout already read");
-        thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).count())
-    }
-
-    /// Waits for the exit (after SIGTERM) and returns the summary.
-    fn exit(mut self) -> Value {
-        let status = wait_child(&mut self.child, Duration::from_secs(60));
-        let stderr = self.stderr.lock().unwrap().clone();
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "exit {status:?}:\n{stderr}"
-        );
-        stderr
-            .lines()
-            .rev()
-            .find_map(|l| {
-                serde_json::from_str::<Value>(l)
-                    .ok()?
-                    .get("summary")
-                    .cloned()
-            })
-            .unwrap_or_else(|| panic!("no summary:\n{stderr}"))
-    }
-}
-
-impl Drop for Unread {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            signal_group(self.child.id(), "KILL");
-            let _ = self.child.wait();
-        }
-    }
+/// The exit after SIGTERM: clean, every line of stdout read and counted in the summary.
+fn exit(an: Analyser) -> Output {
+    let out = an.wait_exit(Duration::from_secs(120));
+    out.assert_clean("the analyser after SIGTERM");
+    assert_eq!(
+        out.lines.len() as u64,
+        out.summary["sessions_printed"].as_u64().unwrap(),
+        "{}",
+        out.summary
+    );
+    out
 }
 
 #[test]
 fn healthz_names_a_writer_stuck_on_its_output_and_recovers_when_it_drains() {
-    let mut an = Unread::serve(&["--stall-timeout", "2s"]);
-    let port = an.metrics_port;
+    let mut an = unread(&["--stall-timeout", "2s"]);
+    let port = an.metrics_port();
     assert_eq!(get(port, "/healthz").0, 200, "healthy before any work");
     // About 12 MB of lines into a 64 KiB pipe nobody reads.
     run_sender(&mut fstrm_replay_tcp(
-        an.dnstap_port,
+        an.port(),
         &coredns_fixture("h_burst_5k.fstrm"),
     ));
     let mut last = (0, String::new());
@@ -446,13 +290,13 @@ fn healthz_names_a_writer_stuck_on_its_output_and_recovers_when_it_drains() {
         stuck,
         "/healthz never named the blocked writer; last: {last:?}"
     );
-    an.assert_running();
+    an.assert_running("its writer is stuck");
     assert_eq!(
         get(port, "/readyz").0,
         200,
         "stuck is not draining: still ready"
     );
-    let lines = an.read_stdout();
+    an.read_stdout();
     let recovered = poll_until(Duration::from_secs(60), || {
         last = get(port, "/healthz");
         last.0 == 200
@@ -461,39 +305,37 @@ fn healthz_names_a_writer_stuck_on_its_output_and_recovers_when_it_drains() {
         recovered,
         "/healthz did not recover once stdout was read: {last:?}"
     );
-    signal_pid(an.child.id(), "TERM");
-    let summary = an.exit();
-    let printed = lines.join().unwrap() as u64;
-    assert_eq!(printed, summary["sessions_printed"].as_u64().unwrap());
-    assert_eq!(summary["sessions"], 5000, "{summary}");
+    an.signal("TERM");
+    let out = exit(an);
+    assert_eq!(out.summary["sessions"], 5000, "{}", out.summary);
 }
 
 #[test]
 fn readyz_is_false_while_draining_after_sigterm() {
-    let mut an = Unread::serve(&[]);
-    let port = an.metrics_port;
-    wait_until("/readyz says ready", Duration::from_secs(20), || {
+    let mut an = unread(&[]);
+    let port = an.metrics_port();
+    wait_until("/readyz says ready", Duration::from_secs(60), || {
         get(port, "/readyz").0 == 200
     });
     run_sender(&mut fstrm_replay_tcp(
-        an.dnstap_port,
+        an.port(),
         &coredns_fixture("h_burst_5k.fstrm"),
     ));
     // The drain cannot finish while the writer is blocked on the unread pipe.
-    signal_pid(an.child.id(), "TERM");
+    an.signal("TERM");
     let mut last = (0, String::new());
-    let draining = poll_until(Duration::from_secs(30), || {
+    let draining = poll_until(Duration::from_secs(60), || {
         last = get(port, "/readyz");
         last.0 == 503
     });
     assert!(draining, "/readyz stayed ready after SIGTERM: {last:?}");
     assert!(last.1.contains("draining"), "{last:?}");
-    an.assert_running();
-    let lines = an.read_stdout();
-    let summary = an.exit();
-    assert_eq!(summary["sessions"], 5000, "{summary}");
+    an.assert_running("draining");
+    an.read_stdout();
+    let out = exit(an);
+    assert_eq!(out.summary["sessions"], 5000, "{}", out.summary);
     assert_eq!(
-        lines.join().unwrap(),
+        out.lines.len(),
         5000,
         "every session printed after the drain"
     );

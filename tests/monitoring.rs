@@ -244,19 +244,10 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Runs promtool; its absence fails the test and names the package that provides it.
+/// Runs promtool in the repository (the harness's: bounded in time; its absence fails the test
+/// naming the package that provides it).
 fn promtool(args: &[&str]) -> Output {
-    Command::new("promtool")
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run promtool ({e}): install the Debian package `prometheus` \
-                 (apt-get install --no-install-recommends prometheus; it is in .ci/apt-packages, \
-                 so `bash .ci/install-deps` installs it)"
-            )
-        })
+    support::promtool(args)
 }
 
 fn promtool_ok(args: &[&str]) -> String {

@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 use support::{
     coredns_fixture, fstrm_replay_tcp, fstrm_replay_unix, go_dnstap_rewrite, go_dnstap_tcp, read,
-    require_binary, run_sender, Analyser, TempDir,
+    require_binary, run_sender, scrape_text, wait_until, Analyser, Exposition, TempDir,
 };
 
 const CAPTURES: [&str; 4] = [
@@ -69,7 +69,7 @@ fn a_silent_stream_is_flushed_by_the_wall_clock() {
     // The idle flush emits them about 5 s (IDLE_LAG) after the stream went quiet, without
     // any further traffic and before any shutdown.
     assert!(
-        served.wait_for_lines(3, Duration::from_secs(20)),
+        served.wait_for_lines(3, Duration::from_secs(60)),
         "pending sessions were not flushed while the stream was silent"
     );
     let out = served.stop();
@@ -148,7 +148,18 @@ fn bad_input_on_other_connections_leaves_the_good_stream_exact() {
     for _ in 0..15 {
         held.push(send_bad(&addr, &established(), Duration::ZERO));
     }
-    std::thread::sleep(Duration::from_secs(6)); // past the 5 s handshake deadline
+    // The stalled handshake ends at its 5 s deadline, while the others are still held.
+    let metrics = served.metrics_addr();
+    wait_until(
+        "the stalled handshake to time out",
+        Duration::from_secs(60),
+        || {
+            Exposition::parse(&scrape_text(&metrics)).sum(
+                "dnstap_analyser_discarded_total",
+                &[("reason", "handshake_timeout")],
+            ) > 0.0
+        },
+    );
     drop(held);
     let out = served.stop();
     assert_eq!(

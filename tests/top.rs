@@ -102,7 +102,7 @@ fn top_lists_the_failing_qnames_clients_and_upstreams_of_a_live_stream() {
 
     // Shards publish every 100 ms: poll until the window holds every Failed session.
     let mut doc = Value::Null;
-    let complete = poll_until(Duration::from_secs(20), || {
+    let complete = poll_until(Duration::from_secs(60), || {
         doc = dnstap_analyser::metrics::top_client::fetch(&url).expect("/top answers");
         doc["failed"].as_u64() >= Some(want.failed)
     });
@@ -130,10 +130,11 @@ fn top_lists_the_failing_qnames_clients_and_upstreams_of_a_live_stream() {
     assert_eq!(upstreams["127.0.0.1:15401"].2, "upstream_error");
 
     // The same view as a table.
-    let out = Command::new(analyser_bin())
-        .args(["top", "--once", "--url", &url])
-        .output()
-        .expect("run dnstap-analyser top");
+    let out = run_to_end(
+        Command::new(analyser_bin()).args(["top", "--once", "--url", &url]),
+        None,
+        Duration::from_secs(60),
+    );
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(
         out.status.success(),
@@ -168,10 +169,11 @@ fn top_lists_the_failing_qnames_clients_and_upstreams_of_a_live_stream() {
 fn top_without_an_analyser_fails_naming_the_url() {
     let port = alloc_port();
     let url = format!("http://127.0.0.1:{port}");
-    let out = Command::new(analyser_bin())
-        .args(["top", "--once", "--url", &url])
-        .output()
-        .expect("run dnstap-analyser top");
+    let out = run_to_end(
+        Command::new(analyser_bin()).args(["top", "--once", "--url", &url]),
+        None,
+        Duration::from_secs(60),
+    );
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -2,7 +2,7 @@
 //! unix socket ([`Analyser`]), and what it printed ([`Output`]): session lines on stdout, the
 //! `{"summary":...}` line on stderr.
 
-use super::process::{run_to_end, signal_group, signal_pid, tcp_listening, unix_listening};
+use super::process::{run_to_end, says_port_taken, signal_group, signal_pid};
 use super::{alloc_port, analyser_bin, poll_until, tail};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -10,10 +10,10 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What one run printed.
 #[derive(Debug, Clone)]
@@ -171,12 +171,16 @@ pub fn read(files: &[PathBuf], extra: &[&str]) -> Output {
     out
 }
 
+/// The start of the line an analyser logs once every listener is bound and listening.
+const LISTENING: &str = "dnstap-analyser: listening on ";
+
+/// How long an analyser may take to start listening on a loaded machine.
+const STARTUP: Duration = Duration::from_secs(60);
+
 /// The port of the first `scheme://` listener in an analyser's log
 /// (`dnstap-analyser: listening on URL, URL`, printed once every listener is bound).
 pub fn logged_listen_port(stderr: &str, scheme: &str) -> Option<u16> {
-    let line = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("dnstap-analyser: listening on "))?;
+    let line = complete_lines(stderr).find_map(|l| l.strip_prefix(LISTENING))?;
     let prefix = format!("{scheme}://");
     line.split(", ").find_map(|url| {
         let addr = url.strip_prefix(&prefix)?;
@@ -187,11 +191,18 @@ pub fn logged_listen_port(stderr: &str, scheme: &str) -> Option<u16> {
 /// The port of the metrics endpoint in an analyser's log
 /// (`dnstap-analyser: metrics on http://ADDR/metrics`).
 pub fn logged_metrics_port(stderr: &str) -> Option<u16> {
-    let url = stderr
-        .lines()
+    let url = complete_lines(stderr)
         .find_map(|l| l.strip_prefix("dnstap-analyser: metrics on http://"))?;
     let addr = url.strip_suffix("/metrics")?;
     addr.rsplit_once(':')?.1.parse().ok()
+}
+
+/// The lines of a log that is still being written, without the last one until its newline
+/// came: stderr is unbuffered, so a line can arrive in pieces (`listening on tcp://127.0.0.1:4`
+/// first, `6585` later), and a piece must not be read as the whole.
+fn complete_lines(log: &str) -> impl Iterator<Item = &str> {
+    log.split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n'))
 }
 
 /// Where a serving analyser listens. `Tcp(0)` lets the kernel pick a free port, which the
@@ -209,13 +220,17 @@ impl Listen {
             Listen::Unix(path) => format!("unix://{}", path.display()),
         }
     }
+}
 
-    fn is_listening(&self) -> bool {
-        match self {
-            Listen::Tcp(port) => tcp_listening(*port),
-            Listen::Unix(path) => unix_listening(path),
-        }
-    }
+/// Where a serving analyser's stdout (its session lines) goes.
+pub enum Stdout {
+    /// Collected line by line as it arrives ([`Analyser::sessions_so_far`]).
+    Collect,
+    /// A pipe nobody reads until [`Analyser::read_stdout`]: once it is full the writer blocks,
+    /// as on a stalled log collector.
+    Unread,
+    /// Somewhere else, e.g. a full device.
+    To(Stdio),
 }
 
 /// A serving `dnstap-analyser` (its own process group). Stdout lines are collected as they
@@ -226,6 +241,10 @@ pub struct Analyser {
     pub args: Vec<String>,
     lines: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<String>>,
+    /// The pipe of [`Stdout::Unread`] until it is read.
+    unread: Option<ChildStdout>,
+    /// The threads reading stdout and stderr; joined (to the pipes' end) before any parsing of
+    /// what the process printed last.
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -243,6 +262,42 @@ impl Analyser {
     /// Serves on `listen` with `extra` options (`--format json` is added); returns once it
     /// listens.
     pub fn serve(listen: Listen, extra: &[&str]) -> Analyser {
+        Analyser::serve_with(listen, extra, Stdout::Collect)
+    }
+
+    /// Like [`Analyser::serve`], with stdout going where `stdout` says.
+    pub fn serve_with(listen: Listen, extra: &[&str], stdout: Stdout) -> Analyser {
+        Analyser::start(listen, extra, stdout).unwrap_or_else(|stderr| {
+            panic!(
+                "analyser exited before it listened; stderr:\n{}",
+                tail(&stderr, 40)
+            )
+        })
+    }
+
+    /// Serves with the listener and options `setup(port)` gives for a port from
+    /// [`alloc_port`], and returns it and that port once it listens. The port was free when
+    /// probed, but a test of another checkout may take it first: then again on another port.
+    pub fn serve_on_free_port(setup: impl Fn(u16) -> (Listen, Vec<String>)) -> (Analyser, u16) {
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            let port = alloc_port();
+            let (listen, extra) = setup(port);
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            match Analyser::start(listen, &extra, Stdout::Collect) {
+                Ok(an) => return (an, port),
+                Err(stderr) if attempt < ATTEMPTS && says_port_taken(&stderr) => {
+                    eprintln!("[test] analyser: port {port} was taken before it bound it: again");
+                }
+                Err(stderr) => panic!("analyser exited before it listened:\n{stderr}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// Starts the analyser and returns once it listens; Err with its stderr, read to the end,
+    /// if it exits before.
+    fn start(listen: Listen, extra: &[&str], stdout: Stdout) -> Result<Analyser, String> {
         let mut args = vec!["--listen".to_string(), listen.url()];
         args.extend(extra.iter().map(|s| s.to_string()));
         // The metrics endpoint runs in every test, on a free port unless the test picks one:
@@ -251,10 +306,15 @@ impl Analyser {
             args.extend(["--metrics-listen".to_string(), "127.0.0.1:0".to_string()]);
         }
         args.extend(["--format".to_string(), "json".to_string()]);
+        let (stdout_to, collect) = match stdout {
+            Stdout::Collect => (Stdio::piped(), true),
+            Stdout::Unread => (Stdio::piped(), false),
+            Stdout::To(to) => (to, false),
+        };
         let mut child = Command::new(analyser_bin())
             .args(&args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(stdout_to)
             .stderr(Stdio::piped())
             .process_group(0)
             .spawn()
@@ -262,50 +322,59 @@ impl Analyser {
         eprintln!("[test] started analyser pid {}: {args:?}", child.id());
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
-        let readers = vec![
-            collect_lines(child.stdout.take().unwrap(), lines.clone()),
-            collect_text(child.stderr.take().unwrap(), stderr.clone()),
-        ];
+        let mut readers = vec![collect_text(child.stderr.take().unwrap(), stderr.clone())];
+        let mut unread = child.stdout.take();
+        if collect {
+            readers.push(collect_lines(unread.take().unwrap(), lines.clone()));
+        }
         let mut an = Analyser {
             child: Some(child),
             listen,
             args,
             lines,
             stderr,
+            unread,
             readers,
         };
-        an.wait_listening();
-        an
+        an.wait_listening()?;
+        Ok(an)
     }
 
-    fn wait_listening(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+    /// Starts reading the stdout of [`Stdout::Unread`]: its lines are collected from now on.
+    pub fn read_stdout(&mut self) {
+        let pipe = self.unread.take().expect("stdout is not an unread pipe");
+        self.readers.push(collect_lines(pipe, self.lines.clone()));
+    }
+
+    /// Returns once every listener is bound and listening: the analyser logs them all in one
+    /// line then (ports chosen by the kernel resolved). Err with its stderr if it exits first.
+    fn wait_listening(&mut self) -> Result<(), String> {
+        let mut exited = false;
+        let listening = poll_until(STARTUP, || {
+            exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            exited || complete_lines(&self.stderr_so_far()).any(|l| l.starts_with(LISTENING))
+        });
+        if exited {
+            self.child = None;
+            self.join_readers();
+            return Err(self.stderr_so_far());
+        }
+        assert!(
+            listening,
+            "analyser logs no listener after {STARTUP:?}:\n{}",
+            self.stderr_so_far()
+        );
         if self.listen == Listen::Tcp(0) {
-            while self.bound_port("tcp").is_none() {
-                self.assert_running("waiting for its listener");
-                assert!(
-                    Instant::now() < deadline,
-                    "analyser logs no listener after 20 s"
-                );
-                thread::sleep(Duration::from_millis(30));
-            }
             let port = self
                 .bound_port("tcp")
                 .expect("a tcp:// listener in its log");
             self.listen = Listen::Tcp(port);
             self.args[1] = self.listen.url();
-            // Logged once bound and listening: no need to probe (a probe is a connection).
-            return;
         }
-        while !self.listen.is_listening() {
-            self.assert_running("waiting for its listener");
-            assert!(
-                Instant::now() < deadline,
-                "analyser does not listen on {} after 20 s",
-                self.listen.url()
-            );
-            thread::sleep(Duration::from_millis(30));
-        }
+        Ok(())
     }
 
     /// The port of its first `scheme://` listener, as bound (port 0 resolved).
@@ -323,6 +392,14 @@ impl Analyser {
         format!("127.0.0.1:{}", self.metrics_port())
     }
 
+    /// Messages received so far, as its metrics endpoint counts them (the shards publish every
+    /// 100 ms): with the messages of the printed sessions, it tells what is still open.
+    pub fn messages_received(&self) -> u64 {
+        let scrape = super::prometheus::scrape_text(&self.metrics_addr());
+        super::prometheus::Exposition::parse(&scrape).sum("dnstap_analyser_messages_total", &[])
+            as u64
+    }
+
     /// Everything printed on stderr so far (logs, periodic summaries). A poisoned lock is
     /// read anyway: a test that panicked must not hide the analyser's own words.
     pub fn stderr_so_far(&self) -> String {
@@ -332,18 +409,23 @@ impl Analyser {
             .clone()
     }
 
-    /// Panics with its stderr if the analyser has exited.
+    /// Panics with its stderr, read to the end, if the analyser has exited.
     pub fn assert_running(&mut self, what: &str) {
         if let Some(c) = self.child.as_mut() {
             if let Ok(Some(st)) = c.try_wait() {
-                thread::sleep(Duration::from_millis(100));
-                let stderr = self.stderr_so_far();
+                self.child = None;
+                self.join_readers();
                 panic!(
                     "analyser exited ({st}) while {what}; stderr:\n{}",
-                    tail(&stderr, 40)
+                    tail(&self.stderr_so_far(), 40)
                 );
             }
         }
+    }
+
+    /// Sends `sig` (e.g. "TERM", "STOP") to the analyser.
+    pub fn signal(&self, sig: &str) {
+        signal_pid(self.pid(), sig);
     }
 
     /// Its process id (e.g. to stall it with SIGSTOP); panics once it is stopped.
@@ -398,27 +480,41 @@ impl Analyser {
     }
 
     /// Like [`Analyser::stop`], leaving the judgement to the caller (e.g. to save the output
-    /// first). Panics only if the analyser does not exit within 30 s.
-    pub fn stop_unchecked(mut self) -> Output {
+    /// first). Panics only if the analyser does not exit within 60 s.
+    pub fn stop_unchecked(self) -> Output {
+        self.signal("TERM");
+        self.wait_exit(Duration::from_secs(60))
+    }
+
+    /// Waits (at most `limit`) for the analyser to exit by itself or after a signal the test
+    /// sent, and returns everything it printed: both pipes are read to their end first.
+    /// Leaves the judgement to the caller; panics if it does not exit in time.
+    pub fn wait_exit(mut self, limit: Duration) -> Output {
         let mut child = self.child.take().expect("analyser already stopped");
         let pid = child.id();
-        signal_pid(pid, "TERM");
-        let exit = super::process::wait_child(&mut child, Duration::from_secs(30));
+        let exit = super::process::wait_child(&mut child, limit);
         if exit.is_none() {
             signal_group(pid, "KILL");
             let _ = child.wait();
         }
-        for t in self.readers.drain(..) {
-            let _ = t.join();
-        }
+        // Unread output would keep a stdout reader waiting: nobody reads it any more.
+        drop(self.unread.take());
+        self.join_readers();
         let stderr = std::mem::take(&mut *self.stderr.lock().unwrap());
         assert!(
             exit.is_some(),
-            "analyser did not exit within 30 s of SIGTERM; stderr:\n{}",
+            "analyser did not exit within {limit:?}; stderr:\n{}",
             tail(&stderr, 40)
         );
         let lines = std::mem::take(&mut *self.lines.lock().unwrap());
         Output::parse(lines, stderr, exit)
+    }
+
+    /// Waits for the reading threads, which end at the end of their pipes (the process exited).
+    fn join_readers(&mut self) {
+        for t in self.readers.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 

@@ -17,7 +17,13 @@
 //! - A missing tool fails the test naming the Debian package that provides it
 //!   ([`require_binary`], [`require_venv_tool`]); nothing is skipped silently.
 //! - Only loopback addresses. The analyser binds port 0 and logs the ports it got; the other
-//!   servers get ports from 25000-25999 ([`alloc_port`]).
+//!   servers get ports from 25000-25999 ([`alloc_port`]), and start again on another port when
+//!   a test of another checkout took theirs between the probe and the bind
+//!   ([`start_on_free_port`], [`Analyser::serve_on_free_port`]).
+//! - Race-free under load: a child's output is read to its end before anything in it is parsed
+//!   ([`finish`], [`Analyser::wait_exit`]), a log still being written by complete lines only;
+//!   waits poll a condition with a generous deadline ([`wait_until`]). A fixed sleep only lets
+//!   a clock pass (a timeout to expire), never stands for something to happen.
 //! - Every process started here is killed when its guard is dropped, also when the test panics.
 #![allow(dead_code, unused_imports)]
 

@@ -1,12 +1,12 @@
 //! Child processes: run to the end with a time limit, or keep running as a daemon in its own
 //! process group; signals (sent with the `kill` command, no libc); socket state from /proc.
 
-use super::{require_binary, tail};
+use super::{alloc_port, require_binary, tail};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -61,29 +61,45 @@ pub fn run_to_end(cmd: &mut Command, stdin: Option<&str>, limit: Duration) -> Ou
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let input = stdin.map(|text| (child.stdin.take().unwrap(), text.as_bytes().to_vec()));
+    finish(child, input, limit, &format!("{cmd:?}"))
+}
+
+/// Waits for a started `child` to end and returns what it printed on the outputs that are
+/// pipes (empty for the others), each read to its end: a line written just before the exit is
+/// never missed. Writes `input` to its stdin first (from a thread, so that a child busy writing
+/// never deadlocks us). Panics naming `what` if it does not exit within `limit`.
+pub fn finish(
+    mut child: Child,
+    input: Option<(ChildStdin, Vec<u8>)>,
+    limit: Duration,
+    what: &str,
+) -> Output {
     // Drain both pipes in threads so that a child with a lot of output never blocks.
-    let drain = |mut pipe: Box<dyn Read + Send>| {
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
         thread::spawn(move || {
             let mut buf = Vec::new();
-            let _ = pipe.read_to_end(&mut buf);
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
             buf
         })
     };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().unwrap();
-        pipe.write_all(input.as_bytes()).unwrap();
-    }
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let writer = input.map(|(mut pipe, bytes)| thread::spawn(move || pipe.write_all(&bytes)));
     let Some(status) = wait_child(&mut child, limit) else {
         let _ = child.kill();
         let _ = child.wait();
         panic!(
-            "{cmd:?} did not finish within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+            "{what} did not finish within {limit:?}\nstdout:\n{}\nstderr:\n{}",
             text(&stdout.join().unwrap()),
             text(&stderr.join().unwrap())
         );
     };
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
     Output {
         status,
         stdout: stdout.join().unwrap(),
@@ -150,16 +166,19 @@ impl Server {
 
     /// Panics (with the log) if the process has exited.
     pub fn assert_running(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            if let Ok(Some(st)) = c.try_wait() {
-                panic!(
-                    "{} exited early ({st}); log {}:\n{}",
-                    self.name,
-                    self.log.display(),
-                    tail(&self.log_text(), 40)
-                );
-            }
+        if let Some(st) = self.exited() {
+            panic!(
+                "{} exited early ({st}); log {}:\n{}",
+                self.name,
+                self.log.display(),
+                tail(&self.log_text(), 40)
+            );
         }
+    }
+
+    /// The exit status, once the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
     }
 
     pub fn log_text(&self) -> String {
@@ -205,6 +224,52 @@ impl Drop for Server {
             );
         }
     }
+}
+
+/// Starts a server on a port from [`alloc_port`] and returns it and its port once `ready(port)`
+/// holds (polled for up to `timeout`). The port was free when probed, but a test of another
+/// checkout on this machine may take it before the server binds it: a server that exits
+/// saying its address is in use is started again on another port (up to 5 times). Any other
+/// early exit fails with the server's log.
+pub fn start_on_free_port(
+    name: &str,
+    mut spawn: impl FnMut(u16) -> Server,
+    mut ready: impl FnMut(u16) -> bool,
+    timeout: Duration,
+) -> (Server, u16) {
+    const ATTEMPTS: usize = 5;
+    for attempt in 1..=ATTEMPTS {
+        let port = alloc_port();
+        let mut server = spawn(port);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = server.exited() {
+                let log = server.log_text();
+                if attempt < ATTEMPTS && says_port_taken(&log) {
+                    eprintln!("[test] {name}: port {port} was taken before it bound it: again");
+                    break;
+                }
+                panic!("{name} exited early ({st}); log:\n{}", tail(&log, 40));
+            }
+            if ready(port) {
+                return (server, port);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} on port {port} not ready within {timeout:?}; log:\n{}",
+                tail(&server.log_text(), 30)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+    unreachable!("the last attempt returns or panics")
+}
+
+/// A server's log says it could not bind its port (the wording of the analyser, nsd, unbound,
+/// kresd, dnsdist, CoreDNS and Prometheus, and BIND's "address in use").
+pub fn says_port_taken(log: &str) -> bool {
+    let log = log.to_ascii_lowercase();
+    log.contains("address already in use") || log.contains("address in use")
 }
 
 // ---------------------------------------------------------------------------------------------

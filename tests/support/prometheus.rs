@@ -3,7 +3,7 @@
 //! and a parser for the text exposition a scrape returns.
 
 use super::http::{http_get, url_encode};
-use super::process::{run_to_end, text, Server};
+use super::process::{run_to_end, start_on_free_port, text, Server};
 use super::{alloc_port, poll_until, require_binary, tail, TempDir};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -35,13 +35,12 @@ impl Prometheus {
     /// (`127.0.0.1:PORT`) every second; returns once it is ready to answer queries.
     pub fn start(dir: &TempDir, targets: &[String]) -> Prometheus {
         let bin = require_binary("prometheus", "prometheus");
-        let port = alloc_port();
-        let config = dir.join("prometheus.yml");
         let list = targets
             .iter()
             .map(|t| format!("'{t}'"))
             .collect::<Vec<_>>()
             .join(", ");
+        let config = dir.join("prometheus.yml");
         // scrape_timeout must not exceed the interval; 1 s is plenty on loopback.
         fs::write(
             &config,
@@ -53,28 +52,27 @@ impl Prometheus {
         )
         .unwrap();
         let storage = dir.join("prometheus-data");
-        let mut cmd = Command::new(bin);
-        cmd.arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", storage.display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--storage.tsdb.retention.time=1h")
-            .arg("--log.level=warn")
-            .current_dir(dir.path());
-        let mut prom = Prometheus {
-            server: Server::spawn("prometheus", cmd, dir.join("prometheus.log")),
+        let spawn = |port: u16| {
+            let mut cmd = Command::new(&bin);
+            cmd.arg(format!("--config.file={}", config.display()))
+                .arg(format!("--storage.tsdb.path={}", storage.display()))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .arg("--storage.tsdb.retention.time=1h")
+                .arg("--log.level=warn")
+                .current_dir(dir.path());
+            Server::spawn("prometheus", cmd, dir.join("prometheus.log"))
+        };
+        let ready = |port: u16| {
+            let addr = format!("127.0.0.1:{port}");
+            http_get(&addr, "/-/ready", &[]).is_ok_and(|r| r.status == 200)
+        };
+        let (server, port) =
+            start_on_free_port("prometheus", spawn, ready, Duration::from_secs(60));
+        Prometheus {
+            server,
             port,
             targets: targets.to_vec(),
-        };
-        let ready = poll_until(Duration::from_secs(60), || {
-            prom.server.assert_running();
-            http_get(&prom.addr(), "/-/ready", &[]).is_ok_and(|r| r.status == 200)
-        });
-        assert!(
-            ready,
-            "prometheus not ready after 60 s; log:\n{}",
-            tail(&prom.server.log_text(), 30)
-        );
-        prom
+        }
     }
 
     /// `127.0.0.1:PORT` of its web listener.
@@ -221,20 +219,11 @@ fn unix_now() -> f64 {
 /// `promtool check metrics` on `exposition` (stdin): Ok with its report, Err with its
 /// complaints.
 pub fn promtool_check_metrics(exposition: &str) -> Result<String, String> {
-    let bin = require_binary("promtool", "prometheus");
-    let mut child = Command::new(bin)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start promtool: {e}"));
-    let mut stdin = child.stdin.take().unwrap();
-    let body = exposition.to_string();
-    // Written from a thread so that a promtool that reports early never blocks us.
-    let writer = std::thread::spawn(move || stdin.write_all(body.as_bytes()));
-    let out = child.wait_with_output().unwrap();
-    let _ = writer.join();
+    let out = run_to_end(
+        Command::new(require_binary("promtool", "prometheus")).args(["check", "metrics"]),
+        Some(exposition),
+        Duration::from_secs(120),
+    );
     let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
     if out.status.success() {
         Ok(report)
@@ -243,10 +232,13 @@ pub fn promtool_check_metrics(exposition: &str) -> Result<String, String> {
     }
 }
 
-/// `promtool` run to the end with `args`; its exit status is the caller's to judge.
+/// `promtool` run to the end with `args` in the repository root; its exit status is the
+/// caller's to judge.
 pub fn promtool(args: &[&str]) -> std::process::Output {
     run_to_end(
-        Command::new(require_binary("promtool", "prometheus")).args(args),
+        Command::new(require_binary("promtool", "prometheus"))
+            .args(args)
+            .current_dir(super::repo_root()),
         None,
         Duration::from_secs(120),
     )

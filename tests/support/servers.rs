@@ -2,9 +2,12 @@
 //! upstream (nsd), the forwarders under test (unbound, BIND named, Knot Resolver, dnsdist,
 //! CoreDNS), a silent upstream that never answers, and the DNS clients dig and dnsperf.
 
-use super::process::{tcp_connections_to, tcp_listening, Server};
+use super::analyser::Analyser;
+use super::process::{start_on_free_port, tcp_connections_to, tcp_listening, Server};
+use super::sessions::{describe_all, s_qname};
 use super::sessions::{Expect, UpKind};
-use super::{alloc_port, live_dir, render_to, require_binary, tail, wait_until, TempDir};
+use super::{live_dir, poll_until, render_to, require_binary, wait_until, TempDir};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs;
 use std::net::UdpSocket;
@@ -38,8 +41,9 @@ pub struct SilentUpstream {
 
 impl SilentUpstream {
     pub fn start() -> SilentUpstream {
-        let port = alloc_port();
-        let sock = UdpSocket::bind(("127.0.0.1", port)).expect("bind silent upstream");
+        // Port 0: the kernel picks a free one, which nobody can take before the bind.
+        let sock = UdpSocket::bind(("127.0.0.1", 0)).expect("bind silent upstream");
+        let port = sock.local_addr().unwrap().port();
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         let received = Arc::new(Mutex::new(Received::default()));
@@ -176,24 +180,13 @@ pub fn dig_expect(server: &mut Server, port: u16, query: (&str, &str, bool), wan
     );
 }
 
-/// Polls with dig until the server at `port` answers `qname` (any rcode).
-pub fn wait_dns_ready(server: &mut Server, port: u16, qname: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        server.assert_running();
-        let a = dig(port, qname, "A", false, 1);
-        if a.rcode.is_some() {
-            return;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "{} on port {port} did not answer {qname} within {timeout:?}; log:\n{}",
-                server.name,
-                tail(&server.log_text(), 30)
-            );
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+/// The name the readiness probes ask for (example.test answers it): its sessions are no part
+/// of any expectation.
+pub const PROBE: &str = "ready.example.test";
+
+/// The DNS server at `port` answers a probe (any rcode).
+pub fn answers_dns(port: u16) -> bool {
+    dig(port, PROBE, "A", false, 1).rcode.is_some()
 }
 
 /// Parsed `dnsperf` statistics.
@@ -274,30 +267,25 @@ pub struct Upstream {
 
 pub fn start_nsd(dir: &TempDir) -> Upstream {
     let nsd = require_binary("nsd", "nsd");
-    let port = alloc_port();
     for z in ["example.test.zone", "servfail.test.zone"] {
         fs::copy(live_dir().join(z), dir.join(z)).expect("copy zone file");
     }
-    let conf = render_to(
-        "nsd.conf",
-        dir,
-        "nsd.conf",
-        &[
+    let spawn = |port: u16| {
+        let vars = [
             ("DIR", dir.path().display().to_string()),
             ("PORT", port.to_string()),
-        ],
-    );
-    let mut cmd = Command::new(nsd);
-    cmd.arg("-d").arg("-c").arg(&conf);
-    let mut server = Server::spawn("nsd", cmd, dir.join("nsd.stdout"));
-    wait_dns_ready(
-        &mut server,
-        port,
-        "ready.example.test",
-        Duration::from_secs(15),
-    );
+        ];
+        let conf = render_to("nsd.conf", dir, "nsd.conf", &vars);
+        let mut cmd = Command::new(&nsd);
+        cmd.arg("-d").arg("-c").arg(&conf);
+        Server::spawn("nsd", cmd, dir.join("nsd.stdout"))
+    };
+    let (server, port) = start_on_free_port("nsd", spawn, answers_dns, READY_WITHIN);
     Upstream { port, server }
 }
+
+/// How long a server may take to answer its first query on a loaded machine.
+pub const READY_WITHIN: Duration = Duration::from_secs(60);
 
 /// A forwarder under test: its client port and its process.
 pub struct Forwarder {
@@ -313,24 +301,24 @@ fn start_forwarder(
     (name, package): (&str, &str),
     (upstream, silent): (u16, u16),
     vars: &[(&str, String)],
-    args: impl FnOnce(&mut Command, &Path),
-    ready_within: Duration,
+    args: impl Fn(&mut Command, &Path),
 ) -> Forwarder {
     let bin = require_binary(name, package);
-    let port = alloc_port();
-    let mut all = vec![
-        ("DIR", dir.path().display().to_string()),
-        ("PORT", port.to_string()),
-        ("UPSTREAM", upstream.to_string()),
-        ("SILENT", silent.to_string()),
-    ];
-    all.extend(vars.iter().cloned());
-    let conf_name = format!("{name}.conf");
-    let conf = render_to(&conf_name, dir, &conf_name, &all);
-    let mut cmd = Command::new(bin);
-    args(&mut cmd, &conf);
-    let mut server = Server::spawn(name, cmd, dir.join(&format!("{name}.log")));
-    wait_dns_ready(&mut server, port, "ready.example.test", ready_within);
+    let spawn = |port: u16| {
+        let mut all = vec![
+            ("DIR", dir.path().display().to_string()),
+            ("PORT", port.to_string()),
+            ("UPSTREAM", upstream.to_string()),
+            ("SILENT", silent.to_string()),
+        ];
+        all.extend(vars.iter().cloned());
+        let conf_name = format!("{name}.conf");
+        let conf = render_to(&conf_name, dir, &conf_name, &all);
+        let mut cmd = Command::new(&bin);
+        args(&mut cmd, &conf);
+        Server::spawn(name, cmd, dir.join(&format!("{name}.log")))
+    };
+    let (server, port) = start_on_free_port(name, spawn, answers_dns, READY_WITHIN);
     Forwarder { port, server }
 }
 
@@ -345,7 +333,6 @@ pub fn start_unbound(dir: &TempDir, upstream: u16, silent: u16, tap_port: u16) -
         |cmd, conf| {
             cmd.arg("-d").arg("-c").arg(conf);
         },
-        Duration::from_secs(20),
     )
 }
 
@@ -360,7 +347,6 @@ pub fn start_named(dir: &TempDir, upstream: u16, silent: u16, tap_sock: &Path) -
         |cmd, conf| {
             cmd.arg("-g").arg("-n").arg("1").arg("-c").arg(conf);
         },
-        Duration::from_secs(30),
     )
 }
 
@@ -377,7 +363,6 @@ pub fn start_kresd(dir: &TempDir, upstream: u16, silent: u16, tap_sock: &Path) -
         |cmd, conf| {
             cmd.arg("-n").arg("-c").arg(conf).arg(&rundir);
         },
-        Duration::from_secs(20),
     )
 }
 
@@ -396,7 +381,6 @@ pub fn start_dnsdist(dir: &TempDir, upstream: u16, silent: u16, tap_port: u16) -
                 .arg("-C")
                 .arg(conf);
         },
-        Duration::from_secs(20),
     )
 }
 
@@ -406,28 +390,19 @@ pub fn start_dnsdist(dir: &TempDir, upstream: u16, silent: u16, tap_port: u16) -
 /// connected (the analyser must already listen on `tap_port`). No readiness query: it would
 /// be a session of its own.
 pub fn start_coredns(dir: &TempDir, coredns: &Path, upstream: u16, tap_port: u16) -> Forwarder {
-    let port = alloc_port();
-    let conf = render_to(
-        "Corefile",
-        dir,
-        "Corefile",
-        &[
+    let spawn = |port: u16| {
+        let vars = [
             ("PORT", port.to_string()),
             ("UPSTREAM", upstream.to_string()),
             ("TAP", tap_port.to_string()),
-        ],
-    );
-    let mut cmd = Command::new(coredns);
-    cmd.arg("-conf").arg(&conf);
-    let mut server = Server::spawn("coredns", cmd, dir.join("coredns.log"));
-    wait_until(
-        "CoreDNS to listen and connect its dnstap stream",
-        Duration::from_secs(15),
-        || {
-            server.assert_running();
-            tcp_listening(port) && tcp_connections_to(tap_port) >= 1
-        },
-    );
+        ];
+        let conf = render_to("Corefile", dir, "Corefile", &vars);
+        let mut cmd = Command::new(coredns);
+        cmd.arg("-conf").arg(&conf);
+        Server::spawn("coredns", cmd, dir.join("coredns.log"))
+    };
+    let connected = |port| tcp_listening(port) && tcp_connections_to(tap_port) >= 1;
+    let (server, port) = start_on_free_port("coredns", spawn, connected, READY_WITHIN);
     Forwarder { port, server }
 }
 
@@ -463,6 +438,77 @@ pub fn unbound_silent_query(port: u16, silent: &SilentUpstream) -> usize {
         "unbound sent {attempts} queries to the silent upstream"
     );
     attempts
+}
+
+/// Waits until the forwarder's dnstap stream reaches `an`: asks the forwarder for [`PROBE`]
+/// until the analyser prints a session for it. This proves the whole path, handshakes
+/// included, where a connected socket does not.
+pub fn wait_stream_flowing(an: &Analyser, fwd: &mut Forwarder) {
+    let mut asked: Option<Instant> = None;
+    wait_until(
+        &format!(
+            "a probe's session through {}'s dnstap stream",
+            fwd.server.name
+        ),
+        DELIVERY,
+        || {
+            fwd.server.assert_running();
+            if an.sessions_so_far().iter().any(|s| s_qname(s) == PROBE) {
+                return true;
+            }
+            // A forwarder writes dnstap in batches: ask again only once in a while.
+            if asked.is_none_or(|t| t.elapsed() > Duration::from_secs(2)) {
+                dig(fwd.port, PROBE, "A", false, 1);
+                asked = Some(Instant::now());
+            }
+            false
+        },
+    );
+}
+
+/// Waits until `an` has printed `n` sessions besides the probes' (a forwarder writes dnstap
+/// in batches, and what it has not written when it stops is lost).
+pub fn wait_for_sessions_besides_probes(an: &Analyser, n: usize, what: &str) {
+    let arrived = an.wait_for_sessions(DELIVERY, |sessions| {
+        sessions.iter().filter(|s| s_qname(s) != PROBE).count() >= n
+    });
+    assert!(
+        arrived,
+        "{what}: {n} sessions did not arrive within {DELIVERY:?}; so far:\n{}",
+        describe_all(&an.sessions_so_far())
+    );
+}
+
+/// How long sessions may take to show up: a forwarder's dnstap batching, the analyser's idle
+/// flush, and a loaded machine.
+pub const DELIVERY: Duration = Duration::from_secs(60);
+
+/// Waits until `an` has every message of unbound's standard scenarios and silent query: the
+/// sessions of `run_standard_queries` printed, and the silent query's CQ and `attempts` FQs
+/// received in the session still open (no CR ends it). unbound loses what it has not written
+/// when it stops.
+pub fn wait_for_unbound_scenarios(an: &Analyser, attempts: usize) {
+    let open = 1 + attempts as u64;
+    let mut last = (0, 0);
+    let delivered = poll_until(DELIVERY, || {
+        let sessions = an.sessions_so_far();
+        let printed: Vec<&Value> = sessions.iter().filter(|s| s_qname(s) != PROBE).collect();
+        let in_lines: u64 = sessions
+            .iter()
+            .map(|s| s["messages"].as_array().map_or(0, |m| m.len() as u64))
+            .sum();
+        last = (
+            printed.len(),
+            an.messages_received().saturating_sub(in_lines),
+        );
+        last.0 >= 6 && last.1 >= open
+    });
+    assert!(
+        delivered,
+        "unbound's scenarios: (sessions printed, messages in open sessions) = {last:?} after \
+         {DELIVERY:?}, want (6, {open}); so far:\n{}",
+        describe_all(&an.sessions_so_far())
+    );
 }
 
 /// The sessions of `run_standard_queries` plus one query to the silent upstream (answered

@@ -286,15 +286,6 @@ pub fn start_unbound_tls(
     tls: &UnboundTls<'_>,
 ) -> Forwarder {
     let bin = require_binary("unbound", "unbound");
-    let port = alloc_port();
-    let vars = [
-        ("DIR", dir.path().display().to_string()),
-        ("PORT", port.to_string()),
-        ("UPSTREAM", upstream.to_string()),
-        ("SILENT", silent.to_string()),
-        ("TAP", tap_port.to_string()),
-    ];
-    let plain = render("unbound.conf", &vars);
     let mut settings = format!(
         "dnstap-tls: yes\n    dnstap-tls-server-name: \"localhost\"\n    \
          dnstap-tls-cert-bundle: \"{}\"",
@@ -307,17 +298,22 @@ pub fn start_unbound_tls(
             c.key.display()
         );
     }
-    assert!(plain.contains("dnstap-tls: no"), "unbound.conf changed");
-    let conf = dir.join("unbound-tls.conf");
-    fs::write(&conf, plain.replace("dnstap-tls: no", &settings)).unwrap();
-    let mut cmd = Command::new(bin);
-    cmd.arg("-d").arg("-c").arg(&conf);
-    let mut server = Server::spawn("unbound", cmd, dir.join("unbound.log"));
-    wait_dns_ready(
-        &mut server,
-        port,
-        "ready.example.test",
-        Duration::from_secs(20),
-    );
+    let spawn = |port: u16| {
+        let vars = [
+            ("DIR", dir.path().display().to_string()),
+            ("PORT", port.to_string()),
+            ("UPSTREAM", upstream.to_string()),
+            ("SILENT", silent.to_string()),
+            ("TAP", tap_port.to_string()),
+        ];
+        let plain = render("unbound.conf", &vars);
+        assert!(plain.contains("dnstap-tls: no"), "unbound.conf changed");
+        let conf = dir.join("unbound-tls.conf");
+        fs::write(&conf, plain.replace("dnstap-tls: no", &settings)).unwrap();
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-d").arg("-c").arg(&conf);
+        Server::spawn("unbound", cmd, dir.join("unbound.log"))
+    };
+    let (server, port) = start_on_free_port("unbound", spawn, answers_dns, READY_WITHIN);
     Forwarder { port, server }
 }
