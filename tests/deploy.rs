@@ -50,11 +50,10 @@ fn read(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
-fn scratch_dir(test: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("deploy-{test}"));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
+/// A scratch directory of this test run alone (tests of two runs of one checkout may run at
+/// once), removed at the end unless the test failed.
+fn scratch_dir(test: &str) -> support::TempDir {
+    support::TempDir::new(&format!("deploy-{test}"))
 }
 
 // ---------------------------------------------------------------------------------------------

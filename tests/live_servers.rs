@@ -417,13 +417,21 @@ fn unbound_burst_one_session_per_query() {
         queries,
         "unbound burst: status {by_status:?}"
     );
+    // One answered attempt per miss. Another one is unbound sending the query again when the
+    // answer is later than its first timeout for a fast server (infra-cache-min-rtt, 50 ms):
+    // on a loaded machine that happens, and the analyser rightly shows it as timed out.
+    let mut resent = 0;
     for s in sessions.iter().filter(|s| s_bitmap(s) == 15) {
+        let attempts = s_upstreams(s);
+        let answered = attempts.iter().filter(|a| a["timeout"] != true).count();
         assert_eq!(
-            s_upstreams(s).len(),
+            answered,
             1,
-            "one upstream attempt per miss: {}",
+            "one answered attempt per miss: {}",
             describe(s)
         );
+        resent += attempts.len() - answered;
     }
+    eprintln!("[live] unbound burst: {resent} attempts sent again after a late answer");
     eprintln!("[live] unbound burst: {:.1} s", t0.elapsed().as_secs_f64());
 }

@@ -233,11 +233,10 @@ fn yaml(path: &Path) -> Json {
     serde_json::to_value(y).unwrap()
 }
 
-fn scratch_dir(test: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("monitoring-{test}"));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
+/// A scratch directory of this test run alone (tests of two runs of one checkout may run at
+/// once), removed at the end unless the test failed.
+fn scratch_dir(test: &str) -> support::TempDir {
+    support::TempDir::new(&format!("monitoring-{test}"))
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -824,7 +823,8 @@ fn dashboard_queries_are_valid_promql() {
         "too few dashboard queries: {}",
         rules.len()
     );
-    let file = scratch_dir("dashboard").join("queries.yaml");
+    let dir = scratch_dir("dashboard");
+    let file = dir.join("queries.yaml");
     let doc = json!({"groups": [{"name": "dashboard", "rules": rules}]});
     fs::write(&file, serde_yaml::to_string(&doc).unwrap()).unwrap();
     let report = promtool_ok(&["check", "rules", file.to_str().unwrap()]);

@@ -227,6 +227,14 @@ impl TempDir {
     }
 }
 
+/// A `&TempDir` goes wherever a `&Path` does.
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         if self.keep || thread::panicking() || std::env::var_os("DNSTAP_LIVE_KEEP").is_some() {
