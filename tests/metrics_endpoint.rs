@@ -1,6 +1,7 @@
 //! The metrics endpoint in process: real sockets on 127.0.0.1, plain TcpStream clients.
 
 use dnstap_analyser::correlate::{BitMap, Status, Verdict};
+use dnstap_analyser::diagnosis::Diagnosis;
 use dnstap_analyser::dnstap::{Role, SourceRegistry};
 use dnstap_analyser::metrics::http::MetricsServer;
 use dnstap_analyser::metrics::model::{Telemetry, TelemetryConfig, ThreadKind};
@@ -31,7 +32,7 @@ fn telemetry(stall_after: Duration) -> Arc<Telemetry> {
         loss: None,
         incomplete: None,
     };
-    stats.record_session(id, &ok, Some(150_000), []);
+    stats.record_session(&Diagnosis::from_parts(id, ok, Some(150_000), &[]));
     stats.count_messages(id, Role::ClientQuery, 1);
     stats.count_messages(id, Role::ClientResponse, 1);
     stats.publish();

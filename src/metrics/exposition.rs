@@ -518,10 +518,9 @@ fn sum_into<K: Ord>(mut acc: BTreeMap<K, u64>, (k, v): (K, u64)) -> BTreeMap<K, 
 mod tests {
     use super::*;
     use crate::correlate::{BitMap, LossReason, Status, Verdict};
+    use crate::diagnosis::{Attempt, Diagnosis};
     use crate::dnstap::SourceRegistry;
-    use crate::metrics::model::{
-        AttemptFact, AttemptOutcome, TelemetryConfig, ThreadKind, UpstreamLabel,
-    };
+    use crate::metrics::model::{AttemptOutcome, TelemetryConfig, ThreadKind, UpstreamLabel};
     use crate::metrics::Metrics;
     use std::collections::{BTreeSet, HashMap};
 
@@ -539,16 +538,8 @@ mod tests {
         let plain = sources.intern(b"coredns-1", b"1.11");
         let mut shard = t.thread_stats(ThreadKind::Shard(0));
         let up = Some("10.0.0.1:53".parse().unwrap());
-        let answered = AttemptFact {
-            upstream: up,
-            outcome: AttemptOutcome::Answered,
-            rtt: Some(3_000_000),
-        };
-        let timeout = AttemptFact {
-            upstream: up,
-            outcome: AttemptOutcome::Timeout,
-            rtt: None,
-        };
+        let answered = Attempt::ended(up, AttemptOutcome::Answered, Some(3_000_000));
+        let timeout = Attempt::ended(up, AttemptOutcome::Timeout, None);
         let ok = Verdict {
             status: Status::Succeeded,
             bitmap: BitMap(15),
@@ -568,11 +559,26 @@ mod tests {
             incomplete: None,
         };
         for _ in 0..3 {
-            shard.record_session(nasty, &ok, Some(4_000_000), [answered]);
+            shard.record_session(&Diagnosis::from_parts(
+                nasty,
+                ok,
+                Some(4_000_000),
+                &[answered],
+            ));
         }
-        shard.record_session(plain, &failed, None, [timeout, timeout]);
-        shard.record_session(plain, &lost, None, []);
-        shard.record_session(plain, &ok, Some(20_000_000_000), [answered]);
+        shard.record_session(&Diagnosis::from_parts(
+            plain,
+            failed,
+            None,
+            &[timeout, timeout],
+        ));
+        shard.record_session(&Diagnosis::from_parts(plain, lost, None, &[]));
+        shard.record_session(&Diagnosis::from_parts(
+            plain,
+            ok,
+            Some(20_000_000_000),
+            &[answered],
+        ));
         shard.set_open_sessions(2);
         shard.note_event_time(plain, 1);
         drop(shard);

@@ -12,7 +12,8 @@
 
 use super::health::Health;
 use super::Metrics;
-use crate::correlate::{LossReason, Status, Verdict};
+use crate::correlate::{LossReason, Status};
+use crate::diagnosis::Diagnosis;
 use crate::dnstap::{Nanos, Role, SourceId, SourceRegistry};
 use hashbrown::{HashMap, HashSet};
 use std::hash::Hash;
@@ -21,151 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-/// Why a session ended the way it did: the `cause` label of `sessions_total` and
-/// `client_latency_seconds`. See [`Cause::of`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Cause {
-    /// Succeeded without an upstream leg (cache, zone file, rewrite...).
-    LocalAnswer,
-    /// Succeeded with an answer from an upstream.
-    ForwardedAnswer,
-    /// Failed, and no upstream attempt was answered.
-    UpstreamTimeout,
-    /// Failed, and an upstream answered with an error rcode.
-    UpstreamError,
-    /// Failed with an error rcode to the client that no upstream error explains.
-    ServerError,
-    /// Failed without any response to the client and without a timed-out upstream leg.
-    NoResponse,
-    /// SampleLoss because the sender (CoreDNS) lost messages.
-    SenderLoss,
-    /// SampleLoss because this analyser dropped messages or evicted the session.
-    AnalyserLoss,
-}
-
-impl Cause {
-    pub const ALL: [Cause; 8] = [
-        Cause::LocalAnswer,
-        Cause::ForwardedAnswer,
-        Cause::UpstreamTimeout,
-        Cause::UpstreamError,
-        Cause::ServerError,
-        Cause::NoResponse,
-        Cause::SenderLoss,
-        Cause::AnalyserLoss,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::LocalAnswer => "local_answer",
-            Self::ForwardedAnswer => "forwarded_answer",
-            Self::UpstreamTimeout => "upstream_timeout",
-            Self::UpstreamError => "upstream_error",
-            Self::ServerError => "server_error",
-            Self::NoResponse => "no_response",
-            Self::SenderLoss => "sender_loss",
-            Self::AnalyserLoss => "analyser_loss",
-        }
-    }
-
-    /// Classifies a finished session from its verdict and the outcomes of its upstream
-    /// attempts. SampleLoss is never a DNS failure: it is `analyser_loss` when this analyser
-    /// lost data (queue full, session table full) and `sender_loss` otherwise. A Failed session
-    /// is blamed on the most specific evidence first: an upstream error rcode, then upstream
-    /// attempts of which none was answered, then an error rcode of the server itself, and
-    /// finally the lack of any response.
-    ///
-    /// When the caller knows no attempts (no wire data), the bitmap stands in: an FQ without
-    /// any FR counts as unanswered upstream attempts, an FR as an answer.
-    pub fn of(verdict: &Verdict, attempts: AttemptSummary) -> Cause {
-        let bitmap = verdict.bitmap;
-        let upstream_leg = attempts.total() > 0
-            || bitmap.has(Role::UpstreamQuery)
-            || bitmap.has(Role::UpstreamResponse);
-        let some_answered = if attempts.total() > 0 {
-            attempts.answered + attempts.error_rcode > 0
-        } else {
-            bitmap.has(Role::UpstreamResponse)
-        };
-        match verdict.status {
-            Status::SampleLoss => match verdict.loss {
-                Some(LossReason::AnalyserQueueFull | LossReason::SessionTableFull) => {
-                    Cause::AnalyserLoss
-                }
-                _ => Cause::SenderLoss,
-            },
-            Status::Succeeded if upstream_leg => Cause::ForwardedAnswer,
-            Status::Succeeded => Cause::LocalAnswer,
-            Status::Failed if attempts.error_rcode > 0 => Cause::UpstreamError,
-            Status::Failed if upstream_leg && !some_answered => Cause::UpstreamTimeout,
-            Status::Failed if bitmap.has(Role::ClientResponse) => Cause::ServerError,
-            // Bitmap 1, or an upstream answered but the client never got a response.
-            Status::Failed => Cause::NoResponse,
-        }
-    }
-}
-
-/// The `outcome` label of `upstream_attempts_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum AttemptOutcome {
-    Answered,
-    Timeout,
-    ErrorRcode,
-}
-
-impl AttemptOutcome {
-    pub const ALL: [AttemptOutcome; 3] = [Self::Answered, Self::Timeout, Self::ErrorRcode];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Answered => "answered",
-            Self::Timeout => "timeout",
-            Self::ErrorRcode => "error_rcode",
-        }
-    }
-
-    /// An attempt without a response timed out; NOERROR and NXDOMAIN are answers (as in
-    /// `Session::verdict`), as is a response without wire data; other rcodes are errors.
-    pub fn of(answered: bool, rcode: Option<u16>) -> Self {
-        match (answered, rcode) {
-            (false, _) => Self::Timeout,
-            (true, None | Some(0 | 3)) => Self::Answered,
-            (true, Some(_)) => Self::ErrorRcode,
-        }
-    }
-}
-
-/// How many attempts of a session ended each way; the input of [`Cause::of`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AttemptSummary {
-    pub answered: u32,
-    pub timeout: u32,
-    pub error_rcode: u32,
-}
-
-impl AttemptSummary {
-    pub fn add(&mut self, outcome: AttemptOutcome) {
-        match outcome {
-            AttemptOutcome::Answered => self.answered += 1,
-            AttemptOutcome::Timeout => self.timeout += 1,
-            AttemptOutcome::ErrorRcode => self.error_rcode += 1,
-        }
-    }
-
-    pub fn total(&self) -> u32 {
-        self.answered + self.timeout + self.error_rcode
-    }
-}
-
-/// One upstream attempt of a finished session, as `ThreadStats::record_session` takes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttemptFact {
-    /// The forwarder target; `None` when the sender did not say (counted as `unknown`).
-    pub upstream: Option<SocketAddr>,
-    pub outcome: AttemptOutcome,
-    /// FQ → FR, when both times are known.
-    pub rtt: Option<Nanos>,
-}
+/// The `cause` and `outcome` labels are the diagnosis's, defined once there.
+pub use crate::diagnosis::{AttemptOutcome, Cause};
 
 /// The `type` label of `messages_total`; RESOLVER_* count as FORWARDER_*.
 pub fn message_type_name(role: Role) -> &'static str {
@@ -647,25 +505,16 @@ impl ThreadStats {
         }
     }
 
-    /// Shard thread, once per finished session (where `Metrics::session` is called today):
-    /// counts the session, its attempts, their RTTs and the client latency (CQ → CR), and
-    /// returns the cause it was counted under.
-    pub fn record_session(
-        &mut self,
-        identity: SourceId,
-        verdict: &Verdict,
-        client_latency: Option<Nanos>,
-        attempts: impl IntoIterator<Item = AttemptFact>,
-    ) -> Cause {
-        let identity = self.identity(identity);
-        let mut summary = AttemptSummary::default();
-        for a in attempts {
-            summary.add(a.outcome);
+    /// Shard thread, once per finished session: counts the session under its diagnosed
+    /// cause, its attempts, their RTTs and the client latency (CQ → CR).
+    pub fn record_session(&mut self, d: &Diagnosis) {
+        let identity = self.identity(d.source);
+        for a in &d.attempts {
             let upstream = self.upstream(a.upstream);
             *self
                 .delta
                 .attempts
-                .entry((identity, upstream, a.outcome))
+                .entry((identity, upstream, a.outcome()))
                 .or_insert(0) += 1;
             if let Some(rtt) = a.rtt {
                 self.delta
@@ -675,25 +524,24 @@ impl ThreadStats {
                     .observe(rtt);
             }
         }
-        let cause = Cause::of(verdict, summary);
+        let verdict = &d.verdict;
         let key = SessionKey {
             identity,
             status: verdict.status,
             bitmap: verdict.bitmap.0 & 15,
-            cause,
+            cause: d.cause,
         };
         *self.delta.sessions.entry(key).or_insert(0) += 1;
-        if let Some(latency) = client_latency {
+        if let Some(latency) = d.latency {
             self.delta
                 .client_latency
-                .entry((identity, cause))
+                .entry((identity, d.cause))
                 .or_default()
                 .observe(latency);
         }
         if verdict.loss == Some(LossReason::SessionTableFull) {
             self.delta.evicted += 1;
         }
-        cause
     }
 
     /// Reader thread, per read and stream (not per message): `n` messages of `role` from
@@ -746,7 +594,8 @@ impl Drop for ThreadStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlate::BitMap;
+    use crate::correlate::{BitMap, Verdict};
+    use crate::diagnosis::Attempt;
 
     fn verdict(status: Status, bitmap: u8, loss: Option<LossReason>) -> Verdict {
         Verdict {
@@ -755,86 +604,6 @@ mod tests {
             loss,
             incomplete: None,
         }
-    }
-
-    fn summary(outcomes: &[AttemptOutcome]) -> AttemptSummary {
-        let mut s = AttemptSummary::default();
-        for &o in outcomes {
-            s.add(o);
-        }
-        s
-    }
-
-    use AttemptOutcome::*;
-
-    #[test]
-    fn successes_split_by_upstream_leg() {
-        let none = AttemptSummary::default();
-        let v = verdict(Status::Succeeded, 3, None);
-        assert_eq!(Cause::of(&v, none), Cause::LocalAnswer);
-        let v = verdict(Status::Succeeded, 15, None);
-        assert_eq!(Cause::of(&v, summary(&[Answered])), Cause::ForwardedAnswer);
-        // Known from the bitmap alone when no attempts were given.
-        assert_eq!(Cause::of(&v, none), Cause::ForwardedAnswer);
-    }
-
-    #[test]
-    fn failures_blame_the_most_specific_evidence() {
-        let none = AttemptSummary::default();
-        // CQ + FQ, nothing answered: the upstream timed out.
-        let v = verdict(Status::Failed, 5, None);
-        assert_eq!(Cause::of(&v, summary(&[Timeout])), Cause::UpstreamTimeout);
-        assert_eq!(Cause::of(&v, none), Cause::UpstreamTimeout);
-        // SERVFAIL to the client after every attempt timed out is still the upstream's doing.
-        let v = verdict(Status::Failed, 7, None);
-        assert_eq!(
-            Cause::of(&v, summary(&[Timeout, Timeout])),
-            Cause::UpstreamTimeout
-        );
-        // An upstream error rcode wins over timeouts of other attempts.
-        let v = verdict(Status::Failed, 15, None);
-        assert_eq!(
-            Cause::of(&v, summary(&[Timeout, ErrorRcode])),
-            Cause::UpstreamError
-        );
-        // The upstream answered fine but the client got an error: the server's own.
-        assert_eq!(Cause::of(&v, summary(&[Answered])), Cause::ServerError);
-        let v = verdict(Status::Failed, 3, None);
-        assert_eq!(Cause::of(&v, none), Cause::ServerError);
-        // Nothing at all after the CQ.
-        let v = verdict(Status::Failed, 1, None);
-        assert_eq!(Cause::of(&v, none), Cause::NoResponse);
-        // An answered upstream but no response to the client.
-        let v = verdict(Status::Failed, 13, None);
-        assert_eq!(Cause::of(&v, summary(&[Answered])), Cause::NoResponse);
-    }
-
-    #[test]
-    fn sample_loss_is_never_a_dns_failure() {
-        let none = AttemptSummary::default();
-        for (loss, cause) in [
-            (LossReason::AnalyserQueueFull, Cause::AnalyserLoss),
-            (LossReason::SessionTableFull, Cause::AnalyserLoss),
-            (LossReason::SenderLoss, Cause::SenderLoss),
-            (LossReason::ClientQueryMissing, Cause::SenderLoss),
-            (LossReason::UpstreamResponseMissing, Cause::SenderLoss),
-            (LossReason::UpstreamQueryMissing, Cause::SenderLoss),
-            (LossReason::ClientResponseMissing, Cause::SenderLoss),
-        ] {
-            let v = verdict(Status::SampleLoss, 5, Some(loss));
-            assert_eq!(Cause::of(&v, summary(&[Timeout])), cause, "{loss:?}");
-            assert_eq!(Cause::of(&v, none), cause, "{loss:?}");
-        }
-    }
-
-    #[test]
-    fn attempt_outcomes_follow_the_verdict_rcodes() {
-        assert_eq!(AttemptOutcome::of(false, None), Timeout);
-        assert_eq!(AttemptOutcome::of(true, Some(0)), Answered);
-        assert_eq!(AttemptOutcome::of(true, Some(3)), Answered);
-        assert_eq!(AttemptOutcome::of(true, None), Answered);
-        assert_eq!(AttemptOutcome::of(true, Some(2)), ErrorRcode);
-        assert_eq!(AttemptOutcome::of(true, Some(5)), ErrorRcode);
     }
 
     #[test]
@@ -868,18 +637,18 @@ mod tests {
         let a = sources.intern(b"pod-a", b"");
         let up: SocketAddr = "10.0.0.1:53".parse().unwrap();
         let v = verdict(Status::Failed, 5, None);
-        let timeout = AttemptFact {
-            upstream: Some(up),
-            outcome: Timeout,
-            rtt: None,
-        };
+        let timeout = Attempt::ended(Some(up), AttemptOutcome::Timeout, None);
         let mut s0 = t.thread_stats(ThreadKind::Shard(0));
         let mut s1 = t.thread_stats(ThreadKind::Shard(1));
-        assert_eq!(
-            s0.record_session(a, &v, None, [timeout]),
-            Cause::UpstreamTimeout
-        );
-        s1.record_session(a, &v, Some(2_000_000), [timeout, timeout]);
+        let once = Diagnosis::from_parts(a, v, None, &[timeout]);
+        assert_eq!(once.cause, Cause::UpstreamTimeout);
+        s0.record_session(&once);
+        s1.record_session(&Diagnosis::from_parts(
+            a,
+            v,
+            Some(2_000_000),
+            &[timeout, timeout],
+        ));
         assert!(t.snapshot().counts.sessions.is_empty());
         s0.publish();
         s1.publish();
@@ -892,13 +661,17 @@ mod tests {
             cause: Cause::UpstreamTimeout,
         };
         assert_eq!(snap.counts.sessions[&key], 2);
-        let akey = (IdentityLabel::Source(a), UpstreamLabel::Addr(up), Timeout);
+        let akey = (
+            IdentityLabel::Source(a),
+            UpstreamLabel::Addr(up),
+            AttemptOutcome::Timeout,
+        );
         assert_eq!(snap.counts.attempts[&akey], 3);
         let lat = &snap.counts.client_latency[&(IdentityLabel::Source(a), Cause::UpstreamTimeout)];
         assert_eq!(lat.count(), 1);
         assert_eq!(snap.open_sessions, vec![(0, 0), (1, 7)]);
         // Publishing again adds only what is new.
-        s0.record_session(a, &v, None, []);
+        s0.record_session(&Diagnosis::from_parts(a, v, None, &[]));
         drop(s0);
         assert_eq!(t.snapshot().counts.sessions[&key], 3);
     }
@@ -920,12 +693,9 @@ mod tests {
         }
         let v = verdict(Status::Succeeded, 15, None);
         for port in [53, 54, 55] {
-            let a = AttemptFact {
-                upstream: Some(SocketAddr::from(([10, 0, 0, 1], port))),
-                outcome: Answered,
-                rtt: Some(1000),
-            };
-            s.record_session(ids[0], &v, None, [a]);
+            let up = Some(SocketAddr::from(([10, 0, 0, 1], port)));
+            let a = Attempt::ended(up, AttemptOutcome::Answered, Some(1000));
+            s.record_session(&Diagnosis::from_parts(ids[0], v, None, &[a]));
         }
         s.publish();
         let c = t.snapshot().counts;
@@ -950,12 +720,12 @@ mod tests {
         let a = sources.intern(b"pod-a", b"");
         let mut s = t.thread_stats(ThreadKind::Shard(0));
         let v = verdict(Status::Succeeded, 3, None);
-        s.record_session(a, &v, Some(1), []);
+        s.record_session(&Diagnosis::from_parts(a, v, Some(1), &[]));
         s.publish();
         let cap = s.delta.sessions.capacity();
         assert!(cap > 0);
         for _ in 0..1000 {
-            s.record_session(a, &v, Some(1), []);
+            s.record_session(&Diagnosis::from_parts(a, v, Some(1), &[]));
         }
         s.publish();
         assert_eq!(s.delta.sessions.capacity(), cap);

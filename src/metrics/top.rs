@@ -36,9 +36,9 @@
 //! Bounded whatever the senders send: per shard, `buckets + 1` buckets (the published ring and
 //! the current one) of three summaries of `K` counters; a qname key is cut to
 //! [`MAX_QNAME_BYTES`] (its rightmost labels, which name the zone, are kept), clients are IP
-//! addresses (no port), upstreams socket addresses. A counter takes at most 112 bytes plus, for
+//! addresses (no port), upstreams socket addresses. A counter takes at most 128 bytes plus, for
 //! a qname, a key buffer of at most 2 × [`MAX_QNAME_BYTES`] (amortized growth); with K = 100 and
-//! 10 buckets that is at most 11 × 100 × (368 + 112 + 112) bytes ≈ 0.65 MB per shard, plus the
+//! 10 buckets that is at most 11 × 100 × (384 + 128 + 128) bytes ≈ 0.70 MB per shard, plus the
 //! index of the current bucket. Buffers are reused: in steady state recording allocates
 //! nothing, and publishing copies into the buffers of the bucket it overwrites.
 
@@ -975,9 +975,9 @@ mod tests {
         assert_eq!(shard.current.clients.summary().counters().len(), 1);
         // The sizes the module doc's memory bound is made of.
         use std::mem::size_of;
-        assert!(size_of::<Counter<String>>() <= 112);
-        assert!(size_of::<Counter<IpAddr>>() <= 112);
-        assert!(size_of::<Counter<SocketAddr>>() <= 112);
+        assert!(size_of::<Counter<String>>() <= 128);
+        assert!(size_of::<Counter<IpAddr>>() <= 128);
+        assert!(size_of::<Counter<SocketAddr>>() <= 128);
     }
 
     #[test]
