@@ -182,13 +182,39 @@ fn i_reconnect_reports_what_was_lost() {
     }
 }
 
+/// `time` (the CQ's query_time, RFC 3339 UTC with nanoseconds) and `cause` (one of the metrics'
+/// cause label values) on every line of the burst, Failed or not.
+#[test]
+fn every_line_has_its_time_and_cause() {
+    let out = read(&[coredns_fixture("h_burst_5k.fstrm")], &[]);
+    assert_eq!(out.sessions.len(), 5000);
+    let causes: Vec<&str> = dnstap_analyser::diagnosis::Cause::ALL
+        .iter()
+        .map(|c| c.name())
+        .collect();
+    for s in &out.sessions {
+        let time = s["time"].as_str().unwrap_or_else(|| panic!("no time: {s}"));
+        assert_eq!(time.len(), "2026-11-25T17:16:02.500000000Z".len(), "{time}");
+        assert!(time.ends_with('Z'), "{time}");
+        let cq = &s["messages"][0];
+        assert_eq!(cq["type"], "CLIENT_QUERY");
+        assert_eq!(cq["query_time"], time);
+        let cause = s["cause"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no cause: {s}"));
+        assert!(causes.contains(&cause), "{cause}");
+    }
+}
+
 #[test]
 fn every_line_carries_the_documented_fields() {
     let out = read(&[coredns_fixture("b_forward.fstrm")], &[]);
     let s = &out.sessions[0];
     for field in [
+        "time",
         "status",
         "bitmap",
+        "cause",
         "diagnosis",
         "identity",
         "client",
@@ -260,7 +286,11 @@ fn log_filter_and_text_format() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert_eq!(text.lines().count(), 3);
     for line in text.lines() {
-        assert!(line.starts_with("Status: "), "{line}");
+        assert!(line.starts_with("Time: 2026-"), "{line}");
+        assert!(
+            line.contains(" Status: ") && line.contains(" Cause: "),
+            "{line}"
+        );
         assert!(
             line.contains(" BitMap: ") && line.contains(" Messages: ["),
             "{line}"

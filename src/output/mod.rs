@@ -149,12 +149,19 @@ impl Renderer {
             Format::Json => {
                 let mut j = Json::new(out);
                 j.begin_object();
+                // Time first: log pipelines index it instead of the time they got the line.
+                j.key("time");
+                match d.time {
+                    Some(t) => j.time(t),
+                    None => j.null(),
+                }
                 j.field_str("status", v.status.name());
                 j.field_uint("bitmap", v.bitmap.0 as u64);
                 if let Some(rate) = sample_rate {
                     j.key("sample_rate");
                     j.float(rate);
                 }
+                j.field_str("cause", d.cause.name());
                 j.field_str("diagnosis", &diagnosis);
                 j.field_str("identity", &identity);
                 j.field_str("version", &version);
@@ -169,10 +176,16 @@ impl Renderer {
                 use std::io::Write;
                 // Every string a sender controls goes through `text::escape_into`: one
                 // physical line per session, whatever the identity or the name holds.
-                let _ = write!(out, "Status: {} BitMap: {}", v.status.name(), v.bitmap.0);
+                out.extend_from_slice(b"Time: ");
+                match d.time {
+                    Some(t) => json::write_rfc3339(out, t),
+                    None => out.push(b'-'),
+                }
+                let _ = write!(out, " Status: {} BitMap: {}", v.status.name(), v.bitmap.0);
                 if let Some(rate) = sample_rate {
                     let _ = write!(out, " SampleRate: {rate}");
                 }
+                let _ = write!(out, " Cause: {}", d.cause.name());
                 out.extend_from_slice(b" Identity: ");
                 text::escape_into(out, &identity);
                 let _ = write!(
@@ -548,13 +561,30 @@ mod tests {
         assert!(text.ends_with('\n'));
         assert!(!text.contains('\r'));
         let escaped = r"vm\nStatus: Succeeded BitMap: 15 Identity: forged\rStatus: Failed\t\\";
-        assert!(text.starts_with(&format!(
-            "Status: Succeeded BitMap: 3 Identity: {escaped} Client: "
+        assert!(text.contains(&format!(
+            " Status: Succeeded BitMap: 3 Cause: local_answer Identity: {escaped} Client: "
         )));
         assert!(
             text.contains(&format!("Diagnosis: {escaped} answered NOERROR itself")),
             "{text}"
         );
+    }
+
+    #[test]
+    fn every_line_starts_with_the_time_of_its_client_query_and_says_its_cause() {
+        let raw = render(HOSTS, "vm", Format::Json, None);
+        assert!(raw.starts_with("{\"time\":\"2026-"), "{raw}");
+        let json = json_lines(&raw);
+        let cq_time = &json[0]["messages"][0]["query_time"];
+        assert_eq!(json[0]["messages"][0]["type"], "CLIENT_QUERY");
+        assert_eq!(&json[0]["time"], cq_time);
+        assert_eq!(json[0]["cause"], "local_answer");
+        let text = render(HOSTS, "vm", Format::Text, None);
+        let expected = format!("Time: {} Status: ", cq_time.as_str().unwrap());
+        assert!(text.starts_with(&expected), "{text}");
+        // A CQ that no longer decodes still has the time it was correlated with.
+        let json = json_lines(&render(HOSTS, "vm", Format::Json, Some(GARBLED)));
+        assert_eq!(json[0]["time"], json[0]["messages"][1]["query_time"]);
     }
 
     #[test]
@@ -592,13 +622,15 @@ mod tests {
             sampled(0.25, Messages::Failed),
         );
         assert!(
-            line.starts_with("Status: Succeeded BitMap: 3 SampleRate: 0.25 Identity: vm "),
+            line.contains(
+                " Status: Succeeded BitMap: 3 SampleRate: 0.25 Cause: local_answer Identity: vm "
+            ),
             "{line}"
         );
         assert!(!line.contains("Messages:"), "{line}");
         assert!(line.contains(" Rcode: NOERROR Latency: "), "{line}");
         let all = render_with(HOSTS, "vm", Format::Text, None, sampled(1.0, Messages::All));
-        assert!(all.starts_with("Status: Succeeded BitMap: 3 Identity: vm "));
+        assert!(all.contains(" Status: Succeeded BitMap: 3 Cause: local_answer Identity: vm "));
         assert!(all.contains(" Messages: [{"), "{all}");
     }
 
@@ -632,7 +664,7 @@ mod tests {
         assert_eq!(bare[0], full);
         let text = render_with("e_servfail.fstrm", "vm", Format::Text, None, options);
         assert!(
-            text.starts_with("Status: Failed BitMap: 15 Identity: vm "),
+            text.contains(" Status: Failed BitMap: 15 Cause: upstream_error Identity: vm "),
             "{text}"
         );
         assert!(!text.contains("Messages:"), "{text}");
