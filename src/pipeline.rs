@@ -15,6 +15,7 @@ const _: () = assert!(
     crate::ingest::net::CUT_OFF_AFTER.as_secs() < correlate::IDLE_LAG.as_secs(),
     "CUT_OFF_AFTER must be shorter than IDLE_LAG"
 );
+use crate::diagnosis::recall::RecallConfig;
 use crate::ingest::limits::{ConnectionLimits, Slots};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
 use crate::ingest::tls::{TlsAcceptor, TlsFiles};
@@ -54,6 +55,8 @@ pub struct Settings {
     pub tls: Option<TlsFiles>,
     /// Identities, their expiry, plausible event times.
     pub senders: SenderLimits,
+    /// `--cache-window`, `--upstream-failing-window`.
+    pub recall: RecallConfig,
     pub log: LogFilter,
     /// `--sample-succeeded`, `--messages`.
     pub lines: LineOptions,
@@ -81,6 +84,7 @@ impl Default for Settings {
             frame_buffer_budget: 64 << 20,
             tls: None,
             senders: SenderLimits::default(),
+            recall: RecallConfig::default(),
             log: LogFilter::ALL,
             lines: LineOptions::default(),
             format: Format::Json,
@@ -267,6 +271,7 @@ fn start_backend(
         max_frame_size: s.max_frame_size,
         session_timeout: s.correlate.session_timeout,
         limits: s.senders,
+        recall: s.recall,
     };
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<u8>>(64);
     let heartbeat = telemetry.health.stage("writer", None);

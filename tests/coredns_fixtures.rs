@@ -182,6 +182,38 @@ fn i_reconnect_reports_what_was_lost() {
     }
 }
 
+/// CoreDNS's cache replays an upstream's SERVFAIL for 5 s. In the burst, each s0–s4.broken.test
+/// SERVFAIL forwarded to the upstream is followed by local SERVFAILs for the same name (275 in
+/// all): each is `cached_upstream_error`, naming the upstream, however the sessions are spread
+/// over shards (the key includes the DNS id, so a replay and its origin rarely share one).
+#[test]
+fn cached_servfails_are_blamed_on_the_upstream_at_any_shard_count() {
+    for shards in ["1", "4"] {
+        let out = read(
+            &[coredns_fixture("h_burst_5k.fstrm")],
+            &["--shards", shards, "--log", "failed", "--messages", "none"],
+        );
+        let local: Vec<_> = out.sessions.iter().filter(|s| s["bitmap"] == 3).collect();
+        assert_eq!(local.len(), 275, "--shards {shards}");
+        for s in local {
+            assert_eq!(s["rcode"], "SERVFAIL", "{s}");
+            assert!(
+                s["qname"].as_str().unwrap().ends_with(".broken.test."),
+                "{s}"
+            );
+            assert_eq!(
+                s["cause"], "cached_upstream_error",
+                "--shards {shards}: {s}"
+            );
+            let d = s["diagnosis"].as_str().unwrap();
+            assert!(
+                d.contains("from its cache: upstream 127.0.0.1:15401 answered SERVFAIL"),
+                "{d}"
+            );
+        }
+    }
+}
+
 /// `time` (the CQ's query_time, RFC 3339 UTC with nanoseconds) and `cause` (one of the metrics'
 /// cause label values) on every line of the burst, Failed or not.
 #[test]

@@ -90,6 +90,7 @@ const EXPOSITION: &[Metric] = &[
     metric("dnstap_analyser_queue_capacity_events", Kind::Gauge, &[]),
     metric("dnstap_analyser_open_sessions", Kind::Gauge, &["shard"]),
     metric("dnstap_analyser_sessions_evicted_total", Kind::Counter, &[]),
+    metric("dnstap_analyser_recall_forgotten_total", Kind::Counter, &[]),
     metric("dnstap_analyser_connections_open", Kind::Gauge, &[]),
     metric(
         "dnstap_analyser_connections_accepted_total",
@@ -138,7 +139,9 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
             "forwarded_answer",
             "upstream_timeout",
             "upstream_error",
+            "cached_upstream_error",
             "server_error",
+            "rejected_upstream_failing",
             "no_response",
             "sender_loss",
             "analyser_loss",
@@ -611,13 +614,13 @@ fn alert_rule_unit_tests_catch_broken_rules() {
         ),
         (
             "SampleLoss counted as a failure",
-            r#"{status="Failed", cause=~"upstream_error|server_error"}"#,
-            r#"{status=~"Failed|SampleLoss", cause=~"upstream_error|server_error|sender_loss"}"#,
+            r#"{status="Failed", cause=~"upstream_error|cached_upstream_error|server_error"}"#,
+            r#"{status=~"Failed|SampleLoss", cause=~"upstream_error|cached_upstream_error|server_error|sender_loss"}"#,
         ),
         (
             "timeouts counted as error rcodes",
-            r#"cause=~"upstream_error|server_error""#,
-            r#"cause=~"upstream_error|server_error|upstream_timeout|no_response""#,
+            r#"cause=~"upstream_error|cached_upstream_error|server_error""#,
+            r#"cause=~"upstream_error|cached_upstream_error|server_error|upstream_timeout|no_response""#,
         ),
         (
             "no rate floor on upstream attempts",

@@ -1,7 +1,7 @@
 //! A session (every message of one client request) and its verdict.
 
 use super::store::MessageRef;
-use crate::dnstap::{Nanos, Role, SenderProfile, SourceId};
+use crate::dnstap::{Nanos, Recollection, Role, SenderProfile, SourceId};
 use smallvec::SmallVec;
 
 /// 1 CQ | 2 CR | 4 FQ/RQ | 8 FR/RR.
@@ -235,6 +235,8 @@ pub struct Session {
     pub(super) completed: bool,
     /// True when the sender sent wire messages (CoreDNS `full`).
     pub has_wire: bool,
+    /// What the stream showed before the session's client messages (`diagnosis::recall`).
+    pub recalled: Recollection,
 }
 
 impl Session {
@@ -265,6 +267,7 @@ impl Session {
             drop_epoch_at_open: 0,
             completed: false,
             has_wire,
+            recalled: Recollection::Nothing,
         }
     }
 

@@ -11,12 +11,13 @@
 //! shard does for Failed and printed sessions), still once.
 
 mod cause;
+pub mod recall;
 
 pub use cause::{AttemptOutcome, AttemptSummary, Cause, Recalled};
 
 use crate::correlate::{BitMap, MessageStore, Session, Status, Verdict};
 use crate::dns::rcode_name;
-use crate::dnstap::{self, Nanos, Role, SocketProtocol, SourceId};
+use crate::dnstap::{self, Nanos, Recollection, Role, SocketProtocol, SourceId};
 use std::net::SocketAddr;
 
 /// One upstream attempt: an FQ/RQ and the FR/RR that answered it, if any.
@@ -77,6 +78,9 @@ pub struct Diagnosis {
     /// CQ query_time → CR response_time.
     pub latency: Option<Nanos>,
     pub attempts: Vec<Attempt>,
+    /// What the stream showed before the session (a recent upstream answer to the same
+    /// question, or the sender's failing upstream); the cause says whether it explains it.
+    pub recalled: Recollection,
     pub cause: Cause,
     /// The sender logged DNS messages (`full`).
     pub has_wire: bool,
@@ -104,6 +108,7 @@ impl Default for Diagnosis {
             rcode: None,
             latency: None,
             attempts: Vec::new(),
+            recalled: Recollection::Nothing,
             cause: Cause::NoResponse,
             has_wire: true,
             client_side_read: false,
@@ -162,7 +167,8 @@ impl Diagnosis {
         (self.client, self.protocol) = (None, None);
         (self.qtype, self.qclass, self.has_qname) = (None, None, false);
         pair_attempts(s, store, &mut self.attempts);
-        self.cause = Cause::of(&verdict, self.summary(), self.rcode, Recalled::Nothing);
+        self.recalled = s.recalled;
+        self.cause = Cause::of(&verdict, self.summary(), self.rcode, recalled(s.recalled));
     }
 
     /// Reads the client, protocol and question of the session `self` was refilled from, once:
@@ -237,7 +243,9 @@ impl Diagnosis {
             .unwrap_or_default();
         let upstreams = self.upstream_list();
         let tries = self.attempts.len();
-        let mut text = if let Some(loss) = v.loss {
+        let mut text = if let Some(text) = self.recalled_sentence(who, &rcode, &latency) {
+            text
+        } else if let Some(loss) = v.loss {
             format!(
                 "Incomplete sample: {}; seen: {}.",
                 loss.explain(),
@@ -303,16 +311,59 @@ impl Diagnosis {
         text
     }
 
+    /// The sentence of the two causes the stream explains rather than the session.
+    fn recalled_sentence(&self, who: &str, rcode: &str, latency: &str) -> Option<String> {
+        match (self.cause, self.recalled) {
+            (
+                Cause::CachedUpstreamError,
+                Recollection::UpstreamAnswered { upstream, age, .. },
+            ) => Some(format!(
+                "{who} answered {rcode}{latency} from its cache: upstream {} answered {rcode} for this question {} earlier (CoreDNS caches SERVFAIL 5 s by default): the upstream is failing for this name.",
+                upstream_name(upstream),
+                seconds(age),
+            )),
+            (
+                Cause::RejectedUpstreamFailing,
+                Recollection::UpstreamFailing { upstream, timed_out, age },
+            ) => Some(format!(
+                "No response and no upstream query while {who}'s upstream {} was failing ({} {} before): the client most likely got REFUSED from forward's max_concurrent as queries piled up behind the failing upstream (or SERVFAIL from a plugin error), outside the tap.",
+                upstream_name(upstream),
+                if timed_out { "an attempt timed out" } else { "it answered an error" },
+                seconds(age),
+            )),
+            _ => None,
+        }
+    }
+
     fn upstream_list(&self) -> String {
-        let names: Vec<String> = self
-            .upstreams()
-            .map(|u| u.map_or("an unknown upstream".to_string(), |x| x.to_string()))
-            .collect();
+        let names: Vec<String> = self.upstreams().map(upstream_name).collect();
         if names.is_empty() {
             "an upstream".into()
         } else {
             names.join(", ")
         }
+    }
+}
+
+/// What of a recollection the cause weighs.
+fn recalled(r: Recollection) -> Recalled {
+    match r {
+        Recollection::Nothing => Recalled::Nothing,
+        Recollection::UpstreamAnswered { rcode, .. } => Recalled::UpstreamRcode(rcode),
+        Recollection::UpstreamFailing { .. } => Recalled::UpstreamFailing,
+    }
+}
+
+/// "127.0.0.1:53" or "an unknown upstream".
+fn upstream_name(u: Option<SocketAddr>) -> String {
+    u.map_or("an unknown upstream".to_string(), |x| x.to_string())
+}
+
+fn seconds(age: Nanos) -> String {
+    if age < 1_000_000_000 {
+        format!("{:.1} ms", age as f64 / 1e6)
+    } else {
+        format!("{:.1} s", age as f64 / 1e9)
     }
 }
 

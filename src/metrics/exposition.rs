@@ -396,6 +396,15 @@ impl Families {
             MetricType::Counter,
         )?;
         counter(&mut m, [], c.evicted)?;
+        let mut m = family(
+            enc,
+            "recall_forgotten",
+            "Upstream answers and attempts a stream forgot within their windows to stay bounded: cached_upstream_error and rejected_upstream_failing may be missed for them.",
+            None,
+            MetricType::Counter,
+        )?;
+        let forgotten = self.telemetry.metrics.recall_forgotten.load(Relaxed);
+        counter(&mut m, [], forgotten)?;
 
         self.connections(enc, snap)?;
 
