@@ -214,6 +214,43 @@ fn cached_servfails_are_blamed_on_the_upstream_at_any_shard_count() {
     }
 }
 
+/// CoreDNS ≥ 1.11's `extra` (here the 1.14.7 dnstap plugin on 1.10.1, `Corefile.extra`): one
+/// server block says `namespace=team-a;pod=web-1`, the other `client={remote}`. The workload
+/// reaches the line; without `namespace=`/`pod=` only the raw `extra` does.
+#[test]
+fn the_workload_in_extra_reaches_the_line() {
+    let out = read(&[coredns_fixture("j_extra.fstrm")], &["--messages", "none"]);
+    assert_eq!(out.sessions.len(), 5);
+    let team_a: Vec<_> = out
+        .sessions
+        .iter()
+        .filter(|s| s["extra"] == "namespace=team-a;pod=web-1")
+        .collect();
+    assert_eq!(team_a.len(), 3);
+    for s in team_a {
+        assert_eq!(s["client_namespace"], "team-a", "{s}");
+        assert_eq!(s["client_pod"], "web-1", "{s}");
+    }
+    let remote: Vec<_> = out
+        .sessions
+        .iter()
+        .filter(|s| s["extra"] == "client=127.0.0.1")
+        .collect();
+    assert_eq!(remote.len(), 2);
+    for s in remote {
+        assert!(
+            s["client_namespace"].is_null() && s["client_pod"].is_null(),
+            "{s}"
+        );
+    }
+    // A plugin's SERVFAIL (template) is written outside the tap: a lone CQ.
+    let lone = out.sessions.iter().filter(|s| s["bitmap"] == 1).count();
+    assert_eq!(lone, 2);
+    // Captures without extra have no such fields.
+    let plain = read(&[coredns_fixture("a_hosts.fstrm")], &[]);
+    assert!(plain.sessions[0].get("extra").is_none());
+}
+
 /// `time` (the CQ's query_time, RFC 3339 UTC with nanoseconds) and `cause` (one of the metrics'
 /// cause label values) on every line of the burst, Failed or not.
 #[test]

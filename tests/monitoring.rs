@@ -47,7 +47,7 @@ const EXPOSITION: &[Metric] = &[
     metric(
         "dnstap_analyser_sessions_total",
         Kind::Counter,
-        &["identity", "status", "bitmap", "cause"],
+        &["identity", "namespace", "status", "bitmap", "cause"],
     ),
     metric(
         "dnstap_analyser_upstream_attempts_total",
@@ -191,7 +191,7 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
             "tls_error",
         ],
         ("dnstap_analyser_tls_certificate_reloads_total", "result") => &["ok", "error"],
-        (_, "label") => &["identity", "upstream"],
+        (_, "label") => &["identity", "upstream", "namespace"],
         _ => return None,
     })
 }

@@ -644,7 +644,7 @@ impl Correlator {
             return;
         }
         let mut bytes = self.pending.take().unwrap_or_else(|| self.store.put(&[]));
-        let mut flags = 0;
+        let mut flags = if ev.has_extra { Message::EXTRA } else { 0 };
         let cq = s.messages.iter().find(|m| m.role == Role::ClientQuery);
         if let (Role::UpstreamQuery, Some(cq)) = (ev.role, cq) {
             if let Some(stripped) =
@@ -809,6 +809,7 @@ mod tests {
                 .then(|| ([10, 0, 0, 2], 53).into()),
             protocol: None,
             recalled: Recollection::Nothing,
+            has_extra: false,
             watermark: 0,
             loss_seq: 0,
             drops_before: 0,

@@ -94,6 +94,8 @@ pub struct Message {
 impl Message {
     pub const REPEAT: u8 = 1;
     pub const QUERY_FROM_CQ: u8 = 2;
+    /// The stored bytes end with the frame's `extra` (`dnstap::append_extra`).
+    pub const EXTRA: u8 = 4;
 
     pub fn time(&self) -> Option<Nanos> {
         (self.time != 0).then_some(self.time)

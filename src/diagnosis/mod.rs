@@ -15,7 +15,7 @@ pub mod recall;
 
 pub use cause::{AttemptOutcome, AttemptSummary, Cause, Recalled};
 
-use crate::correlate::{BitMap, MessageStore, Session, Status, Verdict};
+use crate::correlate::{BitMap, Message, MessageStore, Session, Status, Verdict};
 use crate::dns::rcode_name;
 use crate::dnstap::{self, Nanos, Recollection, Role, SocketProtocol, SourceId};
 use std::net::SocketAddr;
@@ -86,6 +86,12 @@ pub struct Diagnosis {
     pub has_wire: bool,
     /// `client`, `protocol` and the question have been read for this session.
     client_side_read: bool,
+    /// The client message's `extra` (at most `dnstap::wire::MAX_EXTRA` bytes) and where its
+    /// `namespace=` and `pod=` values lie in it.
+    extra: Vec<u8>,
+    has_extra: bool,
+    namespace: Option<std::ops::Range<usize>>,
+    pod: Option<std::ops::Range<usize>>,
 }
 
 impl Default for Diagnosis {
@@ -112,6 +118,10 @@ impl Default for Diagnosis {
             cause: Cause::NoResponse,
             has_wire: true,
             client_side_read: false,
+            extra: Vec::new(),
+            has_extra: false,
+            namespace: None,
+            pod: None,
         }
     }
 }
@@ -166,6 +176,11 @@ impl Diagnosis {
         self.client_side_read = false;
         (self.client, self.protocol) = (None, None);
         (self.qtype, self.qclass, self.has_qname) = (None, None, false);
+        (self.has_extra, self.namespace, self.pod) = (false, None, None);
+        // The workload is a label of the session counters: read it now when there is one.
+        if s.messages.iter().any(|m| m.flags & Message::EXTRA != 0) {
+            self.read_client_side(s, store);
+        }
         pair_attempts(s, store, &mut self.attempts);
         self.recalled = s.recalled;
         self.cause = Cause::of(&verdict, self.summary(), self.rcode, recalled(s.recalled));
@@ -188,6 +203,9 @@ impl Diagnosis {
                 self.client = dnstap::socket(f.query_address, f.query_port);
                 self.protocol = f.protocol;
             }
+            if let (false, Some(extra)) = (self.has_extra, f.extra) {
+                self.read_extra(extra);
+            }
             let wire = if m.role.is_response() {
                 f.response_message
             } else {
@@ -204,6 +222,51 @@ impl Diagnosis {
                 return;
             }
         }
+    }
+
+    /// Keeps the sender's `extra` and finds the workload in it: `key=value` pairs separated by
+    /// `;`, `,` or spaces, of which `namespace` and `pod` are read.
+    fn read_extra(&mut self, extra: &[u8]) {
+        self.extra.clear();
+        self.extra.extend_from_slice(extra);
+        self.has_extra = true;
+        let mut start = 0;
+        for part in extra.split(|b| matches!(b, b';' | b',' | b' ')) {
+            let end = start + part.len();
+            if let Some(eq) = part.iter().position(|&b| b == b'=') {
+                let value = start + eq + 1..end;
+                let valid = !value.is_empty() && std::str::from_utf8(&extra[value.clone()]).is_ok();
+                match &part[..eq] {
+                    b"namespace" if valid => self.namespace = Some(value),
+                    b"pod" if valid => self.pod = Some(value),
+                    _ => {}
+                }
+            }
+            start = end + 1;
+        }
+    }
+
+    /// As if the client message had carried `extra` (tests of consumers).
+    #[cfg(test)]
+    pub(crate) fn set_extra_for_tests(&mut self, extra: &[u8]) {
+        self.read_extra(extra);
+    }
+
+    /// The sender's `extra` for this session's client message, raw (bounded).
+    pub fn extra(&self) -> Option<&[u8]> {
+        self.has_extra.then_some(&self.extra[..])
+    }
+
+    /// The client's namespace, from `namespace=` in `extra`.
+    pub fn client_namespace(&self) -> Option<&str> {
+        let r = self.namespace.clone()?;
+        std::str::from_utf8(&self.extra[r]).ok()
+    }
+
+    /// The client's pod, from `pod=` in `extra`.
+    pub fn client_pod(&self) -> Option<&str> {
+        let r = self.pod.clone()?;
+        std::str::from_utf8(&self.extra[r]).ok()
     }
 
     /// The first question's name in presentation format.
@@ -446,5 +509,38 @@ fn seen(bitmap: BitMap) -> String {
         "nothing".into()
     } else {
         names.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(extra: &str) -> (Option<String>, Option<String>) {
+        let mut d = Diagnosis::default();
+        d.read_extra(extra.as_bytes());
+        assert_eq!(d.extra(), Some(extra.as_bytes()));
+        let own = |s: Option<&str>| s.map(str::to_string);
+        (own(d.client_namespace()), own(d.client_pod()))
+    }
+
+    #[test]
+    fn the_workload_is_read_from_key_value_pairs_in_extra() {
+        let both = (Some("team-a".to_string()), Some("web-1".to_string()));
+        for extra in [
+            "namespace=team-a;pod=web-1",
+            "pod=web-1,namespace=team-a",
+            "client=10.0.0.1 namespace=team-a pod=web-1",
+            "namespace=team-a;;pod=web-1;",
+        ] {
+            assert_eq!(workload(extra), both, "{extra}");
+        }
+        assert_eq!(workload("client=127.0.0.1"), (None, None));
+        // An empty value, a key without value, and a look-alike key name nothing.
+        assert_eq!(workload("namespace=;pod;xnamespace=b"), (None, None));
+        // Not UTF-8: no label from it, and the raw bytes are still kept.
+        let mut d = Diagnosis::default();
+        d.read_extra(b"namespace=\xff\xfe;pod=ok");
+        assert_eq!((d.client_namespace(), d.client_pod()), (None, Some("ok")));
     }
 }

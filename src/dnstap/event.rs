@@ -98,6 +98,8 @@ pub struct Event {
     /// What the stream showed before this client message that its session cannot see
     /// itself (`diagnosis::Recall`, run where every message of the stream passes in order).
     pub recalled: Recollection,
+    /// The frame had an `extra`, appended to the message's stored bytes (`append_extra`).
+    pub has_extra: bool,
     /// Where the encoded dnstap.Message is in the batch that carries this event (identity
     /// and version are the source's, kept once in the registry).
     pub message: MessageSpan,
@@ -167,6 +169,7 @@ impl Event {
             loss_seq: 0,
             drops_before: 0,
             recalled: Recollection::Nothing,
+            has_extra: false,
             message: MessageSpan::default(),
         }
     }
@@ -215,6 +218,7 @@ impl Event {
             loss_seq: 0,
             drops_before: 0,
             recalled: Recollection::Nothing,
+            has_extra: false,
             message: MessageSpan::default(),
         })
     }

@@ -493,7 +493,8 @@ impl StreamIngest {
         ev.loss_seq = self.shared.board.get(source);
         self.count_source(source, ev.role, ev.watermark);
         ev.recalled = self.recall.observe(&ev);
-        router.dispatch(ev, tap.message_bytes);
+        ev.has_extra = !tap.extra.is_empty();
+        router.dispatch_with_extra(ev, tap.message_bytes, tap.extra);
     }
 
     /// A time before 2000 or past the wall clock plus `--max-time-ahead` is dropped from the

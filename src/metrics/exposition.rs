@@ -209,19 +209,30 @@ impl Families {
         let sessions: BTreeMap<_, _> = c
             .sessions
             .iter()
-            .map(|(k, v)| ((names.get(k.identity), k.status, k.bitmap, k.cause), *v))
+            .map(|(k, v)| {
+                let namespace = self.telemetry.namespaces.name(k.namespace);
+                let key = (
+                    names.get(k.identity),
+                    namespace,
+                    k.status,
+                    k.bitmap,
+                    k.cause,
+                );
+                (key, *v)
+            })
             .fold(BTreeMap::new(), sum_into);
         let mut m = family(
             enc,
             "sessions",
-            "Finished DNS request sessions by sender identity, status, message bitmap (1 CQ|2 CR|4 FQ|8 FR) and cause.",
+            "Finished DNS request sessions by sender identity, client namespace (from the sender's extra; none without), status, message bitmap (1 CQ|2 CR|4 FQ|8 FR) and cause.",
             None,
             MetricType::Counter,
         )?;
-        for ((identity, status, bitmap, cause), v) in sessions {
+        for ((identity, namespace, status, bitmap, cause), v) in sessions {
             let bitmap = bitmap.to_string();
             let labels = [
                 ("identity", &*identity),
+                ("namespace", &*namespace),
                 ("status", status.name()),
                 ("bitmap", &bitmap),
                 ("cause", cause.name()),

@@ -100,6 +100,61 @@ pub enum UpstreamLabel {
     Other,
 }
 
+/// Namespace label key (the client workload's, from the sender's `extra`): an admitted name's
+/// number in [`Namespaces`], `none` when the session names none, or `other` past the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NamespaceLabel {
+    Name(u32),
+    None,
+    Other,
+}
+
+/// The namespaces that have a label value of their own: at most `cap`, first come first
+/// served, process-wide (like identities), numbered in the order they came.
+#[derive(Debug)]
+pub struct Namespaces {
+    cap: usize,
+    admitted: Mutex<NamespaceIds>,
+}
+
+/// Each admitted namespace's number, and the names by number.
+type NamespaceIds = (HashMap<Arc<str>, u32>, Vec<Arc<str>>);
+
+impl Namespaces {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            admitted: Mutex::new((HashMap::new(), Vec::new())),
+        }
+    }
+
+    /// The label of `name`: its number, or `Other` once `cap` others have one.
+    fn admit(&self, name: &str) -> NamespaceLabel {
+        let mut g = lock(&self.admitted);
+        let (ids, names) = &mut *g;
+        if let Some(&id) = ids.get(name) {
+            return NamespaceLabel::Name(id);
+        }
+        if names.len() >= self.cap {
+            return NamespaceLabel::Other;
+        }
+        let name: Arc<str> = name.into();
+        let id = names.len() as u32;
+        ids.insert(name.clone(), id);
+        names.push(name);
+        NamespaceLabel::Name(id)
+    }
+
+    /// The label value of `l`.
+    pub fn name(&self, l: NamespaceLabel) -> Arc<str> {
+        match l {
+            NamespaceLabel::Name(id) => lock(&self.admitted).1[id as usize].clone(),
+            NamespaceLabel::None => "none".into(),
+            NamespaceLabel::Other => "other".into(),
+        }
+    }
+}
+
 /// Admits at most `cap` distinct values of one label, first come first served, process-wide.
 #[derive(Debug)]
 pub struct LabelCap<K> {
@@ -150,6 +205,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionKey {
     pub identity: IdentityLabel,
+    pub namespace: NamespaceLabel,
     pub status: Status,
     pub bitmap: u8,
     pub cause: Cause,
@@ -163,15 +219,17 @@ pub type AttemptKey = (IdentityLabel, UpstreamLabel, AttemptOutcome);
 pub enum CappedLabel {
     Identity,
     Upstream,
+    Namespace,
 }
 
 impl CappedLabel {
-    pub const ALL: [CappedLabel; 2] = [Self::Identity, Self::Upstream];
+    pub const ALL: [CappedLabel; 3] = [Self::Identity, Self::Upstream, Self::Namespace];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Identity => "identity",
             Self::Upstream => "upstream",
+            Self::Namespace => "namespace",
         }
     }
 }
@@ -189,7 +247,7 @@ pub struct Counts {
     pub latest_event: HashMap<IdentityLabel, Nanos>,
     pub evicted: u64,
     /// Recordings put under `other`, indexed like `CappedLabel::ALL`.
-    pub overflow: [u64; 2],
+    pub overflow: [u64; 3],
 }
 
 trait Merge {
@@ -283,7 +341,7 @@ impl Counts {
             && self.messages.is_empty()
             && self.latest_event.is_empty()
             && self.evicted == 0
-            && self.overflow == [0, 0]
+            && self.overflow == [0; 3]
     }
 }
 
@@ -339,6 +397,8 @@ pub struct Telemetry {
     sources: Arc<SourceRegistry>,
     identities: LabelCap<SourceId>,
     upstreams: LabelCap<SocketAddr>,
+    /// Capped like the identities (`--max-identity-labels`).
+    pub namespaces: Namespaces,
     threads: Mutex<Vec<Arc<Published>>>,
     queue_depths: OnceLock<Arc<[AtomicU64]>>,
     queue_capacity: AtomicU64,
@@ -360,6 +420,7 @@ impl Telemetry {
             sources,
             identities: LabelCap::new(cfg.max_identity_labels),
             upstreams: LabelCap::new(cfg.max_upstream_labels),
+            namespaces: Namespaces::new(cfg.max_identity_labels),
             threads: Mutex::new(Vec::new()),
             queue_depths: OnceLock::new(),
             queue_capacity: AtomicU64::new(0),
@@ -382,6 +443,7 @@ impl Telemetry {
             delta: Counts::default(),
             identity_cache: HashMap::new(),
             upstream_cache: HashMap::new(),
+            namespace_cache: HashMap::new(),
         }
     }
 
@@ -473,6 +535,9 @@ pub struct ThreadStats {
     delta: Counts,
     identity_cache: HashMap<SourceId, bool>,
     upstream_cache: HashMap<SocketAddr, bool>,
+    /// Namespaces this thread has labelled, so the lock is taken once per new name; it stops
+    /// growing at a bound, as `LabelCap`'s cache does.
+    namespace_cache: HashMap<Box<str>, NamespaceLabel>,
 }
 
 impl ThreadStats {
@@ -505,6 +570,26 @@ impl ThreadStats {
         }
     }
 
+    fn namespace(&mut self, name: Option<&str>) -> NamespaceLabel {
+        let Some(name) = name else {
+            return NamespaceLabel::None;
+        };
+        let label = match self.namespace_cache.get(name) {
+            Some(&l) => l,
+            None => {
+                let l = self.telemetry.namespaces.admit(name);
+                if self.namespace_cache.len() < self.telemetry.namespaces.cap * 2 + 64 {
+                    self.namespace_cache.insert(name.into(), l);
+                }
+                l
+            }
+        };
+        if label == NamespaceLabel::Other {
+            self.delta.overflow[CappedLabel::Namespace as usize] += 1;
+        }
+        label
+    }
+
     /// Shard thread, once per finished session: counts the session under its diagnosed
     /// cause, its attempts, their RTTs and the client latency (CQ → CR).
     pub fn record_session(&mut self, d: &Diagnosis) {
@@ -527,6 +612,7 @@ impl ThreadStats {
         let verdict = &d.verdict;
         let key = SessionKey {
             identity,
+            namespace: self.namespace(d.client_namespace()),
             status: verdict.status,
             bitmap: verdict.bitmap.0 & 15,
             cause: d.cause,
@@ -656,6 +742,7 @@ mod tests {
         let snap = t.snapshot();
         let key = SessionKey {
             identity: IdentityLabel::Source(a),
+            namespace: NamespaceLabel::None,
             status: Status::Failed,
             bitmap: 5,
             cause: Cause::UpstreamTimeout,
@@ -703,7 +790,7 @@ mod tests {
         assert_eq!(c.messages[&IdentityLabel::Other][0], 20);
         assert_eq!(c.messages[&IdentityLabel::Source(ids[1])][0], 10);
         assert_eq!(c.upstream_rtt[&UpstreamLabel::Other].count(), 2);
-        assert_eq!(c.overflow, [2, 2]);
+        assert_eq!(c.overflow, [2, 2, 0]);
         // Another thread sees the same admitted set.
         let mut s2 = t.thread_stats(ThreadKind::Reader(1));
         s2.count_messages(ids[3], Role::ClientResponse, 1);
@@ -712,6 +799,49 @@ mod tests {
         let c = t.snapshot().counts;
         assert_eq!(c.messages[&IdentityLabel::Other][1], 1);
         assert_eq!(c.messages[&IdentityLabel::Source(ids[1])][1], 1);
+    }
+
+    #[test]
+    fn namespaces_label_sessions_up_to_the_identity_cap() {
+        let cfg = TelemetryConfig {
+            max_identity_labels: 2,
+            ..Default::default()
+        };
+        let (t, sources) = telemetry(cfg);
+        let a = sources.intern(b"pod-a", b"");
+        let mut s = t.thread_stats(ThreadKind::Shard(0));
+        let sessions = t.sessions_of(&mut s, a, &["team-a", "team-b", "team-c", "team-a", ""]);
+        assert_eq!(sessions.get("team-a"), Some(&2));
+        assert_eq!(sessions.get("team-b"), Some(&1));
+        assert_eq!(sessions.get("other"), Some(&1));
+        assert_eq!(sessions.get("none"), Some(&1));
+        assert_eq!(t.snapshot().counts.overflow, [0, 0, 1]);
+    }
+
+    impl Telemetry {
+        /// Records one session per namespace (`""`: none) and sums the sessions by label.
+        fn sessions_of(
+            &self,
+            s: &mut ThreadStats,
+            source: SourceId,
+            namespaces: &[&str],
+        ) -> HashMap<String, u64> {
+            for ns in namespaces {
+                let mut d =
+                    Diagnosis::from_parts(source, verdict(Status::Succeeded, 3, None), None, &[]);
+                if !ns.is_empty() {
+                    d.set_extra_for_tests(format!("namespace={ns};pod=p").as_bytes());
+                }
+                s.record_session(&d);
+            }
+            s.publish();
+            let mut by = HashMap::new();
+            for (k, v) in &self.snapshot().counts.sessions {
+                *by.entry(self.namespaces.name(k.namespace).to_string())
+                    .or_insert(0) += v;
+            }
+            by
+        }
     }
 
     #[test]

@@ -34,11 +34,12 @@
 //!
 //! # Memory
 //! Bounded whatever the senders send: per shard, `buckets + 1` buckets (the published ring and
-//! the current one) of three summaries of `K` counters; a qname key is cut to
+//! the current one) of four summaries of `K` counters (qnames, clients, upstreams, and the
+//! clients' `namespace/pod` from the sender's `extra`, cut like a qname); a qname key is cut to
 //! [`MAX_QNAME_BYTES`] (its rightmost labels, which name the zone, are kept), clients are IP
 //! addresses (no port), upstreams socket addresses. A counter takes at most 128 bytes plus, for
 //! a qname, a key buffer of at most 2 × [`MAX_QNAME_BYTES`] (amortized growth); with K = 100 and
-//! 10 buckets that is at most 11 × 100 × (384 + 128 + 128) bytes ≈ 0.70 MB per shard, plus the
+//! 10 buckets that is at most 11 × 100 × (384 + 128 + 128 + 384) bytes ≈ 1.1 MB per shard, plus the
 //! index of the current bucket. Buffers are reused: in steady state recording allocates
 //! nothing, and publishing copies into the buffers of the bucket it overwrites.
 
@@ -274,6 +275,8 @@ pub struct Failure<'a> {
     pub client: Option<IpAddr>,
     /// The upstreams the session tried; each distinct one counts the session once.
     pub upstreams: &'a [SocketAddr],
+    /// The client's `namespace/pod` (`-` for a part the sender did not say).
+    pub workload: Option<&'a str>,
 }
 
 /// One bucket's summaries, being recorded (`SpaceSaving`) or published (`Summary`).
@@ -285,6 +288,7 @@ struct Published {
     qnames: Summary<String>,
     clients: Summary<IpAddr>,
     upstreams: Summary<SocketAddr>,
+    workloads: Summary<String>,
 }
 
 impl Published {
@@ -296,6 +300,7 @@ impl Published {
             qnames: Summary::new(capacity),
             clients: Summary::new(capacity),
             upstreams: Summary::new(capacity),
+            workloads: Summary::new(capacity),
         }
     }
 }
@@ -307,6 +312,7 @@ struct Current {
     qnames: SpaceSaving<String>,
     clients: SpaceSaving<IpAddr>,
     upstreams: SpaceSaving<SocketAddr>,
+    workloads: SpaceSaving<String>,
 }
 
 impl Current {
@@ -317,6 +323,7 @@ impl Current {
         slot.qnames.clone_from(&self.qnames.summary);
         slot.clients.clone_from(&self.clients.summary);
         slot.upstreams.clone_from(&self.upstreams.summary);
+        slot.workloads.clone_from(&self.workloads.summary);
     }
 
     fn reset(&mut self, epoch: u64) {
@@ -326,6 +333,7 @@ impl Current {
         self.qnames.clear();
         self.clients.clear();
         self.upstreams.clear();
+        self.workloads.clear();
     }
 }
 
@@ -378,6 +386,7 @@ impl TopBoard {
                 qnames: SpaceSaving::new(cap),
                 clients: SpaceSaving::new(cap),
                 upstreams: SpaceSaving::new(cap),
+                workloads: SpaceSaving::new(cap),
             },
             dirty: false,
             ring,
@@ -405,6 +414,7 @@ impl TopBoard {
             qnames: Vec::new(),
             clients: Vec::new(),
             upstreams: Vec::new(),
+            workloads: Vec::new(),
         };
         // Copy the buckets out, one shard's lock at a time, so a shard waits for a copy at
         // most, never for the merge.
@@ -413,8 +423,12 @@ impl TopBoard {
         for ring in rings {
             buckets.extend(lock(&ring).iter().filter(|p| in_window(p)).cloned());
         }
-        let (mut qnames, mut clients, mut upstreams) =
-            (Merger::default(), Merger::default(), Merger::default());
+        let (mut qnames, mut clients, mut upstreams, mut workloads) = (
+            Merger::default(),
+            Merger::default(),
+            Merger::default(),
+            Merger::default(),
+        );
         for p in &buckets {
             view.failed += p.failed;
             for (a, b) in view.causes.iter_mut().zip(p.causes) {
@@ -423,11 +437,13 @@ impl TopBoard {
             qnames.add(&p.qnames);
             clients.add(&p.clients);
             upstreams.add(&p.upstreams);
+            workloads.add(&p.workloads);
         }
         let rows = self.cfg.rows;
         view.qnames = qnames.top(rows, |k| k.clone());
         view.clients = clients.top(rows, |k| k.to_string());
         view.upstreams = upstreams.top(rows, |k| k.to_string());
+        view.workloads = workloads.top(rows, |k| k.clone());
         view
     }
 }
@@ -462,6 +478,10 @@ impl ShardTop {
         }
         if let Some(ip) = f.client {
             c.clients.record(&ip, f.cause);
+        }
+        if let Some(w) = f.workload {
+            bounded_qname(w, &mut self.qname);
+            c.workloads.record(self.qname.as_str(), f.cause);
         }
         for (i, up) in f.upstreams.iter().enumerate() {
             if !f.upstreams[..i].contains(up) {
@@ -627,6 +647,8 @@ pub struct TopView {
     pub qnames: Vec<TopEntry>,
     pub clients: Vec<TopEntry>,
     pub upstreams: Vec<TopEntry>,
+    /// `namespace/pod` of the client, from the sender's `extra` (CoreDNS ≥ 1.11).
+    pub workloads: Vec<TopEntry>,
 }
 
 fn causes_json(causes: &[u64; CAUSES]) -> serde_json::Value {
@@ -666,6 +688,7 @@ impl TopView {
             "qnames": rows(&self.qnames, "qname"),
             "clients": rows(&self.clients, "client"),
             "upstreams": rows(&self.upstreams, "upstream"),
+            "workloads": rows(&self.workloads, "workload"),
         })
         .to_string()
     }
@@ -803,6 +826,7 @@ mod tests {
             qname: Some(qname),
             client: Some(IpAddr::from(client)),
             upstreams,
+            workload: None,
         }
     }
 
@@ -883,6 +907,7 @@ mod tests {
                 qname: None,
                 client: None,
                 upstreams: &[],
+                workload: None,
             },
         );
         a.publish(secs(4));
@@ -985,11 +1010,11 @@ mod tests {
         let board = TopBoard::new(cfg());
         let mut shard = board.shard();
         let up: SocketAddr = "127.0.0.1:15402".parse().unwrap();
-        for _ in 0..3 {
-            shard.record(
-                secs(1),
-                &failure("www.example.test.", [127, 0, 0, 1], &[up]),
-            );
+        let ups = [up];
+        for i in 0..3 {
+            let mut f = failure("www.example.test.", [127, 0, 0, 1], &ups);
+            f.workload = (i < 2).then_some("team-a/web-1");
+            shard.record(secs(1), &f);
         }
         shard.publish(secs(1));
         let doc: serde_json::Value = serde_json::from_str(&board.view(secs(1)).to_json()).unwrap();
@@ -1003,5 +1028,7 @@ mod tests {
         assert_eq!(doc["clients"][0]["client"], "127.0.0.1");
         assert_eq!(doc["upstreams"][0]["upstream"], "127.0.0.1:15402");
         assert_eq!(doc["upstreams"][0]["causes"]["upstream_timeout"], 3);
+        assert_eq!(doc["workloads"][0]["workload"], "team-a/web-1");
+        assert_eq!(doc["workloads"][0]["failed"], 2);
     }
 }

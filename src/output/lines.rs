@@ -36,6 +36,7 @@ pub struct LineSink {
     /// This shard's part of `/top`, and the upstreams a Failed session is counted under.
     pub top: ShardTop,
     top_upstreams: Vec<SocketAddr>,
+    top_workload: String,
 }
 
 /// What a shard's `LineSink` is made of.
@@ -63,6 +64,7 @@ impl LineSink {
             heartbeat: p.heartbeat,
             top: p.top,
             top_upstreams: Vec::new(),
+            top_workload: String::new(),
         }
     }
 
@@ -71,11 +73,20 @@ impl LineSink {
         let d = &self.diagnosis;
         self.top_upstreams.clear();
         self.top_upstreams.extend(d.upstreams().flatten());
+        let (namespace, pod) = (d.client_namespace(), d.client_pod());
+        let workload = namespace.is_some() || pod.is_some();
+        if workload {
+            self.top_workload.clear();
+            self.top_workload.push_str(namespace.unwrap_or("-"));
+            self.top_workload.push('/');
+            self.top_workload.push_str(pod.unwrap_or("-"));
+        }
         let failure = Failure {
             cause: d.cause,
             qname: d.qname(),
             client: d.client.map(|c| c.ip()),
             upstreams: &self.top_upstreams,
+            workload: workload.then_some(self.top_workload.as_str()),
         };
         let at = self.top.since_origin(Instant::now());
         self.top.record(at, &failure);

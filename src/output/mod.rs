@@ -196,9 +196,24 @@ impl Renderer {
                 text::escape_into(out, d.qname().unwrap_or("-"));
                 let _ = write!(
                     out,
-                    " {} {} Rcode: {} Latency: {} Diagnosis: ",
+                    " {} {}",
                     d.qtype.map_or("-".into(), rtype_name),
                     d.qclass.map_or("-".into(), class_name),
+                );
+                if let Some(extra) = d.extra() {
+                    out.extend_from_slice(b" Extra: ");
+                    text::escape_into(out, &String::from_utf8_lossy(extra));
+                    for (name, v) in [
+                        (" Namespace: ", d.client_namespace()),
+                        (" Pod: ", d.client_pod()),
+                    ] {
+                        out.extend_from_slice(name.as_bytes());
+                        text::escape_into(out, v.unwrap_or("-"));
+                    }
+                }
+                let _ = write!(
+                    out,
+                    " Rcode: {} Latency: {} Diagnosis: ",
                     d.rcode.map_or("-".into(), |r| rcode_name(r.into())),
                     d.latency
                         .map_or("-".into(), |l| format!("{:.3}ms", l as f64 / 1e6)),
@@ -267,6 +282,12 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
     match d.client {
         Some(c) => j.socket(c),
         None => j.null(),
+    }
+    if let Some(extra) = d.extra() {
+        // What the sender said about the client (CoreDNS's `extra`), and the workload in it.
+        j.field_str("extra", &String::from_utf8_lossy(extra));
+        j.field_opt_str("client_namespace", d.client_namespace());
+        j.field_opt_str("client_pod", d.client_pod());
     }
     j.field_opt_str("protocol", d.protocol.map(protocol_name));
     j.field_opt_str("qname", d.qname());
