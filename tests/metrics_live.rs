@@ -160,6 +160,14 @@ fn outcome(attempt: &Value) -> &'static str {
 
 /// The contract's `cause` of a session, from its line (METRICS-CONTRACT.md, "DNS outcomes").
 fn cause(s: &Value) -> &'static str {
+    // What the stream showed before the session (docs/output.md, "Causes"): the line says it.
+    match s["cause"].as_str() {
+        Some("cached_upstream_error") if s["bitmap"] == 3 => return "cached_upstream_error",
+        Some("rejected_upstream_failing") if s["bitmap"] == 1 => {
+            return "rejected_upstream_failing"
+        }
+        _ => {}
+    }
     let bitmap = s["bitmap"].as_u64().unwrap();
     let attempts = s["upstreams"].as_array().cloned().unwrap_or_default();
     let upstream_leg = bitmap & 12 != 0 || !attempts.is_empty();

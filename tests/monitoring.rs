@@ -47,7 +47,20 @@ const EXPOSITION: &[Metric] = &[
     metric(
         "dnstap_analyser_sessions_total",
         Kind::Counter,
-        &["identity", "namespace", "status", "bitmap", "cause"],
+        &[
+            "identity",
+            "namespace",
+            "status",
+            "bitmap",
+            "cause",
+            "rcode",
+            "qtype",
+        ],
+    ),
+    metric(
+        "dnstap_analyser_top_failing_names",
+        Kind::Gauge,
+        &["qname", "cause"],
     ),
     metric(
         "dnstap_analyser_upstream_attempts_total",
@@ -147,6 +160,26 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
             "analyser_loss",
         ],
         (_, "outcome") => &["answered", "timeout", "error_rcode"],
+        (_, "qtype") => &[
+            "A", "AAAA", "CNAME", "PTR", "SRV", "MX", "TXT", "NS", "SOA", "HTTPS", "SVCB", "ANY",
+            "other",
+        ],
+        (_, "rcode") => &[
+            "none",
+            "NOERROR",
+            "FORMERR",
+            "SERVFAIL",
+            "NXDOMAIN",
+            "NOTIMP",
+            "REFUSED",
+            "YXDOMAIN",
+            "YXRRSET",
+            "NXRRSET",
+            "NOTAUTH",
+            "NOTZONE",
+            "DSOTYPENI",
+            "other",
+        ],
         (_, "type") => &[
             "CLIENT_QUERY",
             "CLIENT_RESPONSE",

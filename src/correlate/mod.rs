@@ -639,6 +639,9 @@ impl Correlator {
         if ev.recalled != Recollection::Nothing {
             s.recalled = ev.recalled;
         }
+        if s.qtype.is_none() {
+            s.qtype = ev.question.map(|q| q.qtype);
+        }
         if s.messages.len() >= MAX_MESSAGES {
             s.messages_dropped = s.messages_dropped.saturating_add(1);
             return;

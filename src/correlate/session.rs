@@ -239,6 +239,8 @@ pub struct Session {
     pub has_wire: bool,
     /// What the stream showed before the session's client messages (`diagnosis::recall`).
     pub recalled: Recollection,
+    /// The question's type, from the first message that had one.
+    pub qtype: Option<u16>,
 }
 
 impl Session {
@@ -270,6 +272,7 @@ impl Session {
             completed: false,
             has_wire,
             recalled: Recollection::Nothing,
+            qtype: None,
         }
     }
 

@@ -175,7 +175,7 @@ impl Diagnosis {
         self.latency = client_latency(s);
         self.client_side_read = false;
         (self.client, self.protocol) = (None, None);
-        (self.qtype, self.qclass, self.has_qname) = (None, None, false);
+        (self.qtype, self.qclass, self.has_qname) = (s.qtype, None, false);
         (self.has_extra, self.namespace, self.pod) = (false, None, None);
         // The workload is a label of the session counters: read it now when there is one.
         if s.messages.iter().any(|m| m.flags & Message::EXTRA != 0) {

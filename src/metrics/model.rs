@@ -206,6 +206,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct SessionKey {
     pub identity: IdentityLabel,
     pub namespace: NamespaceLabel,
+    /// The client's rcode (4-bit header rcode); `None` without a CR. See [`rcode_label`].
+    pub rcode: Option<u8>,
+    /// Index into [`QTYPE_LABELS`].
+    pub qtype: u8,
     pub status: Status,
     pub bitmap: u8,
     pub cause: Cause,
@@ -213,6 +217,51 @@ pub struct SessionKey {
 
 /// `upstream_attempts_total` key.
 pub type AttemptKey = (IdentityLabel, UpstreamLabel, AttemptOutcome);
+
+/// The `rcode` label: the IANA mnemonic of the client's rcode, `none` without a response,
+/// `other` for codes IANA has not assigned.
+pub fn rcode_label(rcode: Option<u8>) -> &'static str {
+    match rcode {
+        None => "none",
+        Some(0) => "NOERROR",
+        Some(1) => "FORMERR",
+        Some(2) => "SERVFAIL",
+        Some(3) => "NXDOMAIN",
+        Some(4) => "NOTIMP",
+        Some(5) => "REFUSED",
+        Some(6) => "YXDOMAIN",
+        Some(7) => "YXRRSET",
+        Some(8) => "NXRRSET",
+        Some(9) => "NOTAUTH",
+        Some(10) => "NOTZONE",
+        Some(11) => "DSOTYPENI",
+        Some(_) => "other",
+    }
+}
+
+/// The `qtype` label's values: the types a cluster's clients ask for, and `other` (the last).
+pub const QTYPE_LABELS: [(u16, &str); 13] = [
+    (1, "A"),
+    (28, "AAAA"),
+    (5, "CNAME"),
+    (12, "PTR"),
+    (33, "SRV"),
+    (15, "MX"),
+    (16, "TXT"),
+    (2, "NS"),
+    (6, "SOA"),
+    (65, "HTTPS"),
+    (64, "SVCB"),
+    (255, "ANY"),
+    (0, "other"),
+];
+
+/// The index of `qtype`'s label in [`QTYPE_LABELS`] (`other` for the rest, and without one).
+pub fn qtype_label(qtype: Option<u16>) -> u8 {
+    let last = QTYPE_LABELS.len() - 1;
+    let i = qtype.and_then(|t| QTYPE_LABELS[..last].iter().position(|&(v, _)| v == t));
+    i.unwrap_or(last) as u8
+}
 
 /// Which label's cap was hit: the `label` label of `label_overflow_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,8 +434,37 @@ impl Default for TelemetryConfig {
 /// Reads a gauge owned elsewhere (e.g. the open connections), at scrape.
 pub type CountProbe = Box<dyn Fn() -> u64 + Send + Sync>;
 
-/// A closure rendering the `/top` JSON document on demand (on the metrics server's thread).
-pub type TopHook = Box<dyn Fn() -> String + Send + Sync>;
+/// `/top` on demand (on the metrics server's thread): its JSON document, and the failing names
+/// the `top_failing_names` family exports. One value, so that whatever leaves `/top` out leaves
+/// the family out too.
+pub trait TopSource: Send + Sync {
+    fn document(&self) -> String;
+    fn failing_names(&self) -> Vec<FailingName>;
+}
+
+/// A fixed `/top` document without failing names (tests of the endpoint, embedders).
+impl<F: Fn() -> String + Send + Sync> TopSource for F {
+    fn document(&self) -> String {
+        self()
+    }
+
+    fn failing_names(&self) -> Vec<FailingName> {
+        Vec::new()
+    }
+}
+
+/// The `/top` registration.
+pub type TopHook = Arc<dyn TopSource>;
+
+/// A qname with many Failed sessions in `/top`'s window: a series of `top_failing_names`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailingName {
+    pub qname: String,
+    /// The cause most of its failures had.
+    pub cause: Cause,
+    /// Failed sessions in the window (an upper bound; see `metrics::top`).
+    pub failed: u64,
+}
 
 /// Everything the metrics endpoint shows: the process-wide counters, the per-thread stats,
 /// the gauges the pipeline registers, and the health of each stage.
@@ -464,7 +542,12 @@ impl Telemetry {
     }
 
     pub fn top(&self) -> Option<String> {
-        self.top.get().map(|f| f())
+        self.top.get().map(|t| t.document())
+    }
+
+    /// The `top_failing_names` series; `None` while `/top` is not served.
+    pub fn top_failing_names(&self) -> Option<Vec<FailingName>> {
+        self.top.get().map(|t| t.failing_names())
     }
 
     /// Sums every thread's published stats and reads the gauges.
@@ -613,6 +696,8 @@ impl ThreadStats {
         let key = SessionKey {
             identity,
             namespace: self.namespace(d.client_namespace()),
+            rcode: d.rcode,
+            qtype: qtype_label(d.qtype),
             status: verdict.status,
             bitmap: verdict.bitmap.0 & 15,
             cause: d.cause,
@@ -743,6 +828,8 @@ mod tests {
         let key = SessionKey {
             identity: IdentityLabel::Source(a),
             namespace: NamespaceLabel::None,
+            rcode: None,
+            qtype: qtype_label(None),
             status: Status::Failed,
             bitmap: 5,
             cause: Cause::UpstreamTimeout,

@@ -43,7 +43,20 @@
 //! index of the current bucket. Buffers are reused: in steady state recording allocates
 //! nothing, and publishing copies into the buffers of the bucket it overwrites.
 
-use super::model::{Cause, TopHook};
+use super::model::{Cause, FailingName, TopHook, TopSource};
+
+/// Series of the `top_failing_names` family at most.
+pub const MAX_FAILING_NAMES: usize = 100;
+
+impl TopSource for TopBoard {
+    fn document(&self) -> String {
+        self.view(self.origin.elapsed()).to_json()
+    }
+
+    fn failing_names(&self) -> Vec<FailingName> {
+        TopBoard::failing_names(self, self.origin.elapsed())
+    }
+}
 use hashbrown::HashMap;
 use hashbrown::HashTable;
 use std::borrow::Borrow;
@@ -394,14 +407,38 @@ impl TopBoard {
         }
     }
 
-    /// The `/top` document for the endpoint.
+    /// The `/top` document and the failing names, for the endpoint.
     pub fn hook(self: &Arc<Self>) -> TopHook {
-        let board = self.clone();
-        Box::new(move || board.view(board.origin.elapsed()).to_json())
+        self.clone()
     }
 
     /// The merged view of the window that ends at `at` (time since the board was made).
     pub fn view(&self, at: Duration) -> TopView {
+        self.view_rows(at, self.cfg.rows)
+    }
+
+    /// The qnames of the window that ends at `at` whose Failed sessions certainly exceed the
+    /// sketch's error bound (lower bound `failed - error` above N / K, N the window's Failed
+    /// sessions, K the capacity): keys that surely hold a counter, so series come and go with
+    /// real failures, not with the sketch's evictions. At most [`MAX_FAILING_NAMES`], most
+    /// failures first.
+    pub fn failing_names(&self, at: Duration) -> Vec<FailingName> {
+        let view = self.view_rows(at, MAX_FAILING_NAMES);
+        let bound = view.failed / self.cfg.capacity.max(1) as u64;
+        view.qnames
+            .iter()
+            .filter(|e| e.failed - e.error > bound)
+            .filter_map(|e| {
+                Some(FailingName {
+                    qname: e.key.clone(),
+                    cause: e.dominant_cause()?,
+                    failed: e.failed,
+                })
+            })
+            .collect()
+    }
+
+    fn view_rows(&self, at: Duration, rows: usize) -> TopView {
         let now = self.cfg.epoch(at);
         let oldest = now.saturating_sub(self.cfg.buckets as u64 - 1);
         let in_window = |p: &Published| p.epoch != u64::MAX && (oldest..=now).contains(&p.epoch);
@@ -439,7 +476,6 @@ impl TopBoard {
             upstreams.add(&p.upstreams);
             workloads.add(&p.workloads);
         }
-        let rows = self.cfg.rows;
         view.qnames = qnames.top(rows, |k| k.clone());
         view.clients = clients.top(rows, |k| k.to_string());
         view.upstreams = upstreams.top(rows, |k| k.to_string());
