@@ -319,15 +319,17 @@ impl Metrics {
         for d in Disconnect::ALL {
             closed.insert(d.name().into(), self.disconnects(d).into());
         }
-        let roles = [
-            "CLIENT_QUERY",
-            "CLIENT_RESPONSE",
-            "UPSTREAM_QUERY",
-            "UPSTREAM_RESPONSE",
-        ];
+        // The names the lines and the metrics use (RESOLVER_* count as FORWARDER_*).
         let mut by_type = serde_json::Map::new();
-        for (name, c) in roles.iter().zip(&self.messages_by_role) {
-            by_type.insert((*name).into(), c.load(Relaxed).into());
+        let roles = [
+            Role::ClientQuery,
+            Role::ClientResponse,
+            Role::UpstreamQuery,
+            Role::UpstreamResponse,
+        ];
+        for (role, c) in roles.iter().zip(&self.messages_by_role) {
+            let name = model::message_type_name(*role);
+            by_type.insert(name.into(), c.load(Relaxed).into());
         }
         serde_json::json!({"summary": {
             "messages": self.messages.load(Relaxed),

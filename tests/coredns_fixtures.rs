@@ -275,6 +275,28 @@ fn every_line_has_its_time_and_cause() {
     }
 }
 
+/// The exit summary names message types as the lines and the metrics do.
+#[test]
+fn the_summary_counts_forwarder_messages_by_their_dnstap_names() {
+    let out = read(&[coredns_fixture("b_forward.fstrm")], &[]);
+    let by_type = &out.summary["messages_by_type"];
+    assert_eq!(by_type["FORWARDER_QUERY"], 1, "{by_type}");
+    assert_eq!(by_type["FORWARDER_RESPONSE"], 1, "{by_type}");
+    assert!(by_type.get("UPSTREAM_QUERY").is_none(), "{by_type}");
+    let types: Vec<&str> = out.sessions[0]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["type"].as_str().unwrap())
+        .collect();
+    for t in by_type.as_object().unwrap().keys() {
+        assert!(
+            types.contains(&t.as_str()),
+            "{t} not among the line's types {types:?}"
+        );
+    }
+}
+
 #[test]
 fn every_line_carries_the_documented_fields() {
     let out = read(&[coredns_fixture("b_forward.fstrm")], &[]);

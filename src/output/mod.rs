@@ -423,20 +423,10 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
 /// the reason and the bytes, so the line still shows every message the session had.
 fn write_undecodable(j: &mut Json<'_>, role: Role, u: &Undecodable<'_>) {
     j.key("type");
-    j.name(role_name(role));
+    j.name(crate::metrics::model::message_type_name(role));
     j.key("error");
     j.display(crate::metrics::ErrorChain(&u.error));
     j.field_str("hex", &dns_json::hex(u.bytes));
-}
-
-/// The roles under the names the exit summary counts them by.
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::ClientQuery => "CLIENT_QUERY",
-        Role::ClientResponse => "CLIENT_RESPONSE",
-        Role::UpstreamQuery => "UPSTREAM_QUERY",
-        Role::UpstreamResponse => "UPSTREAM_RESPONSE",
-    }
 }
 
 fn write_wire_name(j: &mut Json<'_>, wire: &[u8]) {
@@ -564,6 +554,19 @@ mod tests {
         // What the CR still tells is kept.
         assert_eq!(lines[0]["client"], "127.0.0.1:56390");
         assert_eq!(lines[0]["qname"], "internal.test.");
+    }
+
+    #[test]
+    fn an_undecodable_upstream_message_has_the_summary_s_type_name() {
+        let mut j = Vec::new();
+        let error = dnstap::decode_message(GARBLED).unwrap_err();
+        let u = Undecodable {
+            error,
+            bytes: GARBLED,
+        };
+        write_undecodable(&mut Json::new(&mut j), Role::UpstreamQuery, &u);
+        let text = String::from_utf8(j).unwrap();
+        assert!(text.starts_with(r#""type":"FORWARDER_QUERY""#), "{text}");
     }
 
     #[test]
