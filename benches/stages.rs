@@ -8,6 +8,7 @@
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use dnstap_analyser::correlate::{Config, Correlator, MessageStore, Session, Verdict};
+use dnstap_analyser::diagnosis::Diagnosis;
 use dnstap_analyser::dns;
 use dnstap_analyser::dnstap::{self, Event, SenderProfile, SourceId, SourceRegistry};
 use dnstap_analyser::framestream::{Frame, FrameDecoder};
@@ -156,7 +157,7 @@ fn stages(c: &mut Criterion) {
         b.iter(|| {
             out.clear();
             correlate(&events, &mut |s, v, store| {
-                renderer.render(s, &v, store, &mut out)
+                renderer.render(s, &Diagnosis::of(s, v, store), store, &mut out)
             });
             black_box(out.len())
         })
@@ -194,7 +195,7 @@ fn stages(c: &mut Criterion) {
                 out.clear();
                 correlate(&events, &mut |s, v, store| {
                     if policy.prints(s, &v) {
-                        renderer.render(s, &v, store, &mut out)
+                        renderer.render(s, &Diagnosis::of(s, v, store), store, &mut out)
                     }
                 });
                 black_box(out.len())

@@ -112,6 +112,69 @@ fn lowercase_name(wire: &[u8], mut pos: usize, out: &mut [u8; 256]) -> Option<(u
     }
 }
 
+/// The first question of a DNS message: its name in presentation format into `out`
+/// (cleared first; `\.`, `\\`, `\"` and `\DDD` escapes, "." for the root), and its type and
+/// class. Walked by hand like `parse_question`, for every finished session; `None` without a
+/// parseable question.
+pub fn question_into(wire: &[u8], out: &mut Vec<u8>) -> Option<(u16, u16)> {
+    out.clear();
+    if wire.len() < 12 || u16::from_be_bytes([wire[4], wire[5]]) == 0 {
+        return None;
+    }
+    let (mut pos, mut end, mut jumps, mut total) = (12, None, 0, 0);
+    loop {
+        let l = *wire.get(pos)? as usize;
+        match l & 0xc0 {
+            0x00 if l == 0 => break,
+            0x00 => {
+                total += 1 + l;
+                if total > 255 {
+                    return None;
+                }
+                presentation_label(out, wire.get(pos + 1..pos + 1 + l)?);
+                pos += 1 + l;
+            }
+            0xc0 => {
+                jumps += 1;
+                if jumps > 16 {
+                    return None;
+                }
+                end.get_or_insert(pos + 2);
+                pos = (l & 0x3f) << 8 | *wire.get(pos + 1)? as usize;
+                continue;
+            }
+            _ => return None,
+        }
+    }
+    if out.is_empty() {
+        out.push(b'.');
+    }
+    let end = end.unwrap_or(pos + 1);
+    let tail = wire.get(end..end + 4)?;
+    Some((
+        u16::from_be_bytes([tail[0], tail[1]]),
+        u16::from_be_bytes([tail[2], tail[3]]),
+    ))
+}
+
+/// Appends one label and its dot, escaped for presentation format.
+fn presentation_label(out: &mut Vec<u8>, label: &[u8]) {
+    let plain = |b: &u8| matches!(b, 0x21..=0x7e) && !matches!(b, b'.' | b'\\' | b'"');
+    if label.iter().all(plain) {
+        out.extend_from_slice(label);
+        out.push(b'.');
+        return;
+    }
+    for &b in label {
+        match b {
+            b'.' | b'\\' | b'"' => out.extend_from_slice(&[b'\\', b]),
+            0x21..=0x7e => out.push(b),
+            _ => out.extend_from_slice(&[b'\\', b'0' + b / 100, b'0' + b / 10 % 10, b'0' + b % 10]),
+        }
+    }
+    out.push(b'.');
+}
+
 /// Just the header, for messages whose question is missing (some error responses).
 pub fn parse_header(wire: &[u8]) -> Option<(u16, u8)> {
     let msg = Message::from_octets(wire).ok()?;
@@ -185,6 +248,25 @@ pub(crate) mod tests {
         );
         assert_eq!(a.qname_hash, b.qname_hash);
         assert_ne!(a.qname_hash, c.qname_hash);
+    }
+
+    #[test]
+    fn the_question_is_written_into_a_reused_buffer() {
+        let mut buf = b"left over".to_vec();
+        let q = query(&["www", "Example", "test"], 7);
+        assert_eq!(question_into(&q, &mut buf), Some((1, 1)));
+        assert_eq!(buf, b"www.Example.test.");
+        assert_eq!(question_into(&q[..14], &mut buf), None);
+        assert_eq!(question_into(&query(&[], 7), &mut buf), Some((1, 1)));
+        assert_eq!(buf, b".");
+        // "a" then a pointer to "B." placed after the question; a pointer loop.
+        let mut compressed = q[..12].to_vec();
+        compressed.extend_from_slice(&[1, b'a', 0xc0, 20, 0, 1, 0, 1, 1, b'B', 0]);
+        assert_eq!(question_into(&compressed, &mut buf), Some((1, 1)));
+        assert_eq!(buf, b"a.B.");
+        let mut looped = q[..12].to_vec();
+        looped.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        assert_eq!(question_into(&looped, &mut buf), None);
     }
 
     #[test]

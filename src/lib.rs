@@ -1,4 +1,5 @@
 pub mod correlate;
+pub mod diagnosis;
 pub mod dns;
 pub mod dnstap;
 pub mod framestream;

@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use dnstap_analyser::correlate;
+use dnstap_analyser::diagnosis::recall::RecallConfig;
 use dnstap_analyser::ingest::net::ListenAddr;
 use dnstap_analyser::ingest::tls::TlsFiles;
 use dnstap_analyser::ingest::SenderLimits;
@@ -142,6 +143,18 @@ struct Cli {
     /// 2000) is ignored and counted (time_out_of_range); the message keeps its stream's clock.
     #[arg(long, global = true, default_value = "24h", value_name = "DURATION", value_parser = parse_duration)]
     max_time_ahead: Duration,
+
+    /// How long after an upstream answered an error rcode for a question a locally answered
+    /// error with the same rcode counts as its cached replay (cause cached_upstream_error).
+    /// CoreDNS's cache keeps SERVFAIL 5 s by default.
+    #[arg(long, global = true, default_value = "5s", value_name = "DURATION", value_parser = parse_duration)]
+    cache_window: Duration,
+
+    /// How recent a sender's latest failed upstream attempt (timeout or error rcode, none
+    /// answered since) must be for a CLIENT_QUERY without any other message to be blamed on
+    /// it (cause rejected_upstream_failing). Two of forward's 5 s request deadlines.
+    #[arg(long, global = true, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    upstream_failing_window: Duration,
 
     /// Which sessions to print: all, failed, sampleloss, succeeded, or a comma list.
     #[arg(long, global = true, default_value = "all", value_parser = LogFilter::parse)]
@@ -349,6 +362,10 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
                 .identity_idle_timeout
                 .max(cli.session_timeout + Duration::from_secs(60)),
             max_time_ahead: cli.max_time_ahead,
+        },
+        recall: RecallConfig {
+            cache_window: nanos(cli.cache_window),
+            failing_window: nanos(cli.upstream_failing_window),
         },
         log: cli.log,
         lines: LineOptions {

@@ -191,6 +191,8 @@ pub struct Tally {
     pub frames: u64,
     pub bytes: u64,
     pub by_role: [u64; 4],
+    /// Upstream answers and attempts a stream's `diagnosis::Recall` forgot within its windows.
+    pub recall_forgotten: u64,
 }
 
 impl Tally {
@@ -218,6 +220,8 @@ pub struct Metrics {
     /// [status][bitmap]
     pub sessions_by: [[AtomicU64; 16]; 3],
     pub sessions_printed: AtomicU64,
+    /// What the streams' recall forgot to stay bounded (see `diagnosis::recall`).
+    pub recall_forgotten: AtomicU64,
     discards: [AtomicU64; Discard::ALL.len()],
     /// TLS handshakes completed (connections that got to Frame Streams over TLS).
     pub tls_handshakes: AtomicU64,
@@ -253,6 +257,9 @@ impl Metrics {
         self.messages.fetch_add(t.by_role.iter().sum(), Relaxed);
         for (c, n) in self.messages_by_role.iter().zip(t.by_role) {
             c.fetch_add(n, Relaxed);
+        }
+        if t.recall_forgotten > 0 {
+            self.recall_forgotten.fetch_add(t.recall_forgotten, Relaxed);
         }
     }
 
@@ -312,15 +319,17 @@ impl Metrics {
         for d in Disconnect::ALL {
             closed.insert(d.name().into(), self.disconnects(d).into());
         }
-        let roles = [
-            "CLIENT_QUERY",
-            "CLIENT_RESPONSE",
-            "UPSTREAM_QUERY",
-            "UPSTREAM_RESPONSE",
-        ];
+        // The names the lines and the metrics use (RESOLVER_* count as FORWARDER_*).
         let mut by_type = serde_json::Map::new();
-        for (name, c) in roles.iter().zip(&self.messages_by_role) {
-            by_type.insert((*name).into(), c.load(Relaxed).into());
+        let roles = [
+            Role::ClientQuery,
+            Role::ClientResponse,
+            Role::UpstreamQuery,
+            Role::UpstreamResponse,
+        ];
+        for (role, c) in roles.iter().zip(&self.messages_by_role) {
+            let name = model::message_type_name(*role);
+            by_type.insert(name.into(), c.load(Relaxed).into());
         }
         serde_json::json!({"summary": {
             "messages": self.messages.load(Relaxed),

@@ -8,25 +8,24 @@
 //! from `read_files`/`serve` when the threads are joined. A sink that ends on purpose (stdout
 //! closed by `| head`) is not a failure: the shards stop rendering and the analysis goes on.
 
-use crate::correlate::{self, Correlator, Message, MessageStore, Session, Verdict};
+use crate::correlate::{self, Correlator};
 
 // A connection cut off inside a frame must show loss before the correlator stops waiting for it.
 const _: () = assert!(
     crate::ingest::net::CUT_OFF_AFTER.as_secs() < correlate::IDLE_LAG.as_secs(),
     "CUT_OFF_AFTER must be shorter than IDLE_LAG"
 );
-use crate::dnstap::{self, Nanos, Role};
+use crate::diagnosis::recall::RecallConfig;
 use crate::ingest::limits::{ConnectionLimits, Slots};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
 use crate::ingest::tls::{TlsAcceptor, TlsFiles};
 use crate::ingest::{file, LossBoard, QueueDepths, Router, SenderLimits, ShardInput, Shared};
 use crate::metrics::health::Heartbeat;
 use crate::metrics::http::{MetricsServer, StartError};
-use crate::metrics::model::{
-    AttemptFact, AttemptOutcome, Cause, Telemetry, TelemetryConfig, ThreadKind, ThreadStats,
-};
-use crate::metrics::top::{Failure, ShardTop, TopBoard, TopConfig};
+use crate::metrics::model::{Telemetry, TelemetryConfig, ThreadKind, ThreadStats};
+use crate::metrics::top::{ShardTop, TopBoard, TopConfig};
 use crate::metrics::{Discard, Metrics};
+use crate::output::lines::{LineSink, LineSinkParts};
 use crate::output::writer::{self, OutputError};
 use crate::output::{Format, LineOptions, LinePolicy, LogFilter, Renderer, Sink};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -56,6 +55,8 @@ pub struct Settings {
     pub tls: Option<TlsFiles>,
     /// Identities, their expiry, plausible event times.
     pub senders: SenderLimits,
+    /// `--cache-window`, `--upstream-failing-window`.
+    pub recall: RecallConfig,
     pub log: LogFilter,
     /// `--sample-succeeded`, `--messages`.
     pub lines: LineOptions,
@@ -83,6 +84,7 @@ impl Default for Settings {
             frame_buffer_budget: 64 << 20,
             tls: None,
             senders: SenderLimits::default(),
+            recall: RecallConfig::default(),
             log: LogFilter::ALL,
             lines: LineOptions::default(),
             format: Format::Json,
@@ -269,6 +271,7 @@ fn start_backend(
         max_frame_size: s.max_frame_size,
         session_timeout: s.correlate.session_timeout,
         limits: s.senders,
+        recall: s.recall,
     };
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<u8>>(64);
     let heartbeat = telemetry.health.stage("writer", None);
@@ -350,209 +353,18 @@ struct ShardContext {
     top: ShardTop,
 }
 
-/// Counts every finished session, renders the ones `--log` and `--sample-succeeded` want
-/// into a batch for the writer.
-struct LineSink {
-    batch: Vec<u8>,
-    out: Sender<Vec<u8>>,
-    /// The writer has gone (its sink ended or failed): nothing more is rendered, but every
-    /// session is still counted.
-    writer_gone: bool,
-    renderer: Renderer,
-    policy: LinePolicy,
-    metrics: Arc<Metrics>,
-    /// The live metrics of this shard, and the upstream attempts of the session at hand
-    /// (reused, so counting a session allocates nothing).
-    stats: ThreadStats,
-    attempts: Vec<Attempt>,
-    heartbeat: Arc<Heartbeat>,
-    /// This shard's part of `/top`, and the buffers a Failed session is described in.
-    top: ShardTop,
-    top_qname: Vec<u8>,
-    top_upstreams: Vec<SocketAddr>,
-}
-
-impl correlate::SessionSink for LineSink {
-    fn session(&mut self, s: &Session, v: Verdict, store: &MessageStore) {
-        self.metrics.session(&v);
-        upstream_attempts(s, store, &mut self.attempts);
-        let facts = self.attempts.iter().map(Attempt::fact);
-        let cause = self
-            .stats
-            .record_session(s.source, &v, client_latency(s), facts);
-        if v.status == correlate::Status::Failed {
-            self.record_top_failure(s, store, cause);
-        }
-        if !self.writer_gone && self.policy.prints(s, &v) {
-            self.renderer.render(s, &v, store, &mut self.batch);
-            self.metrics
-                .sessions_printed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            // A flush can emit a million sessions in one call: hand over as we go.
-            self.hand_over(false);
-        }
-    }
-}
-
-impl LineSink {
-    /// Counts a Failed session into `/top`: its qname and client from the first client-side
-    /// message that has them (as the rendered line shows them), and the upstreams it tried.
-    fn record_top_failure(&mut self, s: &Session, store: &MessageStore, cause: Cause) {
-        let (mut qname, mut client) = (false, None);
-        for m in &s.messages {
-            let Some(f) = dnstap::scan_message(store.get(m.bytes)) else {
-                continue;
-            };
-            if client.is_none() && matches!(m.role, Role::ClientQuery | Role::ClientResponse) {
-                client = dnstap::socket(f.query_address, f.query_port).map(|a| a.ip());
-            }
-            let wire = if m.role.is_response() {
-                f.response_message
-            } else {
-                f.query_message
-            };
-            qname = qname
-                || wire.is_some_and(|w| crate::output::question_name_into(w, &mut self.top_qname));
-        }
-        self.top_upstreams.clear();
-        let tried = self.attempts.iter().filter_map(|a| a.upstream);
-        self.top_upstreams.extend(tried);
-        let failure = Failure {
-            cause,
-            qname: qname
-                .then(|| std::str::from_utf8(&self.top_qname).ok())
-                .flatten(),
-            client,
-            upstreams: &self.top_upstreams,
-        };
-        let at = self.top.since_origin(Instant::now());
-        self.top.record(at, &failure);
-    }
-
-    /// Hands the batch to the writer when it is big enough, or when `force`d (each tick, so
-    /// lines never wait long at low rates). A send fails only once the writer has returned,
-    /// which also wakes a send blocked on the full channel.
-    fn hand_over(&mut self, force: bool) {
-        if self.batch.len() >= writer::BATCH_BYTES || (force && !self.batch.is_empty()) {
-            let full = std::mem::replace(
-                &mut self.batch,
-                Vec::with_capacity(writer::BATCH_BYTES + 4096),
-            );
-            if self.out.send(full).is_err() {
-                self.writer_gone = true;
-                self.batch = Vec::new();
-            }
-            // A batch handed over is progress, also in the middle of a long flush.
-            self.heartbeat.beat(Instant::now(), true);
-        }
-    }
-}
-
-/// CQ → CR: the CR's response_time minus the CQ's query_time, when both are known.
-fn client_latency(s: &Session) -> Option<Nanos> {
-    let q = s.cq_time()?;
-    let r = s
-        .messages
-        .iter()
-        .rev()
-        .find(|m| m.role == Role::ClientResponse)?
-        .time()?;
-    r.checked_sub(q)
-}
-
-/// One upstream attempt of a finished session, as the metrics count it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Attempt {
-    upstream: Option<SocketAddr>,
-    query_time: Option<Nanos>,
-    answered: bool,
-    rcode: Option<u8>,
-    rtt: Option<Nanos>,
-}
-
-impl Attempt {
-    fn fact(&self) -> AttemptFact {
-        AttemptFact {
-            upstream: self.upstream,
-            outcome: AttemptOutcome::of(self.answered, self.rcode.map(u16::from)),
-            rtt: self.rtt,
-        }
-    }
-}
-
-/// Pairs the session's upstream queries with their responses the way the rendered line does
-/// (same upstream, and the same query_time where the sender copies it, else the oldest open
-/// attempt), into `out`. Addresses and times come from the stored bytes through the hot
-/// path's wire scan, not a decode: this runs for every session, printed or not.
-fn upstream_attempts(s: &Session, store: &MessageStore, out: &mut Vec<Attempt>) {
-    out.clear();
-    for m in &s.messages {
-        if !matches!(m.role, Role::UpstreamQuery | Role::UpstreamResponse) {
-            continue;
-        }
-        let f = dnstap::scan_message(store.get(m.bytes)).unwrap_or_default();
-        let upstream = dnstap::socket(f.response_address, f.response_port);
-        let query_time = dnstap::time(f.query_time_sec, f.query_time_nsec);
-        if m.role == Role::UpstreamQuery {
-            out.push(Attempt {
-                upstream,
-                query_time,
-                answered: false,
-                rcode: None,
-                rtt: None,
-            });
-            continue;
-        }
-        answer(m, upstream, query_time, &f, out);
-    }
-}
-
-/// Records an upstream response: on the open attempt it answers, or as an attempt of its own.
-fn answer(
-    m: &Message,
-    upstream: Option<SocketAddr>,
-    query_time: Option<Nanos>,
-    f: &dnstap::MessageFields<'_>,
-    out: &mut Vec<Attempt>,
-) {
-    let response_time = dnstap::time(f.response_time_sec, f.response_time_nsec);
-    let answered = Attempt {
-        upstream,
-        query_time,
-        answered: true,
-        rcode: m.rcode,
-        rtt: query_time
-            .zip(response_time)
-            .and_then(|(q, r)| r.checked_sub(q)),
-    };
-    let open = |a: &Attempt| !a.answered && a.upstream == upstream;
-    let i = out
-        .iter()
-        .position(|a| open(a) && a.query_time == query_time)
-        .or_else(|| out.iter().position(open));
-    match i {
-        Some(i) => out[i] = answered,
-        None => out.push(answered),
-    }
-}
-
 fn run_shard(mut corr: Correlator, ctx: ShardContext) {
     let board = ctx.shared.board.clone();
     let metrics = ctx.shared.metrics.clone();
-    let mut sink = LineSink {
-        batch: Vec::with_capacity(writer::BATCH_BYTES + 4096),
+    let mut sink = LineSink::new(LineSinkParts {
         out: ctx.out,
-        writer_gone: false,
         renderer: ctx.renderer,
         policy: ctx.policy,
         metrics: ctx.shared.metrics.clone(),
         stats: ctx.stats,
-        attempts: Vec::new(),
         heartbeat: ctx.heartbeat,
         top: ctx.top,
-        top_qname: Vec::new(),
-        top_upstreams: Vec::new(),
-    };
+    });
     let mut last_tick = Instant::now();
     loop {
         let input = ctx.rx.recv_timeout(TICK);

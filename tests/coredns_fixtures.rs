@@ -182,13 +182,130 @@ fn i_reconnect_reports_what_was_lost() {
     }
 }
 
+/// CoreDNS's cache replays an upstream's SERVFAIL for 5 s. In the burst, each s0–s4.broken.test
+/// SERVFAIL forwarded to the upstream is followed by local SERVFAILs for the same name (275 in
+/// all): each is `cached_upstream_error`, naming the upstream, however the sessions are spread
+/// over shards (the key includes the DNS id, so a replay and its origin rarely share one).
+#[test]
+fn cached_servfails_are_blamed_on_the_upstream_at_any_shard_count() {
+    for shards in ["1", "4"] {
+        let out = read(
+            &[coredns_fixture("h_burst_5k.fstrm")],
+            &["--shards", shards, "--log", "failed", "--messages", "none"],
+        );
+        let local: Vec<_> = out.sessions.iter().filter(|s| s["bitmap"] == 3).collect();
+        assert_eq!(local.len(), 275, "--shards {shards}");
+        for s in local {
+            assert_eq!(s["rcode"], "SERVFAIL", "{s}");
+            assert!(
+                s["qname"].as_str().unwrap().ends_with(".broken.test."),
+                "{s}"
+            );
+            assert_eq!(
+                s["cause"], "cached_upstream_error",
+                "--shards {shards}: {s}"
+            );
+            let d = s["diagnosis"].as_str().unwrap();
+            assert!(
+                d.contains("from its cache: upstream 127.0.0.1:15401 answered SERVFAIL"),
+                "{d}"
+            );
+        }
+    }
+}
+
+/// CoreDNS ≥ 1.11's `extra` (here the 1.14.7 dnstap plugin on 1.10.1, `Corefile.extra`): one
+/// server block says `namespace=team-a;pod=web-1`, the other `client={remote}`. The workload
+/// reaches the line; without `namespace=`/`pod=` only the raw `extra` does.
+#[test]
+fn the_workload_in_extra_reaches_the_line() {
+    let out = read(&[coredns_fixture("j_extra.fstrm")], &["--messages", "none"]);
+    assert_eq!(out.sessions.len(), 5);
+    let team_a: Vec<_> = out
+        .sessions
+        .iter()
+        .filter(|s| s["extra"] == "namespace=team-a;pod=web-1")
+        .collect();
+    assert_eq!(team_a.len(), 3);
+    for s in team_a {
+        assert_eq!(s["client_namespace"], "team-a", "{s}");
+        assert_eq!(s["client_pod"], "web-1", "{s}");
+    }
+    let remote: Vec<_> = out
+        .sessions
+        .iter()
+        .filter(|s| s["extra"] == "client=127.0.0.1")
+        .collect();
+    assert_eq!(remote.len(), 2);
+    for s in remote {
+        assert!(
+            s["client_namespace"].is_null() && s["client_pod"].is_null(),
+            "{s}"
+        );
+    }
+    // A plugin's SERVFAIL (template) is written outside the tap: a lone CQ.
+    let lone = out.sessions.iter().filter(|s| s["bitmap"] == 1).count();
+    assert_eq!(lone, 2);
+    // Captures without extra have no such fields.
+    let plain = read(&[coredns_fixture("a_hosts.fstrm")], &[]);
+    assert!(plain.sessions[0].get("extra").is_none());
+}
+
+/// `time` (the CQ's query_time, RFC 3339 UTC with nanoseconds) and `cause` (one of the metrics'
+/// cause label values) on every line of the burst, Failed or not.
+#[test]
+fn every_line_has_its_time_and_cause() {
+    let out = read(&[coredns_fixture("h_burst_5k.fstrm")], &[]);
+    assert_eq!(out.sessions.len(), 5000);
+    let causes: Vec<&str> = dnstap_analyser::diagnosis::Cause::ALL
+        .iter()
+        .map(|c| c.name())
+        .collect();
+    for s in &out.sessions {
+        let time = s["time"].as_str().unwrap_or_else(|| panic!("no time: {s}"));
+        assert_eq!(time.len(), "2026-11-25T17:16:02.500000000Z".len(), "{time}");
+        assert!(time.ends_with('Z'), "{time}");
+        let cq = &s["messages"][0];
+        assert_eq!(cq["type"], "CLIENT_QUERY");
+        assert_eq!(cq["query_time"], time);
+        let cause = s["cause"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no cause: {s}"));
+        assert!(causes.contains(&cause), "{cause}");
+    }
+}
+
+/// The exit summary names message types as the lines and the metrics do.
+#[test]
+fn the_summary_counts_forwarder_messages_by_their_dnstap_names() {
+    let out = read(&[coredns_fixture("b_forward.fstrm")], &[]);
+    let by_type = &out.summary["messages_by_type"];
+    assert_eq!(by_type["FORWARDER_QUERY"], 1, "{by_type}");
+    assert_eq!(by_type["FORWARDER_RESPONSE"], 1, "{by_type}");
+    assert!(by_type.get("UPSTREAM_QUERY").is_none(), "{by_type}");
+    let types: Vec<&str> = out.sessions[0]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["type"].as_str().unwrap())
+        .collect();
+    for t in by_type.as_object().unwrap().keys() {
+        assert!(
+            types.contains(&t.as_str()),
+            "{t} not among the line's types {types:?}"
+        );
+    }
+}
+
 #[test]
 fn every_line_carries_the_documented_fields() {
     let out = read(&[coredns_fixture("b_forward.fstrm")], &[]);
     let s = &out.sessions[0];
     for field in [
+        "time",
         "status",
         "bitmap",
+        "cause",
         "diagnosis",
         "identity",
         "client",
@@ -261,7 +378,11 @@ fn log_filter_and_text_format() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert_eq!(text.lines().count(), 3);
     for line in text.lines() {
-        assert!(line.starts_with("Status: "), "{line}");
+        assert!(line.starts_with("Time: 2026-"), "{line}");
+        assert!(
+            line.contains(" Status: ") && line.contains(" Cause: "),
+            "{line}"
+        );
         assert!(
             line.contains(" BitMap: ") && line.contains(" Messages: ["),
             "{line}"

@@ -293,6 +293,12 @@ fn flag_cases() -> Vec<(&'static str, Json, Vec<&'static str>)> {
             vec!["--identity-idle-timeout=1800"],
         ),
         ("max-time-ahead", json!(3600), vec!["--max-time-ahead=3600"]),
+        ("cache-window", json!(30), vec!["--cache-window=30"]),
+        (
+            "upstream-failing-window",
+            json!(20),
+            vec!["--upstream-failing-window=20"],
+        ),
         (
             "log",
             json!(["failed", "sampleloss"]),

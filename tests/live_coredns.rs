@@ -200,6 +200,66 @@ fn silent_upstream_is_failed_with_every_attempt() {
     );
 }
 
+/// CoreDNS ≥ 1.11's `extra` end to end: the CoreDNS named by `COREDNS_EXTRA` (1.10.1 with the
+/// dnstap plugin of 1.14.7; `.ci/run` sets it) sends `extra "namespace=team-a;pod=web-1"` from
+/// one server block and `extra "client={remote}"` from another; the lines carry the workload,
+/// or the raw `extra`.
+#[test]
+fn extra_attribution_reaches_the_line() {
+    let Some(coredns) = std::env::var_os("COREDNS_EXTRA").filter(|v| !v.is_empty()) else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: live CoreDNS test `extra_attribution_reaches_the_line` did not run: set \
+             COREDNS_EXTRA=/path/to/coredns-1.10.1-dnstap-1.14.7 (.ci/run does)"
+        );
+        return;
+    };
+    let dir = TempDir::new("coredns-extra");
+    let an = Analyser::serve_tcp(&[]);
+    let (a, b) = (alloc_port(), alloc_port());
+    let conf = render_to(
+        "Corefile.extra",
+        &dir,
+        "Corefile",
+        &[
+            ("PORT_A", a.to_string()),
+            ("PORT_B", b.to_string()),
+            ("TAP", an.port().to_string()),
+        ],
+    );
+    let mut cmd = std::process::Command::new(coredns);
+    cmd.arg("-conf").arg(&conf);
+    let mut server = Server::spawn("coredns", cmd, dir.join("coredns.log"));
+    wait_until(
+        "CoreDNS to listen and connect its dnstap stream",
+        Duration::from_secs(15),
+        || {
+            server.assert_running();
+            tcp_listening(a) && tcp_listening(b) && tcp_connections_to(an.port()) >= 1
+        },
+    );
+    dig_expect(&mut server, a, ("internal.test", "A", false), "NOERROR");
+    dig_expect(&mut server, b, ("internal.test", "A", false), "NOERROR");
+    wait_for_qnames(&an, &["internal.test", "internal.test"], "CoreDNS extra");
+    server.stop();
+    let out = an.stop();
+    assert_all_counted("CoreDNS extra", &out);
+    assert_eq!(out.sessions.len(), 2, "{}", describe_all(&out.sessions));
+    let from_a = out
+        .sessions
+        .iter()
+        .find(|s| s["extra"] == "namespace=team-a;pod=web-1")
+        .unwrap_or_else(|| panic!("no team-a line: {}", describe_all(&out.sessions)));
+    assert_eq!(from_a["client_namespace"], "team-a");
+    assert_eq!(from_a["client_pod"], "web-1");
+    let from_b = out
+        .sessions
+        .iter()
+        .find(|s| s["extra"] == "client=127.0.0.1")
+        .unwrap_or_else(|| panic!("no client= line: {}", describe_all(&out.sessions)));
+    assert!(from_b["client_namespace"].is_null(), "{from_b}");
+}
+
 /// The analyser is restarted on the same port while CoreDNS is connected. CoreDNS notices on a
 /// failed write and redials; queries sent after it reconnected give exact sessions in the new
 /// analyser. Queries around the restart may be lost in part (orphans, SampleLoss): of those only

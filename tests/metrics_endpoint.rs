@@ -3,6 +3,7 @@
 mod support;
 
 use dnstap_analyser::correlate::{BitMap, Status, Verdict};
+use dnstap_analyser::diagnosis::Diagnosis;
 use dnstap_analyser::dnstap::{Role, SourceRegistry};
 use dnstap_analyser::metrics::http::MetricsServer;
 use dnstap_analyser::metrics::model::{Telemetry, TelemetryConfig, ThreadKind};
@@ -33,7 +34,7 @@ fn telemetry(stall_after: Duration) -> Arc<Telemetry> {
         loss: None,
         incomplete: None,
     };
-    stats.record_session(id, &ok, Some(150_000), []);
+    stats.record_session(&Diagnosis::from_parts(id, ok, Some(150_000), &[]));
     stats.count_messages(id, Role::ClientQuery, 1);
     stats.count_messages(id, Role::ClientResponse, 1);
     stats.publish();
@@ -117,7 +118,7 @@ fn metrics_default_to_prometheus_text_and_openmetrics_when_asked() {
         .body
         .contains("# TYPE dnstap_analyser_sessions_total counter\n"));
     assert!(r.body.contains(
-        "dnstap_analyser_sessions_total{identity=\"coredns-0\",status=\"Succeeded\",bitmap=\"3\",cause=\"local_answer\"} 1\n"
+        "dnstap_analyser_sessions_total{identity=\"coredns-0\",namespace=\"none\",status=\"Succeeded\",bitmap=\"3\",cause=\"local_answer\",rcode=\"none\",qtype=\"other\"} 1\n"
     ));
     assert!(!r.body.contains("# EOF"));
 
@@ -169,7 +170,7 @@ fn health_readiness_top_and_errors() {
     assert_eq!((r.status, r.body.contains("draining")), (503, true));
 
     assert_eq!(get(addr, "/top").status, 404);
-    t.set_top(Box::new(|| "{\"top\":[]}".to_string()));
+    t.set_top(Arc::new(|| "{\"top\":[]}".to_string()));
     let r = get(addr, "/top");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), Some("application/json"));

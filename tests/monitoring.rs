@@ -47,7 +47,20 @@ const EXPOSITION: &[Metric] = &[
     metric(
         "dnstap_analyser_sessions_total",
         Kind::Counter,
-        &["identity", "status", "bitmap", "cause"],
+        &[
+            "identity",
+            "namespace",
+            "status",
+            "bitmap",
+            "cause",
+            "rcode",
+            "qtype",
+        ],
+    ),
+    metric(
+        "dnstap_analyser_top_failing_names",
+        Kind::Gauge,
+        &["qname", "cause"],
     ),
     metric(
         "dnstap_analyser_upstream_attempts_total",
@@ -90,6 +103,7 @@ const EXPOSITION: &[Metric] = &[
     metric("dnstap_analyser_queue_capacity_events", Kind::Gauge, &[]),
     metric("dnstap_analyser_open_sessions", Kind::Gauge, &["shard"]),
     metric("dnstap_analyser_sessions_evicted_total", Kind::Counter, &[]),
+    metric("dnstap_analyser_recall_forgotten_total", Kind::Counter, &[]),
     metric("dnstap_analyser_connections_open", Kind::Gauge, &[]),
     metric(
         "dnstap_analyser_connections_accepted_total",
@@ -138,12 +152,34 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
             "forwarded_answer",
             "upstream_timeout",
             "upstream_error",
+            "cached_upstream_error",
             "server_error",
+            "rejected_upstream_failing",
             "no_response",
             "sender_loss",
             "analyser_loss",
         ],
         (_, "outcome") => &["answered", "timeout", "error_rcode"],
+        (_, "qtype") => &[
+            "A", "AAAA", "CNAME", "PTR", "SRV", "MX", "TXT", "NS", "SOA", "HTTPS", "SVCB", "ANY",
+            "other",
+        ],
+        (_, "rcode") => &[
+            "none",
+            "NOERROR",
+            "FORMERR",
+            "SERVFAIL",
+            "NXDOMAIN",
+            "NOTIMP",
+            "REFUSED",
+            "YXDOMAIN",
+            "YXRRSET",
+            "NXRRSET",
+            "NOTAUTH",
+            "NOTZONE",
+            "DSOTYPENI",
+            "other",
+        ],
         (_, "type") => &[
             "CLIENT_QUERY",
             "CLIENT_RESPONSE",
@@ -188,7 +224,7 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
             "tls_error",
         ],
         ("dnstap_analyser_tls_certificate_reloads_total", "result") => &["ok", "error"],
-        (_, "label") => &["identity", "upstream"],
+        (_, "label") => &["identity", "upstream", "namespace"],
         _ => return None,
     })
 }
@@ -601,13 +637,13 @@ fn alert_rule_unit_tests_catch_broken_rules() {
         ),
         (
             "SampleLoss counted as a failure",
-            r#"{status="Failed", cause=~"upstream_error|server_error"}"#,
-            r#"{status=~"Failed|SampleLoss", cause=~"upstream_error|server_error|sender_loss"}"#,
+            r#"{status="Failed", cause=~"upstream_error|cached_upstream_error|server_error"}"#,
+            r#"{status=~"Failed|SampleLoss", cause=~"upstream_error|cached_upstream_error|server_error|sender_loss"}"#,
         ),
         (
             "timeouts counted as error rcodes",
-            r#"cause=~"upstream_error|server_error""#,
-            r#"cause=~"upstream_error|server_error|upstream_timeout|no_response""#,
+            r#"cause=~"upstream_error|cached_upstream_error|server_error""#,
+            r#"cause=~"upstream_error|cached_upstream_error|server_error|upstream_timeout|no_response""#,
         ),
         (
             "no rate floor on upstream attempts",

@@ -29,6 +29,29 @@ use support::{
 // ---------------------------------------------------------------------------------------------
 // The load generator's ground truth
 
+/// Counts keyed `.../cause` with the causes the stream decides (a lone CQ after failing
+/// attempts, a local error after the same upstream error) under the ones the generator knows.
+fn folded(counts: BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (key, n) in counts {
+        let (head, cause) = key
+            .rsplit_once('/')
+            .map_or(("", key.as_str()), |(h, c)| (h, c));
+        let cause = match cause {
+            "rejected_upstream_failing" => "no_response",
+            "cached_upstream_error" => "server_error",
+            c => c,
+        };
+        let key = if head.is_empty() {
+            cause.to_string()
+        } else {
+            format!("{head}/{cause}")
+        };
+        *out.entry(key).or_insert(0) += n;
+    }
+    out
+}
+
 /// What `dnstap-loadgen run` says it generated: `--truth` (JSON) and `--truth-sessions` (TSV).
 struct Truth {
     json: Value,
@@ -209,23 +232,41 @@ fn prometheus_query_api_gives_the_ground_truth_and_the_exit_summary() {
         "sum by (status) (dnstap_analyser_sessions_total)",
         &["status"],
     );
-    let by_cause = prom.counts(
+    // The generator knows what it made happen to each session, not what the stream around it
+    // showed: a lone CQ after timed-out attempts is `rejected_upstream_failing` to the analyser
+    // and `no_response` to the generator (a local error after the same upstream error would be
+    // `cached_upstream_error` and `server_error`). They are folded for the comparison.
+    let by_cause = folded(prom.counts(
         "sum by (cause) (dnstap_analyser_sessions_total)",
         &["cause"],
-    );
-    let by_everything = prom.counts(
+    ));
+    let by_everything = folded(prom.counts(
         "sum by (identity, status, bitmap, cause) (dnstap_analyser_sessions_total)",
         &["identity", "status", "bitmap", "cause"],
+    ));
+    // rcode and qtype on the session counter: what the clients got, and what they asked.
+    let by_rcode = prom.counts(
+        "sum by (rcode) (dnstap_analyser_sessions_total)",
+        &["rcode"],
+    );
+    let by_qtype = prom.counts(
+        "sum by (qtype) (dnstap_analyser_sessions_total)",
+        &["qtype"],
+    );
+    // The failing names /top's sketch is sure of, as a gauge family.
+    let failing_names = prom.counts(
+        "sum by (qname, cause) (dnstap_analyser_top_failing_names)",
+        &["qname", "cause"],
     );
     let by_type = prom.counts("sum by (type) (dnstap_analyser_messages_total)", &["type"]);
     let attempts = prom.counts(
         "sum by (outcome) (dnstap_analyser_upstream_attempts_total)",
         &["outcome"],
     );
-    let latency_by_cause = prom.counts(
+    let latency_by_cause = folded(prom.counts(
         "sum by (cause) (dnstap_analyser_client_latency_seconds_count)",
         &["cause"],
-    );
+    ));
     let rtts = prom.value("sum(dnstap_analyser_upstream_rtt_seconds_count)");
     let discarded = prom.value("sum(dnstap_analyser_discarded_total)");
     // Only now SIGTERM: Prometheus has scraped the final values.
@@ -286,6 +327,57 @@ fn prometheus_query_api_gives_the_ground_truth_and_the_exit_summary() {
         "client latencies by cause"
     );
     assert_eq!(discarded, Some(0.0), "nothing discarded");
+
+    // rcode and qtype = the printed lines'.
+    let lines_by = |f: &dyn Fn(&Value) -> String| {
+        let mut m = BTreeMap::new();
+        for s in &out.sessions {
+            *m.entry(f(s)).or_insert(0u64) += 1;
+        }
+        m
+    };
+    let rcode_of = |s: &Value| s["rcode"].as_str().unwrap_or("none").to_string();
+    assert_eq!(by_rcode, lines_by(&rcode_of), "sessions by rcode");
+    assert!(
+        by_rcode.contains_key("NOERROR") && by_rcode.contains_key("none"),
+        "{by_rcode:?}"
+    );
+    let qtype_of = |s: &Value| s["qtype"].as_str().unwrap_or("other").to_string();
+    assert_eq!(by_qtype, lines_by(&qtype_of), "sessions by qtype");
+    // Every failing name Prometheus got is one whose Failed lines are above the sketch's
+    // bound (N / K, K = 100), counted at least that often (the sketch overcounts, never under).
+    let failed_lines: Vec<&Value> = out
+        .sessions
+        .iter()
+        .filter(|s| s["status"] == "Failed")
+        .collect();
+    let bound = failed_lines.len() as u64 / 100;
+    let failed_by_name = lines_by(&|s: &Value| {
+        if s["status"] == "Failed" {
+            s["qname"].as_str().unwrap_or("").to_string()
+        } else {
+            String::new()
+        }
+    });
+    println!("failing names {failing_names:?} (bound {bound})");
+    assert!(failing_names.len() <= 100);
+    for (key, n) in &failing_names {
+        let qname = key.rsplit_once('/').map_or(key.as_str(), |(q, _)| q);
+        let truth = failed_by_name.get(qname).copied().unwrap_or(0);
+        assert!(
+            truth > bound && *n >= truth,
+            "{key}: {n} in Prometheus, {truth} Failed lines"
+        );
+    }
+    let expected_names = failed_by_name
+        .iter()
+        .filter(|(q, &n)| !q.is_empty() && n > 2 * bound + 1)
+        .count();
+    assert!(
+        failing_names.len() >= expected_names.min(100),
+        "{} failing names in Prometheus, {expected_names} names with more than twice the bound",
+        failing_names.len()
+    );
 
     // Prometheus = the analyser's exit summary.
     assert_eq!(out.summary_sessions(), Some(SESSIONS), "{}", out.summary);

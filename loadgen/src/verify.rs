@@ -165,22 +165,7 @@ fn check_summary(gt: &Value, s: &Value, sender_loss: u64, analyser_drops: u64, r
             "analyser counted {got_messages} messages, the generator sent {sent}"
         ));
     }
-    if let Some(by) = s.get("messages_by_type").and_then(Value::as_object) {
-        for (ours, theirs) in [
-            ("CLIENT_QUERY", "CLIENT_QUERY"),
-            ("CLIENT_RESPONSE", "CLIENT_RESPONSE"),
-            ("FORWARDER_QUERY", "UPSTREAM_QUERY"),
-            ("FORWARDER_RESPONSE", "UPSTREAM_RESPONSE"),
-        ] {
-            let e = num(gt, &["messages", "by_type", ours]);
-            let a = by.get(theirs).and_then(Value::as_u64).unwrap_or(0);
-            if e != a {
-                rep.err(format!(
-                    "analyser counted {a} {theirs} messages, the generator sent {e} {ours}"
-                ));
-            }
-        }
-    }
+    check_message_types(gt, s, rep);
     let gt_status = count_map(gt.get("status"));
     let got_status = count_map(s.get("status"));
     rep.fact("analyser_status", json!(got_status));
@@ -670,6 +655,33 @@ fn check_sessions(
     Ok(())
 }
 
+/// The messages by type: the summary names them as the lines and the metrics do
+/// (FORWARDER_*); a type missing from it is an error, never a count of 0.
+fn check_message_types(gt: &Value, s: &Value, rep: &mut Report) {
+    match s.get("messages_by_type").and_then(Value::as_object) {
+        Some(by) => {
+            for name in [
+                "CLIENT_QUERY",
+                "CLIENT_RESPONSE",
+                "FORWARDER_QUERY",
+                "FORWARDER_RESPONSE",
+            ] {
+                let e = num(gt, &["messages", "by_type", name]);
+                match by.get(name).and_then(Value::as_u64) {
+                    Some(a) if a == e => {}
+                    Some(a) => rep.err(format!(
+                        "analyser counted {a} {name} messages, the generator sent {e}"
+                    )),
+                    None => rep.err(format!(
+                        "the analyser summary's messages_by_type has no {name}: {by:?}"
+                    )),
+                }
+            }
+        }
+        None => rep.err("the analyser summary has no messages_by_type".to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -747,6 +759,30 @@ mod tests {
         let mut guessed = refs(&good);
         guessed[2] = line("Failed", 5, "c.example.com", 3);
         assert!(!errors(&truth, &as_str(&guessed)).is_empty());
+    }
+
+    #[test]
+    fn message_types_are_the_forwarder_names_and_none_may_be_missing() {
+        let gt = json!({"messages": {"by_type": {
+            "CLIENT_QUERY": 2, "CLIENT_RESPONSE": 2, "FORWARDER_QUERY": 1, "FORWARDER_RESPONSE": 1
+        }}});
+        let check = |summary: Value| {
+            let mut rep = Report::default();
+            check_message_types(&gt, &summary, &mut rep);
+            rep.errors
+        };
+        let good = json!({"messages_by_type": {
+            "CLIENT_QUERY": 2, "CLIENT_RESPONSE": 2, "FORWARDER_QUERY": 1, "FORWARDER_RESPONSE": 1
+        }});
+        assert_eq!(check(good), Vec::<String>::new());
+        // The old names are not read as 0s that happen to match.
+        let old = json!({"messages_by_type": {
+            "CLIENT_QUERY": 2, "CLIENT_RESPONSE": 2, "UPSTREAM_QUERY": 1, "UPSTREAM_RESPONSE": 1
+        }});
+        let e = check(old);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].contains("has no FORWARDER_QUERY"), "{e:?}");
+        assert_eq!(check(json!({})).len(), 1);
     }
 
     #[test]

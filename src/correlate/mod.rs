@@ -9,7 +9,7 @@ mod table;
 pub use session::{BitMap, Incomplete, LossReason, Message, Session, Status, Verdict};
 pub use store::{MessageRef, MessageStore};
 
-use crate::dnstap::{Event, Nanos, Role, SourceId, StreamEnded, StreamId};
+use crate::dnstap::{Event, Nanos, Recollection, Role, SourceId, StreamEnded, StreamId};
 use hashbrown::{HashMap, HashSet};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -636,12 +636,18 @@ impl Correlator {
         };
         let s = self.table.get_mut(slot);
         s.bitmap = s.bitmap.with(BitMap::of(ev.role));
+        if ev.recalled != Recollection::Nothing {
+            s.recalled = ev.recalled;
+        }
+        if s.qtype.is_none() {
+            s.qtype = ev.question.map(|q| q.qtype);
+        }
         if s.messages.len() >= MAX_MESSAGES {
             s.messages_dropped = s.messages_dropped.saturating_add(1);
             return;
         }
         let mut bytes = self.pending.take().unwrap_or_else(|| self.store.put(&[]));
-        let mut flags = 0;
+        let mut flags = if ev.has_extra { Message::EXTRA } else { 0 };
         let cq = s.messages.iter().find(|m| m.role == Role::ClientQuery);
         if let (Role::UpstreamQuery, Some(cq)) = (ev.role, cq) {
             if let Some(stripped) =
@@ -805,6 +811,8 @@ mod tests {
             upstream: matches!(role, Role::UpstreamQuery | Role::UpstreamResponse)
                 .then(|| ([10, 0, 0, 2], 53).into()),
             protocol: None,
+            recalled: Recollection::Nothing,
+            has_extra: false,
             watermark: 0,
             loss_seq: 0,
             drops_before: 0,

@@ -1,7 +1,7 @@
 //! A session (every message of one client request) and its verdict.
 
 use super::store::MessageRef;
-use crate::dnstap::{Nanos, Role, SenderProfile, SourceId};
+use crate::dnstap::{Nanos, Recollection, Role, SenderProfile, SourceId};
 use smallvec::SmallVec;
 
 /// 1 CQ | 2 CR | 4 FQ/RQ | 8 FR/RR.
@@ -94,6 +94,8 @@ pub struct Message {
 impl Message {
     pub const REPEAT: u8 = 1;
     pub const QUERY_FROM_CQ: u8 = 2;
+    /// The stored bytes end with the frame's `extra` (`dnstap::append_extra`).
+    pub const EXTRA: u8 = 4;
 
     pub fn time(&self) -> Option<Nanos> {
         (self.time != 0).then_some(self.time)
@@ -235,6 +237,10 @@ pub struct Session {
     pub(super) completed: bool,
     /// True when the sender sent wire messages (CoreDNS `full`).
     pub has_wire: bool,
+    /// What the stream showed before the session's client messages (`diagnosis::recall`).
+    pub recalled: Recollection,
+    /// The question's type, from the first message that had one.
+    pub qtype: Option<u16>,
 }
 
 impl Session {
@@ -265,6 +271,8 @@ impl Session {
             drop_epoch_at_open: 0,
             completed: false,
             has_wire,
+            recalled: Recollection::Nothing,
+            qtype: None,
         }
     }
 

@@ -95,9 +95,37 @@ pub struct Event {
     pub loss_seq: u64,
     /// Events for this event's shard that the analyser dropped just before it.
     pub drops_before: u32,
+    /// What the stream showed before this client message that its session cannot see
+    /// itself (`diagnosis::Recall`, run where every message of the stream passes in order).
+    pub recalled: Recollection,
+    /// The frame had an `extra`, appended to the message's stored bytes (`append_extra`).
+    pub has_extra: bool,
     /// Where the encoded dnstap.Message is in the batch that carries this event (identity
     /// and version are the source's, kept once in the registry).
     pub message: MessageSpan,
+}
+
+/// A fact about earlier messages of the same stream that a client message's session cannot
+/// see itself: the shard key includes the DNS id, so a cached answer and the upstream answer it
+/// replays land in different sessions (and shards).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Recollection {
+    #[default]
+    Nothing,
+    /// On an error CR: the same question (identity, qname, qtype, qclass) got an upstream
+    /// answer with this rcode `age` nanoseconds before it.
+    UpstreamAnswered {
+        upstream: Option<SocketAddr>,
+        rcode: u8,
+        age: Nanos,
+    },
+    /// On a CQ: the identity's latest upstream attempt failed (timed out, or answered an
+    /// error rcode) `age` nanoseconds before it, and none was answered since.
+    UpstreamFailing {
+        upstream: Option<SocketAddr>,
+        timed_out: bool,
+        age: Nanos,
+    },
 }
 
 /// Offset and length of an event's encoded message in its batch's byte buffer.
@@ -140,6 +168,8 @@ impl Event {
             watermark: 0,
             loss_seq: 0,
             drops_before: 0,
+            recalled: Recollection::Nothing,
+            has_extra: false,
             message: MessageSpan::default(),
         }
     }
@@ -187,6 +217,8 @@ impl Event {
             watermark: 0,
             loss_seq: 0,
             drops_before: 0,
+            recalled: Recollection::Nothing,
+            has_extra: false,
             message: MessageSpan::default(),
         })
     }

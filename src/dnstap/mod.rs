@@ -15,9 +15,9 @@ mod sources;
 mod wire;
 
 pub use decode::{decode, decode_message, ip, socket, time, DecodeError};
-pub use event::{Event, MessageSpan, Nanos, Role, StreamEnded, StreamId};
+pub use event::{Event, MessageSpan, Nanos, Recollection, Role, StreamEnded, StreamId};
 pub use pb::mod_Message::Type as MessageType;
 pub use pb::{Dnstap, Message as DnstapMessage, SocketProtocol};
 pub use sender::{SenderProfile, SenderTraits};
 pub use sources::{IdentityLimit, SourceId, SourceRegistry};
-pub use wire::{query_message_field, scan, scan_message, MessageFields, TapFields};
+pub use wire::{append_extra, query_message_field, scan, scan_message, MessageFields, TapFields};

@@ -13,6 +13,8 @@ pub struct TapFields<'a> {
     pub message: Option<MessageFields<'a>>,
     /// The encoded dnstap.Message: what a session keeps of each message.
     pub message_bytes: &'a [u8],
+    /// The Dnstap frame's `extra` (CoreDNS ≥ 1.11: `extra "..."` in the dnstap block).
+    pub extra: &'a [u8],
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -29,6 +31,31 @@ pub struct MessageFields<'a> {
     pub response_time_nsec: Option<u32>,
     pub query_message: Option<&'a [u8]>,
     pub response_message: Option<&'a [u8]>,
+    /// The frame's `extra`, where the reader appended it to the stored message
+    /// ([`append_extra`]).
+    pub extra: Option<&'a [u8]>,
+}
+
+/// The field a stored message carries its frame's `extra` in: field 2047 (length-delimited)
+/// of dnstap.Message, which the schema does not use, so the generated decoder skips it.
+const EXTRA_TAG: u64 = 2047 << 3 | 2;
+/// At most this much of `extra` is kept with a message (a sender controls it).
+pub const MAX_EXTRA: usize = 256;
+
+/// Appends `extra` (cut to [`MAX_EXTRA`] bytes) to an encoded dnstap.Message in `out` as field
+/// 2047: it travels with the message into the session's store without an allocation of its
+/// own, and is read back by [`scan_message`].
+pub fn append_extra(out: &mut Vec<u8>, extra: &[u8]) {
+    let extra = &extra[..extra.len().min(MAX_EXTRA)];
+    // Tag 16378 and a length below 2^14: two varint bytes each.
+    let len = extra.len() as u16;
+    out.extend_from_slice(&[
+        (EXTRA_TAG as u8) | 0x80,
+        (EXTRA_TAG >> 7) as u8,
+        (len as u8) | 0x80,
+        (len >> 7) as u8,
+    ]);
+    out.extend_from_slice(extra);
 }
 
 /// Scans a dnstap payload for the fields correlation needs.
@@ -43,6 +70,7 @@ fn scan_tap(frame: &[u8]) -> Option<TapFields<'_>> {
         match r.tag()? {
             10 => t.identity = r.bytes()?,
             18 => t.version = r.bytes()?,
+            26 => t.extra = r.bytes()?,
             114 => {
                 t.message_bytes = r.bytes()?;
                 t.message = Some(scan_message(t.message_bytes)?);
@@ -72,6 +100,7 @@ pub fn scan_message(b: &[u8]) -> Option<MessageFields<'_>> {
             96 => m.response_time_sec = Some(r.varint()?),
             109 => m.response_time_nsec = Some(r.fixed32()?),
             114 => m.response_message = Some(r.bytes()?),
+            EXTRA_TAG => m.extra = Some(r.bytes()?),
             tag => r.skip(tag)?,
         }
     }

@@ -12,6 +12,7 @@ pub mod tls;
 pub use loss::LossBoard;
 pub use router::{Batch, QueueDepths, Router, ShardInput, BATCH};
 
+use crate::diagnosis::recall::{Recall, RecallConfig};
 use crate::dnstap::{
     self, Event, IdentityLimit, Nanos, Role, SenderProfile, SourceId, SourceRegistry, StreamEnded,
     StreamId,
@@ -50,6 +51,8 @@ pub struct Shared {
     pub max_frame_size: usize,
     pub session_timeout: Nanos,
     pub limits: SenderLimits,
+    /// The windows of each stream's `diagnosis::Recall`.
+    pub recall: RecallConfig,
 }
 
 impl Shared {
@@ -64,6 +67,7 @@ impl Shared {
             max_frame_size: 1 << 20,
             session_timeout: 10_000_000_000,
             limits,
+            recall: RecallConfig::default(),
         }
     }
 }
@@ -186,6 +190,8 @@ pub struct StreamIngest {
     latest_time: Nanos,
     /// When idle tracks were last looked for.
     swept_at: Instant,
+    /// What the stream showed lately, for the causes a session cannot see by itself.
+    recall: Recall,
 }
 
 /// What a stream counted for one source between two `StreamIngest::take_source_counts`.
@@ -237,6 +243,7 @@ static NEXT_STREAM: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32:
 impl StreamIngest {
     pub fn new(shared: Shared, peer: String) -> Self {
         let decoder = FrameDecoder::new(shared.max_frame_size);
+        let recall = Recall::new(shared.recall);
         let now = Instant::now();
         // Relaxed: the number only has to be unique, not ordered with anything.
         let stream = StreamId(NEXT_STREAM.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
@@ -254,6 +261,7 @@ impl StreamIngest {
             now,
             latest_time: 0,
             swept_at: now,
+            recall,
         }
     }
 
@@ -338,6 +346,7 @@ impl StreamIngest {
             self.forget_idle_identities();
         }
         let result = self.feed_frames(buf, router, replies);
+        self.tally.recall_forgotten += self.recall.take_forgotten();
         self.shared.metrics.add(&std::mem::take(&mut self.tally));
         result
     }
@@ -483,7 +492,9 @@ impl StreamIngest {
         }
         ev.loss_seq = self.shared.board.get(source);
         self.count_source(source, ev.role, ev.watermark);
-        router.dispatch(ev, tap.message_bytes);
+        ev.recalled = self.recall.observe(&ev);
+        ev.has_extra = !tap.extra.is_empty();
+        router.dispatch_with_extra(ev, tap.message_bytes, tap.extra);
     }
 
     /// A time before 2000 or past the wall clock plus `--max-time-ahead` is dropped from the

@@ -48,12 +48,16 @@ impl Batch {
         }
     }
 
-    fn push(&mut self, mut ev: Event, message: &[u8]) {
-        ev.message = MessageSpan {
-            start: self.bytes.len() as u32,
-            len: message.len() as u32,
-        };
+    fn push(&mut self, mut ev: Event, message: &[u8], extra: &[u8]) {
+        let start = self.bytes.len();
         self.bytes.extend_from_slice(message);
+        if !extra.is_empty() {
+            crate::dnstap::append_extra(&mut self.bytes, extra);
+        }
+        ev.message = MessageSpan {
+            start: start as u32,
+            len: (self.bytes.len() - start) as u32,
+        };
         self.events.push(ev);
     }
 }
@@ -105,8 +109,13 @@ impl Router {
     }
 
     pub fn dispatch(&mut self, ev: Event, message: &[u8]) {
+        self.dispatch_with_extra(ev, message, &[]);
+    }
+
+    /// Routes `ev` with its encoded message and its frame's `extra` (empty: none).
+    pub fn dispatch_with_extra(&mut self, ev: Event, message: &[u8], extra: &[u8]) {
         let shard = shard_of(ev.key, self.shards.len());
-        self.batches[shard].push(ev, message);
+        self.batches[shard].push(ev, message, extra);
         if self.batches[shard].events.len() >= BATCH {
             self.send(shard);
         }

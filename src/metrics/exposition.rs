@@ -3,8 +3,8 @@
 //! come from the same families and share the crate's name, escaping and number rules.
 
 use super::model::{
-    message_type_name, upstream_name, CappedLabel, Histogram, IdentityLabel, Snapshot, Telemetry,
-    LATENCY_BUCKETS,
+    message_type_name, rcode_label, upstream_name, CappedLabel, Histogram, IdentityLabel, Snapshot,
+    Telemetry, LATENCY_BUCKETS, QTYPE_LABELS,
 };
 use super::{Discard, Disconnect};
 use crate::dnstap::Role;
@@ -209,24 +209,56 @@ impl Families {
         let sessions: BTreeMap<_, _> = c
             .sessions
             .iter()
-            .map(|(k, v)| ((names.get(k.identity), k.status, k.bitmap, k.cause), *v))
+            .map(|(k, v)| {
+                let namespace = self.telemetry.namespaces.name(k.namespace);
+                let (rcode, qtype) = (rcode_label(k.rcode), QTYPE_LABELS[k.qtype as usize].1);
+                let key = (
+                    names.get(k.identity),
+                    namespace,
+                    k.status,
+                    k.bitmap,
+                    k.cause,
+                );
+                ((key, rcode, qtype), *v)
+            })
             .fold(BTreeMap::new(), sum_into);
         let mut m = family(
             enc,
             "sessions",
-            "Finished DNS request sessions by sender identity, status, message bitmap (1 CQ|2 CR|4 FQ|8 FR) and cause.",
+            "Finished DNS request sessions by sender identity, client namespace (from the sender's extra; none without), status, message bitmap (1 CQ|2 CR|4 FQ|8 FR), cause, the client's rcode (none without a response) and qtype.",
             None,
             MetricType::Counter,
         )?;
-        for ((identity, status, bitmap, cause), v) in sessions {
+        for (((identity, namespace, status, bitmap, cause), rcode, qtype), v) in sessions {
             let bitmap = bitmap.to_string();
             let labels = [
                 ("identity", &*identity),
+                ("namespace", &*namespace),
                 ("status", status.name()),
                 ("bitmap", &bitmap),
                 ("cause", cause.name()),
+                ("rcode", rcode),
+                ("qtype", qtype),
             ];
             counter(&mut m, labels, v)?;
+        }
+
+        // Fed by /top's sketch, and only while /top is served: the one family with a qname.
+        if let Some(names) = self.telemetry.top_failing_names() {
+            let mut m = family(
+                enc,
+                "top_failing_names",
+                "Failed sessions in /top's window of the question names with the most failures (at most 100; only names certainly above the sketch's error bound), by their dominant cause.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for n in names {
+                gauge_count(
+                    &mut m,
+                    [("qname", &n.qname), ("cause", n.cause.name())],
+                    n.failed,
+                )?;
+            }
         }
 
         let attempts: BTreeMap<_, _> = c
@@ -396,6 +428,15 @@ impl Families {
             MetricType::Counter,
         )?;
         counter(&mut m, [], c.evicted)?;
+        let mut m = family(
+            enc,
+            "recall_forgotten",
+            "Upstream answers and attempts a stream forgot within their windows to stay bounded: cached_upstream_error and rejected_upstream_failing may be missed for them.",
+            None,
+            MetricType::Counter,
+        )?;
+        let forgotten = self.telemetry.metrics.recall_forgotten.load(Relaxed);
+        counter(&mut m, [], forgotten)?;
 
         self.connections(enc, snap)?;
 
@@ -518,10 +559,9 @@ fn sum_into<K: Ord>(mut acc: BTreeMap<K, u64>, (k, v): (K, u64)) -> BTreeMap<K, 
 mod tests {
     use super::*;
     use crate::correlate::{BitMap, LossReason, Status, Verdict};
+    use crate::diagnosis::{Attempt, Cause, Diagnosis};
     use crate::dnstap::SourceRegistry;
-    use crate::metrics::model::{
-        AttemptFact, AttemptOutcome, TelemetryConfig, ThreadKind, UpstreamLabel,
-    };
+    use crate::metrics::model::{AttemptOutcome, TelemetryConfig, ThreadKind, UpstreamLabel};
     use crate::metrics::Metrics;
     use std::collections::{BTreeSet, HashMap};
 
@@ -539,16 +579,8 @@ mod tests {
         let plain = sources.intern(b"coredns-1", b"1.11");
         let mut shard = t.thread_stats(ThreadKind::Shard(0));
         let up = Some("10.0.0.1:53".parse().unwrap());
-        let answered = AttemptFact {
-            upstream: up,
-            outcome: AttemptOutcome::Answered,
-            rtt: Some(3_000_000),
-        };
-        let timeout = AttemptFact {
-            upstream: up,
-            outcome: AttemptOutcome::Timeout,
-            rtt: None,
-        };
+        let answered = Attempt::ended(up, AttemptOutcome::Answered, Some(3_000_000));
+        let timeout = Attempt::ended(up, AttemptOutcome::Timeout, None);
         let ok = Verdict {
             status: Status::Succeeded,
             bitmap: BitMap(15),
@@ -568,11 +600,26 @@ mod tests {
             incomplete: None,
         };
         for _ in 0..3 {
-            shard.record_session(nasty, &ok, Some(4_000_000), [answered]);
+            shard.record_session(&Diagnosis::from_parts(
+                nasty,
+                ok,
+                Some(4_000_000),
+                &[answered],
+            ));
         }
-        shard.record_session(plain, &failed, None, [timeout, timeout]);
-        shard.record_session(plain, &lost, None, []);
-        shard.record_session(plain, &ok, Some(20_000_000_000), [answered]);
+        shard.record_session(&Diagnosis::from_parts(
+            plain,
+            failed,
+            None,
+            &[timeout, timeout],
+        ));
+        shard.record_session(&Diagnosis::from_parts(plain, lost, None, &[]));
+        shard.record_session(&Diagnosis::from_parts(
+            plain,
+            ok,
+            Some(20_000_000_000),
+            &[answered],
+        ));
         shard.set_open_sessions(2);
         shard.note_event_time(plain, 1);
         drop(shard);
@@ -898,6 +945,56 @@ mod tests {
         );
         // No connection counter registered (file mode): no connections_open family.
         assert!(!p.types.contains_key("dnstap_analyser_connections_open"));
+    }
+
+    /// The failing names come from /top's sketch, only above its error bound, and only while
+    /// /top is served; the session counter says rcode and qtype.
+    #[test]
+    fn top_failing_names_follow_top_and_sessions_carry_rcode_and_qtype() {
+        use crate::metrics::top::{Failure, TopBoard, TopConfig};
+        let t = sample_telemetry();
+        let text = Exposition::new(t.clone())
+            .render(Format::Prometheus)
+            .unwrap();
+        assert!(!text.contains("top_failing_names"), "no /top, no family");
+        let p = check_exposition(&text, false);
+        let ok = [("identity", NASTY), ("rcode", "none"), ("qtype", "other")];
+        assert_eq!(value(&p, "dnstap_analyser_sessions_total", &ok), 3.0);
+
+        let cfg = TopConfig {
+            capacity: 4,
+            ..TopConfig::default()
+        };
+        let board = TopBoard::new(cfg);
+        let mut shard = board.shard();
+        let at = shard.since_origin(std::time::Instant::now());
+        let fail = |qname: &'static str, cause| Failure {
+            cause,
+            qname: Some(qname),
+            client: None,
+            upstreams: &[],
+            workload: None,
+        };
+        for _ in 0..10 {
+            shard.record(at, &fail("storm.test.", Cause::CachedUpstreamError));
+        }
+        // 8 names once each: below the bound N / K = 18 / 4.
+        for q in ["a.", "b.", "c.", "d.", "e.", "f.", "g.", "h."] {
+            shard.record(at, &fail(q, Cause::UpstreamTimeout));
+        }
+        shard.publish(at);
+        t.set_top(board.hook());
+        let text = Exposition::new(t).render(Format::Prometheus).unwrap();
+        let p = check_exposition(&text, false);
+        assert_eq!(p.types["dnstap_analyser_top_failing_names"], "gauge");
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("dnstap_analyser_top_failing_names{"))
+            .collect();
+        assert_eq!(
+            series,
+            ["dnstap_analyser_top_failing_names{qname=\"storm.test.\",cause=\"cached_upstream_error\"} 10"]
+        );
     }
 
     #[test]

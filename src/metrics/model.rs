@@ -12,7 +12,8 @@
 
 use super::health::Health;
 use super::Metrics;
-use crate::correlate::{LossReason, Status, Verdict};
+use crate::correlate::{LossReason, Status};
+use crate::diagnosis::Diagnosis;
 use crate::dnstap::{Nanos, Role, SourceId, SourceRegistry};
 use hashbrown::{HashMap, HashSet};
 use std::hash::Hash;
@@ -21,151 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-/// Why a session ended the way it did: the `cause` label of `sessions_total` and
-/// `client_latency_seconds`. See [`Cause::of`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Cause {
-    /// Succeeded without an upstream leg (cache, zone file, rewrite...).
-    LocalAnswer,
-    /// Succeeded with an answer from an upstream.
-    ForwardedAnswer,
-    /// Failed, and no upstream attempt was answered.
-    UpstreamTimeout,
-    /// Failed, and an upstream answered with an error rcode.
-    UpstreamError,
-    /// Failed with an error rcode to the client that no upstream error explains.
-    ServerError,
-    /// Failed without any response to the client and without a timed-out upstream leg.
-    NoResponse,
-    /// SampleLoss because the sender (CoreDNS) lost messages.
-    SenderLoss,
-    /// SampleLoss because this analyser dropped messages or evicted the session.
-    AnalyserLoss,
-}
-
-impl Cause {
-    pub const ALL: [Cause; 8] = [
-        Cause::LocalAnswer,
-        Cause::ForwardedAnswer,
-        Cause::UpstreamTimeout,
-        Cause::UpstreamError,
-        Cause::ServerError,
-        Cause::NoResponse,
-        Cause::SenderLoss,
-        Cause::AnalyserLoss,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::LocalAnswer => "local_answer",
-            Self::ForwardedAnswer => "forwarded_answer",
-            Self::UpstreamTimeout => "upstream_timeout",
-            Self::UpstreamError => "upstream_error",
-            Self::ServerError => "server_error",
-            Self::NoResponse => "no_response",
-            Self::SenderLoss => "sender_loss",
-            Self::AnalyserLoss => "analyser_loss",
-        }
-    }
-
-    /// Classifies a finished session from its verdict and the outcomes of its upstream
-    /// attempts. SampleLoss is never a DNS failure: it is `analyser_loss` when this analyser
-    /// lost data (queue full, session table full) and `sender_loss` otherwise. A Failed session
-    /// is blamed on the most specific evidence first: an upstream error rcode, then upstream
-    /// attempts of which none was answered, then an error rcode of the server itself, and
-    /// finally the lack of any response.
-    ///
-    /// When the caller knows no attempts (no wire data), the bitmap stands in: an FQ without
-    /// any FR counts as unanswered upstream attempts, an FR as an answer.
-    pub fn of(verdict: &Verdict, attempts: AttemptSummary) -> Cause {
-        let bitmap = verdict.bitmap;
-        let upstream_leg = attempts.total() > 0
-            || bitmap.has(Role::UpstreamQuery)
-            || bitmap.has(Role::UpstreamResponse);
-        let some_answered = if attempts.total() > 0 {
-            attempts.answered + attempts.error_rcode > 0
-        } else {
-            bitmap.has(Role::UpstreamResponse)
-        };
-        match verdict.status {
-            Status::SampleLoss => match verdict.loss {
-                Some(LossReason::AnalyserQueueFull | LossReason::SessionTableFull) => {
-                    Cause::AnalyserLoss
-                }
-                _ => Cause::SenderLoss,
-            },
-            Status::Succeeded if upstream_leg => Cause::ForwardedAnswer,
-            Status::Succeeded => Cause::LocalAnswer,
-            Status::Failed if attempts.error_rcode > 0 => Cause::UpstreamError,
-            Status::Failed if upstream_leg && !some_answered => Cause::UpstreamTimeout,
-            Status::Failed if bitmap.has(Role::ClientResponse) => Cause::ServerError,
-            // Bitmap 1, or an upstream answered but the client never got a response.
-            Status::Failed => Cause::NoResponse,
-        }
-    }
-}
-
-/// The `outcome` label of `upstream_attempts_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum AttemptOutcome {
-    Answered,
-    Timeout,
-    ErrorRcode,
-}
-
-impl AttemptOutcome {
-    pub const ALL: [AttemptOutcome; 3] = [Self::Answered, Self::Timeout, Self::ErrorRcode];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Answered => "answered",
-            Self::Timeout => "timeout",
-            Self::ErrorRcode => "error_rcode",
-        }
-    }
-
-    /// An attempt without a response timed out; NOERROR and NXDOMAIN are answers (as in
-    /// `Session::verdict`), as is a response without wire data; other rcodes are errors.
-    pub fn of(answered: bool, rcode: Option<u16>) -> Self {
-        match (answered, rcode) {
-            (false, _) => Self::Timeout,
-            (true, None | Some(0 | 3)) => Self::Answered,
-            (true, Some(_)) => Self::ErrorRcode,
-        }
-    }
-}
-
-/// How many attempts of a session ended each way; the input of [`Cause::of`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AttemptSummary {
-    pub answered: u32,
-    pub timeout: u32,
-    pub error_rcode: u32,
-}
-
-impl AttemptSummary {
-    pub fn add(&mut self, outcome: AttemptOutcome) {
-        match outcome {
-            AttemptOutcome::Answered => self.answered += 1,
-            AttemptOutcome::Timeout => self.timeout += 1,
-            AttemptOutcome::ErrorRcode => self.error_rcode += 1,
-        }
-    }
-
-    pub fn total(&self) -> u32 {
-        self.answered + self.timeout + self.error_rcode
-    }
-}
-
-/// One upstream attempt of a finished session, as `ThreadStats::record_session` takes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttemptFact {
-    /// The forwarder target; `None` when the sender did not say (counted as `unknown`).
-    pub upstream: Option<SocketAddr>,
-    pub outcome: AttemptOutcome,
-    /// FQ → FR, when both times are known.
-    pub rtt: Option<Nanos>,
-}
+/// The `cause` and `outcome` labels are the diagnosis's, defined once there.
+pub use crate::diagnosis::{AttemptOutcome, Cause};
 
 /// The `type` label of `messages_total`; RESOLVER_* count as FORWARDER_*.
 pub fn message_type_name(role: Role) -> &'static str {
@@ -242,6 +100,61 @@ pub enum UpstreamLabel {
     Other,
 }
 
+/// Namespace label key (the client workload's, from the sender's `extra`): an admitted name's
+/// number in [`Namespaces`], `none` when the session names none, or `other` past the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NamespaceLabel {
+    Name(u32),
+    None,
+    Other,
+}
+
+/// The namespaces that have a label value of their own: at most `cap`, first come first
+/// served, process-wide (like identities), numbered in the order they came.
+#[derive(Debug)]
+pub struct Namespaces {
+    cap: usize,
+    admitted: Mutex<NamespaceIds>,
+}
+
+/// Each admitted namespace's number, and the names by number.
+type NamespaceIds = (HashMap<Arc<str>, u32>, Vec<Arc<str>>);
+
+impl Namespaces {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            admitted: Mutex::new((HashMap::new(), Vec::new())),
+        }
+    }
+
+    /// The label of `name`: its number, or `Other` once `cap` others have one.
+    fn admit(&self, name: &str) -> NamespaceLabel {
+        let mut g = lock(&self.admitted);
+        let (ids, names) = &mut *g;
+        if let Some(&id) = ids.get(name) {
+            return NamespaceLabel::Name(id);
+        }
+        if names.len() >= self.cap {
+            return NamespaceLabel::Other;
+        }
+        let name: Arc<str> = name.into();
+        let id = names.len() as u32;
+        ids.insert(name.clone(), id);
+        names.push(name);
+        NamespaceLabel::Name(id)
+    }
+
+    /// The label value of `l`.
+    pub fn name(&self, l: NamespaceLabel) -> Arc<str> {
+        match l {
+            NamespaceLabel::Name(id) => lock(&self.admitted).1[id as usize].clone(),
+            NamespaceLabel::None => "none".into(),
+            NamespaceLabel::Other => "other".into(),
+        }
+    }
+}
+
 /// Admits at most `cap` distinct values of one label, first come first served, process-wide.
 #[derive(Debug)]
 pub struct LabelCap<K> {
@@ -292,6 +205,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionKey {
     pub identity: IdentityLabel,
+    pub namespace: NamespaceLabel,
+    /// The client's rcode (4-bit header rcode); `None` without a CR. See [`rcode_label`].
+    pub rcode: Option<u8>,
+    /// Index into [`QTYPE_LABELS`].
+    pub qtype: u8,
     pub status: Status,
     pub bitmap: u8,
     pub cause: Cause,
@@ -300,20 +218,67 @@ pub struct SessionKey {
 /// `upstream_attempts_total` key.
 pub type AttemptKey = (IdentityLabel, UpstreamLabel, AttemptOutcome);
 
+/// The `rcode` label: the IANA mnemonic of the client's rcode, `none` without a response,
+/// `other` for codes IANA has not assigned.
+pub fn rcode_label(rcode: Option<u8>) -> &'static str {
+    match rcode {
+        None => "none",
+        Some(0) => "NOERROR",
+        Some(1) => "FORMERR",
+        Some(2) => "SERVFAIL",
+        Some(3) => "NXDOMAIN",
+        Some(4) => "NOTIMP",
+        Some(5) => "REFUSED",
+        Some(6) => "YXDOMAIN",
+        Some(7) => "YXRRSET",
+        Some(8) => "NXRRSET",
+        Some(9) => "NOTAUTH",
+        Some(10) => "NOTZONE",
+        Some(11) => "DSOTYPENI",
+        Some(_) => "other",
+    }
+}
+
+/// The `qtype` label's values: the types a cluster's clients ask for, and `other` (the last).
+pub const QTYPE_LABELS: [(u16, &str); 13] = [
+    (1, "A"),
+    (28, "AAAA"),
+    (5, "CNAME"),
+    (12, "PTR"),
+    (33, "SRV"),
+    (15, "MX"),
+    (16, "TXT"),
+    (2, "NS"),
+    (6, "SOA"),
+    (65, "HTTPS"),
+    (64, "SVCB"),
+    (255, "ANY"),
+    (0, "other"),
+];
+
+/// The index of `qtype`'s label in [`QTYPE_LABELS`] (`other` for the rest, and without one).
+pub fn qtype_label(qtype: Option<u16>) -> u8 {
+    let last = QTYPE_LABELS.len() - 1;
+    let i = qtype.and_then(|t| QTYPE_LABELS[..last].iter().position(|&(v, _)| v == t));
+    i.unwrap_or(last) as u8
+}
+
 /// Which label's cap was hit: the `label` label of `label_overflow_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CappedLabel {
     Identity,
     Upstream,
+    Namespace,
 }
 
 impl CappedLabel {
-    pub const ALL: [CappedLabel; 2] = [Self::Identity, Self::Upstream];
+    pub const ALL: [CappedLabel; 3] = [Self::Identity, Self::Upstream, Self::Namespace];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Identity => "identity",
             Self::Upstream => "upstream",
+            Self::Namespace => "namespace",
         }
     }
 }
@@ -331,7 +296,7 @@ pub struct Counts {
     pub latest_event: HashMap<IdentityLabel, Nanos>,
     pub evicted: u64,
     /// Recordings put under `other`, indexed like `CappedLabel::ALL`.
-    pub overflow: [u64; 2],
+    pub overflow: [u64; 3],
 }
 
 trait Merge {
@@ -425,7 +390,7 @@ impl Counts {
             && self.messages.is_empty()
             && self.latest_event.is_empty()
             && self.evicted == 0
-            && self.overflow == [0, 0]
+            && self.overflow == [0; 3]
     }
 }
 
@@ -469,8 +434,37 @@ impl Default for TelemetryConfig {
 /// Reads a gauge owned elsewhere (e.g. the open connections), at scrape.
 pub type CountProbe = Box<dyn Fn() -> u64 + Send + Sync>;
 
-/// A closure rendering the `/top` JSON document on demand (on the metrics server's thread).
-pub type TopHook = Box<dyn Fn() -> String + Send + Sync>;
+/// `/top` on demand (on the metrics server's thread): its JSON document, and the failing names
+/// the `top_failing_names` family exports. One value, so that whatever leaves `/top` out leaves
+/// the family out too.
+pub trait TopSource: Send + Sync {
+    fn document(&self) -> String;
+    fn failing_names(&self) -> Vec<FailingName>;
+}
+
+/// A fixed `/top` document without failing names (tests of the endpoint, embedders).
+impl<F: Fn() -> String + Send + Sync> TopSource for F {
+    fn document(&self) -> String {
+        self()
+    }
+
+    fn failing_names(&self) -> Vec<FailingName> {
+        Vec::new()
+    }
+}
+
+/// The `/top` registration.
+pub type TopHook = Arc<dyn TopSource>;
+
+/// A qname with many Failed sessions in `/top`'s window: a series of `top_failing_names`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailingName {
+    pub qname: String,
+    /// The cause most of its failures had.
+    pub cause: Cause,
+    /// Failed sessions in the window (an upper bound; see `metrics::top`).
+    pub failed: u64,
+}
 
 /// Everything the metrics endpoint shows: the process-wide counters, the per-thread stats,
 /// the gauges the pipeline registers, and the health of each stage.
@@ -481,6 +475,8 @@ pub struct Telemetry {
     sources: Arc<SourceRegistry>,
     identities: LabelCap<SourceId>,
     upstreams: LabelCap<SocketAddr>,
+    /// Capped like the identities (`--max-identity-labels`).
+    pub namespaces: Namespaces,
     threads: Mutex<Vec<Arc<Published>>>,
     queue_depths: OnceLock<Arc<[AtomicU64]>>,
     queue_capacity: AtomicU64,
@@ -502,6 +498,7 @@ impl Telemetry {
             sources,
             identities: LabelCap::new(cfg.max_identity_labels),
             upstreams: LabelCap::new(cfg.max_upstream_labels),
+            namespaces: Namespaces::new(cfg.max_identity_labels),
             threads: Mutex::new(Vec::new()),
             queue_depths: OnceLock::new(),
             queue_capacity: AtomicU64::new(0),
@@ -524,6 +521,7 @@ impl Telemetry {
             delta: Counts::default(),
             identity_cache: HashMap::new(),
             upstream_cache: HashMap::new(),
+            namespace_cache: HashMap::new(),
         }
     }
 
@@ -544,7 +542,12 @@ impl Telemetry {
     }
 
     pub fn top(&self) -> Option<String> {
-        self.top.get().map(|f| f())
+        self.top.get().map(|t| t.document())
+    }
+
+    /// The `top_failing_names` series; `None` while `/top` is not served.
+    pub fn top_failing_names(&self) -> Option<Vec<FailingName>> {
+        self.top.get().map(|t| t.failing_names())
     }
 
     /// Sums every thread's published stats and reads the gauges.
@@ -615,6 +618,9 @@ pub struct ThreadStats {
     delta: Counts,
     identity_cache: HashMap<SourceId, bool>,
     upstream_cache: HashMap<SocketAddr, bool>,
+    /// Namespaces this thread has labelled, so the lock is taken once per new name; it stops
+    /// growing at a bound, as `LabelCap`'s cache does.
+    namespace_cache: HashMap<Box<str>, NamespaceLabel>,
 }
 
 impl ThreadStats {
@@ -647,25 +653,36 @@ impl ThreadStats {
         }
     }
 
-    /// Shard thread, once per finished session (where `Metrics::session` is called today):
-    /// counts the session, its attempts, their RTTs and the client latency (CQ → CR), and
-    /// returns the cause it was counted under.
-    pub fn record_session(
-        &mut self,
-        identity: SourceId,
-        verdict: &Verdict,
-        client_latency: Option<Nanos>,
-        attempts: impl IntoIterator<Item = AttemptFact>,
-    ) -> Cause {
-        let identity = self.identity(identity);
-        let mut summary = AttemptSummary::default();
-        for a in attempts {
-            summary.add(a.outcome);
+    fn namespace(&mut self, name: Option<&str>) -> NamespaceLabel {
+        let Some(name) = name else {
+            return NamespaceLabel::None;
+        };
+        let label = match self.namespace_cache.get(name) {
+            Some(&l) => l,
+            None => {
+                let l = self.telemetry.namespaces.admit(name);
+                if self.namespace_cache.len() < self.telemetry.namespaces.cap * 2 + 64 {
+                    self.namespace_cache.insert(name.into(), l);
+                }
+                l
+            }
+        };
+        if label == NamespaceLabel::Other {
+            self.delta.overflow[CappedLabel::Namespace as usize] += 1;
+        }
+        label
+    }
+
+    /// Shard thread, once per finished session: counts the session under its diagnosed
+    /// cause, its attempts, their RTTs and the client latency (CQ → CR).
+    pub fn record_session(&mut self, d: &Diagnosis) {
+        let identity = self.identity(d.source);
+        for a in &d.attempts {
             let upstream = self.upstream(a.upstream);
             *self
                 .delta
                 .attempts
-                .entry((identity, upstream, a.outcome))
+                .entry((identity, upstream, a.outcome()))
                 .or_insert(0) += 1;
             if let Some(rtt) = a.rtt {
                 self.delta
@@ -675,25 +692,27 @@ impl ThreadStats {
                     .observe(rtt);
             }
         }
-        let cause = Cause::of(verdict, summary);
+        let verdict = &d.verdict;
         let key = SessionKey {
             identity,
+            namespace: self.namespace(d.client_namespace()),
+            rcode: d.rcode,
+            qtype: qtype_label(d.qtype),
             status: verdict.status,
             bitmap: verdict.bitmap.0 & 15,
-            cause,
+            cause: d.cause,
         };
         *self.delta.sessions.entry(key).or_insert(0) += 1;
-        if let Some(latency) = client_latency {
+        if let Some(latency) = d.latency {
             self.delta
                 .client_latency
-                .entry((identity, cause))
+                .entry((identity, d.cause))
                 .or_default()
                 .observe(latency);
         }
         if verdict.loss == Some(LossReason::SessionTableFull) {
             self.delta.evicted += 1;
         }
-        cause
     }
 
     /// Reader thread, per read and stream (not per message): `n` messages of `role` from
@@ -746,7 +765,8 @@ impl Drop for ThreadStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlate::BitMap;
+    use crate::correlate::{BitMap, Verdict};
+    use crate::diagnosis::Attempt;
 
     fn verdict(status: Status, bitmap: u8, loss: Option<LossReason>) -> Verdict {
         Verdict {
@@ -755,86 +775,6 @@ mod tests {
             loss,
             incomplete: None,
         }
-    }
-
-    fn summary(outcomes: &[AttemptOutcome]) -> AttemptSummary {
-        let mut s = AttemptSummary::default();
-        for &o in outcomes {
-            s.add(o);
-        }
-        s
-    }
-
-    use AttemptOutcome::*;
-
-    #[test]
-    fn successes_split_by_upstream_leg() {
-        let none = AttemptSummary::default();
-        let v = verdict(Status::Succeeded, 3, None);
-        assert_eq!(Cause::of(&v, none), Cause::LocalAnswer);
-        let v = verdict(Status::Succeeded, 15, None);
-        assert_eq!(Cause::of(&v, summary(&[Answered])), Cause::ForwardedAnswer);
-        // Known from the bitmap alone when no attempts were given.
-        assert_eq!(Cause::of(&v, none), Cause::ForwardedAnswer);
-    }
-
-    #[test]
-    fn failures_blame_the_most_specific_evidence() {
-        let none = AttemptSummary::default();
-        // CQ + FQ, nothing answered: the upstream timed out.
-        let v = verdict(Status::Failed, 5, None);
-        assert_eq!(Cause::of(&v, summary(&[Timeout])), Cause::UpstreamTimeout);
-        assert_eq!(Cause::of(&v, none), Cause::UpstreamTimeout);
-        // SERVFAIL to the client after every attempt timed out is still the upstream's doing.
-        let v = verdict(Status::Failed, 7, None);
-        assert_eq!(
-            Cause::of(&v, summary(&[Timeout, Timeout])),
-            Cause::UpstreamTimeout
-        );
-        // An upstream error rcode wins over timeouts of other attempts.
-        let v = verdict(Status::Failed, 15, None);
-        assert_eq!(
-            Cause::of(&v, summary(&[Timeout, ErrorRcode])),
-            Cause::UpstreamError
-        );
-        // The upstream answered fine but the client got an error: the server's own.
-        assert_eq!(Cause::of(&v, summary(&[Answered])), Cause::ServerError);
-        let v = verdict(Status::Failed, 3, None);
-        assert_eq!(Cause::of(&v, none), Cause::ServerError);
-        // Nothing at all after the CQ.
-        let v = verdict(Status::Failed, 1, None);
-        assert_eq!(Cause::of(&v, none), Cause::NoResponse);
-        // An answered upstream but no response to the client.
-        let v = verdict(Status::Failed, 13, None);
-        assert_eq!(Cause::of(&v, summary(&[Answered])), Cause::NoResponse);
-    }
-
-    #[test]
-    fn sample_loss_is_never_a_dns_failure() {
-        let none = AttemptSummary::default();
-        for (loss, cause) in [
-            (LossReason::AnalyserQueueFull, Cause::AnalyserLoss),
-            (LossReason::SessionTableFull, Cause::AnalyserLoss),
-            (LossReason::SenderLoss, Cause::SenderLoss),
-            (LossReason::ClientQueryMissing, Cause::SenderLoss),
-            (LossReason::UpstreamResponseMissing, Cause::SenderLoss),
-            (LossReason::UpstreamQueryMissing, Cause::SenderLoss),
-            (LossReason::ClientResponseMissing, Cause::SenderLoss),
-        ] {
-            let v = verdict(Status::SampleLoss, 5, Some(loss));
-            assert_eq!(Cause::of(&v, summary(&[Timeout])), cause, "{loss:?}");
-            assert_eq!(Cause::of(&v, none), cause, "{loss:?}");
-        }
-    }
-
-    #[test]
-    fn attempt_outcomes_follow_the_verdict_rcodes() {
-        assert_eq!(AttemptOutcome::of(false, None), Timeout);
-        assert_eq!(AttemptOutcome::of(true, Some(0)), Answered);
-        assert_eq!(AttemptOutcome::of(true, Some(3)), Answered);
-        assert_eq!(AttemptOutcome::of(true, None), Answered);
-        assert_eq!(AttemptOutcome::of(true, Some(2)), ErrorRcode);
-        assert_eq!(AttemptOutcome::of(true, Some(5)), ErrorRcode);
     }
 
     #[test]
@@ -868,18 +808,18 @@ mod tests {
         let a = sources.intern(b"pod-a", b"");
         let up: SocketAddr = "10.0.0.1:53".parse().unwrap();
         let v = verdict(Status::Failed, 5, None);
-        let timeout = AttemptFact {
-            upstream: Some(up),
-            outcome: Timeout,
-            rtt: None,
-        };
+        let timeout = Attempt::ended(Some(up), AttemptOutcome::Timeout, None);
         let mut s0 = t.thread_stats(ThreadKind::Shard(0));
         let mut s1 = t.thread_stats(ThreadKind::Shard(1));
-        assert_eq!(
-            s0.record_session(a, &v, None, [timeout]),
-            Cause::UpstreamTimeout
-        );
-        s1.record_session(a, &v, Some(2_000_000), [timeout, timeout]);
+        let once = Diagnosis::from_parts(a, v, None, &[timeout]);
+        assert_eq!(once.cause, Cause::UpstreamTimeout);
+        s0.record_session(&once);
+        s1.record_session(&Diagnosis::from_parts(
+            a,
+            v,
+            Some(2_000_000),
+            &[timeout, timeout],
+        ));
         assert!(t.snapshot().counts.sessions.is_empty());
         s0.publish();
         s1.publish();
@@ -887,18 +827,25 @@ mod tests {
         let snap = t.snapshot();
         let key = SessionKey {
             identity: IdentityLabel::Source(a),
+            namespace: NamespaceLabel::None,
+            rcode: None,
+            qtype: qtype_label(None),
             status: Status::Failed,
             bitmap: 5,
             cause: Cause::UpstreamTimeout,
         };
         assert_eq!(snap.counts.sessions[&key], 2);
-        let akey = (IdentityLabel::Source(a), UpstreamLabel::Addr(up), Timeout);
+        let akey = (
+            IdentityLabel::Source(a),
+            UpstreamLabel::Addr(up),
+            AttemptOutcome::Timeout,
+        );
         assert_eq!(snap.counts.attempts[&akey], 3);
         let lat = &snap.counts.client_latency[&(IdentityLabel::Source(a), Cause::UpstreamTimeout)];
         assert_eq!(lat.count(), 1);
         assert_eq!(snap.open_sessions, vec![(0, 0), (1, 7)]);
         // Publishing again adds only what is new.
-        s0.record_session(a, &v, None, []);
+        s0.record_session(&Diagnosis::from_parts(a, v, None, &[]));
         drop(s0);
         assert_eq!(t.snapshot().counts.sessions[&key], 3);
     }
@@ -920,12 +867,9 @@ mod tests {
         }
         let v = verdict(Status::Succeeded, 15, None);
         for port in [53, 54, 55] {
-            let a = AttemptFact {
-                upstream: Some(SocketAddr::from(([10, 0, 0, 1], port))),
-                outcome: Answered,
-                rtt: Some(1000),
-            };
-            s.record_session(ids[0], &v, None, [a]);
+            let up = Some(SocketAddr::from(([10, 0, 0, 1], port)));
+            let a = Attempt::ended(up, AttemptOutcome::Answered, Some(1000));
+            s.record_session(&Diagnosis::from_parts(ids[0], v, None, &[a]));
         }
         s.publish();
         let c = t.snapshot().counts;
@@ -933,7 +877,7 @@ mod tests {
         assert_eq!(c.messages[&IdentityLabel::Other][0], 20);
         assert_eq!(c.messages[&IdentityLabel::Source(ids[1])][0], 10);
         assert_eq!(c.upstream_rtt[&UpstreamLabel::Other].count(), 2);
-        assert_eq!(c.overflow, [2, 2]);
+        assert_eq!(c.overflow, [2, 2, 0]);
         // Another thread sees the same admitted set.
         let mut s2 = t.thread_stats(ThreadKind::Reader(1));
         s2.count_messages(ids[3], Role::ClientResponse, 1);
@@ -945,17 +889,60 @@ mod tests {
     }
 
     #[test]
+    fn namespaces_label_sessions_up_to_the_identity_cap() {
+        let cfg = TelemetryConfig {
+            max_identity_labels: 2,
+            ..Default::default()
+        };
+        let (t, sources) = telemetry(cfg);
+        let a = sources.intern(b"pod-a", b"");
+        let mut s = t.thread_stats(ThreadKind::Shard(0));
+        let sessions = t.sessions_of(&mut s, a, &["team-a", "team-b", "team-c", "team-a", ""]);
+        assert_eq!(sessions.get("team-a"), Some(&2));
+        assert_eq!(sessions.get("team-b"), Some(&1));
+        assert_eq!(sessions.get("other"), Some(&1));
+        assert_eq!(sessions.get("none"), Some(&1));
+        assert_eq!(t.snapshot().counts.overflow, [0, 0, 1]);
+    }
+
+    impl Telemetry {
+        /// Records one session per namespace (`""`: none) and sums the sessions by label.
+        fn sessions_of(
+            &self,
+            s: &mut ThreadStats,
+            source: SourceId,
+            namespaces: &[&str],
+        ) -> HashMap<String, u64> {
+            for ns in namespaces {
+                let mut d =
+                    Diagnosis::from_parts(source, verdict(Status::Succeeded, 3, None), None, &[]);
+                if !ns.is_empty() {
+                    d.set_extra_for_tests(format!("namespace={ns};pod=p").as_bytes());
+                }
+                s.record_session(&d);
+            }
+            s.publish();
+            let mut by = HashMap::new();
+            for (k, v) in &self.snapshot().counts.sessions {
+                *by.entry(self.namespaces.name(k.namespace).to_string())
+                    .or_insert(0) += v;
+            }
+            by
+        }
+    }
+
+    #[test]
     fn steady_state_recording_reuses_the_maps() {
         let (t, sources) = telemetry(TelemetryConfig::default());
         let a = sources.intern(b"pod-a", b"");
         let mut s = t.thread_stats(ThreadKind::Shard(0));
         let v = verdict(Status::Succeeded, 3, None);
-        s.record_session(a, &v, Some(1), []);
+        s.record_session(&Diagnosis::from_parts(a, v, Some(1), &[]));
         s.publish();
         let cap = s.delta.sessions.capacity();
         assert!(cap > 0);
         for _ in 0..1000 {
-            s.record_session(a, &v, Some(1), []);
+            s.record_session(&Diagnosis::from_parts(a, v, Some(1), &[]));
         }
         s.publish();
         assert_eq!(s.delta.sessions.capacity(), cap);

@@ -34,15 +34,29 @@
 //!
 //! # Memory
 //! Bounded whatever the senders send: per shard, `buckets + 1` buckets (the published ring and
-//! the current one) of three summaries of `K` counters; a qname key is cut to
+//! the current one) of four summaries of `K` counters (qnames, clients, upstreams, and the
+//! clients' `namespace/pod` from the sender's `extra`, cut like a qname); a qname key is cut to
 //! [`MAX_QNAME_BYTES`] (its rightmost labels, which name the zone, are kept), clients are IP
-//! addresses (no port), upstreams socket addresses. A counter takes at most 112 bytes plus, for
+//! addresses (no port), upstreams socket addresses. A counter takes at most 128 bytes plus, for
 //! a qname, a key buffer of at most 2 × [`MAX_QNAME_BYTES`] (amortized growth); with K = 100 and
-//! 10 buckets that is at most 11 × 100 × (368 + 112 + 112) bytes ≈ 0.65 MB per shard, plus the
+//! 10 buckets that is at most 11 × 100 × (384 + 128 + 128 + 384) bytes ≈ 1.1 MB per shard, plus the
 //! index of the current bucket. Buffers are reused: in steady state recording allocates
 //! nothing, and publishing copies into the buffers of the bucket it overwrites.
 
-use super::model::{Cause, TopHook};
+use super::model::{Cause, FailingName, TopHook, TopSource};
+
+/// Series of the `top_failing_names` family at most.
+pub const MAX_FAILING_NAMES: usize = 100;
+
+impl TopSource for TopBoard {
+    fn document(&self) -> String {
+        self.view(self.origin.elapsed()).to_json()
+    }
+
+    fn failing_names(&self) -> Vec<FailingName> {
+        TopBoard::failing_names(self, self.origin.elapsed())
+    }
+}
 use hashbrown::HashMap;
 use hashbrown::HashTable;
 use std::borrow::Borrow;
@@ -274,6 +288,8 @@ pub struct Failure<'a> {
     pub client: Option<IpAddr>,
     /// The upstreams the session tried; each distinct one counts the session once.
     pub upstreams: &'a [SocketAddr],
+    /// The client's `namespace/pod` (`-` for a part the sender did not say).
+    pub workload: Option<&'a str>,
 }
 
 /// One bucket's summaries, being recorded (`SpaceSaving`) or published (`Summary`).
@@ -285,6 +301,7 @@ struct Published {
     qnames: Summary<String>,
     clients: Summary<IpAddr>,
     upstreams: Summary<SocketAddr>,
+    workloads: Summary<String>,
 }
 
 impl Published {
@@ -296,6 +313,7 @@ impl Published {
             qnames: Summary::new(capacity),
             clients: Summary::new(capacity),
             upstreams: Summary::new(capacity),
+            workloads: Summary::new(capacity),
         }
     }
 }
@@ -307,6 +325,7 @@ struct Current {
     qnames: SpaceSaving<String>,
     clients: SpaceSaving<IpAddr>,
     upstreams: SpaceSaving<SocketAddr>,
+    workloads: SpaceSaving<String>,
 }
 
 impl Current {
@@ -317,6 +336,7 @@ impl Current {
         slot.qnames.clone_from(&self.qnames.summary);
         slot.clients.clone_from(&self.clients.summary);
         slot.upstreams.clone_from(&self.upstreams.summary);
+        slot.workloads.clone_from(&self.workloads.summary);
     }
 
     fn reset(&mut self, epoch: u64) {
@@ -326,6 +346,7 @@ impl Current {
         self.qnames.clear();
         self.clients.clear();
         self.upstreams.clear();
+        self.workloads.clear();
     }
 }
 
@@ -378,6 +399,7 @@ impl TopBoard {
                 qnames: SpaceSaving::new(cap),
                 clients: SpaceSaving::new(cap),
                 upstreams: SpaceSaving::new(cap),
+                workloads: SpaceSaving::new(cap),
             },
             dirty: false,
             ring,
@@ -385,14 +407,38 @@ impl TopBoard {
         }
     }
 
-    /// The `/top` document for the endpoint.
+    /// The `/top` document and the failing names, for the endpoint.
     pub fn hook(self: &Arc<Self>) -> TopHook {
-        let board = self.clone();
-        Box::new(move || board.view(board.origin.elapsed()).to_json())
+        self.clone()
     }
 
     /// The merged view of the window that ends at `at` (time since the board was made).
     pub fn view(&self, at: Duration) -> TopView {
+        self.view_rows(at, self.cfg.rows)
+    }
+
+    /// The qnames of the window that ends at `at` whose Failed sessions certainly exceed the
+    /// sketch's error bound (lower bound `failed - error` above N / K, N the window's Failed
+    /// sessions, K the capacity): keys that surely hold a counter, so series come and go with
+    /// real failures, not with the sketch's evictions. At most [`MAX_FAILING_NAMES`], most
+    /// failures first.
+    pub fn failing_names(&self, at: Duration) -> Vec<FailingName> {
+        let view = self.view_rows(at, MAX_FAILING_NAMES);
+        let bound = view.failed / self.cfg.capacity.max(1) as u64;
+        view.qnames
+            .iter()
+            .filter(|e| e.failed - e.error > bound)
+            .filter_map(|e| {
+                Some(FailingName {
+                    qname: e.key.clone(),
+                    cause: e.dominant_cause()?,
+                    failed: e.failed,
+                })
+            })
+            .collect()
+    }
+
+    fn view_rows(&self, at: Duration, rows: usize) -> TopView {
         let now = self.cfg.epoch(at);
         let oldest = now.saturating_sub(self.cfg.buckets as u64 - 1);
         let in_window = |p: &Published| p.epoch != u64::MAX && (oldest..=now).contains(&p.epoch);
@@ -405,6 +451,7 @@ impl TopBoard {
             qnames: Vec::new(),
             clients: Vec::new(),
             upstreams: Vec::new(),
+            workloads: Vec::new(),
         };
         // Copy the buckets out, one shard's lock at a time, so a shard waits for a copy at
         // most, never for the merge.
@@ -413,8 +460,12 @@ impl TopBoard {
         for ring in rings {
             buckets.extend(lock(&ring).iter().filter(|p| in_window(p)).cloned());
         }
-        let (mut qnames, mut clients, mut upstreams) =
-            (Merger::default(), Merger::default(), Merger::default());
+        let (mut qnames, mut clients, mut upstreams, mut workloads) = (
+            Merger::default(),
+            Merger::default(),
+            Merger::default(),
+            Merger::default(),
+        );
         for p in &buckets {
             view.failed += p.failed;
             for (a, b) in view.causes.iter_mut().zip(p.causes) {
@@ -423,11 +474,12 @@ impl TopBoard {
             qnames.add(&p.qnames);
             clients.add(&p.clients);
             upstreams.add(&p.upstreams);
+            workloads.add(&p.workloads);
         }
-        let rows = self.cfg.rows;
         view.qnames = qnames.top(rows, |k| k.clone());
         view.clients = clients.top(rows, |k| k.to_string());
         view.upstreams = upstreams.top(rows, |k| k.to_string());
+        view.workloads = workloads.top(rows, |k| k.clone());
         view
     }
 }
@@ -462,6 +514,10 @@ impl ShardTop {
         }
         if let Some(ip) = f.client {
             c.clients.record(&ip, f.cause);
+        }
+        if let Some(w) = f.workload {
+            bounded_qname(w, &mut self.qname);
+            c.workloads.record(self.qname.as_str(), f.cause);
         }
         for (i, up) in f.upstreams.iter().enumerate() {
             if !f.upstreams[..i].contains(up) {
@@ -627,6 +683,8 @@ pub struct TopView {
     pub qnames: Vec<TopEntry>,
     pub clients: Vec<TopEntry>,
     pub upstreams: Vec<TopEntry>,
+    /// `namespace/pod` of the client, from the sender's `extra` (CoreDNS ≥ 1.11).
+    pub workloads: Vec<TopEntry>,
 }
 
 fn causes_json(causes: &[u64; CAUSES]) -> serde_json::Value {
@@ -666,6 +724,7 @@ impl TopView {
             "qnames": rows(&self.qnames, "qname"),
             "clients": rows(&self.clients, "client"),
             "upstreams": rows(&self.upstreams, "upstream"),
+            "workloads": rows(&self.workloads, "workload"),
         })
         .to_string()
     }
@@ -803,6 +862,7 @@ mod tests {
             qname: Some(qname),
             client: Some(IpAddr::from(client)),
             upstreams,
+            workload: None,
         }
     }
 
@@ -883,6 +943,7 @@ mod tests {
                 qname: None,
                 client: None,
                 upstreams: &[],
+                workload: None,
             },
         );
         a.publish(secs(4));
@@ -975,9 +1036,9 @@ mod tests {
         assert_eq!(shard.current.clients.summary().counters().len(), 1);
         // The sizes the module doc's memory bound is made of.
         use std::mem::size_of;
-        assert!(size_of::<Counter<String>>() <= 112);
-        assert!(size_of::<Counter<IpAddr>>() <= 112);
-        assert!(size_of::<Counter<SocketAddr>>() <= 112);
+        assert!(size_of::<Counter<String>>() <= 128);
+        assert!(size_of::<Counter<IpAddr>>() <= 128);
+        assert!(size_of::<Counter<SocketAddr>>() <= 128);
     }
 
     #[test]
@@ -985,11 +1046,11 @@ mod tests {
         let board = TopBoard::new(cfg());
         let mut shard = board.shard();
         let up: SocketAddr = "127.0.0.1:15402".parse().unwrap();
-        for _ in 0..3 {
-            shard.record(
-                secs(1),
-                &failure("www.example.test.", [127, 0, 0, 1], &[up]),
-            );
+        let ups = [up];
+        for i in 0..3 {
+            let mut f = failure("www.example.test.", [127, 0, 0, 1], &ups);
+            f.workload = (i < 2).then_some("team-a/web-1");
+            shard.record(secs(1), &f);
         }
         shard.publish(secs(1));
         let doc: serde_json::Value = serde_json::from_str(&board.view(secs(1)).to_json()).unwrap();
@@ -1003,5 +1064,7 @@ mod tests {
         assert_eq!(doc["clients"][0]["client"], "127.0.0.1");
         assert_eq!(doc["upstreams"][0]["upstream"], "127.0.0.1:15402");
         assert_eq!(doc["upstreams"][0]["causes"]["upstream_timeout"], 3);
+        assert_eq!(doc["workloads"][0]["workload"], "team-a/web-1");
+        assert_eq!(doc["workloads"][0]["failed"], 2);
     }
 }

@@ -253,6 +253,11 @@ pub fn render(doc: &Value, source: &str, rows: usize) -> String {
     table(&mut out, doc, "clients", "client", "CLIENT", rows);
     out.push('\n');
     table(&mut out, doc, "upstreams", "upstream", "UPSTREAM", rows);
+    // Only senders that say which workload asked (CoreDNS's `extra`) fill this one.
+    if doc["workloads"].as_array().is_some_and(|w| !w.is_empty()) {
+        out.push('\n');
+        table(&mut out, doc, "workloads", "workload", "WORKLOAD", rows);
+    }
     out
 }
 

@@ -271,11 +271,14 @@ pub fn write_rfc3339(out: &mut Vec<u8>, nanos: u64) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    // Fixed-width digits by hand: this runs twice per rendered message.
-    let digits = |out: &mut Vec<u8>, v: u64, width: u32| {
-        for p in (0..width).rev() {
-            out.push(b'0' + (v / 10u64.pow(p) % 10) as u8);
+    // Fixed-width digits by hand, into a stack buffer: this runs twice per rendered message.
+    let digits = |out: &mut Vec<u8>, mut v: u64, width: usize| {
+        let mut buf = [b'0'; 9];
+        for d in buf[..width].iter_mut().rev() {
+            *d = b'0' + (v % 10) as u8;
+            v /= 10;
         }
+        out.extend_from_slice(&buf[..width]);
     };
     digits(out, year.clamp(0, 9999) as u64, 4);
     out.push(b'-');

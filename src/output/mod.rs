@@ -3,22 +3,21 @@
 
 mod dns_json;
 pub mod json;
+pub mod lines;
 pub mod policy;
 pub mod sink;
 pub mod stats;
 mod text;
 pub mod writer;
 
-/// The qname of a stored message, for consumers other than the renderer (`/top`).
-pub use dns_json::question_name_into;
 pub use policy::{LineOptions, LinePolicy, Messages, SampleRate};
 pub use sink::{Flow, Sink, WriteSink};
 
-use crate::correlate::{BitMap, MessageStore, Session, Status, Verdict};
+use crate::correlate::{MessageStore, Session, Status};
+use crate::diagnosis::Diagnosis;
 use crate::dns::{class_name, rcode_name, rtype_name};
 use crate::dnstap::{self, DnstapMessage, Nanos, Role, SourceRegistry};
 use json::Json;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,17 +73,6 @@ impl LogFilter {
     }
 }
 
-/// One upstream attempt: an FQ/RQ and the FR/RR that answered it, if any.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Attempt {
-    pub address: Option<SocketAddr>,
-    pub rtt: Option<Nanos>,
-    pub rcode: Option<u16>,
-    pub answered: bool,
-    query_time: Option<Nanos>,
-    has_query: bool,
-}
-
 /// A message of the session, decoded again from its frame for rendering.
 struct Decoded<'a> {
     role: Role,
@@ -122,15 +110,6 @@ impl Decoded<'_> {
         let m = self.msg()?;
         dnstap::time(m.query_time_sec, m.query_time_nsec)
     }
-
-    fn upstream(&self) -> Option<SocketAddr> {
-        let m = self.msg()?;
-        dnstap::socket(m.response_address.as_deref(), m.response_port)
-    }
-
-    fn rcode(&self) -> Option<u16> {
-        crate::dns::parse_header(self.wire()?).map(|(_, rc)| rc as u16)
-    }
 }
 
 pub struct Renderer {
@@ -153,46 +132,43 @@ impl Renderer {
         Self { options, ..self }
     }
 
-    /// Appends one line (with its newline) for the session to `out`.
-    pub fn render(&self, s: &Session, v: &Verdict, store: &MessageStore, out: &mut Vec<u8>) {
+    /// Appends one line (with its newline) for the session to `out`: the facts and the
+    /// sentence of its diagnosis `d`, and the stored messages decoded again if the line
+    /// carries them.
+    pub fn render(&self, s: &Session, d: &Diagnosis, store: &MessageStore, out: &mut Vec<u8>) {
+        let v = &d.verdict;
         let with_messages = self.options.messages.rendered_for(v.status);
         // Only Succeeded lines are sampled; the others are all printed (rate 1).
         let sample_rate = (v.status == Status::Succeeded
             && !self.options.sample_succeeded.keeps_all())
         .then(|| self.options.sample_succeeded.rate());
-        let mut decoded: Vec<Decoded<'_>> = s
-            .messages
-            .iter()
-            .map(|m| {
-                let bytes = store.get(m.bytes);
-                Decoded {
-                    role: m.role,
-                    flags: m.flags,
-                    msg: dnstap::decode_message(bytes)
-                        .map_err(|error| Undecodable { error, bytes }),
-                }
-            })
-            .collect();
-        if with_messages {
-            restore_upstream_queries(&mut decoded);
-        }
-        let facts = Facts::gather(s, &decoded, &self.sources);
-        let diagnosis = diagnose(s, v, &facts);
+        let decoded = with_messages.then(|| decode_messages(s, store));
+        let (identity, version) = self.sources.describe(s.source);
+        let diagnosis = d.sentence(&identity);
         match self.format {
             Format::Json => {
                 let mut j = Json::new(out);
                 j.begin_object();
+                // Time first: log pipelines index it instead of the time they got the line.
+                j.key("time");
+                match d.time {
+                    Some(t) => j.time(t),
+                    None => j.null(),
+                }
                 j.field_str("status", v.status.name());
                 j.field_uint("bitmap", v.bitmap.0 as u64);
                 if let Some(rate) = sample_rate {
                     j.key("sample_rate");
                     j.float(rate);
                 }
+                j.field_str("cause", d.cause.name());
                 j.field_str("diagnosis", &diagnosis);
-                write_summary_fields(&mut j, s, v, &facts);
-                if with_messages {
+                j.field_str("identity", &identity);
+                j.field_str("version", &version);
+                write_summary_fields(&mut j, s, d);
+                if let Some(decoded) = &decoded {
                     j.key("messages");
-                    write_messages(&mut j, &decoded);
+                    write_messages(&mut j, decoded);
                 }
                 j.end_object();
             }
@@ -200,26 +176,46 @@ impl Renderer {
                 use std::io::Write;
                 // Every string a sender controls goes through `text::escape_into`: one
                 // physical line per session, whatever the identity or the name holds.
-                let _ = write!(out, "Status: {} BitMap: {}", v.status.name(), v.bitmap.0);
+                out.extend_from_slice(b"Time: ");
+                match d.time {
+                    Some(t) => json::write_rfc3339(out, t),
+                    None => out.push(b'-'),
+                }
+                let _ = write!(out, " Status: {} BitMap: {}", v.status.name(), v.bitmap.0);
                 if let Some(rate) = sample_rate {
                     let _ = write!(out, " SampleRate: {rate}");
                 }
+                let _ = write!(out, " Cause: {}", d.cause.name());
                 out.extend_from_slice(b" Identity: ");
-                text::escape_into(out, &facts.identity);
+                text::escape_into(out, &identity);
                 let _ = write!(
                     out,
                     " Client: {} Question: ",
-                    facts.client.map_or("-".into(), |c| c.to_string())
+                    d.client.map_or("-".into(), |c| c.to_string())
                 );
-                text::escape_into(out, facts.qname.as_deref().unwrap_or("-"));
+                text::escape_into(out, d.qname().unwrap_or("-"));
                 let _ = write!(
                     out,
-                    " {} {} Rcode: {} Latency: {} Diagnosis: ",
-                    facts.qtype.as_deref().unwrap_or("-"),
-                    facts.qclass.as_deref().unwrap_or("-"),
-                    facts.rcode.as_deref().unwrap_or("-"),
-                    facts
-                        .latency
+                    " {} {}",
+                    d.qtype.map_or("-".into(), rtype_name),
+                    d.qclass.map_or("-".into(), class_name),
+                );
+                if let Some(extra) = d.extra() {
+                    out.extend_from_slice(b" Extra: ");
+                    text::escape_into(out, &String::from_utf8_lossy(extra));
+                    for (name, v) in [
+                        (" Namespace: ", d.client_namespace()),
+                        (" Pod: ", d.client_pod()),
+                    ] {
+                        out.extend_from_slice(name.as_bytes());
+                        text::escape_into(out, v.unwrap_or("-"));
+                    }
+                }
+                let _ = write!(
+                    out,
+                    " Rcode: {} Latency: {} Diagnosis: ",
+                    d.rcode.map_or("-".into(), |r| rcode_name(r.into())),
+                    d.latency
                         .map_or("-".into(), |l| format!("{:.3}ms", l as f64 / 1e6)),
                 );
                 text::escape_into(out, &diagnosis);
@@ -235,14 +231,32 @@ impl Renderer {
                         inc.cause.name()
                     );
                 }
-                if with_messages {
+                if let Some(decoded) = &decoded {
                     out.extend_from_slice(b" Messages: ");
-                    write_messages(&mut Json::new(out), &decoded);
+                    write_messages(&mut Json::new(out), decoded);
                 }
             }
         }
         out.push(b'\n');
     }
+}
+
+/// The session's messages decoded again from the store, for the line's `messages`.
+fn decode_messages<'a>(s: &Session, store: &'a MessageStore) -> Vec<Decoded<'a>> {
+    let mut decoded: Vec<Decoded<'_>> = s
+        .messages
+        .iter()
+        .map(|m| {
+            let bytes = store.get(m.bytes);
+            Decoded {
+                role: m.role,
+                flags: m.flags,
+                msg: dnstap::decode_message(bytes).map_err(|error| Undecodable { error, bytes }),
+            }
+        })
+        .collect();
+    restore_upstream_queries(&mut decoded);
+    decoded
 }
 
 /// Upstream queries stored without the client's query (the flag QUERY_FROM_CQ) get it back
@@ -261,149 +275,41 @@ fn restore_upstream_queries(decoded: &mut [Decoded<'_>]) {
     }
 }
 
-/// What the line says about the request, gathered once from the decoded messages.
-struct Facts {
-    identity: String,
-    version: String,
-    client: Option<SocketAddr>,
-    protocol: Option<dnstap::SocketProtocol>,
-    qname: Option<String>,
-    qtype: Option<String>,
-    qclass: Option<String>,
-    rcode: Option<String>,
-    latency: Option<Nanos>,
-    attempts: Vec<Attempt>,
-}
-
-impl Facts {
-    fn gather(s: &Session, decoded: &[Decoded<'_>], sources: &SourceRegistry) -> Self {
-        let (identity, version) = sources.describe(s.source);
-        let (identity, version) = (identity.to_string(), version.to_string());
-        // The client side: the CQ, or for an orphan its CR.
-        let client_msg = decoded
-            .iter()
-            .filter(|d| matches!(d.role, Role::ClientQuery | Role::ClientResponse))
-            .find_map(|d| d.msg());
-        let client =
-            client_msg.and_then(|m| dnstap::socket(m.query_address.as_deref(), m.query_port));
-        let protocol = client_msg.and_then(|m| m.socket_protocol);
-        let question = decoded.iter().find_map(|d| {
-            let msg = domain::base::Message::from_octets(d.wire()?).ok()?;
-            let q = msg.first_question()?;
-            Some((
-                dns_json::presentation(q.qname()),
-                rtype_name(q.qtype().to_int()),
-                class_name(q.qclass().to_int()),
-            ))
-        });
-        let cr = decoded
-            .iter()
-            .rev()
-            .find(|d| d.role == Role::ClientResponse);
-        let latency = match (s.cq_time(), cr.and_then(|d| d.response_time())) {
-            (Some(q), Some(r)) if r >= q => Some(r - q),
-            _ => None,
-        };
-        let (qname, qtype, qclass) = match question {
-            Some((n, t, c)) => (Some(n), Some(t), Some(c)),
-            None => (None, None, None),
-        };
-        Facts {
-            identity,
-            version,
-            client,
-            protocol,
-            qname,
-            qtype,
-            qclass,
-            rcode: cr
-                .and_then(|d| d.rcode())
-                .map(|r| rcode_name(r).into_owned()),
-            latency,
-            attempts: attempts(decoded),
-        }
-    }
-}
-
-/// Pairs upstream queries with their responses: same upstream, and the same query_time
-/// where the sender copies it (CoreDNS); otherwise the oldest open attempt.
-fn attempts(decoded: &[Decoded<'_>]) -> Vec<Attempt> {
-    let mut out: Vec<Attempt> = Vec::new();
-    for d in decoded {
-        match d.role {
-            Role::UpstreamQuery => out.push(Attempt {
-                address: d.upstream(),
-                rtt: None,
-                rcode: None,
-                answered: false,
-                query_time: d.query_time(),
-                has_query: true,
-            }),
-            Role::UpstreamResponse => {
-                let (addr, qt, rt) = (d.upstream(), d.query_time(), d.response_time());
-                let open = |a: &&mut Attempt| !a.answered && a.address == addr;
-                let idx = out
-                    .iter_mut()
-                    .position(|a| open(&a) && a.query_time == qt)
-                    .or_else(|| out.iter_mut().position(|a| open(&a)));
-                let rtt = match (qt, rt) {
-                    (Some(q), Some(r)) if r >= q => Some(r - q),
-                    _ => None,
-                };
-                let answer = Attempt {
-                    address: addr,
-                    rtt,
-                    rcode: d.rcode(),
-                    answered: true,
-                    query_time: qt,
-                    has_query: false,
-                };
-                match idx {
-                    Some(i) => {
-                        out[i] = Attempt {
-                            has_query: true,
-                            ..answer
-                        }
-                    }
-                    None => out.push(answer),
-                }
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
-fn write_summary_fields(j: &mut Json<'_>, s: &Session, v: &Verdict, f: &Facts) {
-    j.field_str("identity", &f.identity);
-    j.field_str("version", &f.version);
+fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
+    let v = &d.verdict;
     j.field_str("sender", s.profile.name());
     j.key("client");
-    match f.client {
+    match d.client {
         Some(c) => j.socket(c),
         None => j.null(),
     }
-    j.field_opt_str("protocol", f.protocol.map(protocol_name));
-    j.field_opt_str("qname", f.qname.as_deref());
-    j.field_opt_str("qtype", f.qtype.as_deref());
-    j.field_opt_str("qclass", f.qclass.as_deref());
+    if let Some(extra) = d.extra() {
+        // What the sender said about the client (CoreDNS's `extra`), and the workload in it.
+        j.field_str("extra", &String::from_utf8_lossy(extra));
+        j.field_opt_str("client_namespace", d.client_namespace());
+        j.field_opt_str("client_pod", d.client_pod());
+    }
+    j.field_opt_str("protocol", d.protocol.map(protocol_name));
+    j.field_opt_str("qname", d.qname());
+    j.field_opt_str("qtype", d.qtype.map(rtype_name).as_deref());
+    j.field_opt_str("qclass", d.qclass.map(class_name).as_deref());
     j.key("dns_id");
     match s.dns_id {
         Some(id) => j.uint(id as u64),
         None => j.null(),
     }
-    j.field_opt_str("rcode", f.rcode.as_deref());
+    j.field_opt_str("rcode", d.rcode.map(|r| rcode_name(r.into())).as_deref());
     j.key("latency_ms");
-    match f.latency {
+    match d.latency {
         Some(l) => j.millis(l),
         None => j.null(),
     }
     j.key("upstreams");
     j.begin_array();
-    for a in &f.attempts {
+    for a in &d.attempts {
         j.begin_object();
         j.key("address");
-        match a.address {
+        match a.upstream {
             Some(addr) => j.socket(addr),
             None => j.null(),
         }
@@ -414,7 +320,7 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, v: &Verdict, f: &Facts) {
         }
         j.key("timeout");
         j.bool(!a.answered);
-        j.field_opt_str("rcode", a.rcode.map(rcode_name).as_deref());
+        j.field_opt_str("rcode", a.rcode.map(|r| rcode_name(r.into())).as_deref());
         if !a.has_query {
             j.key("query_missing");
             j.bool(true);
@@ -517,20 +423,10 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
 /// the reason and the bytes, so the line still shows every message the session had.
 fn write_undecodable(j: &mut Json<'_>, role: Role, u: &Undecodable<'_>) {
     j.key("type");
-    j.name(role_name(role));
+    j.name(crate::metrics::model::message_type_name(role));
     j.key("error");
     j.display(crate::metrics::ErrorChain(&u.error));
     j.field_str("hex", &dns_json::hex(u.bytes));
-}
-
-/// The roles under the names the exit summary counts them by.
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::ClientQuery => "CLIENT_QUERY",
-        Role::ClientResponse => "CLIENT_RESPONSE",
-        Role::UpstreamQuery => "UPSTREAM_QUERY",
-        Role::UpstreamResponse => "UPSTREAM_RESPONSE",
-    }
 }
 
 fn write_wire_name(j: &mut Json<'_>, wire: &[u8]) {
@@ -573,123 +469,10 @@ fn protocol_name(p: dnstap::SocketProtocol) -> &'static str {
     }
 }
 
-/// One sentence an operator can act on.
-fn diagnose(s: &Session, v: &Verdict, f: &Facts) -> String {
-    let who = if f.identity.is_empty() {
-        "the server"
-    } else {
-        f.identity.as_str()
-    };
-    let rcode = f.rcode.as_deref().unwrap_or("an answer");
-    let latency = f
-        .latency
-        .map(|l| format!(" in {:.1} ms", l as f64 / 1e6))
-        .unwrap_or_default();
-    let upstreams = upstream_list(&f.attempts);
-    let tries = f.attempts.len();
-    let answered: Vec<&Attempt> = f.attempts.iter().filter(|a| a.answered).collect();
-    let mut text = if let Some(loss) = v.loss {
-        format!(
-            "Incomplete sample: {}; seen: {}.",
-            loss.explain(),
-            seen(v.bitmap.0)
-        )
-    } else {
-        match (v.status, v.bitmap) {
-            (Status::Succeeded, BitMap::CQ_CR) => {
-                format!("{who} answered {rcode} itself{latency} (cache, hosts or a local zone), without forwarding.")
-            }
-            (Status::Succeeded, _) if tries == 0 => {
-                format!("The client got {rcode}{latency}; seen: {}.", seen(v.bitmap.0))
-            }
-            (Status::Succeeded, _) => format!(
-                "Forwarded to {upstreams} ({tries} attempt{}); the client got {rcode}{latency}.",
-                plural(tries)
-            ),
-            (Status::Failed, BitMap::CQ_CR) => format!(
-                "{who} answered {rcode} itself{latency} without forwarding: check its zones, plugins and policy for this name."
-            ),
-            (Status::Failed, BitMap::FORWARDED) | (Status::Failed, BitMap::CQ_CR_FR) => {
-                let up = answered
-                    .last()
-                    .and_then(|a| a.rcode)
-                    .map(rcode_name)
-                    .unwrap_or_else(|| "an answer".into());
-                format!(
-                    "Upstream {upstreams} answered {up}; the client got {rcode}{latency}: the upstream is failing for this name."
-                )
-            }
-            (Status::Failed, BitMap::UPSTREAM_UNREACHABLE) => format!(
-                "Forwarded to {upstreams}, no answer after {tries} attempt{}: the upstream is unreachable or timing out; the client got SERVFAIL from {who} without a tap, or nothing.",
-                plural(tries)
-            ),
-            (Status::Failed, BitMap::CQ_CR_FQ) => format!(
-                "Forwarded to {upstreams}, no answer after {tries} attempt{}; the client got {rcode}{latency}: the upstream is unreachable or timing out.",
-                plural(tries)
-            ),
-            (Status::Failed, BitMap::CQ_FQ_FR) | (Status::Failed, BitMap::CQ_FR) => format!(
-                "Upstream {upstreams} answered, but the client got no response from {who}."
-            ),
-            (Status::Failed, BitMap::CQ) => format!(
-                "No response and no upstream query: {who} dropped the request or answered through a path dnstap does not see (e.g. max_concurrent, an error) before it timed out."
-            ),
-            (Status::Failed, _) => format!("The client got {rcode}{latency}; seen: {}.", seen(v.bitmap.0)),
-            (Status::SampleLoss, _) => format!("Incomplete sample; seen: {}.", seen(v.bitmap.0)),
-        }
-    };
-    if let Some(inc) = v.incomplete {
-        text.push_str(" Incomplete sample: ");
-        text.push_str(&inc.explain());
-        text.push('.');
-    }
-    if !s.has_wire {
-        text.push_str(" The sender logs no DNS messages: add `full` to the dnstap line.");
-    }
-    text
-}
-
-fn plural(n: usize) -> &'static str {
-    if n == 1 {
-        ""
-    } else {
-        "s"
-    }
-}
-
-fn upstream_list(attempts: &[Attempt]) -> String {
-    let mut addrs: Vec<String> = Vec::new();
-    for a in attempts {
-        let s = a
-            .address
-            .map_or("an unknown upstream".to_string(), |x| x.to_string());
-        if !addrs.contains(&s) {
-            addrs.push(s);
-        }
-    }
-    if addrs.is_empty() {
-        "an upstream".into()
-    } else {
-        addrs.join(", ")
-    }
-}
-
-fn seen(bitmap: u8) -> String {
-    let names: Vec<&str> = [(1, "CQ"), (4, "FQ"), (8, "FR"), (2, "CR")]
-        .iter()
-        .filter(|(b, _)| bitmap & b != 0)
-        .map(|(_, n)| *n)
-        .collect();
-    if names.is_empty() {
-        "nothing".into()
-    } else {
-        names.join(" ")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlate::{Config, Correlator};
+    use crate::correlate::{Config, Correlator, Verdict};
     use crate::dnstap::{Event, SenderProfile};
     use crate::framestream::{Frame, FrameDecoder};
     use serde_json::Value;
@@ -727,8 +510,9 @@ mod tests {
             ..Config::default()
         });
         let mut out = Vec::new();
-        let mut sink =
-            |s: &Session, v: Verdict, store: &MessageStore| renderer.render(s, &v, store, &mut out);
+        let mut sink = |s: &Session, v: Verdict, store: &MessageStore| {
+            renderer.render(s, &Diagnosis::of(s, v, store), store, &mut out)
+        };
         let hasher = crate::dns::key_hasher();
         let decoder = FrameDecoder::new(1 << 20);
         while let Some(frame) = decoder.decode(&mut buf).unwrap() {
@@ -773,6 +557,19 @@ mod tests {
     }
 
     #[test]
+    fn an_undecodable_upstream_message_has_the_summary_s_type_name() {
+        let mut j = Vec::new();
+        let error = dnstap::decode_message(GARBLED).unwrap_err();
+        let u = Undecodable {
+            error,
+            bytes: GARBLED,
+        };
+        write_undecodable(&mut Json::new(&mut j), Role::UpstreamQuery, &u);
+        let text = String::from_utf8(j).unwrap();
+        assert!(text.starts_with(r#""type":"FORWARDER_QUERY""#), "{text}");
+    }
+
+    #[test]
     fn text_lines_show_the_undecodable_message_too() {
         let line = render(HOSTS, "vm", Format::Text, Some(GARBLED));
         let messages = line.split_once(" Messages: ").unwrap().1;
@@ -788,13 +585,30 @@ mod tests {
         assert!(text.ends_with('\n'));
         assert!(!text.contains('\r'));
         let escaped = r"vm\nStatus: Succeeded BitMap: 15 Identity: forged\rStatus: Failed\t\\";
-        assert!(text.starts_with(&format!(
-            "Status: Succeeded BitMap: 3 Identity: {escaped} Client: "
+        assert!(text.contains(&format!(
+            " Status: Succeeded BitMap: 3 Cause: local_answer Identity: {escaped} Client: "
         )));
         assert!(
             text.contains(&format!("Diagnosis: {escaped} answered NOERROR itself")),
             "{text}"
         );
+    }
+
+    #[test]
+    fn every_line_starts_with_the_time_of_its_client_query_and_says_its_cause() {
+        let raw = render(HOSTS, "vm", Format::Json, None);
+        assert!(raw.starts_with("{\"time\":\"2026-"), "{raw}");
+        let json = json_lines(&raw);
+        let cq_time = &json[0]["messages"][0]["query_time"];
+        assert_eq!(json[0]["messages"][0]["type"], "CLIENT_QUERY");
+        assert_eq!(&json[0]["time"], cq_time);
+        assert_eq!(json[0]["cause"], "local_answer");
+        let text = render(HOSTS, "vm", Format::Text, None);
+        let expected = format!("Time: {} Status: ", cq_time.as_str().unwrap());
+        assert!(text.starts_with(&expected), "{text}");
+        // A CQ that no longer decodes still has the time it was correlated with.
+        let json = json_lines(&render(HOSTS, "vm", Format::Json, Some(GARBLED)));
+        assert_eq!(json[0]["time"], json[0]["messages"][1]["query_time"]);
     }
 
     #[test]
@@ -832,13 +646,15 @@ mod tests {
             sampled(0.25, Messages::Failed),
         );
         assert!(
-            line.starts_with("Status: Succeeded BitMap: 3 SampleRate: 0.25 Identity: vm "),
+            line.contains(
+                " Status: Succeeded BitMap: 3 SampleRate: 0.25 Cause: local_answer Identity: vm "
+            ),
             "{line}"
         );
         assert!(!line.contains("Messages:"), "{line}");
         assert!(line.contains(" Rcode: NOERROR Latency: "), "{line}");
         let all = render_with(HOSTS, "vm", Format::Text, None, sampled(1.0, Messages::All));
-        assert!(all.starts_with("Status: Succeeded BitMap: 3 Identity: vm "));
+        assert!(all.contains(" Status: Succeeded BitMap: 3 Cause: local_answer Identity: vm "));
         assert!(all.contains(" Messages: [{"), "{all}");
     }
 
@@ -872,7 +688,7 @@ mod tests {
         assert_eq!(bare[0], full);
         let text = render_with("e_servfail.fstrm", "vm", Format::Text, None, options);
         assert!(
-            text.starts_with("Status: Failed BitMap: 15 Identity: vm "),
+            text.contains(" Status: Failed BitMap: 15 Cause: upstream_error Identity: vm "),
             "{text}"
         );
         assert!(!text.contains("Messages:"), "{text}");

@@ -186,6 +186,12 @@ int64 so that large values (maxSessions: 2000000) are not printed in float notat
 {{- if not (kindIs "invalid" $a.maxTimeAhead) }}
 - {{ printf "--max-time-ahead=%d" (int64 $a.maxTimeAhead) | quote }}
 {{- end }}
+{{- if not (kindIs "invalid" $a.cacheWindow) }}
+- {{ printf "--cache-window=%d" (int64 $a.cacheWindow) | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $a.upstreamFailingWindow) }}
+- {{ printf "--upstream-failing-window=%d" (int64 $a.upstreamFailingWindow) | quote }}
+{{- end }}
 {{- /* --metrics-listen only when it differs from the analyser's default 0.0.0.0:9435. */}}
 {{- if not .Values.metrics.enabled }}
 - "--metrics-listen=none"
