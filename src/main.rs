@@ -161,7 +161,9 @@ struct Cli {
     sample_succeeded: SampleRate,
 
     /// Which lines carry the decoded messages: all, failed (Failed and SampleLoss only) or
-    /// none. Diagnosis, rcodes, upstream attempts and latencies are on every line.
+    /// none. Diagnosis, rcodes, upstream attempts and latencies are on every line. The default
+    /// shows everything for a run someone watches; an analyser left on in a cluster wants
+    /// `--messages failed --sample-succeeded 0.01` (the chart's default).
     #[arg(long, global = true, default_value = "all", value_name = "WHICH", value_parser = Messages::parse)]
     messages: Messages,
 
