@@ -1,6 +1,8 @@
 //! dnstap-analyser: joins the dnstap messages of each DNS request into one session and prints
 //! one diagnosed line per session.
 
+mod progress;
+
 use clap::{Parser, Subcommand};
 use dnstap_analyser::correlate;
 use dnstap_analyser::diagnosis::recall::RecallConfig;
@@ -172,7 +174,9 @@ struct Cli {
     sample_succeeded: SampleRate,
 
     /// Which lines carry the decoded messages: all, failed (Failed and SampleLoss only) or
-    /// none. Diagnosis, rcodes, upstream attempts and latencies are on every line.
+    /// none. Diagnosis, rcodes, upstream attempts and latencies are on every line. The default
+    /// shows everything for a run someone watches; an analyser left on in a cluster wants
+    /// `--messages failed --sample-succeeded 0.01` (the chart's default).
     #[arg(long, global = true, default_value = "all", value_name = "WHICH", value_parser = Messages::parse)]
     messages: Messages,
 
@@ -240,7 +244,9 @@ fn metrics_listen(cli: &Cli, serving: bool) -> Option<SocketAddr> {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the pipeline over Frame Streams files (fstrm_capture, dnstap -w), in the order
-    /// given as one stream per identity, print the sessions and exit.
+    /// given as one stream per identity, print the sessions and exit (1 if a file was missing,
+    /// empty, not Frame Streams or broken). With the sessions going to a file or a pipe, a
+    /// progress bar shows on stderr when it is a terminal.
     Read {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
@@ -397,55 +403,85 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = match &cli.command {
-        // A client of another analyser: no pipeline, no summary.
-        Some(Command::Top {
-            url,
-            interval,
-            once,
-            rows,
-        }) => {
-            return match top_client::run(url, *interval, *once, *rows) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("dnstap-analyser: error: {}", ErrorChain(&e));
-                    ExitCode::from(2)
+    let result =
+        match &cli.command {
+            // A client of another analyser: no pipeline, no summary.
+            Some(Command::Top {
+                url,
+                interval,
+                once,
+                rows,
+            }) => {
+                return match top_client::run(url, *interval, *once, *rows) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("dnstap-analyser: error: {}", ErrorChain(&e));
+                        ExitCode::from(2)
+                    }
                 }
             }
-        }
-        Some(Command::Read { files }) => settings(&cli, false).and_then(|s| {
-            let errors = pipeline::read_files(&s, files, WriteSink::stdout(), metrics.clone())
-                .map_err(|e| e.to_string())?;
-            for e in &errors {
-                eprintln!("dnstap-analyser: {e}");
-            }
-            Ok(errors.is_empty())
-        }),
-        None => settings(&cli, true).and_then(|s| {
-            let shutdown = Arc::new(AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                signal_hook::flag::register(sig, shutdown.clone()).map_err(|e| e.to_string())?;
-            }
-            pipeline::serve(
-                &s,
-                &cli.listen,
-                WriteSink::stdout(),
-                metrics.clone(),
-                shutdown,
-            )
-            .map_err(|e| e.to_string())?;
-            Ok(true)
-        }),
-    };
+            Some(Command::Read { files }) => settings(&cli, false)
+                .map_err(Failure::Startup)
+                .and_then(|s| {
+                    let progress = progress::Progress::start(files, metrics.clone());
+                    let errors =
+                        pipeline::read_files(&s, files, WriteSink::stdout(), metrics.clone())
+                            .map_err(Failure::of);
+                    drop(progress);
+                    let errors = errors?;
+                    for e in &errors {
+                        eprintln!("dnstap-analyser: {e}");
+                    }
+                    Ok(errors.is_empty())
+                }),
+            None => settings(&cli, true)
+                .map_err(Failure::Startup)
+                .and_then(|s| {
+                    let shutdown = Arc::new(AtomicBool::new(false));
+                    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                        signal_hook::flag::register(sig, shutdown.clone())
+                            .map_err(|e| Failure::Startup(e.to_string()))?;
+                    }
+                    pipeline::serve(
+                        &s,
+                        &cli.listen,
+                        WriteSink::stdout(),
+                        metrics.clone(),
+                        shutdown,
+                    )
+                    .map_err(Failure::of)?;
+                    Ok(true)
+                }),
+        };
     // The periodic lines end before the exit summary, which is always the last.
     drop(stats);
-    eprintln!("{}", metrics.summary_json());
+    // A run that never started has nothing to summarise: an all-zero summary would only hide
+    // the error line above it.
+    if !matches!(result, Err(Failure::Startup(_))) {
+        eprintln!("{}", metrics.summary_json());
+    }
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
-        Err(e) => {
+        Err(Failure::Startup(e) | Failure::Run(e)) => {
             eprintln!("dnstap-analyser: error: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Why a run failed: before the pipeline started (a port in use, unreadable TLS files, a bad
+/// unix path), or while it ran (the output failed, a thread panicked).
+enum Failure {
+    Startup(String),
+    Run(String),
+}
+
+impl Failure {
+    fn of(e: pipeline::Error) -> Failure {
+        match e.at_startup() {
+            true => Failure::Startup(e.to_string()),
+            false => Failure::Run(e.to_string()),
         }
     }
 }

@@ -107,6 +107,14 @@ pub enum Error {
     Panicked { thread: String, message: String },
 }
 
+impl Error {
+    /// The pipeline never ran (a listener, a reader or the metrics endpoint could not be set
+    /// up): there is nothing to summarise.
+    pub fn at_startup(&self) -> bool {
+        matches!(self, Self::Setup(_) | Self::Metrics(_))
+    }
+}
+
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

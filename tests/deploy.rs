@@ -2742,3 +2742,13 @@ fn ci_runs_the_readme_test_command() {
         ".ci/run does not run the README's `{command}`:\n{ci}"
     );
 }
+
+/// In a cluster the analyser runs all day: the chart's default log is every Failed session with
+/// its messages and 1 % of the Succeeded ones without (docs/kubernetes.md, "Log volume").
+#[test]
+fn chart_defaults_log_quietly() {
+    let args = args_of(&render_one("quiet", json!({})).expect_ok().objects());
+    for flag in ["--log=all", "--sample-succeeded=0.01", "--messages=failed"] {
+        assert!(args.iter().any(|a| a == flag), "{flag} not in {args:?}");
+    }
+}

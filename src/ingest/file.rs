@@ -57,8 +57,19 @@ fn read_one(
     let mut replies = Vec::new();
     // A STOP ended the last stream and nothing of another one has come since.
     let mut between_streams = false;
+    let mut looked_at_start = false;
     loop {
         let n = super::read_into(&mut file, &mut scratch, &mut buf).map_err(|e| e.to_string())?;
+        if !looked_at_start && (buf.len() >= ESCAPE.len() || n == 0) {
+            looked_at_start = true;
+            if let Err(why) = frame_streams_start(&buf) {
+                metrics.discard(
+                    crate::metrics::Discard::BadStream,
+                    u64::from(!buf.is_empty()),
+                );
+                return Err(why.into());
+            }
+        }
         let fed = feed_streams(ingest, &mut buf, router, &mut replies, &mut between_streams);
         ingest.take_source_counts(&mut *counted);
         router.flush();
@@ -82,6 +93,24 @@ fn read_one(
                 "ends inside a frame ({left} bytes left), without STOP"
             )),
         };
+    }
+}
+
+/// What every Frame Streams file starts with: the escape of a control frame (START).
+const ESCAPE: [u8; 4] = [0; 4];
+
+/// Whether `head` (the first bytes of a file, at least 4 unless the file is shorter) can begin
+/// a Frame Streams file. A text file would otherwise be read as a data frame of absurd length
+/// ("exceeds --max-frame-size"), which invites raising a limit instead of fixing the input.
+fn frame_streams_start(head: &[u8]) -> Result<(), &'static str> {
+    match head {
+        [] => Err(
+            "empty file, not a Frame Streams capture (even an empty capture has START \
+                   and STOP)",
+        ),
+        _ if !head.starts_with(&ESCAPE) => Err("not a Frame Streams file (dnstap capture): it \
+                                                does not start with a control frame (START)"),
+        _ => Ok(()),
     }
 }
 
@@ -214,5 +243,35 @@ mod tests {
             1,
             "the stream error is counted"
         );
+    }
+
+    #[test]
+    fn a_text_file_is_not_frame_streams() {
+        let (shared, errors) = read_bytes("passwd", b"root:x:0:0:root:/root:/bin/bash\n");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let said = errors[0].to_string();
+        assert!(said.contains("not a Frame Streams file"), "{said}");
+        assert!(!said.contains("max-frame-size"), "{said}");
+        assert_eq!(shared.metrics.discarded(Discard::BadStream), 1);
+    }
+
+    #[test]
+    fn an_empty_file_is_an_error_and_start_stop_alone_is_not() {
+        let (shared, errors) = read_bytes("empty", b"");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].message.contains("empty file"), "{errors:?}");
+        assert_eq!(
+            shared.metrics.discarded(Discard::BadStream),
+            0,
+            "nothing dropped"
+        );
+        // Unidirectional START (content type dnstap) and STOP: a capture of no messages.
+        let ct = b"protobuf:dnstap.Dnstap";
+        let mut start_stop = vec![0, 0, 0, 0, 0, 0, 0, 12 + ct.len() as u8, 0, 0, 0, 2];
+        start_stop.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, ct.len() as u8]);
+        start_stop.extend_from_slice(ct);
+        start_stop.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 3]);
+        let (_, errors) = read_bytes("start_stop", &start_stop);
+        assert!(errors.is_empty(), "{errors:?}");
     }
 }

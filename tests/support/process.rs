@@ -5,7 +5,7 @@ use super::{alloc_port, require_binary, tail};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -278,8 +278,6 @@ pub fn says_port_taken(log: &str) -> bool {
 
 const TCP_ESTABLISHED: u8 = 0x01;
 const TCP_LISTEN: u8 = 0x0A;
-const UNIX_UNCONNECTED: u8 = 0x01;
-const UNIX_CONNECTED: u8 = 0x03;
 
 /// (local port, remote port, state) of every TCP socket.
 fn proc_tcp_rows() -> Vec<(u16, u16, u8)> {
@@ -318,36 +316,5 @@ pub fn tcp_connections_to(port: u16) -> usize {
     proc_tcp_rows()
         .iter()
         .filter(|&&(_, r, st)| r == port && st == TCP_ESTABLISHED)
-        .count()
-}
-
-fn proc_unix_states(path: &Path) -> Vec<u8> {
-    let want = path.to_string_lossy();
-    let Ok(text) = fs::read_to_string("/proc/net/unix") else {
-        return Vec::new();
-    };
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() >= 8 && cols[7] == want {
-                u8::from_str_radix(cols[5], 16).ok()
-            } else {
-                None
-            }
-        })
-        .collect()
-}
-
-/// A listening unix socket is bound at `path`.
-pub fn unix_listening(path: &Path) -> bool {
-    proc_unix_states(path).contains(&UNIX_UNCONNECTED)
-}
-
-/// Number of accepted (connected) unix stream sockets on the receiver bound at `path`.
-pub fn unix_connections_to(path: &Path) -> usize {
-    proc_unix_states(path)
-        .iter()
-        .filter(|&&s| s == UNIX_CONNECTED)
         .count()
 }
