@@ -10,7 +10,7 @@
 //! session, so it is read when a consumer needs it ([`Diagnosis::read_client_side`]: the
 //! shard does for Failed and printed sessions), still once.
 
-mod cause;
+pub(crate) mod cause;
 pub mod recall;
 
 pub use cause::{AttemptOutcome, AttemptSummary, Cause, Recalled};
@@ -277,14 +277,6 @@ impl Diagnosis {
         self.has_qname
             .then(|| std::str::from_utf8(&self.qname).ok())
             .flatten()
-    }
-
-    pub fn status(&self) -> Status {
-        self.verdict.status
-    }
-
-    pub fn bitmap(&self) -> BitMap {
-        self.verdict.bitmap
     }
 
     /// The distinct upstreams the session tried, in order (at most `N`; more are rare).
