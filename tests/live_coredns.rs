@@ -200,6 +200,80 @@ fn silent_upstream_is_failed_with_every_attempt() {
     );
 }
 
+/// `forward … { max_concurrent 5 }` in front of a silent upstream: five queries time out (the
+/// sender's upstream is failing), then of fifteen at once five wait and time out and ten are
+/// REFUSED by `forward` outside the tap: lone CQs, which the analyser blames on the failing
+/// upstream (`rejected_upstream_failing`, naming it) rather than on "no response".
+#[test]
+fn queries_refused_behind_a_silent_upstream() {
+    let Some(coredns) = coredns_or_skip("queries_refused_behind_a_silent_upstream") else {
+        return;
+    };
+    let dir = TempDir::new("coredns-max-concurrent");
+    let silent = SilentUpstream::start();
+    let an = Analyser::serve_tcp(&[]);
+    let port = alloc_port();
+    let conf = render_to(
+        "Corefile.max_concurrent",
+        &dir,
+        "Corefile",
+        &[
+            ("PORT", port.to_string()),
+            ("UPSTREAM", silent.port.to_string()),
+            ("TAP", an.port().to_string()),
+        ],
+    );
+    let mut cmd = std::process::Command::new(coredns);
+    cmd.arg("-conf").arg(&conf);
+    let mut server = Server::spawn("coredns", cmd, dir.join("coredns.log"));
+    wait_until(
+        "CoreDNS to listen and connect its dnstap stream",
+        Duration::from_secs(15),
+        || {
+            server.assert_running();
+            tcp_listening(port) && tcp_connections_to(an.port()) >= 1
+        },
+    );
+    let burst = |prefix: &str, n: usize| -> Vec<Option<String>> {
+        let digs: Vec<_> = (0..n)
+            .map(|i| {
+                let name = format!("{prefix}{i}.example.test");
+                thread::spawn(move || dig(port, &name, "A", false, 15).rcode)
+            })
+            .collect();
+        digs.into_iter().map(|d| d.join().unwrap()).collect()
+    };
+    let warm = burst("w", 5);
+    assert!(
+        warm.iter().all(|r| r.as_deref() == Some("SERVFAIL")),
+        "{warm:?}"
+    );
+    let rcodes = burst("r", 15);
+    server.assert_running();
+    let refused = rcodes
+        .iter()
+        .filter(|r| r.as_deref() == Some("REFUSED"))
+        .count();
+    assert!(refused > 0, "max_concurrent refused nothing: {rcodes:?}");
+    let names: Vec<String> = (0..5)
+        .map(|i| format!("w{i}.example.test"))
+        .chain((0..15).map(|i| format!("r{i}.example.test")))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    wait_for_qnames(&an, &names, "CoreDNS max_concurrent");
+    server.stop();
+    let out = an.stop();
+    assert_all_counted("CoreDNS max_concurrent", &out);
+    let lone: Vec<&Value> = out.sessions.iter().filter(|s| s["bitmap"] == 1).collect();
+    assert_eq!(lone.len(), refused, "{}", describe_all(&out.sessions));
+    let upstream = format!("127.0.0.1:{}", silent.port);
+    for s in lone {
+        assert_eq!(s["cause"], "rejected_upstream_failing", "{s}");
+        let d = s["diagnosis"].as_str().unwrap();
+        assert!(d.contains(&upstream) && d.contains("max_concurrent"), "{d}");
+    }
+}
+
 /// CoreDNS ≥ 1.11's `extra` end to end: the CoreDNS named by `COREDNS_EXTRA` (1.10.1 with the
 /// dnstap plugin of 1.14.7; `.ci/run` sets it) sends `extra "namespace=team-a;pod=web-1"` from
 /// one server block and `extra "client={remote}"` from another; the lines carry the workload,

@@ -173,10 +173,11 @@ impl AttemptSummary {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn verdict(status: Status, bitmap: u8, loss: Option<LossReason>) -> Verdict {
+    /// A verdict with no `incomplete` (tests of its consumers too).
+    pub(crate) fn verdict(status: Status, bitmap: u8, loss: Option<LossReason>) -> Verdict {
         Verdict {
             status,
             bitmap: BitMap(bitmap),

@@ -10,7 +10,7 @@
 //! session, so it is read when a consumer needs it ([`Diagnosis::read_client_side`]: the
 //! shard does for Failed and printed sessions), still once.
 
-mod cause;
+pub(crate) mod cause;
 pub mod recall;
 
 pub use cause::{AttemptOutcome, AttemptSummary, Cause, Recalled};
@@ -196,15 +196,18 @@ impl Diagnosis {
         let client_first = s.messages.iter().filter(|m| m.role.is_client());
         let others = s.messages.iter().filter(|m| !m.role.is_client());
         for m in client_first.chain(others) {
-            let Some(f) = dnstap::scan_message(store.get(m.bytes)) else {
+            let bytes = store.get(m.bytes);
+            if !self.has_extra && m.flags & Message::EXTRA != 0 {
+                if let Some(extra) = dnstap::scan_extra(bytes) {
+                    self.read_extra(extra);
+                }
+            }
+            let Some(f) = dnstap::scan_message(bytes) else {
                 continue;
             };
             if self.client.is_none() && m.role.is_client() {
                 self.client = dnstap::socket(f.query_address, f.query_port);
                 self.protocol = f.protocol;
-            }
-            if let (false, Some(extra)) = (self.has_extra, f.extra) {
-                self.read_extra(extra);
             }
             let wire = if m.role.is_response() {
                 f.response_message
@@ -274,14 +277,6 @@ impl Diagnosis {
         self.has_qname
             .then(|| std::str::from_utf8(&self.qname).ok())
             .flatten()
-    }
-
-    pub fn status(&self) -> Status {
-        self.verdict.status
-    }
-
-    pub fn bitmap(&self) -> BitMap {
-        self.verdict.bitmap
     }
 
     /// The distinct upstreams the session tried, in order (at most `N`; more are rare).

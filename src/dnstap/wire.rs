@@ -31,9 +31,6 @@ pub struct MessageFields<'a> {
     pub response_time_nsec: Option<u32>,
     pub query_message: Option<&'a [u8]>,
     pub response_message: Option<&'a [u8]>,
-    /// The frame's `extra`, where the reader appended it to the stored message
-    /// ([`append_extra`]).
-    pub extra: Option<&'a [u8]>,
 }
 
 /// The field a stored message carries its frame's `extra` in: field 2047 (length-delimited)
@@ -100,11 +97,23 @@ pub fn scan_message(b: &[u8]) -> Option<MessageFields<'_>> {
             96 => m.response_time_sec = Some(r.varint()?),
             109 => m.response_time_nsec = Some(r.fixed32()?),
             114 => m.response_message = Some(r.bytes()?),
-            EXTRA_TAG => m.extra = Some(r.bytes()?),
             tag => r.skip(tag)?,
         }
     }
     Some(m)
+}
+
+/// The frame's `extra` that the reader appended to a stored message ([`append_extra`]), if any.
+/// Apart from [`scan_message`], so that the hot path's fields stay small.
+pub fn scan_extra(message: &[u8]) -> Option<&[u8]> {
+    let mut r = Wire(message);
+    while !r.0.is_empty() {
+        match r.tag()? {
+            EXTRA_TAG => return r.bytes(),
+            tag => r.skip(tag)?,
+        }
+    }
+    None
 }
 
 /// Where the query_message field (tag, length and value) and its value lie in an encoded

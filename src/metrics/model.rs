@@ -765,17 +765,8 @@ impl Drop for ThreadStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlate::{BitMap, Verdict};
+    use crate::diagnosis::cause::tests::verdict;
     use crate::diagnosis::Attempt;
-
-    fn verdict(status: Status, bitmap: u8, loss: Option<LossReason>) -> Verdict {
-        Verdict {
-            status,
-            bitmap: BitMap(bitmap),
-            loss,
-            incomplete: None,
-        }
-    }
 
     #[test]
     fn bucket_bounds_agree_and_are_inclusive() {
