@@ -104,7 +104,33 @@ impl Recall {
 
     /// Takes in the stream's next event; what the stream showed before it that its session
     /// should know.
+    #[inline]
     pub fn observe(&mut self, ev: &Event) -> Recollection {
+        // Most client messages have nothing to recall and change nothing: decided here, in
+        // the reader's loop, without a call (issue #14: the cost per message must not rise).
+        let nothing = match ev.role {
+            Role::ClientQuery => {
+                return match (ev.question, ev.time()) {
+                    (Some(_), Some(t)) => self.failing(ev.source, t),
+                    _ => Recollection::Nothing,
+                };
+            }
+            Role::ClientResponse => {
+                self.open_attempts == 0
+                    && (self.answers.is_empty() || ev.question.is_none_or(|q| !is_error(q.rcode)))
+            }
+            Role::UpstreamQuery | Role::UpstreamResponse => false,
+        };
+        if nothing {
+            return Recollection::Nothing;
+        }
+        self.recall(ev)
+    }
+
+    /// The whole of `observe`, out of line: upstream messages, and the client messages that
+    /// may find something.
+    #[inline(never)]
+    fn recall(&mut self, ev: &Event) -> Recollection {
         let Some(q) = ev.question else {
             return Recollection::Nothing;
         };
@@ -301,6 +327,7 @@ impl Recall {
 
     /// A CQ: was the identity's latest upstream attempt a failure, recent, and not since
     /// recovered from?
+    #[inline]
     fn failing(&self, source: SourceId, t: Nanos) -> Recollection {
         let Some((_, f)) = self.failures.iter().find(|(s, _)| *s == source) else {
             return Recollection::Nothing;

@@ -175,6 +175,7 @@ impl Event {
     }
 
     /// Extracts an event from a scanned payload.
+    #[inline]
     pub fn from_fields(
         tap: &TapFields<'_>,
         source: SourceId,

@@ -56,6 +56,7 @@ pub fn append_extra(out: &mut Vec<u8>, extra: &[u8]) {
 }
 
 /// Scans a dnstap payload for the fields correlation needs.
+#[inline]
 pub fn scan(frame: &[u8]) -> Result<TapFields<'_>, DecodeError> {
     scan_tap(frame).ok_or(DecodeError::Malformed)
 }

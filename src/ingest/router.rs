@@ -113,6 +113,7 @@ impl Router {
     }
 
     /// Routes `ev` with its encoded message and its frame's `extra` (empty: none).
+    #[inline]
     pub fn dispatch_with_extra(&mut self, ev: Event, message: &[u8], extra: &[u8]) {
         let shard = shard_of(ev.key, self.shards.len());
         self.batches[shard].push(ev, message, extra);
