@@ -14,7 +14,18 @@ struct Client {
     port: u16,
     identity: u32,
     t: Nanos,
-    queries: Vec<(String, u16, Outcome, Option<String>, u16, Nanos, u32)>,
+    queries: Vec<Sent>,
+}
+
+/// One query as the client sent it, and what it got.
+struct Sent {
+    name: String,
+    qtype: u16,
+    outcome: Outcome,
+    cname: Option<String>,
+    port: u16,
+    t: Nanos,
+    identity: u32,
 }
 
 impl Client {
@@ -39,31 +50,31 @@ impl Client {
     }
 
     fn send(&mut self, name: &str, qtype: u16, outcome: Outcome) -> &mut Self {
-        self.queries.push((
-            name.into(),
+        self.queries.push(Sent {
+            name: name.into(),
             qtype,
             outcome,
-            None,
-            self.port,
-            self.t,
-            self.identity,
-        ));
+            cname: None,
+            port: self.port,
+            t: self.t,
+            identity: self.identity,
+        });
         self
     }
 
     fn feed(&self, table: &mut LookupTable, done: &mut Vec<Lookup>) -> Vec<Option<u64>> {
         self.queries
             .iter()
-            .map(|(name, qtype, outcome, cname, port, t, identity)| {
+            .map(|s| {
                 let q = Query {
-                    client: SocketAddr::from((self.ip, *port)),
-                    identity: SourceId(*identity),
-                    qname: name,
-                    qtype: *qtype,
-                    outcome: *outcome,
-                    cname_target: cname.as_deref(),
-                    query_time: *t,
-                    response_time: Some(*t + MS),
+                    client: SocketAddr::from((self.ip, s.port)),
+                    identity: SourceId(s.identity),
+                    qname: &s.name,
+                    qtype: s.qtype,
+                    outcome: s.outcome,
+                    cname_target: s.cname.as_deref(),
+                    query_time: s.t,
+                    response_time: Some(s.t + MS),
                 };
                 table.on_query(&q, &mut |l| done.push(l))
             })
@@ -355,7 +366,7 @@ fn autopath_answers_the_first_candidate_with_a_cname_and_nothing_is_wasted() {
             qtype,
             Answered,
         );
-        c.queries.last_mut().unwrap().3 = Some("api.example.test.".into());
+        c.queries.last_mut().unwrap().cname = Some("api.example.test.".into());
     }
     let l = one(&c);
     assert_eq!(l.asked, "api.example.test");
@@ -364,7 +375,7 @@ fn autopath_answers_the_first_candidate_with_a_cname_and_nothing_is_wasted() {
     // A CNAME elsewhere (web → a CDN) is no autopath.
     let mut c = Client::new([10, 0, 0, 5]);
     c.pair("web.default.svc.cluster.local.", Answered);
-    c.queries[0].3 = Some("cdn.example.net.".into());
+    c.queries[0].cname = Some("cdn.example.net.".into());
     assert_eq!(one(&c).autopath, None);
 }
 
