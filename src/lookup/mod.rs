@@ -1,7 +1,13 @@
 //! Lookups: the search-path expansions of one application lookup (`getaddrinfo("web")`),
 //! joined from the finished sessions of its candidates. A pure state machine without I/O:
 //! queries (one per finished session) in, each told the lookup it joined; finished lookups out
-//! when their client has been quiet on them for `Config::gap` of event time.
+//! once nothing joined them for `gap + linger` of the stage's clock (`now`, given by the
+//! caller: a monotonic wall clock).
+//!
+//! Joining is decided by event time alone (a query joins only within `gap` of the lookup's
+//! queries), so the result does not depend on how late sessions reach the stage; ending is
+//! decided by the stage's clock, because sessions of one lookup reach it from several
+//! identities and shards, each with its own delay (CoreDNS buffers frames for seconds).
 //!
 //! The rules (docs/lookups.md has the why):
 //! - one client IP (each candidate leaves from a fresh source port), one base name, one
@@ -103,9 +109,11 @@ pub struct Config {
     /// Open lookups in total, and per client IP.
     pub max_open: usize,
     pub max_per_client: usize,
-    /// A lookup ends when none of its queries came for this long (event time): longer than
-    /// glibc's 5 s timeout, so that the resend after it still joins.
+    /// A query joins a lookup only within this much event time of its queries and responses:
+    /// longer than glibc's 5 s timeout, so that the resend after it still joins.
     pub gap: Nanos,
+    /// How long past `gap` (stage clock) a lookup waits for late sessions before it ends.
+    pub linger: Nanos,
 }
 
 impl Default for Config {
@@ -116,6 +124,7 @@ impl Default for Config {
             max_open: 65_536,
             max_per_client: 64,
             gap: 6_000_000_000,
+            linger: 5_000_000_000,
         }
     }
 }
@@ -218,13 +227,15 @@ struct Open {
     first_query: Nanos,
     last_query: Nanos,
     last_response: Option<Nanos>,
+    /// The stage clock when a query last joined.
+    touched: Nanos,
 }
 
 impl Open {
-    fn deadline(&self, gap: Nanos) -> Nanos {
-        self.last_query
-            .max(self.last_response.unwrap_or(0))
-            .saturating_add(gap)
+    /// Whether event time `t` is within `gap` of this lookup.
+    fn near(&self, t: Nanos, gap: Nanos) -> bool {
+        let last = self.last_query.max(self.last_response.unwrap_or(0));
+        t <= last.saturating_add(gap) && t.saturating_add(gap) >= self.first_query
     }
 }
 
@@ -245,12 +256,11 @@ pub struct LookupTable {
     free: Vec<usize>,
     /// Each client's open lookups, oldest first.
     clients: HashMap<IpAddr, SmallVec<[usize; 4]>>,
-    /// (deadline, slot, id): lazily checked, a lookup still active is pushed again.
+    /// (touched, slot, id): lazily checked, a lookup touched since is pushed again.
     expiry: BinaryHeap<Reverse<(Nanos, usize, u64)>>,
     open: usize,
     next_id: u64,
     id_step: u64,
-    clock: Nanos,
     tally: Tally,
 }
 
@@ -267,7 +277,6 @@ impl LookupTable {
             open: 0,
             next_id: partition + 1,
             id_step: partitions.max(1),
-            clock: 0,
             tally: Tally::default(),
         }
     }
@@ -284,19 +293,18 @@ impl LookupTable {
         &self.search
     }
 
-    /// The latest query time seen: the stage's event clock.
-    pub fn clock(&self) -> Nanos {
-        self.clock
-    }
-
-    /// Joins `q` into a lookup and returns its id; `None` for a query of the root. Lookups
-    /// evicted to make room go to `done`.
-    pub fn on_query(&mut self, q: &Query<'_>, done: &mut impl FnMut(Lookup)) -> Option<u64> {
+    /// Joins `q` into a lookup at stage clock `now` and returns its id; `None` for a query of
+    /// the root. Lookups evicted to make room go to `done`.
+    pub fn on_query(
+        &mut self,
+        q: &Query<'_>,
+        now: Nanos,
+        done: &mut impl FnMut(Lookup),
+    ) -> Option<u64> {
         let name = names::normalise(q.qname);
         if name.is_empty() {
             return None;
         }
-        self.clock = self.clock.max(q.query_time);
         let (family, half) = Family::of(q.qtype);
         let mut readings = Readings::new();
         self.search.readings(name, &mut readings);
@@ -311,14 +319,13 @@ impl LookupTable {
                     };
                     (slot, r, fit)
                 }
-                None => (
-                    self.open_lookup(q, family, readings[0], done),
-                    readings[0],
-                    Fit::New,
-                ),
+                None => {
+                    let slot = self.open_lookup(q, family, readings[0], now, done);
+                    (slot, readings[0], Fit::New)
+                }
             },
         };
-        self.join(slot, q, r.suffix, r.namespace, half, fit);
+        self.join(slot, q, r.suffix, r.namespace, half, fit, now);
         self.slots[slot].as_ref().map(|l| l.id)
     }
 
@@ -332,7 +339,10 @@ impl LookupTable {
     ) -> Option<(usize, usize, Fit)> {
         let slots = self.clients.get(&q.client.ip())?;
         for &slot in slots.iter().rev() {
-            let Some(l) = self.slots[slot].as_ref().filter(|l| l.family == family) else {
+            let Some(l) = self.slots[slot]
+                .as_ref()
+                .filter(|l| l.family == family && l.near(q.query_time, self.cfg.gap))
+            else {
                 continue;
             };
             for (i, r) in readings
@@ -368,6 +378,7 @@ impl LookupTable {
         let slot = slots.iter().rev().copied().find(|&slot| {
             self.slots[slot].as_ref().is_some_and(|l| {
                 l.family == family
+                    && l.near(q.query_time, self.cfg.gap)
                     && name.len() > l.base.len() + 1
                     && name.starts_with(l.base.as_str())
                     && l.candidates
@@ -386,6 +397,7 @@ impl LookupTable {
         q: &Query<'_>,
         family: Family,
         r: Reading<'_>,
+        now: Nanos,
         done: &mut impl FnMut(Lookup),
     ) -> usize {
         let ip = q.client.ip();
@@ -417,6 +429,7 @@ impl LookupTable {
             first_query: q.query_time,
             last_query: q.query_time,
             last_response: None,
+            touched: now,
         };
         let slot = match self.free.pop() {
             Some(slot) => {
@@ -430,8 +443,7 @@ impl LookupTable {
         };
         self.open += 1;
         self.clients.entry(ip).or_default().push(slot);
-        self.expiry
-            .push(Reverse((q.query_time + self.cfg.gap, slot, id)));
+        self.expiry.push(Reverse((now, slot, id)));
         slot
     }
 
@@ -443,10 +455,12 @@ impl LookupTable {
         namespace: Option<&str>,
         half: usize,
         fit: Fit,
+        now: Nanos,
     ) {
         let Some(l) = self.slots[slot].as_mut() else {
             return;
         };
+        l.touched = l.touched.max(now);
         if suffix == Suffix::Namespace && l.namespace.is_none() {
             l.namespace = namespace.map(str::to_string);
         }
@@ -513,21 +527,20 @@ impl LookupTable {
         }
     }
 
-    /// Ends every lookup quiet for `gap` at event time `clock` (the stage may advance it with
-    /// the wall clock when no traffic comes).
-    pub fn advance(&mut self, clock: Nanos, done: &mut impl FnMut(Lookup)) {
-        self.clock = self.clock.max(clock);
-        while let Some(&Reverse((deadline, slot, id))) = self.expiry.peek() {
-            if deadline > self.clock {
+    /// Ends every lookup nothing joined for `gap + linger` before stage clock `now`.
+    pub fn advance(&mut self, now: Nanos, done: &mut impl FnMut(Lookup)) {
+        let quiet = self.cfg.gap.saturating_add(self.cfg.linger);
+        while let Some(&Reverse((touched, slot, id))) = self.expiry.peek() {
+            if touched.saturating_add(quiet) > now {
                 break;
             }
             self.expiry.pop();
             let Some(l) = self.slots[slot].as_ref().filter(|l| l.id == id) else {
                 continue;
             };
-            let now_due = l.deadline(self.cfg.gap);
-            if now_due > self.clock {
-                self.expiry.push(Reverse((now_due, slot, id)));
+            if l.touched > touched {
+                let again = l.touched;
+                self.expiry.push(Reverse((again, slot, id)));
             } else {
                 self.close(slot, false, done);
             }
