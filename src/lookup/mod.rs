@@ -325,7 +325,7 @@ impl LookupTable {
                 }
             },
         };
-        self.join(slot, q, r.suffix, r.namespace, half, fit, now);
+        self.join(slot, q, r, half, fit, now);
         self.slots[slot].as_ref().map(|l| l.id)
     }
 
@@ -451,8 +451,7 @@ impl LookupTable {
         &mut self,
         slot: usize,
         q: &Query<'_>,
-        suffix: Suffix,
-        namespace: Option<&str>,
+        r: Reading<'_>,
         half: usize,
         fit: Fit,
         now: Nanos,
@@ -461,6 +460,7 @@ impl LookupTable {
             return;
         };
         l.touched = l.touched.max(now);
+        let (suffix, namespace) = (r.suffix, r.namespace);
         if suffix == Suffix::Namespace && l.namespace.is_none() {
             l.namespace = namespace.map(str::to_string);
         }
