@@ -20,6 +20,7 @@ use crate::ingest::limits::{ConnectionLimits, Slots};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
 use crate::ingest::tls::{TlsAcceptor, TlsFiles};
 use crate::ingest::{file, LossBoard, QueueDepths, Router, SenderLimits, ShardInput, Shared};
+use crate::lookup::stage::LookupRoute;
 use crate::metrics::health::Heartbeat;
 use crate::metrics::http::{MetricsServer, StartError};
 use crate::metrics::model::{
@@ -64,6 +65,8 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// Label caps and the stall limit of the live metrics.
     pub telemetry: TelemetryConfig,
+    /// The lookup stage: search list, bounds, `--log-lookups`.
+    pub lookups: crate::lookup::stage::LookupSettings,
 }
 
 /// The command line's defaults (one reader, one shard per core, no TLS, no metrics endpoint),
@@ -88,6 +91,7 @@ impl Default for Settings {
             format: Format::Json,
             metrics_listen: None,
             telemetry: TelemetryConfig::default(),
+            lookups: Default::default(),
         }
     }
 }
@@ -217,6 +221,7 @@ struct Backend {
     senders: Vec<Sender<ShardInput>>,
     depths: QueueDepths,
     shards: Vec<Watched<Infallible>>,
+    lookups: Vec<Watched<Infallible>>,
     writer: Watched<OutputError>,
     shared: Shared,
 }
@@ -275,6 +280,14 @@ fn start_backend(
     let writer = spawn_watched("writer".into(), None, halt, move || {
         writer::run(batch_rx, sink, |busy| heartbeat.beat(Instant::now(), busy))
     });
+    // Sessions reach the writer through the lookup stage (src/lookup/stage.rs).
+    let (lookup_senders, writer_gone, lookups) =
+        crate::lookup::stage::start(s, telemetry, batch_tx, |name, run| {
+            spawn_watched(name, None, halt, move || {
+                run();
+                Ok(())
+            })
+        });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut senders = Vec::new();
     let mut shards = Vec::new();
@@ -297,7 +310,7 @@ fn start_backend(
         let pending = Box::new(move || depth[i].load(Relaxed) > 0);
         let ctx = ShardContext {
             rx,
-            out: batch_tx.clone(),
+            out: LookupRoute::new(lookup_senders.clone(), writer_gone.clone()),
             renderer: Renderer::new(s.format, shared.sources.clone()).with_options(s.lines),
             policy: LinePolicy::new(s.log, s.lines),
             shared: shared.clone(),
@@ -316,6 +329,7 @@ fn start_backend(
         senders,
         depths,
         shards,
+        lookups,
         writer,
         shared,
     }
@@ -326,7 +340,8 @@ impl Backend {
     fn finish(self) -> Result<(), Error> {
         drop(self.senders);
         let shards = self.shards.into_iter().filter_map(|s| s.join().err());
-        let shards: Vec<Error> = shards.collect();
+        let mut shards: Vec<Error> = shards.collect();
+        shards.extend(self.lookups.into_iter().filter_map(|s| s.join().err()));
         let writer = match self.writer.join() {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(Error::Output(e)),
@@ -341,7 +356,7 @@ struct ShardContext {
     rx: Receiver<ShardInput>,
     depths: QueueDepths,
     index: usize,
-    out: Sender<Vec<u8>>,
+    out: LookupRoute,
     renderer: Renderer,
     policy: LinePolicy,
     shared: Shared,
@@ -353,8 +368,7 @@ struct ShardContext {
 /// Counts every finished session, renders the ones `--log` and `--sample-succeeded` want
 /// into a batch for the writer.
 struct LineSink {
-    batch: Vec<u8>,
-    out: Sender<Vec<u8>>,
+    out: LookupRoute,
     /// The writer has gone (its sink ended or failed): nothing more is rendered, but every
     /// session is still counted.
     writer_gone: bool,
@@ -383,14 +397,17 @@ impl correlate::SessionSink for LineSink {
         if v.status == correlate::Status::Failed {
             self.record_top_failure(s, store, cause);
         }
-        if !self.writer_gone && self.policy.prints(s, &v) {
-            self.renderer.render(s, &v, store, &mut self.batch);
+        let print = !self.writer_gone && self.policy.prints(s, &v);
+        let renderer = &self.renderer;
+        let line = print.then_some(|out: &mut Vec<u8>| renderer.render(s, &v, store, out));
+        self.out.push(s, store, line);
+        if print {
             self.metrics
                 .sessions_printed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            // A flush can emit a million sessions in one call: hand over as we go.
-            self.hand_over(false);
         }
+        // A flush can emit a million sessions in one call: hand over as we go.
+        self.hand_over(false);
     }
 }
 
@@ -429,22 +446,15 @@ impl LineSink {
         self.top.record(at, &failure);
     }
 
-    /// Hands the batch to the writer when it is big enough, or when `force`d (each tick, so
-    /// lines never wait long at low rates). A send fails only once the writer has returned,
-    /// which also wakes a send blocked on the full channel.
+    /// Hands the batches to the lookup stage when they are big enough, or when `force`d
+    /// (each tick, so lines never wait long at low rates). A send fails only once the stage
+    /// has returned, which also wakes a send blocked on the full channel.
     fn hand_over(&mut self, force: bool) {
-        if self.batch.len() >= writer::BATCH_BYTES || (force && !self.batch.is_empty()) {
-            let full = std::mem::replace(
-                &mut self.batch,
-                Vec::with_capacity(writer::BATCH_BYTES + 4096),
-            );
-            if self.out.send(full).is_err() {
-                self.writer_gone = true;
-                self.batch = Vec::new();
-            }
-            // A batch handed over is progress, also in the middle of a long flush.
-            self.heartbeat.beat(Instant::now(), true);
+        if !self.out.hand_over(force) {
+            self.writer_gone = true;
         }
+        // A batch handed over is progress, also in the middle of a long flush.
+        self.heartbeat.beat(Instant::now(), true);
     }
 }
 
@@ -540,7 +550,6 @@ fn run_shard(mut corr: Correlator, ctx: ShardContext) {
     let board = ctx.shared.board.clone();
     let metrics = ctx.shared.metrics.clone();
     let mut sink = LineSink {
-        batch: Vec::with_capacity(writer::BATCH_BYTES + 4096),
         out: ctx.out,
         writer_gone: false,
         renderer: ctx.renderer,
@@ -841,7 +850,10 @@ mod tests {
         let (result, metrics) = read_into(sink);
         assert!(result.unwrap().is_empty());
         let lines = lines.lock().unwrap();
-        assert_eq!(lines.iter().filter(|&&b| b == b'\n').count(), 5000);
+        // Lookup lines come besides (those that were not answered, by default).
+        let sessions = lines.split(|&b| b == b'\n');
+        let sessions = sessions.filter(|l| l.starts_with(b"{\"kind\":\"session\""));
+        assert_eq!(sessions.count(), 5000);
         assert_eq!(metrics.sessions_printed.load(Relaxed), 5000);
     }
 

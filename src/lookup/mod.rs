@@ -23,6 +23,7 @@
 
 pub mod names;
 pub mod record;
+pub mod stage;
 
 use crate::dnstap::{Nanos, SourceId};
 use hashbrown::HashMap;
@@ -308,7 +309,10 @@ impl LookupTable {
         let (family, half) = Family::of(q.qtype);
         let mut readings = Readings::new();
         self.search.readings(name, &mut readings);
-        let (slot, r, fit) = match self.find(q, family, half, &readings) {
+        let found = self
+            .find(q, family, half, &readings)
+            .or_else(|| self.rebase(q, family, &readings));
+        let (slot, r, fit) = match found {
             Some((slot, i, fit)) => (slot, readings[i], fit),
             None => match self.learn(q, family, half, name) {
                 Some((slot, suffix, fit)) => {
@@ -360,6 +364,62 @@ impl LookupTable {
                 if let Some(fit) = fits(l, r.suffix, half, q) {
                     return Some((slot, i, fit));
                 }
+            }
+        }
+        None
+    }
+
+    /// Sessions reach the stage out of order (several shards and identities): a lookup opened
+    /// by a lone later candidate may have been read with the wrong base
+    /// (`web.default.svc.cluster.local` as `web` in namespace `default`, when the walk was
+    /// `web.default`'s). A query that reads as an earlier candidate of the same walk under
+    /// another base re-reads such a lookup with that base, when the query times agree with
+    /// the suffixes' order.
+    fn rebase(
+        &mut self,
+        q: &Query<'_>,
+        family: Family,
+        readings: &[Reading<'_>],
+    ) -> Option<(usize, usize, Fit)> {
+        let slots = self.clients.get(&q.client.ip())?;
+        for &slot in slots.iter().rev() {
+            let Some(l) = self.slots[slot].as_ref() else {
+                continue;
+            };
+            let [c] = l.candidates.as_slice() else {
+                continue;
+            };
+            if l.family != family || !l.near(q.query_time, self.cfg.gap) {
+                continue;
+            }
+            let name = self
+                .search
+                .candidate_name(&l.base, c.suffix, l.namespace.as_deref());
+            let mut old = Readings::new();
+            self.search.readings(names::normalise(&name), &mut old);
+            for (i, r) in readings.iter().enumerate() {
+                let Some(o) = old
+                    .iter()
+                    .find(|o| o.base == r.base && o.suffix != r.suffix)
+                else {
+                    continue;
+                };
+                let in_order = o.suffix == Suffix::Bare
+                    || r.suffix == Suffix::Bare
+                    || (r.suffix < o.suffix) == (q.query_time < c.first_query);
+                if !in_order {
+                    continue;
+                }
+                let (base, suffix, ns) = (
+                    o.base.to_string(),
+                    o.suffix,
+                    o.namespace.map(str::to_string),
+                );
+                let l = self.slots[slot].as_mut()?;
+                l.base = base;
+                l.namespace = ns;
+                l.candidates[0].suffix = suffix;
+                return Some((slot, i, Fit::New));
             }
         }
         None

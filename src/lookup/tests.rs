@@ -486,3 +486,35 @@ fn the_root_joins_no_lookup() {
     };
     assert_eq!(t.on_query(&q, 0, &mut |_| {}), None);
 }
+
+#[test]
+fn a_lone_later_candidate_arriving_first_is_read_again_with_the_walks_base() {
+    // The walk of `nothere.example.test`; its `svc.cluster.local` candidate reaches the stage
+    // first and reads best as `nothere.example` in namespace `test`.
+    let mut c = Client::new([10, 0, 0, 5]);
+    glibc_walk(&mut c, "nothere.example.test", "default", &[NxDomain; 5]);
+    c.queries.swap(0, 2);
+    let l = one(&c);
+    assert_eq!(l.asked, "nothere.example.test");
+    assert_eq!((l.queries, l.candidates.len()), (10, 5));
+    assert_eq!(l.namespace.as_deref(), Some("default"));
+    // `web.default`'s walk, its second candidate first.
+    let mut c = Client::new([10, 0, 0, 5]);
+    c.pair("web.default.default.svc.cluster.local.", NxDomain);
+    c.pair("web.default.svc.cluster.local.", Answered);
+    c.queries.swap(0, 2);
+    c.queries.swap(1, 3);
+    let l = one(&c);
+    assert_eq!(l.asked, "web.default");
+    assert_eq!(l.candidates.len(), 2);
+}
+
+#[test]
+fn a_lookup_is_not_read_again_when_the_times_contradict_the_walk() {
+    // `web` answered at its first candidate; then `web.default` asked: its first candidate
+    // comes after, so it is no earlier step of the same walk.
+    let mut c = Client::new([10, 0, 0, 5]);
+    c.pair("web.default.svc.cluster.local.", Answered);
+    c.pair("web.default.default.svc.cluster.local.", NxDomain);
+    assert_eq!(run(&[&c]).len(), 2);
+}

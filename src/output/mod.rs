@@ -3,6 +3,7 @@
 
 mod dns_json;
 pub mod json;
+pub mod lookup;
 pub mod policy;
 pub mod sink;
 pub mod stats;
@@ -182,6 +183,7 @@ impl Renderer {
             Format::Json => {
                 let mut j = Json::new(out);
                 j.begin_object();
+                j.field_str("kind", "session");
                 j.field_str("status", v.status.name());
                 j.field_uint("bitmap", v.bitmap.0 as u64);
                 if let Some(rate) = sample_rate {

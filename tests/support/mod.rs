@@ -23,6 +23,7 @@
 
 pub mod analyser;
 pub mod http;
+pub mod lookups;
 pub mod process;
 pub mod prometheus;
 pub mod senders;
@@ -32,6 +33,7 @@ pub mod tls;
 
 pub use analyser::*;
 pub use http::*;
+pub use lookups::*;
 pub use process::*;
 pub use prometheus::*;
 pub use senders::*;
