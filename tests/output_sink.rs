@@ -95,7 +95,7 @@ fn a_reader_that_closes_the_pipe_ends_the_output_not_the_analysis() {
     let stderr = collect_stderr(&mut child);
     let status = wait(&mut child, "read | head -1");
     let stderr = stderr.join().unwrap();
-    assert!(first.starts_with(b"{\"status\":"));
+    assert!(first.starts_with(b"{\"kind\":\"session\",\"status\":"));
     assert!(status.success(), "{status}: {stderr}");
     // (The summary names counters such as `server_error`: look for error lines only.)
     assert!(

@@ -45,8 +45,6 @@ const MAX_IDENTITIES: usize = 8;
 /// Candidates kept per lookup: a search list has at most 6 domains (glibc's MAXDNSRCH), plus
 /// the bare name; more is not a resolver's search walk.
 const MAX_CANDIDATES: usize = 8;
-/// Wait intervals kept per lookup; further ones widen the last.
-const MAX_WAITS: usize = 8;
 
 /// What the client got for one query, best last: the order a lookup's outcome is taken in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -100,6 +98,8 @@ pub struct Query<'a> {
     pub cname_target: Option<&'a str>,
     pub query_time: Nanos,
     pub response_time: Option<Nanos>,
+    /// The client's DNS id: tells a resend (same id) from the same name asked again.
+    pub dns_id: Option<u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -174,7 +174,12 @@ pub struct Tally {
 struct Half {
     queries: u16,
     port: u16,
+    /// The DNS id: a resolver resends the same query, id included.
+    id: Option<u16>,
     first_query: Nanos,
+    last_query: Nanos,
+    /// The same query sent again (same port and id).
+    resends: u16,
     outcome: Option<Outcome>,
 }
 
@@ -222,8 +227,6 @@ struct Open {
     namespace: Option<String>,
     candidates: SmallVec<[Candidate; 5]>,
     identities: SmallVec<[SourceId; 2]>,
-    retries: u32,
-    waits: SmallVec<[(Nanos, Nanos); 2]>,
     autopath: Option<String>,
     first_query: Nanos,
     last_query: Nanos,
@@ -483,8 +486,6 @@ impl LookupTable {
             namespace: None,
             candidates: SmallVec::new(),
             identities: SmallVec::new(),
-            retries: 0,
-            waits: SmallVec::new(),
             autopath: None,
             first_query: q.query_time,
             last_query: q.query_time,
@@ -549,35 +550,20 @@ impl LookupTable {
         };
         let c = &mut l.candidates[i];
         c.first_query = c.first_query.min(q.query_time);
-        let other = c.halves[1 - half];
         let h = &mut c.halves[half];
-        let wait = match fit {
-            Fit::Retry => Some((
-                h.first_query.min(q.query_time),
-                h.first_query.max(q.query_time),
-            )),
-            // The pair's other half left from this port long before: this half's first send
-            // was lost (its resend is all the server saw).
-            Fit::New if other.queries > 0 && other.port == q.client.port() => {
-                let (a, b) = (other.first_query, q.query_time);
-                (a.abs_diff(b) > PAIR_GAP).then(|| (a.min(b), a.max(b)))
-            }
-            Fit::New => None,
-        };
         if h.queries == 0 {
             h.port = q.client.port();
+            h.id = q.dns_id;
             h.first_query = q.query_time;
+            h.last_query = q.query_time;
         }
+        if matches!(fit, Fit::Retry) {
+            h.resends = h.resends.saturating_add(1);
+        }
+        h.first_query = h.first_query.min(q.query_time);
+        h.last_query = h.last_query.max(q.query_time);
         h.queries = h.queries.saturating_add(1);
         h.outcome = h.outcome.max(Some(q.outcome));
-        if let Some(w) = wait {
-            l.retries += 1;
-            if l.waits.len() < MAX_WAITS {
-                l.waits.push(w);
-            } else if let Some(last) = l.waits.last_mut() {
-                *last = (last.0.min(w.0), last.1.max(w.1));
-            }
-        }
         if suffix == Suffix::Namespace && q.outcome == Outcome::Answered {
             if let Some(t) = q.cname_target.map(names::normalise) {
                 if is_autopath_target(&self.search, &l.base, t) {
@@ -646,10 +632,11 @@ fn fits(l: &Open, suffix: Suffix, half: usize, q: &Query<'_>) -> Option<Fit> {
     let h = &c.halves[half];
     if h.queries == 0 {
         Some(Fit::New)
-    } else if h.port == q.client.port() {
+    } else if h.port == q.client.port() && h.id == q.dns_id {
         Some(Fit::Retry)
     } else {
-        // The same candidate from a fresh socket: the application asked again.
+        // The same candidate from a fresh socket, or with a fresh id (a client such as
+        // dnsperf or a caching forwarder reusing one socket): asked again.
         None
     }
 }
@@ -687,6 +674,8 @@ fn finish(search: &SearchList, mut l: Open, evicted: bool) -> Lookup {
     };
     let end = l.last_response.unwrap_or(l.last_query).max(l.last_query);
     let asked = asked(&l, &candidates);
+    let mut waits = Vec::new();
+    let retries = l.candidates.iter().map(|c| retries(c, &mut waits)).sum();
     Lookup {
         id: l.id,
         client: l.client,
@@ -701,8 +690,8 @@ fn finish(search: &SearchList, mut l: Open, evicted: bool) -> Lookup {
         autopath: l.autopath.clone(),
         wasted_queries,
         latency: end.saturating_sub(l.first_query),
-        retries: l.retries,
-        waited: union_length(&mut l.waits),
+        retries,
+        waited: union_length(&mut waits),
         evicted,
     }
 }
@@ -720,6 +709,31 @@ fn asked(l: &Open, candidates: &[String]) -> String {
         [_] => candidates[0].clone(),
         _ => l.base.clone(),
     }
+}
+
+/// The resends of a candidate, and the time lost before each (into `waits`): a query sent
+/// again with its id, and a half whose first send was lost — it left the port more than
+/// `PAIR_GAP` after the other half, when that half was being resent (glibc sends both again
+/// after its timeout, and only the resend of the lost one reached the server).
+fn retries(c: &Candidate, waits: &mut Vec<(Nanos, Nanos)>) -> u32 {
+    let mut n = 0;
+    for (i, h) in c.halves.iter().enumerate() {
+        if h.resends > 0 {
+            n += h.resends as u32;
+            waits.push((h.first_query, h.last_query));
+        }
+        let o = &c.halves[1 - i];
+        let lost_first = h.queries > 0
+            && o.resends > 0
+            && h.port == o.port
+            && h.first_query > o.first_query + PAIR_GAP
+            && h.first_query.abs_diff(o.last_query) <= PAIR_GAP;
+        if lost_first {
+            n += 1;
+            waits.push((o.first_query, h.first_query));
+        }
+    }
+    n
 }
 
 /// The total length of the union of the intervals.

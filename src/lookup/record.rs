@@ -26,6 +26,7 @@ pub struct SessionFacts {
     pub outcome: Outcome,
     pub query_time: Nanos,
     pub response_time: Option<Nanos>,
+    pub dns_id: Option<u16>,
     qname: Range<usize>,
     cname_target: Option<Range<usize>>,
 }
@@ -78,6 +79,7 @@ impl RecordBatch {
             cname_target: f.cname_target.as_ref().and_then(text),
             query_time: f.query_time,
             response_time: f.response_time,
+            dns_id: f.dns_id,
         })
     }
 
@@ -128,6 +130,7 @@ fn facts(s: &Session, store: &MessageStore, bytes: &mut Vec<u8>) -> Option<Sessi
         outcome,
         query_time,
         response_time: cr.and_then(|r| dnstap::time(r.response_time_sec, r.response_time_nsec)),
+        dns_id: s.dns_id,
         qname,
         cname_target,
     })
