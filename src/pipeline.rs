@@ -294,7 +294,10 @@ fn start_backend(
     let depths: QueueDepths = (0..s.shards.max(1)).map(|_| AtomicU64::new(0)).collect();
     telemetry.set_queues(depths.clone(), s.queue_capacity as u64);
     let top = TopBoard::new(TopConfig::default());
-    telemetry.set_top(top.hook());
+    telemetry.set_top(crate::metrics::lookups::with_lookups(
+        top.hook(),
+        telemetry.metrics.clone(),
+    ));
     for i in 0..s.shards.max(1) {
         // The depth counter bounds the events; the channel only bounds the number of batches,
         // which may be small at low rates.

@@ -7,6 +7,7 @@ use super::record::{Record, RecordBatch};
 use super::{Config, Lookup, LookupTable};
 use crate::dnstap::{Nanos, SourceRegistry};
 use crate::metrics::health::Heartbeat;
+use crate::metrics::lookups::{LookupBoard, LookupStats};
 use crate::metrics::model::Telemetry;
 use crate::output::lookup::{LookupLines, LookupPolicy};
 use crate::output::{writer, Format};
@@ -44,6 +45,11 @@ pub fn start<W>(
 ) -> (Vec<Sender<RecordBatch>>, Arc<AtomicBool>, Vec<W>) {
     let n = partitions(s.shards.max(1));
     let gone = Arc::new(AtomicBool::new(false));
+    let board = telemetry
+        .metrics
+        .lookups
+        .get_or_init(|| Arc::new(LookupBoard::default()))
+        .clone();
     let mut senders = Vec::new();
     let mut threads = Vec::new();
     for p in 0..n {
@@ -56,8 +62,9 @@ pub fn start<W>(
             format: s.format,
             policy: s.lookups.policy,
             sources: telemetry.sources().clone(),
-            on_lookup: Box::new(|_| {}),
-            on_tick: Box::new(|_| {}),
+            stats: LookupStats::default(),
+            board: board.clone(),
+            label_cap: s.telemetry.max_identity_labels,
             heartbeat: telemetry.health.stage(format!("lookup-{p}"), None),
             gone: gone.clone(),
         };
@@ -88,10 +95,11 @@ pub struct StageContext {
     pub format: Format,
     pub policy: LookupPolicy,
     pub sources: Arc<SourceRegistry>,
-    /// Counts each finished lookup (the metrics' hook).
-    pub on_lookup: Box<dyn FnMut(&Lookup) + Send>,
-    /// Once per tick, and at the end.
-    pub on_tick: Box<dyn FnMut(&LookupTable) + Send>,
+    /// This partition's counts since the last tick, and where they are published.
+    pub stats: LookupStats,
+    pub board: Arc<LookupBoard>,
+    /// Distinct identity and namespace labels kept.
+    pub label_cap: usize,
     pub heartbeat: Arc<Heartbeat>,
     /// Set when the writer has gone: the shards stop rendering lines.
     pub gone: Arc<AtomicBool>,
@@ -136,9 +144,11 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
         if tick {
             last_tick = now;
             table.advance(clock(now), &mut done);
-            (ctx.on_tick)(&table);
         }
         emit(&mut ctx, &lines, &mut finished, writer_gone, &mut batch);
+        if tick {
+            publish(&mut ctx, &table);
+        }
         if batch.len() >= writer::BATCH_BYTES || (tick && !batch.is_empty()) {
             writer_gone |= send(&out, &mut batch);
             if writer_gone {
@@ -149,7 +159,7 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
     }
     table.flush(&mut |l| finished.push(l));
     emit(&mut ctx, &lines, &mut finished, writer_gone, &mut batch);
-    (ctx.on_tick)(&table);
+    publish(&mut ctx, &table);
     if !writer_gone && !batch.is_empty() {
         send(&out, &mut batch);
     }
@@ -164,11 +174,16 @@ fn emit(
     batch: &mut Vec<u8>,
 ) {
     for l in finished.drain(..) {
-        (ctx.on_lookup)(&l);
+        ctx.stats.record(&l, &ctx.sources, ctx.label_cap);
         if !writer_gone && ctx.policy.prints(&l) {
             lines.render(&l, batch);
         }
     }
+}
+
+/// Adds this partition's counts into the board.
+fn publish(ctx: &mut StageContext, _table: &LookupTable) {
+    ctx.board.publish(&mut ctx.stats);
 }
 
 /// Hands the batch to the writer; true when the writer has gone.
