@@ -132,6 +132,8 @@ fn check_resolver_results(results: &str) {
         "mapi.example.test",
         "nodata",
         "rot.example.test",
+        "ndots.example.test",
+        "auto.example.test",
     ] {
         assert!(rc(name).0, "{name} must resolve:\n{results}");
     }
@@ -260,6 +262,12 @@ fn inside_a_private_namespace() {
     resolve(&musl, &["mapi.example.test"], None);
     resolve(&glibc, &["nodata"], None);
     resolve(&musl, &["nodatam"], None);
+    resolve(
+        &glibc,
+        &["ndots.example.test"],
+        Some(("RES_OPTIONS", "ndots:2")),
+    );
+    resolve(&glibc, &["auto.example.test"], None);
     let rotate = dir.join("resolv.rotate.conf");
     sh(&[
         "mount",

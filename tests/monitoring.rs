@@ -166,6 +166,9 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
             "sender_loss",
             "analyser_loss",
         ],
+        ("dnstap_analyser_lookups_total", "outcome") => {
+            &["answered", "nodata", "nxdomain", "failed"]
+        }
         (_, "outcome") => &["answered", "timeout", "error_rcode"],
         (_, "type") => &[
             "CLIENT_QUERY",

@@ -652,6 +652,7 @@ fn is_autopath_target(search: &SearchList, base: &str, target: &str) -> bool {
 }
 
 fn finish(search: &SearchList, mut l: Open, evicted: bool) -> Lookup {
+    drop_server_lookups(&mut l.candidates);
     l.candidates.sort_by_key(|c| c.first_query);
     let ns = l.namespace.as_deref();
     let name = |c: &Candidate| search.candidate_name(&l.base, c.suffix, ns);
@@ -709,6 +710,32 @@ fn asked(l: &Open, candidates: &[String]) -> String {
         [_] => candidates[0].clone(),
         _ => l.base.clone(),
     }
+}
+
+/// Removes the queries CoreDNS made itself while answering one of the candidates: a plugin
+/// that resolves a CNAME target through the server (`template`) is logged as a client query
+/// from the client's socket with the client's DNS id, for another name. A resolver never asks
+/// two names with one id from one socket, so the later of two such halves is the server's.
+fn drop_server_lookups(candidates: &mut SmallVec<[Candidate; 5]>) {
+    let halves: Vec<(usize, usize, Half)> = candidates
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| c.halves.iter().enumerate().map(move |(k, h)| (i, k, *h)))
+        .filter(|(_, _, h)| h.queries > 0 && h.id.is_some())
+        .collect();
+    let mut internal = Vec::new();
+    for &(i, k, h) in &halves {
+        let earlier = halves.iter().any(|&(j, _, o)| {
+            j != i && o.port == h.port && o.id == h.id && (o.first_query, j) < (h.first_query, i)
+        });
+        if earlier {
+            internal.push((i, k));
+        }
+    }
+    for (i, k) in internal {
+        candidates[i].halves[k] = Half::default();
+    }
+    candidates.retain(|c| c.queries() > 0);
 }
 
 /// The resends of a candidate, and the time lost before each (into `waits`): a query sent

@@ -546,3 +546,32 @@ fn the_same_query_with_a_fresh_id_from_one_socket_is_asked_again_not_resent() {
     assert_eq!(all.len(), 2);
     assert!(all.iter().all(|l| l.retries == 0));
 }
+
+#[test]
+fn queries_coredns_makes_itself_with_the_clients_socket_and_id_are_not_the_clients() {
+    // `template` resolving its CNAME target through the server: logged as a client query for
+    // the target from the client's socket, with the client's id, and finished first.
+    let mut c = Client::new([10, 0, 0, 5]);
+    c.port += 1;
+    for qtype in [QTYPE_AAAA, QTYPE_A] {
+        c.send(
+            "auto.example.test.default.svc.cluster.local.",
+            qtype,
+            Answered,
+        );
+        c.queries.last_mut().unwrap().cname = Some("auto.example.test.".into());
+        let id = c.queries.last().unwrap().id;
+        c.t += MS / 10;
+        c.send("auto.example.test.", qtype, Answered);
+        c.queries.last_mut().unwrap().id = id;
+        let n = c.queries.len();
+        c.queries.swap(n - 2, n - 1);
+    }
+    let l = one(&c);
+    assert_eq!(
+        l.candidates,
+        ["auto.example.test.default.svc.cluster.local."]
+    );
+    assert_eq!((l.queries, l.wasted_queries), (2, 0));
+    assert_eq!(l.autopath.as_deref(), Some("auto.example.test."));
+}
