@@ -42,8 +42,8 @@ const PAIR_GAP: Nanos = 1_000_000_000;
 /// Identities kept per lookup (more are counted in the first ones' place: kube-proxy spreads
 /// one lookup over a handful of CoreDNS pods at most).
 const MAX_IDENTITIES: usize = 8;
-/// Candidates kept per lookup: a search list has at most 6 domains (glibc's MAXDNSRCH), plus
-/// the bare name; more is not a resolver's search walk.
+/// Candidates per lookup: a search list has at most 6 domains (glibc's MAXDNSRCH), plus the
+/// bare name; a further one starts a lookup of its own.
 const MAX_CANDIDATES: usize = 8;
 
 /// What the client got for one query, best last: the order a lookup's outcome is taken in.
@@ -165,9 +165,6 @@ pub struct Lookup {
 pub struct Tally {
     /// Lookups closed early by `max_open` or `max_per_client`.
     pub evicted: u64,
-    /// Candidates that would have made a lookup longer than `MAX_CANDIDATES`: a lookup of
-    /// their own instead.
-    pub overlong: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -535,10 +532,6 @@ impl LookupTable {
         }
         let i = match l.candidates.iter().position(|c| c.suffix == suffix) {
             Some(i) => i,
-            None if l.candidates.len() >= MAX_CANDIDATES => {
-                self.tally.overlong += 1;
-                return;
-            }
             None => {
                 l.candidates.push(Candidate {
                     suffix,
@@ -627,7 +620,8 @@ impl LookupTable {
 /// Whether the query fits lookup `l` as candidate `suffix`, half `half`.
 fn fits(l: &Open, suffix: Suffix, half: usize, q: &Query<'_>) -> Option<Fit> {
     let Some(c) = l.candidates.iter().find(|c| c.suffix == suffix) else {
-        return Some(Fit::New);
+        // More is no resolver's walk: a lookup of its own.
+        return (l.candidates.len() < MAX_CANDIDATES).then_some(Fit::New);
     };
     let h = &c.halves[half];
     if h.queries == 0 {

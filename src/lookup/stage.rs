@@ -55,8 +55,12 @@ pub fn start<W>(
     for p in 0..n {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_BATCHES);
         senders.push(tx);
+        // The bounds are the whole stage's: each partition holds its share.
+        let mut config = s.lookups.config.clone();
+        config.max_open = (config.max_open / n).max(1);
+        config.max_per_client = config.max_per_client.min(config.max_open);
         let ctx = StageContext {
-            config: s.lookups.config.clone(),
+            config,
             partition: p,
             partitions: n,
             format: s.format,
@@ -147,7 +151,7 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
         }
         emit(&mut ctx, &lines, &mut finished, writer_gone, &mut batch);
         if tick {
-            publish(&mut ctx, &table);
+            publish(&mut ctx);
         }
         if batch.len() >= writer::BATCH_BYTES || (tick && !batch.is_empty()) {
             writer_gone |= send(&out, &mut batch);
@@ -159,7 +163,7 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
     }
     table.flush(&mut |l| finished.push(l));
     emit(&mut ctx, &lines, &mut finished, writer_gone, &mut batch);
-    publish(&mut ctx, &table);
+    publish(&mut ctx);
     if !writer_gone && !batch.is_empty() {
         send(&out, &mut batch);
     }
@@ -182,7 +186,7 @@ fn emit(
 }
 
 /// Adds this partition's counts into the board.
-fn publish(ctx: &mut StageContext, _table: &LookupTable) {
+fn publish(ctx: &mut StageContext) {
     ctx.board.publish(&mut ctx.stats);
 }
 
