@@ -214,7 +214,7 @@ struct Cli {
     search_suffix: Vec<String>,
 
     /// Lookups open at once (joining their candidates); the oldest is ended early, and counted,
-    /// to make room. 1/16 of them at most per client address.
+    /// to make room. 1/16 of them, and 256 at most, per client address.
     #[arg(long, global = true, default_value_t = 65_536, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     max_lookups: u32,
 }
@@ -396,7 +396,7 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
                 cluster_domain: cli.cluster_domain.clone(),
                 search_suffixes: cli.search_suffix.clone(),
                 max_open: cli.max_lookups as usize,
-                max_per_client: (cli.max_lookups as usize / 16).max(1),
+                max_per_client: (cli.max_lookups as usize / 16).clamp(1, 256),
                 ..lookup::Config::default()
             },
             policy: cli.log_lookups,

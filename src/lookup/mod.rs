@@ -230,6 +230,8 @@ struct Open {
     last_response: Option<Nanos>,
     /// The stage clock when a query last joined.
     touched: Nanos,
+    /// Its entries in `LookupTable::by_base`.
+    keys: SmallVec<[u64; 4]>,
 }
 
 impl Open {
@@ -255,8 +257,13 @@ pub struct LookupTable {
     /// Open lookups in slots; `generation` tells a reused slot from the lookup that left it.
     slots: Vec<Option<Open>>,
     free: Vec<usize>,
-    /// Each client's open lookups, oldest first.
+    /// Each client's open lookups, oldest first (for the per-client bound).
     clients: HashMap<IpAddr, SmallVec<[usize; 4]>>,
+    /// Open lookups by (client, base name) for every base their first candidate reads as:
+    /// a query finds its lookups without looking at the client's others (a forwarder or a
+    /// load generator is one client with thousands of lookups open).
+    by_base: HashMap<u64, SmallVec<[usize; 2]>>,
+    hasher: ahash::RandomState,
     /// (touched, slot, id): lazily checked, a lookup touched since is pushed again.
     expiry: BinaryHeap<Reverse<(Nanos, usize, u64)>>,
     open: usize,
@@ -274,6 +281,8 @@ impl LookupTable {
             slots: Vec::new(),
             free: Vec::new(),
             clients: HashMap::new(),
+            by_base: HashMap::new(),
+            hasher: crate::dns::key_hasher(),
             expiry: BinaryHeap::new(),
             open: 0,
             next_id: partition + 1,
@@ -324,13 +333,35 @@ impl LookupTable {
                     (slot, r, fit)
                 }
                 None => {
-                    let slot = self.open_lookup(q, family, readings[0], now, done);
+                    let slot = self.open_lookup(q, family, &readings, now, done);
                     (slot, readings[0], Fit::New)
                 }
             },
         };
         self.join(slot, q, r, half, fit, now);
         self.slots[slot].as_ref().map(|l| l.id)
+    }
+
+    fn key(&self, ip: IpAddr, base: &str) -> u64 {
+        self.hasher.hash_one((ip, base))
+    }
+
+    /// The client's open lookups indexed under any of `bases`, newest first.
+    fn indexed<'a>(
+        &self,
+        ip: IpAddr,
+        bases: impl Iterator<Item = &'a str>,
+    ) -> SmallVec<[usize; 8]> {
+        let mut slots: SmallVec<[usize; 8]> = SmallVec::new();
+        for b in bases {
+            if let Some(list) = self.by_base.get(&self.key(ip, b)) {
+                slots.extend(list.iter().copied());
+            }
+        }
+        let id = |s: &usize| self.slots[*s].as_ref().map_or(0, |l| l.id);
+        slots.sort_unstable_by_key(|s| Reverse(id(s)));
+        slots.dedup();
+        slots
     }
 
     /// The newest open lookup of the client the query fits, reading its name every way.
@@ -341,8 +372,8 @@ impl LookupTable {
         half: usize,
         readings: &[Reading<'_>],
     ) -> Option<(usize, usize, Fit)> {
-        let slots = self.clients.get(&q.client.ip())?;
-        for &slot in slots.iter().rev() {
+        let slots = self.indexed(q.client.ip(), readings.iter().map(|r| r.base));
+        for slot in slots {
             let Some(l) = self.slots[slot]
                 .as_ref()
                 .filter(|l| l.family == family && l.near(q.query_time, self.cfg.gap))
@@ -381,15 +412,17 @@ impl LookupTable {
         family: Family,
         readings: &[Reading<'_>],
     ) -> Option<(usize, usize, Fit)> {
-        let slots = self.clients.get(&q.client.ip())?;
-        for &slot in slots.iter().rev() {
+        let slots = self.indexed(q.client.ip(), readings.iter().map(|r| r.base));
+        for slot in slots {
             let Some(l) = self.slots[slot].as_ref() else {
                 continue;
             };
             let [c] = l.candidates.as_slice() else {
                 continue;
             };
-            if l.family != family || !l.near(q.query_time, self.cfg.gap) {
+            // A lookup with one of the query's bases is `find`'s: it did not fit there.
+            let same_base = readings.iter().any(|r| r.base == l.base);
+            if same_base || l.family != family || !l.near(q.query_time, self.cfg.gap) {
                 continue;
             }
             let name = self
@@ -434,8 +467,9 @@ impl LookupTable {
         half: usize,
         name: &str,
     ) -> Option<(usize, Suffix, Fit)> {
-        let slots = self.clients.get(&q.client.ip())?;
-        let slot = slots.iter().rev().copied().find(|&slot| {
+        let prefixes = name.match_indices('.').map(|(i, _)| &name[..i]);
+        let slots = self.indexed(q.client.ip(), prefixes);
+        let slot = slots.into_iter().find(|&slot| {
             self.slots[slot].as_ref().is_some_and(|l| {
                 l.family == family
                     && l.near(q.query_time, self.cfg.gap)
@@ -456,10 +490,11 @@ impl LookupTable {
         &mut self,
         q: &Query<'_>,
         family: Family,
-        r: Reading<'_>,
+        readings: &[Reading<'_>],
         now: Nanos,
         done: &mut impl FnMut(Lookup),
     ) -> usize {
+        let r = readings[0];
         let ip = q.client.ip();
         if self.clients.get(&ip).map_or(0, |s| s.len()) >= self.cfg.max_per_client.max(1) {
             let oldest = self.clients[&ip][0];
@@ -488,7 +523,15 @@ impl LookupTable {
             last_query: q.query_time,
             last_response: None,
             touched: now,
+            keys: {
+                let mut keys: SmallVec<[u64; 4]> =
+                    readings.iter().map(|r| self.key(ip, r.base)).collect();
+                keys.sort_unstable();
+                keys.dedup();
+                keys
+            },
         };
+        let keys = open.keys.clone();
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.slots[slot] = Some(open);
@@ -500,6 +543,9 @@ impl LookupTable {
             }
         };
         self.open += 1;
+        for k in keys {
+            self.by_base.entry(k).or_default().push(slot);
+        }
         self.clients.entry(ip).or_default().push(slot);
         self.expiry.push(Reverse((now, slot, id)));
         slot
@@ -604,6 +650,14 @@ impl LookupTable {
         };
         self.free.push(slot);
         self.open -= 1;
+        for k in &l.keys {
+            if let Some(list) = self.by_base.get_mut(k) {
+                list.retain(|s| *s != slot);
+                if list.is_empty() {
+                    self.by_base.remove(k);
+                }
+            }
+        }
         if let Some(list) = self.clients.get_mut(&l.client) {
             list.retain(|s| *s != slot);
             if list.is_empty() {

@@ -116,14 +116,23 @@ impl SearchList {
 
     /// The candidate's name in presentation form, with its trailing dot.
     pub fn candidate_name(&self, base: &str, suffix: Suffix, namespace: Option<&str>) -> String {
-        let cd = &self.cluster_domain;
-        match suffix {
-            Suffix::Namespace => format!("{base}.{}.svc.{cd}.", namespace.unwrap_or("")),
-            Suffix::Svc => format!("{base}.svc.{cd}."),
-            Suffix::Cluster => format!("{base}.{cd}."),
-            Suffix::Extra(i) => format!("{base}.{}.", self.extra(i)),
-            Suffix::Bare => format!("{base}."),
+        // Concatenated, not formatted: one name per candidate of every lookup that ends.
+        let cd = self.cluster_domain.as_str();
+        let parts: [&str; 4] = match suffix {
+            Suffix::Namespace => [namespace.unwrap_or(""), ".svc.", cd, "."],
+            Suffix::Svc => ["svc.", cd, ".", ""],
+            Suffix::Cluster => [cd, ".", "", ""],
+            Suffix::Extra(i) => [self.extra(i), ".", "", ""],
+            Suffix::Bare => ["", "", "", ""],
+        };
+        let mut name =
+            String::with_capacity(base.len() + 2 + parts.iter().map(|p| p.len()).sum::<usize>());
+        name.push_str(base);
+        name.push('.');
+        for p in parts {
+            name.push_str(p);
         }
+        name
     }
 }
 

@@ -138,32 +138,113 @@ fn facts(s: &Session, store: &MessageStore, bytes: &mut Vec<u8>) -> Option<Sessi
 
 /// Appends the question's name, lowercased, in presentation form; returns its type.
 fn question_into(wire: &[u8], out: &mut Vec<u8>) -> Option<u16> {
-    let msg = domain::base::Message::from_octets(wire).ok()?;
-    let q = msg.first_question()?;
-    let start = out.len();
-    append_name(out, q.qname());
-    out[start..].make_ascii_lowercase();
-    Some(q.qtype().to_int())
-}
-
-/// Appends the target of the first answer record when it is a CNAME.
-fn cname_target_into(wire: &[u8], out: &mut Vec<u8>) -> Option<()> {
-    use domain::base::iana::Rtype;
-    use domain::base::ParsedName;
-    use domain::rdata::Cname;
-    let msg = domain::base::Message::from_octets(wire).ok()?;
-    let first = msg.answer().ok()?.next()?.ok()?;
-    if first.rtype() != Rtype::CNAME {
+    if u16::from_be_bytes([*wire.get(4)?, *wire.get(5)?]) == 0 {
         return None;
     }
-    let record = first.to_record::<Cname<ParsedName<&[u8]>>>().ok()??;
-    let start = out.len();
-    append_name(out, record.data().cname());
-    out[start..].make_ascii_lowercase();
-    Some(())
+    let end = name_into(wire, 12, out)?;
+    Some(u16::from_be_bytes([*wire.get(end)?, *wire.get(end + 1)?]))
 }
 
-fn append_name<Octs: AsRef<[u8]>>(out: &mut Vec<u8>, name: &domain::base::ParsedName<Octs>) {
-    use std::io::Write;
-    let _ = write!(out, "{name}.");
+/// Appends the target of the first answer record when it is a CNAME (the question skipped,
+/// the owner's name skipped, the type read, the target read): no full parse per session.
+fn cname_target_into(wire: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    const CNAME: u16 = 5;
+    let mut scratch = Vec::new();
+    let question_end = name_into(wire, 12, &mut scratch)? + 4;
+    let owner_end = name_into(wire, question_end, &mut scratch)?;
+    let rtype = u16::from_be_bytes([*wire.get(owner_end)?, *wire.get(owner_end + 1)?]);
+    if rtype != CNAME {
+        return None;
+    }
+    let start = out.len();
+    match name_into(wire, owner_end + 10, out) {
+        Some(_) => Some(()),
+        None => {
+            out.truncate(start);
+            None
+        }
+    }
+}
+
+/// Appends the name at `pos` lowercased in presentation form (a dot after each label; `.`,
+/// `\` and bytes outside printable ASCII escaped as `\DDD`), following compression pointers
+/// (16 at most). Returns where the name ends in the message; None, and `out` unchanged, for a
+/// malformed name.
+fn name_into(wire: &[u8], mut pos: usize, out: &mut Vec<u8>) -> Option<usize> {
+    let start = out.len();
+    let (mut end, mut jumps, mut len) = (None, 0, 0usize);
+    let result = loop {
+        let Some(&l) = wire.get(pos) else { break None };
+        match l & 0xc0 {
+            0x00 if l == 0 => break Some(end.unwrap_or(pos + 1)),
+            0x00 => {
+                let Some(label) = wire.get(pos + 1..pos + 1 + l as usize) else {
+                    break None;
+                };
+                len += 1 + label.len();
+                if len > 255 {
+                    break None;
+                }
+                for &b in label {
+                    match b.to_ascii_lowercase() {
+                        b @ (b'.' | b'\\') => out.extend_from_slice(&[b'\\', b]),
+                        b @ 0x21..=0x7e => out.push(b),
+                        b => out.extend_from_slice(&[
+                            b'\\',
+                            b'0' + b / 100,
+                            b'0' + b / 10 % 10,
+                            b'0' + b % 10,
+                        ]),
+                    }
+                }
+                out.push(b'.');
+                pos += 1 + label.len();
+            }
+            0xc0 => {
+                jumps += 1;
+                let Some(&low) = wire.get(pos + 1) else {
+                    break None;
+                };
+                if jumps > 16 {
+                    break None;
+                }
+                end.get_or_insert(pos + 2);
+                pos = ((l & 0x3f) as usize) << 8 | low as usize;
+            }
+            _ => break None,
+        }
+    };
+    if result.is_none() {
+        out.truncate(start);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_read_lowercased_escaped_and_through_pointers() {
+        // Header, question `Web.Default.svc.` A IN, answer: owner pointer to 12, CNAME to
+        // `x\.y` + pointer to `default.svc.`.
+        let mut wire = vec![0, 1, 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0];
+        wire.extend_from_slice(b"\x03Web\x07Default\x03svc\x00\x00\x01\x00\x01");
+        wire.extend_from_slice(&[0xc0, 12, 0, 5, 0, 1, 0, 0, 0, 60, 0, 7]);
+        wire.extend_from_slice(b"\x03x.y\xc0\x10");
+        let mut out = Vec::new();
+        assert_eq!(question_into(&wire, &mut out), Some(1));
+        assert_eq!(out, b"web.default.svc.");
+        out.clear();
+        assert_eq!(cname_target_into(&wire, &mut out), Some(()));
+        assert_eq!(out, b"x\\.y.default.svc.");
+        // A pointer loop and a cut name leave nothing behind.
+        let mut looped = wire[..12].to_vec();
+        looped.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        out.clear();
+        assert_eq!(question_into(&looped, &mut out), None);
+        assert!(out.is_empty());
+        assert_eq!(question_into(&wire[..16], &mut out), None);
+        assert!(out.is_empty());
+    }
 }

@@ -267,7 +267,8 @@ impl LookupRoute {
             let full =
                 batch.bytes.len() >= writer::BATCH_BYTES || batch.records.len() >= BATCH_RECORDS;
             if full || (force && !batch.is_empty()) {
-                alive &= tx.send(std::mem::take(batch)).is_ok();
+                let next = RecordBatch::with_capacity(batch.bytes.capacity());
+                alive &= tx.send(std::mem::replace(batch, next)).is_ok();
             }
         }
         alive
