@@ -394,7 +394,13 @@ impl Unread {
     /// Starts reading stdout; the thread returns the number of lines.
     fn read_stdout(&mut self) -> JoinHandle<usize> {
         let stdout = self.stdout.take().expect("stdout already read");
-        thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).count())
+        // Session lines only: the lookup lines printed besides are not sessions.
+        thread::spawn(move || {
+            let lines = BufReader::new(stdout).lines().map_while(Result::ok);
+            lines
+                .filter(|l| !l.starts_with("{\"kind\":\"lookup\""))
+                .count()
+        })
     }
 
     /// Waits for the exit (after SIGTERM) and returns the summary.

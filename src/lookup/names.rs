@@ -55,10 +55,6 @@ impl SearchList {
         }
     }
 
-    pub fn cluster_domain(&self) -> &str {
-        &self.cluster_domain
-    }
-
     pub fn extra(&self, i: u8) -> &str {
         self.extra.get(i as usize).map_or("", String::as_str)
     }
