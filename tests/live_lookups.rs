@@ -97,6 +97,7 @@ fn lookups_of_real_resolvers_through_real_coredns() {
     let out = read(&captures, &ANALYSER_ARGS);
     out.save(&dir.join("analyser.jsonl"));
     check_lookups(&out.lookups, &out.sessions, "live capture");
+    check_lookup_summary(&out.summary, "live capture");
 }
 
 #[test]
@@ -107,6 +108,7 @@ fn lookups_from_the_committed_capture() {
     ];
     let out = read(&files, &ANALYSER_ARGS);
     check_lookups(&out.lookups, &out.sessions, "tests/fixtures/lookups");
+    check_lookup_summary(&out.summary, "tests/fixtures/lookups");
     let results = std::fs::read_to_string(fixture("lookups", "resolvers.txt")).unwrap();
     check_resolver_results(&results);
 }

@@ -243,3 +243,37 @@ pub fn check_lookups(lookups: &[Value], sessions: &[Value], what: &str) {
         );
     }
 }
+
+/// The exit summary's `lookups` against [`expected_lookups`]: counts by outcome, wasted queries,
+/// the one resolver timeout, latency quantiles per namespace, the names with most waste.
+pub fn check_lookup_summary(summary: &Value, what: &str) {
+    let l = &summary["lookups"];
+    let expected = expected_lookups();
+    for outcome in ["answered", "nodata", "nxdomain", "failed"] {
+        let want = expected.iter().filter(|e| e.outcome == outcome).count() as u64;
+        assert_eq!(
+            l["outcomes"][outcome].as_u64(),
+            Some(want),
+            "{what}: {outcome}: {l}"
+        );
+    }
+    let wasted: u64 = expected.iter().map(|e| e.wasted).sum();
+    assert_eq!(l["wasted_queries"].as_u64(), Some(wasted), "{what}: {l}");
+    assert_eq!(l["resolver_timeouts"].as_u64(), Some(1), "{what}: {l}");
+    assert!(l["waited_s"].as_f64() >= Some(4.5), "{what}: {l}");
+    let default = &l["latency_by_namespace"]["default"];
+    let in_default = expected
+        .iter()
+        .filter(|e| e.namespace == Some("default"))
+        .count();
+    assert_eq!(
+        default["lookups"].as_u64(),
+        Some(in_default as u64),
+        "{what}: {l}"
+    );
+    // The 5 s lookup is one of 14 in `default`: above the 90th percentile, at the 99th.
+    assert!(default["p99_ms"].as_f64() >= Some(4500.0), "{what}: {l}");
+    assert!(default["p50_ms"].as_f64() < Some(100.0), "{what}: {l}");
+    let top = &l["most_wasted"][0];
+    assert_eq!(top["wasted_queries"].as_u64(), Some(8), "{what}: {l}");
+}
