@@ -5,6 +5,7 @@
 
 use super::record::{Record, RecordBatch};
 use super::{Config, Lookup, LookupTable};
+use crate::diagnosis::Diagnosis;
 use crate::dnstap::{Nanos, SourceRegistry};
 use crate::metrics::health::Heartbeat;
 use crate::metrics::lookups::{LookupBoard, LookupStats};
@@ -245,18 +246,14 @@ impl LookupRoute {
         }
     }
 
-    /// Adds a finished session to its client's partition, with its line when `render` is given.
-    pub fn push(
-        &mut self,
-        s: &crate::correlate::Session,
-        store: &crate::correlate::MessageStore,
-        render: Option<impl FnOnce(&mut Vec<u8>)>,
-    ) {
+    /// Adds a finished session, as its diagnosis `d` describes it, to its client's partition,
+    /// with its line when `render` is given.
+    pub fn push(&mut self, d: &Diagnosis, render: Option<impl FnOnce(&mut Vec<u8>)>) {
         let p = match self.senders.len() {
             1 => 0,
-            n => partition_of(super::record::client_ip(s, store), n),
+            n => partition_of(d.client.map(|c| c.ip()), n),
         };
-        self.batches[p].push(s, store, render);
+        self.batches[p].push(d, render);
     }
 
     /// Hands over the batches that are full (or every non-empty one when `force`d). False

@@ -106,17 +106,16 @@ impl correlate::SessionSink for LineSink {
         self.metrics.session(&v);
         self.diagnosis.refill(s, v, store);
         self.stats.record_session(&self.diagnosis);
-        let failed = v.status == correlate::Status::Failed;
-        let prints = !self.writer_gone && self.policy.prints(s, &v);
-        if failed || prints {
-            self.diagnosis.read_client_side(s, store);
-        }
-        if failed {
+        // The lookup stage joins every session by its client, question and answer.
+        self.diagnosis.read_client_side(s, store);
+        self.diagnosis.read_answer(s, store);
+        if v.status == correlate::Status::Failed {
             self.record_top_failure();
         }
+        let prints = !self.writer_gone && self.policy.prints(s, &v);
         let (renderer, d) = (&self.renderer, &self.diagnosis);
         let line = prints.then_some(|out: &mut Vec<u8>| renderer.render(s, d, store, out));
-        self.out.push(s, store, line);
+        self.out.push(d, line);
         if prints {
             self.metrics.sessions_printed.fetch_add(1, Relaxed);
         }
