@@ -121,11 +121,62 @@ pub fn question_into(wire: &[u8], out: &mut Vec<u8>) -> Option<(u16, u16)> {
     if wire.len() < 12 || u16::from_be_bytes([wire[4], wire[5]]) == 0 {
         return None;
     }
-    let (mut pos, mut end, mut jumps, mut total) = (12, None, 0, 0);
+    let end = name_into(wire, 12, out)?;
+    if out.is_empty() {
+        out.push(b'.');
+    }
+    let tail = wire.get(end..end + 4)?;
+    Some((
+        u16::from_be_bytes([tail[0], tail[1]]),
+        u16::from_be_bytes([tail[2], tail[3]]),
+    ))
+}
+
+/// Appends the target of the first answer record to `out` when that record is a CNAME (the
+/// question and the owner skipped, not parsed): CoreDNS's `autopath` answers with one. `None`,
+/// and `out` unchanged, otherwise.
+pub fn answer_cname_into(wire: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    const CNAME: u16 = 5;
+    let qdcount = u16::from_be_bytes([*wire.get(4)?, *wire.get(5)?]);
+    let ancount = u16::from_be_bytes([*wire.get(6)?, *wire.get(7)?]);
+    if qdcount != 1 || ancount == 0 {
+        return None;
+    }
+    let owner = skip_name(wire, 12)? + 4;
+    let rtype_at = skip_name(wire, owner)?;
+    if u16::from_be_bytes([*wire.get(rtype_at)?, *wire.get(rtype_at + 1)?]) != CNAME {
+        return None;
+    }
+    let start = out.len();
+    let target = name_into(wire, rtype_at + 10, out);
+    if target.is_none() {
+        out.truncate(start);
+    }
+    target.map(|_| ())
+}
+
+/// Where the name at `pos` ends, without reading it (a pointer ends it).
+fn skip_name(wire: &[u8], mut pos: usize) -> Option<usize> {
     loop {
         let l = *wire.get(pos)? as usize;
         match l & 0xc0 {
-            0x00 if l == 0 => break,
+            0x00 if l == 0 => return Some(pos + 1),
+            0x00 => pos += 1 + l,
+            0xc0 => return wire.get(pos + 1).map(|_| pos + 2),
+            _ => return None,
+        }
+    }
+}
+
+/// Appends the name at `pos` in presentation format (no dot for the root), following
+/// compression pointers (16 at most). Returns where the name ends in the message; `None` for a
+/// malformed name (with part of it appended).
+fn name_into(wire: &[u8], mut pos: usize, out: &mut Vec<u8>) -> Option<usize> {
+    let (mut end, mut jumps, mut total) = (None, 0, 0);
+    loop {
+        let l = *wire.get(pos)? as usize;
+        match l & 0xc0 {
+            0x00 if l == 0 => return Some(end.unwrap_or(pos + 1)),
             0x00 => {
                 total += 1 + l;
                 if total > 255 {
@@ -141,20 +192,10 @@ pub fn question_into(wire: &[u8], out: &mut Vec<u8>) -> Option<(u16, u16)> {
                 }
                 end.get_or_insert(pos + 2);
                 pos = (l & 0x3f) << 8 | *wire.get(pos + 1)? as usize;
-                continue;
             }
             _ => return None,
         }
     }
-    if out.is_empty() {
-        out.push(b'.');
-    }
-    let end = end.unwrap_or(pos + 1);
-    let tail = wire.get(end..end + 4)?;
-    Some((
-        u16::from_be_bytes([tail[0], tail[1]]),
-        u16::from_be_bytes([tail[2], tail[3]]),
-    ))
 }
 
 /// Appends one label and its dot, escaped for presentation format.
@@ -278,6 +319,27 @@ pub(crate) mod tests {
         assert_eq!(parse_question(&no_q, &h), Err(DnsError::NoQuestion));
         let truncated = &query(&["abc"], 1)[..14];
         assert_eq!(parse_question(truncated, &h), Err(DnsError::NoQuestion));
+    }
+
+    #[test]
+    fn the_first_answer_cname_target_is_read_through_pointers() {
+        // Question `Web.Default.svc.` A IN; answer: owner pointer to 12, CNAME to `x\.y` and
+        // a pointer to `Default.svc.`.
+        let mut wire = vec![0, 1, 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0];
+        wire.extend_from_slice(b"\x03Web\x07Default\x03svc\x00\x00\x01\x00\x01");
+        wire.extend_from_slice(&[0xc0, 12, 0, 5, 0, 1, 0, 0, 0, 60, 0, 7]);
+        wire.extend_from_slice(b"\x03x.y\xc0\x10");
+        let mut out = b"kept:".to_vec();
+        assert_eq!(answer_cname_into(&wire, &mut out), Some(()));
+        assert_eq!(out, b"kept:x\\.y.Default.svc.");
+        // An A answer, a cut target and no answer leave `out` as it was.
+        let mut a = wire.clone();
+        a[36] = 1;
+        for w in [&a[..], &wire[..wire.len() - 1], &wire[..34]] {
+            let mut out = b"kept:".to_vec();
+            assert_eq!(answer_cname_into(w, &mut out), None);
+            assert_eq!(out, b"kept:");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod dns;
 pub mod dnstap;
 pub mod framestream;
 pub mod ingest;
+pub mod lookup;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;

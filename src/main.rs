@@ -9,9 +9,11 @@ use dnstap_analyser::diagnosis::recall::RecallConfig;
 use dnstap_analyser::ingest::net::ListenAddr;
 use dnstap_analyser::ingest::tls::TlsFiles;
 use dnstap_analyser::ingest::SenderLimits;
+use dnstap_analyser::lookup::{self, stage::LookupSettings};
 use dnstap_analyser::metrics::model::TelemetryConfig;
 use dnstap_analyser::metrics::Metrics;
 use dnstap_analyser::metrics::{top_client, ErrorChain};
+use dnstap_analyser::output::lookup::LookupPolicy;
 use dnstap_analyser::output::stats::PeriodicSummary;
 use dnstap_analyser::output::{Format, LineOptions, LogFilter, Messages, SampleRate, WriteSink};
 use dnstap_analyser::pipeline::{self, Settings};
@@ -206,6 +208,32 @@ struct Cli {
     /// plain seconds.
     #[arg(long, global = true, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
     stall_timeout: Duration,
+
+    /// Which lookup lines to print (the search-path candidates of one application lookup
+    /// joined, docs/output.md): problems (not answered, or a resolver timeout waited out), all,
+    /// or none. Every lookup is counted in the metrics.
+    #[arg(long, global = true, default_value = "problems", value_name = "WHICH", value_parser = LookupPolicy::parse)]
+    log_lookups: LookupPolicy,
+
+    /// The cluster domain of the pods' search lists (<ns>.svc.DOMAIN, svc.DOMAIN, DOMAIN).
+    #[arg(
+        long,
+        global = true,
+        default_value = "cluster.local",
+        value_name = "DOMAIN"
+    )]
+    cluster_domain: String,
+
+    /// Search suffixes after the cluster ones (the nodes' domains, e.g. ec2.internal), in
+    /// resolv.conf order; a comma list or repeated. Suffixes met continuing a lookup past the
+    /// cluster ones are also learned (16 at most, given ones included).
+    #[arg(long, global = true, value_name = "SUFFIX", value_delimiter = ',')]
+    search_suffix: Vec<String>,
+
+    /// Lookups open at once (joining their candidates); the oldest is ended early, and counted,
+    /// to make room. 1/16 of them, and 256 at most, per client address.
+    #[arg(long, global = true, default_value_t = 65_536, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_lookups: u32,
 }
 
 /// `--metrics-listen`: an address, or `none`.
@@ -385,6 +413,16 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
             max_identity_labels: cli.max_identity_labels,
             max_upstream_labels: cli.max_upstream_labels,
             stall_after: cli.stall_timeout,
+        },
+        lookups: LookupSettings {
+            config: lookup::Config {
+                cluster_domain: cli.cluster_domain.clone(),
+                search_suffixes: cli.search_suffix.clone(),
+                max_open: cli.max_lookups as usize,
+                max_per_client: (cli.max_lookups as usize / 16).clamp(1, 256),
+                ..lookup::Config::default()
+            },
+            policy: cli.log_lookups,
         },
     })
 }

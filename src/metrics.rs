@@ -4,6 +4,7 @@
 pub mod exposition;
 pub mod health;
 pub mod http;
+pub mod lookups;
 pub mod model;
 pub mod top;
 pub mod top_client;
@@ -209,6 +210,8 @@ impl Tally {
 
 #[derive(Default)]
 pub struct Metrics {
+    /// The lookup stage's counts (set when the stage starts), for the summary and /metrics.
+    pub lookups: std::sync::OnceLock<std::sync::Arc<lookups::LookupBoard>>,
     pub messages: AtomicU64,
     pub messages_by_role: [AtomicU64; 4],
     pub frames: AtomicU64,
@@ -331,7 +334,8 @@ impl Metrics {
             let name = model::message_type_name(*role);
             by_type.insert(name.into(), c.load(Relaxed).into());
         }
-        serde_json::json!({"summary": {
+        let lookups = self.lookups.get().map(|b| b.snapshot().to_json());
+        let mut summary = serde_json::json!({"summary": {
             "messages": self.messages.load(Relaxed),
             "messages_by_type": by_type,
             "frames": self.frames.load(Relaxed),
@@ -348,8 +352,11 @@ impl Metrics {
                 "cert_reloads": self.tls_cert_reloads.load(Relaxed),
                 "cert_reload_errors": self.tls_cert_reload_errors.load(Relaxed),
             },
-        }})
-        .to_string()
+        }});
+        if let Some(lookups) = lookups {
+            summary["summary"]["lookups"] = lookups;
+        }
+        summary.to_string()
     }
 }
 

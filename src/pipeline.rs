@@ -20,6 +20,7 @@ use crate::ingest::limits::{ConnectionLimits, Slots};
 use crate::ingest::net::{ListenAddr, Listener, Reader};
 use crate::ingest::tls::{TlsAcceptor, TlsFiles};
 use crate::ingest::{file, LossBoard, QueueDepths, Router, SenderLimits, ShardInput, Shared};
+use crate::lookup::stage::LookupRoute;
 use crate::metrics::health::Heartbeat;
 use crate::metrics::http::{MetricsServer, StartError};
 use crate::metrics::model::{Telemetry, TelemetryConfig, ThreadKind, ThreadStats};
@@ -65,6 +66,8 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// Label caps and the stall limit of the live metrics.
     pub telemetry: TelemetryConfig,
+    /// The lookup stage: search list, bounds, `--log-lookups`.
+    pub lookups: crate::lookup::stage::LookupSettings,
 }
 
 /// The command line's defaults (one reader, one shard per core, no TLS, no metrics endpoint),
@@ -90,6 +93,7 @@ impl Default for Settings {
             format: Format::Json,
             metrics_listen: None,
             telemetry: TelemetryConfig::default(),
+            lookups: Default::default(),
         }
     }
 }
@@ -227,6 +231,7 @@ struct Backend {
     senders: Vec<Sender<ShardInput>>,
     depths: QueueDepths,
     shards: Vec<Watched<Infallible>>,
+    lookups: Vec<Watched<Infallible>>,
     writer: Watched<OutputError>,
     shared: Shared,
 }
@@ -286,13 +291,24 @@ fn start_backend(
     let writer = spawn_watched("writer".into(), None, halt, move || {
         writer::run(batch_rx, sink, |busy| heartbeat.beat(Instant::now(), busy))
     });
+    // Sessions reach the writer through the lookup stage (src/lookup/stage.rs).
+    let (lookup_senders, writer_gone, lookups) =
+        crate::lookup::stage::start(s, telemetry, batch_tx, |name, run| {
+            spawn_watched(name, None, halt, move || {
+                run();
+                Ok(())
+            })
+        });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut senders = Vec::new();
     let mut shards = Vec::new();
     let depths: QueueDepths = (0..s.shards.max(1)).map(|_| AtomicU64::new(0)).collect();
     telemetry.set_queues(depths.clone(), s.queue_capacity as u64);
     let top = TopBoard::new(TopConfig::default());
-    telemetry.set_top(top.hook());
+    telemetry.set_top(crate::metrics::lookups::with_lookups(
+        top.hook(),
+        telemetry.metrics.clone(),
+    ));
     for i in 0..s.shards.max(1) {
         // The depth counter bounds the events; the channel only bounds the number of batches,
         // which may be small at low rates.
@@ -308,7 +324,7 @@ fn start_backend(
         let pending = Box::new(move || depth[i].load(Relaxed) > 0);
         let ctx = ShardContext {
             rx,
-            out: batch_tx.clone(),
+            out: LookupRoute::new(lookup_senders.clone(), writer_gone.clone()),
             renderer: Renderer::new(s.format, shared.sources.clone()).with_options(s.lines),
             policy: LinePolicy::new(s.log, s.lines),
             shared: shared.clone(),
@@ -327,6 +343,7 @@ fn start_backend(
         senders,
         depths,
         shards,
+        lookups,
         writer,
         shared,
     }
@@ -337,7 +354,8 @@ impl Backend {
     fn finish(self) -> Result<(), Error> {
         drop(self.senders);
         let shards = self.shards.into_iter().filter_map(|s| s.join().err());
-        let shards: Vec<Error> = shards.collect();
+        let mut shards: Vec<Error> = shards.collect();
+        shards.extend(self.lookups.into_iter().filter_map(|s| s.join().err()));
         let writer = match self.writer.join() {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(Error::Output(e)),
@@ -352,7 +370,7 @@ struct ShardContext {
     rx: Receiver<ShardInput>,
     depths: QueueDepths,
     index: usize,
-    out: Sender<Vec<u8>>,
+    out: LookupRoute,
     renderer: Renderer,
     policy: LinePolicy,
     shared: Shared,
@@ -661,7 +679,11 @@ mod tests {
         let (result, metrics) = read_into(sink);
         assert!(result.unwrap().is_empty());
         let lines = lines.lock().unwrap();
-        assert_eq!(lines.iter().filter(|&&b| b == b'\n').count(), 5000);
+        // Lookup lines come besides (those that were not answered, by default).
+        let sessions = lines.split(|&b| b == b'\n');
+        let kind = b"\"kind\":\"session\"";
+        let sessions = sessions.filter(|l| l.windows(kind.len()).any(|w| w == kind));
+        assert_eq!(sessions.count(), 5000);
         assert_eq!(metrics.sessions_printed.load(Relaxed), 5000);
     }
 

@@ -328,6 +328,18 @@ fn flag_cases() -> Vec<(&'static str, Json, Vec<&'static str>)> {
             vec!["--max-upstream-labels=64"],
         ),
         ("stall-timeout", json!("45s"), vec!["--stall-timeout=45s"]),
+        ("log-lookups", json!("all"), vec!["--log-lookups=all"]),
+        (
+            "cluster-domain",
+            json!("cluster.example"),
+            vec!["--cluster-domain=cluster.example"],
+        ),
+        (
+            "search-suffix",
+            json!(["ec2.internal", "node.test"]),
+            vec!["--search-suffix=ec2.internal,node.test"],
+        ),
+        ("max-lookups", json!(1000), vec!["--max-lookups=1000"]),
     ]
 }
 

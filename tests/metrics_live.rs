@@ -268,7 +268,7 @@ fn exit(an: Analyser) -> Output {
     let out = an.wait_exit(Duration::from_secs(120));
     out.assert_clean("the analyser after SIGTERM");
     assert_eq!(
-        out.lines.len() as u64,
+        out.sessions.len() as u64,
         out.summary["sessions_printed"].as_u64().unwrap(),
         "{}",
         out.summary
@@ -340,7 +340,7 @@ fn readyz_is_false_while_draining_after_sigterm() {
     let out = exit(an);
     assert_eq!(out.summary["sessions"], 5000, "{}", out.summary);
     assert_eq!(
-        out.lines.len(),
+        out.sessions.len(),
         5000,
         "every session printed after the drain"
     );

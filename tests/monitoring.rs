@@ -131,6 +131,29 @@ const EXPOSITION: &[Metric] = &[
         &["label"],
     ),
     metric("dnstap_analyser_build_info", Kind::Gauge, &["version"]),
+    metric("dnstap_analyser_lookups_total", Kind::Counter, &["outcome"]),
+    metric("dnstap_analyser_lookups_evicted_total", Kind::Counter, &[]),
+    metric(
+        "dnstap_analyser_lookup_latency_seconds",
+        Kind::Histogram,
+        &[],
+    ),
+    metric("dnstap_analyser_lookup_queries", Kind::Histogram, &[]),
+    metric(
+        "dnstap_analyser_lookup_wasted_queries_total",
+        Kind::Counter,
+        &["identity", "client_namespace"],
+    ),
+    metric(
+        "dnstap_analyser_lookup_resolver_timeouts_total",
+        Kind::Counter,
+        &["identity", "client_namespace"],
+    ),
+    metric(
+        "dnstap_analyser_lookup_waited_seconds_total",
+        Kind::Counter,
+        &["identity", "client_namespace"],
+    ),
 ];
 
 /// Labels Prometheus adds to every scraped series (target labels), usable in any selector.
@@ -159,6 +182,9 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
             "sender_loss",
             "analyser_loss",
         ],
+        ("dnstap_analyser_lookups_total", "outcome") => {
+            &["answered", "nodata", "nxdomain", "failed"]
+        }
         (_, "outcome") => &["answered", "timeout", "error_rcode"],
         (_, "qtype") => &[
             "A", "AAAA", "CNAME", "PTR", "SRV", "MX", "TXT", "NS", "SOA", "HTTPS", "SVCB", "ANY",
@@ -1033,7 +1059,13 @@ fn a_real_scrape_has_exactly_the_contract_families_and_labels() {
         "0.25", "0.5", "1", "2", "5", "10", "+Inf",
     ]
     .into();
-    for m in EXPOSITION.iter().filter(|m| m.kind == Kind::Histogram) {
+    // (Queries per lookup counts queries, not seconds.)
+    let seconds = |m: &&Metric| m.name != "dnstap_analyser_lookup_queries";
+    for m in EXPOSITION
+        .iter()
+        .filter(|m| m.kind == Kind::Histogram)
+        .filter(seconds)
+    {
         let bucket = format!("{}_bucket", m.name);
         let les: BTreeSet<&str> = scrape
             .named(&bucket)

@@ -78,7 +78,13 @@ fn a_reader_that_closes_the_pipe_ends_the_output_not_the_analysis() {
     }
     drop(out);
     let (out, stderr) = wait(child, "read | head -1");
-    assert!(first.starts_with(b"{\"time\":"));
+    // Time first, then the kind of line (docs/output.md).
+    let first = String::from_utf8(first).unwrap();
+    assert!(first.starts_with("{\"time\":\"2026-"), "{first}");
+    assert!(
+        first.contains("\",\"kind\":\"session\",\"status\":"),
+        "{first}"
+    );
     assert!(out.status.success(), "{}: {stderr}", out.status);
     // (The summary names counters such as `server_error`: look for error lines only.)
     assert!(

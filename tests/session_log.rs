@@ -36,9 +36,12 @@ fn multiset<'a>(
     lines: impl IntoIterator<Item = &'a Value>,
     drop: &[&str],
 ) -> BTreeMap<String, usize> {
+    // Lookup ids are numbered as sessions reach the lookup stage, which depends on the
+    // shards' timing: unique within a run, not the same in a replay.
+    let drop = [drop, &["lookup"]].concat();
     let mut m = BTreeMap::new();
     for l in lines {
-        *m.entry(without(l, drop)).or_insert(0) += 1;
+        *m.entry(without(l, &drop)).or_insert(0) += 1;
     }
     m
 }
@@ -153,8 +156,15 @@ fn messages_none_and_failed_keep_everything_but_the_messages() {
     let full = read(&burst(), &[]);
     let none = read(&burst(), &["--messages", "none"]);
     let failed = read(&burst(), &["--messages", "failed"]);
-    assert_eq!(none.summary, full.summary);
-    assert_eq!(failed.summary, full.summary);
+    // Lookups follow the order sessions reach the lookup stage from the shards: a replay may
+    // join a few of dnsperf's repeated names differently.
+    let sessions_part = |o: &Output| {
+        let mut s = o.summary.clone();
+        s.as_object_mut().unwrap().remove("lookups");
+        s
+    };
+    assert_eq!(sessions_part(&none), sessions_part(&full));
+    assert_eq!(sessions_part(&failed), sessions_part(&full));
 
     assert!(none.sessions.iter().all(|s| s.get("messages").is_none()));
     assert_eq!(

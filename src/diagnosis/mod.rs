@@ -6,9 +6,10 @@
 //!
 //! Only the stored bytes' wire scan runs here (`dnstap::scan_message`, no decode, no
 //! allocation once the buffers have grown): this runs for every session, printed or not.
-//! The client side (client socket, protocol, question) costs a scan and a name walk per
-//! session, so it is read when a consumer needs it ([`Diagnosis::read_client_side`]: the
-//! shard does for Failed and printed sessions), still once.
+//! The client side (client socket, protocol, question) and the client's answer (answer count,
+//! first CNAME target) cost a scan and a name walk each, so they are read when a consumer needs
+//! them ([`Diagnosis::read_client_side`], [`Diagnosis::read_answer`]: the shard does for every
+//! session, which the lookup stage joins), still once.
 
 pub(crate) mod cause;
 pub mod recall;
@@ -65,6 +66,11 @@ pub struct Diagnosis {
     pub verdict: Verdict,
     /// The session's earliest message time: the CQ's when there is one.
     pub time: Option<Nanos>,
+    /// The CQ's query_time, and the (last) CR's response_time.
+    pub query_time: Option<Nanos>,
+    pub response_time: Option<Nanos>,
+    /// The client's DNS id.
+    pub dns_id: Option<u16>,
     /// The client's socket, from the first client message (CQ, or an orphan's CR).
     pub client: Option<SocketAddr>,
     pub protocol: Option<SocketProtocol>,
@@ -92,6 +98,12 @@ pub struct Diagnosis {
     has_extra: bool,
     namespace: Option<std::ops::Range<usize>>,
     pod: Option<std::ops::Range<usize>>,
+    /// The client response's answer count and its first answer's CNAME target (presentation
+    /// format), read by [`Diagnosis::read_answer`].
+    answer_read: bool,
+    answer_count: Option<u16>,
+    cname_target: Vec<u8>,
+    has_cname_target: bool,
 }
 
 impl Default for Diagnosis {
@@ -105,6 +117,9 @@ impl Default for Diagnosis {
                 incomplete: None,
             },
             time: None,
+            query_time: None,
+            response_time: None,
+            dns_id: None,
             client: None,
             protocol: None,
             qname: Vec::new(),
@@ -122,6 +137,10 @@ impl Default for Diagnosis {
             has_extra: false,
             namespace: None,
             pod: None,
+            answer_read: false,
+            answer_count: None,
+            cname_target: Vec::new(),
+            has_cname_target: false,
         }
     }
 }
@@ -133,6 +152,7 @@ impl Diagnosis {
         let mut d = Self::default();
         d.refill(s, verdict, store);
         d.read_client_side(s, store);
+        d.read_answer(s, store);
         d
     }
 
@@ -172,8 +192,15 @@ impl Diagnosis {
             .cq_time()
             .or_else(|| s.messages.iter().filter_map(|m| m.time()).min());
         self.rcode = s.rcode();
-        self.latency = client_latency(s);
+        self.query_time = s.cq_time();
+        self.response_time = client_response(s).and_then(Message::time);
+        self.dns_id = s.dns_id;
+        self.latency = self
+            .query_time
+            .zip(self.response_time)
+            .and_then(|(q, r)| r.checked_sub(q));
         self.client_side_read = false;
+        (self.answer_read, self.answer_count, self.has_cname_target) = (false, None, false);
         (self.client, self.protocol) = (None, None);
         (self.qtype, self.qclass, self.has_qname) = (s.qtype, None, false);
         (self.has_extra, self.namespace, self.pod) = (false, None, None);
@@ -225,6 +252,39 @@ impl Diagnosis {
                 return;
             }
         }
+    }
+
+    /// Reads the client response's answer count and, when it answered NOERROR with records,
+    /// the first answer's CNAME target (what CoreDNS's `autopath` answers with), once.
+    pub fn read_answer(&mut self, s: &Session, store: &MessageStore) {
+        if std::mem::replace(&mut self.answer_read, true) {
+            return;
+        }
+        let Some(cr) = client_response(s) else {
+            return;
+        };
+        let Some(wire) = dnstap::scan_message(store.get(cr.bytes)).and_then(|f| f.response_message)
+        else {
+            return;
+        };
+        self.answer_count = wire.get(6..8).map(|c| u16::from_be_bytes([c[0], c[1]]));
+        if self.rcode == Some(0) && self.answer_count.is_some_and(|n| n > 0) {
+            self.cname_target.clear();
+            self.has_cname_target =
+                crate::dns::answer_cname_into(wire, &mut self.cname_target).is_some();
+        }
+    }
+
+    /// The client response's answer count; `None` without a CR with wire data.
+    pub fn answer_count(&self) -> Option<u16> {
+        self.answer_count
+    }
+
+    /// The client response's first answer's target when it is a CNAME.
+    pub fn cname_target(&self) -> Option<&str> {
+        self.has_cname_target
+            .then(|| std::str::from_utf8(&self.cname_target).ok())
+            .flatten()
     }
 
     /// Keeps the sender's `extra` and finds the workload in it: `key=value` pairs separated by
@@ -425,16 +485,12 @@ fn seconds(age: Nanos) -> String {
     }
 }
 
-/// CQ → CR: the CR's response_time minus the CQ's query_time, when both are known.
-fn client_latency(s: &Session) -> Option<Nanos> {
-    let q = s.cq_time()?;
-    let r = s
-        .messages
+/// The session's last client response.
+fn client_response(s: &Session) -> Option<&Message> {
+    s.messages
         .iter()
         .rev()
-        .find(|m| m.role == Role::ClientResponse)?
-        .time()?;
-    r.checked_sub(q)
+        .find(|m| m.role == Role::ClientResponse)
 }
 
 /// Pairs the session's upstream queries with their responses, into `out`: same upstream,

@@ -171,7 +171,11 @@ impl Collector for Families {
         let snap = self.telemetry.snapshot();
         let names = IdentityNames::new(&self.telemetry);
         self.dns_outcomes(&mut enc, &snap, &names)?;
-        self.analyser(&mut enc, &snap, &names)
+        self.analyser(&mut enc, &snap, &names)?;
+        match self.telemetry.metrics.lookups.get() {
+            Some(board) => lookup_families(&mut enc, &board.snapshot()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -550,6 +554,100 @@ impl Families {
 }
 
 /// Folds samples whose label values coincide after naming (two sources with one name).
+/// The lookup families (src/metrics/lookups.rs, docs/lookups.md): what applications felt.
+fn lookup_families(
+    enc: &mut DescriptorEncoder<'_>,
+    l: &super::lookups::LookupStats,
+) -> fmt::Result {
+    use super::lookups::QUERY_BUCKETS;
+    let mut m = family(
+        enc,
+        "lookups",
+        "Application lookups (the search-path candidates of one getaddrinfo joined) by outcome.",
+        None,
+        MetricType::Counter,
+    )?;
+    for o in crate::lookup::Outcome::ALL {
+        counter(&mut m, [("outcome", o.name())], l.outcome(o))?;
+    }
+    let mut m = family(
+        enc,
+        "lookups_evicted",
+        "Lookups ended early because --max-lookups were open.",
+        None,
+        MetricType::Counter,
+    )?;
+    counter(&mut m, [], l.evicted)?;
+    let mut m = family(
+        enc,
+        "lookup_latency",
+        "Lookup latency as the application sees it: first query to last response.",
+        Some(&Unit::Seconds),
+        MetricType::Histogram,
+    )?;
+    histogram(&mut m, [], &l.latency)?;
+    let mut m = family(
+        enc,
+        "lookup_queries",
+        "Queries per lookup (every candidate, A and AAAA, resends included).",
+        None,
+        MetricType::Histogram,
+    )?;
+    let mut buckets = [(0.0, 0u64); QUERY_BUCKETS.len() + 1];
+    for (i, b) in buckets.iter_mut().enumerate() {
+        let bound = QUERY_BUCKETS.get(i).map_or(f64::INFINITY, |&q| q as f64);
+        *b = (bound, l.queries[i]);
+    }
+    let count = l.queries.iter().sum();
+    let no_labels: [(&str, &str); 0] = [];
+    m.encode_family(&no_labels)?
+        .encode_histogram::<NoLabelSet>(l.queries_sum as f64, count, &buckets, None)?;
+    let mut m = family(
+        enc,
+        "lookup_wasted_queries",
+        "Queries for search-path candidates before the one a lookup ended at, by the identity that saw its first query and namespace.",
+        None,
+        MetricType::Counter,
+    )?;
+    for ((identity, ns), v) in &l.wasted {
+        counter(
+            &mut m,
+            [("identity", identity), ("client_namespace", ns)],
+            *v,
+        )?;
+    }
+    let mut m = family(
+        enc,
+        "lookup_resolver_timeouts",
+        "Lookups whose resolver waited out a timeout and sent queries again (the five-second signature), by identity and namespace.",
+        None,
+        MetricType::Counter,
+    )?;
+    for ((identity, ns), w) in &l.waits {
+        counter(
+            &mut m,
+            [("identity", identity), ("client_namespace", ns)],
+            w.lookups,
+        )?;
+    }
+    let mut m = family(
+        enc,
+        "lookup_waited_seconds",
+        "Time applications lost to resolver timeouts, by identity and namespace.",
+        None,
+        MetricType::Counter,
+    )?;
+    for ((identity, ns), w) in &l.waits {
+        let labels = [
+            ("identity", identity.as_str()),
+            ("client_namespace", ns.as_str()),
+        ];
+        prometheus_client::metrics::counter::ConstCounter::new(w.waited as f64 / 1e9)
+            .encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 fn sum_into<K: Ord>(mut acc: BTreeMap<K, u64>, (k, v): (K, u64)) -> BTreeMap<K, u64> {
     *acc.entry(k).or_insert(0) += v;
     acc

@@ -1,27 +1,25 @@
 //! A shard's consumer of finished sessions: works out each session's [`Diagnosis`] once and
-//! hands that one value to the summary counters, the live metrics, `/top` and, for the
-//! sessions `--log` and `--sample-succeeded` want, the renderer, whose lines it batches for
-//! the writer thread.
+//! hands that one value to the summary counters, the live metrics, `/top`, for the sessions
+//! `--log` and `--sample-succeeded` want the renderer, and for every session the lookup stage
+//! (with its line, when printed), which completes the lines for the writer.
 
-use super::writer;
 use super::{LinePolicy, Renderer};
 use crate::correlate::{self, MessageStore, Session, Verdict};
 use crate::diagnosis::Diagnosis;
+use crate::lookup::stage::LookupRoute;
 use crate::metrics::health::Heartbeat;
 use crate::metrics::model::ThreadStats;
 use crate::metrics::top::{Failure, ShardTop};
 use crate::metrics::Metrics;
-use crossbeam_channel::Sender;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Counts every finished session, renders the ones `--log` and `--sample-succeeded` want
-/// into a batch for the writer.
+/// Counts every finished session, renders the ones `--log` and `--sample-succeeded` want,
+/// and hands every session to the lookup stage.
 pub struct LineSink {
-    batch: Vec<u8>,
-    out: Sender<Vec<u8>>,
+    out: LookupRoute,
     /// The writer has gone (its sink ended or failed): nothing more is rendered, but every
     /// session is still counted.
     writer_gone: bool,
@@ -41,7 +39,7 @@ pub struct LineSink {
 
 /// What a shard's `LineSink` is made of.
 pub struct LineSinkParts {
-    pub out: Sender<Vec<u8>>,
+    pub out: LookupRoute,
     pub renderer: Renderer,
     pub policy: LinePolicy,
     pub metrics: Arc<Metrics>,
@@ -53,7 +51,6 @@ pub struct LineSinkParts {
 impl LineSink {
     pub fn new(p: LineSinkParts) -> Self {
         Self {
-            batch: Vec::with_capacity(writer::BATCH_BYTES + 4096),
             out: p.out,
             writer_gone: false,
             renderer: p.renderer,
@@ -92,22 +89,15 @@ impl LineSink {
         self.top.record(at, &failure);
     }
 
-    /// Hands the batch to the writer when it is big enough, or when `force`d (each tick, so
-    /// lines never wait long at low rates). A send fails only once the writer has returned,
-    /// which also wakes a send blocked on the full channel.
+    /// Hands the batches to the lookup stage when they are big enough, or when `force`d
+    /// (each tick, so lines never wait long at low rates). A send fails only once the stage
+    /// has returned, which also wakes a send blocked on the full channel.
     pub fn hand_over(&mut self, force: bool) {
-        if self.batch.len() >= writer::BATCH_BYTES || (force && !self.batch.is_empty()) {
-            let full = std::mem::replace(
-                &mut self.batch,
-                Vec::with_capacity(writer::BATCH_BYTES + 4096),
-            );
-            if self.out.send(full).is_err() {
-                self.writer_gone = true;
-                self.batch = Vec::new();
-            }
-            // A batch handed over is progress, also in the middle of a long flush.
-            self.heartbeat.beat(Instant::now(), true);
+        if !self.out.hand_over(force) {
+            self.writer_gone = true;
         }
+        // A batch handed over is progress, also in the middle of a long flush.
+        self.heartbeat.beat(Instant::now(), true);
     }
 }
 
@@ -116,20 +106,20 @@ impl correlate::SessionSink for LineSink {
         self.metrics.session(&v);
         self.diagnosis.refill(s, v, store);
         self.stats.record_session(&self.diagnosis);
-        let failed = v.status == correlate::Status::Failed;
-        let prints = !self.writer_gone && self.policy.prints(s, &v);
-        if failed || prints {
-            self.diagnosis.read_client_side(s, store);
-        }
-        if failed {
+        // The lookup stage joins every session by its client, question and answer.
+        self.diagnosis.read_client_side(s, store);
+        self.diagnosis.read_answer(s, store);
+        if v.status == correlate::Status::Failed {
             self.record_top_failure();
         }
+        let prints = !self.writer_gone && self.policy.prints(s, &v);
+        let (renderer, d) = (&self.renderer, &self.diagnosis);
+        let line = prints.then_some(|out: &mut Vec<u8>| renderer.render(s, d, store, out));
+        self.out.push(d, line);
         if prints {
-            self.renderer
-                .render(s, &self.diagnosis, store, &mut self.batch);
             self.metrics.sessions_printed.fetch_add(1, Relaxed);
-            // A flush can emit a million sessions in one call: hand over as we go.
-            self.hand_over(false);
         }
+        // A flush can emit a million sessions in one call: hand over as we go.
+        self.hand_over(false);
     }
 }

@@ -4,6 +4,7 @@
 mod dns_json;
 pub mod json;
 pub mod lines;
+pub mod lookup;
 pub mod policy;
 pub mod sink;
 pub mod stats;
@@ -155,6 +156,7 @@ impl Renderer {
                     Some(t) => j.time(t),
                     None => j.null(),
                 }
+                j.field_str("kind", "session");
                 j.field_str("status", v.status.name());
                 j.field_uint("bitmap", v.bitmap.0 as u64);
                 if let Some(rate) = sample_rate {

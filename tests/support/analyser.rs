@@ -22,6 +22,8 @@ pub struct Output {
     pub lines: Vec<String>,
     /// the lines that are JSON objects: the sessions
     pub sessions: Vec<Value>,
+    /// the `"kind":"lookup"` lines (kept apart: every other list here is of sessions)
+    pub lookups: Vec<Value>,
     /// stdout lines that are not JSON objects (must be empty)
     pub bad_lines: Vec<String>,
     /// the inner value of the last `{"summary":{...}}` line on stderr; Null if none
@@ -34,8 +36,10 @@ impl Output {
     fn parse(lines: Vec<String>, stderr: String, exit: Option<ExitStatus>) -> Output {
         let mut sessions = Vec::with_capacity(lines.len());
         let mut bad_lines = Vec::new();
+        let mut lookups = Vec::new();
         for line in &lines {
             match serde_json::from_str::<Value>(line) {
+                Ok(v) if v["kind"] == "lookup" => lookups.push(v),
                 Ok(v) if v.is_object() => sessions.push(v),
                 _ => bad_lines.push(line.clone()),
             }
@@ -51,6 +55,7 @@ impl Output {
         Output {
             lines,
             sessions,
+            lookups,
             bad_lines,
             summary,
             stderr,
@@ -452,7 +457,18 @@ impl Analyser {
         let lines = self.lines.lock().unwrap();
         lines
             .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["kind"] != "lookup")
+            .collect()
+    }
+
+    /// Lookup lines printed so far.
+    pub fn lookups_so_far(&self) -> Vec<Value> {
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["kind"] == "lookup")
             .collect()
     }
 

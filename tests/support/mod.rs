@@ -29,6 +29,7 @@
 
 pub mod analyser;
 pub mod http;
+pub mod lookups;
 pub mod process;
 pub mod prometheus;
 pub mod senders;
@@ -38,6 +39,7 @@ pub mod tls;
 
 pub use analyser::*;
 pub use http::*;
+pub use lookups::*;
 pub use process::*;
 pub use prometheus::*;
 pub use senders::*;

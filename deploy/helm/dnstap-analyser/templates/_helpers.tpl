@@ -168,6 +168,18 @@ int64 so that large values (maxSessions: 2000000) are not printed in float notat
 {{- else if not (kindIs "invalid" $a.stallTimeout) }}
 - {{ printf "--stall-timeout=%d" (int64 $a.stallTimeout) | quote }}
 {{- end }}
+{{- if $a.logLookups }}
+- {{ printf "--log-lookups=%s" $a.logLookups | quote }}
+{{- end }}
+{{- if $a.clusterDomain }}
+- {{ printf "--cluster-domain=%s" $a.clusterDomain | quote }}
+{{- end }}
+{{- if $a.searchSuffix }}
+- {{ printf "--search-suffix=%s" (join "," $a.searchSuffix) | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $a.maxLookups) }}
+- {{ printf "--max-lookups=%d" (int64 $a.maxLookups) | quote }}
+{{- end }}
 {{- /* --stats-interval: a duration ("60s") as given, or whole seconds. */}}
 {{- if kindIs "string" $a.statsInterval }}
 - {{ printf "--stats-interval=%s" $a.statsInterval | quote }}

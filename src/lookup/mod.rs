@@ -1,0 +1,833 @@
+//! Lookups: the search-path expansions of one application lookup (`getaddrinfo("web")`),
+//! joined from the finished sessions of its candidates. A pure state machine without I/O:
+//! queries (one per finished session) in, each told the lookup it joined; finished lookups out
+//! once nothing joined them for `gap + linger` of the stage's clock (`now`, given by the
+//! caller: a monotonic wall clock).
+//!
+//! Joining is decided by event time alone (a query joins only within `gap` of the lookup's
+//! queries), so the result does not depend on how late sessions reach the stage; ending is
+//! decided by the stage's clock, because sessions of one lookup reach it from several
+//! identities and shards, each with its own delay (CoreDNS buffers frames for seconds).
+//!
+//! The rules (docs/lookups.md has the why):
+//! - one client IP (each candidate leaves from a fresh source port), one base name, one
+//!   family (A and AAAA together; any other type on its own);
+//! - a name joins an open lookup when it reads as that lookup's base plus a search suffix
+//!   the lookup has not tried yet for that type (`names::SearchList::readings`), or as its
+//!   base plus a suffix not known yet once the cluster suffixes are behind (a node domain,
+//!   learned);
+//! - the same candidate and type again from the same port is a resolver retry; from another
+//!   port it is a new lookup (the application asked again);
+//! - the two halves of a pair (A, AAAA) from one port seconds apart: the later one's first
+//!   send was lost and the resolver waited out its timeout (the five-second signature).
+
+pub mod names;
+pub mod record;
+pub mod stage;
+
+use crate::dnstap::{Nanos, SourceId};
+use hashbrown::HashMap;
+use names::{Reading, Readings, SearchList, Suffix};
+use smallvec::SmallVec;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::{IpAddr, SocketAddr};
+
+pub const QTYPE_A: u16 = 1;
+pub const QTYPE_AAAA: u16 = 28;
+
+/// The two halves of a pair sent this far apart from one port are no longer "together": the
+/// later one is a resend after a timeout (glibc's shortest is 1 s).
+const PAIR_GAP: Nanos = 1_000_000_000;
+/// Identities kept per lookup (more are counted in the first ones' place: kube-proxy spreads
+/// one lookup over a handful of CoreDNS pods at most).
+const MAX_IDENTITIES: usize = 8;
+/// Candidates per lookup: a search list has at most 6 domains (glibc's MAXDNSRCH), plus the
+/// bare name; a further one starts a lookup of its own.
+const MAX_CANDIDATES: usize = 8;
+
+/// What the client got for one query, best last: the order a lookup's outcome is taken in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Outcome {
+    /// Another rcode (SERVFAIL, REFUSED…), or no response at all.
+    Failed,
+    NxDomain,
+    /// NOERROR without answer records.
+    NoData,
+    Answered,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Answered,
+        Outcome::NoData,
+        Outcome::NxDomain,
+        Outcome::Failed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Failed => "failed",
+            Self::NxDomain => "nxdomain",
+            Self::NoData => "nodata",
+            Self::Answered => "answered",
+        }
+    }
+
+    /// From the client response's rcode and answer count; `None`: no response.
+    pub fn of(response: Option<(u8, u16)>) -> Self {
+        match response {
+            Some((0, 0)) => Self::NoData,
+            Some((0, _)) => Self::Answered,
+            Some((3, _)) => Self::NxDomain,
+            _ => Self::Failed,
+        }
+    }
+}
+
+/// One finished session, as the lookup stage needs it. Names are lowercase presentation form.
+#[derive(Debug, Clone, Copy)]
+pub struct Query<'a> {
+    pub client: SocketAddr,
+    pub identity: SourceId,
+    pub qname: &'a str,
+    pub qtype: u16,
+    pub outcome: Outcome,
+    /// The owner of the first answer record's target when that record is a CNAME: CoreDNS's
+    /// `autopath` answers the first candidate with a CNAME to the name that exists.
+    pub cname_target: Option<&'a str>,
+    pub query_time: Nanos,
+    pub response_time: Option<Nanos>,
+    /// The client's DNS id: tells a resend (same id) from the same name asked again.
+    pub dns_id: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cluster_domain: String,
+    /// `--search-suffix`: node domains and other extra search suffixes, in resolv.conf order.
+    pub search_suffixes: Vec<String>,
+    /// Open lookups in total, and per client IP.
+    pub max_open: usize,
+    pub max_per_client: usize,
+    /// A query joins a lookup only within this much event time of its queries and responses:
+    /// longer than glibc's 5 s timeout, so that the resend after it still joins.
+    pub gap: Nanos,
+    /// How long past `gap` (stage clock) a lookup waits for late sessions before it ends.
+    pub linger: Nanos,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            cluster_domain: "cluster.local".into(),
+            search_suffixes: Vec::new(),
+            max_open: 65_536,
+            max_per_client: 64,
+            gap: 6_000_000_000,
+            linger: 5_000_000_000,
+        }
+    }
+}
+
+/// A finished lookup: what the application experienced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lookup {
+    pub id: u64,
+    pub client: IpAddr,
+    /// The first query's time.
+    pub time: Nanos,
+    pub identities: Vec<SourceId>,
+    /// The name the application asked; with a trailing dot when it was absolute.
+    pub asked: String,
+    pub namespace: Option<String>,
+    /// The names tried, in the order they were first queried, with trailing dots.
+    pub candidates: Vec<String>,
+    /// Queries seen (sessions), resends included.
+    pub queries: u32,
+    pub outcome: Outcome,
+    pub answered_by: Option<String>,
+    /// The CNAME target when the first candidate was answered by CoreDNS's `autopath`.
+    pub autopath: Option<String>,
+    /// Queries for the candidates before the last one tried.
+    pub wasted_queries: u32,
+    /// First query to last response (to the last query when nothing answered).
+    pub latency: Nanos,
+    pub retries: u32,
+    /// Time lost waiting for lost queries (the union of the retry intervals).
+    pub waited: Nanos,
+    /// Closed early to bound memory, not because it ended.
+    pub evicted: bool,
+}
+
+/// Counters the stage reports besides the lookups.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    /// Lookups closed early by `max_open` or `max_per_client`.
+    pub evicted: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Half {
+    queries: u16,
+    port: u16,
+    /// The DNS id: a resolver resends the same query, id included.
+    id: Option<u16>,
+    first_query: Nanos,
+    last_query: Nanos,
+    /// The same query sent again (same port and id).
+    resends: u16,
+    outcome: Option<Outcome>,
+}
+
+#[derive(Debug, Clone)]
+struct Candidate {
+    suffix: Suffix,
+    first_query: Nanos,
+    /// A (or any single type) and AAAA.
+    halves: [Half; 2],
+}
+
+impl Candidate {
+    fn outcome(&self) -> Option<Outcome> {
+        self.halves.iter().filter_map(|h| h.outcome).max()
+    }
+
+    fn queries(&self) -> u32 {
+        self.halves.iter().map(|h| h.queries as u32).sum()
+    }
+}
+
+/// A and AAAA are one lookup (getaddrinfo asks both); any other type is its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Address,
+    Other(u16),
+}
+
+impl Family {
+    fn of(qtype: u16) -> (Self, usize) {
+        match qtype {
+            QTYPE_A => (Self::Address, 0),
+            QTYPE_AAAA => (Self::Address, 1),
+            t => (Self::Other(t), 0),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Open {
+    id: u64,
+    client: IpAddr,
+    family: Family,
+    base: String,
+    namespace: Option<String>,
+    candidates: SmallVec<[Candidate; 5]>,
+    identities: SmallVec<[SourceId; 2]>,
+    autopath: Option<String>,
+    first_query: Nanos,
+    last_query: Nanos,
+    last_response: Option<Nanos>,
+    /// The stage clock when a query last joined.
+    touched: Nanos,
+    /// Its entries in `LookupTable::by_base`.
+    keys: SmallVec<[u64; 4]>,
+}
+
+impl Open {
+    /// Whether event time `t` is within `gap` of this lookup.
+    fn near(&self, t: Nanos, gap: Nanos) -> bool {
+        let last = self.last_query.max(self.last_response.unwrap_or(0));
+        t <= last.saturating_add(gap) && t.saturating_add(gap) >= self.first_query
+    }
+}
+
+/// How a query fits an open lookup.
+enum Fit {
+    /// A candidate (or half) it has not tried.
+    New,
+    /// The same query again from the same port: a resend.
+    Retry,
+}
+
+/// The open lookups of one partition of clients, and the rules that join queries into them.
+pub struct LookupTable {
+    cfg: Config,
+    search: SearchList,
+    /// Open lookups in slots; `generation` tells a reused slot from the lookup that left it.
+    slots: Vec<Option<Open>>,
+    free: Vec<usize>,
+    /// Each client's open lookups, oldest first (for the per-client bound).
+    clients: HashMap<IpAddr, SmallVec<[usize; 4]>>,
+    /// Open lookups by (client, base name) for every base their first candidate reads as:
+    /// a query finds its lookups without looking at the client's others (a forwarder or a
+    /// load generator is one client with thousands of lookups open).
+    by_base: HashMap<u64, SmallVec<[usize; 2]>>,
+    hasher: ahash::RandomState,
+    /// (touched, slot, id): lazily checked, a lookup touched since is pushed again.
+    expiry: BinaryHeap<Reverse<(Nanos, usize, u64)>>,
+    open: usize,
+    next_id: u64,
+    id_step: u64,
+    tally: Tally,
+}
+
+impl LookupTable {
+    /// `partition` of `partitions`: ids are unique across partitions (`partition + k·partitions`).
+    pub fn new(cfg: Config, partition: u64, partitions: u64) -> Self {
+        Self {
+            search: SearchList::new(&cfg.cluster_domain, &cfg.search_suffixes),
+            cfg,
+            slots: Vec::new(),
+            free: Vec::new(),
+            clients: HashMap::new(),
+            by_base: HashMap::new(),
+            hasher: crate::dns::key_hasher(),
+            expiry: BinaryHeap::new(),
+            open: 0,
+            next_id: partition + 1,
+            id_step: partitions.max(1),
+            tally: Tally::default(),
+        }
+    }
+
+    pub fn open_lookups(&self) -> usize {
+        self.open
+    }
+
+    pub fn tally(&self) -> Tally {
+        self.tally
+    }
+
+    pub fn search_list(&self) -> &SearchList {
+        &self.search
+    }
+
+    /// Joins `q` into a lookup at stage clock `now` and returns its id; `None` for a query of
+    /// the root. Lookups evicted to make room go to `done`.
+    pub fn on_query(
+        &mut self,
+        q: &Query<'_>,
+        now: Nanos,
+        done: &mut impl FnMut(Lookup),
+    ) -> Option<u64> {
+        let name = names::normalise(q.qname);
+        if name.is_empty() {
+            return None;
+        }
+        let (family, half) = Family::of(q.qtype);
+        let mut readings = Readings::new();
+        self.search.readings(name, &mut readings);
+        let found = self
+            .find(q, family, half, &readings)
+            .or_else(|| self.rebase(q, family, &readings));
+        let (slot, r, fit) = match found {
+            Some((slot, i, fit)) => (slot, readings[i], fit),
+            None => match self.learn(q, family, half, name) {
+                Some((slot, suffix, fit)) => {
+                    let r = Reading {
+                        base: name,
+                        suffix,
+                        namespace: None,
+                    };
+                    (slot, r, fit)
+                }
+                None => {
+                    let slot = self.open_lookup(q, family, &readings, now, done);
+                    (slot, readings[0], Fit::New)
+                }
+            },
+        };
+        self.join(slot, q, r, half, fit, now);
+        self.slots[slot].as_ref().map(|l| l.id)
+    }
+
+    fn key(&self, ip: IpAddr, base: &str) -> u64 {
+        self.hasher.hash_one((ip, base))
+    }
+
+    /// The client's open lookups indexed under any of `bases`, newest first.
+    fn indexed<'a>(
+        &self,
+        ip: IpAddr,
+        bases: impl Iterator<Item = &'a str>,
+    ) -> SmallVec<[usize; 8]> {
+        let mut slots: SmallVec<[usize; 8]> = SmallVec::new();
+        for b in bases {
+            if let Some(list) = self.by_base.get(&self.key(ip, b)) {
+                slots.extend(list.iter().copied());
+            }
+        }
+        let id = |s: &usize| self.slots[*s].as_ref().map_or(0, |l| l.id);
+        slots.sort_unstable_by_key(|s| Reverse(id(s)));
+        slots.dedup();
+        slots
+    }
+
+    /// The newest open lookup of the client the query fits, reading its name every way.
+    fn find(
+        &self,
+        q: &Query<'_>,
+        family: Family,
+        half: usize,
+        readings: &[Reading<'_>],
+    ) -> Option<(usize, usize, Fit)> {
+        let slots = self.indexed(q.client.ip(), readings.iter().map(|r| r.base));
+        for slot in slots {
+            let Some(l) = self.slots[slot]
+                .as_ref()
+                .filter(|l| l.family == family && l.near(q.query_time, self.cfg.gap))
+            else {
+                continue;
+            };
+            for (i, r) in readings
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.base == l.base)
+            {
+                if r.suffix == Suffix::Namespace
+                    && l.namespace
+                        .as_deref()
+                        .is_some_and(|ns| Some(ns) != r.namespace)
+                {
+                    continue;
+                }
+                if let Some(fit) = fits(l, r.suffix, half, q) {
+                    return Some((slot, i, fit));
+                }
+            }
+        }
+        None
+    }
+
+    /// Sessions reach the stage out of order (several shards and identities): a lookup opened
+    /// by a lone later candidate may have been read with the wrong base
+    /// (`web.default.svc.cluster.local` as `web` in namespace `default`, when the walk was
+    /// `web.default`'s). A query that reads as an earlier candidate of the same walk under
+    /// another base re-reads such a lookup with that base, when the query times agree with
+    /// the suffixes' order.
+    fn rebase(
+        &mut self,
+        q: &Query<'_>,
+        family: Family,
+        readings: &[Reading<'_>],
+    ) -> Option<(usize, usize, Fit)> {
+        let slots = self.indexed(q.client.ip(), readings.iter().map(|r| r.base));
+        for slot in slots {
+            let Some(l) = self.slots[slot].as_ref() else {
+                continue;
+            };
+            let [c] = l.candidates.as_slice() else {
+                continue;
+            };
+            // A lookup with one of the query's bases is `find`'s: it did not fit there.
+            let same_base = readings.iter().any(|r| r.base == l.base);
+            if same_base || l.family != family || !l.near(q.query_time, self.cfg.gap) {
+                continue;
+            }
+            let name = self
+                .search
+                .candidate_name(&l.base, c.suffix, l.namespace.as_deref());
+            let mut old = Readings::new();
+            self.search.readings(names::normalise(&name), &mut old);
+            for (i, r) in readings.iter().enumerate() {
+                let Some(o) = old
+                    .iter()
+                    .find(|o| o.base == r.base && o.suffix != r.suffix)
+                else {
+                    continue;
+                };
+                let in_order = o.suffix == Suffix::Bare
+                    || r.suffix == Suffix::Bare
+                    || (r.suffix < o.suffix) == (q.query_time < c.first_query);
+                if !in_order {
+                    continue;
+                }
+                let (base, suffix, ns) = (
+                    o.base.to_string(),
+                    o.suffix,
+                    o.namespace.map(str::to_string),
+                );
+                let l = self.slots[slot].as_mut()?;
+                l.base = base;
+                l.namespace = ns;
+                l.candidates[0].suffix = suffix;
+                return Some((slot, i, Fit::New));
+            }
+        }
+        None
+    }
+
+    /// A name no known suffix explains, continuing an open lookup past its cluster suffixes:
+    /// base + a node domain, learned.
+    fn learn(
+        &mut self,
+        q: &Query<'_>,
+        family: Family,
+        half: usize,
+        name: &str,
+    ) -> Option<(usize, Suffix, Fit)> {
+        let prefixes = name.match_indices('.').map(|(i, _)| &name[..i]);
+        let slots = self.indexed(q.client.ip(), prefixes);
+        let slot = slots.into_iter().find(|&slot| {
+            self.slots[slot].as_ref().is_some_and(|l| {
+                l.family == family
+                    && l.near(q.query_time, self.cfg.gap)
+                    && name.len() > l.base.len() + 1
+                    && name.starts_with(l.base.as_str())
+                    && l.candidates
+                        .iter()
+                        .any(|c| matches!(c.suffix, Suffix::Cluster | Suffix::Extra(_)))
+            })
+        })?;
+        let base = self.slots[slot].as_ref()?.base.clone();
+        let suffix = self.search.learn(name, &base)?;
+        let fit = fits(self.slots[slot].as_ref()?, suffix, half, q)?;
+        Some((slot, suffix, fit))
+    }
+
+    fn open_lookup(
+        &mut self,
+        q: &Query<'_>,
+        family: Family,
+        readings: &[Reading<'_>],
+        now: Nanos,
+        done: &mut impl FnMut(Lookup),
+    ) -> usize {
+        let r = readings[0];
+        let ip = q.client.ip();
+        if self.clients.get(&ip).map_or(0, |s| s.len()) >= self.cfg.max_per_client.max(1) {
+            let oldest = self.clients[&ip][0];
+            self.close(oldest, true, done);
+        }
+        while self.open >= self.cfg.max_open.max(1) {
+            let Some(Reverse((_, slot, id))) = self.expiry.pop() else {
+                break;
+            };
+            if self.slots[slot].as_ref().is_some_and(|l| l.id == id) {
+                self.close(slot, true, done);
+            }
+        }
+        let id = self.next_id;
+        self.next_id += self.id_step;
+        let open = Open {
+            id,
+            client: ip,
+            family,
+            base: r.base.to_string(),
+            namespace: None,
+            candidates: SmallVec::new(),
+            identities: SmallVec::new(),
+            autopath: None,
+            first_query: q.query_time,
+            last_query: q.query_time,
+            last_response: None,
+            touched: now,
+            keys: {
+                let mut keys: SmallVec<[u64; 4]> =
+                    readings.iter().map(|r| self.key(ip, r.base)).collect();
+                keys.sort_unstable();
+                keys.dedup();
+                keys
+            },
+        };
+        let keys = open.keys.clone();
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(open);
+                slot
+            }
+            None => {
+                self.slots.push(Some(open));
+                self.slots.len() - 1
+            }
+        };
+        self.open += 1;
+        for k in keys {
+            self.by_base.entry(k).or_default().push(slot);
+        }
+        self.clients.entry(ip).or_default().push(slot);
+        self.expiry.push(Reverse((now, slot, id)));
+        slot
+    }
+
+    fn join(
+        &mut self,
+        slot: usize,
+        q: &Query<'_>,
+        r: Reading<'_>,
+        half: usize,
+        fit: Fit,
+        now: Nanos,
+    ) {
+        let Some(l) = self.slots[slot].as_mut() else {
+            return;
+        };
+        l.touched = l.touched.max(now);
+        let (suffix, namespace) = (r.suffix, r.namespace);
+        if suffix == Suffix::Namespace && l.namespace.is_none() {
+            l.namespace = namespace.map(str::to_string);
+        }
+        if l.identities.len() < MAX_IDENTITIES && !l.identities.contains(&q.identity) {
+            l.identities.push(q.identity);
+        }
+        l.first_query = l.first_query.min(q.query_time);
+        l.last_query = l.last_query.max(q.query_time);
+        if let Some(r) = q.response_time {
+            l.last_response = Some(l.last_response.map_or(r, |t| t.max(r)));
+        }
+        let i = match l.candidates.iter().position(|c| c.suffix == suffix) {
+            Some(i) => i,
+            None => {
+                l.candidates.push(Candidate {
+                    suffix,
+                    first_query: q.query_time,
+                    halves: [Half::default(); 2],
+                });
+                l.candidates.len() - 1
+            }
+        };
+        let c = &mut l.candidates[i];
+        c.first_query = c.first_query.min(q.query_time);
+        let h = &mut c.halves[half];
+        if h.queries == 0 {
+            h.port = q.client.port();
+            h.id = q.dns_id;
+            h.first_query = q.query_time;
+            h.last_query = q.query_time;
+        }
+        if matches!(fit, Fit::Retry) {
+            h.resends = h.resends.saturating_add(1);
+        }
+        h.first_query = h.first_query.min(q.query_time);
+        h.last_query = h.last_query.max(q.query_time);
+        h.queries = h.queries.saturating_add(1);
+        h.outcome = h.outcome.max(Some(q.outcome));
+        if suffix == Suffix::Namespace && q.outcome == Outcome::Answered {
+            if let Some(t) = q.cname_target.map(names::normalise) {
+                if is_autopath_target(&self.search, &l.base, t) {
+                    l.autopath = Some(format!("{t}."));
+                }
+            }
+        }
+    }
+
+    /// Ends every lookup nothing joined for `gap + linger` before stage clock `now`.
+    pub fn advance(&mut self, now: Nanos, done: &mut impl FnMut(Lookup)) {
+        let quiet = self.cfg.gap.saturating_add(self.cfg.linger);
+        while let Some(&Reverse((touched, slot, id))) = self.expiry.peek() {
+            if touched.saturating_add(quiet) > now {
+                break;
+            }
+            self.expiry.pop();
+            let Some(l) = self.slots[slot].as_ref().filter(|l| l.id == id) else {
+                continue;
+            };
+            if l.touched > touched {
+                let again = l.touched;
+                self.expiry.push(Reverse((again, slot, id)));
+            } else {
+                self.close(slot, false, done);
+            }
+        }
+    }
+
+    /// Ends every open lookup (the input has ended).
+    pub fn flush(&mut self, done: &mut impl FnMut(Lookup)) {
+        let mut open: Vec<(Nanos, usize)> = (0..self.slots.len())
+            .filter_map(|s| self.slots[s].as_ref().map(|l| (l.first_query, s)))
+            .collect();
+        open.sort_unstable();
+        for (_, slot) in open {
+            self.close(slot, false, done);
+        }
+        self.expiry.clear();
+    }
+
+    fn close(&mut self, slot: usize, evicted: bool, done: &mut impl FnMut(Lookup)) {
+        let Some(l) = self.slots[slot].take() else {
+            return;
+        };
+        self.free.push(slot);
+        self.open -= 1;
+        for k in &l.keys {
+            if let Some(list) = self.by_base.get_mut(k) {
+                list.retain(|s| *s != slot);
+                if list.is_empty() {
+                    self.by_base.remove(k);
+                }
+            }
+        }
+        if let Some(list) = self.clients.get_mut(&l.client) {
+            list.retain(|s| *s != slot);
+            if list.is_empty() {
+                self.clients.remove(&l.client);
+            }
+        }
+        if evicted {
+            self.tally.evicted += 1;
+        }
+        done(finish(&self.search, l, evicted));
+    }
+}
+
+/// Whether the query fits lookup `l` as candidate `suffix`, half `half`.
+fn fits(l: &Open, suffix: Suffix, half: usize, q: &Query<'_>) -> Option<Fit> {
+    let Some(c) = l.candidates.iter().find(|c| c.suffix == suffix) else {
+        // More is no resolver's walk: a lookup of its own.
+        return (l.candidates.len() < MAX_CANDIDATES).then_some(Fit::New);
+    };
+    let h = &c.halves[half];
+    if h.queries == 0 {
+        Some(Fit::New)
+    } else if h.port == q.client.port() && h.id == q.dns_id {
+        Some(Fit::Retry)
+    } else {
+        // The same candidate from a fresh socket, or with a fresh id (a client such as
+        // dnsperf or a caching forwarder reusing one socket): asked again.
+        None
+    }
+}
+
+/// `autopath` answers `<base>.<ns>.svc.<cd>` with a CNAME to the name a later candidate
+/// would have found: `<base>.svc.<cd>`, `<base>.<cd>`, `<base>.<extra>` or `<base>` itself.
+fn is_autopath_target(search: &SearchList, base: &str, target: &str) -> bool {
+    let mut readings = Readings::new();
+    search.readings(target, &mut readings);
+    readings
+        .iter()
+        .any(|r| r.base == base && r.suffix != Suffix::Namespace)
+}
+
+fn finish(search: &SearchList, mut l: Open, evicted: bool) -> Lookup {
+    drop_server_lookups(&mut l.candidates);
+    l.candidates.sort_by_key(|c| c.first_query);
+    let ns = l.namespace.as_deref();
+    let name = |c: &Candidate| search.candidate_name(&l.base, c.suffix, ns);
+    let candidates: Vec<String> = l.candidates.iter().map(name).collect();
+    let queries = l.candidates.iter().map(Candidate::queries).sum();
+    let outcome = l
+        .candidates
+        .iter()
+        .filter_map(Candidate::outcome)
+        .max()
+        .unwrap_or(Outcome::Failed);
+    let answered_by = l
+        .candidates
+        .iter()
+        .position(|c| c.outcome() == Some(Outcome::Answered))
+        .map(|i| candidates[i].clone());
+    let wasted_queries = match l.candidates.split_last() {
+        Some((_, before)) => before.iter().map(Candidate::queries).sum(),
+        None => 0,
+    };
+    let end = l.last_response.unwrap_or(l.last_query).max(l.last_query);
+    let asked = asked(&l, &candidates);
+    let mut waits = Vec::new();
+    let retries = l.candidates.iter().map(|c| retries(c, &mut waits)).sum();
+    Lookup {
+        id: l.id,
+        client: l.client,
+        time: l.first_query,
+        identities: l.identities.to_vec(),
+        asked,
+        namespace: l.namespace.clone(),
+        candidates,
+        queries,
+        outcome,
+        answered_by,
+        autopath: l.autopath.clone(),
+        wasted_queries,
+        latency: end.saturating_sub(l.first_query),
+        retries,
+        waited: union_length(&mut waits),
+        evicted,
+    }
+}
+
+/// The name the application asked. Several candidates prove a search walk: the base name.
+/// A lone candidate cannot show whether the short or the full name was asked: a lone
+/// `<name>.<ns>.svc.<cd>` whose `<name>` has no dot (or that `autopath` answered) reads as the
+/// short name, the likelier ask; anything else as the absolute name it is.
+fn asked(l: &Open, candidates: &[String]) -> String {
+    match l.candidates.as_slice() {
+        [c] if c.suffix == Suffix::Bare => format!("{}.", l.base),
+        [c] if c.suffix == Suffix::Namespace && (!l.base.contains('.') || l.autopath.is_some()) => {
+            l.base.clone()
+        }
+        [_] => candidates[0].clone(),
+        _ => l.base.clone(),
+    }
+}
+
+/// Removes the queries CoreDNS made itself while answering one of the candidates: a plugin
+/// that resolves a CNAME target through the server (`template`) is logged as a client query
+/// from the client's socket with the client's DNS id, for another name. A resolver never asks
+/// two names with one id from one socket, so the later of two such halves is the server's.
+fn drop_server_lookups(candidates: &mut SmallVec<[Candidate; 5]>) {
+    let halves: Vec<(usize, usize, Half)> = candidates
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| c.halves.iter().enumerate().map(move |(k, h)| (i, k, *h)))
+        .filter(|(_, _, h)| h.queries > 0 && h.id.is_some())
+        .collect();
+    let mut internal = Vec::new();
+    for &(i, k, h) in &halves {
+        let earlier = halves.iter().any(|&(j, _, o)| {
+            j != i && o.port == h.port && o.id == h.id && (o.first_query, j) < (h.first_query, i)
+        });
+        if earlier {
+            internal.push((i, k));
+        }
+    }
+    for (i, k) in internal {
+        candidates[i].halves[k] = Half::default();
+    }
+    candidates.retain(|c| c.queries() > 0);
+}
+
+/// The resends of a candidate, and the time lost before each (into `waits`): a query sent
+/// again with its id, and a half whose first send was lost — it left the port more than
+/// `PAIR_GAP` after the other half, when that half was being resent (glibc sends both again
+/// after its timeout, and only the resend of the lost one reached the server).
+fn retries(c: &Candidate, waits: &mut Vec<(Nanos, Nanos)>) -> u32 {
+    let mut n = 0;
+    for (i, h) in c.halves.iter().enumerate() {
+        if h.resends > 0 {
+            n += h.resends as u32;
+            waits.push((h.first_query, h.last_query));
+        }
+        let o = &c.halves[1 - i];
+        let lost_first = h.queries > 0
+            && o.resends > 0
+            && h.port == o.port
+            && h.first_query > o.first_query + PAIR_GAP
+            && h.first_query.abs_diff(o.last_query) <= PAIR_GAP;
+        if lost_first {
+            n += 1;
+            waits.push((o.first_query, h.first_query));
+        }
+    }
+    n
+}
+
+/// The total length of the union of the intervals.
+fn union_length(intervals: &mut [(Nanos, Nanos)]) -> Nanos {
+    intervals.sort_unstable();
+    let mut total = 0;
+    let mut current: Option<(Nanos, Nanos)> = None;
+    for &(a, b) in intervals.iter() {
+        current = match current {
+            Some((s, e)) if a <= e => Some((s, e.max(b))),
+            Some((s, e)) => {
+                total += e - s;
+                Some((a, b))
+            }
+            None => Some((a, b)),
+        };
+    }
+    total + current.map_or(0, |(s, e)| e - s)
+}
+
+#[cfg(test)]
+mod tests;

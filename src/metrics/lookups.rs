@@ -1,0 +1,396 @@
+//! Lookup metrics: counted by each lookup partition into its own `LookupStats` and added into
+//! the shared board once per tick (a lookup ends every few sessions; nothing here is per
+//! message). Read by the Prometheus families, `/top` and the exit summary.
+//!
+//! Labels are bounded: namespaces and identities by the identity label cap (later ones count
+//! as `other`), the names of `/top` by `TOP_NAMES`.
+
+use super::model::Histogram;
+use crate::dnstap::{Nanos, SourceRegistry};
+use crate::lookup::{Lookup, Outcome};
+use hashbrown::HashMap;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// Upper bounds of the queries-per-lookup histogram (the last bucket is `+Inf`): one pair,
+/// the cluster suffixes, a node domain or two, the bare name.
+pub const QUERY_BUCKETS: [u64; 8] = [1, 2, 4, 6, 8, 10, 12, 16];
+/// The names with the most wasted queries kept for `/top` (Space-Saving: a new name replaces
+/// the least counted one and inherits its count, an upper bound).
+pub const TOP_NAMES: usize = 256;
+/// hdrhistogram range: 1 µs to 120 s, two significant digits.
+const HDR_MAX_MICROS: u64 = 120_000_000;
+
+/// Latency quantiles of one label value (namespace or identity).
+#[derive(Debug, Clone)]
+pub struct Quantiles(hdrhistogram::Histogram<u64>);
+
+impl Quantiles {
+    fn new() -> Self {
+        let h = hdrhistogram::Histogram::new_with_bounds(1, HDR_MAX_MICROS, 2)
+            .expect("valid hdrhistogram bounds");
+        Self(h)
+    }
+
+    fn record(&mut self, latency: Nanos) {
+        self.0.saturating_record((latency / 1_000).max(1));
+    }
+
+    /// (count, p50, p90, p99) in milliseconds.
+    pub fn summary(&self) -> (u64, f64, f64, f64) {
+        let q = |p: f64| self.0.value_at_quantile(p) as f64 / 1_000.0;
+        (self.0.len(), q(0.5), q(0.9), q(0.99))
+    }
+}
+
+/// What the timeouts cost per (identity, namespace): lookups that waited, and how long.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Waits {
+    pub lookups: u64,
+    pub retries: u64,
+    pub waited: Nanos,
+}
+
+/// Counts of finished lookups.
+#[derive(Debug, Clone, Default)]
+pub struct LookupStats {
+    pub outcomes: [u64; 4],
+    pub evicted: u64,
+    pub latency: Histogram,
+    /// Per `QUERY_BUCKETS` bound, then `+Inf`; not cumulative.
+    pub queries: [u64; QUERY_BUCKETS.len() + 1],
+    pub queries_sum: u64,
+    /// By (identity, namespace).
+    pub wasted: BTreeMap<(String, String), u64>,
+    pub waits: BTreeMap<(String, String), Waits>,
+    pub by_namespace: BTreeMap<String, Quantiles>,
+    pub by_identity: BTreeMap<String, Quantiles>,
+    pub wasted_names: HashMap<String, u64>,
+}
+
+impl LookupStats {
+    pub fn outcome(&self, o: Outcome) -> u64 {
+        self.outcomes[o as usize]
+    }
+
+    /// Counts a finished lookup; `cap` bounds the identity and namespace labels.
+    pub fn record(&mut self, l: &Lookup, sources: &SourceRegistry, cap: usize) {
+        self.outcomes[l.outcome as usize] += 1;
+        self.evicted += l.evicted as u64;
+        self.latency.observe(l.latency);
+        let q = QUERY_BUCKETS.partition_point(|&b| b < l.queries as u64);
+        self.queries[q] += 1;
+        self.queries_sum += l.queries as u64;
+        let identity = l.identities.first().map_or_else(
+            || "unknown".to_string(),
+            |i| sources.describe(*i).0.to_string(),
+        );
+        let identity = capped(&self.by_identity, identity, cap);
+        let namespace = capped(
+            &self.by_namespace,
+            l.namespace.clone().unwrap_or_default(),
+            cap,
+        );
+        self.by_identity
+            .entry(identity.clone())
+            .or_insert_with(Quantiles::new)
+            .record(l.latency);
+        self.by_namespace
+            .entry(namespace.clone())
+            .or_insert_with(Quantiles::new)
+            .record(l.latency);
+        let key = (identity, namespace);
+        if l.wasted_queries > 0 {
+            *self.wasted.entry(key.clone()).or_default() += l.wasted_queries as u64;
+            self.count_wasted_name(&l.asked, l.wasted_queries as u64);
+        }
+        if l.retries > 0 {
+            let w = self.waits.entry(key).or_default();
+            w.lookups += 1;
+            w.retries += l.retries as u64;
+            w.waited += l.waited;
+        }
+    }
+
+    fn count_wasted_name(&mut self, name: &str, n: u64) {
+        if let Some(c) = self.wasted_names.get_mut(name) {
+            *c += n;
+            return;
+        }
+        let mut inherited = 0;
+        if self.wasted_names.len() >= TOP_NAMES {
+            let least = self.wasted_names.iter().min_by_key(|(_, c)| **c);
+            let Some((least, count)) = least.map(|(k, c)| (k.clone(), *c)) else {
+                return;
+            };
+            self.wasted_names.remove(&least);
+            inherited = count;
+        }
+        self.wasted_names.insert(name.to_string(), inherited + n);
+    }
+
+    /// Adds `other` into `self` (a partition's tick into the board).
+    pub fn merge(&mut self, other: &LookupStats) {
+        for (a, b) in self.outcomes.iter_mut().zip(other.outcomes) {
+            *a += b;
+        }
+        self.evicted += other.evicted;
+        for (a, b) in self.latency.counts.iter_mut().zip(other.latency.counts) {
+            *a += b;
+        }
+        self.latency.sum_nanos += other.latency.sum_nanos;
+        for (a, b) in self.queries.iter_mut().zip(other.queries) {
+            *a += b;
+        }
+        self.queries_sum += other.queries_sum;
+        for (k, v) in &other.wasted {
+            *self.wasted.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &other.waits {
+            let w = self.waits.entry(k.clone()).or_default();
+            w.lookups += v.lookups;
+            w.retries += v.retries;
+            w.waited += v.waited;
+        }
+        for (mine, theirs) in [
+            (&mut self.by_namespace, &other.by_namespace),
+            (&mut self.by_identity, &other.by_identity),
+        ] {
+            for (k, q) in theirs {
+                match mine.get_mut(k) {
+                    Some(m) => {
+                        let _ = m.0.add(&q.0);
+                    }
+                    None => {
+                        mine.insert(k.clone(), q.clone());
+                    }
+                }
+            }
+        }
+        for (name, n) in &other.wasted_names {
+            self.count_wasted_name(name, *n);
+        }
+    }
+
+    /// The names with the most wasted queries, most first.
+    pub fn top_wasted(&self, n: usize) -> Vec<(&str, u64)> {
+        let mut v: Vec<(&str, u64)> = self
+            .wasted_names
+            .iter()
+            .map(|(k, c)| (k.as_str(), *c))
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        v.truncate(n);
+        v
+    }
+
+    /// The `lookups` part of `/top` and of the exit summary.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut outcomes = serde_json::Map::new();
+        for o in Outcome::ALL {
+            outcomes.insert(o.name().into(), self.outcome(o).into());
+        }
+        let quantiles = |m: &BTreeMap<String, Quantiles>| {
+            let mut out = serde_json::Map::new();
+            for (k, q) in m {
+                let (count, p50, p90, p99) = q.summary();
+                out.insert(
+                    k.clone(),
+                    serde_json::json!({"lookups": count, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99}),
+                );
+            }
+            out
+        };
+        let wasted: u64 = self.wasted.values().sum();
+        let (waited_lookups, waited): (u64, Nanos) = self
+            .waits
+            .values()
+            .fold((0, 0), |(l, w), v| (l + v.lookups, w + v.waited));
+        let top: Vec<serde_json::Value> = self
+            .top_wasted(10)
+            .into_iter()
+            .map(|(name, n)| serde_json::json!({"asked": name, "wasted_queries": n}))
+            .collect();
+        serde_json::json!({
+            "outcomes": outcomes,
+            "evicted": self.evicted,
+            "queries": self.queries_sum,
+            "wasted_queries": wasted,
+            "resolver_timeouts": waited_lookups,
+            "waited_s": waited as f64 / 1e9,
+            "latency_by_namespace": quantiles(&self.by_namespace),
+            "latency_by_identity": quantiles(&self.by_identity),
+            "most_wasted": top,
+        })
+    }
+}
+
+/// `value`, or `other` once `cap` values are known and it is not one of them.
+fn capped<V>(known: &BTreeMap<String, V>, value: String, cap: usize) -> String {
+    if known.contains_key(&value) || known.len() < cap {
+        value
+    } else {
+        "other".to_string()
+    }
+}
+
+/// The process-wide sum of the partitions' published counts.
+#[derive(Debug, Default)]
+pub struct LookupBoard {
+    published: Mutex<LookupStats>,
+}
+
+impl LookupBoard {
+    pub fn publish(&self, delta: &mut LookupStats) {
+        let mut p = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        p.merge(delta);
+        *delta = LookupStats::default();
+    }
+
+    pub fn snapshot(&self) -> LookupStats {
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// `/top` with the lookups' part added (`"lookups"`, as in the exit summary).
+pub fn with_lookups(
+    top: super::model::TopHook,
+    metrics: Arc<super::Metrics>,
+) -> super::model::TopHook {
+    Arc::new(WithLookups { top, metrics })
+}
+
+struct WithLookups {
+    top: super::model::TopHook,
+    metrics: Arc<super::Metrics>,
+}
+
+impl super::model::TopSource for WithLookups {
+    fn document(&self) -> String {
+        let doc = self.top.document();
+        let Some(board) = self.metrics.lookups.get() else {
+            return doc;
+        };
+        match serde_json::from_str::<serde_json::Value>(&doc) {
+            Ok(mut v) if v.is_object() => {
+                v["lookups"] = board.snapshot().to_json();
+                v.to_string()
+            }
+            _ => doc,
+        }
+    }
+
+    fn failing_names(&self) -> Vec<super::model::FailingName> {
+        self.top.failing_names()
+    }
+}
+
+/// Shared between the lookup partitions, `/metrics`, `/top` and the summary.
+pub type SharedLookupBoard = Arc<LookupBoard>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dnstap::SourceId;
+
+    fn lookup(asked: &str, ns: Option<&str>, outcome: Outcome, wasted: u32, ms: u64) -> Lookup {
+        Lookup {
+            id: 1,
+            client: "10.0.0.5".parse().unwrap(),
+            time: 0,
+            identities: vec![SourceId(0)],
+            asked: asked.into(),
+            namespace: ns.map(str::to_string),
+            candidates: vec![],
+            queries: 2 + wasted,
+            outcome,
+            answered_by: None,
+            autopath: None,
+            wasted_queries: wasted,
+            latency: ms * 1_000_000,
+            retries: (ms >= 5000) as u32,
+            waited: if ms >= 5000 { 5_000_000_000 } else { 0 },
+            evicted: false,
+        }
+    }
+
+    #[test]
+    fn outcomes_waste_waits_and_quantiles_add_up_across_partitions() {
+        let sources = SourceRegistry::new(4, std::time::Duration::from_secs(60));
+        let (mut a, mut b) = (LookupStats::default(), LookupStats::default());
+        for i in 0..98 {
+            a.record(
+                &lookup(
+                    "api.example.test",
+                    Some("default"),
+                    Outcome::Answered,
+                    8,
+                    1 + i % 3,
+                ),
+                &sources,
+                4,
+            );
+        }
+        b.record(
+            &lookup("slow", Some("default"), Outcome::Answered, 0, 5022),
+            &sources,
+            4,
+        );
+        b.record(
+            &lookup("nothere", Some("prod"), Outcome::NxDomain, 8, 2),
+            &sources,
+            4,
+        );
+        let board = LookupBoard::default();
+        board.publish(&mut a);
+        board.publish(&mut b);
+        assert_eq!(a.outcomes, [0; 4], "published deltas are cleared");
+        let s = board.snapshot();
+        assert_eq!(
+            (s.outcome(Outcome::Answered), s.outcome(Outcome::NxDomain)),
+            (99, 1)
+        );
+        assert_eq!(s.latency.count(), 100);
+        assert_eq!(s.queries.iter().sum::<u64>(), 100);
+        assert_eq!(s.wasted.values().sum::<u64>(), 98 * 8 + 8);
+        let waits: Vec<&Waits> = s.waits.values().collect();
+        assert_eq!(waits.len(), 1);
+        assert_eq!((waits[0].lookups, waits[0].waited), (1, 5_000_000_000));
+        let (n, p50, _, p99) = s.by_namespace["default"].summary();
+        assert_eq!(n, 99);
+        assert!((1.9..=2.1).contains(&p50), "p50 {p50}");
+        assert!(
+            (4900.0..=5100.0).contains(&p99),
+            "p99 {p99}: the one 5 s lookup"
+        );
+        assert_eq!(s.top_wasted(1), [("api.example.test", 98 * 8)]);
+        let json = s.to_json();
+        assert_eq!(json["resolver_timeouts"], 1);
+        assert_eq!(json["outcomes"]["nxdomain"], 1);
+    }
+
+    #[test]
+    fn namespace_labels_and_names_are_bounded() {
+        let sources = SourceRegistry::new(4, std::time::Duration::from_secs(60));
+        let mut s = LookupStats::default();
+        for i in 0..1000 {
+            let ns = format!("ns{i}");
+            s.record(
+                &lookup(&format!("n{i}"), Some(&ns), Outcome::Answered, 2, 1),
+                &sources,
+                8,
+            );
+        }
+        assert_eq!(s.by_namespace.len(), 9, "8 namespaces and other");
+        assert!(s.by_namespace.contains_key("other"));
+        assert!(s.wasted_names.len() <= TOP_NAMES);
+        assert_eq!(
+            s.wasted.values().sum::<u64>(),
+            2000,
+            "every wasted query counted"
+        );
+    }
+}
