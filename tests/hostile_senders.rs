@@ -1,14 +1,18 @@
-//! Senders that lie (issue #10): a clock far in the future, or a flood of identities. Files of
-//! hand-made dnstap go through `dnstap-analyser read`; the honest sender's sessions must come
-//! out exactly, and what was refused or ignored must be counted.
+//! Senders that lie (issues #10 and #16): a clock far in the future, a flood of identities,
+//! another sender's identity, half-open connections. Files of hand-made dnstap go through
+//! `dnstap-analyser read`, live attacks over loopback from their own 127.0.0.x address; the
+//! honest sender's sessions must come out exactly, and what was refused or ignored must be
+//! counted. Timeouts are shortened by flags to keep the suite fast.
 
 mod support;
 
 use dnstap_analyser::dnstap::pb::{self, mod_Dnstap::Type as TapType, mod_Message::Type};
 use quick_protobuf::{MessageWrite, Writer};
 use std::borrow::Cow;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use support::*;
 
 /// A Frame Streams file being written: unidirectional START, data frames, STOP.
@@ -60,6 +64,11 @@ impl Capture {
     fn answered(&mut self, identity: &str, qname: &str, id: u16, secs: u64) {
         self.message(identity, Type::CLIENT_QUERY, qname, id, secs);
         self.message(identity, Type::CLIENT_RESPONSE, qname, id, secs);
+    }
+
+    /// The bytes written so far, to send on a connection; the capture goes on empty.
+    fn take(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.0)
     }
 
     fn save(mut self, dir: &TempDir, name: &str) -> PathBuf {
@@ -190,4 +199,304 @@ fn a_flood_of_identities_is_refused_and_counted_and_hides_nothing() {
         .collect();
     assert_eq!(identities.len() as u64, admitted + 1, "each its own");
     assert_eq!(out.summary_messages(), Some(out.messages_in_sessions()));
+}
+
+/// A plaintext connection to `to` from the loopback address 127.0.0.`host`: to the analyser a
+/// sender is an identity at a peer address, so each attacker gets an address of its own.
+fn connect_from(host: u8, to: &str) -> TcpStream {
+    let to: SocketAddr = to.parse().unwrap();
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, host], 0)).into())
+        .unwrap();
+    s.connect(&to.into()).unwrap();
+    s.into()
+}
+
+/// The sum of a metric's samples on the analyser's /metrics (0 when it has none).
+fn scrape_sum(an: &Analyser, name: &str) -> f64 {
+    let text = http_get_ok(&an.metrics_addr(), "/metrics").body;
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until the analyser has read `n` data frames over all connections: what was sent
+/// before is in the correlator's queues, in order per connection.
+fn wait_frames(an: &Analyser, n: u64) {
+    wait_until(&format!("{n} frames read"), Duration::from_secs(20), || {
+        scrape_sum(an, "dnstap_analyser_frames_total") as u64 >= n
+    });
+}
+
+/// One connection's worth of frames from 127.0.0.`host`: sent, counted, and kept open.
+struct Sender {
+    conn: TcpStream,
+    capture: Capture,
+    frames: u64,
+}
+
+impl Sender {
+    fn new(host: u8, an: &Analyser) -> Self {
+        Sender {
+            conn: connect_from(host, &an.addr()),
+            capture: Capture::new(),
+            frames: 0,
+        }
+    }
+
+    fn message(&mut self, identity: &str, role: Type, qname: &str, id: u16, secs: u64) {
+        self.capture.message(identity, role, qname, id, secs);
+        self.frames += 1;
+    }
+
+    fn send(&mut self) {
+        self.conn.write_all(&self.capture.take()).unwrap();
+    }
+
+    /// STOP, then the connection closes: a clean end, no evidence of loss.
+    fn stop(mut self) {
+        self.capture
+            .0
+            .extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 3]);
+        self.send();
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Counts by status/bitmap of the sessions of `identity` whose qname ends in `zone`.
+fn counts_in(
+    out: &Output,
+    identity: &str,
+    zone: &str,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for s in out
+        .sessions
+        .iter()
+        .filter(|s| s["identity"] == identity && s_qname(s).ends_with(zone))
+    {
+        let reason = s["loss_reason"]
+            .as_str()
+            .map(|r| format!(" {r}"))
+            .unwrap_or_default();
+        *m.entry(format!("{}/{}{reason}", s_status(s), s_bitmap(s)))
+            .or_default() += 1;
+    }
+    m
+}
+
+/// The honest sender's queries: 5 answered later, 5 never; what it must show whatever the
+/// attacker did in between.
+fn honest_queries(honest: &mut Sender, t: u64) {
+    for id in 1..=10u16 {
+        honest.message(
+            "coredns-0",
+            Type::CLIENT_QUERY,
+            &format!("q{id}.honest.test"),
+            id,
+            t,
+        );
+    }
+}
+
+fn honest_answers(honest: &mut Sender, t: u64) {
+    for id in 1..=5u16 {
+        honest.message(
+            "coredns-0",
+            Type::CLIENT_RESPONSE,
+            &format!("q{id}.honest.test"),
+            id,
+            t,
+        );
+    }
+}
+
+fn honest_truth() -> std::collections::BTreeMap<String, usize> {
+    [("Succeeded/3".to_string(), 5), ("Failed/1".to_string(), 5)]
+        .into_iter()
+        .collect()
+}
+
+/// Finding 1 of #16: a second connection, from another address, under the honest sender's
+/// identity sends orphan CLIENT_RESPONSEs, which from an in-order sender are evidence of loss.
+/// It must not turn the honest sender's unanswered sessions into SampleLoss.
+#[test]
+fn a_spoofed_identity_cannot_hide_failures_with_loss_evidence() {
+    let an = Analyser::serve_tcp(&["--session-timeout", "30s", "--shards", "1"]);
+    let t = now_secs() - 1;
+    let mut honest = Sender::new(2, &an);
+    honest_queries(&mut honest, t);
+    honest.send();
+    wait_frames(&an, honest.frames);
+    let mut spoof = Sender::new(3, &an);
+    for id in 0..4u16 {
+        let qname = format!("orphan{id}.spoof.test");
+        spoof.message("coredns-0", Type::CLIENT_RESPONSE, &qname, 500 + id, t);
+    }
+    spoof.send();
+    wait_frames(&an, honest.frames + spoof.frames);
+    honest_answers(&mut honest, t);
+    honest.send();
+    wait_frames(&an, honest.frames + spoof.frames);
+    honest.stop();
+    spoof.stop();
+    let out = an.stop();
+    assert_eq!(
+        counts_in(&out, "coredns-0", ".honest.test"),
+        honest_truth(),
+        "{}",
+        describe_all(&out.sessions)
+    );
+    let spoofed = counts_in(&out, "coredns-0", ".spoof.test");
+    assert_eq!(
+        spoofed.values().sum::<usize>(),
+        4,
+        "the spoofer's own: {spoofed:?}"
+    );
+}
+
+/// Finding 2 of #16: the spoofer stamps a query 23 h ahead (within --max-time-ahead). That
+/// moves its own clock only: the honest sender's sessions do not expire early, so none splits
+/// into a false Failed/1 and a response-only line.
+#[test]
+fn a_spoofed_identity_cannot_invent_failures_with_its_clock() {
+    let an = Analyser::serve_tcp(&["--session-timeout", "30s", "--shards", "1"]);
+    let t = now_secs() - 1;
+    let mut honest = Sender::new(2, &an);
+    honest_queries(&mut honest, t);
+    honest.send();
+    wait_frames(&an, honest.frames);
+    let mut spoof = Sender::new(3, &an);
+    spoof.message(
+        "coredns-0",
+        Type::CLIENT_QUERY,
+        "ahead.spoof.test",
+        900,
+        t + 23 * 3600,
+    );
+    spoof.send();
+    wait_frames(&an, honest.frames + spoof.frames);
+    honest_answers(&mut honest, t);
+    honest.send();
+    wait_frames(&an, honest.frames + spoof.frames);
+    honest.stop();
+    spoof.stop();
+    let out = an.stop();
+    assert_eq!(
+        counts_in(&out, "coredns-0", ".honest.test"),
+        honest_truth(),
+        "{}",
+        describe_all(&out.sessions)
+    );
+    assert_eq!(
+        out.discarded("time_out_of_range"),
+        0,
+        "23 h ahead is in range"
+    );
+}
+
+/// A CoreDNS pod that redials keeps its address: its new connection continues the old one's
+/// state. Here the new connection's clock, 40 s on, expires the sessions the old one left
+/// unanswered while the analyser runs (the wall-clock flush would take much longer; one shard,
+/// so that the one later event reaches every session's shard).
+#[test]
+fn a_sender_redialing_from_its_address_continues_its_sessions() {
+    let an = Analyser::serve_tcp(&["--session-timeout", "30s", "--shards", "1"]);
+    let t = now_secs() - 60;
+    let mut first = Sender::new(2, &an);
+    honest_queries(&mut first, t);
+    honest_answers(&mut first, t);
+    first.send();
+    wait_frames(&an, first.frames);
+    let sent = first.frames;
+    first.stop();
+    let mut second = Sender::new(2, &an);
+    second
+        .capture
+        .answered("coredns-0", "later.honest.test", 11, t + 40);
+    second.frames += 2;
+    second.send();
+    wait_frames(&an, sent + second.frames);
+    let expired = an.wait_for_sessions(Duration::from_secs(10), |s| {
+        s.iter().filter(|s| s_status(s) == "Failed").count() == 5
+    });
+    assert!(expired, "{}", describe_all(&an.sessions_so_far()));
+    second.stop();
+    let out = an.stop();
+    let mut truth = honest_truth();
+    truth.insert("Succeeded/3".into(), 6);
+    assert_eq!(counts_in(&out, "coredns-0", ".honest.test"), truth);
+}
+
+/// Finding 6 of #16: a flood of sessions from one address (four loadgen pods on 127.0.0.3)
+/// fills a small session table. The table evicts from the address holding the most open
+/// sessions, so the honest pod's 200 unanswered queries are still reported Failed, and the
+/// evictions are counted under the flooding identities.
+#[test]
+fn a_session_flood_evicts_its_own_sessions_first() {
+    let an = Analyser::serve_tcp(&[
+        "--session-timeout",
+        "30s",
+        "--shards",
+        "1",
+        "--max-sessions",
+        "2000",
+    ]);
+    let t = now_secs() - 1;
+    let mut honest = Sender::new(2, &an);
+    for id in 1..=200u16 {
+        honest.message(
+            "honest-pod",
+            Type::CLIENT_QUERY,
+            &format!("q{id}.honest.test"),
+            id,
+            t,
+        );
+    }
+    honest.send();
+    wait_frames(&an, honest.frames);
+    let flood = run_ok(
+        std::process::Command::new(loadgen_bin()).args([
+            "run",
+            "--connect",
+            &an.addr(),
+            "--bind",
+            "127.0.0.3",
+            "--connections",
+            "4",
+            "--sessions",
+            "20000",
+            "--mix",
+            "no_response=1",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(!flood.stdout.is_empty());
+    wait_until("evictions counted", Duration::from_secs(10), || {
+        scrape_sum(&an, "dnstap_analyser_sessions_evicted_total") >= 1.0
+    });
+    let evicted_honest = scrape_sum(
+        &an,
+        "dnstap_analyser_sessions_evicted_total{identity=\"honest-pod\"}",
+    );
+    assert_eq!(evicted_honest, 0.0, "evictions are counted per identity");
+    honest.stop();
+    let out = an.stop();
+    assert_eq!(
+        counts_in(&out, "honest-pod", ".honest.test"),
+        [("Failed/1".to_string(), 200)].into_iter().collect()
+    );
+    let evicted = out
+        .sessions
+        .iter()
+        .filter(|s| s["loss_reason"] == "session_table_full")
+        .count();
+    assert!(evicted >= 20_000 - 2000, "{evicted}: {}", out.summary);
 }

@@ -89,7 +89,11 @@ const EXPOSITION: &[Metric] = &[
     ),
     metric("dnstap_analyser_queue_capacity_events", Kind::Gauge, &[]),
     metric("dnstap_analyser_open_sessions", Kind::Gauge, &["shard"]),
-    metric("dnstap_analyser_sessions_evicted_total", Kind::Counter, &[]),
+    metric(
+        "dnstap_analyser_sessions_evicted_total",
+        Kind::Counter,
+        &["identity"],
+    ),
     metric("dnstap_analyser_connections_open", Kind::Gauge, &[]),
     metric(
         "dnstap_analyser_connections_accepted_total",

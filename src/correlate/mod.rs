@@ -9,7 +9,7 @@ mod table;
 pub use session::{BitMap, Incomplete, LossReason, Message, Session, Status, Verdict};
 pub use store::{MessageRef, MessageStore};
 
-use crate::dnstap::{Event, Nanos, Role, SourceId, StreamEnded, StreamId};
+use crate::dnstap::{Event, Nanos, PeerKey, Role, SourceId, StreamEnded, StreamId};
 use hashbrown::{HashMap, HashSet};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -76,6 +76,8 @@ struct SourceClock {
     expiry: BinaryHeap<Reverse<(Nanos, SlotId, u32)>>,
     /// Sessions of the source in the table.
     open: u32,
+    /// The peer address the sender sends from (one per source: see `SourceRegistry`).
+    peer: PeerKey,
     /// When the source's latest event arrived, to forget sources that went quiet.
     seen_at: Instant,
     /// Whether the source has an entry in `Correlator::retiring`.
@@ -155,6 +157,10 @@ pub struct Correlator {
     sources: HashMap<SourceId, SourceClock>,
     /// Sources with open sessions: the only ones the idle flush has to look at.
     busy: HashSet<SourceId>,
+    /// Open sessions per peer address: a full table evicts from the address holding most.
+    open_by_peer: HashMap<PeerKey, u32>,
+    /// The source a full table evicts from while its address holds more than an equal share.
+    evict_from: Option<SourceId>,
     /// Sources without open sessions, by the arrival of their latest event: each is forgotten
     /// once quiet for the session timeout plus `IDLE_LAG`, so identities that come and go
     /// (pod restarts) don't accumulate.
@@ -183,6 +189,8 @@ impl Correlator {
             table: SessionTable::default(),
             sources: HashMap::new(),
             busy: HashSet::new(),
+            open_by_peer: HashMap::new(),
+            evict_from: None,
             retiring: BinaryHeap::new(),
             idle: Vec::new(),
             discarded: 0,
@@ -240,6 +248,7 @@ impl Correlator {
                 loss_seq: 0,
                 expiry: BinaryHeap::new(),
                 open: 0,
+                peer: ev.peer,
                 seen_at: now,
                 retire_queued: false,
             });
@@ -371,6 +380,7 @@ impl Correlator {
     /// Counts a session opened for `source`.
     fn opened(&mut self, source: SourceId) {
         if let Some(c) = self.sources.get_mut(&source) {
+            *self.open_by_peer.entry(c.peer).or_default() += 1;
             c.open += 1;
             if c.open == 1 {
                 self.busy.insert(source);
@@ -381,6 +391,12 @@ impl Correlator {
     /// Counts a session of `source` gone from the table.
     fn closed(&mut self, source: SourceId) {
         if let Some(c) = self.sources.get_mut(&source) {
+            if let Some(n) = self.open_by_peer.get_mut(&c.peer) {
+                *n -= 1;
+                if *n == 0 {
+                    self.open_by_peer.remove(&c.peer);
+                }
+            }
             c.open = c.open.saturating_sub(1);
             if c.open == 0 {
                 self.busy.remove(&source);
@@ -602,14 +618,14 @@ impl Correlator {
             .map(|(_, slot)| slot)
     }
 
-    /// Opens a session for this event. When the table is full, the session opened longest
-    /// ago, of whichever source, is emitted first; a message that still finds no room (the
-    /// table holds no session at all) is counted in `discarded`.
+    /// Opens a session for this event. When the table is full, one session of the peer
+    /// address holding the most is emitted first (`eviction_victim`); a message that still
+    /// finds no room (the table holds no session at all) is counted in `discarded`.
     fn insert(&mut self, ev: &Event, t: Nanos, sink: &mut impl SessionSink) -> Option<SlotId> {
         if self.table.len() >= self.cfg.max_sessions {
-            if let Some(oldest) = self.table.oldest() {
-                self.session_mut(oldest).loss = Some(LossReason::SessionTableFull);
-                self.finish(oldest, sink);
+            if let Some(victim) = self.eviction_victim() {
+                self.session_mut(victim).loss = Some(LossReason::SessionTableFull);
+                self.finish(victim, sink);
             }
         }
         if self.table.len() >= self.cfg.max_sessions {
@@ -622,6 +638,48 @@ impl Correlator {
         session.drop_epoch_at_open = self.drop_epoch;
         self.opened(ev.source);
         Some(self.table.insert(session))
+    }
+
+    /// The session a full table gives up: of the peer address holding the most open sessions
+    /// (a flood evicts its own sessions first, however many identities it spreads over, and
+    /// an honest pod keeps an equal share), of that address's busiest source, the one due
+    /// first. The source is kept while its address holds more than an equal share, so a
+    /// flood costs one lookup per eviction, not a scan.
+    fn eviction_victim(&mut self) -> Option<SlotId> {
+        let share = self.table.len() / self.open_by_peer.len().max(1);
+        let keep = self
+            .evict_from
+            .and_then(|s| self.sources.get(&s))
+            .is_some_and(|c| {
+                c.open > 0
+                    && self
+                        .open_by_peer
+                        .get(&c.peer)
+                        .is_some_and(|&n| n as usize >= share)
+            });
+        if !keep {
+            let peer = self
+                .open_by_peer
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .map(|(p, _)| *p);
+            self.evict_from = self
+                .busy
+                .iter()
+                .filter_map(|s| Some((*s, self.sources.get(s)?)))
+                .filter(|(_, c)| Some(c.peer) == peer)
+                .max_by_key(|(_, c)| c.open)
+                .map(|(s, _)| s);
+        }
+        let c = self.sources.get_mut(&self.evict_from?)?;
+        while let Some(&Reverse((deadline, slot, generation))) = c.expiry.peek() {
+            if self.table.is_live(slot, generation, deadline) {
+                return Some(slot);
+            }
+            c.expiry.pop();
+        }
+        // Every open session has a deadline in its source's heap; this is only a fallback.
+        self.table.oldest()
     }
 
     fn session_mut(&mut self, slot: SlotId) -> &mut Session {
@@ -788,6 +846,7 @@ mod tests {
         Event {
             source: SourceId(1),
             stream: StreamId::default(),
+            peer: PeerKey::default(),
             profile: SenderProfile::CoreDns,
             role,
             key: 1000 + id as u64,
@@ -1153,6 +1212,43 @@ mod tests {
             .map(|(_, v)| (v.status, v.bitmap))
             .collect();
         assert_eq!(of_source_2, [(Status::Succeeded, BitMap::CQ_CR)]);
+    }
+
+    /// A flood from one address evicts its own sessions, however many identities it spreads
+    /// over; the honest address keeps its share.
+    #[test]
+    fn a_full_table_evicts_from_the_address_holding_the_most() {
+        let mut run = Run::new();
+        run.corr = Correlator::new(Config {
+            max_sessions: 10,
+            ..Config::default()
+        });
+        let from = |peer: u32, source: u32, mut e: Event| {
+            e.peer = PeerKey(peer);
+            e.source = SourceId(source);
+            e
+        };
+        for id in 1..=3 {
+            run.feed(from(
+                1,
+                1,
+                ev(Role::ClientQuery, id, T0 + id as Nanos, None, 0),
+            ));
+        }
+        for id in 100..200u16 {
+            let source = 10 + id as u32 % 7;
+            run.feed(from(2, source, ev(Role::ClientQuery, id, T0 + S, None, 0)));
+        }
+        assert_eq!(run.out.len(), 93);
+        assert!(
+            run.out.iter().all(|(s, _)| s.source != SourceId(1)),
+            "the honest address's three sessions stay open"
+        );
+        run.flush();
+        let honest = run.out.iter().filter(|(s, _)| s.source == SourceId(1));
+        assert!(honest
+            .map(|(_, v)| (v.status, v.loss))
+            .all(|v| v == (Status::Failed, None)));
     }
 
     #[test]

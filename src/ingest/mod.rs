@@ -13,14 +13,15 @@ pub use loss::LossBoard;
 pub use router::{Batch, QueueDepths, Router, ShardInput, BATCH};
 
 use crate::dnstap::{
-    self, Event, IdentityLimit, Nanos, Role, SenderProfile, SourceId, SourceRegistry, StreamEnded,
-    StreamId,
+    self, Event, IdentityLimit, Nanos, PeerKey, Role, SenderProfile, SourceId, SourceRegistry,
+    StreamEnded, StreamId,
 };
 use crate::framestream::{FrameDecoder, FrameError, ProtocolError, ReceiverStream, Step};
 use crate::metrics::{Discard, ErrorChain, Metrics, Tally};
 use bytes::BytesMut;
 use hashbrown::HashMap;
 use loss::SourceTrack;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -169,6 +170,10 @@ pub struct StreamIngest {
     stream: StreamId,
     /// Name used as the source when a message carries no identity.
     peer: String,
+    /// The peer's address: with the identity, it makes the sender (`SourceRegistry`).
+    peer_ip: Option<IpAddr>,
+    /// The peer address as events carry it, for the correlator's fair share per address.
+    peer_key: PeerKey,
     decoder: FrameDecoder,
     receiver: ReceiverStream,
     /// Last identity seen and what it resolved to: identities rarely change within a stream.
@@ -235,7 +240,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 static NEXT_STREAM: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 impl StreamIngest {
-    pub fn new(shared: Shared, peer: String) -> Self {
+    pub fn new(shared: Shared, peer: String, peer_ip: Option<IpAddr>) -> Self {
         let decoder = FrameDecoder::new(shared.max_frame_size);
         let now = Instant::now();
         // Relaxed: the number only has to be unique, not ordered with anything.
@@ -244,6 +249,8 @@ impl StreamIngest {
             shared,
             stream,
             peer,
+            peer_ip,
+            peer_key: PeerKey::of(peer_ip),
             decoder,
             receiver: ReceiverStream::new(),
             identity_cache: None,
@@ -476,6 +483,7 @@ impl StreamIngest {
         };
         tracked.last_used = self.now;
         ev.stream = self.stream;
+        ev.peer = self.peer_key;
         let track = &mut tracked.track;
         ev.watermark = track.advance(ev.time());
         if track.reveals_loss(&ev, self.shared.session_timeout) {
@@ -559,10 +567,11 @@ impl StreamIngest {
             identity
         };
         let sources = self.shared.sources.clone();
-        if let Some(source) = sources.lookup(name) {
+        let peer = self.peer_ip;
+        if let Some(source) = sources.lookup(peer, name) {
             if self.tracks.contains_key(&source) {
                 // Tracked already: the version may have changed.
-                sources.acquire(name, version, self.now)?;
+                sources.acquire(peer, name, version, self.now)?;
                 sources.release(source, self.now);
                 return Ok(source);
             }
@@ -579,7 +588,7 @@ impl StreamIngest {
                 per_connection: true,
             });
         }
-        let source = sources.acquire(name, version, self.now)?;
+        let source = sources.acquire(peer, name, version, self.now)?;
         let tracked = Tracked {
             track: SourceTrack::default(),
             last_used: self.now,
@@ -618,7 +627,7 @@ mod tests {
             let depths: QueueDepths = Arc::new([AtomicU64::new(0)]);
             let router = Router::new(vec![tx], depths, 1 << 30, true, metrics.clone());
             let mut s = Self {
-                ingest: StreamIngest::new(shared, "peer".into()),
+                ingest: StreamIngest::new(shared, "peer".into(), None),
                 router,
                 rx,
                 metrics,
@@ -832,7 +841,10 @@ mod tests {
         let (sources, metrics, now) = (s.sources.clone(), s.metrics.clone(), s.now);
         drop(s);
         let later = now + Duration::from_secs(120);
-        assert!(sources.acquire(b"b", b"", later).is_ok(), "a was reclaimed");
+        assert!(
+            sources.acquire(None, b"b", b"", later).is_ok(),
+            "a was reclaimed"
+        );
         assert_eq!(metrics.discarded(Discard::IdentityLimit), 0);
     }
 }

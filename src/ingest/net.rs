@@ -12,6 +12,7 @@ use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::HashMap;
 use std::io::{self, Write};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -124,24 +125,48 @@ impl Listener {
         }
     }
 
-    fn accept(&mut self) -> io::Result<(Stream, String)> {
+    fn accept(&mut self) -> io::Result<(Stream, Peer)> {
         match self {
             Self::Tcp(l) => {
                 let (s, peer) = l.accept()?;
                 let _ = s.set_nodelay(true);
-                Ok((Stream::Tcp(s), peer.to_string()))
+                Ok((Stream::Tcp(s), Peer::new(peer.to_string(), Some(peer.ip()))))
             }
             Self::Tls(l, acceptor) => {
                 let (s, peer) = l.accept()?;
                 let _ = s.set_nodelay(true);
                 let tls = acceptor.accept(s)?;
-                Ok((Stream::Tls(Box::new(tls)), format!("tls:{peer}")))
+                let name = format!("tls:{peer}");
+                Ok((Stream::Tls(Box::new(tls)), Peer::new(name, Some(peer.ip()))))
             }
             Self::Unix(l, path) => {
                 let (s, _) = l.accept()?;
-                Ok((Stream::Unix(s), format!("unix:{}", path.display())))
+                let name = format!("unix:{}", path.display());
+                Ok((Stream::Unix(s), Peer::new(name, None)))
             }
         }
+    }
+}
+
+/// Who is at the other end of a connection: its name in log lines, and its address (none on
+/// a unix socket), which with the identity makes a sender and which the limits count by.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub name: String,
+    pub ip: Option<IpAddr>,
+}
+
+impl Peer {
+    pub fn new(name: String, ip: Option<IpAddr>) -> Self {
+        // An IPv4 client of a dual-stack listener is the same peer as over IPv4.
+        let ip = ip.map(|ip| ip.to_canonical());
+        Self { name, ip }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
     }
 }
 
@@ -244,7 +269,7 @@ impl Write for Stream {
 
 struct Conn {
     stream: Stream,
-    peer: String,
+    peer: Peer,
     ingest: StreamIngest,
     buf: BytesMut,
     /// Bytes of `buf` last added to the shared partial-frame total.
@@ -295,7 +320,7 @@ impl Ending {
 /// What other readers send a reader.
 enum Mail {
     /// A connection the acceptor dealt to it.
-    Conn(Stream, String),
+    Conn(Stream, Peer),
     /// The acceptor is at --max-connections and picked this reader's longest-idle connection.
     MakeRoom,
 }
@@ -536,7 +561,7 @@ impl Reader {
         true
     }
 
-    fn adopt(&mut self, mut stream: Stream, peer: String) {
+    fn adopt(&mut self, mut stream: Stream, peer: Peer) {
         let token = Token(self.next_token);
         self.next_token += 1;
         if let Err(e) = self
@@ -551,7 +576,7 @@ impl Reader {
             self.shared.metrics.disconnected(Disconnect::ServerError);
             return;
         }
-        let ingest = StreamIngest::new(self.shared.clone(), peer.clone());
+        let ingest = StreamIngest::new(self.shared.clone(), peer.name.clone(), peer.ip);
         self.conns.insert(
             token,
             Conn {
@@ -988,7 +1013,7 @@ mod tests {
         c.write_all(&query).unwrap();
         c.write_all(&query[..query.len() / 2]).unwrap();
         let (board, sources) = (&a.shared.board, &a.shared.sources);
-        let pod = || sources.lookup(b"pod");
+        let pod = || sources.lookup(Some([127, 0, 0, 1].into()), b"pod");
         let deadline = Instant::now() + Duration::from_secs(20);
         while pod().is_none_or(|s| board.get(s) == 0) {
             assert!(Instant::now() < deadline, "no loss evident after 20 s");

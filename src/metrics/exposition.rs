@@ -391,11 +391,18 @@ impl Families {
         let mut m = family(
             enc,
             "sessions_evicted",
-            "Sessions evicted from a full session table (--max-sessions).",
+            "Sessions evicted from a full session table (--max-sessions), by sender identity.",
             None,
             MetricType::Counter,
         )?;
-        counter(&mut m, [], c.evicted)?;
+        let evicted: BTreeMap<_, _> = c
+            .evicted
+            .iter()
+            .map(|(i, v)| (names.get(*i), *v))
+            .fold(BTreeMap::new(), sum_into);
+        for (identity, v) in evicted {
+            counter(&mut m, [("identity", &*identity)], v)?;
+        }
 
         self.connections(enc, snap)?;
 
@@ -848,7 +855,11 @@ mod tests {
         let fr = [("identity", "coredns-1"), ("type", "FORWARDER_RESPONSE")];
         assert_eq!(value(&p, "dnstap_analyser_messages_total", &fr), 2.0);
         assert_eq!(
-            value(&p, "dnstap_analyser_sessions_evicted_total", &[]),
+            value(
+                &p,
+                "dnstap_analyser_sessions_evicted_total",
+                &[("identity", "coredns-1")]
+            ),
             1.0
         );
         assert_eq!(value(&p, "dnstap_analyser_frames_total", &[]), 9.0);
