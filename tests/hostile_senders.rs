@@ -484,7 +484,7 @@ fn a_session_flood_evicts_its_own_sessions_first() {
     });
     let evicted_honest = scrape_sum(
         &an,
-        "dnstap_analyser_sessions_evicted_total{identity=\"honest-pod\"}",
+        "dnstap_analyser_sessions_evicted_by_identity_total{identity=\"honest-pod\"}",
     );
     assert_eq!(evicted_honest, 0.0, "evictions are counted per identity");
     honest.stop();

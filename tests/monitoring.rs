@@ -89,8 +89,9 @@ const EXPOSITION: &[Metric] = &[
     ),
     metric("dnstap_analyser_queue_capacity_events", Kind::Gauge, &[]),
     metric("dnstap_analyser_open_sessions", Kind::Gauge, &["shard"]),
+    metric("dnstap_analyser_sessions_evicted_total", Kind::Counter, &[]),
     metric(
-        "dnstap_analyser_sessions_evicted_total",
+        "dnstap_analyser_sessions_evicted_by_identity_total",
         Kind::Counter,
         &["identity"],
     ),

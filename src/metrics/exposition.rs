@@ -391,7 +391,15 @@ impl Families {
         let mut m = family(
             enc,
             "sessions_evicted",
-            "Sessions evicted from a full session table (--max-sessions), by sender identity.",
+            "Sessions evicted from a full session table (--max-sessions).",
+            None,
+            MetricType::Counter,
+        )?;
+        counter(&mut m, [], c.evicted.values().sum())?;
+        let mut m = family(
+            enc,
+            "sessions_evicted_by_identity",
+            "Sessions evicted from a full session table, by the evicted session's sender identity.",
             None,
             MetricType::Counter,
         )?;
@@ -855,9 +863,13 @@ mod tests {
         let fr = [("identity", "coredns-1"), ("type", "FORWARDER_RESPONSE")];
         assert_eq!(value(&p, "dnstap_analyser_messages_total", &fr), 2.0);
         assert_eq!(
+            value(&p, "dnstap_analyser_sessions_evicted_total", &[]),
+            1.0
+        );
+        assert_eq!(
             value(
                 &p,
-                "dnstap_analyser_sessions_evicted_total",
+                "dnstap_analyser_sessions_evicted_by_identity_total",
                 &[("identity", "coredns-1")]
             ),
             1.0
