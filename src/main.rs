@@ -101,6 +101,23 @@ struct Cli {
     #[arg(long, global = true, default_value = "120s", value_name = "DURATION", value_parser = parse_duration)]
     idle_timeout: Duration,
 
+    /// Connections still in their Frame Streams or TLS handshake, a pool apart from
+    /// --max-connections: half-open connections cannot take established senders' slots.
+    /// Beyond it a new connection is refused (connection_limit), except from an address that
+    /// had an established connection within --identity-idle-timeout (a redialing CoreDNS).
+    #[arg(long, global = true, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshaking: u32,
+
+    /// Connections one peer address may hold in their handshake at once; more are refused
+    /// (connection_limit). CoreDNS handshakes one at a time.
+    #[arg(long, global = true, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    handshakes_per_address: u32,
+
+    /// Connections one peer address may hold at once, handshaking or established; more are
+    /// refused (connection_limit). A CoreDNS pod holds one, two while it redials.
+    #[arg(long, global = true, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    connections_per_address: u32,
+
     /// Bytes of partially received frames buffered over all connections. Over it, the
     /// connections holding the largest partial frames (more than an equal share,
     /// budget / --max-connections) are closed and counted (frame_budget).
@@ -340,6 +357,9 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
         handshake_timeout: cli.handshake_timeout,
         idle_timeout: cli.idle_timeout,
         frame_buffer_budget: cli.frame_buffer_budget.max(1),
+        max_handshaking: cli.max_handshaking as usize,
+        handshakes_per_address: cli.handshakes_per_address as usize,
+        connections_per_address: cli.connections_per_address as usize,
         tls: tls_files(cli)?,
         senders: SenderLimits {
             max_identities: cli.max_identities as usize,

@@ -52,6 +52,10 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub frame_buffer_budget: usize,
+    /// `--max-handshaking`, `--handshakes-per-address`, `--connections-per-address`.
+    pub max_handshaking: usize,
+    pub handshakes_per_address: usize,
+    pub connections_per_address: usize,
     /// Certificates of the `tls://` listeners; `None` when there are none.
     pub tls: Option<TlsFiles>,
     /// Identities, their expiry, plausible event times.
@@ -81,6 +85,9 @@ impl Default for Settings {
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(120),
             frame_buffer_budget: 64 << 20,
+            max_handshaking: 256,
+            handshakes_per_address: 8,
+            connections_per_address: 64,
             tls: None,
             senders: SenderLimits::default(),
             log: LogFilter::ALL,
@@ -687,6 +694,10 @@ pub fn serve(
         handshake_timeout: s.handshake_timeout,
         idle_timeout: s.idle_timeout,
         frame_buffer_budget: s.frame_buffer_budget,
+        max_handshaking: s.max_handshaking,
+        handshakes_per_address: s.handshakes_per_address,
+        connections_per_address: s.connections_per_address,
+        known_for: s.senders.identity_idle,
     };
     let slots = Arc::new(Slots::new(limits, s.readers.max(1)));
     let open = slots.clone();

@@ -500,3 +500,93 @@ fn a_session_flood_evicts_its_own_sessions_first() {
         .count();
     assert!(evicted >= 20_000 - 2000, "{evicted}: {}", out.summary);
 }
+
+/// Connections the analyser has taken a decision on: accepted or refused.
+fn connections_decided(an: &Analyser) -> u64 {
+    (scrape_sum(an, "dnstap_analyser_connections_accepted_total")
+        + scrape_sum(an, "dnstap_analyser_connections_refused_total")) as u64
+}
+
+/// Opens `n` connections from 127.0.0.`host` that never start the Frame Streams handshake,
+/// and waits until the analyser has accepted or refused each.
+fn half_open(an: &Analyser, host: u8, n: usize) -> Vec<TcpStream> {
+    let before = connections_decided(an);
+    let conns: Vec<TcpStream> = (0..n).map(|_| connect_from(host, &an.addr())).collect();
+    wait_until(
+        "half-open connections decided",
+        Duration::from_secs(20),
+        || connections_decided(an) >= before + n as u64,
+    );
+    conns
+}
+
+/// One whole connection of the honest sender: START, an answered session, STOP.
+fn honest_try(an: &Analyser, host: u8, i: u16) {
+    let mut s = Sender::new(host, an);
+    s.capture.answered(
+        "honest-pod",
+        &format!("try{i}.honest.test"),
+        i,
+        now_secs() - 1,
+    );
+    s.stop();
+}
+
+/// The connection-limit flags of the half-open tests: 8 slots, 8 handshakes, 4 per address,
+/// and a handshake deadline long enough that the attack needs no replacing.
+const SMALL_POOLS: [&str; 8] = [
+    "--max-connections",
+    "8",
+    "--max-handshaking",
+    "8",
+    "--handshakes-per-address",
+    "4",
+    "--handshake-timeout",
+    "60s",
+];
+
+/// Finding 3 of #16: one address keeps more half-open connections than there are slots. The
+/// handshaking pool is apart from the established slots and the address gets 4 of it, so an
+/// honest pod connecting for the first time gets in every time.
+#[test]
+fn half_open_connections_from_one_address_do_not_lock_out_a_sender() {
+    let an = Analyser::serve_tcp(&SMALL_POOLS);
+    let _attack = half_open(&an, 3, 20);
+    for i in 1..=10 {
+        honest_try(&an, 2, i);
+    }
+    let out = an.stop();
+    assert_eq!(
+        counts_in(&out, "honest-pod", ".honest.test"),
+        [("Succeeded/3".to_string(), 10)].into_iter().collect(),
+        "{}",
+        tail(&out.stderr, 20)
+    );
+    assert_eq!(out.discarded("connection_limit"), 16, "{}", out.summary);
+}
+
+/// Finding 3 of #16: twenty addresses fill the handshaking pool with half-open connections.
+/// A pod that held an established connection within --identity-idle-timeout still gets a
+/// slot every time it redials.
+#[test]
+fn a_known_sender_gets_a_slot_past_a_full_handshake_pool() {
+    let an = Analyser::serve_tcp(&SMALL_POOLS);
+    honest_try(&an, 2, 1);
+    wait_until(
+        "the first connection served",
+        Duration::from_secs(20),
+        || an.sessions_so_far().len() == 1,
+    );
+    let _attack: Vec<Vec<TcpStream>> = (10..30).map(|host| half_open(&an, host, 1)).collect();
+    for i in 2..=10 {
+        honest_try(&an, 2, i);
+    }
+    let out = an.stop();
+    assert_eq!(
+        counts_in(&out, "honest-pod", ".honest.test"),
+        [("Succeeded/3".to_string(), 10)].into_iter().collect(),
+        "{}",
+        tail(&out.stderr, 20)
+    );
+    assert_eq!(out.discarded("connection_limit"), 12, "{}", out.summary);
+}

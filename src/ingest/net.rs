@@ -2,7 +2,7 @@
 //! Streams and route events. Reader 0 also accepts and deals connections out round-robin.
 //! The limits they enforce (connections, handshake, idle, frame budget) are in `limits`.
 
-use super::limits::Slots;
+use super::limits::{Refusal, Slots};
 use super::tls::{TlsAcceptor, TlsFailure, TlsStream};
 use super::{Router, Shared, StreamEnd, StreamIngest};
 use crate::metrics::{Discard, Disconnect};
@@ -281,6 +281,8 @@ struct Conn {
     last_active: Instant,
     /// Silent inside a frame for `CUT_OFF_AFTER` since bytes last arrived (said once).
     cut_off: bool,
+    /// Past its handshake: it holds an established slot, no longer a handshaking one.
+    established: bool,
 }
 
 impl Conn {
@@ -495,31 +497,59 @@ impl Reader {
                     return;
                 }
             };
-            if self.slots.at_limit() && !self.make_room() {
-                self.shared.metrics.discard(Discard::ConnectionLimit, 1);
-                self.shared.metrics.warn(format_args!(
-                    "{peer}: refused, already {} connections and none idle for {}s \
-                     (--max-connections, --idle-timeout)",
-                    self.slots.limits.max_connections,
-                    self.slots.limits.idle_timeout.as_secs()
-                ));
+            let slots = self.slots.clone();
+            if let Err(why) = slots.admit(peer.ip, self.now, || self.make_room()) {
+                self.refused(&peer, why);
                 continue;
             }
-            self.slots.opened();
             self.shared
                 .metrics
                 .connections_accepted
                 .fetch_add(1, Relaxed);
+            let ip = peer.ip;
             let n = self.peers.len() + 1;
             let pick = self.next_peer % n;
             self.next_peer = self.next_peer.wrapping_add(1);
             if pick == 0 {
                 self.adopt(stream, peer);
-            } else if self.peers[pick - 1].send(Mail::Conn(stream, peer)).is_err() {
+            } else if let Err(ip) = self.peers[pick - 1]
+                .send(Mail::Conn(stream, peer))
+                .map_err(|_| ip)
+            {
                 // That reader has already stopped: the process is shutting down.
-                self.slots.closed();
+                self.slots.closed(ip, false, self.now);
                 self.shared.metrics.disconnected(Disconnect::Shutdown);
             }
+        }
+    }
+
+    /// Counts and logs a connection refused by the limits.
+    fn refused(&self, peer: &Peer, why: Refusal) {
+        let l = &self.slots.limits;
+        let metrics = &self.shared.metrics;
+        metrics.discard(Discard::ConnectionLimit, 1);
+        match why {
+            Refusal::Connections => metrics.warn(format_args!(
+                "{peer}: refused, already {} connections and none idle for {}s \
+                 (--max-connections, --idle-timeout)",
+                l.max_connections,
+                l.idle_timeout.as_secs()
+            )),
+            Refusal::Handshaking => metrics.warn(format_args!(
+                "{peer}: refused, already {} connections in their handshake \
+                 (--max-handshaking)",
+                l.max_handshaking
+            )),
+            Refusal::AddressHandshakes => metrics.warn(format_args!(
+                "{peer}: refused, its address already has {} connections in their handshake \
+                 (--handshakes-per-address)",
+                l.handshakes_per_address
+            )),
+            Refusal::AddressConnections => metrics.warn(format_args!(
+                "{peer}: refused, its address already has {} connections \
+                 (--connections-per-address)",
+                l.connections_per_address
+            )),
         }
     }
 
@@ -572,7 +602,7 @@ impl Reader {
             self.shared
                 .metrics
                 .warn(format_args!("{peer}: cannot register: {e}"));
-            self.slots.closed();
+            self.slots.closed(peer.ip, false, self.now);
             self.shared.metrics.disconnected(Disconnect::ServerError);
             return;
         }
@@ -589,6 +619,7 @@ impl Reader {
                 opened: self.now,
                 last_active: self.now,
                 cut_off: false,
+                established: false,
             },
         );
         // Data may have arrived before registration.
@@ -637,6 +668,10 @@ impl Reader {
         };
         if let Some(l) = &mut self.live {
             conn.ingest.take_source_counts(|c| c.record(&mut l.stats));
+        }
+        if !conn.established && conn.ingest.is_established() {
+            conn.established = true;
+            self.slots.established_from(conn.peer.ip, self.now);
         }
         // One shared update per wake-up of a connection, not per frame.
         let partial = conn.buf.len();
@@ -793,7 +828,7 @@ impl Reader {
                 ));
             }
         }
-        self.slots.closed();
+        self.slots.closed(conn.peer.ip, conn.established, self.now);
         metrics.disconnected(why.counter());
     }
 
@@ -879,6 +914,7 @@ mod tests {
         addr: SocketAddr,
         metrics: Arc<Metrics>,
         shared: Shared,
+        slots: Arc<Slots>,
         shutdown: Arc<AtomicBool>,
         threads: Vec<JoinHandle<()>>,
         _events: Receiver<ShardInput>,
@@ -919,9 +955,22 @@ mod tests {
                 addr,
                 metrics,
                 shared,
+                slots,
                 shutdown,
                 threads,
                 _events: rx,
+            }
+        }
+
+        /// Waits until `n` connections are past their handshake (the analyser read START).
+        fn wait_established(&self, n: usize) {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while self.slots.established() < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "{n} connections never established"
+                );
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
 
@@ -1036,6 +1085,7 @@ mod tests {
         let mut first = a.sender().unwrap();
         std::thread::sleep(Duration::from_millis(20));
         let mut second = a.sender().unwrap();
+        a.wait_established(2);
         let mut third = a.sender_eventually();
         assert!(closed_by_analyser(&mut first), "the idlest one goes");
         assert!(served_to_the_end(&mut second));
@@ -1058,6 +1108,7 @@ mod tests {
         // Dealt round-robin: the first to reader 0 (the acceptor), the second to reader 1.
         let mut active = a.sender().unwrap();
         let mut idle = a.sender().unwrap();
+        a.wait_established(2);
         let keep_going = Arc::new(AtomicBool::new(true));
         let keeper = {
             let mut w = active.try_clone().unwrap();
@@ -1154,6 +1205,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         let open: Vec<Client> = (0..3).map(|_| a.sender().unwrap()).collect();
+        a.wait_established(3);
         assert!(a.sender().is_none(), "over --max-connections");
         let m = a.stop();
         drop(open);
