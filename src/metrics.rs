@@ -52,10 +52,13 @@ pub enum Discard {
     /// A message of a new identity refused: --max-identities (or
     /// --identities-per-connection on its connection) were in use.
     IdentityLimit,
+    /// A message whose identity is longer than `MAX_IDENTITY_LEN` bytes: refused, never
+    /// truncated (truncating would merge identities).
+    IdentityTooLong,
 }
 
 impl Discard {
-    pub const ALL: [Discard; 16] = [
+    pub const ALL: [Discard; 17] = [
         Discard::QueueFull,
         Discard::QueueDisconnected,
         Discard::Protobuf,
@@ -72,6 +75,7 @@ impl Discard {
         Discard::SessionTableFull,
         Discard::TimeOutOfRange,
         Discard::IdentityLimit,
+        Discard::IdentityTooLong,
     ];
 
     pub fn name(self) -> &'static str {
@@ -92,6 +96,7 @@ impl Discard {
             Self::SessionTableFull => "session_table_full",
             Self::TimeOutOfRange => "time_out_of_range",
             Self::IdentityLimit => "identity_limit",
+            Self::IdentityTooLong => "identity_too_long",
         }
     }
 }

@@ -522,7 +522,8 @@ fn answer(
     f: &dnstap::MessageFields<'_>,
     out: &mut Vec<Attempt>,
 ) {
-    let response_time = dnstap::time(f.response_time_sec, f.response_time_nsec);
+    let response_time = dnstap::time(f.response_time_sec, f.response_time_nsec)
+        .filter(|_| m.flags & Message::TIME_REJECTED == 0);
     let answered = Attempt {
         upstream,
         query_time,

@@ -32,18 +32,37 @@ impl Capture {
     /// A CQ or CR of `identity` for `qname` with DNS id `id`, stamped `secs` since 1970.
     fn message(&mut self, identity: &str, role: Type, qname: &str, id: u16, secs: u64) {
         let response = role == Type::CLIENT_RESPONSE;
+        self.message_at(identity, role, qname, id, secs, response.then_some(secs));
+    }
+
+    /// Any message of `identity` for `qname` with DNS id `id`: query time `secs`, response
+    /// time `response_secs` (responses), upstream 10.0.0.53:53 (forwarder messages).
+    fn message_at(
+        &mut self,
+        identity: &str,
+        role: Type,
+        qname: &str,
+        id: u16,
+        secs: u64,
+        response_secs: Option<u64>,
+    ) {
+        let response = matches!(role, Type::CLIENT_RESPONSE | Type::FORWARDER_RESPONSE);
+        let upstream = matches!(role, Type::FORWARDER_QUERY | Type::FORWARDER_RESPONSE);
         let wire = dns_message(qname, id, response);
         let client = [10, 0, 0, 1];
+        let server = [10, 0, 0, 53];
         let msg = pb::Message {
             type_pb: role,
             socket_family: Some(pb::SocketFamily::INET),
             socket_protocol: Some(pb::SocketProtocol::UDP),
             query_address: Some(Cow::Borrowed(&client[..])),
             query_port: Some(40_000 + id as u32),
+            response_address: upstream.then_some(Cow::Borrowed(&server[..])),
+            response_port: upstream.then_some(53),
             query_time_sec: Some(secs),
             query_time_nsec: Some(0),
-            response_time_sec: response.then_some(secs),
-            response_time_nsec: response.then_some(500_000),
+            response_time_sec: response_secs,
+            response_time_nsec: response_secs.map(|_| 500_000),
             query_message: (!response).then_some(Cow::Borrowed(&wire[..])),
             response_message: response.then_some(Cow::Borrowed(&wire[..])),
             ..Default::default()
@@ -589,4 +608,54 @@ fn a_known_sender_gets_a_slot_past_a_full_handshake_pool() {
         tail(&out.stderr, 20)
     );
     assert_eq!(out.discarded("connection_limit"), 12, "{}", out.summary);
+}
+
+/// Finding 8 of #16: identities of 100 KB each would be held for the identity idle timeout.
+/// An identity longer than 255 bytes is refused with its own reason and never truncated (two
+/// long names sharing their first 255 bytes stay apart: both refused); 255 bytes is fine.
+#[test]
+fn identities_longer_than_a_dns_name_are_refused_not_truncated() {
+    let dir = TempDir::new("long-identity");
+    let t = recent();
+    let mut c = Capture::new();
+    let longest = "a".repeat(255);
+    c.answered(&longest, "ok.example.test", 1, t);
+    for i in 0..50u16 {
+        let long = format!("{}{i}", "b".repeat(100_000));
+        c.answered(&long, "long.example.test", 2 + i, t);
+    }
+    c.answered("good", "good.example.test", 100, t);
+    let out = read(&[c.save(&dir, "long.fstrm")], &[]);
+    assert_eq!(out.discarded("identity_too_long"), 100, "{}", out.summary);
+    assert_eq!(counts_of(&out, &longest).get("Succeeded/3"), Some(&1));
+    assert_eq!(counts_of(&out, "good").get("Succeeded/3"), Some(&1));
+    assert_eq!(out.sessions.len(), 2, "{}", describe_all(&out.sessions));
+}
+
+/// Finding 11 of #16: a response stamped at the end of time (u64::MAX seconds) is counted as
+/// time_out_of_range, and that time enters no computation: no 584-year RTT or latency on the
+/// line (the metrics' RTT histogram skips the same flag, in `pipeline::answer`).
+#[test]
+fn a_time_out_of_range_enters_no_rtt_or_latency() {
+    let dir = TempDir::new("rtt-out-of-range");
+    let t = recent();
+    let mut c = Capture::new();
+    let (q, id) = ("far.example.test", 7);
+    c.message("pod", Type::CLIENT_QUERY, q, id, t);
+    c.message_at("pod", Type::FORWARDER_QUERY, q, id, t, None);
+    c.message_at("pod", Type::FORWARDER_RESPONSE, q, id, t, Some(u64::MAX));
+    c.message_at("pod", Type::CLIENT_RESPONSE, q, id, t, Some(u64::MAX));
+    let out = read(&[c.save(&dir, "far.fstrm")], &[]);
+    assert_eq!(out.discarded("time_out_of_range"), 2, "{}", out.summary);
+    assert_eq!(out.sessions.len(), 1, "{}", describe_all(&out.sessions));
+    let s = &out.sessions[0];
+    assert_eq!(s_bitmap(s), 15, "{}", describe(s));
+    assert!(s["latency_ms"].is_null(), "{}", describe(s));
+    let upstreams = s_upstreams(s);
+    assert!(!upstreams.is_empty(), "{}", describe(s));
+    assert!(
+        upstreams.iter().all(|u| u["rtt_ms"].is_null()),
+        "{}",
+        describe(s)
+    );
 }

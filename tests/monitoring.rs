@@ -170,6 +170,7 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
             "connection_limit",
             "time_out_of_range",
             "identity_limit",
+            "identity_too_long",
             "session_table_full",
             "idle_timeout",
             "frame_budget",

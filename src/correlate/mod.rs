@@ -699,7 +699,11 @@ impl Correlator {
             return;
         }
         let mut bytes = self.pending.take().unwrap_or_else(|| self.store.put(&[]));
-        let mut flags = 0;
+        let mut flags = if ev.time_rejected {
+            Message::TIME_REJECTED
+        } else {
+            0
+        };
         let cq = s.messages.iter().find(|m| m.role == Role::ClientQuery);
         if let (Role::UpstreamQuery, Some(cq)) = (ev.role, cq) {
             if let Some(stripped) =
@@ -847,6 +851,7 @@ mod tests {
             source: SourceId(1),
             stream: StreamId::default(),
             peer: PeerKey::default(),
+            time_rejected: false,
             profile: SenderProfile::CoreDns,
             role,
             key: 1000 + id as u64,

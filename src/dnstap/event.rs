@@ -87,6 +87,9 @@ pub struct Event {
     pub stream: StreamId,
     /// The peer address of the stream (set by ingest).
     pub peer: PeerKey,
+    /// Ingest dropped a time of this message as out of range: the times in its bytes must
+    /// enter no computation either.
+    pub time_rejected: bool,
     pub profile: SenderProfile,
     pub role: Role,
     /// Shard routing and bucket key (see `key`).
@@ -142,6 +145,7 @@ impl Event {
             source: SourceId(0),
             stream: StreamId::default(),
             peer: PeerKey::default(),
+            time_rejected: false,
             profile,
             role,
             key,
@@ -183,6 +187,7 @@ impl Event {
             source,
             stream: StreamId::default(),
             peer: PeerKey::default(),
+            time_rejected: false,
             profile,
             role,
             key: key(

@@ -101,6 +101,12 @@ impl Default for SenderLimits {
     }
 }
 
+/// The longest identity accepted, in bytes (a DNS name's 255 is plenty for a pod or host
+/// name). A longer one is refused, never truncated: truncating would merge identities. With
+/// versions cut to the same length, the registry holds at most
+/// `--max-identities` x 2 x 255 bytes of names.
+pub const MAX_IDENTITY_LEN: usize = 255;
+
 /// Event times before this (2000-01-01) are out of range: no sender's clock is that wrong on
 /// purpose, and 0 is what a zeroed field gives.
 pub const EARLIEST_EVENT_TIME: Nanos = 946_684_800 * 1_000_000_000;
@@ -504,6 +510,7 @@ impl StreamIngest {
         ev.query_time = query.filter(plausible);
         ev.response_time = response.filter(plausible);
         if (query, response) != (ev.query_time, ev.response_time) {
+            ev.time_rejected = true;
             let metrics = &self.shared.metrics;
             metrics.discard(Discard::TimeOutOfRange, 1);
             let secs = |t: Option<Nanos>| t.map(|t| t / 1_000_000_000);
@@ -522,6 +529,22 @@ impl StreamIngest {
     /// The source and profile of a message's identity (the peer's name when it has none), now
     /// tracked by this stream; None when the identity is refused (counted and logged).
     fn source_of(&mut self, identity: &[u8], version: &[u8]) -> Option<(SourceId, SenderProfile)> {
+        if identity.len() > MAX_IDENTITY_LEN {
+            // Not cached: the cache would hold the long name.
+            let metrics = &self.shared.metrics;
+            metrics.discard(Discard::IdentityTooLong, 1);
+            metrics.warn(format_args!(
+                "{}: identity of {} bytes (more than {MAX_IDENTITY_LEN}) starting {:?}; its \
+                 messages are dropped and counted (identity_too_long)",
+                self.peer,
+                identity.len(),
+                String::from_utf8_lossy(&identity[..32])
+                    .escape_debug()
+                    .to_string(),
+            ));
+            return None;
+        }
+        let version = &version[..version.len().min(MAX_IDENTITY_LEN)];
         if let Some((id, resolved)) = &self.identity_cache {
             if id.as_slice() == identity {
                 match *resolved {
