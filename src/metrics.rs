@@ -223,6 +223,9 @@ pub struct Metrics {
     /// [status][bitmap]
     pub sessions_by: [[AtomicU64; 16]; 3],
     pub sessions_printed: AtomicU64,
+    /// Set when the shutdown deadline passed (`--shutdown-timeout`): session lines not
+    /// written plus sessions still open; the summary shows it only then.
+    pub sessions_not_written: std::sync::Mutex<Option<u64>>,
     discards: [AtomicU64; Discard::ALL.len()],
     /// TLS handshakes completed (connections that got to Frame Streams over TLS).
     pub tls_handshakes: AtomicU64,
@@ -327,7 +330,11 @@ impl Metrics {
         for (name, c) in roles.iter().zip(&self.messages_by_role) {
             by_type.insert((*name).into(), c.load(Relaxed).into());
         }
-        serde_json::json!({"summary": {
+        let not_written = *self
+            .sessions_not_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut summary = serde_json::json!({"summary": {
             "messages": self.messages.load(Relaxed),
             "messages_by_type": by_type,
             "frames": self.frames.load(Relaxed),
@@ -335,6 +342,7 @@ impl Metrics {
             "connections_closed": closed,
             "sessions": self.sessions.load(Relaxed),
             "sessions_printed": self.sessions_printed.load(Relaxed),
+            "sessions_not_written": not_written,
             "status": status,
             "bitmap": bitmap,
             "status_bitmap": by,
@@ -344,8 +352,14 @@ impl Metrics {
                 "cert_reloads": self.tls_cert_reloads.load(Relaxed),
                 "cert_reload_errors": self.tls_cert_reload_errors.load(Relaxed),
             },
-        }})
-        .to_string()
+        }});
+        if not_written.is_none() {
+            // Present only when the shutdown deadline passed.
+            if let Some(o) = summary["summary"].as_object_mut() {
+                o.remove("sessions_not_written");
+            }
+        }
+        summary.to_string()
     }
 }
 

@@ -659,3 +659,90 @@ fn a_time_out_of_range_enters_no_rtt_or_latency() {
         describe(s)
     );
 }
+
+/// Finding 4 of #16: nobody reads stdout (a stalled log pipeline). SIGTERM turns /readyz to
+/// 503 at once; after --shutdown-timeout the analyser prints the summary with the number of
+/// sessions it could not write, and exits with status 3, long before a kubelet's SIGKILL.
+#[test]
+fn a_stalled_output_ends_at_the_shutdown_deadline_with_a_count() {
+    use std::io::Read as _;
+    let mut child = std::process::Command::new(analyser_bin())
+        .args([
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--shutdown-timeout",
+            "2s",
+            "--shards",
+            "1",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // stdout is kept open and never read: the pipe fills.
+    let _stalled = child.stdout.take().unwrap();
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (mut pipe, stderr) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                stderr
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let logged = || stderr.lock().unwrap().clone();
+    wait_until("listening", Duration::from_secs(20), || {
+        logged_listen_port(&logged(), "tcp").is_some() && logged_metrics_port(&logged()).is_some()
+    });
+    let port = logged_listen_port(&logged(), "tcp").unwrap();
+    let metrics = format!("127.0.0.1:{}", logged_metrics_port(&logged()).unwrap());
+    run_ok(
+        std::process::Command::new(loadgen_bin()).args([
+            "run",
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+            "--connections",
+            "2",
+            "--sessions",
+            "30000",
+            "--mix",
+            "local=1",
+        ]),
+        Duration::from_secs(60),
+    );
+    signal_pid(child.id(), "TERM");
+    wait_until("/readyz 503 after SIGTERM", Duration::from_secs(2), || {
+        http_get(&metrics, "/readyz", &[]).is_ok_and(|r| r.status == 503)
+    });
+    let exit = wait_child(&mut child, Duration::from_secs(15));
+    if exit.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    reader.join().unwrap();
+    let text = logged();
+    let exit = exit.unwrap_or_else(|| panic!("no exit 15 s after SIGTERM:\n{}", tail(&text, 10)));
+    assert_eq!(exit.code(), Some(3), "{}", tail(&text, 10));
+    let summary: serde_json::Value = text
+        .lines()
+        .find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("summary")
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("no summary:\n{}", tail(&text, 10)));
+    let not_written = summary["sessions_not_written"].as_u64().unwrap_or(0);
+    assert!(not_written > 0, "{summary}");
+    assert!(text.contains("--shutdown-timeout"), "{}", tail(&text, 10));
+}
