@@ -746,3 +746,34 @@ fn a_stalled_output_ends_at_the_shutdown_deadline_with_a_count() {
     assert!(not_written > 0, "{summary}");
     assert!(text.contains("--shutdown-timeout"), "{}", tail(&text, 10));
 }
+
+/// Finding 10 of #16: ESC, BEL and NUL in an identity reached /metrics raw. Every control
+/// character in a label value is written as text.
+#[test]
+fn control_characters_in_an_identity_never_reach_metrics_raw() {
+    let an = Analyser::serve_tcp(&[]);
+    let mut s = Sender::new(2, &an);
+    let evil = "evil\u{1b}[2J\u{7}\u{0}pod";
+    s.capture
+        .answered(evil, "x.example.test", 1, now_secs() - 1);
+    s.frames += 2;
+    s.send();
+    wait_frames(&an, s.frames);
+    wait_until("the identity in /metrics", Duration::from_secs(10), || {
+        http_get_ok(&an.metrics_addr(), "/metrics")
+            .body
+            .contains("evil")
+    });
+    let body = http_get_ok(&an.metrics_addr(), "/metrics").body;
+    let raw: Vec<char> = body
+        .chars()
+        .filter(|c| c.is_control() && *c != '\n')
+        .collect();
+    assert!(raw.is_empty(), "raw control characters {raw:?} in /metrics");
+    assert!(
+        body.contains(r#"identity="evil\\x1b[2J\\x07\\x00pod""#),
+        "{body}"
+    );
+    s.stop();
+    an.stop();
+}

@@ -193,9 +193,33 @@ impl<'a> IdentityNames<'a> {
         self.cache
             .borrow_mut()
             .entry(l)
-            .or_insert_with(|| self.telemetry.identity_name(l).into())
+            .or_insert_with(|| label_value(&self.telemetry.identity_name(l)).into())
             .clone()
     }
+}
+
+/// A sender-controlled string as a label value: control characters (ESC, BEL, NUL, …) written
+/// as `\xHH` / `\u{H}` text, so no terminal or parser reading /metrics sees them raw. The
+/// text format itself escapes `\`, `"` and newline (kept as they are here for that).
+pub(crate) fn label_value(s: &str) -> std::borrow::Cow<'_, str> {
+    use std::fmt::Write;
+    if !s.chars().any(|c| c.is_control() && c != '\n') {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push(c),
+            c if (c as u32) < 0x100 && c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.into()
 }
 
 impl Families {
@@ -541,6 +565,16 @@ mod tests {
     use std::collections::{BTreeSet, HashMap};
 
     pub(crate) const NASTY: &str = "pod \"a\"\\b\nc";
+
+    #[test]
+    fn control_characters_in_label_values_are_written_as_text() {
+        assert_eq!(label_value("pod-1"), "pod-1");
+        assert_eq!(label_value(NASTY), NASTY, "the format escapes these itself");
+        assert_eq!(
+            label_value("a\u{1b}[31mb\u{7}\u{0}c\u{9f}"),
+            "a\\x1b[31mb\\x07\\x00c\\x9f"
+        );
+    }
 
     /// A telemetry with a bit of everything, including an identity that needs escaping.
     pub(crate) fn sample_telemetry() -> Arc<Telemetry> {
