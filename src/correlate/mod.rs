@@ -157,10 +157,11 @@ pub struct Correlator {
     sources: HashMap<SourceId, SourceClock>,
     /// Sources with open sessions: the only ones the idle flush has to look at.
     busy: HashSet<SourceId>,
-    /// Open sessions per peer address: a full table evicts from the address holding most.
-    open_by_peer: HashMap<PeerKey, u32>,
-    /// The source a full table evicts from while its address holds more than an equal share.
-    evict_from: Option<SourceId>,
+    /// The source a full table evicts from, and how many more sessions before its address is
+    /// down to an equal share and the choice is made again.
+    evict_from: Option<(SourceId, u32)>,
+    /// Reused when choosing: per peer address, its open sessions and its busiest source.
+    peer_load: HashMap<PeerKey, (u32, SourceId, u32)>,
     /// Sources without open sessions, by the arrival of their latest event: each is forgotten
     /// once quiet for the session timeout plus `IDLE_LAG`, so identities that come and go
     /// (pod restarts) don't accumulate.
@@ -189,8 +190,8 @@ impl Correlator {
             table: SessionTable::default(),
             sources: HashMap::new(),
             busy: HashSet::new(),
-            open_by_peer: HashMap::new(),
             evict_from: None,
+            peer_load: HashMap::new(),
             retiring: BinaryHeap::new(),
             idle: Vec::new(),
             discarded: 0,
@@ -380,7 +381,6 @@ impl Correlator {
     /// Counts a session opened for `source`.
     fn opened(&mut self, source: SourceId) {
         if let Some(c) = self.sources.get_mut(&source) {
-            *self.open_by_peer.entry(c.peer).or_default() += 1;
             c.open += 1;
             if c.open == 1 {
                 self.busy.insert(source);
@@ -391,12 +391,6 @@ impl Correlator {
     /// Counts a session of `source` gone from the table.
     fn closed(&mut self, source: SourceId) {
         if let Some(c) = self.sources.get_mut(&source) {
-            if let Some(n) = self.open_by_peer.get_mut(&c.peer) {
-                *n -= 1;
-                if *n == 0 {
-                    self.open_by_peer.remove(&c.peer);
-                }
-            }
             c.open = c.open.saturating_sub(1);
             if c.open == 0 {
                 self.busy.remove(&source);
@@ -643,35 +637,19 @@ impl Correlator {
     /// The session a full table gives up: of the peer address holding the most open sessions
     /// (a flood evicts its own sessions first, however many identities it spreads over, and
     /// an honest pod keeps an equal share), of that address's busiest source, the one due
-    /// first. The source is kept while its address holds more than an equal share, so a
-    /// flood costs one lookup per eviction, not a scan.
+    /// first. The choice holds until the address is down to an equal share (or the source
+    /// has nothing open), so a flood costs one scan of the busy sources per that many
+    /// evictions, and the hot path keeps no count per address.
     fn eviction_victim(&mut self) -> Option<SlotId> {
-        let share = self.table.len() / self.open_by_peer.len().max(1);
-        let keep = self
+        let chosen = self
             .evict_from
-            .and_then(|s| self.sources.get(&s))
-            .is_some_and(|c| {
-                c.open > 0
-                    && self
-                        .open_by_peer
-                        .get(&c.peer)
-                        .is_some_and(|&n| n as usize >= share)
-            });
-        if !keep {
-            let peer = self
-                .open_by_peer
-                .iter()
-                .max_by_key(|(_, n)| **n)
-                .map(|(p, _)| *p);
-            self.evict_from = self
-                .busy
-                .iter()
-                .filter_map(|s| Some((*s, self.sources.get(s)?)))
-                .filter(|(_, c)| Some(c.peer) == peer)
-                .max_by_key(|(_, c)| c.open)
-                .map(|(s, _)| s);
-        }
-        let c = self.sources.get_mut(&self.evict_from?)?;
+            .filter(|&(s, left)| left > 0 && self.sources.get(&s).is_some_and(|c| c.open > 0));
+        let (source, left) = match chosen {
+            Some(c) => c,
+            None => self.choose_eviction_source()?,
+        };
+        self.evict_from = Some((source, left - 1));
+        let c = self.sources.get_mut(&source)?;
         while let Some(&Reverse((deadline, slot, generation))) = c.expiry.peek() {
             if self.table.is_live(slot, generation, deadline) {
                 return Some(slot);
@@ -680,6 +658,25 @@ impl Correlator {
         }
         // Every open session has a deadline in its source's heap; this is only a fallback.
         self.table.oldest()
+    }
+
+    /// The busiest source of the address holding the most open sessions, and how many of its
+    /// sessions the address holds beyond an equal share (at least 1).
+    fn choose_eviction_source(&mut self) -> Option<(SourceId, u32)> {
+        self.peer_load.clear();
+        for id in &self.busy {
+            let Some(c) = self.sources.get(id) else {
+                continue;
+            };
+            let e = self.peer_load.entry(c.peer).or_insert((0, *id, 0));
+            e.0 += c.open;
+            if c.open > e.2 {
+                (e.1, e.2) = (*id, c.open);
+            }
+        }
+        let share = self.table.len() / self.peer_load.len().max(1);
+        let &(held, source, _) = self.peer_load.values().max_by_key(|l| l.0)?;
+        Some((source, (held as usize).saturating_sub(share).max(1) as u32))
     }
 
     fn session_mut(&mut self, slot: SlotId) -> &mut Session {
