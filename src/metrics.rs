@@ -233,6 +233,8 @@ pub struct Metrics {
     pub tls_cert_reloads: AtomicU64,
     pub tls_cert_reload_errors: AtomicU64,
     log_limiter: Mutex<LogLimiter>,
+    /// Identities refused (identity limits), by peer address: their own log lines and counts.
+    refused: Mutex<RefusedIdentities>,
 }
 
 impl Metrics {
@@ -290,6 +292,49 @@ impl Metrics {
         } else {
             eprintln!("dnstap-analyser: warning: {msg}");
         }
+    }
+
+    /// A new identity was refused (its registry or connection limit): the victim of a flood
+    /// of identities must be visible. A name not logged before gets a line of its own, under
+    /// a budget per peer address (and a global one) apart from every other warning, so an
+    /// attacker's names, or its repeats, cannot use up the line naming another address's
+    /// pod; repeats go through the ordinary rate limit. Counted per peer address (bounded).
+    pub fn identity_refused(
+        &self,
+        peer: &str,
+        ip: Option<std::net::IpAddr>,
+        identity: &[u8],
+        why: &dyn std::fmt::Display,
+    ) {
+        let name = String::from_utf8_lossy(identity).escape_debug().to_string();
+        let mut r = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        let new = r.note(ip, identity, Instant::now());
+        drop(r);
+        let line = format_args!(
+            "{peer}: identity {name:?} refused: {why}; its messages are dropped and counted \
+             (identity_limit)"
+        );
+        match new {
+            true => eprintln!("dnstap-analyser: warning: {line}"),
+            false => self.warn(line),
+        }
+    }
+
+    /// Identity refusals per peer address as a label value: at most
+    /// `RefusedIdentities::ADDRESSES` addresses, the rest as `other`; unix sockets and files
+    /// as `local`.
+    pub fn identities_refused(&self) -> Vec<(String, u64)> {
+        let r = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        let name = |ip: &Option<std::net::IpAddr>| ip.map_or("local".into(), |ip| ip.to_string());
+        let mut v: Vec<_> = r
+            .by_peer
+            .iter()
+            .map(|(ip, p)| (name(ip), p.refused))
+            .collect();
+        if r.other > 0 {
+            v.push(("other".into(), r.other));
+        }
+        v
     }
 
     /// `{"summary":{...}}`, printed on stderr at exit.
@@ -360,6 +405,70 @@ impl Metrics {
             }
         }
         summary.to_string()
+    }
+}
+
+/// Identities refused, per peer address: counts, names already logged, and the log budget.
+#[derive(Default)]
+struct RefusedIdentities {
+    by_peer: hashbrown::HashMap<Option<std::net::IpAddr>, RefusedFrom>,
+    /// Refusals of addresses beyond `ADDRESSES`.
+    other: u64,
+    /// Hashes of the (address, identity) pairs already logged; cleared when full.
+    logged: hashbrown::HashSet<u64>,
+    hasher: ahash::RandomState,
+    /// New-name lines in the current 10 s window, over all addresses.
+    window_start: Option<Instant>,
+    in_window: u32,
+}
+
+#[derive(Default)]
+struct RefusedFrom {
+    refused: u64,
+    /// New-name lines of this address in the current window.
+    logged_in_window: u32,
+}
+
+impl RefusedIdentities {
+    const ADDRESSES: usize = 256;
+    const LOGGED: usize = 10_000;
+    /// New-name lines per address, and over all addresses, per 10 s.
+    const PER_ADDRESS: u32 = 3;
+    const OVERALL: u32 = 100;
+
+    /// Counts a refusal; true if it is to be logged as a new name.
+    fn note(&mut self, ip: Option<std::net::IpAddr>, identity: &[u8], now: Instant) -> bool {
+        if self
+            .window_start
+            .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
+        {
+            self.window_start = Some(now);
+            self.in_window = 0;
+            self.by_peer
+                .values_mut()
+                .for_each(|p| p.logged_in_window = 0);
+        }
+        let full = self.by_peer.len() >= Self::ADDRESSES && !self.by_peer.contains_key(&ip);
+        if full {
+            self.other += 1;
+            return false;
+        }
+        let from = self.by_peer.entry(ip).or_default();
+        from.refused += 1;
+        let key = self.hasher.hash_one((ip, identity));
+        if self.logged.contains(&key)
+            || from.logged_in_window >= Self::PER_ADDRESS
+            || self.in_window >= Self::OVERALL
+        {
+            return false;
+        }
+        if self.logged.len() >= Self::LOGGED {
+            self.logged.clear();
+        }
+        self.logged.insert(key);
+        from.logged_in_window += 1;
+        self.in_window += 1;
+        true
     }
 }
 

@@ -777,3 +777,43 @@ fn control_characters_in_an_identity_never_reach_metrics_raw() {
     s.stop();
     an.stop();
 }
+
+/// Finding 7 of #16: --max-identities is full of an attacker's names, whose refused newcomers
+/// use up the ordinary warnings. A new pod from its own address is still named in the log
+/// with its address, and counted under that address.
+#[test]
+fn a_refused_identity_is_named_in_the_log_with_its_address() {
+    let an = Analyser::serve_tcp(&["--max-identities", "3"]);
+    let t = now_secs() - 1;
+    let mut flood = Sender::new(3, &an);
+    for i in 0..300u16 {
+        let name = format!("flood-{i}");
+        flood.message(&name, Type::CLIENT_QUERY, "x.flood.test", i, t);
+    }
+    flood.send();
+    wait_frames(&an, flood.frames);
+    let mut pod = Sender::new(2, &an);
+    pod.message("new-pod", Type::CLIENT_QUERY, "y.honest.test", 1, t);
+    pod.send();
+    wait_frames(&an, flood.frames + pod.frames);
+    wait_until("the refusal counted", Duration::from_secs(10), || {
+        scrape_sum(
+            &an,
+            "dnstap_analyser_identities_refused_total{peer=\"127.0.0.2\"}",
+        ) >= 1.0
+    });
+    assert!(
+        scrape_sum(
+            &an,
+            "dnstap_analyser_identities_refused_total{peer=\"127.0.0.3\"}"
+        ) >= 297.0
+    );
+    flood.stop();
+    pod.stop();
+    let out = an.stop();
+    let named = out
+        .stderr
+        .lines()
+        .any(|l| l.contains("127.0.0.2") && l.contains("\"new-pod\""));
+    assert!(named, "{}", tail(&out.stderr, 30));
+}

@@ -91,6 +91,11 @@ const EXPOSITION: &[Metric] = &[
     metric("dnstap_analyser_open_sessions", Kind::Gauge, &["shard"]),
     metric("dnstap_analyser_sessions_evicted_total", Kind::Counter, &[]),
     metric(
+        "dnstap_analyser_identities_refused_total",
+        Kind::Counter,
+        &["peer"],
+    ),
+    metric(
         "dnstap_analyser_sessions_evicted_by_identity_total",
         Kind::Counter,
         &["identity"],

@@ -564,12 +564,7 @@ impl StreamIngest {
             Err(limit) => {
                 let metrics = &self.shared.metrics;
                 metrics.discard(Discard::IdentityLimit, 1);
-                metrics.warn(format_args!(
-                    "{}: identity {:?}: {limit}; its messages are dropped and counted \
-                     (identity_limit)",
-                    self.peer,
-                    String::from_utf8_lossy(identity).escape_debug().to_string(),
-                ));
+                metrics.identity_refused(&self.peer, self.peer_ip, identity, &limit);
                 Resolved::Refused(self.now)
             }
         };

@@ -438,6 +438,19 @@ impl Families {
 
         self.connections(enc, snap)?;
 
+        let mut m = family(
+            enc,
+            "identities_refused",
+            "New identities refused (--max-identities, --identities-per-connection), by peer address (256 at most, then \"other\"; \"local\": unix sockets and files).",
+            None,
+            MetricType::Counter,
+        )?;
+        let mut refused = metrics.identities_refused();
+        refused.sort_unstable();
+        for (peer, v) in refused {
+            counter(&mut m, [("peer", &*peer)], v)?;
+        }
+
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i128);
