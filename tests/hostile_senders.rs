@@ -817,3 +817,41 @@ fn a_refused_identity_is_named_in_the_log_with_its_address() {
         .any(|l| l.contains("127.0.0.2") && l.contains("\"new-pod\""));
     assert!(named, "{}", tail(&out.stderr, 30));
 }
+
+/// Finding 9 of #16: a connect flood on the metrics port (from 127.0.0.3, nothing sent) while
+/// a scraper from 127.0.0.2 sends its request 50 ms after connecting. The flood holds at most
+/// its address's share and evicts its own silent connections: every scrape gets through.
+#[test]
+fn a_connect_flood_does_not_crowd_out_a_scraper() {
+    use std::io::Read as _;
+    let an = Analyser::serve_tcp(&[]);
+    let addr = an.metrics_addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut held = std::collections::VecDeque::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                held.push_back(connect_from(3, &addr));
+                if held.len() > 200 {
+                    held.pop_front();
+                }
+            }
+        })
+    };
+    let mut ok = 0;
+    for _ in 0..40 {
+        let mut c = connect_from(2, &addr);
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let mut reply = String::new();
+        let sent = c.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").is_ok();
+        if sent && c.read_to_string(&mut reply).is_ok() && reply.starts_with("HTTP/1.1 200") {
+            ok += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    an.stop();
+    assert_eq!(ok, 40, "scrapes that got through a connect flood");
+}
