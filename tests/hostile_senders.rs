@@ -551,6 +551,24 @@ fn honest_try(an: &Analyser, host: u8, i: u16) {
     s.stop();
 }
 
+/// Stops the analyser: all 10 honest tries came out whole, and `refused` attack connections
+/// were refused.
+fn every_try_served(an: Analyser, refused: u64) {
+    let out = an.stop();
+    assert_eq!(
+        counts_in(&out, "honest-pod", ".honest.test"),
+        [("Succeeded/3".to_string(), 10)].into_iter().collect(),
+        "{}",
+        tail(&out.stderr, 20)
+    );
+    assert_eq!(
+        out.discarded("connection_limit"),
+        refused,
+        "{}",
+        out.summary
+    );
+}
+
 /// The connection-limit flags of the half-open tests: 8 slots, 8 handshakes, 4 per address,
 /// and a handshake deadline long enough that the attack needs no replacing.
 const SMALL_POOLS: [&str; 8] = [
@@ -574,14 +592,7 @@ fn half_open_connections_from_one_address_do_not_lock_out_a_sender() {
     for i in 1..=10 {
         honest_try(&an, 2, i);
     }
-    let out = an.stop();
-    assert_eq!(
-        counts_in(&out, "honest-pod", ".honest.test"),
-        [("Succeeded/3".to_string(), 10)].into_iter().collect(),
-        "{}",
-        tail(&out.stderr, 20)
-    );
-    assert_eq!(out.discarded("connection_limit"), 16, "{}", out.summary);
+    every_try_served(an, 16);
 }
 
 /// Finding 3 of #16: twenty addresses fill the handshaking pool with half-open connections.
@@ -600,14 +611,7 @@ fn a_known_sender_gets_a_slot_past_a_full_handshake_pool() {
     for i in 2..=10 {
         honest_try(&an, 2, i);
     }
-    let out = an.stop();
-    assert_eq!(
-        counts_in(&out, "honest-pod", ".honest.test"),
-        [("Succeeded/3".to_string(), 10)].into_iter().collect(),
-        "{}",
-        tail(&out.stderr, 20)
-    );
-    assert_eq!(out.discarded("connection_limit"), 12, "{}", out.summary);
+    every_try_served(an, 12);
 }
 
 /// Finding 8 of #16: identities of 100 KB each would be held for the identity idle timeout.
