@@ -430,16 +430,26 @@ fn seconds(age: Nanos) -> String {
     }
 }
 
-/// CQ → CR: the CR's response_time minus the CQ's query_time, when both are known.
+/// CQ → CR: the CR's response_time minus the CQ's query_time, when both are known. A time
+/// ingest rejected as out of range (the message then carries its stream's clock) is unknown.
 fn client_latency(s: &Session) -> Option<Nanos> {
-    let q = s.cq_time()?;
-    let r = s
+    let rejected = |role| {
+        s.messages
+            .iter()
+            .any(|m| m.role == role && m.flags & Message::TIME_REJECTED != 0)
+    };
+    if rejected(Role::ClientQuery) {
+        return None;
+    }
+    let cr = s
         .messages
         .iter()
         .rev()
-        .find(|m| m.role == Role::ClientResponse)?
-        .time()?;
-    r.checked_sub(q)
+        .find(|m| m.role == Role::ClientResponse)?;
+    let r = cr
+        .time()
+        .filter(|_| cr.flags & Message::TIME_REJECTED == 0)?;
+    r.checked_sub(s.cq_time()?)
 }
 
 /// Pairs the session's upstream queries with their responses, into `out`: same upstream,
@@ -465,7 +475,9 @@ fn pair_attempts(s: &Session, store: &MessageStore, out: &mut Vec<Attempt>) {
             });
             continue;
         }
-        let response_time = dnstap::time(f.response_time_sec, f.response_time_nsec);
+        // A time ingest rejected as out of range enters no RTT.
+        let response_time = dnstap::time(f.response_time_sec, f.response_time_nsec)
+            .filter(|_| m.flags & Message::TIME_REJECTED == 0);
         let mut answer = Attempt {
             upstream,
             query_time,
