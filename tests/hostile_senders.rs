@@ -638,7 +638,7 @@ fn identities_longer_than_a_dns_name_are_refused_not_truncated() {
 
 /// Finding 11 of #16: a response stamped at the end of time (u64::MAX seconds) is counted as
 /// time_out_of_range, and that time enters no computation: no 584-year RTT or latency on the
-/// line (the metrics' RTT histogram skips the same flag, in `pipeline::answer`).
+/// line nor in the metrics (one computation, `diagnosis::Diagnosis::refill`).
 #[test]
 fn a_time_out_of_range_enters_no_rtt_or_latency() {
     let dir = TempDir::new("rtt-out-of-range");

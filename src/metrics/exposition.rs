@@ -640,6 +640,32 @@ mod tests {
         );
     }
 
+    /// The namespace label comes from the sender's `extra`: its control characters too.
+    #[test]
+    fn a_namespace_with_control_characters_is_written_as_text() {
+        let sources = Arc::new(SourceRegistry::default());
+        let t = Arc::new(Telemetry::new(
+            Arc::new(Metrics::default()),
+            sources.clone(),
+            TelemetryConfig::default(),
+        ));
+        let source = sources.intern(b"coredns-2", b"1.11");
+        let ok = Verdict {
+            status: Status::Succeeded,
+            bitmap: BitMap(3),
+            loss: None,
+            incomplete: None,
+        };
+        let mut d = Diagnosis::from_parts(source, ok, None, &[]);
+        d.set_extra_for_tests("namespace=ns\u{1b}[31m".as_bytes());
+        let mut shard = t.thread_stats(ThreadKind::Shard(0));
+        shard.record_session(&d);
+        drop(shard);
+        let text = Exposition::new(t).render(Format::Prometheus).unwrap();
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(text.contains("namespace=\"ns\\\\x1b[31m\""), "{text}");
+    }
+
     /// A telemetry with a bit of everything, including an identity that needs escaping.
     pub(crate) fn sample_telemetry() -> Arc<Telemetry> {
         let sources = Arc::new(SourceRegistry::default());
