@@ -33,7 +33,8 @@ use std::time::Duration;
              and prints one line per session with its Status, BitMap, diagnosis and messages.",
     after_help = "Point CoreDNS at it with `dnstap tcp://<analyser address>:6000 full` in the Corefile.\n\
                   Sessions go to stdout, logs and the exit summary to stderr. SIGTERM/SIGINT: stop \
-                  accepting, flush pending sessions, print the summary, exit 0."
+                  accepting, flush pending sessions, print the summary, exit 0 (exit 3 if the \
+                  flush is not done within --shutdown-timeout)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -105,6 +106,30 @@ struct Cli {
     /// nothing at all, and would lose the batch it next writes into a closed connection.
     #[arg(long, global = true, default_value = "120s", value_name = "DURATION", value_parser = parse_duration)]
     idle_timeout: Duration,
+
+    /// After SIGTERM, how long flushing the pending sessions may take. If the output does not
+    /// take them (nobody reads stdout), the analyser then tries to print the summary with the
+    /// number of sessions not written, without waiting on stderr, and exits with status 3.
+    /// Keep it below the pod's terminationGracePeriodSeconds (the chart's formula adds it).
+    #[arg(long, default_value = "20s", value_name = "DURATION", value_parser = parse_duration)]
+    shutdown_timeout: Duration,
+
+    /// Connections still in their Frame Streams or TLS handshake, a pool apart from
+    /// --max-connections: half-open connections cannot take established senders' slots.
+    /// Beyond it a new connection is refused (connection_limit), except from an address that
+    /// had an established connection within --identity-idle-timeout (a redialing CoreDNS).
+    #[arg(long, global = true, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshaking: u32,
+
+    /// Connections one peer address may hold in their handshake at once; more are refused
+    /// (connection_limit). CoreDNS handshakes one at a time.
+    #[arg(long, global = true, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    handshakes_per_address: u32,
+
+    /// Connections one peer address may hold at once, handshaking or established; more are
+    /// refused (connection_limit). A CoreDNS pod holds one, two while it redials.
+    #[arg(long, global = true, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    connections_per_address: u32,
 
     /// Bytes of partially received frames buffered over all connections. Over it, the
     /// connections holding the largest partial frames (more than an equal share,
@@ -387,6 +412,10 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
         handshake_timeout: cli.handshake_timeout,
         idle_timeout: cli.idle_timeout,
         frame_buffer_budget: cli.frame_buffer_budget.max(1),
+        shutdown_timeout: cli.shutdown_timeout,
+        max_handshaking: cli.max_handshaking as usize,
+        handshakes_per_address: cli.handshakes_per_address as usize,
+        connections_per_address: cli.connections_per_address as usize,
         tls: tls_files(cli)?,
         senders: SenderLimits {
             max_identities: cli.max_identities as usize,
@@ -493,6 +522,13 @@ fn main() -> ExitCode {
         };
     // The periodic lines end before the exit summary, which is always the last.
     drop(stats);
+    let deadline_passed = metrics
+        .sessions_not_written
+        .lock()
+        .is_ok_and(|n| n.is_some());
+    if let (Err(Failure::Run(e)), true) = (&result, deadline_passed) {
+        exit_without_waiting(&metrics, e);
+    }
     // A run that never started has nothing to summarise: an all-zero summary would only hide
     // the error line above it.
     if !matches!(result, Err(Failure::Startup(_))) {
@@ -522,6 +558,25 @@ impl Failure {
             false => Failure::Run(e.to_string()),
         }
     }
+}
+
+/// The shutdown deadline passed: stdout is stalled, and stderr may be the same stalled pipe
+/// (Kubernetes collects both). The summary and the error are written by a thread that may
+/// block forever; the process exits with status 3 a moment later either way.
+fn exit_without_waiting(metrics: &Metrics, error: &str) -> ! {
+    let text = format!(
+        "{}\ndnstap-analyser: error: {error}\n",
+        metrics.summary_json()
+    );
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut err = std::io::stderr().lock();
+        let _ = err.write_all(text.as_bytes()).and_then(|()| err.flush());
+        let _ = done_tx.send(());
+    });
+    let _ = done.recv_timeout(Duration::from_millis(500));
+    std::process::exit(3)
 }
 
 #[cfg(test)]

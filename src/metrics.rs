@@ -53,10 +53,13 @@ pub enum Discard {
     /// A message of a new identity refused: --max-identities (or
     /// --identities-per-connection on its connection) were in use.
     IdentityLimit,
+    /// A message whose identity is longer than `MAX_IDENTITY_LEN` bytes: refused, never
+    /// truncated (truncating would merge identities).
+    IdentityTooLong,
 }
 
 impl Discard {
-    pub const ALL: [Discard; 16] = [
+    pub const ALL: [Discard; 17] = [
         Discard::QueueFull,
         Discard::QueueDisconnected,
         Discard::Protobuf,
@@ -73,6 +76,7 @@ impl Discard {
         Discard::SessionTableFull,
         Discard::TimeOutOfRange,
         Discard::IdentityLimit,
+        Discard::IdentityTooLong,
     ];
 
     pub fn name(self) -> &'static str {
@@ -93,6 +97,7 @@ impl Discard {
             Self::SessionTableFull => "session_table_full",
             Self::TimeOutOfRange => "time_out_of_range",
             Self::IdentityLimit => "identity_limit",
+            Self::IdentityTooLong => "identity_too_long",
         }
     }
 }
@@ -225,6 +230,9 @@ pub struct Metrics {
     pub sessions_printed: AtomicU64,
     /// What the streams' recall forgot to stay bounded (see `diagnosis::recall`).
     pub recall_forgotten: AtomicU64,
+    /// Set when the shutdown deadline passed (`--shutdown-timeout`): session lines not
+    /// written plus sessions still open; the summary shows it only then.
+    pub sessions_not_written: std::sync::Mutex<Option<u64>>,
     discards: [AtomicU64; Discard::ALL.len()],
     /// TLS handshakes completed (connections that got to Frame Streams over TLS).
     pub tls_handshakes: AtomicU64,
@@ -232,6 +240,8 @@ pub struct Metrics {
     pub tls_cert_reloads: AtomicU64,
     pub tls_cert_reload_errors: AtomicU64,
     log_limiter: Mutex<LogLimiter>,
+    /// Identities refused (identity limits), by peer address: their own log lines and counts.
+    refused: Mutex<RefusedIdentities>,
 }
 
 impl Metrics {
@@ -294,6 +304,49 @@ impl Metrics {
         }
     }
 
+    /// A new identity was refused (its registry or connection limit): the victim of a flood
+    /// of identities must be visible. A name not logged before gets a line of its own, under
+    /// a budget per peer address (and a global one) apart from every other warning, so an
+    /// attacker's names, or its repeats, cannot use up the line naming another address's
+    /// pod; repeats go through the ordinary rate limit. Counted per peer address (bounded).
+    pub fn identity_refused(
+        &self,
+        peer: &str,
+        ip: Option<std::net::IpAddr>,
+        identity: &[u8],
+        why: &dyn std::fmt::Display,
+    ) {
+        let name = String::from_utf8_lossy(identity).escape_debug().to_string();
+        let mut r = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        let new = r.note(ip, identity, Instant::now());
+        drop(r);
+        let line = format_args!(
+            "{peer}: identity {name:?} refused: {why}; its messages are dropped and counted \
+             (identity_limit)"
+        );
+        match new {
+            true => eprintln!("dnstap-analyser: warning: {line}"),
+            false => self.warn(line),
+        }
+    }
+
+    /// Identity refusals per peer address as a label value: at most
+    /// `RefusedIdentities::ADDRESSES` addresses, the rest as `other`; unix sockets and files
+    /// as `local`.
+    pub fn identities_refused(&self) -> Vec<(String, u64)> {
+        let r = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        let name = |ip: &Option<std::net::IpAddr>| ip.map_or("local".into(), |ip| ip.to_string());
+        let mut v: Vec<_> = r
+            .by_peer
+            .iter()
+            .map(|(ip, p)| (name(ip), p.refused))
+            .collect();
+        if r.other > 0 {
+            v.push(("other".into(), r.other));
+        }
+        v
+    }
+
     /// `{"summary":{...}}`, printed on stderr at exit.
     pub fn summary_json(&self) -> String {
         let mut status = serde_json::Map::new();
@@ -335,6 +388,10 @@ impl Metrics {
             by_type.insert(name.into(), c.load(Relaxed).into());
         }
         let lookups = self.lookups.get().map(|b| b.snapshot().to_json());
+        let not_written = *self
+            .sessions_not_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut summary = serde_json::json!({"summary": {
             "messages": self.messages.load(Relaxed),
             "messages_by_type": by_type,
@@ -343,6 +400,7 @@ impl Metrics {
             "connections_closed": closed,
             "sessions": self.sessions.load(Relaxed),
             "sessions_printed": self.sessions_printed.load(Relaxed),
+            "sessions_not_written": not_written,
             "status": status,
             "bitmap": bitmap,
             "status_bitmap": by,
@@ -356,7 +414,77 @@ impl Metrics {
         if let Some(lookups) = lookups {
             summary["summary"]["lookups"] = lookups;
         }
+        if not_written.is_none() {
+            // Present only when the shutdown deadline passed.
+            if let Some(o) = summary["summary"].as_object_mut() {
+                o.remove("sessions_not_written");
+            }
+        }
         summary.to_string()
+    }
+}
+
+/// Identities refused, per peer address: counts, names already logged, and the log budget.
+#[derive(Default)]
+struct RefusedIdentities {
+    by_peer: hashbrown::HashMap<Option<std::net::IpAddr>, RefusedFrom>,
+    /// Refusals of addresses beyond `ADDRESSES`.
+    other: u64,
+    /// Hashes of the (address, identity) pairs already logged; cleared when full.
+    logged: hashbrown::HashSet<u64>,
+    hasher: ahash::RandomState,
+    /// New-name lines in the current 10 s window, over all addresses.
+    window_start: Option<Instant>,
+    in_window: u32,
+}
+
+#[derive(Default)]
+struct RefusedFrom {
+    refused: u64,
+    /// New-name lines of this address in the current window.
+    logged_in_window: u32,
+}
+
+impl RefusedIdentities {
+    const ADDRESSES: usize = 256;
+    const LOGGED: usize = 10_000;
+    /// New-name lines per address, and over all addresses, per 10 s.
+    const PER_ADDRESS: u32 = 3;
+    const OVERALL: u32 = 100;
+
+    /// Counts a refusal; true if it is to be logged as a new name.
+    fn note(&mut self, ip: Option<std::net::IpAddr>, identity: &[u8], now: Instant) -> bool {
+        if self
+            .window_start
+            .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
+        {
+            self.window_start = Some(now);
+            self.in_window = 0;
+            self.by_peer
+                .values_mut()
+                .for_each(|p| p.logged_in_window = 0);
+        }
+        let full = self.by_peer.len() >= Self::ADDRESSES && !self.by_peer.contains_key(&ip);
+        if full {
+            self.other += 1;
+            return false;
+        }
+        let from = self.by_peer.entry(ip).or_default();
+        from.refused += 1;
+        let key = self.hasher.hash_one((ip, identity));
+        if self.logged.contains(&key)
+            || from.logged_in_window >= Self::PER_ADDRESS
+            || self.in_window >= Self::OVERALL
+        {
+            return false;
+        }
+        if self.logged.len() >= Self::LOGGED {
+            self.logged.clear();
+        }
+        self.logged.insert(key);
+        from.logged_in_window += 1;
+        self.in_window += 1;
+        true
     }
 }
 

@@ -52,6 +52,13 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub frame_buffer_budget: usize,
+    /// After SIGTERM, how long the flush may take before the run ends without it
+    /// (`--shutdown-timeout`).
+    pub shutdown_timeout: Duration,
+    /// `--max-handshaking`, `--handshakes-per-address`, `--connections-per-address`.
+    pub max_handshaking: usize,
+    pub handshakes_per_address: usize,
+    pub connections_per_address: usize,
     /// Certificates of the `tls://` listeners; `None` when there are none.
     pub tls: Option<TlsFiles>,
     /// Identities, their expiry, plausible event times.
@@ -85,6 +92,10 @@ impl Default for Settings {
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(120),
             frame_buffer_budget: 64 << 20,
+            shutdown_timeout: Duration::from_secs(20),
+            max_handshaking: 256,
+            handshakes_per_address: 8,
+            connections_per_address: 64,
             tls: None,
             senders: SenderLimits::default(),
             recall: RecallConfig::default(),
@@ -109,6 +120,8 @@ pub enum Error {
     Output(OutputError),
     /// A thread panicked (the panic hook has already printed where and why).
     Panicked { thread: String, message: String },
+    /// `--shutdown-timeout` passed before every session was written (stdout stalled).
+    ShutdownDeadline { after: Duration, not_written: u64 },
 }
 
 impl Error {
@@ -128,6 +141,12 @@ impl std::fmt::Display for Error {
             Self::Panicked { thread, message } => {
                 write!(f, "thread {thread} panicked: {message}")
             }
+            Self::ShutdownDeadline { after, not_written } => write!(
+                f,
+                "shutdown not done {}s after SIGTERM (--shutdown-timeout): {not_written} \
+                 sessions not written (the output does not take lines)",
+                after.as_secs_f64()
+            ),
         }
     }
 }
@@ -138,7 +157,7 @@ impl std::error::Error for Error {
             Self::Setup(e) => Some(e),
             Self::Metrics(e) => Some(e),
             Self::Output(e) => Some(e),
-            Self::Panicked { .. } => None,
+            Self::Panicked { .. } | Self::ShutdownDeadline { .. } => None,
         }
     }
 }
@@ -519,12 +538,22 @@ pub fn serve(
         .map(|(l, asked)| l.local_addr().as_ref().unwrap_or(asked).to_string())
         .collect();
     eprintln!("dnstap-analyser: listening on {}", names.join(", "));
+    let written = Arc::new(AtomicU64::new(0));
+    let sink = CountedSink {
+        inner: sink,
+        written: written.clone(),
+        pending: 0,
+    };
     let backend = start_backend(s, sink, &telemetry, &shutdown);
     let limits = ConnectionLimits {
         max_connections: s.max_connections,
         handshake_timeout: s.handshake_timeout,
         idle_timeout: s.idle_timeout,
         frame_buffer_budget: s.frame_buffer_budget,
+        max_handshaking: s.max_handshaking,
+        handshakes_per_address: s.handshakes_per_address,
+        connections_per_address: s.connections_per_address,
+        known_for: s.senders.identity_idle,
     };
     let slots = Arc::new(Slots::new(limits, s.readers.max(1)));
     let open = slots.clone();
@@ -576,10 +605,70 @@ pub fn serve(
         std::thread::sleep(Duration::from_millis(50));
     }
     telemetry.health.set_draining();
-    let readers: Vec<Error> = threads.into_iter().filter_map(|t| t.join().err()).collect();
-    let backend = backend.finish();
-    live.stop();
-    first_failure(readers.into_iter().chain(backend.err()))
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let readers: Vec<Error> = threads.into_iter().filter_map(|t| t.join().err()).collect();
+        let backend = backend.finish();
+        let _ = done_tx.send(first_failure(readers.into_iter().chain(backend.err())));
+    });
+    // A stalled output (nobody reads stdout) would block the shards' flush forever; the
+    // kubelet's SIGKILL would then lose every pending session without a trace.
+    let result = done.recv_timeout(s.shutdown_timeout).unwrap_or_else(|_| {
+        let open: u64 = telemetry.snapshot().open_sessions.iter().map(|o| o.1).sum();
+        let printed = metrics.sessions_printed.load(Ordering::Relaxed);
+        let not_written = open + printed.saturating_sub(written.load(Ordering::Relaxed));
+        *metrics
+            .sessions_not_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(not_written);
+        Err(Error::ShutdownDeadline {
+            after: s.shutdown_timeout,
+            not_written,
+        })
+    });
+    if !matches!(result, Err(Error::ShutdownDeadline { .. })) {
+        live.stop();
+    }
+    result
+}
+
+/// Counts the session lines its sink confirmed written (flushed), for the shutdown deadline's
+/// count of lines that never made it.
+struct CountedSink<S> {
+    inner: S,
+    written: Arc<AtomicU64>,
+    pending: u64,
+}
+
+impl<S: Sink> CountedSink<S> {
+    fn confirm(&mut self) {
+        self.written
+            .fetch_add(std::mem::take(&mut self.pending), Ordering::Relaxed);
+    }
+}
+
+impl<S: Sink> Sink for CountedSink<S> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn write_lines(&mut self, lines: &[u8]) -> io::Result<crate::output::Flow> {
+        let flow = self.inner.write_lines(lines)?;
+        self.pending += lines.iter().filter(|&&b| b == b'\n').count() as u64;
+        Ok(flow)
+    }
+
+    fn flush(&mut self) -> io::Result<crate::output::Flow> {
+        let flow = self.inner.flush()?;
+        self.confirm();
+        Ok(flow)
+    }
+
+    fn close(&mut self) -> io::Result<()> {
+        self.inner.close()?;
+        self.confirm();
+        Ok(())
+    }
 }
 
 #[cfg(test)]

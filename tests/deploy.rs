@@ -299,6 +299,18 @@ fn flag_cases() -> Vec<(&'static str, Json, Vec<&'static str>)> {
             json!(20),
             vec!["--upstream-failing-window=20"],
         ),
+        ("max-handshaking", json!(64), vec!["--max-handshaking=64"]),
+        (
+            "handshakes-per-address",
+            json!(2),
+            vec!["--handshakes-per-address=2"],
+        ),
+        (
+            "connections-per-address",
+            json!(4),
+            vec!["--connections-per-address=4"],
+        ),
+        ("shutdown-timeout", json!(30), vec!["--shutdown-timeout=30"]),
         (
             "log",
             json!(["failed", "sampleloss"]),
@@ -2179,12 +2191,27 @@ fn chart_rejects_bad_tls_and_drain_values() {
             r.name
         );
     }
-    // The limit itself renders: preStop 5 + session timeout 10 + 5.
+    // The limits themselves render: preStop 5 + session timeout 10 + 5, with a shutdown
+    // deadline that fits (5 + 10 + 5); and 5 + the default shutdown timeout 20 + 5.
     render_one(
         "grace-at-limit",
-        json!({"terminationGracePeriodSeconds": 20}),
+        json!({"terminationGracePeriodSeconds": 20, "analyser": {"shutdownTimeout": 10}}),
     )
     .expect_ok();
+    render_one(
+        "grace-at-shutdown-limit",
+        json!({"terminationGracePeriodSeconds": 30}),
+    )
+    .expect_ok();
+    assert!(
+        render_one(
+            "grace-before-the-shutdown-deadline",
+            json!({"terminationGracePeriodSeconds": 29}),
+        )
+        .error
+        .is_some(),
+        "a grace period ending before the analyser's shutdown deadline is rejected"
+    );
 }
 
 /// The text of the chart's templates for `values`, without Helm-only labels, one document per

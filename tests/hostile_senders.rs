@@ -1,14 +1,18 @@
-//! Senders that lie (issue #10): a clock far in the future, or a flood of identities. Files of
-//! hand-made dnstap go through `dnstap-analyser read`; the honest sender's sessions must come
-//! out exactly, and what was refused or ignored must be counted.
+//! Senders that lie (issues #10 and #16): a clock far in the future, a flood of identities,
+//! another sender's identity, half-open connections. Files of hand-made dnstap go through
+//! `dnstap-analyser read`, live attacks over loopback from their own 127.0.0.x address; the
+//! honest sender's sessions must come out exactly, and what was refused or ignored must be
+//! counted. Timeouts are shortened by flags to keep the suite fast.
 
 mod support;
 
 use dnstap_analyser::dnstap::pb::{self, mod_Dnstap::Type as TapType, mod_Message::Type};
 use quick_protobuf::{MessageWrite, Writer};
 use std::borrow::Cow;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use support::*;
 
 /// A Frame Streams file being written: unidirectional START, data frames, STOP.
@@ -28,18 +32,37 @@ impl Capture {
     /// A CQ or CR of `identity` for `qname` with DNS id `id`, stamped `secs` since 1970.
     fn message(&mut self, identity: &str, role: Type, qname: &str, id: u16, secs: u64) {
         let response = role == Type::CLIENT_RESPONSE;
+        self.message_at(identity, role, qname, id, secs, response.then_some(secs));
+    }
+
+    /// Any message of `identity` for `qname` with DNS id `id`: query time `secs`, response
+    /// time `response_secs` (responses), upstream 10.0.0.53:53 (forwarder messages).
+    fn message_at(
+        &mut self,
+        identity: &str,
+        role: Type,
+        qname: &str,
+        id: u16,
+        secs: u64,
+        response_secs: Option<u64>,
+    ) {
+        let response = matches!(role, Type::CLIENT_RESPONSE | Type::FORWARDER_RESPONSE);
+        let upstream = matches!(role, Type::FORWARDER_QUERY | Type::FORWARDER_RESPONSE);
         let wire = dns_message(qname, id, response);
         let client = [10, 0, 0, 1];
+        let server = [10, 0, 0, 53];
         let msg = pb::Message {
             type_pb: role,
             socket_family: Some(pb::SocketFamily::INET),
             socket_protocol: Some(pb::SocketProtocol::UDP),
             query_address: Some(Cow::Borrowed(&client[..])),
             query_port: Some(40_000 + id as u32),
+            response_address: upstream.then_some(Cow::Borrowed(&server[..])),
+            response_port: upstream.then_some(53),
             query_time_sec: Some(secs),
             query_time_nsec: Some(0),
-            response_time_sec: response.then_some(secs),
-            response_time_nsec: response.then_some(500_000),
+            response_time_sec: response_secs,
+            response_time_nsec: response_secs.map(|_| 500_000),
             query_message: (!response).then_some(Cow::Borrowed(&wire[..])),
             response_message: response.then_some(Cow::Borrowed(&wire[..])),
             ..Default::default()
@@ -60,6 +83,11 @@ impl Capture {
     fn answered(&mut self, identity: &str, qname: &str, id: u16, secs: u64) {
         self.message(identity, Type::CLIENT_QUERY, qname, id, secs);
         self.message(identity, Type::CLIENT_RESPONSE, qname, id, secs);
+    }
+
+    /// The bytes written so far, to send on a connection; the capture goes on empty.
+    fn take(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.0)
     }
 
     fn save(mut self, dir: &TempDir, name: &str) -> PathBuf {
@@ -190,4 +218,644 @@ fn a_flood_of_identities_is_refused_and_counted_and_hides_nothing() {
         .collect();
     assert_eq!(identities.len() as u64, admitted + 1, "each its own");
     assert_eq!(out.summary_messages(), Some(out.messages_in_sessions()));
+}
+
+/// A plaintext connection to `to` from the loopback address 127.0.0.`host`: to the analyser a
+/// sender is an identity at a peer address, so each attacker gets an address of its own.
+fn connect_from(host: u8, to: &str) -> TcpStream {
+    let to: SocketAddr = to.parse().unwrap();
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, host], 0)).into())
+        .unwrap();
+    s.connect(&to.into()).unwrap();
+    s.into()
+}
+
+/// The sum of a metric's samples on the analyser's /metrics (0 when it has none).
+fn scrape_sum(an: &Analyser, name: &str) -> f64 {
+    let text = http_get_ok(&an.metrics_addr(), "/metrics").body;
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until the analyser has read `n` data frames over all connections: what was sent
+/// before is in the correlator's queues, in order per connection.
+fn wait_frames(an: &Analyser, n: u64) {
+    wait_until(&format!("{n} frames read"), Duration::from_secs(20), || {
+        scrape_sum(an, "dnstap_analyser_frames_total") as u64 >= n
+    });
+}
+
+/// One connection's worth of frames from 127.0.0.`host`: sent, counted, and kept open.
+struct Sender {
+    conn: TcpStream,
+    capture: Capture,
+    frames: u64,
+}
+
+impl Sender {
+    fn new(host: u8, an: &Analyser) -> Self {
+        Sender {
+            conn: connect_from(host, &an.addr()),
+            capture: Capture::new(),
+            frames: 0,
+        }
+    }
+
+    fn message(&mut self, identity: &str, role: Type, qname: &str, id: u16, secs: u64) {
+        self.capture.message(identity, role, qname, id, secs);
+        self.frames += 1;
+    }
+
+    fn send(&mut self) {
+        self.conn.write_all(&self.capture.take()).unwrap();
+    }
+
+    /// STOP, then the connection closes: a clean end, no evidence of loss.
+    fn stop(mut self) {
+        self.capture
+            .0
+            .extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 3]);
+        self.send();
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Counts by status/bitmap of the sessions of `identity` whose qname ends in `zone`.
+fn counts_in(
+    out: &Output,
+    identity: &str,
+    zone: &str,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for s in out
+        .sessions
+        .iter()
+        .filter(|s| s["identity"] == identity && s_qname(s).ends_with(zone))
+    {
+        let reason = s["loss_reason"]
+            .as_str()
+            .map(|r| format!(" {r}"))
+            .unwrap_or_default();
+        *m.entry(format!("{}/{}{reason}", s_status(s), s_bitmap(s)))
+            .or_default() += 1;
+    }
+    m
+}
+
+/// The honest sender's queries: 5 answered later, 5 never; what it must show whatever the
+/// attacker did in between.
+fn honest_queries(honest: &mut Sender, t: u64) {
+    for id in 1..=10u16 {
+        honest.message(
+            "coredns-0",
+            Type::CLIENT_QUERY,
+            &format!("q{id}.honest.test"),
+            id,
+            t,
+        );
+    }
+}
+
+fn honest_answers(honest: &mut Sender, t: u64) {
+    for id in 1..=5u16 {
+        honest.message(
+            "coredns-0",
+            Type::CLIENT_RESPONSE,
+            &format!("q{id}.honest.test"),
+            id,
+            t,
+        );
+    }
+}
+
+fn honest_truth() -> std::collections::BTreeMap<String, usize> {
+    [("Succeeded/3".to_string(), 5), ("Failed/1".to_string(), 5)]
+        .into_iter()
+        .collect()
+}
+
+/// Finding 1 of #16: a second connection, from another address, under the honest sender's
+/// identity sends orphan CLIENT_RESPONSEs, which from an in-order sender are evidence of loss.
+/// It must not turn the honest sender's unanswered sessions into SampleLoss.
+#[test]
+fn a_spoofed_identity_cannot_hide_failures_with_loss_evidence() {
+    let an = Analyser::serve_tcp(&["--session-timeout", "30s", "--shards", "1"]);
+    let t = now_secs() - 1;
+    let mut honest = Sender::new(2, &an);
+    honest_queries(&mut honest, t);
+    honest.send();
+    wait_frames(&an, honest.frames);
+    let mut spoof = Sender::new(3, &an);
+    for id in 0..4u16 {
+        let qname = format!("orphan{id}.spoof.test");
+        spoof.message("coredns-0", Type::CLIENT_RESPONSE, &qname, 500 + id, t);
+    }
+    spoof.send();
+    wait_frames(&an, honest.frames + spoof.frames);
+    honest_answers(&mut honest, t);
+    honest.send();
+    wait_frames(&an, honest.frames + spoof.frames);
+    honest.stop();
+    spoof.stop();
+    let out = an.stop();
+    assert_eq!(
+        counts_in(&out, "coredns-0", ".honest.test"),
+        honest_truth(),
+        "{}",
+        describe_all(&out.sessions)
+    );
+    let spoofed = counts_in(&out, "coredns-0", ".spoof.test");
+    assert_eq!(
+        spoofed.values().sum::<usize>(),
+        4,
+        "the spoofer's own: {spoofed:?}"
+    );
+}
+
+/// Finding 2 of #16: the spoofer stamps a query 23 h ahead (within --max-time-ahead). That
+/// moves its own clock only: the honest sender's sessions do not expire early, so none splits
+/// into a false Failed/1 and a response-only line.
+#[test]
+fn a_spoofed_identity_cannot_invent_failures_with_its_clock() {
+    let an = Analyser::serve_tcp(&["--session-timeout", "30s", "--shards", "1"]);
+    let t = now_secs() - 1;
+    let mut honest = Sender::new(2, &an);
+    honest_queries(&mut honest, t);
+    honest.send();
+    wait_frames(&an, honest.frames);
+    let mut spoof = Sender::new(3, &an);
+    spoof.message(
+        "coredns-0",
+        Type::CLIENT_QUERY,
+        "ahead.spoof.test",
+        900,
+        t + 23 * 3600,
+    );
+    spoof.send();
+    wait_frames(&an, honest.frames + spoof.frames);
+    honest_answers(&mut honest, t);
+    honest.send();
+    wait_frames(&an, honest.frames + spoof.frames);
+    honest.stop();
+    spoof.stop();
+    let out = an.stop();
+    assert_eq!(
+        counts_in(&out, "coredns-0", ".honest.test"),
+        honest_truth(),
+        "{}",
+        describe_all(&out.sessions)
+    );
+    assert_eq!(
+        out.discarded("time_out_of_range"),
+        0,
+        "23 h ahead is in range"
+    );
+}
+
+/// A CoreDNS pod that redials keeps its address: its new connection continues the old one's
+/// state. Here the new connection's clock, 40 s on, expires the sessions the old one left
+/// unanswered while the analyser runs (the wall-clock flush would take much longer; one shard,
+/// so that the one later event reaches every session's shard).
+#[test]
+fn a_sender_redialing_from_its_address_continues_its_sessions() {
+    let an = Analyser::serve_tcp(&["--session-timeout", "30s", "--shards", "1"]);
+    let t = now_secs() - 60;
+    let mut first = Sender::new(2, &an);
+    honest_queries(&mut first, t);
+    honest_answers(&mut first, t);
+    first.send();
+    wait_frames(&an, first.frames);
+    let sent = first.frames;
+    first.stop();
+    let mut second = Sender::new(2, &an);
+    second
+        .capture
+        .answered("coredns-0", "later.honest.test", 11, t + 40);
+    second.frames += 2;
+    second.send();
+    wait_frames(&an, sent + second.frames);
+    let expired = an.wait_for_sessions(Duration::from_secs(10), |s| {
+        s.iter().filter(|s| s_status(s) == "Failed").count() == 5
+    });
+    assert!(expired, "{}", describe_all(&an.sessions_so_far()));
+    second.stop();
+    let out = an.stop();
+    let mut truth = honest_truth();
+    truth.insert("Succeeded/3".into(), 6);
+    assert_eq!(counts_in(&out, "coredns-0", ".honest.test"), truth);
+}
+
+/// Finding 6 of #16: a flood of sessions from one address (four loadgen pods on 127.0.0.3)
+/// fills a small session table. The table evicts from the address holding the most open
+/// sessions, so the honest pod's 200 unanswered queries are still reported Failed, and the
+/// evictions are counted under the flooding identities.
+#[test]
+fn a_session_flood_evicts_its_own_sessions_first() {
+    let an = Analyser::serve_tcp(&[
+        "--session-timeout",
+        "30s",
+        "--shards",
+        "1",
+        "--max-sessions",
+        "2000",
+    ]);
+    let t = now_secs() - 1;
+    let mut honest = Sender::new(2, &an);
+    for id in 1..=200u16 {
+        honest.message(
+            "honest-pod",
+            Type::CLIENT_QUERY,
+            &format!("q{id}.honest.test"),
+            id,
+            t,
+        );
+    }
+    honest.send();
+    wait_frames(&an, honest.frames);
+    let flood = run_ok(
+        std::process::Command::new(loadgen_bin()).args([
+            "run",
+            "--connect",
+            &an.addr(),
+            "--bind",
+            "127.0.0.3",
+            "--connections",
+            "4",
+            "--sessions",
+            "20000",
+            "--mix",
+            "no_response=1",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(!flood.stdout.is_empty());
+    wait_until("evictions counted", Duration::from_secs(10), || {
+        scrape_sum(&an, "dnstap_analyser_sessions_evicted_total") >= 1.0
+    });
+    let evicted_honest = scrape_sum(
+        &an,
+        "dnstap_analyser_sessions_evicted_by_identity_total{identity=\"honest-pod\"}",
+    );
+    assert_eq!(evicted_honest, 0.0, "evictions are counted per identity");
+    honest.stop();
+    let out = an.stop();
+    assert_eq!(
+        counts_in(&out, "honest-pod", ".honest.test"),
+        [("Failed/1".to_string(), 200)].into_iter().collect()
+    );
+    let evicted = out
+        .sessions
+        .iter()
+        .filter(|s| s["loss_reason"] == "session_table_full")
+        .count();
+    assert!(evicted >= 20_000 - 2000, "{evicted}: {}", out.summary);
+}
+
+/// Connections the analyser has taken a decision on: accepted or refused.
+fn connections_decided(an: &Analyser) -> u64 {
+    (scrape_sum(an, "dnstap_analyser_connections_accepted_total")
+        + scrape_sum(an, "dnstap_analyser_connections_refused_total")) as u64
+}
+
+/// Opens `n` connections from 127.0.0.`host` that never start the Frame Streams handshake,
+/// and waits until the analyser has accepted or refused each.
+fn half_open(an: &Analyser, host: u8, n: usize) -> Vec<TcpStream> {
+    let before = connections_decided(an);
+    let conns: Vec<TcpStream> = (0..n).map(|_| connect_from(host, &an.addr())).collect();
+    wait_until(
+        "half-open connections decided",
+        Duration::from_secs(20),
+        || connections_decided(an) >= before + n as u64,
+    );
+    conns
+}
+
+/// One whole connection of the honest sender: START, an answered session, STOP.
+fn honest_try(an: &Analyser, host: u8, i: u16) {
+    let mut s = Sender::new(host, an);
+    s.capture.answered(
+        "honest-pod",
+        &format!("try{i}.honest.test"),
+        i,
+        now_secs() - 1,
+    );
+    s.stop();
+}
+
+/// Stops the analyser: all 10 honest tries came out whole, and `refused` attack connections
+/// were refused.
+fn every_try_served(an: Analyser, refused: u64) {
+    let out = an.stop();
+    assert_eq!(
+        counts_in(&out, "honest-pod", ".honest.test"),
+        [("Succeeded/3".to_string(), 10)].into_iter().collect(),
+        "{}",
+        tail(&out.stderr, 20)
+    );
+    assert_eq!(
+        out.discarded("connection_limit"),
+        refused,
+        "{}",
+        out.summary
+    );
+}
+
+/// The connection-limit flags of the half-open tests: 8 slots, 8 handshakes, 4 per address,
+/// and a handshake deadline long enough that the attack needs no replacing.
+const SMALL_POOLS: [&str; 8] = [
+    "--max-connections",
+    "8",
+    "--max-handshaking",
+    "8",
+    "--handshakes-per-address",
+    "4",
+    "--handshake-timeout",
+    "60s",
+];
+
+/// Finding 3 of #16: one address keeps more half-open connections than there are slots. The
+/// handshaking pool is apart from the established slots and the address gets 4 of it, so an
+/// honest pod connecting for the first time gets in every time.
+#[test]
+fn half_open_connections_from_one_address_do_not_lock_out_a_sender() {
+    let an = Analyser::serve_tcp(&SMALL_POOLS);
+    let _attack = half_open(&an, 3, 20);
+    for i in 1..=10 {
+        honest_try(&an, 2, i);
+    }
+    every_try_served(an, 16);
+}
+
+/// Finding 3 of #16: twenty addresses fill the handshaking pool with half-open connections.
+/// A pod that held an established connection within --identity-idle-timeout still gets a
+/// slot every time it redials.
+#[test]
+fn a_known_sender_gets_a_slot_past_a_full_handshake_pool() {
+    let an = Analyser::serve_tcp(&SMALL_POOLS);
+    honest_try(&an, 2, 1);
+    wait_until(
+        "the first connection served",
+        Duration::from_secs(20),
+        || an.sessions_so_far().len() == 1,
+    );
+    let _attack: Vec<Vec<TcpStream>> = (10..30).map(|host| half_open(&an, host, 1)).collect();
+    for i in 2..=10 {
+        honest_try(&an, 2, i);
+    }
+    every_try_served(an, 12);
+}
+
+/// Finding 8 of #16: identities of 100 KB each would be held for the identity idle timeout.
+/// An identity longer than 255 bytes is refused with its own reason and never truncated (two
+/// long names sharing their first 255 bytes stay apart: both refused); 255 bytes is fine.
+#[test]
+fn identities_longer_than_a_dns_name_are_refused_not_truncated() {
+    let dir = TempDir::new("long-identity");
+    let t = recent();
+    let mut c = Capture::new();
+    let longest = "a".repeat(255);
+    c.answered(&longest, "ok.example.test", 1, t);
+    for i in 0..50u16 {
+        let long = format!("{}{i}", "b".repeat(100_000));
+        c.answered(&long, "long.example.test", 2 + i, t);
+    }
+    c.answered("good", "good.example.test", 100, t);
+    let out = read(&[c.save(&dir, "long.fstrm")], &[]);
+    assert_eq!(out.discarded("identity_too_long"), 100, "{}", out.summary);
+    assert_eq!(counts_of(&out, &longest).get("Succeeded/3"), Some(&1));
+    assert_eq!(counts_of(&out, "good").get("Succeeded/3"), Some(&1));
+    assert_eq!(out.sessions.len(), 2, "{}", describe_all(&out.sessions));
+}
+
+/// Finding 11 of #16: a response stamped at the end of time (u64::MAX seconds) is counted as
+/// time_out_of_range, and that time enters no computation: no 584-year RTT or latency on the
+/// line nor in the metrics (one computation, `diagnosis::Diagnosis::refill`).
+#[test]
+fn a_time_out_of_range_enters_no_rtt_or_latency() {
+    let dir = TempDir::new("rtt-out-of-range");
+    let t = recent();
+    let mut c = Capture::new();
+    let (q, id) = ("far.example.test", 7);
+    c.message("pod", Type::CLIENT_QUERY, q, id, t);
+    c.message_at("pod", Type::FORWARDER_QUERY, q, id, t, None);
+    c.message_at("pod", Type::FORWARDER_RESPONSE, q, id, t, Some(u64::MAX));
+    c.message_at("pod", Type::CLIENT_RESPONSE, q, id, t, Some(u64::MAX));
+    let out = read(&[c.save(&dir, "far.fstrm")], &[]);
+    assert_eq!(out.discarded("time_out_of_range"), 2, "{}", out.summary);
+    assert_eq!(out.sessions.len(), 1, "{}", describe_all(&out.sessions));
+    let s = &out.sessions[0];
+    assert_eq!(s_bitmap(s), 15, "{}", describe(s));
+    assert!(s["latency_ms"].is_null(), "{}", describe(s));
+    let upstreams = s_upstreams(s);
+    assert!(!upstreams.is_empty(), "{}", describe(s));
+    assert!(
+        upstreams.iter().all(|u| u["rtt_ms"].is_null()),
+        "{}",
+        describe(s)
+    );
+}
+
+/// Finding 4 of #16: nobody reads stdout (a stalled log pipeline). SIGTERM turns /readyz to
+/// 503 at once; after --shutdown-timeout the analyser prints the summary with the number of
+/// sessions it could not write, and exits with status 3, long before a kubelet's SIGKILL.
+#[test]
+fn a_stalled_output_ends_at_the_shutdown_deadline_with_a_count() {
+    use std::io::Read as _;
+    let mut child = std::process::Command::new(analyser_bin())
+        .args([
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--shutdown-timeout",
+            "2s",
+            "--shards",
+            "1",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // stdout is kept open and never read: the pipe fills.
+    let _stalled = child.stdout.take().unwrap();
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (mut pipe, stderr) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                stderr
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let logged = || stderr.lock().unwrap().clone();
+    wait_until("listening", Duration::from_secs(20), || {
+        logged_listen_port(&logged(), "tcp").is_some() && logged_metrics_port(&logged()).is_some()
+    });
+    let port = logged_listen_port(&logged(), "tcp").unwrap();
+    let metrics = format!("127.0.0.1:{}", logged_metrics_port(&logged()).unwrap());
+    run_ok(
+        std::process::Command::new(loadgen_bin()).args([
+            "run",
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+            "--connections",
+            "2",
+            "--sessions",
+            "30000",
+            "--mix",
+            "local=1",
+        ]),
+        Duration::from_secs(60),
+    );
+    signal_pid(child.id(), "TERM");
+    wait_until("/readyz 503 after SIGTERM", Duration::from_secs(2), || {
+        http_get(&metrics, "/readyz", &[]).is_ok_and(|r| r.status == 503)
+    });
+    let exit = wait_child(&mut child, Duration::from_secs(15));
+    if exit.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    reader.join().unwrap();
+    let text = logged();
+    let exit = exit.unwrap_or_else(|| panic!("no exit 15 s after SIGTERM:\n{}", tail(&text, 10)));
+    assert_eq!(exit.code(), Some(3), "{}", tail(&text, 10));
+    let summary: serde_json::Value = text
+        .lines()
+        .find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("summary")
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("no summary:\n{}", tail(&text, 10)));
+    let not_written = summary["sessions_not_written"].as_u64().unwrap_or(0);
+    assert!(not_written > 0, "{summary}");
+    assert!(text.contains("--shutdown-timeout"), "{}", tail(&text, 10));
+}
+
+/// Finding 10 of #16: ESC, BEL and NUL in an identity reached /metrics raw. Every control
+/// character in a label value is written as text.
+#[test]
+fn control_characters_in_an_identity_never_reach_metrics_raw() {
+    let an = Analyser::serve_tcp(&[]);
+    let mut s = Sender::new(2, &an);
+    let evil = "evil\u{1b}[2J\u{7}\u{0}pod";
+    s.capture
+        .answered(evil, "x.example.test", 1, now_secs() - 1);
+    s.frames += 2;
+    s.send();
+    wait_frames(&an, s.frames);
+    wait_until("the identity in /metrics", Duration::from_secs(10), || {
+        http_get_ok(&an.metrics_addr(), "/metrics")
+            .body
+            .contains("evil")
+    });
+    let body = http_get_ok(&an.metrics_addr(), "/metrics").body;
+    let raw: Vec<char> = body
+        .chars()
+        .filter(|c| c.is_control() && *c != '\n')
+        .collect();
+    assert!(raw.is_empty(), "raw control characters {raw:?} in /metrics");
+    assert!(
+        body.contains(r#"identity="evil\\x1b[2J\\x07\\x00pod""#),
+        "{body}"
+    );
+    s.stop();
+    an.stop();
+}
+
+/// Finding 7 of #16: --max-identities is full of an attacker's names, whose refused newcomers
+/// use up the ordinary warnings. A new pod from its own address is still named in the log
+/// with its address, and counted under that address.
+#[test]
+fn a_refused_identity_is_named_in_the_log_with_its_address() {
+    let an = Analyser::serve_tcp(&["--max-identities", "3"]);
+    let t = now_secs() - 1;
+    let mut flood = Sender::new(3, &an);
+    for i in 0..300u16 {
+        let name = format!("flood-{i}");
+        flood.message(&name, Type::CLIENT_QUERY, "x.flood.test", i, t);
+    }
+    flood.send();
+    wait_frames(&an, flood.frames);
+    let mut pod = Sender::new(2, &an);
+    pod.message("new-pod", Type::CLIENT_QUERY, "y.honest.test", 1, t);
+    pod.send();
+    wait_frames(&an, flood.frames + pod.frames);
+    wait_until("the refusal counted", Duration::from_secs(10), || {
+        scrape_sum(
+            &an,
+            "dnstap_analyser_identities_refused_total{peer=\"127.0.0.2\"}",
+        ) >= 1.0
+    });
+    assert!(
+        scrape_sum(
+            &an,
+            "dnstap_analyser_identities_refused_total{peer=\"127.0.0.3\"}"
+        ) >= 297.0
+    );
+    flood.stop();
+    pod.stop();
+    let out = an.stop();
+    let named = out
+        .stderr
+        .lines()
+        .any(|l| l.contains("127.0.0.2") && l.contains("\"new-pod\""));
+    assert!(named, "{}", tail(&out.stderr, 30));
+}
+
+/// Finding 9 of #16: a connect flood on the metrics port (from 127.0.0.3, nothing sent) while
+/// a scraper from 127.0.0.2 sends its request 50 ms after connecting. The flood holds at most
+/// its address's share and evicts its own silent connections: every scrape gets through.
+#[test]
+fn a_connect_flood_does_not_crowd_out_a_scraper() {
+    use std::io::Read as _;
+    let an = Analyser::serve_tcp(&[]);
+    let addr = an.metrics_addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut held = std::collections::VecDeque::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                held.push_back(connect_from(3, &addr));
+                if held.len() > 200 {
+                    held.pop_front();
+                }
+            }
+        })
+    };
+    let mut ok = 0;
+    for _ in 0..40 {
+        let mut c = connect_from(2, &addr);
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let mut reply = String::new();
+        let sent = c.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").is_ok();
+        if sent && c.read_to_string(&mut reply).is_ok() && reply.starts_with("HTTP/1.1 200") {
+            ok += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    an.stop();
+    assert_eq!(ok, 40, "scrapes that got through a connect flood");
 }

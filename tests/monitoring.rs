@@ -104,6 +104,16 @@ const EXPOSITION: &[Metric] = &[
     metric("dnstap_analyser_open_sessions", Kind::Gauge, &["shard"]),
     metric("dnstap_analyser_sessions_evicted_total", Kind::Counter, &[]),
     metric("dnstap_analyser_recall_forgotten_total", Kind::Counter, &[]),
+    metric(
+        "dnstap_analyser_identities_refused_total",
+        Kind::Counter,
+        &["peer"],
+    ),
+    metric(
+        "dnstap_analyser_sessions_evicted_by_identity_total",
+        Kind::Counter,
+        &["identity"],
+    ),
     metric("dnstap_analyser_connections_open", Kind::Gauge, &[]),
     metric(
         "dnstap_analyser_connections_accepted_total",
@@ -227,6 +237,7 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
             "connection_limit",
             "time_out_of_range",
             "identity_limit",
+            "identity_too_long",
             "session_table_full",
             "idle_timeout",
             "frame_budget",

@@ -51,6 +51,10 @@ struct RunArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Local address to connect from, e.g. 127.0.0.2: the analyser tells senders apart by
+    /// peer address and identity, so pods on distinct loopback addresses are distinct senders.
+    #[arg(long, value_name = "IP", requires = "connect")]
+    bind: Option<std::net::IpAddr>,
     /// Name the receiver's certificate must carry; default: the host of --connect.
     #[arg(long, value_name = "NAME", requires = "tls")]
     tls_server_name: Option<String>,
@@ -316,6 +320,7 @@ fn build(a: &RunArgs) -> Result<(Config, RunOptions), String> {
         chunk: a.chunk.max(4096),
         connect_patience: Duration::from_secs_f64(a.connect_timeout.max(0.1)),
         finish_patience: Duration::from_secs_f64(a.finish_timeout.max(0.1)),
+        bind: a.bind,
     };
     Ok((cfg, opts))
 }

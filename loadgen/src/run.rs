@@ -26,6 +26,8 @@ pub struct RunOptions {
     pub chunk: usize,
     pub connect_patience: Duration,
     pub finish_patience: Duration,
+    /// Local address the pods connect from (`--bind`).
+    pub bind: Option<std::net::IpAddr>,
 }
 
 /// Wall-clock facts of a run.
@@ -218,7 +220,7 @@ fn pod_thread(
 ) -> Result<PodOutcome, String> {
     let mut g = PodGen::new(model.clone(), pod);
     // Connect and handshake first; a failure must still release the barrier.
-    let conn = send::connect(target, opts.connect_patience)
+    let conn = send::connect(target, opts.bind, opts.connect_patience)
         .and_then(|mut c| send::open(&mut c, opts.connect_patience).map(|_| c));
     let mut chunks: Vec<Vec<u8>> = Vec::new();
     if conn.is_ok() && opts.pregen {

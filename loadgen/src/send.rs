@@ -8,7 +8,7 @@ use dnstap_analyser::framestream::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{IpAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -166,19 +166,39 @@ impl Conn {
     }
 }
 
-fn tcp(addr: &str) -> io::Result<TcpStream> {
-    let s = TcpStream::connect(addr)?;
+/// A TCP connection to `addr`, from the local address `bind` when given (several emulated
+/// pods on distinct loopback addresses, 127.0.0.x, are distinct senders to the analyser).
+fn tcp(addr: &str, bind: Option<IpAddr>) -> io::Result<TcpStream> {
+    let s = match bind {
+        None => TcpStream::connect(addr)?,
+        Some(ip) => {
+            use std::net::ToSocketAddrs;
+            let to = addr
+                .to_socket_addrs()?
+                .find(|a| a.is_ipv4() == ip.is_ipv4())
+                .ok_or_else(|| io::Error::other(format!("{addr}: no address like {ip}")))?;
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(to),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            socket.bind(&std::net::SocketAddr::new(ip, 0).into())?;
+            socket.connect(&to.into())?;
+            socket.into()
+        }
+    };
     let _ = s.set_nodelay(true);
     Ok(s)
 }
 
-/// Connects, retrying until `patience` runs out (the receiver may still be starting).
-pub fn connect(target: &Target, patience: Duration) -> Result<Conn, String> {
+/// Connects (from `bind` if given), retrying until `patience` runs out (the receiver may
+/// still be starting).
+pub fn connect(target: &Target, bind: Option<IpAddr>, patience: Duration) -> Result<Conn, String> {
     let deadline = Instant::now() + patience;
     loop {
         let r = match target {
-            Target::Tcp(a) => tcp(a).map(Conn::Tcp),
-            Target::Tls(a, tls) => tcp(a).and_then(|s| {
+            Target::Tcp(a) => tcp(a, bind).map(Conn::Tcp),
+            Target::Tls(a, tls) => tcp(a, bind).and_then(|s| {
                 let name = tls.server_name.clone();
                 let c = rustls::ClientConnection::new(tls.config.clone(), name)
                     .map_err(io::Error::other)?;

@@ -9,7 +9,7 @@ mod table;
 pub use session::{BitMap, Incomplete, LossReason, Message, Session, Status, Verdict};
 pub use store::{MessageRef, MessageStore};
 
-use crate::dnstap::{Event, Nanos, Recollection, Role, SourceId, StreamEnded, StreamId};
+use crate::dnstap::{Event, Nanos, PeerKey, Recollection, Role, SourceId, StreamEnded, StreamId};
 use hashbrown::{HashMap, HashSet};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -76,6 +76,8 @@ struct SourceClock {
     expiry: BinaryHeap<Reverse<(Nanos, SlotId, u32)>>,
     /// Sessions of the source in the table.
     open: u32,
+    /// The peer address the sender sends from (one per source: see `SourceRegistry`).
+    peer: PeerKey,
     /// When the source's latest event arrived, to forget sources that went quiet.
     seen_at: Instant,
     /// Whether the source has an entry in `Correlator::retiring`.
@@ -155,6 +157,11 @@ pub struct Correlator {
     sources: HashMap<SourceId, SourceClock>,
     /// Sources with open sessions: the only ones the idle flush has to look at.
     busy: HashSet<SourceId>,
+    /// The source a full table evicts from, and how many more sessions before its address is
+    /// down to an equal share and the choice is made again.
+    evict_from: Option<(SourceId, u32)>,
+    /// Reused when choosing: per peer address, its open sessions and its busiest source.
+    peer_load: HashMap<PeerKey, (u32, SourceId, u32)>,
     /// Sources without open sessions, by the arrival of their latest event: each is forgotten
     /// once quiet for the session timeout plus `IDLE_LAG`, so identities that come and go
     /// (pod restarts) don't accumulate.
@@ -183,6 +190,8 @@ impl Correlator {
             table: SessionTable::default(),
             sources: HashMap::new(),
             busy: HashSet::new(),
+            evict_from: None,
+            peer_load: HashMap::new(),
             retiring: BinaryHeap::new(),
             idle: Vec::new(),
             discarded: 0,
@@ -240,6 +249,7 @@ impl Correlator {
                 loss_seq: 0,
                 expiry: BinaryHeap::new(),
                 open: 0,
+                peer: ev.peer,
                 seen_at: now,
                 retire_queued: false,
             });
@@ -602,14 +612,14 @@ impl Correlator {
             .map(|(_, slot)| slot)
     }
 
-    /// Opens a session for this event. When the table is full, the session opened longest
-    /// ago, of whichever source, is emitted first; a message that still finds no room (the
-    /// table holds no session at all) is counted in `discarded`.
+    /// Opens a session for this event. When the table is full, one session of the peer
+    /// address holding the most is emitted first (`eviction_victim`); a message that still
+    /// finds no room (the table holds no session at all) is counted in `discarded`.
     fn insert(&mut self, ev: &Event, t: Nanos, sink: &mut impl SessionSink) -> Option<SlotId> {
         if self.table.len() >= self.cfg.max_sessions {
-            if let Some(oldest) = self.table.oldest() {
-                self.session_mut(oldest).loss = Some(LossReason::SessionTableFull);
-                self.finish(oldest, sink);
+            if let Some(victim) = self.eviction_victim() {
+                self.session_mut(victim).loss = Some(LossReason::SessionTableFull);
+                self.finish(victim, sink);
             }
         }
         if self.table.len() >= self.cfg.max_sessions {
@@ -622,6 +632,51 @@ impl Correlator {
         session.drop_epoch_at_open = self.drop_epoch;
         self.opened(ev.source);
         Some(self.table.insert(session))
+    }
+
+    /// The session a full table gives up: of the peer address holding the most open sessions
+    /// (a flood evicts its own sessions first, however many identities it spreads over, and
+    /// an honest pod keeps an equal share), of that address's busiest source, the one due
+    /// first. The choice holds until the address is down to an equal share (or the source
+    /// has nothing open), so a flood costs one scan of the busy sources per that many
+    /// evictions, and the hot path keeps no count per address.
+    fn eviction_victim(&mut self) -> Option<SlotId> {
+        let chosen = self
+            .evict_from
+            .filter(|&(s, left)| left > 0 && self.sources.get(&s).is_some_and(|c| c.open > 0));
+        let (source, left) = match chosen {
+            Some(c) => c,
+            None => self.choose_eviction_source()?,
+        };
+        self.evict_from = Some((source, left - 1));
+        let c = self.sources.get_mut(&source)?;
+        while let Some(&Reverse((deadline, slot, generation))) = c.expiry.peek() {
+            if self.table.is_live(slot, generation, deadline) {
+                return Some(slot);
+            }
+            c.expiry.pop();
+        }
+        // Every open session has a deadline in its source's heap; this is only a fallback.
+        self.table.oldest()
+    }
+
+    /// The busiest source of the address holding the most open sessions, and how many of its
+    /// sessions the address holds beyond an equal share (at least 1).
+    fn choose_eviction_source(&mut self) -> Option<(SourceId, u32)> {
+        self.peer_load.clear();
+        for id in &self.busy {
+            let Some(c) = self.sources.get(id) else {
+                continue;
+            };
+            let e = self.peer_load.entry(c.peer).or_insert((0, *id, 0));
+            e.0 += c.open;
+            if c.open > e.2 {
+                (e.1, e.2) = (*id, c.open);
+            }
+        }
+        let share = self.table.len() / self.peer_load.len().max(1);
+        let &(held, source, _) = self.peer_load.values().max_by_key(|l| l.0)?;
+        Some((source, (held as usize).saturating_sub(share).max(1) as u32))
     }
 
     fn session_mut(&mut self, slot: SlotId) -> &mut Session {
@@ -648,6 +703,9 @@ impl Correlator {
         }
         let mut bytes = self.pending.take().unwrap_or_else(|| self.store.put(&[]));
         let mut flags = if ev.has_extra { Message::EXTRA } else { 0 };
+        if ev.time_rejected {
+            flags |= Message::TIME_REJECTED;
+        }
         let cq = s.messages.iter().find(|m| m.role == Role::ClientQuery);
         if let (Role::UpstreamQuery, Some(cq)) = (ev.role, cq) {
             if let Some(stripped) =
@@ -794,6 +852,8 @@ mod tests {
         Event {
             source: SourceId(1),
             stream: StreamId::default(),
+            peer: PeerKey::default(),
+            time_rejected: false,
             profile: SenderProfile::CoreDns,
             role,
             key: 1000 + id as u64,
@@ -1161,6 +1221,43 @@ mod tests {
             .map(|(_, v)| (v.status, v.bitmap))
             .collect();
         assert_eq!(of_source_2, [(Status::Succeeded, BitMap::CQ_CR)]);
+    }
+
+    /// A flood from one address evicts its own sessions, however many identities it spreads
+    /// over; the honest address keeps its share.
+    #[test]
+    fn a_full_table_evicts_from_the_address_holding_the_most() {
+        let mut run = Run::new();
+        run.corr = Correlator::new(Config {
+            max_sessions: 10,
+            ..Config::default()
+        });
+        let from = |peer: u32, source: u32, mut e: Event| {
+            e.peer = PeerKey(peer);
+            e.source = SourceId(source);
+            e
+        };
+        for id in 1..=3 {
+            run.feed(from(
+                1,
+                1,
+                ev(Role::ClientQuery, id, T0 + id as Nanos, None, 0),
+            ));
+        }
+        for id in 100..200u16 {
+            let source = 10 + id as u32 % 7;
+            run.feed(from(2, source, ev(Role::ClientQuery, id, T0 + S, None, 0)));
+        }
+        assert_eq!(run.out.len(), 93);
+        assert!(
+            run.out.iter().all(|(s, _)| s.source != SourceId(1)),
+            "the honest address's three sessions stay open"
+        );
+        run.flush();
+        let honest = run.out.iter().filter(|(s, _)| s.source == SourceId(1));
+        assert!(honest
+            .map(|(_, v)| (v.status, v.loss))
+            .all(|v| v == (Status::Failed, None)));
     }
 
     #[test]

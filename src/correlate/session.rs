@@ -87,7 +87,9 @@ pub struct Message {
     /// `REPEAT`: byte-identical to the previous message and sharing its bytes (CoreDNS repeats
     /// the very same FQ for every attempt of a timed-out request). `QUERY_FROM_CQ`: stored
     /// without its query_message, which is byte-identical to the CQ's (CoreDNS forwards the
-    /// client's query as it came); the renderer takes it from the CQ.
+    /// client's query as it came); the renderer takes it from the CQ. `TIME_REJECTED`: ingest
+    /// found one of its times out of range (`time_out_of_range`): the times in its bytes
+    /// enter no computation (latency, RTT).
     pub flags: u8,
 }
 
@@ -96,6 +98,7 @@ impl Message {
     pub const QUERY_FROM_CQ: u8 = 2;
     /// The stored bytes end with the frame's `extra` (`dnstap::append_extra`).
     pub const EXTRA: u8 = 4;
+    pub const TIME_REJECTED: u8 = 8;
 
     pub fn time(&self) -> Option<Nanos> {
         (self.time != 0).then_some(self.time)

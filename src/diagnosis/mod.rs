@@ -192,8 +192,9 @@ impl Diagnosis {
             .cq_time()
             .or_else(|| s.messages.iter().filter_map(|m| m.time()).min());
         self.rcode = s.rcode();
-        self.query_time = s.cq_time();
-        self.response_time = client_response(s).and_then(Message::time);
+        self.query_time = trusted_time(s.messages.iter().find(|m| m.role == Role::ClientQuery))
+            .and(s.cq_time());
+        self.response_time = trusted_time(client_response(s));
         self.dns_id = s.dns_id;
         self.latency = self
             .query_time
@@ -493,6 +494,13 @@ fn client_response(s: &Session) -> Option<&Message> {
         .find(|m| m.role == Role::ClientResponse)
 }
 
+/// The time of `m`, unless ingest rejected it as out of range (the
+/// message then carries its stream's clock, which must enter no latency or RTT).
+fn trusted_time(m: Option<&Message>) -> Option<Nanos> {
+    m.filter(|m| m.flags & Message::TIME_REJECTED == 0)
+        .and_then(Message::time)
+}
+
 /// Pairs the session's upstream queries with their responses, into `out`: same upstream,
 /// and the same query_time where the sender copies it (CoreDNS), else the oldest open
 /// attempt of that upstream. A response without an open attempt is an attempt of its own.
@@ -516,7 +524,9 @@ fn pair_attempts(s: &Session, store: &MessageStore, out: &mut Vec<Attempt>) {
             });
             continue;
         }
-        let response_time = dnstap::time(f.response_time_sec, f.response_time_nsec);
+        // A time ingest rejected as out of range enters no RTT.
+        let response_time = dnstap::time(f.response_time_sec, f.response_time_nsec)
+            .filter(|_| m.flags & Message::TIME_REJECTED == 0);
         let mut answer = Attempt {
             upstream,
             query_time,

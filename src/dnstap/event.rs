@@ -58,6 +58,17 @@ impl Role {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct StreamId(pub u32);
 
+/// The peer address a sender's stream comes from, as the correlator groups sessions by it (a
+/// fair share of the session table per address): a hash, 0 for files and unix sockets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerKey(pub u32);
+
+impl PeerKey {
+    pub fn of(ip: Option<std::net::IpAddr>) -> Self {
+        Self(ip.map_or(0, |ip| (dns::key_hasher().hash_one(ip) as u32).max(1)))
+    }
+}
+
 /// A stream ended (a connection closed, a file was read): besides [`Event`], the one thing
 /// ingest tells the correlator. `sources` are the identities it carried, each with its
 /// sender-loss sequence once the end was accounted for (a stream that ends without STOP is
@@ -74,6 +85,11 @@ pub struct StreamEnded {
 pub struct Event {
     pub source: SourceId,
     pub stream: StreamId,
+    /// The peer address of the stream (set by ingest).
+    pub peer: PeerKey,
+    /// Ingest dropped a time of this message as out of range: the times in its bytes must
+    /// enter no computation either.
+    pub time_rejected: bool,
     pub profile: SenderProfile,
     pub role: Role,
     /// Shard routing and bucket key (see `key`).
@@ -156,6 +172,8 @@ impl Event {
         Event {
             source: SourceId(0),
             stream: StreamId::default(),
+            peer: PeerKey::default(),
+            time_rejected: false,
             profile,
             role,
             key,
@@ -199,6 +217,8 @@ impl Event {
         Ok(Event {
             source,
             stream: StreamId::default(),
+            peer: PeerKey::default(),
+            time_rejected: false,
             profile,
             role,
             key: key(

@@ -15,7 +15,7 @@ mod sources;
 mod wire;
 
 pub use decode::{decode, decode_message, ip, socket, time, DecodeError};
-pub use event::{Event, MessageSpan, Nanos, Recollection, Role, StreamEnded, StreamId};
+pub use event::{Event, MessageSpan, Nanos, PeerKey, Recollection, Role, StreamEnded, StreamId};
 pub use pb::mod_Message::Type as MessageType;
 pub use pb::{Dnstap, Message as DnstapMessage, SocketProtocol};
 pub use sender::{SenderProfile, SenderTraits};

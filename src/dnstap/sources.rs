@@ -1,4 +1,8 @@
-//! Sender identities: interned once per stream so events carry a small id.
+//! Senders: interned once per stream so events carry a small id. A sender is an identity
+//! *at a peer address*: two connections from one address under one identity (a CoreDNS pod
+//! that redials keeps its pod IP) are one sender and continue each other's state; the same
+//! identity from another address is another sender, whose loss evidence, clock and sessions
+//! never touch the first's (docs/security.md, "Who is a sender").
 //!
 //! Identities are chosen by senders, so their number is bounded (`max`, `--max-identities`) and
 //! the ones nobody uses any more are reclaimed: an identity is referenced by every stream that
@@ -8,11 +12,12 @@
 //! never names two identities: sessions of the old one never join events of the new one.
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Interned sender identity (the dnstap identity, or the peer address when it is empty): a
-/// slot of the registry and the generation of that slot.
+/// Interned sender: an identity (the dnstap identity, or the peer address when it is empty)
+/// at a peer address; a slot of the registry and the generation of that slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceId(pub u32);
 
@@ -99,6 +104,8 @@ struct Interned {
 
 #[derive(Debug)]
 struct Slot {
+    /// The peer address the identity came from (none for files and unix sockets).
+    peer: Option<IpAddr>,
     /// The name as printed (invalid UTF-8 replaced).
     name: Arc<str>,
     /// The name's bytes when they are not valid UTF-8 (otherwise `name` is exact).
@@ -121,10 +128,13 @@ impl Slot {
 }
 
 impl Interned {
-    fn find(&self, name: &[u8]) -> Option<u32> {
-        let hash = self.hasher.hash_one(name);
+    fn find(&self, peer: Option<IpAddr>, name: &[u8]) -> Option<u32> {
+        let hash = self.hasher.hash_one((peer, name));
         self.by_name
-            .find(hash, |&s| self.slots[s as usize].key() == name)
+            .find(hash, |&s| {
+                let slot = &self.slots[s as usize];
+                slot.peer == peer && slot.key() == name
+            })
             .copied()
     }
 
@@ -150,7 +160,7 @@ impl Interned {
                 self.unreferenced.push_back((since, id));
                 continue;
             }
-            let hash = self.hasher.hash_one(slot.key());
+            let hash = self.hasher.hash_one((slot.peer, slot.key()));
             let index = id.slot() as u32;
             if let Ok(entry) = self.by_name.find_entry(hash, |&s| s == index) {
                 entry.remove();
@@ -186,13 +196,14 @@ impl SourceRegistry {
     /// latest one wins). Each success takes one reference, given back with `release`.
     pub fn acquire(
         &self,
+        peer: Option<IpAddr>,
         name: &[u8],
         version: &[u8],
         now: Instant,
     ) -> Result<SourceId, IdentityLimit> {
         let mut g = self.lock();
         let version: Arc<str> = String::from_utf8_lossy(version).into();
-        if let Some(index) = g.find(name) {
+        if let Some(index) = g.find(peer, name) {
             let slot = &mut g.slots[index as usize];
             slot.refs += 1;
             if *slot.version != *version {
@@ -212,6 +223,7 @@ impl SourceRegistry {
         let text = String::from_utf8_lossy(name);
         let raw = (text.as_bytes() != name).then(|| name.into());
         let fresh = Slot {
+            peer,
             name: text.into(),
             raw,
             version,
@@ -236,22 +248,25 @@ impl SourceRegistry {
                 (g.slots.len() - 1) as u32
             }
         };
-        let hash = g.hasher.hash_one(name);
+        let hash = g.hasher.hash_one((peer, name));
         let Interned {
             by_name,
             slots,
             hasher,
             ..
         } = &mut *g;
-        by_name.insert_unique(hash, index, |&s| hasher.hash_one(slots[s as usize].key()));
+        by_name.insert_unique(hash, index, |&s| {
+            let slot = &slots[s as usize];
+            hasher.hash_one((slot.peer, slot.key()))
+        });
         g.live += 1;
         Ok(SourceId::new(index, g.slots[index as usize].generation))
     }
 
-    /// The id registered for a name, if any, taking no reference.
-    pub fn lookup(&self, name: &[u8]) -> Option<SourceId> {
+    /// The id registered for a name at a peer address, if any, taking no reference.
+    pub fn lookup(&self, peer: Option<IpAddr>, name: &[u8]) -> Option<SourceId> {
         let g = self.lock();
-        let index = g.find(name)?;
+        let index = g.find(peer, name)?;
         Some(SourceId::new(index, g.slots[index as usize].generation))
     }
 
@@ -278,7 +293,7 @@ impl SourceRegistry {
     /// The id of a source, taking no reference (tests, tools): `acquire` then `release`.
     pub fn intern(&self, name: &[u8], version: &[u8]) -> SourceId {
         let now = Instant::now();
-        match self.acquire(name, version, now) {
+        match self.acquire(None, name, version, now) {
             Ok(id) => {
                 self.release(id, now);
                 id
@@ -334,6 +349,32 @@ mod tests {
     }
 
     #[test]
+    fn a_sender_is_an_identity_at_an_address() {
+        let r = SourceRegistry::default();
+        let t0 = Instant::now();
+        let pod = Some(IpAddr::from([10, 0, 0, 7]));
+        let other = Some(IpAddr::from([10, 0, 0, 66]));
+        let a = r.acquire(pod, b"coredns", b"", t0).unwrap();
+        assert_eq!(
+            r.acquire(pod, b"coredns", b"", t0),
+            Ok(a),
+            "a redial from the pod's address continues its state"
+        );
+        let b = r.acquire(other, b"coredns", b"", t0).unwrap();
+        assert_ne!(
+            a, b,
+            "the same identity from another address is another sender"
+        );
+        assert_eq!(
+            r.describe(a).0,
+            r.describe(b).0,
+            "both print as the identity"
+        );
+        assert_eq!(r.lookup(other, b"coredns"), Some(b));
+        assert_eq!(r.lookup(None, b"coredns"), None);
+    }
+
+    #[test]
     fn names_that_are_not_utf8_stay_distinct() {
         let r = SourceRegistry::default();
         let a = r.intern(b"pod\xff", b"");
@@ -348,17 +389,17 @@ mod tests {
         let t0 = Instant::now();
         let idle = Duration::from_secs(60);
         let r = SourceRegistry::new(2, idle);
-        let a = r.acquire(b"a", b"", t0).unwrap();
-        let b = r.acquire(b"b", b"", t0).unwrap();
+        let a = r.acquire(None, b"a", b"", t0).unwrap();
+        let b = r.acquire(None, b"b", b"", t0).unwrap();
         assert_eq!(
-            r.acquire(b"c", b"", t0),
+            r.acquire(None, b"c", b"", t0),
             Err(IdentityLimit {
                 max: 2,
                 per_connection: false
             })
         );
         assert_eq!(
-            r.acquire(b"a", b"", t0),
+            r.acquire(None, b"a", b"", t0),
             Ok(a),
             "a known name is never refused"
         );
@@ -366,14 +407,14 @@ mod tests {
         r.release(a, t0);
         let later = t0 + idle;
         assert_eq!(
-            r.acquire(b"c", b"", t0 + idle / 2),
+            r.acquire(None, b"c", b"", t0 + idle / 2),
             Err(IdentityLimit {
                 max: 2,
                 per_connection: false
             }),
             "unreferenced, but not for long enough"
         );
-        let c = r.acquire(b"c", b"", later).unwrap();
+        let c = r.acquire(None, b"c", b"", later).unwrap();
         assert_eq!(c.slot(), a.slot(), "a's slot is reused");
         assert_ne!(c, a, "with a new generation: the old id names nothing now");
         assert_eq!(r.describe(a), ("".into(), "".into()));
@@ -389,16 +430,17 @@ mod tests {
         let t0 = Instant::now();
         let idle = Duration::from_secs(1);
         let r = SourceRegistry::new(1, idle);
-        let a = r.acquire(b"a", b"", t0).unwrap();
+        let a = r.acquire(None, b"a", b"", t0).unwrap();
         r.release(a, t0);
-        assert_eq!(r.acquire(b"a", b"", t0), Ok(a));
-        assert!(r.acquire(b"b", b"", t0 + 2 * idle).is_err());
+        assert_eq!(r.acquire(None, b"a", b"", t0), Ok(a));
+        assert!(r.acquire(None, b"b", b"", t0 + 2 * idle).is_err());
         r.release(a, t0 + 2 * idle);
         assert!(
-            r.acquire(b"b", b"", t0 + 2 * idle + idle / 2).is_err(),
+            r.acquire(None, b"b", b"", t0 + 2 * idle + idle / 2)
+                .is_err(),
             "unreferenced for half its idle time only"
         );
-        assert!(r.acquire(b"b", b"", t0 + 3 * idle).is_ok());
+        assert!(r.acquire(None, b"b", b"", t0 + 3 * idle).is_ok());
     }
 
     #[test]
@@ -409,7 +451,7 @@ mod tests {
         let mut refused = 0;
         for i in 0..100_000u32 {
             let now = t0 + Duration::from_millis(i as u64);
-            match r.acquire(format!("pod-{i}").as_bytes(), b"CoreDNS-1.10.1", now) {
+            match r.acquire(None, format!("pod-{i}").as_bytes(), b"CoreDNS-1.10.1", now) {
                 Ok(id) => r.release(id, now),
                 Err(_) => refused += 1,
             }

@@ -28,7 +28,7 @@ pub fn read_files(
     router: &mut Router,
     counted: &mut impl FnMut(&SourceCount),
 ) -> Vec<FileError> {
-    let mut ingest = StreamIngest::new(shared.clone(), "file".into());
+    let mut ingest = StreamIngest::new(shared.clone(), "file".into(), None);
     let mut errors = Vec::new();
     for path in paths {
         let path = path.as_ref();

@@ -14,14 +14,15 @@ pub use router::{Batch, QueueDepths, Router, ShardInput, BATCH};
 
 use crate::diagnosis::recall::{Recall, RecallConfig};
 use crate::dnstap::{
-    self, Event, IdentityLimit, Nanos, Role, SenderProfile, SourceId, SourceRegistry, StreamEnded,
-    StreamId,
+    self, Event, IdentityLimit, Nanos, PeerKey, Role, SenderProfile, SourceId, SourceRegistry,
+    StreamEnded, StreamId,
 };
 use crate::framestream::{FrameDecoder, FrameError, ProtocolError, ReceiverStream, Step};
 use crate::metrics::{Discard, ErrorChain, Metrics, Tally};
 use bytes::BytesMut;
 use hashbrown::HashMap;
 use loss::SourceTrack;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -104,6 +105,12 @@ impl Default for SenderLimits {
     }
 }
 
+/// The longest identity accepted, in bytes (a DNS name's 255 is plenty for a pod or host
+/// name). A longer one is refused, never truncated: truncating would merge identities. With
+/// versions cut to the same length, the registry holds at most
+/// `--max-identities` x 2 x 255 bytes of names.
+pub const MAX_IDENTITY_LEN: usize = 255;
+
 /// Event times before this (2000-01-01) are out of range: no sender's clock is that wrong on
 /// purpose, and 0 is what a zeroed field gives.
 pub const EARLIEST_EVENT_TIME: Nanos = 946_684_800 * 1_000_000_000;
@@ -173,6 +180,10 @@ pub struct StreamIngest {
     stream: StreamId,
     /// Name used as the source when a message carries no identity.
     peer: String,
+    /// The peer's address: with the identity, it makes the sender (`SourceRegistry`).
+    peer_ip: Option<IpAddr>,
+    /// The peer address as events carry it, for the correlator's fair share per address.
+    peer_key: PeerKey,
     decoder: FrameDecoder,
     receiver: ReceiverStream,
     /// Last identity seen and what it resolved to: identities rarely change within a stream.
@@ -241,7 +252,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 static NEXT_STREAM: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 impl StreamIngest {
-    pub fn new(shared: Shared, peer: String) -> Self {
+    pub fn new(shared: Shared, peer: String, peer_ip: Option<IpAddr>) -> Self {
         let decoder = FrameDecoder::new(shared.max_frame_size);
         let recall = Recall::new(shared.recall);
         let now = Instant::now();
@@ -251,6 +262,8 @@ impl StreamIngest {
             shared,
             stream,
             peer,
+            peer_ip,
+            peer_key: PeerKey::of(peer_ip),
             decoder,
             receiver: ReceiverStream::new(),
             identity_cache: None,
@@ -485,6 +498,7 @@ impl StreamIngest {
         };
         tracked.last_used = self.now;
         ev.stream = self.stream;
+        ev.peer = self.peer_key;
         let track = &mut tracked.track;
         ev.watermark = track.advance(ev.time());
         if track.reveals_loss(&ev, self.shared.session_timeout) {
@@ -507,6 +521,7 @@ impl StreamIngest {
         ev.query_time = query.filter(plausible);
         ev.response_time = response.filter(plausible);
         if (query, response) != (ev.query_time, ev.response_time) {
+            ev.time_rejected = true;
             let metrics = &self.shared.metrics;
             metrics.discard(Discard::TimeOutOfRange, 1);
             let secs = |t: Option<Nanos>| t.map(|t| t / 1_000_000_000);
@@ -525,6 +540,22 @@ impl StreamIngest {
     /// The source and profile of a message's identity (the peer's name when it has none), now
     /// tracked by this stream; None when the identity is refused (counted and logged).
     fn source_of(&mut self, identity: &[u8], version: &[u8]) -> Option<(SourceId, SenderProfile)> {
+        if identity.len() > MAX_IDENTITY_LEN {
+            // Not cached: the cache would hold the long name.
+            let metrics = &self.shared.metrics;
+            metrics.discard(Discard::IdentityTooLong, 1);
+            metrics.warn(format_args!(
+                "{}: identity of {} bytes (more than {MAX_IDENTITY_LEN}) starting {:?}; its \
+                 messages are dropped and counted (identity_too_long)",
+                self.peer,
+                identity.len(),
+                String::from_utf8_lossy(&identity[..32])
+                    .escape_debug()
+                    .to_string(),
+            ));
+            return None;
+        }
+        let version = &version[..version.len().min(MAX_IDENTITY_LEN)];
         if let Some((id, resolved)) = &self.identity_cache {
             if id.as_slice() == identity {
                 match *resolved {
@@ -544,12 +575,7 @@ impl StreamIngest {
             Err(limit) => {
                 let metrics = &self.shared.metrics;
                 metrics.discard(Discard::IdentityLimit, 1);
-                metrics.warn(format_args!(
-                    "{}: identity {:?}: {limit}; its messages are dropped and counted \
-                     (identity_limit)",
-                    self.peer,
-                    String::from_utf8_lossy(identity).escape_debug().to_string(),
-                ));
+                metrics.identity_refused(&self.peer, self.peer_ip, identity, &limit);
                 Resolved::Refused(self.now)
             }
         };
@@ -570,10 +596,11 @@ impl StreamIngest {
             identity
         };
         let sources = self.shared.sources.clone();
-        if let Some(source) = sources.lookup(name) {
+        let peer = self.peer_ip;
+        if let Some(source) = sources.lookup(peer, name) {
             if self.tracks.contains_key(&source) {
                 // Tracked already: the version may have changed.
-                sources.acquire(name, version, self.now)?;
+                sources.acquire(peer, name, version, self.now)?;
                 sources.release(source, self.now);
                 return Ok(source);
             }
@@ -590,7 +617,7 @@ impl StreamIngest {
                 per_connection: true,
             });
         }
-        let source = sources.acquire(name, version, self.now)?;
+        let source = sources.acquire(peer, name, version, self.now)?;
         let tracked = Tracked {
             track: SourceTrack::default(),
             last_used: self.now,
@@ -629,7 +656,7 @@ mod tests {
             let depths: QueueDepths = Arc::new([AtomicU64::new(0)]);
             let router = Router::new(vec![tx], depths, 1 << 30, true, metrics.clone());
             let mut s = Self {
-                ingest: StreamIngest::new(shared, "peer".into()),
+                ingest: StreamIngest::new(shared, "peer".into(), None),
                 router,
                 rx,
                 metrics,
@@ -843,7 +870,10 @@ mod tests {
         let (sources, metrics, now) = (s.sources.clone(), s.metrics.clone(), s.now);
         drop(s);
         let later = now + Duration::from_secs(120);
-        assert!(sources.acquire(b"b", b"", later).is_ok(), "a was reclaimed");
+        assert!(
+            sources.acquire(None, b"b", b"", later).is_ok(),
+            "a was reclaimed"
+        );
         assert_eq!(metrics.discarded(Discard::IdentityLimit), 0);
     }
 }

@@ -2,7 +2,7 @@
 //! Streams and route events. Reader 0 also accepts and deals connections out round-robin.
 //! The limits they enforce (connections, handshake, idle, frame budget) are in `limits`.
 
-use super::limits::Slots;
+use super::limits::{Refusal, Slots};
 use super::tls::{TlsAcceptor, TlsFailure, TlsStream};
 use super::{Router, Shared, StreamEnd, StreamIngest};
 use crate::metrics::{Discard, Disconnect};
@@ -12,6 +12,7 @@ use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::HashMap;
 use std::io::{self, Write};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -124,24 +125,48 @@ impl Listener {
         }
     }
 
-    fn accept(&mut self) -> io::Result<(Stream, String)> {
+    fn accept(&mut self) -> io::Result<(Stream, Peer)> {
         match self {
             Self::Tcp(l) => {
                 let (s, peer) = l.accept()?;
                 let _ = s.set_nodelay(true);
-                Ok((Stream::Tcp(s), peer.to_string()))
+                Ok((Stream::Tcp(s), Peer::new(peer.to_string(), Some(peer.ip()))))
             }
             Self::Tls(l, acceptor) => {
                 let (s, peer) = l.accept()?;
                 let _ = s.set_nodelay(true);
                 let tls = acceptor.accept(s)?;
-                Ok((Stream::Tls(Box::new(tls)), format!("tls:{peer}")))
+                let name = format!("tls:{peer}");
+                Ok((Stream::Tls(Box::new(tls)), Peer::new(name, Some(peer.ip()))))
             }
             Self::Unix(l, path) => {
                 let (s, _) = l.accept()?;
-                Ok((Stream::Unix(s), format!("unix:{}", path.display())))
+                let name = format!("unix:{}", path.display());
+                Ok((Stream::Unix(s), Peer::new(name, None)))
             }
         }
+    }
+}
+
+/// Who is at the other end of a connection: its name in log lines, and its address (none on
+/// a unix socket), which with the identity makes a sender and which the limits count by.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub name: String,
+    pub ip: Option<IpAddr>,
+}
+
+impl Peer {
+    pub fn new(name: String, ip: Option<IpAddr>) -> Self {
+        // An IPv4 client of a dual-stack listener is the same peer as over IPv4.
+        let ip = ip.map(|ip| ip.to_canonical());
+        Self { name, ip }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
     }
 }
 
@@ -244,7 +269,7 @@ impl Write for Stream {
 
 struct Conn {
     stream: Stream,
-    peer: String,
+    peer: Peer,
     ingest: StreamIngest,
     buf: BytesMut,
     /// Bytes of `buf` last added to the shared partial-frame total.
@@ -256,6 +281,8 @@ struct Conn {
     last_active: Instant,
     /// Silent inside a frame for `CUT_OFF_AFTER` since bytes last arrived (said once).
     cut_off: bool,
+    /// Past its handshake: it holds an established slot, no longer a handshaking one.
+    established: bool,
 }
 
 impl Conn {
@@ -295,7 +322,7 @@ impl Ending {
 /// What other readers send a reader.
 enum Mail {
     /// A connection the acceptor dealt to it.
-    Conn(Stream, String),
+    Conn(Stream, Peer),
     /// The acceptor is at --max-connections and picked this reader's longest-idle connection.
     MakeRoom,
 }
@@ -470,31 +497,59 @@ impl Reader {
                     return;
                 }
             };
-            if self.slots.at_limit() && !self.make_room() {
-                self.shared.metrics.discard(Discard::ConnectionLimit, 1);
-                self.shared.metrics.warn(format_args!(
-                    "{peer}: refused, already {} connections and none idle for {}s \
-                     (--max-connections, --idle-timeout)",
-                    self.slots.limits.max_connections,
-                    self.slots.limits.idle_timeout.as_secs()
-                ));
+            let slots = self.slots.clone();
+            if let Err(why) = slots.admit(peer.ip, self.now, || self.make_room()) {
+                self.refused(&peer, why);
                 continue;
             }
-            self.slots.opened();
             self.shared
                 .metrics
                 .connections_accepted
                 .fetch_add(1, Relaxed);
+            let ip = peer.ip;
             let n = self.peers.len() + 1;
             let pick = self.next_peer % n;
             self.next_peer = self.next_peer.wrapping_add(1);
             if pick == 0 {
                 self.adopt(stream, peer);
-            } else if self.peers[pick - 1].send(Mail::Conn(stream, peer)).is_err() {
+            } else if let Err(ip) = self.peers[pick - 1]
+                .send(Mail::Conn(stream, peer))
+                .map_err(|_| ip)
+            {
                 // That reader has already stopped: the process is shutting down.
-                self.slots.closed();
+                self.slots.closed(ip, false, self.now);
                 self.shared.metrics.disconnected(Disconnect::Shutdown);
             }
+        }
+    }
+
+    /// Counts and logs a connection refused by the limits.
+    fn refused(&self, peer: &Peer, why: Refusal) {
+        let l = &self.slots.limits;
+        let metrics = &self.shared.metrics;
+        metrics.discard(Discard::ConnectionLimit, 1);
+        match why {
+            Refusal::Connections => metrics.warn(format_args!(
+                "{peer}: refused, already {} connections and none idle for {}s \
+                 (--max-connections, --idle-timeout)",
+                l.max_connections,
+                l.idle_timeout.as_secs()
+            )),
+            Refusal::Handshaking => metrics.warn(format_args!(
+                "{peer}: refused, already {} connections in their handshake \
+                 (--max-handshaking)",
+                l.max_handshaking
+            )),
+            Refusal::AddressHandshakes => metrics.warn(format_args!(
+                "{peer}: refused, its address already has {} connections in their handshake \
+                 (--handshakes-per-address)",
+                l.handshakes_per_address
+            )),
+            Refusal::AddressConnections => metrics.warn(format_args!(
+                "{peer}: refused, its address already has {} connections \
+                 (--connections-per-address)",
+                l.connections_per_address
+            )),
         }
     }
 
@@ -536,7 +591,7 @@ impl Reader {
         true
     }
 
-    fn adopt(&mut self, mut stream: Stream, peer: String) {
+    fn adopt(&mut self, mut stream: Stream, peer: Peer) {
         let token = Token(self.next_token);
         self.next_token += 1;
         if let Err(e) = self
@@ -547,11 +602,11 @@ impl Reader {
             self.shared
                 .metrics
                 .warn(format_args!("{peer}: cannot register: {e}"));
-            self.slots.closed();
+            self.slots.closed(peer.ip, false, self.now);
             self.shared.metrics.disconnected(Disconnect::ServerError);
             return;
         }
-        let ingest = StreamIngest::new(self.shared.clone(), peer.clone());
+        let ingest = StreamIngest::new(self.shared.clone(), peer.name.clone(), peer.ip);
         self.conns.insert(
             token,
             Conn {
@@ -564,6 +619,7 @@ impl Reader {
                 opened: self.now,
                 last_active: self.now,
                 cut_off: false,
+                established: false,
             },
         );
         // Data may have arrived before registration.
@@ -612,6 +668,10 @@ impl Reader {
         };
         if let Some(l) = &mut self.live {
             conn.ingest.take_source_counts(|c| c.record(&mut l.stats));
+        }
+        if !conn.established && conn.ingest.is_established() {
+            conn.established = true;
+            self.slots.established_from(conn.peer.ip, self.now);
         }
         // One shared update per wake-up of a connection, not per frame.
         let partial = conn.buf.len();
@@ -768,7 +828,7 @@ impl Reader {
                 ));
             }
         }
-        self.slots.closed();
+        self.slots.closed(conn.peer.ip, conn.established, self.now);
         metrics.disconnected(why.counter());
     }
 
@@ -854,6 +914,7 @@ mod tests {
         addr: SocketAddr,
         metrics: Arc<Metrics>,
         shared: Shared,
+        slots: Arc<Slots>,
         shutdown: Arc<AtomicBool>,
         threads: Vec<JoinHandle<()>>,
         _events: Receiver<ShardInput>,
@@ -894,9 +955,22 @@ mod tests {
                 addr,
                 metrics,
                 shared,
+                slots,
                 shutdown,
                 threads,
                 _events: rx,
+            }
+        }
+
+        /// Waits until `n` connections are past their handshake (the analyser read START).
+        fn wait_established(&self, n: usize) {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while self.slots.established() < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "{n} connections never established"
+                );
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
 
@@ -988,7 +1062,7 @@ mod tests {
         c.write_all(&query).unwrap();
         c.write_all(&query[..query.len() / 2]).unwrap();
         let (board, sources) = (&a.shared.board, &a.shared.sources);
-        let pod = || sources.lookup(b"pod");
+        let pod = || sources.lookup(Some([127, 0, 0, 1].into()), b"pod");
         let deadline = Instant::now() + Duration::from_secs(20);
         while pod().is_none_or(|s| board.get(s) == 0) {
             assert!(Instant::now() < deadline, "no loss evident after 20 s");
@@ -1011,6 +1085,7 @@ mod tests {
         let mut first = a.sender().unwrap();
         std::thread::sleep(Duration::from_millis(20));
         let mut second = a.sender().unwrap();
+        a.wait_established(2);
         let mut third = a.sender_eventually();
         assert!(closed_by_analyser(&mut first), "the idlest one goes");
         assert!(served_to_the_end(&mut second));
@@ -1033,6 +1108,7 @@ mod tests {
         // Dealt round-robin: the first to reader 0 (the acceptor), the second to reader 1.
         let mut active = a.sender().unwrap();
         let mut idle = a.sender().unwrap();
+        a.wait_established(2);
         let keep_going = Arc::new(AtomicBool::new(true));
         let keeper = {
             let mut w = active.try_clone().unwrap();
@@ -1129,6 +1205,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         let open: Vec<Client> = (0..3).map(|_| a.sender().unwrap()).collect();
+        a.wait_established(3);
         assert!(a.sender().is_none(), "over --max-connections");
         let m = a.stop();
         drop(open);

@@ -197,9 +197,41 @@ impl<'a> IdentityNames<'a> {
         self.cache
             .borrow_mut()
             .entry(l)
-            .or_insert_with(|| self.telemetry.identity_name(l).into())
+            .or_insert_with(|| label_value(&self.telemetry.identity_name(l)).into())
             .clone()
     }
+}
+
+/// [`label_value`] of a stored name, sharing it when it needs no change.
+fn label_arc(name: Arc<str>) -> Arc<str> {
+    match label_value(&name) {
+        std::borrow::Cow::Borrowed(_) => name.clone(),
+        std::borrow::Cow::Owned(text) => text.into(),
+    }
+}
+
+/// A sender-controlled string as a label value: control characters (ESC, BEL, NUL, …) written
+/// as `\xHH` / `\u{H}` text, so no terminal or parser reading /metrics sees them raw. The
+/// text format itself escapes `\`, `"` and newline (kept as they are here for that).
+pub(crate) fn label_value(s: &str) -> std::borrow::Cow<'_, str> {
+    use std::fmt::Write;
+    if !s.chars().any(|c| c.is_control() && c != '\n') {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push(c),
+            c if (c as u32) < 0x100 && c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.into()
 }
 
 impl Families {
@@ -214,7 +246,7 @@ impl Families {
             .sessions
             .iter()
             .map(|(k, v)| {
-                let namespace = self.telemetry.namespaces.name(k.namespace);
+                let namespace = label_arc(self.telemetry.namespaces.name(k.namespace));
                 let (rcode, qtype) = (rcode_label(k.rcode), QTYPE_LABELS[k.qtype as usize].1);
                 let key = (
                     names.get(k.identity),
@@ -259,7 +291,10 @@ impl Families {
             for n in names {
                 gauge_count(
                     &mut m,
-                    [("qname", &n.qname), ("cause", n.cause.name())],
+                    [
+                        ("qname", &*label_value(&n.qname)),
+                        ("cause", n.cause.name()),
+                    ],
                     n.failed,
                 )?;
             }
@@ -431,7 +466,22 @@ impl Families {
             None,
             MetricType::Counter,
         )?;
-        counter(&mut m, [], c.evicted)?;
+        counter(&mut m, [], c.evicted.values().sum())?;
+        let mut m = family(
+            enc,
+            "sessions_evicted_by_identity",
+            "Sessions evicted from a full session table, by the evicted session's sender identity.",
+            None,
+            MetricType::Counter,
+        )?;
+        let evicted: BTreeMap<_, _> = c
+            .evicted
+            .iter()
+            .map(|(i, v)| (names.get(*i), *v))
+            .fold(BTreeMap::new(), sum_into);
+        for (identity, v) in evicted {
+            counter(&mut m, [("identity", &*identity)], v)?;
+        }
         let mut m = family(
             enc,
             "recall_forgotten",
@@ -443,6 +493,19 @@ impl Families {
         counter(&mut m, [], forgotten)?;
 
         self.connections(enc, snap)?;
+
+        let mut m = family(
+            enc,
+            "identities_refused",
+            "New identities refused (--max-identities, --identities-per-connection), by peer address (256 at most, then \"other\"; \"local\": unix sockets and files).",
+            None,
+            MetricType::Counter,
+        )?;
+        let mut refused = metrics.identities_refused();
+        refused.sort_unstable();
+        for (peer, v) in refused {
+            counter(&mut m, [("peer", &*peer)], v)?;
+        }
 
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -664,6 +727,42 @@ mod tests {
     use std::collections::{BTreeSet, HashMap};
 
     pub(crate) const NASTY: &str = "pod \"a\"\\b\nc";
+
+    #[test]
+    fn control_characters_in_label_values_are_written_as_text() {
+        assert_eq!(label_value("pod-1"), "pod-1");
+        assert_eq!(label_value(NASTY), NASTY, "the format escapes these itself");
+        assert_eq!(
+            label_value("a\u{1b}[31mb\u{7}\u{0}c\u{9f}"),
+            "a\\x1b[31mb\\x07\\x00c\\x9f"
+        );
+    }
+
+    /// The namespace label comes from the sender's `extra`: its control characters too.
+    #[test]
+    fn a_namespace_with_control_characters_is_written_as_text() {
+        let sources = Arc::new(SourceRegistry::default());
+        let t = Arc::new(Telemetry::new(
+            Arc::new(Metrics::default()),
+            sources.clone(),
+            TelemetryConfig::default(),
+        ));
+        let source = sources.intern(b"coredns-2", b"1.11");
+        let ok = Verdict {
+            status: Status::Succeeded,
+            bitmap: BitMap(3),
+            loss: None,
+            incomplete: None,
+        };
+        let mut d = Diagnosis::from_parts(source, ok, None, &[]);
+        d.set_extra_for_tests("namespace=ns\u{1b}[31m".as_bytes());
+        let mut shard = t.thread_stats(ThreadKind::Shard(0));
+        shard.record_session(&d);
+        drop(shard);
+        let text = Exposition::new(t).render(Format::Prometheus).unwrap();
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(text.contains("namespace=\"ns\\\\x1b[31m\""), "{text}");
+    }
 
     /// A telemetry with a bit of everything, including an identity that needs escaping.
     pub(crate) fn sample_telemetry() -> Arc<Telemetry> {
@@ -994,6 +1093,14 @@ mod tests {
         assert_eq!(value(&p, "dnstap_analyser_messages_total", &fr), 2.0);
         assert_eq!(
             value(&p, "dnstap_analyser_sessions_evicted_total", &[]),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &p,
+                "dnstap_analyser_sessions_evicted_by_identity_total",
+                &[("identity", "coredns-1")]
+            ),
             1.0
         );
         assert_eq!(value(&p, "dnstap_analyser_frames_total", &[]), 9.0);

@@ -3,8 +3,9 @@
 //! One thread with its own mio poll serves every scrape, off the data path. Sockets are
 //! non-blocking, so a client that sends half a request and stays, or sends garbage, holds
 //! nothing but its slot: each connection has a deadline (5 s to send its request, 10 s to take
-//! the response), requests are capped at 8 KiB, and at most 64 connections are kept — a new
-//! one evicts the oldest that has not finished its request. Requests are parsed by `httparse`;
+//! the response), requests are capped at 8 KiB, and at most 64 connections are kept, 8 per
+//! peer address — a new one evicts one of its own address's or of the address holding the
+//! most, silent ones first, then the oldest that has not finished its request. Requests are parsed by `httparse`;
 //! every response closes the connection, which Prometheus handles fine and keeps the server a
 //! small state machine.
 
@@ -23,6 +24,8 @@ const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const FIRST_CONN: usize = 2;
 const MAX_CONNECTIONS: usize = 64;
+/// Slots one peer address may hold: a connect flood from one address takes its own.
+const MAX_PER_ADDRESS: usize = 8;
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -126,6 +129,8 @@ enum Phase {
 
 struct Conn {
     stream: TcpStream,
+    /// The peer's address: one address holds at most `MAX_PER_ADDRESS` slots.
+    peer: Option<std::net::IpAddr>,
     phase: Phase,
     accepted: Instant,
     deadline: Instant,
@@ -173,7 +178,7 @@ impl Server {
     fn accept(&mut self, now: Instant) {
         loop {
             match self.listener.accept() {
-                Ok((stream, _)) => self.admit(stream, now),
+                Ok((stream, peer)) => self.admit(stream, Some(peer.ip().to_canonical()), now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -184,17 +189,38 @@ impl Server {
         }
     }
 
-    /// Takes a free slot, or the slot of the oldest connection still sending its request.
-    fn admit(&mut self, mut stream: TcpStream, now: Instant) {
+    /// Takes a free slot. An address at `MAX_PER_ADDRESS` gives up one of its own; a full
+    /// table one of the address holding the most. Within those, a connection that has sent
+    /// nothing goes first, then one still sending its request, oldest first: a connect flood
+    /// evicts itself, and a scraper whose request comes a moment after connecting gets
+    /// through.
+    fn admit(&mut self, mut stream: TcpStream, peer: Option<std::net::IpAddr>, now: Instant) {
+        let held = |p: Option<std::net::IpAddr>| {
+            self.conns.iter().flatten().filter(|c| c.peer == p).count()
+        };
+        let own_full = held(peer) >= MAX_PER_ADDRESS;
         let slot = match self.conns.iter().position(Option::is_none) {
-            Some(i) => i,
-            None => {
+            Some(i) if !own_full => i,
+            _ => {
+                let busiest = match own_full {
+                    true => peer,
+                    false => self
+                        .conns
+                        .iter()
+                        .flatten()
+                        .map(|c| c.peer)
+                        .max_by_key(|&p| held(p))
+                        .flatten(),
+                };
                 let victim = self
                     .conns
                     .iter()
                     .enumerate()
                     .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
-                    .min_by_key(|(_, c)| (c.phase != Phase::Reading, c.accepted))
+                    .filter(|(_, c)| c.peer == busiest)
+                    .min_by_key(|(_, c)| {
+                        (c.phase != Phase::Reading, !c.request.is_empty(), c.accepted)
+                    })
                     .map(|(i, _)| i);
                 let Some(i) = victim else { return };
                 self.close(i);
@@ -212,6 +238,7 @@ impl Server {
         }
         self.conns[slot] = Some(Conn {
             stream,
+            peer,
             phase: Phase::Reading,
             accepted: now,
             deadline: now + REQUEST_TIMEOUT,

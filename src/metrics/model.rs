@@ -294,7 +294,8 @@ pub struct Counts {
     pub messages: HashMap<IdentityLabel, [u64; 4]>,
     /// Latest event time seen per identity (max, not a sum).
     pub latest_event: HashMap<IdentityLabel, Nanos>,
-    pub evicted: u64,
+    /// Sessions evicted from a full table, by identity (the flood's own, with fair eviction).
+    pub evicted: HashMap<IdentityLabel, u64>,
     /// Recordings put under `other`, indexed like `CappedLabel::ALL`.
     pub overflow: [u64; 3],
 }
@@ -344,7 +345,7 @@ impl Counts {
         add_into(&mut self.client_latency, delta.client_latency.drain());
         add_into(&mut self.messages, delta.messages.drain());
         self.merge_latest(delta.latest_event.drain());
-        self.evicted += std::mem::take(&mut delta.evicted);
+        add_into(&mut self.evicted, delta.evicted.drain());
         for (a, b) in self.overflow.iter_mut().zip(&mut delta.overflow) {
             *a += std::mem::take(b);
         }
@@ -369,7 +370,10 @@ impl Counts {
             other.messages.iter().map(|(k, v)| (*k, *v)),
         );
         self.merge_latest(other.latest_event.iter().map(|(k, v)| (*k, *v)));
-        self.evicted += other.evicted;
+        add_into(
+            &mut self.evicted,
+            other.evicted.iter().map(|(k, v)| (*k, *v)),
+        );
         for (a, b) in self.overflow.iter_mut().zip(&other.overflow) {
             *a += b;
         }
@@ -389,7 +393,7 @@ impl Counts {
             && self.client_latency.is_empty()
             && self.messages.is_empty()
             && self.latest_event.is_empty()
-            && self.evicted == 0
+            && self.evicted.is_empty()
             && self.overflow == [0; 3]
     }
 }
@@ -711,7 +715,7 @@ impl ThreadStats {
                 .observe(latency);
         }
         if verdict.loss == Some(LossReason::SessionTableFull) {
-            self.delta.evicted += 1;
+            *self.delta.evicted.entry(identity).or_insert(0) += 1;
         }
     }
 

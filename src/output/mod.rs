@@ -14,7 +14,7 @@ pub mod writer;
 pub use policy::{LineOptions, LinePolicy, Messages, SampleRate};
 pub use sink::{Flow, Sink, WriteSink};
 
-use crate::correlate::{MessageStore, Session, Status};
+use crate::correlate::{Message, MessageStore, Session, Status};
 use crate::diagnosis::Diagnosis;
 use crate::dns::{class_name, rcode_name, rtype_name};
 use crate::dnstap::{self, DnstapMessage, Nanos, Role, SourceRegistry};
@@ -102,13 +102,18 @@ impl Decoded<'_> {
         }
     }
 
+    /// A time rejected at ingest (`Message::TIME_REJECTED`) is no time for computations.
     fn response_time(&self) -> Option<Nanos> {
-        let m = self.msg()?;
+        let m = self
+            .msg()
+            .filter(|_| self.flags & Message::TIME_REJECTED == 0)?;
         dnstap::time(m.response_time_sec, m.response_time_nsec)
     }
 
     fn query_time(&self) -> Option<Nanos> {
-        let m = self.msg()?;
+        let m = self
+            .msg()
+            .filter(|_| self.flags & Message::TIME_REJECTED == 0)?;
         dnstap::time(m.query_time_sec, m.query_time_nsec)
     }
 }

@@ -151,6 +151,18 @@ int64 so that large values (maxSessions: 2000000) are not printed in float notat
 {{- if not (kindIs "invalid" $a.frameBufferBudget) }}
 - {{ printf "--frame-buffer-budget=%d" (int64 $a.frameBufferBudget) | quote }}
 {{- end }}
+{{- if not (kindIs "invalid" $a.maxHandshaking) }}
+- {{ printf "--max-handshaking=%d" (int64 $a.maxHandshaking) | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $a.handshakesPerAddress) }}
+- {{ printf "--handshakes-per-address=%d" (int64 $a.handshakesPerAddress) | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $a.connectionsPerAddress) }}
+- {{ printf "--connections-per-address=%d" (int64 $a.connectionsPerAddress) | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $a.shutdownTimeout) }}
+- {{ printf "--shutdown-timeout=%d" (int64 (include "dnstap-analyser.seconds" $a.shutdownTimeout)) | quote }}
+{{- end }}
 {{- if not (kindIs "invalid" $a.sampleSucceeded) }}
 - {{ printf "--sample-succeeded=%v" $a.sampleSucceeded | quote }}
 {{- end }}
@@ -272,6 +284,10 @@ Combinations of values the schema cannot express. Renders nothing, or fails with
 {{- if and (not (kindIs "invalid" $grace)) (lt (int64 $grace) (int64 $needed)) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be at least preStopSleepSeconds + analyser.sessionTimeout + 5 = %d: the pod needs that long to drain and flush its open sessions" (int64 $grace) (int64 $needed)) }}
 {{- end }}
+{{- $exit := add (int64 .Values.preStopSleepSeconds) (include "dnstap-analyser.shutdownSeconds" .) 5 }}
+{{- if and (not (kindIs "invalid" $grace)) (lt (int64 $grace) (int64 $exit)) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be at least preStopSleepSeconds + analyser.shutdownTimeout + 5 = %d: the analyser must reach its shutdown deadline before the kubelet's SIGKILL" (int64 $grace) (int64 $exit)) }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -304,12 +320,25 @@ Whole seconds (rounded up) of a duration value: a number of seconds, or a string
 {{- end }}
 
 {{/*
-terminationGracePeriodSeconds: the value, or the drain time plus 15 s for the writer and the exit.
+--shutdown-timeout in seconds: analyser.shutdownTimeout, or the binary's default (20 s).
+*/}}
+{{- define "dnstap-analyser.shutdownSeconds" -}}
+{{- $a := .Values.analyser }}
+{{- if kindIs "invalid" $a.shutdownTimeout }}20{{ else }}{{ include "dnstap-analyser.seconds" $a.shutdownTimeout }}{{ end }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the value, or the drain time plus 15 s for the writer and the exit,
+and at least the preStop sleep plus the analyser's --shutdown-timeout plus 5 s: at that deadline
+the analyser prints the summary with the sessions it could not write and exits, before the
+kubelet's SIGKILL.
 */}}
 {{- define "dnstap-analyser.terminationGracePeriodSeconds" -}}
 {{- $grace := .Values.terminationGracePeriodSeconds }}
 {{- if kindIs "invalid" $grace }}
-{{- add (include "dnstap-analyser.drainSeconds" .) 15 }}
+{{- $drain := add (include "dnstap-analyser.drainSeconds" .) 15 }}
+{{- $exit := add (int64 .Values.preStopSleepSeconds) (include "dnstap-analyser.shutdownSeconds" .) 5 }}
+{{- max (int64 $drain) (int64 $exit) }}
 {{- else }}
 {{- int64 $grace }}
 {{- end }}
