@@ -192,8 +192,8 @@ impl Diagnosis {
             .cq_time()
             .or_else(|| s.messages.iter().filter_map(|m| m.time()).min());
         self.rcode = s.rcode();
-        self.query_time = trusted_time(s.messages.iter().find(|m| m.role == Role::ClientQuery))
-            .and(s.cq_time());
+        self.query_time =
+            trusted_time(s.messages.iter().find(|m| m.role == Role::ClientQuery)).and(s.cq_time());
         self.response_time = trusted_time(client_response(s));
         self.dns_id = s.dns_id;
         self.latency = self
