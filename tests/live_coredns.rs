@@ -212,27 +212,12 @@ fn queries_refused_behind_a_silent_upstream() {
     let dir = TempDir::new("coredns-max-concurrent");
     let silent = SilentUpstream::start();
     let an = Analyser::serve_tcp(&[]);
-    let port = alloc_port();
-    let conf = render_to(
-        "Corefile.max_concurrent",
+    let Forwarder { port, mut server } = start_coredns_from(
         &dir,
-        "Corefile",
-        &[
-            ("PORT", port.to_string()),
-            ("UPSTREAM", silent.port.to_string()),
-            ("TAP", an.port().to_string()),
-        ],
-    );
-    let mut cmd = std::process::Command::new(coredns);
-    cmd.arg("-conf").arg(&conf);
-    let mut server = Server::spawn("coredns", cmd, dir.join("coredns.log"));
-    wait_until(
-        "CoreDNS to listen and connect its dnstap stream",
-        Duration::from_secs(15),
-        || {
-            server.assert_running();
-            tcp_listening(port) && tcp_connections_to(an.port()) >= 1
-        },
+        &coredns,
+        "Corefile.max_concurrent",
+        &[("UPSTREAM", silent.port.to_string())],
+        an.port(),
     );
     let burst = |prefix: &str, n: usize| -> Vec<Option<String>> {
         let digs: Vec<_> = (0..n)
@@ -306,7 +291,7 @@ fn extra_attribution_reaches_the_line() {
     let mut server = Server::spawn("coredns", cmd, dir.join("coredns.log"));
     wait_until(
         "CoreDNS to listen and connect its dnstap stream",
-        Duration::from_secs(15),
+        READY_WITHIN,
         || {
             server.assert_running();
             tcp_listening(a) && tcp_listening(b) && tcp_connections_to(an.port()) >= 1

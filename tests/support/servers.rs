@@ -390,13 +390,23 @@ pub fn start_dnsdist(dir: &TempDir, upstream: u16, silent: u16, tap_port: u16) -
 /// connected (the analyser must already listen on `tap_port`). No readiness query: it would
 /// be a session of its own.
 pub fn start_coredns(dir: &TempDir, coredns: &Path, upstream: u16, tap_port: u16) -> Forwarder {
+    let vars = [("UPSTREAM", upstream.to_string())];
+    start_coredns_from(dir, coredns, "Corefile", &vars, tap_port)
+}
+
+/// CoreDNS from the Corefile `template` of tests/live, with `PORT` (a port free when it binds)
+/// and `TAP` filled in besides `vars`; returns once it listens and its dnstap stream is up.
+pub fn start_coredns_from(
+    dir: &TempDir,
+    coredns: &Path,
+    template: &str,
+    vars: &[(&str, String)],
+    tap_port: u16,
+) -> Forwarder {
     let spawn = |port: u16| {
-        let vars = [
-            ("PORT", port.to_string()),
-            ("UPSTREAM", upstream.to_string()),
-            ("TAP", tap_port.to_string()),
-        ];
-        let conf = render_to("Corefile", dir, "Corefile", &vars);
+        let mut all = vec![("PORT", port.to_string()), ("TAP", tap_port.to_string())];
+        all.extend(vars.iter().cloned());
+        let conf = render_to(template, dir, "Corefile", &all);
         let mut cmd = Command::new(coredns);
         cmd.arg("-conf").arg(&conf);
         Server::spawn("coredns", cmd, dir.join("coredns.log"))
