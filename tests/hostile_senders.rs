@@ -343,29 +343,25 @@ fn honest_truth() -> std::collections::BTreeMap<String, usize> {
         .collect()
 }
 
-/// Finding 1 of #16: a second connection, from another address, under the honest sender's
-/// identity sends orphan CLIENT_RESPONSEs, which from an in-order sender are evidence of loss.
-/// It must not turn the honest sender's unanswered sessions into SampleLoss.
-#[test]
-fn a_spoofed_identity_cannot_hide_failures_with_loss_evidence() {
+/// The honest sender (127.0.0.2) asks ten questions and answers five of them; between the two,
+/// a spoofer (127.0.0.3) sends what `spoof` writes under the same identity. Returns the
+/// analyser's output once the honest sessions are checked against [`honest_truth`].
+fn honest_beside_a_spoofer(spoof: impl FnOnce(&mut Sender, u64)) -> Output {
     let an = Analyser::serve_tcp(&["--session-timeout", "30s", "--shards", "1"]);
     let t = now_secs() - 1;
     let mut honest = Sender::new(2, &an);
     honest_queries(&mut honest, t);
     honest.send();
     wait_frames(&an, honest.frames);
-    let mut spoof = Sender::new(3, &an);
-    for id in 0..4u16 {
-        let qname = format!("orphan{id}.spoof.test");
-        spoof.message("coredns-0", Type::CLIENT_RESPONSE, &qname, 500 + id, t);
-    }
-    spoof.send();
-    wait_frames(&an, honest.frames + spoof.frames);
+    let mut spoofer = Sender::new(3, &an);
+    spoof(&mut spoofer, t);
+    spoofer.send();
+    wait_frames(&an, honest.frames + spoofer.frames);
     honest_answers(&mut honest, t);
     honest.send();
-    wait_frames(&an, honest.frames + spoof.frames);
+    wait_frames(&an, honest.frames + spoofer.frames);
     honest.stop();
-    spoof.stop();
+    spoofer.stop();
     let out = an.stop();
     assert_eq!(
         counts_in(&out, "coredns-0", ".honest.test"),
@@ -373,6 +369,20 @@ fn a_spoofed_identity_cannot_hide_failures_with_loss_evidence() {
         "{}",
         describe_all(&out.sessions)
     );
+    out
+}
+
+/// Finding 1 of #16: a second connection, from another address, under the honest sender's
+/// identity sends orphan CLIENT_RESPONSEs, which from an in-order sender are evidence of loss.
+/// It must not turn the honest sender's unanswered sessions into SampleLoss.
+#[test]
+fn a_spoofed_identity_cannot_hide_failures_with_loss_evidence() {
+    let out = honest_beside_a_spoofer(|spoof, t| {
+        for id in 0..4u16 {
+            let qname = format!("orphan{id}.spoof.test");
+            spoof.message("coredns-0", Type::CLIENT_RESPONSE, &qname, 500 + id, t);
+        }
+    });
     let spoofed = counts_in(&out, "coredns-0", ".spoof.test");
     assert_eq!(
         spoofed.values().sum::<usize>(),
@@ -386,34 +396,16 @@ fn a_spoofed_identity_cannot_hide_failures_with_loss_evidence() {
 /// into a false Failed/1 and a response-only line.
 #[test]
 fn a_spoofed_identity_cannot_invent_failures_with_its_clock() {
-    let an = Analyser::serve_tcp(&["--session-timeout", "30s", "--shards", "1"]);
-    let t = now_secs() - 1;
-    let mut honest = Sender::new(2, &an);
-    honest_queries(&mut honest, t);
-    honest.send();
-    wait_frames(&an, honest.frames);
-    let mut spoof = Sender::new(3, &an);
-    spoof.message(
-        "coredns-0",
-        Type::CLIENT_QUERY,
-        "ahead.spoof.test",
-        900,
-        t + 23 * 3600,
-    );
-    spoof.send();
-    wait_frames(&an, honest.frames + spoof.frames);
-    honest_answers(&mut honest, t);
-    honest.send();
-    wait_frames(&an, honest.frames + spoof.frames);
-    honest.stop();
-    spoof.stop();
-    let out = an.stop();
-    assert_eq!(
-        counts_in(&out, "coredns-0", ".honest.test"),
-        honest_truth(),
-        "{}",
-        describe_all(&out.sessions)
-    );
+    let out = honest_beside_a_spoofer(|spoof, t| {
+        let ahead = t + 23 * 3600;
+        spoof.message(
+            "coredns-0",
+            Type::CLIENT_QUERY,
+            "ahead.spoof.test",
+            900,
+            ahead,
+        );
+    });
     assert_eq!(
         out.discarded("time_out_of_range"),
         0,
