@@ -1555,6 +1555,29 @@ fn chart_rejects_bad_monitoring_values() {
             "bad-interval",
             json!({"monitoring": {"serviceMonitor": {"interval": "30"}}}),
         ),
+        (
+            "alert-ratio-above-1",
+            json!({"monitoring": {"prometheusRule": {"rules":
+                   {"DnstapDNSFailing": {"ratio": 20}}}}}),
+        ),
+        (
+            "alert-unknown-rule",
+            json!({"monitoring": {"prometheusRule": {"rules": {"DnstapSomething": {"enabled": true}}}}}),
+        ),
+        (
+            "alert-threshold-the-rule-lacks",
+            json!({"monitoring": {"prometheusRule": {"rules":
+                   {"DnstapCoreDNSPodSilent": {"ratio": 0.1}}}}}),
+        ),
+        (
+            "alert-bad-for",
+            json!({"monitoring": {"prometheusRule": {"rules":
+                   {"DnstapAnalyserDown": {"for": "5 minutes"}}}}}),
+        ),
+        (
+            "alert-runbook-base-with-anchor",
+            json!({"monitoring": {"prometheusRule": {"runbookBaseUrl": "https://example.com/ops#alerts"}}}),
+        ),
     ];
     for r in render_cases(&cases) {
         assert!(
@@ -1656,6 +1679,106 @@ fn chart_monitoring_objects_render_and_validate() {
     );
 }
 
+/// The alerting rules of a rendered PrometheusRule, by name.
+fn alert_rules_of(objs: &[Json]) -> BTreeMap<String, Json> {
+    let groups = &find(objs, "PrometheusRule")["spec"]["groups"];
+    assert_eq!(groups.as_array().map(Vec::len), Some(1), "one rule group");
+    groups[0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["alert"].as_str().unwrap().to_string(), r.clone()))
+        .collect()
+}
+
+/// `promtool check rules` on the `spec` of a rendered PrometheusRule.
+fn promtool_check_rule_spec(objs: &[Json], dir: &Path, case: &str) {
+    let file = dir.join(format!("{case}-rules.yaml"));
+    let spec = &find(objs, "PrometheusRule")["spec"];
+    fs::write(&file, serde_yaml::to_string(spec).unwrap()).unwrap();
+    let out = support::promtool(&["check", "rules", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "case {case}: promtool rejects the rendered rules:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn chart_alert_values_reach_the_rules() {
+    let custom = json!({"monitoring": {"prometheusRule": {
+        "enabled": true,
+        "runbookBaseUrl": "https://wiki.example.com/dns/operations",
+        "groupBy": ["cluster", "region"],
+        "alertLabels": {"team": "dns"},
+        "rules": {
+            "DnstapCoreDNSPodSilent": {"enabled": false},
+            "DnstapUpstreamTimingOut": {"ratio": 0.1, "minRate": 2, "for": "15m",
+                                        "severity": "critical", "labels": {"team": "network"}},
+            "DnstapAnalyserDown": {"lookback": "6h"}
+        }
+    }}});
+    let flat = json!({"monitoring": {"prometheusRule": {"enabled": true, "groupBy": []}}});
+    let rendered = render_cases(&[("custom", custom), ("flat", flat)]);
+    let dir = scratch_dir("alert-values");
+    let custom = rendered[0].expect_ok().objects();
+    let flat = rendered[1].expect_ok().objects();
+    promtool_check_rule_spec(&custom, &dir, "custom");
+    promtool_check_rule_spec(&flat, &dir, "flat");
+
+    let rules = alert_rules_of(&custom);
+    assert!(
+        !rules.contains_key("DnstapCoreDNSPodSilent"),
+        "a disabled rule is left out"
+    );
+    assert_eq!(rules.len(), alert_rules_of(&flat).len() - 1);
+    let timing = &rules["DnstapUpstreamTimingOut"];
+    let expr = timing["expr"].as_str().unwrap();
+    for part in ["by (cluster, region, upstream)", ") > 0.1\n", ">= 2\n"] {
+        assert!(expr.contains(part), "{part:?} not in {expr}");
+    }
+    assert_eq!(timing["for"], "15m");
+    assert_eq!(
+        timing["labels"],
+        json!({"severity": "critical", "team": "network"}),
+        "the rule's labels win over alertLabels"
+    );
+    assert!(
+        timing["annotations"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("(threshold 10%)"),
+        "{}",
+        timing["annotations"]["description"]
+    );
+    assert!(rules["DnstapAnalyserDown"]["expr"]
+        .as_str()
+        .unwrap()
+        .contains("[6h]"));
+    for (name, rule) in &rules {
+        assert_eq!(
+            rule["annotations"]["runbook_url"],
+            format!(
+                "https://wiki.example.com/dns/operations#{}",
+                name.to_lowercase()
+            )
+        );
+        if name != "DnstapUpstreamTimingOut" {
+            assert_eq!(rule["labels"]["team"], "dns", "{name}: alertLabels");
+        }
+    }
+    // groupBy [] sums over everything.
+    let flat_rules = alert_rules_of(&flat);
+    let errors = flat_rules["DnstapErrorRcodesRising"]["expr"]
+        .as_str()
+        .unwrap();
+    assert!(
+        errors.contains("sum by () (") && !errors.contains("cluster"),
+        "{errors}"
+    );
+}
+
 /// The rendered text of a template without the Helm-only labels, as kept in MONITORING_DIR.
 fn plain_text_of(rendered: &str, template: &str) -> String {
     let mut out = format!(
@@ -1674,6 +1797,30 @@ fn plain_text_of(rendered: &str, template: &str) -> String {
             continue;
         }
         out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// The plain Prometheus rule file, in the chart: the PrometheusRule's spec rendered with the
+/// default values (`plain_monitoring_manifests_equal_the_chart` checks and blesses it).
+const ALERTS_FILE: &str = "files/alerts.yaml";
+
+/// The `spec` of a rendered PrometheusRule as a plain rule file: the lines after `spec:`, one
+/// indentation level less, behind a header saying where they come from.
+fn plain_rules_of(rendered: &str) -> String {
+    let mut out = format!(
+        "# Generated from the Helm chart deploy/helm/dnstap-analyser (templates/_alerts.tpl with the\n\
+         # default values of monitoring.prometheusRule): a plain Prometheus rule file for rule_files,\n\
+         # and the file deploy/monitoring/alerts.test.yaml tests. Do not edit: change the chart, then run\n\
+         #   {BLESS_ENV}=1 cargo test --release --test deploy plain_monitoring\n"
+    );
+    let spec = rendered
+        .split_once("\nspec:\n")
+        .expect("the PrometheusRule has a spec")
+        .1;
+    for line in spec.lines() {
+        out.push_str(line.strip_prefix("  ").unwrap_or(line));
         out.push('\n');
     }
     out
@@ -1710,6 +1857,23 @@ fn plain_monitoring_manifests_equal_the_chart() {
         );
         plain_files.push(path);
     }
+    // The plain rule file is the PrometheusRule's spec with the default values, text for text
+    // (its comments included).
+    let (_, rule_text) = rendered
+        .manifests
+        .iter()
+        .find(|(k, _)| k.ends_with("templates/prometheusrule.yaml"))
+        .expect("the chart has templates/prometheusrule.yaml");
+    let rules_path = chart_dir().join(ALERTS_FILE);
+    let expected = plain_rules_of(rule_text);
+    if bless {
+        fs::write(&rules_path, &expected).unwrap();
+    }
+    assert!(
+        read(&rules_path) == expected,
+        "{ALERTS_FILE} differs from the chart's PrometheusRule spec with the default values; \
+         regenerate it with {BLESS_ENV}=1 cargo test --release --test deploy plain_monitoring"
+    );
     let mut listed: Vec<String> = fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -90,10 +90,28 @@ const EXPOSITION: &[Metric] = &[
         &["result"],
     ),
     metric("dnstap_analyser_received_bytes_total", Kind::Counter, &[]),
+    // What was dropped, one family per unit (issue #17).
     metric(
-        "dnstap_analyser_discarded_total",
+        "dnstap_analyser_discarded_messages_total",
         Kind::Counter,
         &["reason"],
+    ),
+    metric(
+        "dnstap_analyser_discarded_frames_total",
+        Kind::Counter,
+        &["reason"],
+    ),
+    metric(
+        "dnstap_analyser_discarded_connections_total",
+        Kind::Counter,
+        &["reason"],
+    ),
+    metric("dnstap_analyser_rejected_times_total", Kind::Counter, &[]),
+    // 1 when the identity's last stream ended with a clean STOP and none is open (scale-down).
+    metric(
+        "dnstap_analyser_identity_stopped",
+        Kind::Gauge,
+        &["identity"],
     ),
     metric(
         "dnstap_analyser_queue_depth_events",
@@ -164,10 +182,18 @@ const EXPOSITION: &[Metric] = &[
         Kind::Counter,
         &["identity", "client_namespace"],
     ),
+    // The process metrics of the Prometheus client libraries.
+    metric("process_cpu_seconds_total", Kind::Counter, &[]),
+    metric("process_resident_memory_bytes", Kind::Gauge, &[]),
+    metric("process_virtual_memory_bytes", Kind::Gauge, &[]),
+    metric("process_open_fds", Kind::Gauge, &[]),
+    metric("process_max_fds", Kind::Gauge, &[]),
+    metric("process_start_time_seconds", Kind::Gauge, &[]),
 ];
 
 /// Labels Prometheus adds to every scraped series (target labels), usable in any selector.
 const TARGET_LABELS: &[&str] = &[
+    "cluster",
     "job",
     "instance",
     "namespace",
@@ -222,25 +248,24 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
             "FORWARDER_QUERY",
             "FORWARDER_RESPONSE",
         ],
-        ("dnstap_analyser_discarded_total", "reason") => &[
+        ("dnstap_analyser_discarded_messages_total", "reason") => &[
             "queue_full",
             "queue_disconnected",
-            "protobuf_undecodable",
-            "no_message",
+            "session_table_full",
             "unsupported_message_type",
             "dns_undecodable",
             "upstream_without_wire",
+            "identity_limit",
+            "identity_too_long",
+        ],
+        ("dnstap_analyser_discarded_frames_total", "reason") => {
+            &["protobuf", "no_message", "truncated_frame", "frame_budget"]
+        }
+        ("dnstap_analyser_discarded_connections_total", "reason") => &[
             "bad_stream",
-            "truncated_frame",
             "content_type",
             "handshake_timeout",
             "connection_limit",
-            "time_out_of_range",
-            "identity_limit",
-            "identity_too_long",
-            "session_table_full",
-            "idle_timeout",
-            "frame_budget",
         ],
         ("dnstap_analyser_connections_closed_total", "reason") => &[
             "stopped",
@@ -268,14 +293,29 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
 
 /// The alerts of the contract (PrometheusRule group `dnstap-analyser`).
 const ALERTS: &[&str] = &[
+    "DnstapAnalyserDown",
+    "DnstapAnalyserAbsent",
+    "DnstapDNSFailing",
     "DnstapUpstreamTimingOut",
     "DnstapErrorRcodesRising",
+    "DnstapCoreDNSNotAnswering",
     "DnstapCoreDNSDroppingTapMessages",
     "DnstapAnalyserDropping",
     "DnstapCoreDNSPodSilent",
 ];
+/// Alerts that page (severity critical with the default values).
+const CRITICAL_ALERTS: &[&str] = &[
+    "DnstapAnalyserDown",
+    "DnstapAnalyserAbsent",
+    "DnstapDNSFailing",
+];
 /// Alerts about DNS failures: SampleLoss must never fire them.
-const FAILURE_ALERTS: &[&str] = &["DnstapUpstreamTimingOut", "DnstapErrorRcodesRising"];
+const FAILURE_ALERTS: &[&str] = &[
+    "DnstapDNSFailing",
+    "DnstapUpstreamTimingOut",
+    "DnstapErrorRcodesRising",
+    "DnstapCoreDNSNotAnswering",
+];
 
 // ---------------------------------------------------------------------------------------------
 // Paths, tools, parsing
@@ -401,10 +441,17 @@ fn is_ident(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_'
 }
 
-/// Every `dnstap_analyser_*` identifier in `src`, with the matchers in braces right after it.
+/// Prefixes of the metric names of the exposition: the analyser's own, and the process metrics.
+const METRIC_PREFIXES: &[&str] = &["dnstap_analyser_", "process_"];
+
+/// Every identifier in `src` that starts with one of [`METRIC_PREFIXES`], with the matchers in
+/// braces right after it.
 fn selectors(src: &str) -> Vec<Selector> {
     let mut out = Vec::new();
-    for (i, _) in src.match_indices("dnstap_analyser_") {
+    let starts = METRIC_PREFIXES
+        .iter()
+        .flat_map(|p| src.match_indices(p).map(|(i, _)| i));
+    for i in starts {
         if src[..i].chars().next_back().is_some_and(is_ident) {
             continue;
         }
@@ -542,15 +589,24 @@ fn alert_rules_are_the_contract_with_annotations_and_runbooks() {
         "alerts of the rule file"
     );
     let operations = read(&root().join("docs/operations.md"));
+    let values = yaml(&root().join("deploy/helm/dnstap-analyser/values.yaml"));
+    let base = values["monitoring"]["prometheusRule"]["runbookBaseUrl"]
+        .as_str()
+        .expect("monitoring.prometheusRule.runbookBaseUrl");
+    assert!(
+        base.starts_with("https://") && base.ends_with("docs/operations.md"),
+        "the default runbook base is the docs page: {base}"
+    );
     for (name, rule) in &rules {
         assert!(rule["for"].is_string(), "{name}: no `for`");
-        assert!(
-            ["warning", "critical", "info"]
-                .contains(&rule["labels"]["severity"].as_str().unwrap_or("")),
-            "{name}: severity label"
-        );
+        let severity = if CRITICAL_ALERTS.contains(&name.as_str()) {
+            "critical"
+        } else {
+            "warning"
+        };
+        assert_eq!(rule["labels"]["severity"], severity, "{name}: severity");
         let a = &rule["annotations"];
-        for key in ["summary", "description", "runbook"] {
+        for key in ["summary", "description", "runbook_url"] {
             assert!(
                 a[key].as_str().is_some_and(|s| s.len() > 20),
                 "{name}: annotation {key} missing or empty"
@@ -558,13 +614,17 @@ fn alert_rules_are_the_contract_with_annotations_and_runbooks() {
         }
         // The runbook link points at this alert's section of docs/operations.md.
         let anchor = name.to_lowercase();
+        assert_eq!(
+            a["runbook_url"],
+            format!("{base}#{anchor}"),
+            "{name}: runbook_url"
+        );
+        // Scraped by a ServiceMonitor or by annotations, the job label differs: no rule may
+        // depend on it.
+        let expr = rule["expr"].as_str().unwrap();
         assert!(
-            a["runbook"]
-                .as_str()
-                .unwrap()
-                .ends_with(&format!("docs/operations.md#{anchor}")),
-            "{name}: runbook must end with docs/operations.md#{anchor}: {}",
-            a["runbook"]
+            !expr.contains("job=") && !expr.contains("job!="),
+            "{name} selects a job: {expr}"
         );
         assert!(
             operations
@@ -573,7 +633,6 @@ fn alert_rules_are_the_contract_with_annotations_and_runbooks() {
             "docs/operations.md has no section `### {name}` (anchor #{anchor})"
         );
         // Alerts per CoreDNS pod / upstream name them.
-        let expr = rule["expr"].as_str().unwrap();
         for label in ["identity", "upstream"] {
             if expr.contains(&format!("by ({label}")) || expr.contains(&format!(", {label})")) {
                 let needle = format!("{{{{ $labels.{label} }}}}");
@@ -623,7 +682,8 @@ fn alert_rule_unit_tests_pass_and_cover_every_alert() {
     }
 
     // SampleLoss from CoreDNS (sender_loss) must be tested against the failure alerts: a group
-    // with sender_loss sessions tests both, and a pod with sender loss fires neither.
+    // with sender_loss sessions tests them all, and a scenario (the failure alerts aggregate per
+    // `cluster`) with sender loss fires none.
     let sender_loss_group = groups.iter().find(|g| {
         let tested: BTreeSet<&str> = g["alert_rule_test"]
             .as_array()
@@ -638,7 +698,7 @@ fn alert_rule_unit_tests_pass_and_cover_every_alert() {
             .filter_map(|s| s["series"].as_str())
             .filter(|s| s.contains(r#"cause="sender_loss""#))
             .filter_map(|s| {
-                s.split(r#"identity=""#)
+                s.split(r#"cluster=""#)
                     .nth(1)
                     .map(|r| r[..r.find('"').unwrap()].to_string())
             })
@@ -649,7 +709,7 @@ fn alert_rule_unit_tests_pass_and_cover_every_alert() {
             .flatten()
             .filter(|t| FAILURE_ALERTS.contains(&t["alertname"].as_str().unwrap_or("")))
             .flat_map(|t| t["exp_alerts"].as_array().cloned().unwrap_or_default())
-            .filter_map(|a| a["exp_labels"]["identity"].as_str().map(str::to_string))
+            .filter_map(|a| a["exp_labels"]["cluster"].as_str().map(str::to_string))
             .collect();
         FAILURE_ALERTS.iter().all(|a| tested.contains(a))
             && lossy.iter().any(|i| !failing.contains(i))
@@ -667,9 +727,9 @@ fn alert_rule_unit_tests_catch_broken_rules() {
     let mutations: &[(&str, &str, &str)] = &[
         (
             "SampleLoss dilutes the error ratio",
-            r#"sum by (identity) (rate(dnstap_analyser_sessions_total{status!="SampleLoss"}[5m]))
+            r#"sum by (cluster) (rate(dnstap_analyser_sessions_total{status!="SampleLoss"}[5m]))
           ) > 0.05"#,
-            r#"sum by (identity) (rate(dnstap_analyser_sessions_total[5m]))
+            r#"sum by (cluster) (rate(dnstap_analyser_sessions_total[5m]))
           ) > 0.05"#,
         ),
         (
@@ -683,16 +743,47 @@ fn alert_rule_unit_tests_catch_broken_rules() {
             r#"cause=~"upstream_error|cached_upstream_error|server_error|upstream_timeout|no_response""#,
         ),
         (
+            "no_response not covered",
+            r#"cause="no_response""#,
+            r#"cause="upstream_timeout""#,
+        ),
+        (
             "no rate floor on upstream attempts",
             "rate(dnstap_analyser_upstream_attempts_total[5m])) >= 0.1",
             "rate(dnstap_analyser_upstream_attempts_total[5m])) >= 0",
         ),
+        (
+            "one upstream alert per CoreDNS pod",
+            "by (cluster, upstream)",
+            "by (cluster, identity, upstream)",
+        ),
         ("threshold 50%", "> 0.05", "> 0.5"),
+        ("critical at 40%", "> 0.2", "> 0.4"),
         ("no `for`", "for: 5m", "for: 0m"),
         (
-            "a CoreDNS rollout counts as silence",
-            "          <\n              count(",
-            "          <=\n              count(",
+            "analyser down only for the ServiceMonitor's job",
+            "(up == 0)",
+            r#"(up{job="dnstap-analyser"} == 0)"#,
+        ),
+        (
+            "analyser absent only when absent everywhere",
+            "count by (cluster) (last_over_time(dnstap_analyser_build_info[1d]))",
+            "count by (cluster) (dnstap_analyser_build_info)",
+        ),
+        (
+            "a scale-down (clean STOP) counts as silence",
+            "last_over_time(dnstap_analyser_identity_stopped[1h])) == 1",
+            "last_over_time(dnstap_analyser_identity_stopped[1h])) == 2",
+        ),
+        (
+            "STOP read from the current series, which vanish when the identity is reclaimed",
+            "last_over_time(dnstap_analyser_identity_stopped[1h])",
+            "dnstap_analyser_identity_stopped",
+        ),
+        (
+            "the reclaimed aggregate counts as a pod",
+            r#"{identity!="reclaimed"}"#,
+            "",
         ),
         (
             "sender loss alert on analyser loss",
@@ -703,6 +794,11 @@ fn alert_rule_unit_tests_catch_broken_rules() {
             "analyser dropping on any discard",
             r#"{reason=~"queue_full|queue_disconnected|session_table_full"}"#,
             "",
+        ),
+        (
+            "analyser_loss alerts per session label set, not per replica",
+            r#"sum by (cluster, job, instance) (rate(dnstap_analyser_sessions_total{cause="analyser_loss"}"#,
+            r#"sum without (identity, status, bitmap, cause) (rate(dnstap_analyser_sessions_total{cause="analyser_loss"}"#,
         ),
     ];
     let dir = scratch_dir("mutations");
@@ -743,8 +839,10 @@ fn alerts_and_dashboard_use_only_exposed_metrics() {
     for required in [
         "dnstap_analyser_sessions_total",
         "dnstap_analyser_upstream_attempts_total",
-        "dnstap_analyser_discarded_total",
+        "dnstap_analyser_discarded_messages_total",
         "dnstap_analyser_messages_total",
+        "dnstap_analyser_identity_stopped",
+        "dnstap_analyser_build_info",
     ] {
         assert!(
             used_by_alerts.contains(required),
@@ -756,9 +854,16 @@ fn alerts_and_dashboard_use_only_exposed_metrics() {
         "dnstap_analyser_upstream_attempts_total",
         "dnstap_analyser_upstream_rtt_seconds",
         "dnstap_analyser_client_latency_seconds",
-        "dnstap_analyser_discarded_total",
+        "dnstap_analyser_discarded_messages_total",
+        "dnstap_analyser_discarded_frames_total",
+        "dnstap_analyser_discarded_connections_total",
+        "dnstap_analyser_rejected_times_total",
         "dnstap_analyser_queue_depth_events",
         "dnstap_analyser_open_sessions",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
     ] {
         assert!(
             used_by_dashboard.contains(required),
