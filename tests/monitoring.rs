@@ -919,10 +919,27 @@ fn dashboard_has_the_panels() {
         .expect("datasource variable");
     assert_eq!(ds["type"], "datasource");
     assert_eq!(ds["query"], "prometheus");
+    for name in SCOPE_VARIABLES.iter().chain(&["identity", "upstream"]) {
+        assert!(vars.iter().any(|v| v["name"] == *name), "{name} variable");
+    }
+    // Alert annotations: the firing alerts of these rules.
+    let annotations = d["annotations"]["list"].as_array().expect("annotations");
     assert!(
-        vars.iter().any(|v| v["name"] == "identity"),
-        "identity variable"
+        annotations.iter().any(|a| a["enable"] == true
+            && a["expr"]
+                .as_str()
+                .is_some_and(|e| e.contains(r#"ALERTS{alertname=~"Dnstap.*""#))),
+        "no annotation of the firing dnstap alerts: {annotations:?}"
     );
+    // The first row is the overview, of stat panels.
+    let top = d["panels"].as_array().unwrap();
+    assert_eq!(top[0]["type"], "row");
+    assert_eq!(top[0]["title"], "Overview");
+    assert!(top[1..].iter().take_while(|p| p["type"] != "row").count() >= 4);
+    assert!(top[1..]
+        .iter()
+        .take_while(|p| p["type"] != "row")
+        .all(|p| p["type"] == "stat"));
 
     let panels = dashboard_panels(&d);
     let mut ids = BTreeSet::new();
@@ -960,15 +977,28 @@ fn dashboard_has_the_panels() {
     // (title fragment, query fragment): the panels issue #9 asks for.
     let exprs = dashboard_exprs(&d);
     let required: &[(&str, &str)] = &[
-        ("Failure ratio per CoreDNS pod", r#"sum by (identity, cause) (rate(dnstap_analyser_sessions_total{status="Failed""#),
+        ("Failure ratio per CoreDNS pod", r#"sum by (identity, cause) (rate(dnstap_analyser_sessions_total{cluster=~"$cluster", job=~"$job", instance=~"$instance", status="Failed""#),
         ("Failure ratio per CoreDNS pod", r#"status!="SampleLoss""#),
         ("Upstream timeouts", r#"outcome="timeout""#),
         ("Upstream RTT", "histogram_quantile(0.99, sum by (upstream, le) (rate(dnstap_analyser_upstream_rtt_seconds_bucket"),
+        // The RTT histogram has no identity: $identity picks the upstreams its pods used.
+        ("Upstream RTT", r#"and on (upstream)
+sum by (upstream) (rate(dnstap_analyser_upstream_attempts_total{cluster=~"$cluster", job=~"$job", instance=~"$instance", identity=~"$identity""#),
         ("Client latency", "histogram_quantile(0.99, sum by (identity, le) (rate(dnstap_analyser_client_latency_seconds_bucket"),
         ("SampleLoss", r#"status="SampleLoss""#),
-        ("Drops", "dnstap_analyser_discarded_total"),
-        ("Queue depth", "dnstap_analyser_queue_depth_events"),
+        ("Discarded messages", "sum by (instance, reason) (rate(dnstap_analyser_discarded_messages_total"),
+        ("Discarded frames", "sum by (instance, reason) (rate(dnstap_analyser_discarded_frames_total"),
+        ("Discarded connections", "sum by (instance, reason) (rate(dnstap_analyser_discarded_connections_total"),
+        ("Discarded connections", "dnstap_analyser_rejected_times_total"),
+        ("Queue depth per replica", "sum by (instance, shard) (dnstap_analyser_queue_depth_events"),
         ("Open sessions", "dnstap_analyser_open_sessions"),
+        ("CPU", "rate(process_cpu_seconds_total"),
+        ("memory", "process_resident_memory_bytes"),
+        ("File descriptors", "process_open_fds"),
+        ("File descriptors", "process_max_fds"),
+        ("Restarts", "process_start_time_seconds"),
+        ("Failure ratio", r#"status="Failed""#),
+        ("CoreDNS pods streaming", "dnstap_analyser_messages_total"),
     ];
     for (title, fragment) in required {
         assert!(
@@ -978,7 +1008,37 @@ fn dashboard_has_the_panels() {
             "no panel titled *{title}* with a query containing {fragment:?}"
         );
     }
+
+    // Replicas and clusters are never summed together unseen: every selector of every panel
+    // is scoped by the cluster, job and instance variables.
+    for (title, e) in &exprs {
+        for s in selectors(e) {
+            for var in SCOPE_VARIABLES {
+                assert!(
+                    s.matchers
+                        .iter()
+                        .any(|(l, op, v)| l == var && op == "=~" && *v == format!("${var}")),
+                    "{title}: {} is not scoped by {var}=~\"${var}\": {e}",
+                    s.name
+                );
+            }
+        }
+    }
+    // Frames and bytes per second have an axis each.
+    let frames = panels
+        .iter()
+        .find(|p| p["title"] == "Received frames and bytes per second")
+        .expect("frames and bytes panel");
+    let bytes_axis = &frames["fieldConfig"]["overrides"][0];
+    assert_eq!(bytes_axis["matcher"]["options"], ".*bytes/s$");
+    assert_eq!(
+        bytes_axis["properties"],
+        json!([{"id": "unit", "value": "Bps"}, {"id": "custom.axisPlacement", "value": "right"}])
+    );
 }
+
+/// The dashboard variables that scope every query to one cluster, job and set of replicas.
+const SCOPE_VARIABLES: &[&str] = &["cluster", "job", "instance"];
 
 #[test]
 fn dashboard_queries_are_valid_promql() {
@@ -989,10 +1049,11 @@ fn dashboard_queries_are_valid_promql() {
         .iter()
         .enumerate()
         .map(|(i, (_, e))| {
-            let expr = e
-                .replace("$__rate_interval", "2m")
-                .replace("$identity", ".*")
-                .replace("$upstream", ".*");
+            let expr = ["$cluster", "$job", "$instance", "$identity", "$upstream"]
+                .iter()
+                .fold(e.replace("$__rate_interval", "2m"), |e, v| {
+                    e.replace(v, ".*")
+                });
             json!({"record": format!("dashboard:query_{i}"), "expr": expr})
         })
         .collect();
@@ -1009,10 +1070,16 @@ fn dashboard_queries_are_valid_promql() {
     assert!(report.contains("SUCCESS"), "{report}");
     // Variables left over would be PromQL errors above; a `$` elsewhere is a typo.
     for (title, e) in dashboard_exprs(&d) {
-        let cleaned = e
-            .replace("$__rate_interval", "")
-            .replace("$identity", "")
-            .replace("$upstream", "");
+        let cleaned = [
+            "$__rate_interval",
+            "$cluster",
+            "$job",
+            "$instance",
+            "$identity",
+            "$upstream",
+        ]
+        .iter()
+        .fold(e.clone(), |e, v| e.replace(v, ""));
         assert!(!cleaned.contains('$'), "{title}: unknown variable in {e}");
     }
 }
