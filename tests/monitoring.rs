@@ -258,9 +258,12 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
             "identity_limit",
             "identity_too_long",
         ],
-        ("dnstap_analyser_discarded_frames_total", "reason") => {
-            &["protobuf", "no_message", "truncated_frame", "frame_budget"]
-        }
+        ("dnstap_analyser_discarded_frames_total", "reason") => &[
+            "protobuf_undecodable",
+            "no_message",
+            "truncated_frame",
+            "frame_budget",
+        ],
         ("dnstap_analyser_discarded_connections_total", "reason") => &[
             "bad_stream",
             "content_type",
