@@ -1,6 +1,6 @@
 //! Checks of the monitoring files (see docs/operations.md):
-//! - the alert rules `deploy/helm/dnstap-analyser/files/alerts.yaml` (the one rule file; the
-//!   chart's PrometheusRule embeds it, tests/deploy.rs checks that), with `promtool check rules`;
+//! - the alert rules `deploy/helm/dnstap-analyser/files/alerts.yaml` (the chart's PrometheusRule
+//!   rendered with the default values, tests/deploy.rs checks that), with `promtool check rules`;
 //! - their unit tests `deploy/monitoring/alerts.test.yaml` with `promtool test rules`, which must
 //!   cover every alert firing and not firing, and must fail when the rules are broken;
 //! - the Grafana dashboard `deploy/helm/dnstap-analyser/files/dashboard.json`;
@@ -9,10 +9,11 @@
 //! - that every alert's runbook link points at a section of docs/operations.md;
 //! - that a REAL scrape of a serving analyser (after load-generator traffic with upstream
 //!   timeouts, forwarded answers and sender loss) has exactly the contract's families and
-//!   labels, and a sample of every metric the alerts and the dashboard use.
+//!   labels, and a sample of every metric the alerts and the dashboard use;
+//! - that a REAL Prometheus scraping a serving analyser answers every dashboard query with data.
 //!
-//! `promtool` comes from the Debian package `prometheus` (listed in .ci/apt-packages). A missing
-//! promtool is a test failure, never a skip.
+//! `promtool` and `prometheus` come from the Debian package `prometheus` (listed in
+//! .ci/apt-packages). A missing one is a test failure, never a skip.
 
 mod support;
 
