@@ -1146,6 +1146,27 @@ fn dashboard_queries_run_against_a_real_prometheus() {
         exprs.len(),
         empty.join("\n")
     );
+    // The variables' queries (Grafana's label_values(SELECTOR, LABEL)) as the PromQL Grafana
+    // asks for: each finds values, the scoping ones chained as in Grafana with "All".
+    for v in dashboard()["templating"]["list"].as_array().unwrap() {
+        let Some(q) = v["query"]["query"].as_str() else {
+            continue;
+        };
+        let (selector, label) = q
+            .strip_prefix("label_values(")
+            .and_then(|r| r.strip_suffix(')'))
+            .and_then(|r| r.rsplit_once(", "))
+            .unwrap_or_else(|| panic!("variable {}: not label_values(...): {q}", v["name"]));
+        let selector = ["$cluster", "$job", "$instance"]
+            .iter()
+            .fold(selector.to_string(), |s, v| s.replace(v, ".*"));
+        let values = prom.query(&format!("group by ({label}) ({selector})"));
+        assert!(
+            !values.is_empty(),
+            "variable {}: no values for {q}",
+            v["name"]
+        );
+    }
     // The alert expressions evaluate on the same real series (matching errors only show on
     // data). The injected sender loss holds; the analyser is up, keeps up, and every pod sends.
     for (name, rule) in alert_rules() {
