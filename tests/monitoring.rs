@@ -159,6 +159,12 @@ const EXPOSITION: &[Metric] = &[
         Kind::Counter,
         &["label"],
     ),
+    // Recordings collapsed to "other" by the series budget (the labels branch, #16).
+    metric(
+        "dnstap_analyser_series_overflow_total",
+        Kind::Counter,
+        &["family"],
+    ),
     metric("dnstap_analyser_build_info", Kind::Gauge, &["version"]),
     metric("dnstap_analyser_lookups_total", Kind::Counter, &["outcome"]),
     metric("dnstap_analyser_lookups_evicted_total", Kind::Counter, &[]),
@@ -291,6 +297,15 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
         ],
         ("dnstap_analyser_tls_certificate_reloads_total", "result") => &["ok", "error"],
         (_, "label") => &["identity", "upstream", "namespace"],
+        (_, "family") => &[
+            "sessions_total",
+            "upstream_attempts_total",
+            "upstream_rtt_seconds",
+            "client_latency_seconds",
+            "messages_total",
+            "watermark_lag_seconds",
+            "sessions_evicted_by_identity_total",
+        ],
         _ => return None,
     })
 }
