@@ -237,20 +237,36 @@ fn a_scrape_agrees_with_the_printed_sessions_and_the_exit_summary() {
         CAPTURES.len() as u64
     );
     assert_eq!(scrape.sum("dnstap_analyser_connections_open", &[]), 0);
+    // Each dropped reason of the summary is exported in exactly one family, with its count.
+    let units = [
+        "dnstap_analyser_discarded_messages_total",
+        "dnstap_analyser_discarded_frames_total",
+        "dnstap_analyser_discarded_connections_total",
+    ];
     for (reason, n) in summary["dropped"].as_object().unwrap() {
         let labels = [("reason", reason.as_str())];
-        assert!(
-            scrape
-                .0
-                .named("dnstap_analyser_discarded_total")
-                .any(|s| s.labels.get("reason") == Some(reason)),
-            "discard reason {reason} is not exported"
-        );
-        assert_eq!(
-            scrape.sum("dnstap_analyser_discarded_total", &labels),
-            n.as_u64().unwrap()
-        );
+        let exported: Vec<_> = units
+            .iter()
+            .filter(|f| {
+                scrape
+                    .0
+                    .named(f)
+                    .any(|s| s.labels.get("reason") == Some(reason))
+            })
+            .collect();
+        assert_eq!(exported.len(), 1, "discard reason {reason} in {exported:?}");
+        assert_eq!(scrape.sum(exported[0], &labels), n.as_u64().unwrap());
     }
+    let exported_reasons: usize = units.iter().map(|f| scrape.0.named(f).count()).sum();
+    assert_eq!(
+        exported_reasons,
+        summary["dropped"].as_object().unwrap().len(),
+        "a reason exported but not in the summary"
+    );
+    assert_eq!(
+        scrape.sum("dnstap_analyser_rejected_times_total", &[]),
+        summary["rejected_times"].as_u64().unwrap()
+    );
     assert!(scrape.has("dnstap_analyser_watermark_lag_seconds"));
     assert!(scrape.has("dnstap_analyser_build_info"));
 }
