@@ -3,8 +3,8 @@
 //! come from the same families and share the crate's name, escaping and number rules.
 
 use super::model::{
-    message_type_name, rcode_label, upstream_name, CappedLabel, Histogram, IdentityLabel, Snapshot,
-    Telemetry, LATENCY_BUCKETS, QTYPE_LABELS,
+    message_type_name, rcode_label, upstream_name, CappedLabel, Histogram, IdentityLabel,
+    SeriesFamily, Snapshot, Telemetry, LATENCY_BUCKETS, QTYPE_LABELS,
 };
 use super::{Discard, DiscardUnit, Disconnect};
 use crate::dnstap::Role;
@@ -624,6 +624,37 @@ impl Families {
         )?;
         for l in CappedLabel::ALL {
             counter(&mut m, [("label", l.name())], c.overflow[l as usize])?;
+        }
+        let mut m = family(
+            enc,
+            "series_overflow",
+            "Recordings counted under a label set collapsed to \"other\" because the family's or the total series budget was full (--max-series-per-family, --max-series).",
+            None,
+            MetricType::Counter,
+        )?;
+        for f in SeriesFamily::ALL {
+            counter(
+                &mut m,
+                [("family", f.name())],
+                c.series_overflow[f as usize],
+            )?;
+        }
+
+        // The scale-down signal: a pod that shut down cleanly sent STOP; a silent one did not.
+        // One name from two addresses is stopped when both are.
+        let mut stopped = BTreeMap::new();
+        for (i, s) in self.telemetry.identities_stopped() {
+            *stopped.entry(names.get(i)).or_insert(true) &= s;
+        }
+        let mut m = family(
+            enc,
+            "identity_stopped",
+            "1 when no stream carries the sender identity and the last one that did ended with the sender's Frame Streams STOP (a clean shutdown, e.g. scale-down); 0 while a stream carries it, or when the last one ended without STOP.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (identity, s) in stopped {
+            gauge_count(&mut m, [("identity", &*identity)], s as u64)?;
         }
 
         let mut m = family(
