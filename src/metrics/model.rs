@@ -505,7 +505,8 @@ type MergeWeight<V> = (fn(&mut V, &V), fn(&V) -> u64);
 
 /// Moves `from` into `into`, emptying `from` and keeping its allocation. A key `into` holds
 /// adds to it; a new one needs `admit`, or its value goes under `collapse(key)` and its
-/// weight into `overflow`.
+/// weight into `overflow`. A key collapsed already (the label caps' `other`) takes no budget:
+/// those are bounded like the collapsed ones.
 fn absorb_family<K: Hash + Eq + Copy, V: Default>(
     (into, from): (&mut HashMap<K, V>, &mut HashMap<K, V>),
     mut admit: impl FnMut(K) -> bool,
@@ -514,7 +515,7 @@ fn absorb_family<K: Hash + Eq + Copy, V: Default>(
     overflow: &mut u64,
 ) {
     for (k, v) in from.drain() {
-        let k = if into.contains_key(&k) || admit(k) {
+        let k = if into.contains_key(&k) || collapse(k) == k || admit(k) {
             k
         } else {
             *overflow += weight(&v);
@@ -792,6 +793,8 @@ pub struct Telemetry {
     pub namespaces: Namespaces,
     series: SeriesBudget,
     admitted: Mutex<Admitted>,
+    /// The registry's reclaim count when a recording thread last freed their label slots.
+    reclaims_freed: AtomicU64,
     threads: Mutex<Vec<Arc<Published>>>,
     queue_depths: OnceLock<Arc<[AtomicU64]>>,
     queue_capacity: AtomicU64,
@@ -816,6 +819,7 @@ impl Telemetry {
             namespaces: Namespaces::new(cfg.max_identity_labels),
             series: cfg.series,
             admitted: Mutex::default(),
+            reclaims_freed: AtomicU64::new(0),
             threads: Mutex::new(Vec::new()),
             queue_depths: OnceLock::new(),
             queue_capacity: AtomicU64::new(0),
@@ -985,7 +989,11 @@ impl ThreadStats {
         if reclaims != self.reclaims_seen {
             self.reclaims_seen = reclaims;
             self.identity_cache.clear();
-            self.telemetry.free_reclaimed();
+            // One thread frees the slots per change of the count, not each of them.
+            let freed = self.telemetry.reclaims_freed.swap(reclaims, Relaxed);
+            if freed != reclaims {
+                self.telemetry.free_reclaimed();
+            }
         }
         if self
             .telemetry
