@@ -169,7 +169,7 @@ struct Cli {
     identity_idle_timeout: Duration,
 
     /// How far a message's time may lie ahead of the wall clock. A later time (or one before
-    /// 2000) is ignored and counted (time_out_of_range); the message keeps its stream's clock.
+    /// 2000) is ignored and counted (rejected_times_total); the message keeps its stream's clock.
     #[arg(long, global = true, default_value = "24h", value_name = "DURATION", value_parser = parse_duration)]
     max_time_ahead: Duration,
 
