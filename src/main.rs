@@ -10,7 +10,7 @@ use dnstap_analyser::ingest::net::ListenAddr;
 use dnstap_analyser::ingest::tls::TlsFiles;
 use dnstap_analyser::ingest::SenderLimits;
 use dnstap_analyser::lookup::{self, stage::LookupSettings};
-use dnstap_analyser::metrics::model::TelemetryConfig;
+use dnstap_analyser::metrics::model::{SeriesBudget, TelemetryConfig};
 use dnstap_analyser::metrics::Metrics;
 use dnstap_analyser::metrics::{top_client, ErrorChain};
 use dnstap_analyser::output::lookup::LookupPolicy;
@@ -169,7 +169,7 @@ struct Cli {
     identity_idle_timeout: Duration,
 
     /// How far a message's time may lie ahead of the wall clock. A later time (or one before
-    /// 2000) is ignored and counted (time_out_of_range); the message keeps its stream's clock.
+    /// 2000) is ignored and counted (rejected_times_total); the message keeps its stream's clock.
     #[arg(long, global = true, default_value = "24h", value_name = "DURATION", value_parser = parse_duration)]
     max_time_ahead: Duration,
 
@@ -227,6 +227,18 @@ struct Cli {
     /// ones are counted under `other`, and label_overflow_total{label="upstream"} counts them.
     #[arg(long, global = true, default_value_t = 256, value_name = "N")]
     max_upstream_labels: usize,
+
+    /// Samples /metrics may expose in each family whose label sets senders multiply
+    /// (sessions_total, upstream_attempts_total, the latency histograms, messages_total, ...;
+    /// a histogram's label set is 19 samples). Beyond it, new label sets are counted with
+    /// identity, upstream, namespace, rcode and qtype "other", and
+    /// dnstap_analyser_series_overflow_total{family} counts what went there.
+    #[arg(long, global = true, default_value_t = 10_000, value_name = "N")]
+    max_series_per_family: usize,
+
+    /// Samples those families may expose in all (see --max-series-per-family).
+    #[arg(long, global = true, default_value_t = 30_000, value_name = "N")]
+    max_series: usize,
 
     /// /healthz answers 503 once a reader, shard or the writer has had work pending and made no
     /// progress for this long (e.g. the writer blocked on a full stdout). 30s, 500ms, 2m, or
@@ -442,6 +454,10 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
             max_identity_labels: cli.max_identity_labels,
             max_upstream_labels: cli.max_upstream_labels,
             stall_after: cli.stall_timeout,
+            series: SeriesBudget {
+                per_family: cli.max_series_per_family,
+                total: cli.max_series,
+            },
         },
         lookups: LookupSettings {
             config: lookup::Config {

@@ -6,6 +6,7 @@ pub mod health;
 pub mod http;
 pub mod lookups;
 pub mod model;
+pub mod process;
 pub mod top;
 pub mod top_client;
 
@@ -100,6 +101,39 @@ impl Discard {
             Self::IdentityTooLong => "identity_too_long",
         }
     }
+
+    /// What was dropped: the metric family the reason is counted in.
+    pub fn unit(self) -> DiscardUnit {
+        match self {
+            Self::QueueFull
+            | Self::QueueDisconnected
+            | Self::UnsupportedMessageType
+            | Self::DnsUndecodable
+            | Self::UpstreamWithoutWire
+            | Self::SessionTableFull
+            | Self::IdentityLimit
+            | Self::IdentityTooLong => DiscardUnit::Message,
+            Self::Protobuf | Self::NoMessage | Self::TruncatedFrame | Self::FrameBudget => {
+                DiscardUnit::Frame
+            }
+            Self::BadStream
+            | Self::ContentType
+            | Self::HandshakeTimeout
+            | Self::ConnectionLimit => DiscardUnit::Connection,
+            Self::TimeOutOfRange => DiscardUnit::Time,
+        }
+    }
+}
+
+/// The unit of a drop: one family each (`discarded_messages_total`, `discarded_frames_total`,
+/// `discarded_connections_total`, `rejected_times_total`), so a rate of one never adds
+/// messages to connections. A rejected time drops no message: only its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscardUnit {
+    Message,
+    Frame,
+    Connection,
+    Time,
 }
 
 /// Why an accepted connection ended. Every closed connection has exactly one, so accepted =
@@ -367,8 +401,13 @@ impl Metrics {
             }
             by.insert(st.name().into(), per.into());
         }
+        // Messages, frames and connections by reason (their reasons are distinct); the
+        // rejected times apart, as their messages were kept.
         let mut dropped = serde_json::Map::new();
-        for d in Discard::ALL {
+        for d in Discard::ALL
+            .into_iter()
+            .filter(|d| d.unit() != DiscardUnit::Time)
+        {
             dropped.insert(d.name().into(), self.discarded(d).into());
         }
         let mut closed = serde_json::Map::new();
@@ -405,6 +444,7 @@ impl Metrics {
             "bitmap": bitmap,
             "status_bitmap": by,
             "dropped": dropped,
+            "rejected_times": self.discarded(Discard::TimeOutOfRange),
             "tls": {
                 "handshakes": self.tls_handshakes.load(Relaxed),
                 "cert_reloads": self.tls_cert_reloads.load(Relaxed),
@@ -516,10 +556,15 @@ mod tests {
             m.discard(d, i as u64 + 1);
         }
         let summary: serde_json::Value = serde_json::from_str(&m.summary_json()).unwrap();
-        let dropped = summary["summary"]["dropped"].as_object().unwrap();
-        assert_eq!(dropped.len(), Discard::ALL.len(), "names are distinct");
+        let summary = &summary["summary"];
+        let dropped = summary["dropped"].as_object().unwrap();
+        assert_eq!(dropped.len(), Discard::ALL.len() - 1, "names are distinct");
         for (i, d) in Discard::ALL.into_iter().enumerate() {
-            assert_eq!(dropped[d.name()], i as u64 + 1, "{}", d.name());
+            let n = match d.unit() {
+                DiscardUnit::Time => &summary["rejected_times"],
+                _ => &dropped[d.name()],
+            };
+            assert_eq!(*n, i as u64 + 1, "{}", d.name());
         }
         assert_eq!(m.discarded(Discard::QueueDisconnected), 2);
     }

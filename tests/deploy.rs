@@ -223,6 +223,12 @@ fn values_key(flag: &str) -> String {
 
 /// For every flag: a value to set under `analyser.` and the argument it must render to.
 /// The test `every_flag_has_a_value_that_reaches_the_args` fails for a flag missing here.
+/// `arg` is `--flag` or `--flag=...` (not a longer flag `flag` begins).
+fn is_flag(arg: &str, flag: &str) -> bool {
+    let rest = arg.strip_prefix("--").and_then(|a| a.strip_prefix(flag));
+    matches!(rest, Some(r) if r.is_empty() || r.starts_with('='))
+}
+
 fn flag_cases() -> Vec<(&'static str, Json, Vec<&'static str>)> {
     vec![
         (
@@ -339,6 +345,12 @@ fn flag_cases() -> Vec<(&'static str, Json, Vec<&'static str>)> {
             json!(64),
             vec!["--max-upstream-labels=64"],
         ),
+        (
+            "max-series-per-family",
+            json!(5000),
+            vec!["--max-series-per-family=5000"],
+        ),
+        ("max-series", json!(20000), vec!["--max-series=20000"]),
         ("stall-timeout", json!("45s"), vec!["--stall-timeout=45s"]),
         ("log-lookups", json!("all"), vec!["--log-lookups=all"]),
         (
@@ -1138,10 +1150,7 @@ fn every_flag_has_a_value_that_reaches_the_args() {
                 "--{flag}: expected {e} in {args:?}"
             );
         }
-        let n = args
-            .iter()
-            .filter(|a| a.starts_with(&format!("--{flag}")))
-            .count();
+        let n = args.iter().filter(|a| is_flag(a, flag)).count();
         assert_eq!(n, expected.len(), "--{flag} appears {n} times in {args:?}");
         if *flag != "listen" {
             let args = args_of(
@@ -1150,7 +1159,7 @@ fn every_flag_has_a_value_that_reaches_the_args() {
                     .objects(),
             );
             assert!(
-                !args.iter().any(|a| a.starts_with(&format!("--{flag}"))),
+                !args.iter().any(|a| is_flag(a, flag)),
                 "analyser.{} = null must leave --{flag} out: {args:?}",
                 values_key(flag)
             );

@@ -683,3 +683,74 @@ fn overload_keeps_every_delivered_verdict() {
         );
     }
 }
+
+/// `identity_stopped{identity}` (#17): the signal that tells a scaled-down pod from a silent
+/// one. CoreDNS 1.10.1 sends STOP on SIGTERM (what the kubelet sends), so its identity reads 1
+/// once that stream is over; while a stream carries the identity it reads 0, and after a crash
+/// (SIGKILL: the kernel closes the connection, no STOP) it stays 0.
+#[test]
+fn identity_stopped_tells_a_clean_shutdown_from_a_crash() {
+    let Some(coredns) = coredns_or_skip("identity_stopped_tells_a_clean_shutdown_from_a_crash")
+    else {
+        return;
+    };
+    let dir = TempDir::new("coredns-stopped");
+    let nsd = start_nsd(&dir);
+    let an = Analyser::serve_tcp(&[]);
+    let scrape = |name: &str, labels: &[(&str, &str)]| {
+        Exposition::parse(&scrape_text(&an.metrics_addr())).sum(name, labels)
+    };
+    let stopped = || {
+        let scrape = Exposition::parse(&scrape_text(&an.metrics_addr()));
+        let mut values = scrape
+            .named("dnstap_analyser_identity_stopped")
+            .filter(|s| s.labels.get("identity").map(String::as_str) == Some(IDENTITY))
+            .map(|s| s.value);
+        let v = values.next();
+        assert!(values.next().is_none(), "one series per identity");
+        v
+    };
+    let closed = |reason| {
+        scrape(
+            "dnstap_analyser_connections_closed_total",
+            &[("reason", reason)],
+        )
+    };
+
+    let mut cd = start_coredns(&dir, &coredns, nsd.port, an.port());
+    dig_expect(
+        &mut cd.server,
+        cd.port,
+        ("internal.test", "A", false),
+        "NOERROR",
+    );
+    wait_for_qnames(&an, &["internal.test"], "before the shutdown");
+    assert_eq!(stopped(), Some(0.0), "a stream carries it");
+    cd.server.stop();
+    wait_until("CoreDNS's stream to end", DELIVERY, || {
+        closed("stopped") >= 1.0
+    });
+    assert_eq!(
+        closed("peer_closed"),
+        0.0,
+        "SIGTERM: STOP, not a bare close"
+    );
+    assert_eq!(stopped(), Some(1.0), "stopped cleanly");
+
+    // The pod comes back (same identity, same address: the same sender), then crashes.
+    let again = TempDir::new("coredns-stopped-again");
+    let mut cd = start_coredns(&again, &coredns, nsd.port, an.port());
+    let q = "again.w.example.test";
+    dig_expect(&mut cd.server, cd.port, (q, "A", false), "NOERROR");
+    wait_for_qnames(&an, &[q], "after the restart");
+    assert_eq!(stopped(), Some(0.0), "a stream carries it again");
+    signal_pid(cd.server.pid(), "KILL");
+    wait_until("the crashed stream to end", DELIVERY, || {
+        closed("peer_closed") >= 1.0
+    });
+    assert_eq!(closed("stopped"), 1.0, "no STOP from a killed CoreDNS");
+    assert_eq!(stopped(), Some(0.0), "a crash is not a scale-down");
+    cd.server.stop();
+    let out = an.stop();
+    assert_all_counted("identity_stopped", &out);
+}

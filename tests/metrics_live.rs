@@ -237,20 +237,36 @@ fn a_scrape_agrees_with_the_printed_sessions_and_the_exit_summary() {
         CAPTURES.len() as u64
     );
     assert_eq!(scrape.sum("dnstap_analyser_connections_open", &[]), 0);
+    // Each dropped reason of the summary is exported in exactly one family, with its count.
+    let units = [
+        "dnstap_analyser_discarded_messages_total",
+        "dnstap_analyser_discarded_frames_total",
+        "dnstap_analyser_discarded_connections_total",
+    ];
     for (reason, n) in summary["dropped"].as_object().unwrap() {
         let labels = [("reason", reason.as_str())];
-        assert!(
-            scrape
-                .0
-                .named("dnstap_analyser_discarded_total")
-                .any(|s| s.labels.get("reason") == Some(reason)),
-            "discard reason {reason} is not exported"
-        );
-        assert_eq!(
-            scrape.sum("dnstap_analyser_discarded_total", &labels),
-            n.as_u64().unwrap()
-        );
+        let exported: Vec<_> = units
+            .iter()
+            .filter(|f| {
+                scrape
+                    .0
+                    .named(f)
+                    .any(|s| s.labels.get("reason") == Some(reason))
+            })
+            .collect();
+        assert_eq!(exported.len(), 1, "discard reason {reason} in {exported:?}");
+        assert_eq!(scrape.sum(exported[0], &labels), n.as_u64().unwrap());
     }
+    let exported_reasons: usize = units.iter().map(|f| scrape.0.named(f).count()).sum();
+    assert_eq!(
+        exported_reasons,
+        summary["dropped"].as_object().unwrap().len(),
+        "a reason exported but not in the summary"
+    );
+    assert_eq!(
+        scrape.sum("dnstap_analyser_rejected_times_total", &[]),
+        summary["rejected_times"].as_u64().unwrap()
+    );
     assert!(scrape.has("dnstap_analyser_watermark_lag_seconds"));
     assert!(scrape.has("dnstap_analyser_build_info"));
 }
@@ -375,5 +391,77 @@ fn read_serves_metrics_only_when_asked_and_a_taken_port_is_an_error() {
         bad.status.code(),
         Some(2),
         "a malformed address is a usage error"
+    );
+}
+
+/// `dnstap-loadgen` as `pods` CoreDNS pods (identities `coredns-0`, ...) from 127.0.0.`host`:
+/// `sessions` answered sessions (CQ, CR), then STOP.
+fn loadgen_pods(an: &Analyser, host: u8, pods: u32, sessions: u32) {
+    run_ok(
+        Command::new(loadgen_bin()).args([
+            "run",
+            "--connect",
+            &an.addr(),
+            "--bind",
+            &format!("127.0.0.{host}"),
+            "--connections",
+            &pods.to_string(),
+            "--sessions",
+            &sessions.to_string(),
+            "--mix",
+            "local=1",
+        ]),
+        Duration::from_secs(60),
+    );
+}
+
+/// #17 item 4: gone CoreDNS pods leave. A pod that stopped is reclaimed once a new identity
+/// needs room after `--identity-idle-timeout` (at least `--session-timeout` + 60 s): its label
+/// slot goes to a new pod (not `other`), its series leave, and its counts move to
+/// `identity="reclaimed"`, so that the sums still equal the exit summary.
+#[test]
+fn a_reclaimed_identity_frees_its_label_and_its_counts_stay_summed() {
+    let an = Analyser::serve_tcp(&[
+        "--session-timeout",
+        "1s",
+        "--identity-idle-timeout",
+        "1s",
+        "--max-identity-labels",
+        "2",
+    ]);
+    let port = an.metrics_port();
+    let by_identity = |name: &str| Scrape::take(port).by(name, &["identity"]);
+    // The old pod: 127.0.0.2, coredns-0, 50 sessions of 2 messages.
+    loadgen_pods(&an, 2, 1, 50);
+    wait_until("the old pod's sessions", Duration::from_secs(30), || {
+        Scrape::take(port).sum("dnstap_analyser_sessions_total", &[]) == 50
+    });
+    // Released by its stream once the stream ended with STOP.
+    let old = [("identity", "coredns-0")];
+    wait_until("the old pod stopped", Duration::from_secs(30), || {
+        Scrape::take(port).sum("dnstap_analyser_identity_stopped", &old) == 1
+    });
+    let stopped_at = std::time::Instant::now();
+    // Reclaimed when a new identity arrives this long after its stream let go of it.
+    std::thread::sleep(Duration::from_secs(62).saturating_sub(stopped_at.elapsed()));
+    // Two new pods from another address: coredns-0 there is another sender.
+    loadgen_pods(&an, 3, 2, 100);
+    wait_until("every session counted", Duration::from_secs(30), || {
+        Scrape::take(port).sum("dnstap_analyser_sessions_total", &[]) == 150
+    });
+    let messages = by_identity("dnstap_analyser_messages_total");
+    let of = |i: &str| messages.get(&vec![i.to_string()]).copied().unwrap_or(0);
+    assert_eq!(of("reclaimed"), 100, "the old pod's messages: {messages:?}");
+    assert_eq!(of("other"), 0, "both new pods have a label: {messages:?}");
+    assert_eq!(of("coredns-0") + of("coredns-1"), 200, "{messages:?}");
+    let sessions = by_identity("dnstap_analyser_sessions_total");
+    assert_eq!(sessions[&vec!["reclaimed".to_string()]], 50, "{sessions:?}");
+    let lag = by_identity("dnstap_analyser_watermark_lag_seconds");
+    assert!(!lag.contains_key(&vec!["reclaimed".to_string()]), "{lag:?}");
+    let out = an.stop();
+    assert_eq!(
+        out.summary_sessions(),
+        Some(150),
+        "Σ sessions_total = the summary's sessions"
     );
 }

@@ -155,7 +155,7 @@ fn bad_input_on_other_connections_leaves_the_good_stream_exact() {
         Duration::from_secs(60),
         || {
             Exposition::parse(&scrape_text(&metrics)).sum(
-                "dnstap_analyser_discarded_total",
+                "dnstap_analyser_discarded_connections_total",
                 &[("reason", "handshake_timeout")],
             ) > 0.0
         },

@@ -19,7 +19,7 @@ pub use event::{Event, MessageSpan, Nanos, PeerKey, Recollection, Role, StreamEn
 pub use pb::mod_Message::Type as MessageType;
 pub use pb::{Dnstap, Message as DnstapMessage, SocketProtocol};
 pub use sender::{SenderProfile, SenderTraits};
-pub use sources::{IdentityLimit, SourceId, SourceRegistry};
+pub use sources::{IdentityLimit, Liveness, SourceId, SourceRegistry};
 pub use wire::{
     append_extra, query_message_field, scan, scan_extra, scan_message, MessageFields, TapFields,
 };

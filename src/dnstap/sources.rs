@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -77,6 +78,8 @@ pub struct SourceRegistry {
     inner: Mutex<Interned>,
     max: usize,
     idle: Duration,
+    /// Identities reclaimed so far: the metrics drop their label values when it moves.
+    reclaims: AtomicU64,
 }
 
 impl Default for SourceRegistry {
@@ -119,6 +122,9 @@ struct Slot {
     /// Whether `Interned::unreferenced` holds an entry for it.
     queued: bool,
     live: bool,
+    /// No stream references it, and the last one that did ended with the sender's STOP: a
+    /// sender that shut down cleanly (a CoreDNS pod scaled down), not one that went silent.
+    stopped: bool,
 }
 
 impl Slot {
@@ -138,11 +144,12 @@ impl Interned {
             .copied()
     }
 
-    /// Frees the identities unreferenced for `idle` by `now`.
-    fn reclaim(&mut self, now: Instant, idle: Duration) {
+    /// Frees the identities unreferenced for `idle` by `now`; returns how many.
+    fn reclaim(&mut self, now: Instant, idle: Duration) -> u64 {
+        let mut reclaimed = 0;
         while let Some(&(since, id)) = self.unreferenced.front() {
             if now.saturating_duration_since(since) < idle {
-                return;
+                return reclaimed;
             }
             self.unreferenced.pop_front();
             let slot = &mut self.slots[id.slot()];
@@ -173,7 +180,9 @@ impl Interned {
             slot.version = "".into();
             self.free.push(index);
             self.live -= 1;
+            reclaimed += 1;
         }
+        reclaimed
     }
 }
 
@@ -185,6 +194,7 @@ impl SourceRegistry {
             inner: Mutex::default(),
             max: max.clamp(1, SourceId::MAX_SLOTS),
             idle,
+            reclaims: AtomicU64::new(0),
         }
     }
 
@@ -206,6 +216,7 @@ impl SourceRegistry {
         if let Some(index) = g.find(peer, name) {
             let slot = &mut g.slots[index as usize];
             slot.refs += 1;
+            slot.stopped = false;
             if *slot.version != *version {
                 slot.version = version;
             }
@@ -213,7 +224,10 @@ impl SourceRegistry {
         }
         // New names are rare (a stream's first message, a pod restart): the moment to let go
         // of the ones nobody used for `idle`.
-        g.reclaim(now, self.idle);
+        let reclaimed = g.reclaim(now, self.idle);
+        if reclaimed > 0 {
+            self.reclaims.fetch_add(reclaimed, Relaxed);
+        }
         if g.live >= self.max {
             return Err(IdentityLimit {
                 max: self.max,
@@ -232,6 +246,7 @@ impl SourceRegistry {
             unreferenced_since: now,
             queued: false,
             live: true,
+            stopped: false,
         };
         let index = match g.free.pop() {
             Some(index) => {
@@ -273,6 +288,16 @@ impl SourceRegistry {
     /// A stream no longer tracks the source. Unreferenced, it is reclaimed `idle` after `now`
     /// when room is needed.
     pub fn release(&self, id: SourceId, now: Instant) {
+        self.release_as(id, now, false);
+    }
+
+    /// `release` by a stream that ended with the sender's STOP: the last one to let go
+    /// marks the identity stopped (see `stopped`).
+    pub fn release_stopped(&self, id: SourceId, now: Instant) {
+        self.release_as(id, now, true);
+    }
+
+    fn release_as(&self, id: SourceId, now: Instant, stopped: bool) {
         let mut g = self.lock();
         let Some(slot) = g.slots.get_mut(id.slot()) else {
             return;
@@ -282,6 +307,7 @@ impl SourceRegistry {
         }
         slot.refs -= 1;
         if slot.refs == 0 {
+            slot.stopped = stopped;
             slot.unreferenced_since = now;
             if !slot.queued {
                 slot.queued = true;
@@ -314,6 +340,32 @@ impl SourceRegistry {
         }
     }
 
+    /// Identities reclaimed since the registry was made: a change says label values may name
+    /// identities that are gone.
+    pub fn reclaims(&self) -> u64 {
+        self.reclaims.load(Relaxed)
+    }
+
+    /// Which ids name a registered identity, as of now (see [`Liveness`]).
+    pub fn liveness(&self) -> Liveness {
+        let g = self.lock();
+        Liveness(g.slots.iter().map(|s| (s.generation, s.live)).collect())
+    }
+
+    /// Every registered identity, and whether it is stopped: no stream carries it and the
+    /// last one that did ended with the sender's STOP.
+    pub fn stopped(&self) -> Vec<(SourceId, bool)> {
+        let g = self.lock();
+        let live = g.slots.iter().enumerate().filter(|(_, s)| s.live);
+        live.map(|(i, s)| {
+            (
+                SourceId::new(i as u32, s.generation),
+                s.refs == 0 && s.stopped,
+            )
+        })
+        .collect()
+    }
+
     /// Identities registered now (referenced, or unreferenced and not reclaimed yet).
     pub fn len(&self) -> usize {
         self.lock().live
@@ -330,6 +382,22 @@ impl SourceRegistry {
 
     pub fn max(&self) -> usize {
         self.max
+    }
+}
+
+/// A registry's slots at one moment: (generation, live) by slot.
+#[derive(Debug, Clone, Default)]
+pub struct Liveness(Vec<(u32, bool)>);
+
+impl Liveness {
+    /// False for an id whose identity was reclaimed. An id registered after the snapshot
+    /// (a new slot, or the next generation of a reclaimed one) counts as live.
+    pub fn is_live(&self, id: SourceId) -> bool {
+        let Some(&(generation, live)) = self.0.get(id.slot()) else {
+            return true;
+        };
+        let next = (generation + 1) & (u32::MAX >> SLOT_BITS);
+        (id.generation() == generation && live) || id.generation() == next
     }
 }
 
@@ -423,6 +491,53 @@ mod tests {
         r.release(a, later);
         assert_eq!(&*r.describe(c).0, "c", "a stale release touches nothing");
         assert_eq!((r.len(), r.capacity_used()), (2, 2));
+    }
+
+    #[test]
+    fn an_identity_is_stopped_when_its_last_stream_ended_with_stop() {
+        let t0 = Instant::now();
+        let r = SourceRegistry::new(4, Duration::from_secs(60));
+        let stopped = |id| r.stopped().into_iter().find(|&(i, _)| i == id).map(|s| s.1);
+        let a = r.acquire(None, b"a", b"", t0).unwrap();
+        let redial = r.acquire(None, b"a", b"", t0).unwrap();
+        assert_eq!(stopped(a), Some(false), "streams carry it");
+        r.release_stopped(a, t0);
+        assert_eq!(stopped(a), Some(false), "another stream still carries it");
+        r.release(redial, t0);
+        assert_eq!(
+            stopped(a),
+            Some(false),
+            "the last stream ended without STOP"
+        );
+        r.acquire(None, b"a", b"", t0).unwrap();
+        r.release_stopped(a, t0);
+        assert_eq!(stopped(a), Some(true), "the last stream ended with STOP");
+        r.acquire(None, b"a", b"", t0).unwrap();
+        assert_eq!(stopped(a), Some(false), "carried again");
+        r.release(a, t0);
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(r.reclaims(), 0);
+        r.acquire(None, b"b", b"", later).unwrap();
+        assert_eq!(r.reclaims(), 1);
+        assert_eq!(stopped(a), None, "reclaimed: gone");
+    }
+
+    #[test]
+    fn liveness_tells_reclaimed_ids_from_new_ones() {
+        let t0 = Instant::now();
+        let idle = Duration::from_secs(1);
+        let r = SourceRegistry::new(1, idle);
+        let a = r.acquire(None, b"a", b"", t0).unwrap();
+        r.release(a, t0);
+        let before = r.liveness();
+        assert!(before.is_live(a));
+        let b = r.acquire(None, b"b", b"", t0 + idle).unwrap();
+        assert_eq!(b.slot(), a.slot());
+        assert!(before.is_live(b), "registered after the snapshot: live");
+        let after = r.liveness();
+        assert!(!after.is_live(a), "reclaimed");
+        assert!(after.is_live(b));
+        assert!(after.is_live(SourceId::new(5, 0)), "a slot made later");
     }
 
     #[test]

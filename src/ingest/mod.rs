@@ -122,6 +122,9 @@ pub enum StreamEnd {
     Stopped,
     /// The peer closed or reset without STOP.
     Closed,
+    /// Closed by the analyser while idle (`--idle-timeout`): nothing was lost, but the sender
+    /// did not stop.
+    Idle,
 }
 
 /// Why a stream had to be closed: the layer that failed, and its error. Transparent: it
@@ -203,6 +206,9 @@ pub struct StreamIngest {
     swept_at: Instant,
     /// What the stream showed lately, for the causes a session cannot see by itself.
     recall: Recall,
+    /// The stream ended with the sender's STOP and no partial frame: its identities are
+    /// released as stopped (`identity_stopped`).
+    sender_stopped: bool,
 }
 
 /// What a stream counted for one source between two `StreamIngest::take_source_counts`.
@@ -275,6 +281,7 @@ impl StreamIngest {
             latest_time: 0,
             swept_at: now,
             recall,
+            sender_stopped: false,
         }
     }
 
@@ -433,6 +440,7 @@ impl StreamIngest {
         if end == StreamEnd::Closed || leftover > 0 {
             self.loss_evident();
         }
+        self.sender_stopped = end == StreamEnd::Stopped && leftover == 0;
         if self.tracks.is_empty() {
             // It carried no identity (a probe, a failed handshake): no shard knows it.
             return;
@@ -450,7 +458,10 @@ impl Drop for StreamIngest {
     fn drop(&mut self) {
         let now = Instant::now();
         for id in self.tracks.keys() {
-            self.shared.sources.release(*id, now);
+            match self.sender_stopped {
+                true => self.shared.sources.release_stopped(*id, now),
+                false => self.shared.sources.release(*id, now),
+            }
         }
     }
 }

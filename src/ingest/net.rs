@@ -809,8 +809,7 @@ impl Reader {
             }
             Ending::IdleTimeout => {
                 // Everything it sent was read: nothing is lost unless a frame was half done.
-                conn.ingest
-                    .finish(StreamEnd::Stopped, held, &mut self.router);
+                conn.ingest.finish(StreamEnd::Idle, held, &mut self.router);
                 metrics.warn(format_args!(
                     "{peer}: idle for over {}s while at {} connections; closed to make room \
                      (--idle-timeout, --max-connections)",

@@ -3,10 +3,10 @@
 //! come from the same families and share the crate's name, escaping and number rules.
 
 use super::model::{
-    message_type_name, rcode_label, upstream_name, CappedLabel, Histogram, IdentityLabel, Snapshot,
-    Telemetry, LATENCY_BUCKETS, QTYPE_LABELS,
+    message_type_name, rcode_label, upstream_name, CappedLabel, Histogram, IdentityLabel,
+    SeriesFamily, Snapshot, Telemetry, LATENCY_BUCKETS, QTYPE_LABELS,
 };
-use super::{Discard, Disconnect};
+use super::{Discard, DiscardUnit, Disconnect};
 use crate::dnstap::Role;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
@@ -21,6 +21,30 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub const PREFIX: &str = "dnstap_analyser";
+
+/// One family per unit of drop, each with every reason of its unit (also at 0).
+const DISCARD_FAMILIES: [(DiscardUnit, &str, &str); 4] = [
+    (
+        DiscardUnit::Message,
+        "discarded_messages",
+        "dnstap messages dropped, by reason.",
+    ),
+    (
+        DiscardUnit::Frame,
+        "discarded_frames",
+        "Frame Streams data frames dropped without a message, by reason.",
+    ),
+    (
+        DiscardUnit::Connection,
+        "discarded_connections",
+        "dnstap connections dropped or refused, by reason.",
+    ),
+    (
+        DiscardUnit::Time,
+        "rejected_times",
+        "Message times rejected as implausible (before 2000, or past --max-time-ahead): the message is kept at its stream's clock.",
+    ),
+];
 
 /// The exposition format a scraper gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +105,11 @@ pub struct Exposition {
 
 impl Exposition {
     pub fn new(telemetry: Arc<Telemetry>) -> Self {
-        let mut registry = Registry::with_prefix(PREFIX);
-        registry.register_collector(Box::new(Families { telemetry }));
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(ProcessFamilies));
+        registry
+            .sub_registry_with_prefix(PREFIX)
+            .register_collector(Box::new(Families { telemetry }));
         Self { registry }
     }
 
@@ -107,6 +134,69 @@ struct Families {
 impl fmt::Debug for Families {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Families")
+    }
+}
+
+/// The client libraries' `process_*` families, unprefixed so that dashboards and rules made
+/// for any exporter find them.
+#[derive(Debug)]
+struct ProcessFamilies;
+
+impl Collector for ProcessFamilies {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> fmt::Result {
+        let Some(p) = super::process::ProcessStats::read() else {
+            return Ok(());
+        };
+        let enc = &mut enc;
+        let m = &mut family(
+            enc,
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds.",
+            None,
+            MetricType::Counter,
+        )?;
+        let no_labels: [(&str, &str); 0] = [];
+        ConstCounter::new(p.cpu_seconds).encode(m.encode_family(&no_labels)?)?;
+        let gauges = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+                p.resident_bytes as f64,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+                p.virtual_bytes as f64,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors.",
+                p.open_fds as f64,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+                p.start_time_seconds,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            gauge(
+                &mut family(enc, name, help, None, MetricType::Gauge)?,
+                [],
+                v,
+            )?;
+        }
+        if let Some(max) = p.max_fds {
+            let m = &mut family(
+                enc,
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                None,
+                MetricType::Gauge,
+            )?;
+            gauge(m, [], max as f64)?;
+        }
+        Ok(())
     }
 }
 
@@ -419,15 +509,14 @@ impl Families {
         )?;
         counter(&mut m, [], metrics.bytes.load(Relaxed))?;
 
-        let mut m = family(
-            enc,
-            "discarded",
-            "Messages, frames or connections dropped, by reason.",
-            None,
-            MetricType::Counter,
-        )?;
-        for d in Discard::ALL {
-            counter(&mut m, [("reason", d.name())], metrics.discarded(d))?;
+        for (unit, name, help) in DISCARD_FAMILIES {
+            let mut m = family(enc, name, help, None, MetricType::Counter)?;
+            for d in Discard::ALL.into_iter().filter(|d| d.unit() == unit) {
+                match unit {
+                    DiscardUnit::Time => counter(&mut m, [], metrics.discarded(d))?,
+                    _ => counter(&mut m, [("reason", d.name())], metrics.discarded(d))?,
+                }
+            }
         }
 
         let mut m = family(
@@ -535,6 +624,37 @@ impl Families {
         )?;
         for l in CappedLabel::ALL {
             counter(&mut m, [("label", l.name())], c.overflow[l as usize])?;
+        }
+        let mut m = family(
+            enc,
+            "series_overflow",
+            "Recordings counted under a label set collapsed to \"other\" because the family's or the total series budget was full (--max-series-per-family, --max-series).",
+            None,
+            MetricType::Counter,
+        )?;
+        for f in SeriesFamily::ALL {
+            counter(
+                &mut m,
+                [("family", f.name())],
+                c.series_overflow[f as usize],
+            )?;
+        }
+
+        // The scale-down signal: a pod that shut down cleanly sent STOP; a silent one did not.
+        // One name from two addresses is stopped when both are.
+        let mut stopped = BTreeMap::new();
+        for (i, s) in self.telemetry.identities_stopped() {
+            *stopped.entry(names.get(i)).or_insert(true) &= s;
+        }
+        let mut m = family(
+            enc,
+            "identity_stopped",
+            "1 when no stream carries the sender identity and the last one that did ended with the sender's Frame Streams STOP (a clean shutdown, e.g. scale-down); 0 while a stream carries it, or when the last one ended without STOP.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (identity, s) in stopped {
+            gauge_count(&mut m, [("identity", &*identity)], s as u64)?;
         }
 
         let mut m = family(
@@ -826,6 +946,9 @@ mod tests {
         drop(reader);
         t.metrics.frames.store(9, Relaxed);
         t.metrics.discard(Discard::QueueFull, 4);
+        t.metrics.discard(Discard::Protobuf, 5);
+        t.metrics.discard(Discard::ConnectionLimit, 6);
+        t.metrics.discard(Discard::TimeOutOfRange, 7);
         t.set_queues((0..2).map(|_| Default::default()).collect(), 1024);
         t
     }
@@ -922,7 +1045,11 @@ mod tests {
             }
         }
         for s in &samples {
-            assert!(s.name.starts_with("dnstap_analyser_"), "{}", s.name);
+            assert!(
+                s.name.starts_with("dnstap_analyser_") || s.name.starts_with("process_"),
+                "{}",
+                s.name
+            );
             let family = family_of(&s.name, &types)
                 .unwrap_or_else(|| panic!("sample {} of no declared family", s.name));
             match types[family].as_str() {
@@ -1013,7 +1140,7 @@ mod tests {
             .value
     }
 
-    const CONTRACT_FAMILIES: [(&str, &str); 20] = [
+    const CONTRACT_FAMILIES: [(&str, &str); 23] = [
         ("dnstap_analyser_sessions_total", "counter"),
         ("dnstap_analyser_upstream_attempts_total", "counter"),
         ("dnstap_analyser_upstream_rtt_seconds", "histogram"),
@@ -1021,7 +1148,10 @@ mod tests {
         ("dnstap_analyser_messages_total", "counter"),
         ("dnstap_analyser_frames_total", "counter"),
         ("dnstap_analyser_received_bytes_total", "counter"),
-        ("dnstap_analyser_discarded_total", "counter"),
+        ("dnstap_analyser_discarded_messages_total", "counter"),
+        ("dnstap_analyser_discarded_frames_total", "counter"),
+        ("dnstap_analyser_discarded_connections_total", "counter"),
+        ("dnstap_analyser_rejected_times_total", "counter"),
         ("dnstap_analyser_queue_depth_events", "gauge"),
         ("dnstap_analyser_queue_capacity_events", "gauge"),
         ("dnstap_analyser_open_sessions", "gauge"),
@@ -1105,7 +1235,22 @@ mod tests {
         );
         assert_eq!(value(&p, "dnstap_analyser_frames_total", &[]), 9.0);
         let qf = [("reason", "queue_full")];
-        assert_eq!(value(&p, "dnstap_analyser_discarded_total", &qf), 4.0);
+        assert_eq!(
+            value(&p, "dnstap_analyser_discarded_messages_total", &qf),
+            4.0
+        );
+        let protobuf = [("reason", "protobuf_undecodable")];
+        assert_eq!(
+            value(&p, "dnstap_analyser_discarded_frames_total", &protobuf),
+            5.0
+        );
+        let limit = [("reason", "connection_limit")];
+        assert_eq!(
+            value(&p, "dnstap_analyser_discarded_connections_total", &limit),
+            6.0
+        );
+        assert_eq!(value(&p, "dnstap_analyser_rejected_times_total", &[]), 7.0);
+        assert!(!text.contains("dnstap_analyser_discarded_total"));
         assert_eq!(
             value(&p, "dnstap_analyser_open_sessions", &[("shard", "0")]),
             2.0
@@ -1119,6 +1264,18 @@ mod tests {
             1024.0
         );
         assert_eq!(value(&p, "dnstap_analyser_connections_open", &[]), 3.0);
+        for (name, kind) in [
+            ("process_cpu_seconds_total", "counter"),
+            ("process_resident_memory_bytes", "gauge"),
+            ("process_virtual_memory_bytes", "gauge"),
+            ("process_open_fds", "gauge"),
+            ("process_max_fds", "gauge"),
+            ("process_start_time_seconds", "gauge"),
+        ] {
+            assert_eq!(p.types.get(name).map(String::as_str), Some(kind), "{name}");
+            assert!(value(&p, name, &[]) >= 0.0);
+        }
+        assert!(value(&p, "process_resident_memory_bytes", &[]) > 1e5);
         let v = [("version", env!("CARGO_PKG_VERSION"))];
         assert_eq!(value(&p, "dnstap_analyser_build_info", &v), 1.0);
         assert!(

@@ -144,10 +144,13 @@ impl LookupStats {
         }
         self.queries_sum += other.queries_sum;
         for (k, v) in &other.wasted {
-            *self.wasted.entry(k.clone()).or_default() += v;
+            *self
+                .wasted
+                .entry(bounded_pair(&self.wasted, k))
+                .or_default() += v;
         }
         for (k, v) in &other.waits {
-            let w = self.waits.entry(k.clone()).or_default();
+            let w = self.waits.entry(bounded_pair(&self.waits, k)).or_default();
             w.lookups += v.lookups;
             w.retries += v.retries;
             w.waited += v.waited;
@@ -223,6 +226,21 @@ impl LookupStats {
             "most_wasted": top,
         })
     }
+}
+
+/// (identity, namespace) label pairs the board keeps per family: each label is capped, but
+/// their product is not (256 x 256), so the pairs are bounded too, like the series budget.
+pub const LABEL_PAIRS: usize = 3_000;
+
+/// `key`, or (`other`, `other`) once `LABEL_PAIRS` pairs are known and it is not one of them.
+fn bounded_pair<V>(
+    known: &BTreeMap<(String, String), V>,
+    key: &(String, String),
+) -> (String, String) {
+    if known.len() < LABEL_PAIRS || known.contains_key(key) {
+        return key.clone();
+    }
+    ("other".to_string(), "other".to_string())
 }
 
 /// `value`, or `other` once `cap` values are known and it is not one of them.
@@ -370,6 +388,29 @@ mod tests {
         let json = s.to_json();
         assert_eq!(json["resolver_timeouts"], 1);
         assert_eq!(json["outcomes"]["nxdomain"], 1);
+    }
+
+    #[test]
+    fn identity_namespace_pairs_are_bounded_on_the_board() {
+        let mut board = LookupStats::default();
+        let mut tick = LookupStats::default();
+        for i in 0..LABEL_PAIRS + 10 {
+            let key = (format!("pod-{}", i % 100), format!("ns-{}", i / 100));
+            tick.wasted.insert(key.clone(), 1);
+            let w = Waits {
+                lookups: 1,
+                retries: 1,
+                waited: 5,
+            };
+            tick.waits.insert(key, w);
+        }
+        board.merge(&tick);
+        let other = ("other".to_string(), "other".to_string());
+        assert_eq!(board.wasted.len(), LABEL_PAIRS + 1);
+        assert_eq!(board.wasted[&other], 10);
+        assert_eq!(board.waits[&other].lookups, 10);
+        let total: u64 = board.wasted.values().sum();
+        assert_eq!(total, LABEL_PAIRS as u64 + 10);
     }
 
     #[test]

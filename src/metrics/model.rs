@@ -7,14 +7,21 @@
 //! deltas (keeping their capacity, so steady state allocates nothing). A scrape locks each
 //! published copy in turn and sums them ([`Telemetry::snapshot`]).
 //!
-//! Cardinality is bounded by [`LabelCap`]: the first `cap` identities and upstreams keep their
-//! own label; later ones are counted under `other`, and the overflow is counted too.
+//! Cardinality is bounded twice. [`LabelCap`]: the first `cap` identities and upstreams keep
+//! their own label; later ones are counted under `other`, and the overflow is counted too. And
+//! the [`SeriesBudget`], in exposed samples per family and in all: a label set new to a thread
+//! is admitted when it publishes (once per tick, off the per-session path) while the budget
+//! has room; beyond it, its sender-chosen labels collapse to `other` and the recordings are
+//! counted in `series_overflow_total`.
+//!
+//! Identities come and go (CoreDNS pods roll): once the registry reclaims one, each scrape
+//! folds its counts into `identity="reclaimed"` and frees its label slot and its budget.
 
 use super::health::Health;
 use super::Metrics;
 use crate::correlate::{LossReason, Status};
 use crate::diagnosis::Diagnosis;
-use crate::dnstap::{Nanos, Role, SourceId, SourceRegistry};
+use crate::dnstap::{Liveness, Nanos, Role, SourceId, SourceRegistry};
 use hashbrown::{HashMap, HashSet};
 use std::hash::Hash;
 use std::net::SocketAddr;
@@ -84,11 +91,13 @@ impl Histogram {
     }
 }
 
-/// Identity label key: the interned source, or `other` past the cap.
+/// Identity label key: the interned source, `other` past the cap or the series budget, or
+/// `reclaimed` for the counts of identities the registry let go of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IdentityLabel {
     Source(SourceId),
     Other,
+    Reclaimed,
 }
 
 /// Upstream label key: the forwarder target, `unknown` when the sender gave none, or `other`
@@ -184,16 +193,27 @@ impl<K: Hash + Eq + Copy> LabelCap<K> {
     }
 
     /// Remembered answers per thread, so the lock is taken once per new value per thread. The
-    /// cache stops growing at a bound so that a flood of over-the-cap values cannot grow it.
+    /// cache starts over at a bound so that neither a flood of over-the-cap values nor values
+    /// that come and go over the process's life grow it.
     fn admit_cached(&self, cache: &mut HashMap<K, bool>, k: K) -> bool {
         if let Some(&ok) = cache.get(&k) {
             return ok;
         }
         let ok = self.admit(k);
-        if ok || cache.len() < self.cap * 2 + 64 {
-            cache.insert(k, ok);
+        if cache.len() >= self.cap * 2 + 64 {
+            cache.clear();
         }
+        cache.insert(k, ok);
         ok
+    }
+
+    /// Frees the slots of the values `keep` rejects.
+    fn retain(&self, keep: impl Fn(&K) -> bool) {
+        lock(&self.admitted).retain(|k| keep(k));
+    }
+
+    fn contains(&self, k: &K) -> bool {
+        lock(&self.admitted).contains(k)
     }
 }
 
@@ -283,6 +303,147 @@ impl CappedLabel {
     }
 }
 
+/// A family whose label sets senders multiply (identities × upstreams × namespaces × what
+/// their sessions look like): each is bounded by the series budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeriesFamily {
+    Sessions,
+    UpstreamAttempts,
+    UpstreamRtt,
+    ClientLatency,
+    Messages,
+    WatermarkLag,
+    EvictedByIdentity,
+}
+
+impl SeriesFamily {
+    pub const ALL: [SeriesFamily; 7] = [
+        Self::Sessions,
+        Self::UpstreamAttempts,
+        Self::UpstreamRtt,
+        Self::ClientLatency,
+        Self::Messages,
+        Self::WatermarkLag,
+        Self::EvictedByIdentity,
+    ];
+
+    /// The `family` label of `series_overflow_total`: the family's name without the prefix.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sessions => "sessions_total",
+            Self::UpstreamAttempts => "upstream_attempts_total",
+            Self::UpstreamRtt => "upstream_rtt_seconds",
+            Self::ClientLatency => "client_latency_seconds",
+            Self::Messages => "messages_total",
+            Self::WatermarkLag => "watermark_lag_seconds",
+            Self::EvictedByIdentity => "sessions_evicted_by_identity_total",
+        }
+    }
+
+    /// Samples one label set exposes: a histogram's 17 buckets, sum and count; a message
+    /// counter's four types.
+    pub fn samples(self) -> usize {
+        match self {
+            Self::UpstreamRtt | Self::ClientLatency => LATENCY_BUCKETS.len() + 3,
+            Self::Messages => 4,
+            _ => 1,
+        }
+    }
+}
+
+/// `--max-series-per-family` and `--max-series`: exposed samples the sender-multiplied
+/// families may hold, each and in all. The label sets collapsed to `other` (and the
+/// `reclaimed` ones) come on top, bounded by the fixed values of their other labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeriesBudget {
+    pub per_family: usize,
+    pub total: usize,
+}
+
+impl Default for SeriesBudget {
+    fn default() -> Self {
+        Self {
+            per_family: 10_000,
+            total: 30_000,
+        }
+    }
+}
+
+/// The label sets admitted under the budget, process-wide, by family.
+#[derive(Debug, Default)]
+struct AdmittedSets {
+    sessions: HashSet<SessionKey>,
+    attempts: HashSet<AttemptKey>,
+    upstream_rtt: HashSet<UpstreamLabel>,
+    client_latency: HashSet<(IdentityLabel, Cause)>,
+    messages: HashSet<IdentityLabel>,
+    latest_event: HashSet<IdentityLabel>,
+    evicted: HashSet<IdentityLabel>,
+}
+
+#[derive(Debug, Default)]
+struct Admitted {
+    sets: AdmittedSets,
+    /// Samples of every admitted label set.
+    samples: usize,
+}
+
+impl Admitted {
+    /// True when `key` has (or now gets) a series of its own in `family`.
+    fn admit<K: Hash + Eq + Copy>(
+        &mut self,
+        budget: &SeriesBudget,
+        family: SeriesFamily,
+        set: fn(&mut AdmittedSets) -> &mut HashSet<K>,
+        key: K,
+    ) -> bool {
+        let set = set(&mut self.sets);
+        if set.contains(&key) {
+            return true;
+        }
+        let w = family.samples();
+        if (set.len() + 1) * w > budget.per_family || self.samples + w > budget.total {
+            return false;
+        }
+        set.insert(key);
+        self.samples += w;
+        true
+    }
+
+    /// Frees the label sets of the identities `live` rejects.
+    fn forget(&mut self, live: &impl Fn(IdentityLabel) -> bool) {
+        let s = &mut self.sets;
+        s.sessions.retain(|k| live(k.identity));
+        s.attempts.retain(|k| live(k.0));
+        s.client_latency.retain(|k| live(k.0));
+        s.messages.retain(|&k| live(k));
+        s.latest_event.retain(|&k| live(k));
+        s.evicted.retain(|&k| live(k));
+        let f = |n: usize, family: SeriesFamily| n * family.samples();
+        self.samples = f(s.sessions.len(), SeriesFamily::Sessions)
+            + f(s.attempts.len(), SeriesFamily::UpstreamAttempts)
+            + f(s.upstream_rtt.len(), SeriesFamily::UpstreamRtt)
+            + f(s.client_latency.len(), SeriesFamily::ClientLatency)
+            + f(s.messages.len(), SeriesFamily::Messages)
+            + f(s.latest_event.len(), SeriesFamily::WatermarkLag)
+            + f(s.evicted.len(), SeriesFamily::EvictedByIdentity);
+    }
+}
+
+/// A `SessionKey` past the budget: every label a sender chooses is `other`.
+fn collapsed_session(k: SessionKey) -> SessionKey {
+    SessionKey {
+        identity: IdentityLabel::Other,
+        namespace: NamespaceLabel::Other,
+        rcode: k.rcode.map(|_| OTHER_RCODE),
+        qtype: qtype_label(None),
+        ..k
+    }
+}
+
+/// An rcode [`rcode_label`] names `other` (IANA has not assigned 12-15).
+const OTHER_RCODE: u8 = 15;
+
 /// Everything one thread counts; also the shape of a published copy and of a scrape's sum.
 #[derive(Debug, Default, Clone)]
 pub struct Counts {
@@ -298,6 +459,9 @@ pub struct Counts {
     pub evicted: HashMap<IdentityLabel, u64>,
     /// Recordings put under `other`, indexed like `CappedLabel::ALL`.
     pub overflow: [u64; 3],
+    /// Recordings put under collapsed label sets by the series budget, indexed like
+    /// `SeriesFamily::ALL`.
+    pub series_overflow: [u64; 7],
 }
 
 trait Merge {
@@ -336,19 +500,159 @@ fn add_into<K: Hash + Eq + Copy, V: Merge + Default>(
     }
 }
 
+/// How a family adds a value into another, and how many recordings a value holds.
+type MergeWeight<V> = (fn(&mut V, &V), fn(&V) -> u64);
+
+/// Moves `from` into `into`, emptying `from` and keeping its allocation. A key `into` holds
+/// adds to it; a new one needs `admit`, or its value goes under `collapse(key)` and its
+/// weight into `overflow`. A key collapsed already (the label caps' `other`) takes no budget:
+/// those are bounded like the collapsed ones.
+fn absorb_family<K: Hash + Eq + Copy, V: Default>(
+    (into, from): (&mut HashMap<K, V>, &mut HashMap<K, V>),
+    mut admit: impl FnMut(K) -> bool,
+    collapse: fn(K) -> K,
+    (merge, weight): MergeWeight<V>,
+    overflow: &mut u64,
+) {
+    for (k, v) in from.drain() {
+        let k = if into.contains_key(&k) || collapse(k) == k || admit(k) {
+            k
+        } else {
+            *overflow += weight(&v);
+            collapse(k)
+        };
+        merge(into.entry(k).or_default(), &v);
+    }
+}
+
+/// The budget's lock, taken at the first label set new to a thread's published copy, and
+/// held to the end of its publish.
+struct Admission<'a> {
+    guard: Option<MutexGuard<'a, Admitted>>,
+    admitted: &'a Mutex<Admitted>,
+    budget: &'a SeriesBudget,
+}
+
+impl Admission<'_> {
+    fn admit<K: Hash + Eq + Copy>(
+        &mut self,
+        family: SeriesFamily,
+        set: fn(&mut AdmittedSets) -> &mut HashSet<K>,
+        k: K,
+    ) -> bool {
+        let admitted = self.admitted;
+        let a = self.guard.get_or_insert_with(|| lock(admitted));
+        a.admit(self.budget, family, set, k)
+    }
+}
+
+/// Moves the values whose key `moved` renames under the new key.
+fn fold_keys<K: Hash + Eq + Copy, V: Merge + Default>(
+    map: &mut HashMap<K, V>,
+    moved: impl Fn(&K) -> Option<K>,
+) {
+    let gone: Vec<(K, K)> = map.keys().filter_map(|k| Some((*k, moved(k)?))).collect();
+    for (old, new) in gone {
+        if let Some(v) = map.remove(&old) {
+            map.entry(new).or_default().merge(&v);
+        }
+    }
+}
+
+fn sum_merge<V: Merge>(a: &mut V, b: &V) {
+    a.merge(b);
+}
+
+fn max_merge(a: &mut Nanos, b: &Nanos) {
+    *a = (*a).max(*b);
+}
+
 impl Counts {
-    /// Adds `delta` into `self` and empties `delta`, keeping its allocations.
-    fn absorb(&mut self, delta: &mut Counts) {
-        add_into(&mut self.sessions, delta.sessions.drain());
-        add_into(&mut self.attempts, delta.attempts.drain());
-        add_into(&mut self.upstream_rtt, delta.upstream_rtt.drain());
-        add_into(&mut self.client_latency, delta.client_latency.drain());
-        add_into(&mut self.messages, delta.messages.drain());
-        self.merge_latest(delta.latest_event.drain());
-        add_into(&mut self.evicted, delta.evicted.drain());
+    /// Adds `delta` into `self` (a thread's published copy) and empties `delta`, keeping its
+    /// allocations; label sets new to `self` are admitted under the series budget.
+    fn absorb(&mut self, delta: &mut Counts, admitted: &Mutex<Admitted>, budget: &SeriesBudget) {
+        use SeriesFamily as F;
+        let mut adm = Admission {
+            guard: None,
+            admitted,
+            budget,
+        };
+        let over = &mut self.series_overflow;
+        let counts = (
+            sum_merge as fn(&mut u64, &u64),
+            (|v: &u64| *v) as fn(&u64) -> u64,
+        );
+        let histograms = (
+            sum_merge as fn(&mut Histogram, &Histogram),
+            Histogram::count as fn(&Histogram) -> u64,
+        );
+        absorb_family(
+            (&mut self.sessions, &mut delta.sessions),
+            |k| adm.admit(F::Sessions, |s| &mut s.sessions, k),
+            collapsed_session,
+            counts,
+            &mut over[F::Sessions as usize],
+        );
+        absorb_family(
+            (&mut self.attempts, &mut delta.attempts),
+            |k| adm.admit(F::UpstreamAttempts, |s| &mut s.attempts, k),
+            |(_, _, o)| (IdentityLabel::Other, UpstreamLabel::Other, o),
+            counts,
+            &mut over[F::UpstreamAttempts as usize],
+        );
+        absorb_family(
+            (&mut self.upstream_rtt, &mut delta.upstream_rtt),
+            |k| adm.admit(F::UpstreamRtt, |s| &mut s.upstream_rtt, k),
+            |_| UpstreamLabel::Other,
+            histograms,
+            &mut over[F::UpstreamRtt as usize],
+        );
+        absorb_family(
+            (&mut self.client_latency, &mut delta.client_latency),
+            |k| adm.admit(F::ClientLatency, |s| &mut s.client_latency, k),
+            |(_, cause)| (IdentityLabel::Other, cause),
+            histograms,
+            &mut over[F::ClientLatency as usize],
+        );
+        absorb_family(
+            (&mut self.messages, &mut delta.messages),
+            |k| adm.admit(F::Messages, |s| &mut s.messages, k),
+            |_| IdentityLabel::Other,
+            (sum_merge, |v| v.iter().sum()),
+            &mut over[F::Messages as usize],
+        );
+        absorb_family(
+            (&mut self.latest_event, &mut delta.latest_event),
+            |k| adm.admit(F::WatermarkLag, |s| &mut s.latest_event, k),
+            |_| IdentityLabel::Other,
+            (max_merge, |_| 1),
+            &mut over[F::WatermarkLag as usize],
+        );
+        absorb_family(
+            (&mut self.evicted, &mut delta.evicted),
+            |k| adm.admit(F::EvictedByIdentity, |s| &mut s.evicted, k),
+            |_| IdentityLabel::Other,
+            counts,
+            &mut over[F::EvictedByIdentity as usize],
+        );
         for (a, b) in self.overflow.iter_mut().zip(&mut delta.overflow) {
             *a += std::mem::take(b);
         }
+    }
+
+    /// Moves the counts of the identities `live` rejects (reclaimed ones) under
+    /// `identity="reclaimed"`, so that sums stay whole, and drops their watermarks.
+    fn fold_reclaimed(&mut self, live: &impl Fn(IdentityLabel) -> bool) {
+        let gone = |l: IdentityLabel| (!live(l)).then_some(IdentityLabel::Reclaimed);
+        fold_keys(&mut self.sessions, |k| {
+            let identity = gone(k.identity)?;
+            Some(SessionKey { identity, ..*k })
+        });
+        fold_keys(&mut self.attempts, |&(i, u, o)| Some((gone(i)?, u, o)));
+        fold_keys(&mut self.client_latency, |&(i, c)| Some((gone(i)?, c)));
+        fold_keys(&mut self.messages, |&i| gone(i));
+        fold_keys(&mut self.evicted, |&i| gone(i));
+        self.latest_event.retain(|&i, _| live(i));
     }
 
     /// Adds a published copy into a scrape's sum.
@@ -377,6 +681,9 @@ impl Counts {
         for (a, b) in self.overflow.iter_mut().zip(&other.overflow) {
             *a += b;
         }
+        for (a, b) in self.series_overflow.iter_mut().zip(&other.series_overflow) {
+            *a += b;
+        }
     }
 
     fn merge_latest(&mut self, from: impl Iterator<Item = (IdentityLabel, Nanos)>) {
@@ -395,6 +702,7 @@ impl Counts {
             && self.latest_event.is_empty()
             && self.evicted.is_empty()
             && self.overflow == [0; 3]
+            && self.series_overflow == [0; 7]
     }
 }
 
@@ -423,6 +731,7 @@ pub struct TelemetryConfig {
     pub max_upstream_labels: usize,
     /// A stage with work pending and no progress for this long makes `/healthz` fail.
     pub stall_after: Duration,
+    pub series: SeriesBudget,
 }
 
 impl Default for TelemetryConfig {
@@ -431,6 +740,7 @@ impl Default for TelemetryConfig {
             max_identity_labels: 256,
             max_upstream_labels: 256,
             stall_after: Duration::from_secs(30),
+            series: SeriesBudget::default(),
         }
     }
 }
@@ -481,6 +791,10 @@ pub struct Telemetry {
     upstreams: LabelCap<SocketAddr>,
     /// Capped like the identities (`--max-identity-labels`).
     pub namespaces: Namespaces,
+    series: SeriesBudget,
+    admitted: Mutex<Admitted>,
+    /// The registry's reclaim count when a recording thread last freed their label slots.
+    reclaims_freed: AtomicU64,
     threads: Mutex<Vec<Arc<Published>>>,
     queue_depths: OnceLock<Arc<[AtomicU64]>>,
     queue_capacity: AtomicU64,
@@ -503,6 +817,9 @@ impl Telemetry {
             identities: LabelCap::new(cfg.max_identity_labels),
             upstreams: LabelCap::new(cfg.max_upstream_labels),
             namespaces: Namespaces::new(cfg.max_identity_labels),
+            series: cfg.series,
+            admitted: Mutex::default(),
+            reclaims_freed: AtomicU64::new(0),
             threads: Mutex::new(Vec::new()),
             queue_depths: OnceLock::new(),
             queue_capacity: AtomicU64::new(0),
@@ -524,6 +841,7 @@ impl Telemetry {
             published,
             delta: Counts::default(),
             identity_cache: HashMap::new(),
+            reclaims_seen: self.sources.reclaims(),
             upstream_cache: HashMap::new(),
             namespace_cache: HashMap::new(),
         }
@@ -554,12 +872,21 @@ impl Telemetry {
         self.top.get().map(|t| t.failing_names())
     }
 
-    /// Sums every thread's published stats and reads the gauges.
+    /// Sums every thread's published stats and reads the gauges. The counts of identities
+    /// reclaimed since are folded under `reclaimed` first, for good (see `free_reclaimed`).
     pub fn snapshot(&self) -> Snapshot {
+        let liveness = self.free_reclaimed();
+        let live = |l| match l {
+            IdentityLabel::Source(id) => liveness.is_live(id),
+            _ => true,
+        };
         let mut counts = Counts::default();
         let mut open_sessions = Vec::new();
         for p in lock(&self.threads).iter() {
-            counts.add(&lock(&p.counts));
+            let mut published = lock(&p.counts);
+            published.fold_reclaimed(&live);
+            counts.add(&published);
+            drop(published);
             if let ThreadKind::Shard(i) = p.kind {
                 open_sessions.push((i, p.open_sessions.load(Relaxed)));
             }
@@ -579,6 +906,31 @@ impl Telemetry {
         }
     }
 
+    /// Frees the label slots and the series budget of the identities the registry reclaimed;
+    /// returns the liveness it went by. Their series leave at the next scrape.
+    fn free_reclaimed(&self) -> Liveness {
+        let liveness = self.sources.liveness();
+        let live = |l| match l {
+            IdentityLabel::Source(id) => liveness.is_live(id),
+            _ => true,
+        };
+        self.identities.retain(|&id| liveness.is_live(id));
+        lock(&self.admitted).forget(&live);
+        liveness
+    }
+
+    /// `identity_stopped`: every identity with a label of its own, and whether it stopped
+    /// (no stream carries it, and the last one ended with STOP).
+    pub fn identities_stopped(&self) -> Vec<(IdentityLabel, bool)> {
+        let stopped = self.sources.stopped();
+        let labelled = stopped
+            .into_iter()
+            .filter(|(id, _)| self.identities.contains(id));
+        labelled
+            .map(|(id, s)| (IdentityLabel::Source(id), s))
+            .collect()
+    }
+
     /// The identities the stages intern and the labels name.
     pub fn sources(&self) -> &Arc<SourceRegistry> {
         &self.sources
@@ -589,6 +941,7 @@ impl Telemetry {
         match l {
             IdentityLabel::Source(id) => self.sources.describe(id).0.to_string(),
             IdentityLabel::Other => "other".into(),
+            IdentityLabel::Reclaimed => "reclaimed".into(),
         }
     }
 }
@@ -621,6 +974,9 @@ pub struct ThreadStats {
     published: Arc<Published>,
     delta: Counts,
     identity_cache: HashMap<SourceId, bool>,
+    /// The registry's reclaim count when `identity_cache` was last cleared: a reclaim may
+    /// have freed label slots that cached refusals would still deny.
+    reclaims_seen: u64,
     upstream_cache: HashMap<SocketAddr, bool>,
     /// Namespaces this thread has labelled, so the lock is taken once per new name; it stops
     /// growing at a bound, as `LabelCap`'s cache does.
@@ -629,6 +985,16 @@ pub struct ThreadStats {
 
 impl ThreadStats {
     fn identity(&mut self, id: SourceId) -> IdentityLabel {
+        let reclaims = self.telemetry.sources.reclaims();
+        if reclaims != self.reclaims_seen {
+            self.reclaims_seen = reclaims;
+            self.identity_cache.clear();
+            // One thread frees the slots per change of the count, not each of them.
+            let freed = self.telemetry.reclaims_freed.swap(reclaims, Relaxed);
+            if freed != reclaims {
+                self.telemetry.free_reclaimed();
+            }
+        }
         if self
             .telemetry
             .identities
@@ -756,7 +1122,8 @@ impl ThreadStats {
         if self.delta.is_empty() {
             return;
         }
-        lock(&self.published.counts).absorb(&mut self.delta);
+        let t = &self.telemetry;
+        lock(&self.published.counts).absorb(&mut self.delta, &t.admitted, &t.series);
     }
 }
 
@@ -924,6 +1291,150 @@ mod tests {
             }
             by
         }
+    }
+
+    /// One identity's sessions through `n` upstreams, each with one attempt.
+    fn sessions_via(s: &mut ThreadStats, source: SourceId, upstreams: std::ops::Range<u16>) {
+        let v = verdict(Status::Succeeded, 15, None);
+        for port in upstreams {
+            let up = Some(SocketAddr::from(([10, 0, 0, 1], port)));
+            let a = Attempt::ended(up, AttemptOutcome::Answered, Some(1000));
+            s.record_session(&Diagnosis::from_parts(source, v, Some(1), &[a]));
+        }
+    }
+
+    #[test]
+    fn label_sets_past_the_series_budget_collapse_to_other_and_are_counted() {
+        let cfg = TelemetryConfig {
+            series: SeriesBudget {
+                per_family: 50,
+                total: 1000,
+            },
+            ..Default::default()
+        };
+        let (t, sources) = telemetry(cfg);
+        let ids: Vec<SourceId> = (0..20)
+            .map(|i| sources.intern(format!("pod-{i}").as_bytes(), b""))
+            .collect();
+        let mut s0 = t.thread_stats(ThreadKind::Shard(0));
+        let mut s1 = t.thread_stats(ThreadKind::Shard(1));
+        // 20 identities x 20 upstreams: 400 attempt label sets wanted, 50 admitted.
+        for (i, &id) in ids.iter().enumerate() {
+            let s = if i % 2 == 0 { &mut s0 } else { &mut s1 };
+            sessions_via(s, id, 0..20);
+        }
+        s0.publish();
+        s1.publish();
+        let c = t.snapshot().counts;
+        let collapsed = (
+            IdentityLabel::Other,
+            UpstreamLabel::Other,
+            AttemptOutcome::Answered,
+        );
+        assert_eq!(c.attempts.len(), 51, "50 admitted, and the collapsed one");
+        assert_eq!(c.attempts[&collapsed], 350);
+        assert_eq!(c.attempts.values().sum::<u64>(), 400, "nothing lost");
+        let over = |f: SeriesFamily| c.series_overflow[f as usize];
+        assert_eq!(over(SeriesFamily::UpstreamAttempts), 350);
+        // 19 samples a histogram: 2 upstreams' RTT fit in 50, the rest collapse.
+        assert_eq!(c.upstream_rtt.len(), 3);
+        assert_eq!(c.upstream_rtt[&UpstreamLabel::Other].count(), 400 - 2 * 20);
+        assert_eq!(over(SeriesFamily::UpstreamRtt), 360);
+        assert_eq!(over(SeriesFamily::Sessions), 0, "20 session label sets fit");
+        // Recording again under admitted label sets adds to them; the budget stays full.
+        sessions_via(&mut s1, ids[1], 0..20);
+        s1.publish();
+        let c = t.snapshot().counts;
+        assert_eq!(c.attempts.len(), 51);
+        assert_eq!(c.attempts.values().sum::<u64>(), 420);
+        assert!(lock(&t.admitted).samples <= 1000);
+    }
+
+    #[test]
+    fn the_total_series_budget_bounds_every_family_together() {
+        let cfg = TelemetryConfig {
+            series: SeriesBudget {
+                per_family: 1000,
+                total: 60,
+            },
+            ..Default::default()
+        };
+        let (t, sources) = telemetry(cfg);
+        let mut s = t.thread_stats(ThreadKind::Shard(0));
+        for i in 0..40 {
+            let id = sources.intern(format!("pod-{i}").as_bytes(), b"");
+            sessions_via(&mut s, id, 0..3);
+            s.count_messages(id, Role::ClientQuery, 1);
+        }
+        s.publish();
+        let admitted = lock(&t.admitted).samples;
+        assert!(admitted <= 60 && admitted > 40, "{admitted}");
+        let c = t.snapshot().counts;
+        assert_eq!(c.sessions.values().sum::<u64>(), 120);
+        assert_eq!(c.messages.values().map(|m| m[0]).sum::<u64>(), 40);
+        assert!(c.series_overflow.iter().sum::<u64>() > 0);
+    }
+
+    #[test]
+    fn a_reclaimed_identity_leaves_its_series_and_label_slot_and_keeps_its_counts() {
+        let cfg = TelemetryConfig {
+            max_identity_labels: 1,
+            ..Default::default()
+        };
+        let sources = Arc::new(SourceRegistry::new(4, Duration::from_secs(1)));
+        let t = Arc::new(Telemetry::new(
+            Arc::new(Metrics::default()),
+            sources.clone(),
+            cfg,
+        ));
+        let t0 = std::time::Instant::now();
+        let old = sources.acquire(None, b"old-pod", b"", t0).unwrap();
+        let mut s = t.thread_stats(ThreadKind::Shard(0));
+        sessions_via(&mut s, old, 0..3);
+        s.count_messages(old, Role::ClientQuery, 3);
+        s.note_event_time(old, 1);
+        s.publish();
+        assert_eq!(
+            t.identities_stopped(),
+            [(IdentityLabel::Source(old), false)]
+        );
+        sources.release_stopped(old, t0);
+        assert_eq!(t.identities_stopped(), [(IdentityLabel::Source(old), true)]);
+        // A new pod while the old one holds the only label: `other`, until it is reclaimed.
+        let new = sources.acquire(None, b"new-pod", b"", t0).unwrap();
+        s.count_messages(new, Role::ClientQuery, 1);
+        s.publish();
+        assert_eq!(t.snapshot().counts.messages[&IdentityLabel::Other][0], 1);
+        let later = t0 + Duration::from_secs(1);
+        sources.acquire(None, b"third-pod", b"", later).unwrap();
+        assert_eq!(sources.reclaims(), 1, "old-pod reclaimed");
+        s.count_messages(new, Role::ClientQuery, 1);
+        s.publish();
+        let c = t.snapshot().counts;
+        assert_eq!(
+            c.messages[&IdentityLabel::Source(new)][0],
+            1,
+            "the slot is free"
+        );
+        let gone = IdentityLabel::Source(old);
+        assert!(!c.messages.contains_key(&gone));
+        assert!(!c.latest_event.contains_key(&gone), "no watermark left");
+        assert!(c.sessions.keys().all(|k| k.identity != gone));
+        assert!(c.attempts.keys().all(|k| k.0 != gone));
+        assert_eq!(c.messages[&IdentityLabel::Reclaimed][0], 3);
+        let reclaimed: u64 = c
+            .sessions
+            .iter()
+            .filter(|(k, _)| k.identity == IdentityLabel::Reclaimed)
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(reclaimed, 3, "its sessions still count");
+        assert!(t.identities_stopped().iter().all(|(i, _)| *i != gone));
+        assert_eq!(t.identity_name(IdentityLabel::Reclaimed), "reclaimed");
+        // Its budget is free again: only the new pod's series are admitted.
+        let admitted = lock(&t.admitted);
+        assert!(admitted.sets.messages.iter().all(|&i| i != gone));
+        assert!(admitted.sets.sessions.iter().all(|k| k.identity != gone));
     }
 
     #[test]

@@ -116,6 +116,13 @@ impl Output {
         v
     }
 
+    /// `summary.rejected_times`: message times rejected (the messages were kept).
+    pub fn rejected_times(&self) -> u64 {
+        self.summary["rejected_times"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no rejected_times in {}", self.summary))
+    }
+
     /// `summary.dropped.<reason>`; panics when the summary has no such counter.
     pub fn discarded(&self, reason: &str) -> u64 {
         self.summary["dropped"][reason]

@@ -175,6 +175,12 @@ int64 so that large values (maxSessions: 2000000) are not printed in float notat
 {{- if not (kindIs "invalid" $a.maxUpstreamLabels) }}
 - {{ printf "--max-upstream-labels=%d" (int64 $a.maxUpstreamLabels) | quote }}
 {{- end }}
+{{- if not (kindIs "invalid" $a.maxSeriesPerFamily) }}
+- {{ printf "--max-series-per-family=%d" (int64 $a.maxSeriesPerFamily) | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $a.maxSeries) }}
+- {{ printf "--max-series=%d" (int64 $a.maxSeries) | quote }}
+{{- end }}
 {{- if kindIs "string" $a.stallTimeout }}
 - {{ printf "--stall-timeout=%s" $a.stallTimeout | quote }}
 {{- else if not (kindIs "invalid" $a.stallTimeout) }}
