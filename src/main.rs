@@ -218,8 +218,8 @@ struct Cli {
     #[arg(long, global = true, value_name = "HOST:PORT|none", value_parser = parse_metrics_listen)]
     metrics_listen: Option<MetricsListen>,
 
-    /// TLS and client authentication of the metrics port, in the format of Prometheus
-    /// exporters' --web.config.file (YAML): tls_server_config (cert_file, key_file,
+    /// TLS and client authentication of the metrics port, in the format of the web config
+    /// file of Prometheus exporters (YAML): tls_server_config (cert_file, key_file,
     /// client_auth_type, client_ca_file, min_version, max_version) and basic_auth_users (user:
     /// bcrypt hash). /healthz and /readyz need no credentials nor client certificate (the
     /// kubelet's probes have none); every other path does. Followed when it or its
