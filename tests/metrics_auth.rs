@@ -421,3 +421,49 @@ fn no_top_serves_no_top_and_no_top_names_family() {
         );
     }
 }
+
+/// `GET /metrics` with `user:password`: the status.
+fn scrape_as(addr: &str, user_password: &str) -> u16 {
+    use base64::Engine;
+    let token = base64::engine::general_purpose::STANDARD.encode(user_password);
+    let auth = format!("Basic {token}");
+    http_get(addr, "/metrics", &[("Authorization", &auth)])
+        .map(|r| r.status)
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_changed_web_config_is_followed_and_a_broken_one_keeps_the_previous() {
+    let dir = TempDir::new("metrics-auth-reload");
+    let users = |password: &str| {
+        format!(
+            "basic_auth_users:\n  {USER}: '{}'\n",
+            bcrypt_hash(password, 4)
+        )
+    };
+    let web = web_config(&dir, &users("first"));
+    let an = serve(&web, &[]);
+    let addr = an.metrics_addr();
+    assert_eq!(scrape_as(&addr, &format!("{USER}:first")), 200);
+    // Written to the side and renamed, as the kubelet swaps a Secret's files.
+    let swap = |text: &str| {
+        let tmp = dir.join("web.yml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &web).unwrap();
+    };
+    swap(&users("second"));
+    let followed = poll_until(Duration::from_secs(30), || {
+        scrape_as(&addr, &format!("{USER}:second")) == 200
+    });
+    assert!(followed, "{}", an.stderr_so_far());
+    assert_eq!(scrape_as(&addr, &format!("{USER}:first")), 401);
+    swap("basic_auth_users:\n  prometheus: not-a-hash\n");
+    let refused = poll_until(Duration::from_secs(30), || {
+        // Each request is a new connection: the file is looked at (once a second) before it.
+        scrape_as(&addr, &format!("{USER}:second"));
+        an.stderr_so_far()
+            .contains("metrics web config not reloaded")
+    });
+    assert!(refused, "{}", an.stderr_so_far());
+    assert_eq!(scrape_as(&addr, &format!("{USER}:second")), 200);
+}

@@ -73,7 +73,14 @@ impl std::fmt::Display for StartError {
     }
 }
 
-impl std::error::Error for StartError {}
+impl std::error::Error for StartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.source {
+            StartFailure::Io(e) => Some(e),
+            StartFailure::WebConfig(e) => Some(e.as_ref()),
+        }
+    }
+}
 
 /// The running endpoint; `stop` (or drop) ends its thread.
 pub struct MetricsServer {
@@ -565,31 +572,24 @@ impl Conn {
         let Some(tls) = &mut self.tls else {
             return self.stream.read(buf);
         };
+        // Handshake records a full socket refused last time: this may be the writable event.
+        flush_tls_if_possible(tls, &mut self.stream)?;
+        let mut eof = false;
         loop {
             match tls.reader().read(buf) {
                 Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && eof => return Ok(0),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // Closed without close_notify: for a request, the same as a close.
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                 Err(e) => return Err(e),
             }
-            let got = tls.read_tls(&mut self.stream)?;
+            eof = tls.read_tls(&mut self.stream)? == 0;
             let state = tls.process_new_packets();
             // The handshake's answer, or the alert saying why it failed.
-            let flushed = flush_tls(tls, &mut self.stream);
+            let flushed = flush_tls_if_possible(tls, &mut self.stream);
             state.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            match flushed {
-                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
-                _ => {}
-            }
-            if got == 0 {
-                return match tls.reader().read(buf) {
-                    Ok(n) => Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
-                    Err(e) => Err(e),
-                };
-            }
+            flushed?;
         }
     }
 
@@ -602,10 +602,8 @@ impl Conn {
         // Records still waiting go first: rustls buffers what it is given.
         flush_tls(tls, &mut self.stream)?;
         let n = tls.writer().write(rest)?;
-        match flush_tls(tls, &mut self.stream) {
-            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
-            _ => Ok(n),
-        }
+        flush_tls_if_possible(tls, &mut self.stream)?;
+        Ok(n)
     }
 
     /// After the whole response: TLS sends close_notify and what is still encrypted.
@@ -627,6 +625,14 @@ fn flush_tls(tls: &mut ServerConnection, tcp: &mut TcpStream) -> io::Result<()> 
         tls.write_tls(tcp)?;
     }
     Ok(())
+}
+
+/// Like `flush_tls`; what a full socket does not take waits for its writable event.
+fn flush_tls_if_possible(tls: &mut ServerConnection, tcp: &mut TcpStream) -> io::Result<()> {
+    match flush_tls(tls, tcp) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        other => other,
+    }
 }
 
 /// Discards input until the client closes. False: close now.
