@@ -233,6 +233,11 @@ fn probes_need_no_credentials_and_everything_else_needs_both() {
     assert_eq!(refused("client_certificate"), 1.0, "{body}");
     assert_eq!(refused("no_credentials"), 2.0, "{body}");
     assert_eq!(refused("bad_credentials"), 1.0, "{body}");
+    assert_eq!(
+        refused("tls_handshake"),
+        2.0,
+        "the stranger's certificate and plaintext: {body}"
+    );
     let log = an.stderr_so_far();
     assert!(
         log.contains("metrics endpoint refused 1 request(s) by client authentication"),

@@ -28,14 +28,18 @@ pub enum Refusal {
     RateLimited,
     /// `RequireAndVerifyClientCert` and the client presented no certificate: 403.
     ClientCertificate,
+    /// The TLS handshake failed: plaintext on the TLS port, a client certificate the client
+    /// CA does not vouch for (the connection is closed).
+    TlsHandshake,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 4] = [
+    pub const ALL: [Refusal; 5] = [
         Self::NoCredentials,
         Self::BadCredentials,
         Self::RateLimited,
         Self::ClientCertificate,
+        Self::TlsHandshake,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +48,7 @@ impl Refusal {
             Self::BadCredentials => "bad_credentials",
             Self::RateLimited => "rate_limited",
             Self::ClientCertificate => "client_certificate",
+            Self::TlsHandshake => "tls_handshake",
         }
     }
 }

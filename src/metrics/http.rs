@@ -384,7 +384,15 @@ impl Server {
                 Ok(n) => c.request.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return false,
+                Err(e) => {
+                    // Plaintext on the TLS port, a client certificate the CA does not vouch for.
+                    if e.kind() == io::ErrorKind::InvalidData
+                        && c.tls.as_ref().is_some_and(|t| t.is_handshaking())
+                    {
+                        self.refused(Refusal::TlsHandshake, c.peer, now);
+                    }
+                    return false;
+                }
             }
         }
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -418,7 +426,7 @@ impl Server {
             Err(why) => {
                 self.refused(why, c.peer, now);
                 match why {
-                    Refusal::ClientCertificate => {
+                    Refusal::ClientCertificate | Refusal::TlsHandshake => {
                         Response::text(403, "a client certificate is required\n")
                     }
                     Refusal::RateLimited => {
