@@ -118,14 +118,23 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_is_down() {
     });
     assert!(refused_seen, "{}", prom.targets_report());
     for job in ["wrong-password", "plain-http"] {
-        let down = prom.query(&format!("up{{job=\"{job}\"}}"));
-        assert_eq!(down.len(), 1, "{job}: {}", prom.targets_report());
-        assert_eq!(down[0].value, 0.0, "{job}: {}", prom.targets_report());
+        let down = poll_until(Duration::from_secs(60), || {
+            let up = prom.query(&format!("up{{job=\"{job}\"}}"));
+            up.len() == 1 && up[0].value == 0.0
+        });
+        assert!(
+            down,
+            "{job} is not a target down: {}",
+            prom.targets_report()
+        );
     }
-    let report = prom.targets_report();
+    let told = poll_until(Duration::from_secs(60), || {
+        prom.targets_report().contains("401")
+    });
     assert!(
-        report.contains("401"),
-        "the wrong password's error: {report}"
+        told,
+        "the wrong password's error: {}",
+        prom.targets_report()
     );
 }
 
