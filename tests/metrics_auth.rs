@@ -6,7 +6,10 @@
 //!   `/healthz` and `/readyz` without credentials nor client certificate, and nothing else;
 //! - a flood of new bad passwords is mostly refused without bcrypt, and `/healthz` answers
 //!   within the kubelet's probe timeout all along;
-//! - a file with an unknown key stops the start (exit 2).
+//! - a changed web config and a renewed certificate are followed without a restart; a broken
+//!   file keeps the previous one;
+//! - a file with an unknown key stops the start (exit 2);
+//! - `--no-top` leaves /top 404 and the top_failing_names family out.
 //!
 //! Certificates are made by the test (rcgen, tests/support/tls.rs). `prometheus` comes from
 //! the Debian package `prometheus`, `curl` from `curl`.
@@ -480,4 +483,36 @@ fn a_changed_web_config_is_followed_and_a_broken_one_keeps_the_previous() {
     });
     assert!(refused, "{}", an.stderr_so_far());
     assert_eq!(scrape_as(&addr, &format!("{USER}:second")), 200);
+}
+
+#[test]
+fn a_renewed_metrics_certificate_is_served_without_a_restart() {
+    let dir = TempDir::new("metrics-auth-rotate");
+    let (old_ca, new_ca) = (TestCa::new("old"), TestCa::new("new"));
+    let served = old_ca.server_cert(dir.path(), "metrics");
+    let web = web_config(
+        &dir,
+        &format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
+            served.cert.display(),
+            served.key.display()
+        ),
+    );
+    let an = serve(&web, &[]);
+    let port = an.metrics_port();
+    let trusts = |ca: &TestCa| {
+        let ca_file = ca.write_ca(dir.path()).display().to_string();
+        curl(port, "/healthz", &["--cacert", &ca_file]).0 == Some(200)
+    };
+    assert!(trusts(&old_ca) && !trusts(&new_ca));
+    // The renewal writes new files to the side and renames them over the old ones.
+    let renewed = new_ca.server_cert(dir.path(), "renewed");
+    std::fs::rename(&renewed.key, &served.key).unwrap();
+    std::fs::rename(&renewed.cert, &served.cert).unwrap();
+    let followed = poll_until(Duration::from_secs(30), || trusts(&new_ca));
+    assert!(followed, "{}", an.stderr_so_far());
+    assert!(!trusts(&old_ca));
+    assert!(an
+        .stderr_so_far()
+        .contains("metrics web config reloaded from"));
 }
