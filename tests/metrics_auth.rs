@@ -295,18 +295,22 @@ fn a_flood_of_bad_passwords_does_not_stall_the_probes() {
     let addr = an.metrics_addr();
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
-    // Six flooders on three loopback addresses, each request with a new password; bounded.
+    // Six flooders on three loopback addresses, each request with a new password, until the
+    // probes are done (20,000 at most).
     let flooders: Vec<_> = (0..6u8)
         .map(|i| {
             let (addr, stop, sent) = (addr.clone(), stop.clone(), sent.clone());
             thread::spawn(move || {
                 let mut answered = 0u64;
+                // Paced (200 per second each) so that the flood lasts as long as the probes.
                 while !stop.load(Ordering::Relaxed) {
                     let n = sent.fetch_add(1, Ordering::Relaxed);
-                    if n >= 5_000 {
+                    if n >= 20_000 {
                         break;
                     }
-                    answered += u64::from(bad_password(&addr, [127, 0, 0, 2 + i % 3], n).is_some());
+                    let from = [127, 0, 0, 2 + i % 3];
+                    answered += u64::from(bad_password(&addr, from, n).is_some());
+                    thread::sleep(Duration::from_millis(5));
                 }
                 answered
             })
@@ -350,6 +354,10 @@ fn a_flood_of_bad_passwords_does_not_stall_the_probes() {
     // Every flood request was answered; most without a bcrypt run.
     assert!(answered >= 100, "only {answered} flood requests answered");
     let (bcrypt_runs, throttled) = (refused("bad_credentials"), refused("rate_limited"));
+    eprintln!(
+        "[test] flood: {answered} requests answered, {bcrypt_runs} bcrypt runs, {throttled} \
+         refused without one; 20 probes within {PROBE_TIMEOUT:?}"
+    );
     assert!(
         bcrypt_runs + throttled >= answered as f64,
         "each answered flood request is counted: {bcrypt_runs} + {throttled} < {answered}"
