@@ -218,6 +218,20 @@ struct Cli {
     #[arg(long, global = true, value_name = "HOST:PORT|none", value_parser = parse_metrics_listen)]
     metrics_listen: Option<MetricsListen>,
 
+    /// TLS and client authentication of the metrics port, in the format of the web config
+    /// file of Prometheus exporters (YAML): tls_server_config (cert_file, key_file,
+    /// client_auth_type, client_ca_file, min_version, max_version) and basic_auth_users (user:
+    /// bcrypt hash). /healthz and /readyz need no credentials nor client certificate (the
+    /// kubelet's probes have none); every other path does. Followed when it or its
+    /// certificates change. An unknown key or an unsupported option is an error at startup.
+    #[arg(long, global = true, value_name = "FILE")]
+    metrics_web_config: Option<PathBuf>,
+
+    /// Do not serve /top, nor the dnstap_analyser_top_failing_names metric family: they show
+    /// the failing names and client addresses to whoever may read the metrics port.
+    #[arg(long, global = true)]
+    no_top: bool,
+
     /// Distinct `identity` label values (CoreDNS pods) the metrics keep; later identities are
     /// counted under `other`, and dnstap_analyser_label_overflow_total{label="identity"} counts them.
     #[arg(long, global = true, default_value_t = 256, value_name = "N")]
@@ -303,6 +317,16 @@ fn metrics_listen(cli: &Cli, serving: bool) -> Option<SocketAddr> {
         Some(MetricsListen::Off) => None,
         None if serving => METRICS_LISTEN.parse().ok(),
         None => None,
+    }
+}
+
+/// `--metrics-web-config` secures an endpoint: without one it is a mistake, not a no-op.
+fn metrics_web_config(cli: &Cli, serving: bool) -> Result<Option<PathBuf>, String> {
+    match (&cli.metrics_web_config, metrics_listen(cli, serving)) {
+        (Some(_), None) => Err("--metrics-web-config needs a metrics endpoint \
+             (--metrics-listen HOST:PORT)"
+            .into()),
+        (web, _) => Ok(web.clone()),
     }
 }
 
@@ -450,6 +474,8 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
         format: cli.format,
         // Only serving flushes idle streams: `idle_flush` says which mode this is.
         metrics_listen: metrics_listen(cli, idle_flush),
+        metrics_web_config: metrics_web_config(cli, idle_flush)?,
+        serve_top: !cli.no_top,
         telemetry: TelemetryConfig {
             max_identity_labels: cli.max_identity_labels,
             max_upstream_labels: cli.max_upstream_labels,

@@ -1,6 +1,7 @@
 //! Counters shared by every stage, and the summary line printed on exit; the live view of
 //! them (per-thread stats, exposition, health and the HTTP endpoint) is in the submodules.
 
+pub mod auth;
 pub mod exposition;
 pub mod health;
 pub mod http;
@@ -9,6 +10,7 @@ pub mod model;
 pub mod process;
 pub mod top;
 pub mod top_client;
+pub mod web_config;
 
 use crate::correlate::{Status, Verdict};
 use crate::dnstap::{DecodeError, Role};
@@ -273,6 +275,8 @@ pub struct Metrics {
     /// Changed certificate files loaded, and changed ones that did not load (the old stay).
     pub tls_cert_reloads: AtomicU64,
     pub tls_cert_reload_errors: AtomicU64,
+    /// Requests the metrics port refused by client authentication, by `auth::Refusal`.
+    pub metrics_auth_refused: [AtomicU64; auth::Refusal::ALL.len()],
     log_limiter: Mutex<LogLimiter>,
     /// Identities refused (identity limits), by peer address: their own log lines and counts.
     refused: Mutex<RefusedIdentities>,

@@ -71,6 +71,10 @@ pub struct Settings {
     pub format: Format,
     /// Where to serve /metrics, /healthz, /readyz and /top; `None`: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// `--metrics-web-config`: TLS and client authentication of that endpoint.
+    pub metrics_web_config: Option<std::path::PathBuf>,
+    /// False with `--no-top`: no /top, no top_failing_names family.
+    pub serve_top: bool,
     /// Label caps and the stall limit of the live metrics.
     pub telemetry: TelemetryConfig,
     /// The lookup stage: search list, bounds, `--log-lookups`.
@@ -103,6 +107,8 @@ impl Default for Settings {
             lines: LineOptions::default(),
             format: Format::Json,
             metrics_listen: None,
+            metrics_web_config: None,
+            serve_top: true,
             telemetry: TelemetryConfig::default(),
             lookups: Default::default(),
         }
@@ -268,10 +274,12 @@ impl Live {
         let telemetry = Arc::new(Telemetry::new(metrics, sources, s.telemetry));
         let server = match s.metrics_listen {
             Some(addr) => {
+                let web = s.metrics_web_config.as_deref();
                 let server =
-                    MetricsServer::start(addr, telemetry.clone()).map_err(Error::Metrics)?;
+                    MetricsServer::start(addr, web, telemetry.clone()).map_err(Error::Metrics)?;
                 eprintln!(
-                    "dnstap-analyser: metrics on http://{}/metrics",
+                    "dnstap-analyser: metrics on {}://{}/metrics",
+                    server.scheme(),
                     server.local_addr()
                 );
                 Some(server)
@@ -324,10 +332,13 @@ fn start_backend(
     let depths: QueueDepths = (0..s.shards.max(1)).map(|_| AtomicU64::new(0)).collect();
     telemetry.set_queues(depths.clone(), s.queue_capacity as u64);
     let top = TopBoard::new(TopConfig::default());
-    telemetry.set_top(crate::metrics::lookups::with_lookups(
-        top.hook(),
-        telemetry.metrics.clone(),
-    ));
+    // Unregistered, /top answers 404 and the top_failing_names family is left out.
+    if s.serve_top {
+        telemetry.set_top(crate::metrics::lookups::with_lookups(
+            top.hook(),
+            telemetry.metrics.clone(),
+        ));
+    }
     for i in 0..s.shards.max(1) {
         // The depth counter bounds the events; the channel only bounds the number of batches,
         // which may be small at low rates.

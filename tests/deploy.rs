@@ -336,6 +336,12 @@ fn flag_cases() -> Vec<(&'static str, Json, Vec<&'static str>)> {
             vec!["--metrics-listen=0.0.0.0:9436"],
         ),
         (
+            "metrics-web-config",
+            json!("/etc/web/web.yml"),
+            vec!["--metrics-web-config=/etc/web/web.yml"],
+        ),
+        ("no-top", json!(true), vec!["--no-top"]),
+        (
             "max-identity-labels",
             json!(512),
             vec!["--max-identity-labels=512"],
@@ -2962,5 +2968,108 @@ fn chart_defaults_log_quietly() {
     let args = args_of(&render_one("quiet", json!({})).expect_ok().objects());
     for flag in ["--log=all", "--sample-succeeded=0.01", "--messages=failed"] {
         assert!(args.iter().any(|a| a == flag), "{flag} not in {args:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The metrics port's web config (--metrics-web-config) and --no-top
+
+/// The web config and metrics certificate Secrets are mounted whole and read-only, the args
+/// point at the file, the probes switch to HTTPS (the kubelet does not verify; the analyser
+/// asks the probes for no credentials), and the ServiceMonitor scrapes https with the given
+/// basicAuth and tlsConfig.
+#[test]
+fn chart_metrics_web_config_mounts_the_secrets_and_secures_the_scrape() {
+    let basic_auth = json!({"username": {"name": "scrape", "key": "username"},
+                            "password": {"name": "scrape", "key": "password"}});
+    let tls_config = json!({"ca": {"secret": {"name": "metrics-tls", "key": "ca.crt"}},
+                            "serverName": "dnstap-analyser"});
+    let values = json!({
+        "metrics": {"top": false, "webConfig": {"secretName": "metrics-web", "tls": true,
+                                                "tlsSecretName": "metrics-tls"}},
+        "monitoring": {"serviceMonitor": {"enabled": true, "basicAuth": basic_auth,
+                                          "tlsConfig": tls_config}}
+    });
+    let rendered = render_one("metrics-web-config", values);
+    let objs = rendered.expect_ok().objects();
+    let core: Vec<Json> = objs
+        .iter()
+        .filter(|o| o["apiVersion"] != OPERATOR_API)
+        .cloned()
+        .collect();
+    let dir = scratch_dir("metrics-web");
+    kubernetes_validate(&write_core_objects(&objs, &dir, "metrics-web"), core.len());
+
+    let args = args_of(&objs);
+    for want in [
+        "--metrics-web-config=/etc/dnstap-analyser/metrics-web/web-config.yml",
+        "--no-top",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want} not in {args:?}");
+    }
+    let c = container(&objs);
+    let mounts = c["volumeMounts"].as_array().expect("volumeMounts");
+    for (name, path) in [
+        ("metrics-web-config", "/etc/dnstap-analyser/metrics-web"),
+        ("metrics-tls", "/etc/dnstap-analyser/metrics-tls"),
+    ] {
+        let m = mounts
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("no mount {name}: {mounts:?}"));
+        assert_eq!(m["mountPath"], path);
+        assert_eq!(m["readOnly"], true);
+        assert!(
+            m["subPath"].is_null(),
+            "whole Secrets: rotation reaches them"
+        );
+    }
+    let pod = pod_spec(&objs);
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    for (name, secret) in [
+        ("metrics-web-config", "metrics-web"),
+        ("metrics-tls", "metrics-tls"),
+    ] {
+        let v = volumes.iter().find(|v| v["name"] == name).unwrap();
+        assert_eq!(v["secret"]["secretName"], secret);
+    }
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(
+            c[probe]["httpGet"]["scheme"], "HTTPS",
+            "{probe}: {}",
+            c[probe]
+        );
+    }
+    let annotations = &at(find(&objs, "Deployment"), "spec.template.metadata")["annotations"];
+    assert_eq!(annotations["prometheus.io/scheme"], "https");
+    let endpoint = &find(&objs, "ServiceMonitor")["spec"]["endpoints"][0];
+    assert_eq!(endpoint["scheme"], "https");
+    assert_eq!(endpoint["basicAuth"], basic_auth);
+    assert_eq!(endpoint["tlsConfig"], tls_config);
+
+    // By default: plain HTTP probes, no mounts, /top on.
+    let defaults = render_one("defaults", json!({}));
+    let objs = defaults.expect_ok().objects();
+    let c = container(&objs);
+    assert!(c["livenessProbe"]["httpGet"]["scheme"].is_null());
+    let args = args_of(&objs);
+    assert!(!args
+        .iter()
+        .any(|a| a.starts_with("--metrics-web-config") || a == "--no-top"));
+
+    // Contradictions are refused.
+    let bad = [
+        (
+            "tls-without-web-config",
+            json!({"metrics": {"webConfig": {"tls": true}}}),
+        ),
+        (
+            "web-config-without-metrics",
+            json!({"metrics": {"enabled": false, "webConfig": {"secretName": "metrics-web"}}}),
+        ),
+        ("typo", json!({"metrics": {"webConfig": {"secret": "x"}}})),
+    ];
+    for r in render_cases(&bad) {
+        assert!(r.error.is_some(), "values case {:?} rendered", r.name);
     }
 }

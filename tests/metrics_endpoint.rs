@@ -42,7 +42,7 @@ fn telemetry(stall_after: Duration) -> Arc<Telemetry> {
 }
 
 fn start(t: &Arc<Telemetry>) -> MetricsServer {
-    MetricsServer::start("127.0.0.1:0".parse().unwrap(), t.clone()).expect("start")
+    MetricsServer::start("127.0.0.1:0".parse().unwrap(), None, t.clone()).expect("start")
 }
 
 struct Reply {
@@ -242,7 +242,7 @@ fn a_taken_port_is_a_clear_error() {
     let t = telemetry(Duration::from_secs(30));
     let server = start(&t);
     let taken = server.local_addr();
-    let err = MetricsServer::start(taken, t.clone())
+    let err = MetricsServer::start(taken, None, t.clone())
         .err()
         .expect("port in use");
     let msg = err.to_string();

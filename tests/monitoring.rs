@@ -90,6 +90,11 @@ const EXPOSITION: &[Metric] = &[
         Kind::Counter,
         &["result"],
     ),
+    metric(
+        "dnstap_analyser_metrics_auth_refused_total",
+        Kind::Counter,
+        &["reason"],
+    ),
     metric("dnstap_analyser_received_bytes_total", Kind::Counter, &[]),
     // What was dropped, one family per unit (issue #17).
     metric(
@@ -296,6 +301,14 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
             "tls_error",
         ],
         ("dnstap_analyser_tls_certificate_reloads_total", "result") => &["ok", "error"],
+        // The metrics port's client authentication (--metrics-web-config, issue #16).
+        ("dnstap_analyser_metrics_auth_refused_total", "reason") => &[
+            "no_credentials",
+            "bad_credentials",
+            "rate_limited",
+            "client_certificate",
+            "tls_handshake",
+        ],
         (_, "label") => &["identity", "upstream", "namespace"],
         (_, "family") => &[
             "sessions_total",

@@ -129,20 +129,48 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
 
 /// Builds the server side of TLS 1.2 and 1.3 from the files.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    server_config_with(files, ALL_VERSIONS, ClientCerts::Required)
+}
+
+/// TLS 1.3 and 1.2, the versions rustls serves.
+pub const ALL_VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// With a client CA: whether a client must present a certificate in the handshake, or may
+/// come without one (a certificate presented is verified either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCerts {
+    Required,
+    /// The metrics port: the kubelet's probes come without one, and the HTTP layer asks for
+    /// it on the other paths.
+    Optional,
+}
+
+/// Builds the server side of the given TLS `versions` from the files.
+pub fn server_config_with(
+    files: &TlsFiles,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    client_certs: ClientCerts,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let rejected = |source| TlsConfigError::Rejected {
         cert: files.cert.clone(),
         source,
     };
     let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(versions)
         .map_err(rejected)?;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             let (_, unusable) = roots.add_parsable_certificates(certificates(ca)?);
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = match client_certs {
+                ClientCerts::Required => verifier,
+                ClientCerts::Optional => verifier.allow_unauthenticated(),
+            };
+            let verifier = verifier
                 .build()
                 .map_err(|source| TlsConfigError::ClientCa {
                     path: ca.clone(),
@@ -174,10 +202,10 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsConfigErr
 /// What identifies one version of a file: a new file (atomic rename, the kubelet's symlink
 /// swap) changes the inode, an edit in place the size or the modification time.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp(Option<(u64, u64, u64, SystemTime)>);
+pub(crate) struct Stamp(Option<(u64, u64, u64, SystemTime)>);
 
 impl Stamp {
-    fn of(path: &Path) -> Self {
+    pub(crate) fn of(path: &Path) -> Self {
         use std::os::unix::fs::MetadataExt;
         Self(std::fs::metadata(path).ok().map(|m| {
             let modified = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);

@@ -732,6 +732,19 @@ impl Families {
             [("result", "error")],
             metrics.tls_cert_reload_errors.load(Relaxed),
         )?;
+        let mut m = family(
+            enc,
+            "metrics_auth_refused",
+            "Requests to the metrics port refused by client authentication (--metrics-web-config), by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (r, n) in super::auth::Refusal::ALL
+            .iter()
+            .zip(&metrics.metrics_auth_refused)
+        {
+            counter(&mut m, [("reason", r.name())], n.load(Relaxed))?;
+        }
         Ok(())
     }
 }

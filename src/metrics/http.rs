@@ -8,11 +8,20 @@
 //! most, silent ones first, then the oldest that has not finished its request. Requests are parsed by `httparse`;
 //! every response closes the connection, which Prometheus handles fine and keeps the server a
 //! small state machine.
+//!
+//! With `--metrics-web-config` (src/metrics/web_config.rs) the port speaks TLS through rustls,
+//! driven by the same loop, and every path but `/healthz` and `/readyz` needs the client
+//! authentication the file asks for (a verified client certificate, basic authentication):
+//! the kubelet's probes carry neither. Refusals are counted by reason and logged at most once
+//! per 10 s.
 
+use super::auth::Refusal;
 use super::exposition::{Exposition, Format};
 use super::model::Telemetry;
+use super::web_config::{ClientAuth, LiveWebConfig, WebConfigError};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
+use rustls::ServerConnection;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -34,28 +43,49 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 const LINGER: Duration = Duration::from_secs(2);
 const SWEEP: Duration = Duration::from_millis(250);
 
+/// Refused authentication is logged at most this often, with the count since the last line.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// The metrics endpoint could not start.
 #[derive(Debug)]
 pub struct StartError {
     pub addr: SocketAddr,
-    source: io::Error,
+    source: StartFailure,
+}
+
+#[derive(Debug)]
+enum StartFailure {
+    Io(io::Error),
+    WebConfig(Box<WebConfigError>),
 }
 
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cannot serve metrics on {}: {}", self.addr, self.source)
+        match &self.source {
+            StartFailure::Io(e) => write!(f, "cannot serve metrics on {}: {e}", self.addr),
+            StartFailure::WebConfig(e) => write!(
+                f,
+                "cannot serve metrics on {}: {}",
+                self.addr,
+                super::ErrorChain(e.as_ref())
+            ),
+        }
     }
 }
 
 impl std::error::Error for StartError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
+        match &self.source {
+            StartFailure::Io(e) => Some(e),
+            StartFailure::WebConfig(e) => Some(e.as_ref()),
+        }
     }
 }
 
 /// The running endpoint; `stop` (or drop) ends its thread.
 pub struct MetricsServer {
     addr: SocketAddr,
+    tls: bool,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
@@ -63,9 +93,24 @@ pub struct MetricsServer {
 
 impl MetricsServer {
     /// Binds `addr` (port 0 picks a free port, see `local_addr`) and serves on a thread of its
-    /// own named `metrics-http`.
-    pub fn start(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<Self, StartError> {
-        let err = |source| StartError { addr, source };
+    /// own named `metrics-http`; `web_config`: TLS and client authentication
+    /// (`--metrics-web-config`), loaded now so that a file that cannot serve is an error here.
+    pub fn start(
+        addr: SocketAddr,
+        web_config: Option<&std::path::Path>,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Self, StartError> {
+        let web = web_config
+            .map(|p| LiveWebConfig::load(p, Instant::now()))
+            .transpose()
+            .map_err(|e| StartError {
+                addr,
+                source: StartFailure::WebConfig(Box::new(e)),
+            })?;
+        let err = |e| StartError {
+            addr,
+            source: StartFailure::Io(e),
+        };
         let std_listener = std::net::TcpListener::bind(addr).map_err(err)?;
         std_listener.set_nonblocking(true).map_err(err)?;
         let local = std_listener.local_addr().map_err(err)?;
@@ -76,6 +121,7 @@ impl MetricsServer {
             .map_err(err)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(err)?);
         let stop = Arc::new(AtomicBool::new(false));
+        let tls = web.as_ref().is_some_and(|w| w.tls().is_some());
         let server = Server {
             poll,
             listener,
@@ -83,6 +129,8 @@ impl MetricsServer {
             exposition: Exposition::new(telemetry.clone()),
             telemetry,
             stop: stop.clone(),
+            web,
+            refusals: RefusalLog::default(),
         };
         let thread = std::thread::Builder::new()
             .name("metrics-http".into())
@@ -90,6 +138,7 @@ impl MetricsServer {
             .map_err(err)?;
         Ok(Self {
             addr: local,
+            tls,
             stop,
             waker,
             thread: Some(thread),
@@ -98,6 +147,14 @@ impl MetricsServer {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// `https` with the web config's TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        match self.tls {
+            true => "https",
+            false => "http",
+        }
     }
 
     /// Stops serving and waits for the thread; open scrapes are cut off.
@@ -129,6 +186,10 @@ enum Phase {
 
 struct Conn {
     stream: TcpStream,
+    /// The TLS state with `--metrics-web-config`'s tls_server_config.
+    tls: Option<Box<ServerConnection>>,
+    /// The client's close_notify was sent (TLS only).
+    closing: bool,
     /// The peer's address: one address holds at most `MAX_PER_ADDRESS` slots.
     peer: Option<std::net::IpAddr>,
     phase: Phase,
@@ -146,6 +207,15 @@ struct Server {
     exposition: Exposition,
     telemetry: Arc<Telemetry>,
     stop: Arc<AtomicBool>,
+    web: Option<LiveWebConfig>,
+    refusals: RefusalLog,
+}
+
+/// Refusals since the last log line.
+#[derive(Default)]
+struct RefusalLog {
+    last_line: Option<Instant>,
+    unlogged: u64,
 }
 
 impl Server {
@@ -178,7 +248,12 @@ impl Server {
     fn accept(&mut self, now: Instant) {
         loop {
             match self.listener.accept() {
-                Ok((stream, peer)) => self.admit(stream, Some(peer.ip().to_canonical()), now),
+                Ok((stream, peer)) => {
+                    if let Some(web) = &mut self.web {
+                        web.refresh(now);
+                    }
+                    self.admit(stream, Some(peer.ip().to_canonical()), now)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -227,6 +302,18 @@ impl Server {
                 i
             }
         };
+        let tls = match self.web.as_ref().and_then(LiveWebConfig::tls) {
+            None => None,
+            Some(config) => match ServerConnection::new(config.clone()) {
+                Ok(c) => Some(Box::new(c)),
+                Err(e) => {
+                    self.warn(format_args!(
+                        "metrics endpoint: TLS refused a connection: {e}"
+                    ));
+                    return;
+                }
+            },
+        };
         let token = Token(slot + FIRST_CONN);
         if self
             .poll
@@ -238,6 +325,8 @@ impl Server {
         }
         self.conns[slot] = Some(Conn {
             stream,
+            tls,
+            closing: false,
             peer,
             phase: Phase::Reading,
             accepted: now,
@@ -283,11 +372,11 @@ impl Server {
 
     /// Reads what is there; once the request is complete (or hopeless), prepares the
     /// response. False: close now.
-    fn read_request(&self, c: &mut Conn, now: Instant) -> bool {
+    fn read_request(&mut self, c: &mut Conn, now: Instant) -> bool {
         let mut buf = [0u8; 4096];
         let mut eof = false;
         while c.request.len() < MAX_REQUEST_BYTES {
-            match c.stream.read(&mut buf) {
+            match c.read(&mut buf) {
                 Ok(0) => {
                     eof = true;
                     break;
@@ -295,13 +384,21 @@ impl Server {
                 Ok(n) => c.request.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return false,
+                Err(e) => {
+                    // Plaintext on the TLS port, a client certificate the CA does not vouch for.
+                    if e.kind() == io::ErrorKind::InvalidData
+                        && c.tls.as_ref().is_some_and(|t| t.is_handshaking())
+                    {
+                        self.refused(Refusal::TlsHandshake, c.peer, now);
+                    }
+                    return false;
+                }
             }
         }
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         let response = match req.parse(&c.request) {
-            Ok(httparse::Status::Complete(_)) => self.respond(&req),
+            Ok(httparse::Status::Complete(_)) => self.answer(&req, c, now),
             Ok(httparse::Status::Partial) if c.request.len() >= MAX_REQUEST_BYTES => {
                 Response::text(431, "request header fields too large\n")
             }
@@ -316,17 +413,95 @@ impl Server {
         true
     }
 
-    fn respond(&self, req: &httparse::Request<'_, '_>) -> Response {
+    /// The response to a complete request: the probes for anyone, every other path only for
+    /// a client that passes `--metrics-web-config`'s authentication.
+    fn answer(&mut self, req: &httparse::Request<'_, '_>, c: &Conn, now: Instant) -> Response {
+        let path = req.path.unwrap_or("/");
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        if matches!(path, "/healthz" | "/readyz") {
+            return self.respond(path, req);
+        }
+        match self.authenticate(req, c, now) {
+            Ok(()) => self.respond(path, req),
+            Err(why) => {
+                self.refused(why, c.peer, now);
+                match why {
+                    Refusal::ClientCertificate | Refusal::TlsHandshake => {
+                        Response::text(403, "a client certificate is required\n")
+                    }
+                    Refusal::RateLimited => {
+                        let mut r = Response::text(429, "too many new credentials: retry\n");
+                        r.header = Some("Retry-After: 1");
+                        r
+                    }
+                    Refusal::NoCredentials | Refusal::BadCredentials => {
+                        let mut r = Response::text(401, "unauthorized\n");
+                        r.header = Some(
+                            "WWW-Authenticate: Basic realm=\"dnstap-analyser\", charset=\"UTF-8\"",
+                        );
+                        r
+                    }
+                }
+            }
+        }
+    }
+
+    fn authenticate(
+        &mut self,
+        req: &httparse::Request<'_, '_>,
+        c: &Conn,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        let Some(web) = &mut self.web else {
+            return Ok(());
+        };
+        // The handshake verified a certificate that was presented; here one must have been.
+        let has_cert = c
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.peer_certificates().is_some());
+        if web.client_auth() == ClientAuth::RequireAndVerify && !has_cert {
+            return Err(Refusal::ClientCertificate);
+        }
+        let authorization = req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+            .map(|h| h.value);
+        web.auth.check(authorization, c.peer, now)
+    }
+
+    /// Counts a refusal; a line at most every `REFUSAL_LOG_EVERY`, a flood cannot fill the log.
+    fn refused(&mut self, why: Refusal, peer: Option<std::net::IpAddr>, now: Instant) {
+        self.telemetry.metrics.metrics_auth_refused[why as usize].fetch_add(1, Relaxed);
+        let log = &mut self.refusals;
+        log.unlogged += 1;
+        if log
+            .last_line
+            .is_some_and(|t| now.saturating_duration_since(t) < REFUSAL_LOG_EVERY)
+        {
+            return;
+        }
+        let n = std::mem::take(&mut log.unlogged);
+        log.last_line = Some(now);
+        let peer = peer.map_or("?".to_string(), |p| p.to_string());
+        eprintln!(
+            "dnstap-analyser: warning: metrics endpoint refused {n} request(s) by client \
+             authentication since the last such line (latest: {peer}, {}); \
+             see dnstap_analyser_metrics_auth_refused_total",
+            why.name()
+        );
+    }
+
+    fn respond(&self, path: &str, req: &httparse::Request<'_, '_>) -> Response {
         match req.method {
             Some("GET" | "HEAD") => {}
             _ => {
                 let mut r = Response::text(405, "only GET and HEAD\n");
-                r.allow = true;
+                r.header = Some("Allow: GET, HEAD");
                 return r;
             }
         }
-        let path = req.path.unwrap_or("/");
-        let path = path.split_once('?').map_or(path, |(p, _)| p);
         match path {
             "/metrics" => {
                 let accept = req
@@ -340,7 +515,7 @@ impl Server {
                         status: 200,
                         content_type: format.content_type(),
                         body: body.into_bytes(),
-                        allow: false,
+                        header: None,
                     },
                     Err(_) => Response::text(500, "metrics encoding failed\n"),
                 }
@@ -363,7 +538,7 @@ impl Server {
                     status: 200,
                     content_type: "application/json",
                     body: json.into_bytes(),
-                    allow: false,
+                    header: None,
                 },
                 None => Response::text(404, "/top is not available\n"),
             },
@@ -378,7 +553,7 @@ fn write_response(c: &mut Conn, now: Instant) -> bool {
         return true;
     }
     while c.sent < c.response.len() {
-        match c.stream.write(&c.response[c.sent..]) {
+        match c.write() {
             Ok(0) => return false,
             Ok(n) => c.sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
@@ -386,11 +561,86 @@ fn write_response(c: &mut Conn, now: Instant) -> bool {
             Err(_) => return false,
         }
     }
+    match c.finish() {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+        Err(_) => return false,
+    }
     let _ = c.stream.shutdown(Shutdown::Write);
     c.phase = Phase::Lingering;
     c.deadline = now + LINGER;
     c.response = Vec::new();
     true
+}
+
+impl Conn {
+    /// Plaintext of the request: from the socket, or decrypted by rustls (whose handshake
+    /// records are sent on the way). `Ok(0)`: the client closed.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = &mut self.tls else {
+            return self.stream.read(buf);
+        };
+        // Handshake records a full socket refused last time: this may be the writable event.
+        flush_tls_if_possible(tls, &mut self.stream)?;
+        let mut eof = false;
+        loop {
+            match tls.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && eof => return Ok(0),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // Closed without close_notify: for a request, the same as a close.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            eof = tls.read_tls(&mut self.stream)? == 0;
+            let state = tls.process_new_packets();
+            // The handshake's answer, or the alert saying why it failed.
+            let flushed = flush_tls_if_possible(tls, &mut self.stream);
+            state.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            flushed?;
+        }
+    }
+
+    /// Writes more of the response; the count is of plaintext bytes taken.
+    fn write(&mut self) -> io::Result<usize> {
+        let rest = &self.response[self.sent..];
+        let Some(tls) = &mut self.tls else {
+            return self.stream.write(rest);
+        };
+        // Records still waiting go first: rustls buffers what it is given.
+        flush_tls(tls, &mut self.stream)?;
+        let n = tls.writer().write(rest)?;
+        flush_tls_if_possible(tls, &mut self.stream)?;
+        Ok(n)
+    }
+
+    /// After the whole response: TLS sends close_notify and what is still encrypted.
+    fn finish(&mut self) -> io::Result<()> {
+        let Some(tls) = &mut self.tls else {
+            return Ok(());
+        };
+        if !self.closing {
+            tls.send_close_notify();
+            self.closing = true;
+        }
+        flush_tls(tls, &mut self.stream)
+    }
+}
+
+/// Writes the TLS records rustls has ready; `WouldBlock` if the socket is full.
+fn flush_tls(tls: &mut ServerConnection, tcp: &mut TcpStream) -> io::Result<()> {
+    while tls.wants_write() {
+        tls.write_tls(tcp)?;
+    }
+    Ok(())
+}
+
+/// Like `flush_tls`; what a full socket does not take waits for its writable event.
+fn flush_tls_if_possible(tls: &mut ServerConnection, tcp: &mut TcpStream) -> io::Result<()> {
+    match flush_tls(tls, tcp) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        other => other,
+    }
 }
 
 /// Discards input until the client closes. False: close now.
@@ -414,7 +664,8 @@ struct Response {
     status: u16,
     content_type: &'static str,
     body: Vec<u8>,
-    allow: bool,
+    /// One more header line (Allow, WWW-Authenticate, Retry-After).
+    header: Option<&'static str>,
 }
 
 impl Response {
@@ -423,7 +674,7 @@ impl Response {
             status,
             content_type: "text/plain; charset=utf-8",
             body: body.as_bytes().to_vec(),
-            allow: false,
+            header: None,
         }
     }
 
@@ -432,8 +683,11 @@ impl Response {
         let reason = match self.status {
             200 => "OK",
             400 => "Bad Request",
+            401 => "Unauthorized",
+            403 => "Forbidden",
             404 => "Not Found",
             405 => "Method Not Allowed",
+            429 => "Too Many Requests",
             431 => "Request Header Fields Too Large",
             500 => "Internal Server Error",
             _ => "Service Unavailable",
@@ -445,8 +699,9 @@ impl Response {
             self.body.len()
         )
         .into_bytes();
-        if self.allow {
-            out.extend_from_slice(b"Allow: GET, HEAD\r\n");
+        if let Some(h) = self.header {
+            out.extend_from_slice(h.as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b"\r\n");
         if !head {

@@ -201,10 +201,13 @@ pub fn logged_listen_port(stderr: &str, scheme: &str) -> Option<u16> {
 }
 
 /// The port of the metrics endpoint in an analyser's log
-/// (`dnstap-analyser: metrics on http://ADDR/metrics`).
+/// (`dnstap-analyser: metrics on http://ADDR/metrics`, `https://` with TLS).
 pub fn logged_metrics_port(stderr: &str) -> Option<u16> {
-    let url = complete_lines(stderr)
-        .find_map(|l| l.strip_prefix("dnstap-analyser: metrics on http://"))?;
+    let url = complete_lines(stderr).find_map(|l| {
+        let url = l.strip_prefix("dnstap-analyser: metrics on ")?;
+        url.strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+    })?;
     let addr = url.strip_suffix("/metrics")?;
     addr.rsplit_once(':')?.1.parse().ok()
 }

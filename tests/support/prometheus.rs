@@ -34,6 +34,13 @@ impl Prometheus {
     /// Starts Prometheus on a free loopback port, scraping `/metrics` of every target
     /// (`127.0.0.1:PORT`) every second; returns once it is ready to answer queries.
     pub fn start(dir: &TempDir, targets: &[String]) -> Prometheus {
+        Prometheus::start_with_jobs(dir, targets, &[(SCRAPE_JOB, "")])
+    }
+
+    /// Like [`Prometheus::start`] with several scrape jobs of the same targets: each a job
+    /// name and YAML lines added to its scrape config (indented four spaces: `scheme: https`,
+    /// `basic_auth:`, `tls_config:`). [`SCRAPE_JOB`]'s targets are the ones waited for.
+    pub fn start_with_jobs(dir: &TempDir, targets: &[String], jobs: &[(&str, &str)]) -> Prometheus {
         let bin = require_binary("prometheus", "prometheus");
         let list = targets
             .iter()
@@ -41,16 +48,17 @@ impl Prometheus {
             .collect::<Vec<_>>()
             .join(", ");
         let config = dir.join("prometheus.yml");
+        let mut text = "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  \
+                        evaluation_interval: 1s\nscrape_configs:\n"
+            .to_string();
         // scrape_timeout must not exceed the interval; 1 s is plenty on loopback.
-        fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: {SCRAPE_JOB}\n    metrics_path: /metrics\n    \
+        for (job, extra) in jobs {
+            text.push_str(&format!(
+                "  - job_name: {job}\n    metrics_path: /metrics\n{extra}    \
                  static_configs:\n      - targets: [{list}]\n"
-            ),
-        )
-        .unwrap();
+            ));
+        }
+        fs::write(&config, text).unwrap();
         let storage = dir.join("prometheus-data");
         let spawn = |port: u16| {
             let mut cmd = Command::new(&bin);

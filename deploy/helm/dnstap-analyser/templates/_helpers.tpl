@@ -230,6 +230,17 @@ int64 so that large values (maxSessions: 2000000) are not printed in float notat
 {{- else if ne (int64 .Values.metrics.port) 9435 }}
 - {{ printf "--metrics-listen=0.0.0.0:%d" (int64 .Values.metrics.port) | quote }}
 {{- end }}
+{{- $web := .Values.metrics.webConfig }}
+{{- $webConfig := $a.metricsWebConfig }}
+{{- if and .Values.metrics.enabled $web.secretName }}
+{{- $webConfig = $webConfig | default (printf "%s/%s" $web.mountPath $web.key) }}
+{{- end }}
+{{- with $webConfig }}
+- {{ printf "--metrics-web-config=%s" . | quote }}
+{{- end }}
+{{- if or $a.noTop (not .Values.metrics.top) }}
+- "--no-top"
+{{- end }}
 {{- range $a.extraArgs }}
 - {{ . | quote }}
 {{- end }}
@@ -245,6 +256,9 @@ same timings. Called with (dict "probe" <probe values> "root" $).
 {{- if and (not .root.Values.metrics.enabled) (hasKey $probe "httpGet") }}
 {{- $_ := unset $probe "httpGet" }}
 {{- $_ := set $probe "tcpSocket" (dict "port" "dnstap") }}
+{{- else if and .root.Values.metrics.webConfig.tls (hasKey $probe "httpGet") }}
+{{- /* The kubelet's HTTPS probe does not verify the certificate; the probes need no credentials. */}}
+{{- $_ := set $probe.httpGet "scheme" "HTTPS" }}
 {{- end }}
 {{- toYaml $probe }}
 {{- end }}
@@ -284,6 +298,13 @@ Combinations of values the schema cannot express. Renders nothing, or fails with
 {{- if not $tlsListen }}
 {{- fail "tls.enabled, but analyser.listen has no tls:// address: leave analyser.listen empty or list a tls:// address" }}
 {{- end }}
+{{- end }}
+{{- $web := .Values.metrics.webConfig }}
+{{- if and $web.tls (not $web.secretName) (not .Values.analyser.metricsWebConfig) }}
+{{- fail "metrics.webConfig.tls needs a web config with tls_server_config: set metrics.webConfig.secretName (or analyser.metricsWebConfig)" }}
+{{- end }}
+{{- if and (or $web.secretName $web.tlsSecretName) (not .Values.metrics.enabled) }}
+{{- fail "metrics.webConfig secures the metrics port: it needs metrics.enabled" }}
 {{- end }}
 {{- $grace := .Values.terminationGracePeriodSeconds }}
 {{- $needed := add (include "dnstap-analyser.drainSeconds" .) 5 }}
