@@ -323,7 +323,7 @@ fn start_backend(
     let mut shards = Vec::new();
     let depths: QueueDepths = (0..s.shards.max(1)).map(|_| AtomicU64::new(0)).collect();
     telemetry.set_queues(depths.clone(), s.queue_capacity as u64);
-    let top = TopBoard::new(TopConfig::default());
+    let top = TopBoard::naming(TopConfig::default(), telemetry.sources().clone());
     telemetry.set_top(crate::metrics::lookups::with_lookups(
         top.hook(),
         telemetry.metrics.clone(),
