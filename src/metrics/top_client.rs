@@ -14,13 +14,11 @@ use std::time::Duration;
 const NET_TIMEOUT: Duration = Duration::from_secs(5);
 /// A `/top` document is a few KB; more than this is not one.
 const MAX_RESPONSE_BYTES: u64 = 4 << 20;
-/// Keys longer than this are cut on the left for the table (the zone stays visible).
-const MAX_KEY_WIDTH: usize = 60;
 
 /// Why a poll of `/top` failed.
 #[derive(Debug)]
 pub enum TopError {
-    /// Not an `http://HOST:PORT[/PATH]` URL.
+    /// Neither `HOST:PORT` nor an `http://HOST:PORT[/PATH]` URL.
     Url(String),
     Io {
         url: String,
@@ -40,7 +38,7 @@ pub enum TopError {
 impl std::fmt::Display for TopError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Url(u) => write!(f, "not an http://HOST:PORT URL: {u:?}"),
+            Self::Url(u) => write!(f, "not HOST:PORT or an http://HOST:PORT URL: {u:?}"),
             Self::Io { url, .. } => write!(f, "cannot fetch {url}"),
             Self::Response { url, problem } => write!(f, "bad response from {url}: {problem}"),
             Self::Json { url, .. } => write!(f, "{url} did not return a /top document"),
@@ -58,11 +56,14 @@ impl std::error::Error for TopError {
     }
 }
 
-/// `http://HOST:PORT[/PATH]` → (`HOST:PORT`, path); the path defaults to `/top`.
+/// `HOST:PORT[/PATH]` or `http://HOST:PORT[/PATH]` → (`HOST:PORT`, path); the path defaults
+/// to `/top`.
 fn split_url(url: &str) -> Result<(&str, &str), TopError> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| TopError::Url(url.into()))?;
+    let rest = match url.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some(_) => return Err(TopError::Url(url.into())),
+        None => url,
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -148,15 +149,59 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
-/// Cuts `key` to `MAX_KEY_WIDTH` characters, keeping its right end.
-fn fit(key: &str) -> String {
-    let key = sanitize(key);
-    let n = key.chars().count();
-    if n <= MAX_KEY_WIDTH {
-        return key;
+/// The terminal the screen is drawn for, in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScreenSize {
+    pub width: usize,
+    pub height: usize,
+}
+
+impl ScreenSize {
+    /// What is drawn when the output is not a terminal (and no flag says otherwise).
+    pub const FALLBACK: Self = Self {
+        width: 80,
+        height: 24,
+    };
+
+    /// Stdout's terminal size, or [`ScreenSize::FALLBACK`]; `width` and `height` override.
+    pub fn of_stdout(width: Option<usize>, height: Option<usize>) -> Self {
+        let tty = terminal_size::terminal_size().map(|(w, h)| Self {
+            width: w.0.into(),
+            height: h.0.into(),
+        });
+        let found = tty.filter(|s| s.width > 0 && s.height > 0);
+        let base = found.unwrap_or(Self::FALLBACK);
+        Self {
+            width: width.unwrap_or(base.width).max(1),
+            height: height.unwrap_or(base.height).max(1),
+        }
     }
-    let tail: String = key.chars().skip(n - (MAX_KEY_WIDTH - 3)).collect();
-    format!("...{tail}")
+}
+
+/// `text` cut to `width` characters, its end replaced by `…` when cut.
+fn truncate(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_string();
+    }
+    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
+    if width > 0 {
+        cut.push('…');
+    }
+    cut
+}
+
+/// `key` cut to `width` characters keeping its right end (the zone of a qname, the suffix
+/// that tells pods apart), behind `…`.
+fn truncate_left(key: &str, width: usize) -> String {
+    let n = key.chars().count();
+    if n <= width {
+        return key.to_string();
+    }
+    let tail: String = key.chars().skip(n - width.saturating_sub(1)).collect();
+    if width == 0 {
+        return tail;
+    }
+    format!("…{tail}")
 }
 
 fn causes_text(causes: &Value) -> String {
@@ -184,79 +229,248 @@ fn count_text(row: &Value) -> String {
     }
 }
 
-/// One table: the `rows` first entries of `doc[list]`, keyed by `doc[list][i][key]`.
-fn table(out: &mut String, doc: &Value, list: &str, key: &str, title: &str, rows: usize) {
-    let entries: Vec<(String, String, String, String)> = doc[list]
+/// A ratio as a percentage: `2.5%`, `<0.1%` for a small non-zero one, `-` without one.
+fn ratio_text(ratio: &Value) -> String {
+    match ratio.as_f64() {
+        Some(r) if r > 0.0 && r < 0.001 => "<0.1%".into(),
+        Some(r) => format!("{:.1}%", r * 100.0),
+        None => "-".into(),
+    }
+}
+
+/// `HH:MM:SS` of an RFC 3339 time (the server's UTC), `-` without one.
+fn clock_text(time: &Value) -> String {
+    time.as_str()
+        .and_then(|t| t.get(11..19))
+        .map_or_else(|| "-".into(), sanitize)
+}
+
+fn qtypes_text(qtypes: &Value) -> String {
+    let names: Vec<String> = qtypes
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or_default()
         .iter()
-        .take(rows)
-        .map(|r| {
-            (
-                fit(r[key].as_str().unwrap_or("-")),
-                count_text(r),
-                sanitize(r["cause"].as_str().unwrap_or("-")),
-                causes_text(&r["causes"]),
-            )
-        })
+        .filter_map(|q| q.as_str().map(sanitize))
         .collect();
-    let width = entries
-        .iter()
-        .map(|e| e.0.chars().count())
-        .chain([title.len()])
-        .max()
-        .unwrap_or(0);
-    let count_width = entries
-        .iter()
-        .map(|e| e.1.len())
-        .chain([6])
-        .max()
-        .unwrap_or(6);
-    let cause_width = entries
-        .iter()
-        .map(|e| e.2.len())
-        .chain([15])
-        .max()
-        .unwrap_or(15);
-    use std::fmt::Write as _;
-    let _ = writeln!(
-        out,
-        "{title:<width$}  {:>count_width$}  {:<cause_width$}  CAUSES",
-        "FAILED", "CAUSE"
-    );
-    if entries.is_empty() {
-        out.push_str("(none)\n");
-    }
-    for (k, n, c, all) in &entries {
-        let line = format!("{k:<width$}  {n:>count_width$}  {c:<cause_width$}  {all}");
-        out.push_str(line.trim_end());
-        out.push('\n');
+    if names.is_empty() {
+        "-".into()
+    } else {
+        names.join(",")
     }
 }
 
-/// The whole screen for one `/top` document fetched from `source`.
-pub fn render(doc: &Value, source: &str, rows: usize) -> String {
+/// One dimension of the document: its list, the key of its rows, and its title.
+struct Section {
+    list: &'static str,
+    key: &'static str,
+    title: &'static str,
+    /// The rows have sessions and a failure ratio (the senders).
+    with_sessions: bool,
+}
+
+const SECTIONS: [Section; 5] = [
+    Section {
+        list: "identities",
+        key: "identity",
+        title: "IDENTITY",
+        with_sessions: true,
+    },
+    Section {
+        list: "qnames",
+        key: "qname",
+        title: "QNAME",
+        with_sessions: false,
+    },
+    Section {
+        list: "clients",
+        key: "client",
+        title: "CLIENT",
+        with_sessions: false,
+    },
+    Section {
+        list: "upstreams",
+        key: "upstream",
+        title: "UPSTREAM",
+        with_sessions: false,
+    },
+    // Only senders that say which workload asked (CoreDNS's `extra`) fill this one.
+    Section {
+        list: "workloads",
+        key: "workload",
+        title: "NAMESPACE/POD",
+        with_sessions: false,
+    },
+];
+
+/// The narrowest the key column gets while other columns are shown in full.
+const MIN_KEY_WIDTH: usize = 16;
+/// The CAUSES column is left out rather than cut to less than this.
+const MIN_CAUSES_WIDTH: usize = 12;
+
+impl Section {
+    fn rows<'a>(&self, doc: &'a Value) -> &'a [Value] {
+        doc[self.list]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// Whether the screen shows it: a server that predates a list leaves it out, and the
+    /// workloads only when some sender says which workload asked.
+    fn shown(&self, doc: &Value) -> bool {
+        match self.list {
+            "workloads" | "identities" => !self.rows(doc).is_empty(),
+            _ => true,
+        }
+    }
+
+    /// The header and `rows` lines of the table, each at most `width` characters.
+    fn draw(&self, doc: &Value, rows: usize, width: usize, out: &mut Vec<String>) {
+        let mut header = vec![self.title.to_string(), "FAILED".into()];
+        if self.with_sessions {
+            header.extend(["SESSIONS".into(), "RATIO".into()]);
+        }
+        header.extend([
+            "CAUSE".into(),
+            "QTYPES".into(),
+            "LAST".into(),
+            "CAUSES".into(),
+        ]);
+        let cells: Vec<Vec<String>> = self.rows(doc)[..rows.min(self.rows(doc).len())]
+            .iter()
+            .map(|r| {
+                let mut c = vec![sanitize(r[self.key].as_str().unwrap_or("-")), count_text(r)];
+                if self.with_sessions {
+                    let sessions = r["sessions"].as_u64().map_or("-".into(), |n| n.to_string());
+                    c.extend([sessions, ratio_text(&r["failure_ratio"])]);
+                }
+                c.extend([
+                    sanitize(r["cause"].as_str().unwrap_or("-")),
+                    qtypes_text(&r["qtypes"]),
+                    clock_text(&r["last_failed_at"]),
+                    causes_text(&r["causes"]),
+                ]);
+                c
+            })
+            .collect();
+        let column = |i: usize| {
+            cells
+                .iter()
+                .map(|c| c[i].chars().count())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        };
+        let mut last = header.len() - 1;
+        let mut widths: Vec<usize> = (0..last).map(column).collect();
+        // The key column takes what the fixed ones leave; CAUSES, last, whatever remains, and
+        // gives way to the key when too little would (CAUSE names the main one).
+        let fixed: usize = widths[1..].iter().map(|w| w + 2).sum();
+        let room = width.saturating_sub(fixed);
+        if room < widths[0] + 2 + MIN_CAUSES_WIDTH {
+            last -= 1;
+            widths[0] = widths[0].min(room.max(MIN_KEY_WIDTH));
+        }
+        let line = |c: &[String]| -> String {
+            let mut l = String::new();
+            for (i, text) in c[..=last].iter().enumerate() {
+                let w = widths.get(i).copied().unwrap_or(0);
+                let text = if i == 0 {
+                    truncate_left(text, w)
+                } else {
+                    text.clone()
+                };
+                // Counts are right-aligned, the rest left.
+                let count = i == 1 || (self.with_sessions && (i == 2 || i == 3));
+                let pad = w.saturating_sub(text.chars().count());
+                if i > 0 {
+                    l.push_str("  ");
+                }
+                if count {
+                    l.extend(std::iter::repeat_n(' ', pad));
+                }
+                l.push_str(&text);
+                if !count {
+                    l.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+            truncate(l.trim_end(), width)
+        };
+        out.push(line(&header));
+        if cells.is_empty() {
+            out.push("(none)".into());
+        }
+        out.extend(cells.iter().map(|c| line(c)));
+    }
+}
+
+/// Shares `budget` lines among tables that want `wants` rows: each gets an equal share, and
+/// what a table leaves of its share goes to the others.
+fn share_rows(wants: &[usize], budget: usize) -> Vec<usize> {
+    let mut got = vec![0; wants.len()];
+    let mut left = budget;
+    loop {
+        let open: Vec<usize> = (0..wants.len()).filter(|&i| got[i] < wants[i]).collect();
+        if open.is_empty() || left == 0 {
+            return got;
+        }
+        let share = (left / open.len()).max(1);
+        for i in open {
+            let more = share.min(wants[i] - got[i]).min(left);
+            got[i] += more;
+            left -= more;
+        }
+    }
+}
+
+/// The screen for one `/top` document fetched from `source`: at most `size.height` lines
+/// (less `reserved` ones the caller adds), none longer than `size.width`. The tables share the
+/// height; `max_rows` caps each.
+pub fn render(
+    doc: &Value,
+    source: &str,
+    size: ScreenSize,
+    reserved: usize,
+    max_rows: Option<usize>,
+) -> String {
     let window = doc["window_seconds"].as_f64().unwrap_or(0.0);
     let failed = doc["failed"].as_u64().unwrap_or(0);
+    let mut lines = vec![format!(
+        "{}  updated {} UTC  window {window}s",
+        sanitize(source),
+        clock_text(&doc["updated_at"])
+    )];
+    let mut summary = match doc["sessions"].as_u64() {
+        Some(sessions) => format!(
+            "{failed} failed of {sessions} sessions ({})",
+            ratio_text(&doc["failure_ratio"])
+        ),
+        None => format!("{failed} failed sessions"),
+    };
     let causes = causes_text(&doc["causes"]);
-    let mut out = format!(
-        "{}: {failed} failed sessions in the last {window}s",
-        sanitize(source)
-    );
     if !causes.is_empty() {
-        out.push_str(&format!(" ({causes})"));
+        summary.push_str(&format!(": {causes}"));
     }
-    out.push_str("\n\n");
-    table(&mut out, doc, "qnames", "qname", "QNAME", rows);
-    out.push('\n');
-    table(&mut out, doc, "clients", "client", "CLIENT", rows);
-    out.push('\n');
-    table(&mut out, doc, "upstreams", "upstream", "UPSTREAM", rows);
-    // Only senders that say which workload asked (CoreDNS's `extra`) fill this one.
-    if doc["workloads"].as_array().is_some_and(|w| !w.is_empty()) {
+    lines.push(summary);
+    let shown: Vec<&Section> = SECTIONS.iter().filter(|s| s.shown(doc)).collect();
+    // A blank line and a header above each table, and one line for a table without rows.
+    let fixed = lines.len() + reserved + shown.len() * 2;
+    let wants: Vec<usize> = shown
+        .iter()
+        .map(|s| s.rows(doc).len().min(max_rows.unwrap_or(usize::MAX)))
+        .collect();
+    let empty = wants.iter().filter(|&&w| w == 0).count();
+    let rows = share_rows(&wants, size.height.saturating_sub(fixed + empty));
+    for (section, rows) in shown.iter().zip(rows) {
+        lines.push(String::new());
+        section.draw(doc, rows, size.width, &mut lines);
+    }
+    lines.truncate(size.height.saturating_sub(reserved));
+    let mut out = String::new();
+    for l in &lines {
+        out.push_str(&truncate(l, size.width));
         out.push('\n');
-        table(&mut out, doc, "workloads", "workload", "WORKLOAD", rows);
     }
     out
 }
@@ -286,22 +500,42 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
 /// Clears the terminal and homes the cursor (plain ANSI).
 const CLEAR: &str = "\x1b[H\x1b[2J";
 
-/// `top`: with `once`, prints one table (no escape codes) and returns its error if any;
-/// otherwise redraws every `interval` until interrupted, showing errors in place of the table.
-pub fn run(url: &str, interval: Duration, once: bool, rows: usize) -> Result<(), TopError> {
-    split_url(url)?;
+/// How `top` draws: every `interval`, or `once`; the screen size (`None`: the terminal's, or
+/// 80×24); `max_rows` per table.
+#[derive(Debug, Clone, Copy)]
+pub struct TopOptions {
+    pub interval: Duration,
+    pub once: bool,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub max_rows: Option<usize>,
+}
+
+/// `top`: with `once`, prints one screen (no escape codes) and returns its error if any;
+/// otherwise redraws every `interval` until interrupted, showing errors in place of the tables.
+pub fn run(url: &str, o: TopOptions) -> Result<(), TopError> {
+    let (authority, path) = split_url(url)?;
+    let source = format!("http://{authority}{path}");
     let mut stdout = io::stdout().lock();
-    if once {
+    if o.once {
         let doc = fetch(url)?;
-        let _ = stdout.write_all(render(&doc, url, rows).as_bytes());
+        let size = ScreenSize::of_stdout(o.width, o.height);
+        let _ = stdout.write_all(render(&doc, &source, size, 0, o.max_rows).as_bytes());
         return Ok(());
     }
+    let footer = format!("(every {:?}; Ctrl-C to quit)", o.interval);
     loop {
+        // Read each time: the terminal may have been resized.
+        let size = ScreenSize::of_stdout(o.width, o.height);
+        // The footer takes the last line; no newline after it, which would scroll.
         let screen = match fetch(url) {
-            Ok(doc) => render(&doc, url, rows),
-            Err(e) => format!("{}\n", crate::metrics::ErrorChain(&e)),
+            Ok(doc) => render(&doc, &source, size, 1, o.max_rows),
+            Err(e) => format!(
+                "{}\n",
+                truncate(&crate::metrics::ErrorChain(&e).to_string(), size.width)
+            ),
         };
-        let footer = format!("\n(every {:?}; Ctrl-C to quit)\n", interval);
+        let footer = truncate(&footer, size.width);
         let drawn = stdout
             .write_all(format!("{CLEAR}{screen}{footer}").as_bytes())
             .and_then(|()| stdout.flush());
@@ -309,7 +543,7 @@ pub fn run(url: &str, interval: Duration, once: bool, rows: usize) -> Result<(),
             // The terminal or pipe is gone: nobody is watching.
             return Ok(());
         }
-        std::thread::sleep(interval);
+        std::thread::sleep(o.interval);
     }
 }
 
@@ -318,13 +552,23 @@ mod tests {
     use super::*;
 
     const SAMPLE: &str = r#"{
+        "updated_at": "2026-12-06T11:12:13.000000000Z",
         "window_seconds": 300.0, "bucket_seconds": 30.0, "capacity": 100,
-        "failed": 5, "causes": {"upstream_timeout": 4, "upstream_error": 1},
+        "sessions": 200, "failed": 5, "failure_ratio": 0.025,
+        "causes": {"upstream_timeout": 4, "upstream_error": 1},
+        "identities": [
+            {"identity": "coredns-5d78c9869d-x2v7q", "sessions": 200, "failed": 5, "error": 0,
+             "failure_ratio": 0.025, "cause": "upstream_timeout",
+             "causes": {"upstream_timeout": 4, "upstream_error": 1}, "qtypes": ["A", "AAAA"],
+             "last_failed_at": "2026-12-06T11:12:09.000000000Z"}
+        ],
         "qnames": [
             {"qname": "www.example.test.", "failed": 3, "error": 0, "cause": "upstream_timeout",
-             "causes": {"upstream_timeout": 3}},
+             "causes": {"upstream_timeout": 3}, "qtypes": ["AAAA"],
+             "last_failed_at": "2026-12-06T11:12:09.000000000Z"},
             {"qname": "x.broken.test.", "failed": 7, "error": 5, "cause": "upstream_error",
-             "causes": {"upstream_error": 1}}
+             "causes": {"upstream_error": 1}, "qtypes": ["A"],
+             "last_failed_at": "2026-12-06T11:10:00.000000000Z"}
         ],
         "clients": [
             {"client": "10.1.2.3", "failed": 5, "error": 0, "cause": "upstream_timeout",
@@ -333,67 +577,181 @@ mod tests {
         "upstreams": []
     }"#;
 
+    const WIDE: ScreenSize = ScreenSize {
+        width: 200,
+        height: 100,
+    };
+
+    fn sample() -> Value {
+        serde_json::from_str(SAMPLE).unwrap()
+    }
+
+    fn words(line: &str) -> Vec<&str> {
+        line.split_whitespace().collect()
+    }
+
     #[test]
-    fn the_table_shows_every_dimension_with_counts_and_causes() {
-        let doc: Value = serde_json::from_str(SAMPLE).unwrap();
-        let screen = render(&doc, "http://127.0.0.1:9435", 10);
+    fn the_screen_shows_every_dimension_with_counts_causes_qtypes_and_times() {
+        let screen = render(&sample(), "http://127.0.0.1:9435/top", WIDE, 0, None);
         let lines: Vec<&str> = screen.lines().collect();
         assert_eq!(
             lines[0],
-            "http://127.0.0.1:9435: 5 failed sessions in the last 300s \
-             (upstream_timeout 4, upstream_error 1)"
+            "http://127.0.0.1:9435/top  updated 11:12:13 UTC  window 300s"
         );
-        assert_eq!(lines[1], "");
-        assert!(lines[2].starts_with("QNAME ") && lines[2].contains("FAILED"));
-        let www: Vec<&str> = lines[3].split_whitespace().collect();
         assert_eq!(
-            www,
+            lines[1],
+            "5 failed of 200 sessions (2.5%): upstream_timeout 4, upstream_error 1"
+        );
+        assert_eq!(lines[2], "");
+        assert_eq!(
+            words(lines[3]),
+            ["IDENTITY", "FAILED", "SESSIONS", "RATIO", "CAUSE", "QTYPES", "LAST", "CAUSES"]
+        );
+        assert_eq!(
+            words(lines[4]),
+            [
+                "coredns-5d78c9869d-x2v7q",
+                "5",
+                "200",
+                "2.5%",
+                "upstream_timeout",
+                "A,AAAA",
+                "11:12:09",
+                "upstream_timeout",
+                "4,",
+                "upstream_error",
+                "1"
+            ]
+        );
+        let qname = lines.iter().position(|l| l.starts_with("QNAME")).unwrap();
+        assert_eq!(
+            words(lines[qname]),
+            ["QNAME", "FAILED", "CAUSE", "QTYPES", "LAST", "CAUSES"]
+        );
+        assert_eq!(
+            words(lines[qname + 1]),
             [
                 "www.example.test.",
                 "3",
                 "upstream_timeout",
+                "AAAA",
+                "11:12:09",
                 "upstream_timeout",
                 "3"
             ]
         );
-        // A count with a sketch error shows its range.
-        assert!(lines[4].starts_with("x.broken.test.") && lines[4].contains(" 2..7 "));
+        // A count with a sketch error shows its range; the counts end in one column.
+        let broken = lines[qname + 2];
+        assert!(broken.starts_with("x.broken.test.") && broken.contains(" 2..7 "));
+        let end = |l: &str, n: &str| l.find(n).unwrap() + n.len();
+        assert_eq!(end(lines[qname + 1], " 3 "), end(broken, " 2..7 "));
+        // A row of an older server, without qtypes or times.
         let client = lines.iter().find(|l| l.starts_with("10.1.2.3")).unwrap();
-        assert!(
-            client.ends_with("upstream_timeout 4, upstream_error 1"),
-            "{client}"
+        assert_eq!(
+            words(client)[..5],
+            ["10.1.2.3", "5", "upstream_timeout", "-", "-"]
         );
         let up = lines
             .iter()
             .position(|l| l.starts_with("UPSTREAM"))
             .unwrap();
         assert_eq!(lines[up + 1], "(none)");
-        // Columns line up: the counts end in the same column.
-        let end = |l: &str, n: &str| l.find(n).unwrap() + n.len();
-        assert_eq!(end(lines[3], " 3 "), end(lines[4], " 2..7 "));
-        assert_eq!(render(&doc, "u", 1).matches("x.broken.test.").count(), 0);
+        // No workloads, no table of them.
+        assert!(!screen.contains("NAMESPACE/POD"));
+        assert_eq!(
+            render(&sample(), "u", WIDE, 0, Some(1))
+                .matches("x.broken.test.")
+                .count(),
+            0
+        );
     }
 
     #[test]
-    fn hostile_keys_cannot_drive_the_terminal_and_long_ones_keep_their_end() {
+    fn an_80_column_screen_cuts_lines_with_an_ellipsis_and_never_wraps() {
         let long = format!("{}.example.test.", "a".repeat(100));
+        let mut doc = sample();
+        doc["qnames"][0]["qname"] = long.clone().into();
+        doc["causes"]["rejected_upstream_failing"] = 9.into();
+        let size = ScreenSize {
+            width: 80,
+            height: 40,
+        };
+        let screen = render(&doc, "http://127.0.0.1:9435/top", size, 0, None);
+        for line in screen.lines() {
+            assert!(line.chars().count() <= 80, "{} > 80: {line}", line.len());
+        }
+        // The summary line and the CAUSES column are cut at the edge.
+        let summary = screen.lines().nth(1).unwrap();
+        assert_eq!(summary.chars().count(), 80);
+        assert!(summary.ends_with('…'), "{summary}");
+        // A long key keeps its right end (the zone), and the columns after it stay.
+        let row = screen
+            .lines()
+            .find(|l| l.contains(".example.test."))
+            .unwrap();
+        let key = words(row)[0];
+        assert!(key.ends_with("aaa.example.test."), "{row}");
+        assert!(key.chars().count() >= MIN_KEY_WIDTH, "{row}");
+        assert_eq!(words(row)[1..4], ["3", "upstream_timeout", "AAAA"]);
+        // CAUSES gives way to a key that would be cut; a short key leaves it room.
+        let header = |title: &str| screen.lines().find(|l| l.starts_with(title)).unwrap();
+        assert!(!header("QNAME").contains("CAUSES"), "{screen}");
+        assert!(header("CLIENT").ends_with("CAUSES"), "{screen}");
+        // Nothing is cut where there is room.
+        let wide = render(&doc, "u", WIDE, 0, None);
+        assert!(wide.contains(&long) && !wide.contains('…'), "{wide}");
+    }
+
+    #[test]
+    fn the_tables_share_the_height() {
+        assert_eq!(share_rows(&[20, 20, 20], 12), [4, 4, 4]);
+        // What a short table leaves goes to the long ones.
+        assert_eq!(share_rows(&[1, 20, 20, 0], 12), [1, 6, 5, 0]);
+        assert_eq!(share_rows(&[2, 3], 100), [2, 3]);
+        assert_eq!(share_rows(&[5, 5], 0), [0, 0]);
+        let row = |i: usize| serde_json::json!({"qname": format!("n{i}.test."), "failed": 1});
+        let mut doc = sample();
+        doc["qnames"] = (0..50).map(row).collect::<Vec<_>>().into();
+        doc["clients"] = (0..50)
+            .map(|i| serde_json::json!({"client": format!("10.0.0.{i}"), "failed": 1}))
+            .collect::<Vec<_>>()
+            .into();
+        for height in [24, 40] {
+            let size = ScreenSize { width: 80, height };
+            let screen = render(&doc, "u", size, 1, None);
+            assert_eq!(screen.lines().count(), height - 1, "{screen}");
+            let qnames = screen.lines().filter(|l| l.starts_with('n')).count();
+            let clients = screen.lines().filter(|l| l.starts_with("10.0.")).count();
+            // 2 header lines, 4 tables of a blank line and a header, "(none)" of upstreams,
+            // the identity's row: the rest is shared by the two long tables.
+            let rest = height - 1 - 2 - 4 * 2 - 1 - 1;
+            assert_eq!(qnames + clients, rest, "{screen}");
+            assert!(qnames.abs_diff(clients) <= 1, "{screen}");
+        }
+        // --rows caps each table.
+        let capped = render(&doc, "u", WIDE, 0, Some(3));
+        assert_eq!(capped.lines().filter(|l| l.starts_with('n')).count(), 3);
+        // A screen too small for all tables ends where the height does.
+        let tiny = ScreenSize {
+            width: 80,
+            height: 5,
+        };
+        assert_eq!(render(&doc, "u", tiny, 0, None).lines().count(), 5);
+    }
+
+    #[test]
+    fn hostile_keys_cannot_drive_the_terminal() {
         let doc = serde_json::json!({
             "failed": 2,
-            "qnames": [
-                {"qname": "evil\u{1b}[2J.test.", "failed": 1, "error": 0},
-                {"qname": long, "failed": 1, "error": 0}
-            ]
+            "qnames": [{"qname": "evil\u{1b}[2J.test.", "failed": 1, "error": 0,
+                        "qtypes": ["\u{1b}c"], "last_failed_at": "2026-12-06T1\u{7}:00:00Z"}]
         });
-        let screen = render(&doc, "u", 10);
-        assert!(!screen.contains('\u{1b}'));
+        let screen = render(&doc, "u", WIDE, 0, None);
+        assert!(
+            !screen.chars().any(|c| c.is_control() && c != '\n'),
+            "{screen:?}"
+        );
         assert!(screen.contains("evil?[2J.test."));
-        let cut = screen.lines().find(|l| l.starts_with("...")).unwrap();
-        assert!(cut
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .ends_with("a.example.test."));
-        assert_eq!(cut.split_whitespace().next().unwrap().len(), MAX_KEY_WIDTH);
     }
 
     #[test]
@@ -420,8 +778,16 @@ mod tests {
             split_url("http://127.0.0.1:9435").unwrap(),
             ("127.0.0.1:9435", "/top")
         );
+        assert_eq!(
+            split_url("127.0.0.1:9435").unwrap(),
+            ("127.0.0.1:9435", "/top")
+        );
+        assert_eq!(split_url("[::1]:9435/").unwrap(), ("[::1]:9435", "/top"));
         assert_eq!(split_url("http://a:1/other").unwrap(), ("a:1", "/other"));
+        assert_eq!(split_url("a:1/other").unwrap(), ("a:1", "/other"));
         assert!(split_url("https://a:1").is_err());
+        assert!(split_url("ftp://a:1").is_err());
+        assert!(split_url("").is_err());
         assert!(split_url("http:///top").is_err());
         assert_eq!(parse_interval("2s").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_interval("500ms").unwrap(), Duration::from_millis(500));
