@@ -1,6 +1,8 @@
 //! `/top` and `dnstap-analyser top` on real CoreDNS captures: a serving analyser fed by
 //! `fstrm_replay` lists the failing qnames, clients and upstreams with the counts the same
-//! captures give offline, and the dominant cause of each.
+//! captures give offline, and the dominant cause of each. Fed by the load generator's pods, it
+//! shows each sender's failure ratio, the qtypes and the time of each row's latest failure, and
+//! `top` fits the terminal it runs in (a pty from `script`), or 80×24 off one.
 
 mod support;
 use serde_json::Value;
@@ -85,6 +87,8 @@ fn top_lists_the_failing_qnames_clients_and_upstreams_of_a_live_stream() {
     // Before any session: an empty document, not an error.
     let empty = dnstap_analyser::metrics::top_client::fetch(&url).expect("/top answers");
     assert_eq!(empty["failed"], 0, "{empty}");
+    assert_eq!(empty["sessions"], 0, "{empty}");
+    assert_eq!(empty["failure_ratio"], Value::Null, "{empty}");
     assert_eq!(empty["window_seconds"], 300.0);
 
     // One capture after the other: both come from the same CoreDNS identity.
@@ -128,10 +132,21 @@ fn top_lists_the_failing_qnames_clients_and_upstreams_of_a_live_stream() {
     assert_eq!(counts(&upstreams), want.upstreams, "{doc}");
     assert_eq!(upstreams["127.0.0.1:15402"].2, "upstream_timeout");
     assert_eq!(upstreams["127.0.0.1:15401"].2, "upstream_error");
+    // One CoreDNS, `vm`: every session of both captures, 3 of them Failed.
+    let vm = &doc["identities"][0];
+    assert_eq!(vm["identity"], "vm", "{doc}");
+    assert_eq!(vm["sessions"], printed as u64, "{doc}");
+    assert_eq!(vm["failed"], 3, "{doc}");
+    assert_eq!(doc["sessions"], printed as u64, "{doc}");
+    assert_eq!(
+        doc["qnames"][0]["qtypes"],
+        serde_json::json!(["A"]),
+        "{doc}"
+    );
 
-    // The same view as a table.
+    // The same view as a table, from HOST:PORT alone.
     let out = run_to_end(
-        Command::new(analyser_bin()).args(["top", "--once", "--url", &url]),
+        Command::new(analyser_bin()).args(["top", "--once", "--url", &an.metrics_addr()]),
         None,
         Duration::from_secs(60),
     );
@@ -146,7 +161,14 @@ fn top_lists_the_failing_qnames_clients_and_upstreams_of_a_live_stream() {
         "--once prints no escapes:\n{table}"
     );
     assert!(
-        table.starts_with(&format!("{url}: 3 failed sessions in the last 300s")),
+        table.starts_with(&format!("{url}/top  updated ")),
+        "{table}"
+    );
+    assert!(
+        table.lines().nth(1).unwrap().starts_with(&format!(
+            "3 failed of {printed} sessions ({:.1}%): upstream_timeout 2, upstream_error 1",
+            300.0 / printed as f64
+        )),
         "{table}"
     );
     let line = |key: &str| -> Vec<String> {
@@ -161,6 +183,7 @@ fn top_lists_the_failing_qnames_clients_and_upstreams_of_a_live_stream() {
     assert_eq!(line("www.example.test.")[1..3], ["1", "upstream_timeout"]);
     assert_eq!(line("x.broken.test.")[1..3], ["1", "upstream_error"]);
     assert_eq!(line("127.0.0.1:15402")[1..3], ["2", "upstream_timeout"]);
+    assert_eq!(line("vm")[1..3], ["3", &printed.to_string()]);
     assert!(!table.contains("internal.test."), "{table}");
     an.stop();
 }
@@ -169,16 +192,203 @@ fn top_lists_the_failing_qnames_clients_and_upstreams_of_a_live_stream() {
 fn top_without_an_analyser_fails_naming_the_url() {
     let port = alloc_port();
     let url = format!("http://127.0.0.1:{port}");
+    for given in [url.clone(), format!("127.0.0.1:{port}")] {
+        let out = run_to_end(
+            Command::new(analyser_bin()).args(["top", "--once", "--url", &given]),
+            None,
+            Duration::from_secs(60),
+        );
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("cannot fetch {url}/top")),
+            "{stderr}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
+/// What the session lines of one sender, or one qname, say: sessions, Failed ones, and the
+/// qtypes of those.
+#[derive(Default, Debug)]
+struct Seen {
+    sessions: u64,
+    failed: u64,
+    qtypes: std::collections::BTreeSet<String>,
+}
+
+/// `qtypes` of a `/top` row, as a set.
+fn qtypes(row: &Value) -> std::collections::BTreeSet<String> {
+    row["qtypes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no qtypes in {row}"))
+        .iter()
+        .map(|q| q.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Lines of a terminal's output (`script` ends them with CR LF).
+fn screen_lines(out: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(out);
+    let text = text.strip_suffix("\r\n").unwrap_or(&text);
+    text.split('\n')
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .collect()
+}
+
+#[test]
+fn top_shows_senders_ratios_qtypes_and_times_of_load_generator_pods() {
+    let an = Analyser::serve_tcp(&["--messages", "none", "--log-lookups", "none"]);
+    let addr = an.metrics_addr();
+    // HOST:PORT is a URL for the library too.
+    let before = dnstap_analyser::metrics::top_client::fetch(&addr).expect("/top answers");
+    let since = before["updated_at"].as_str().unwrap().to_string();
+    // 3 pods; few names and clients, so that every key keeps an exact counter (K = 100).
+    let sessions = 3000;
+    let gen = run_to_end(
+        Command::new(loadgen_bin())
+            .args(["run", "--connect", &an.addr(), "--connect-timeout", "20"])
+            .args(["--connections", "3", "--sessions", &sessions.to_string()])
+            .args(["--names", "20", "--clients", "30", "--aaaa-share", "0.5"])
+            .args(["--seed", "17"]),
+        None,
+        Duration::from_secs(120),
+    );
+    assert!(
+        gen.status.success(),
+        "loadgen failed:\n{}{}",
+        String::from_utf8_lossy(&gen.stdout),
+        String::from_utf8_lossy(&gen.stderr)
+    );
+    assert!(
+        an.wait_for_lines(sessions, Duration::from_secs(60)),
+        "sessions of the load: {} of {sessions}",
+        an.sessions_so_far().len()
+    );
+    let lines = an.sessions_so_far();
+    let mut by_identity: BTreeMap<String, Seen> = BTreeMap::new();
+    let mut by_qname: BTreeMap<String, Seen> = BTreeMap::new();
+    for s in &lines {
+        let failed = s["status"] == "Failed";
+        let qtype = s["qtype"].as_str().unwrap_or("other").to_string();
+        for seen in [
+            by_identity
+                .entry(s["identity"].as_str().unwrap().into())
+                .or_default(),
+            by_qname
+                .entry(s["qname"].as_str().unwrap().into())
+                .or_default(),
+        ] {
+            seen.sessions += 1;
+            if failed {
+                seen.failed += 1;
+                seen.qtypes.insert(qtype.clone());
+            }
+        }
+    }
+    let failed: u64 = by_identity.values().map(|s| s.failed).sum();
+    assert_eq!(by_identity.len(), 3, "{:?}", by_identity.keys());
+    assert!(failed > 0 && by_qname.values().any(|s| s.qtypes.len() == 2));
+
+    // Shards publish every 100 ms: poll until the window holds every session.
+    let mut doc = Value::Null;
+    let complete = poll_until(Duration::from_secs(60), || {
+        doc = dnstap_analyser::metrics::top_client::fetch(&addr).expect("/top answers");
+        doc["sessions"].as_u64() >= Some(sessions as u64)
+    });
+    assert!(complete, "/top after the load: {doc}");
+    assert_eq!(doc["sessions"], sessions as u64, "{doc}");
+    assert_eq!(doc["failed"], failed, "{doc}");
+    let ratio = failed as f64 / sessions as f64;
+    assert_eq!(doc["failure_ratio"], ratio, "{doc}");
+    let updated = doc["updated_at"].as_str().unwrap();
+    // RFC 3339 UTC with nanoseconds: the strings sort as the times do.
+    let recent = |row: &Value| {
+        let t = row["last_failed_at"].as_str().unwrap_or("");
+        since.as_str() <= t && t <= updated
+    };
+
+    let identities = doc["identities"].as_array().unwrap();
+    assert_eq!(identities.len(), 3, "{doc}");
+    for row in identities {
+        let name = row["identity"].as_str().unwrap();
+        let seen = &by_identity[name];
+        assert_eq!(row["sessions"], seen.sessions, "{name}: {row}");
+        assert_eq!(row["failed"], seen.failed, "{name}: {row}");
+        assert_eq!(row["error"], 0, "{name}: {row}");
+        let want = seen.failed as f64 / seen.sessions as f64;
+        assert_eq!(row["failure_ratio"], want, "{name}: {row}");
+        assert_eq!(qtypes(row), seen.qtypes, "{name}: {row}");
+        assert!(recent(row), "{name}: {since} .. {updated}: {row}");
+    }
+    let qnames = doc["qnames"].as_array().unwrap();
+    assert!(!qnames.is_empty(), "{doc}");
+    for row in qnames {
+        let name = row["qname"].as_str().unwrap();
+        let seen = &by_qname[name];
+        assert_eq!(
+            (&row["failed"], &row["error"]),
+            (&seen.failed.into(), &0.into())
+        );
+        assert_eq!(qtypes(row), seen.qtypes, "{name}: {row}");
+        assert!(recent(row), "{name}: {since} .. {updated}: {row}");
+    }
+
+    // Off a terminal: 80×24, every line within 80 columns, the tables filling the height.
     let out = run_to_end(
-        Command::new(analyser_bin()).args(["top", "--once", "--url", &url]),
+        Command::new(analyser_bin()).args(["top", "--once", "--url", &addr]),
         None,
         Duration::from_secs(60),
     );
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains(&format!("cannot fetch {url}/top")),
-        "{stderr}"
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.stdout.is_empty());
+    let screen = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(screen.lines().count(), 24, "{screen}");
+    assert!(screen.lines().all(|l| l.chars().count() <= 80), "{screen}");
+    assert!(screen.lines().any(|l| l.ends_with('…')), "{screen}");
+    for (name, seen) in &by_identity {
+        let row = screen
+            .lines()
+            .find(|l| l.starts_with(name.as_str()))
+            .unwrap_or_else(|| panic!("no row of {name} in:\n{screen}"));
+        let words: Vec<&str> = row.split_whitespace().collect();
+        let pct = format!("{:.1}%", seen.failed as f64 * 100.0 / seen.sessions as f64);
+        let counts = [seen.failed.to_string(), seen.sessions.to_string(), pct];
+        assert_eq!(words[1..4], counts, "{screen}");
+    }
+    // Each table gets a share of the height: none takes it all.
+    for title in ["QNAME", "CLIENT", "UPSTREAM"] {
+        assert!(screen.lines().any(|l| l.starts_with(title)), "{screen}");
+    }
+
+    // On a terminal, its size: a pty from `script`, sized with stty; the flags override it.
+    let script = require_binary("script", "bsdutils");
+    let on_tty = |size: &str, flags: &str| {
+        let command = format!(
+            "stty {size}; {} top --once --url {addr} {flags}",
+            analyser_bin().display()
+        );
+        let out = run_to_end(
+            Command::new(&script).args(["-qec", &command, "/dev/null"]),
+            None,
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        screen_lines(&out.stdout)
+    };
+    let tall = on_tty("cols 120 rows 40", "");
+    assert_eq!(tall.len(), 40, "{tall:#?}");
+    assert!(tall.iter().all(|l| l.chars().count() <= 120), "{tall:#?}");
+    assert!(tall.iter().any(|l| l.chars().count() > 80), "{tall:#?}");
+    let small = on_tty("cols 120 rows 40", "--width 60 --height 12");
+    assert_eq!(small.len(), 12, "{small:#?}");
+    assert!(small.iter().all(|l| l.chars().count() <= 60), "{small:#?}");
+    an.stop();
 }
