@@ -313,10 +313,14 @@ enum Command {
     /// screen fits the terminal (80×24 when stdout is not one): long lines are cut with `…`,
     /// and the tables share the height.
     Top {
-        /// The analyser's metrics endpoint (--metrics-listen): HOST:PORT or http://HOST:PORT,
-        /// optionally with a path (default /top).
+        /// The analyser's metrics endpoint (--metrics-listen): HOST:PORT, http://HOST:PORT or
+        /// https://HOST:PORT, optionally with a path (default /top).
         #[arg(long, default_value = "127.0.0.1:9435")]
         url: String,
+        /// PEM CA certificates to check an https:// endpoint's certificate against (default:
+        /// the system's, /etc/ssl/certs/ca-certificates.crt).
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<PathBuf>,
         /// How often to poll and redraw: 2s, 500ms, 1m, or seconds.
         #[arg(long, default_value = "2s", value_parser = top_client::parse_interval)]
         interval: Duration,
@@ -531,6 +535,7 @@ fn main() -> ExitCode {
             // A client of another analyser: no pipeline, no summary.
             Some(Command::Top {
                 url,
+                tls_ca,
                 interval,
                 once,
                 rows,
@@ -538,6 +543,7 @@ fn main() -> ExitCode {
                 height,
             }) => {
                 let options = top_client::TopOptions {
+                    tls_ca: tls_ca.as_deref(),
                     interval: *interval,
                     once: *once,
                     width: width.map(usize::from),

@@ -160,6 +160,7 @@ fn top_help_lists_only_tops_flags_and_refuses_the_servers() {
     let read = long_flags(&help(&["read", "--help"]));
     let own: std::collections::BTreeSet<String> = [
         "--url",
+        "--tls-ca",
         "--interval",
         "--once",
         "--rows",

@@ -392,3 +392,86 @@ fn top_shows_senders_ratios_qtypes_and_times_of_load_generator_pods() {
     assert!(small.iter().all(|l| l.chars().count() <= 60), "{small:#?}");
     an.stop();
 }
+
+/// `top` over `https://`: a real TLS server (`openssl s_server -WWW`, serving a saved `/top`
+/// document) with a certificate of a test CA; `--tls-ca` trusts it, the system's CAs do not.
+#[test]
+fn top_reads_an_https_endpoint_whose_ca_it_is_given() {
+    let openssl = require_binary("openssl", "openssl");
+    let dir = TempDir::new("top-https");
+    let ca = support::tls::TestCa::new("top");
+    let ca_file = ca.write_ca(dir.path());
+    let server = ca.server_cert(dir.path(), "metrics");
+    let doc = serde_json::json!({
+        "updated_at": "2026-12-06T11:32:25.150915885Z", "window_seconds": 300.0,
+        "sessions": 4, "failed": 3, "failure_ratio": 0.75, "causes": {"upstream_timeout": 3},
+        "qnames": [{"qname": "tls.example.test.", "failed": 3, "error": 0,
+                    "cause": "upstream_timeout", "causes": {"upstream_timeout": 3},
+                    "qtypes": ["AAAA"], "last_failed_at": "2026-12-06T11:32:15.000000000Z"}],
+        "clients": [], "upstreams": []
+    });
+    std::fs::write(dir.join("top"), doc.to_string()).unwrap();
+    let (mut s_server, port) = start_on_free_port(
+        "openssl s_server",
+        |port| {
+            let mut cmd = Command::new(&openssl);
+            cmd.args(["s_server", "-quiet", "-WWW", "-accept"])
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("-cert")
+                .arg(&server.cert)
+                .arg("-key")
+                .arg(&server.key)
+                .current_dir(dir.path());
+            Server::spawn(
+                "openssl s_server",
+                cmd,
+                dir.join(&format!("s_server-{port}.log")),
+            )
+        },
+        tcp_listening,
+        Duration::from_secs(30),
+    );
+    let top = |url: &str, ca: Option<&std::path::Path>| {
+        let mut cmd = Command::new(analyser_bin());
+        cmd.args(["top", "--once", "--url", url]);
+        if let Some(ca) = ca {
+            cmd.arg("--tls-ca").arg(ca);
+        }
+        run_to_end(&mut cmd, None, Duration::from_secs(60))
+    };
+    for host in ["127.0.0.1", "localhost"] {
+        let url = format!("https://{host}:{port}");
+        let out = top(&url, Some(&ca_file));
+        let screen = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            screen.starts_with(&format!("{url}/top  updated 11:32:25 UTC")),
+            "{screen}"
+        );
+        let row = screen.lines().find(|l| l.starts_with("tls.example.test."));
+        let row: Vec<&str> = row
+            .unwrap_or_else(|| panic!("{screen}"))
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            row[1..5],
+            ["3", "upstream_timeout", "AAAA", "11:32:15"],
+            "{screen}"
+        );
+    }
+    // Without the CA: the system's CAs do not know the test CA.
+    let url = format!("https://127.0.0.1:{port}");
+    let out = top(&url, None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot fetch {url}/top")) && stderr.contains("UnknownIssuer"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+    s_server.stop();
+}

@@ -1,14 +1,23 @@
 //! `dnstap-analyser top`: polls a running analyser's `/top` and draws the failing qnames,
 //! clients and upstreams as a terminal table — the `kubectl top` of DNS failures.
 //!
-//! The request is one plain HTTP/1.1 GET over a `TcpStream` (the endpoint closes every
-//! connection after its response), the response head is parsed by `httparse`, the body by
-//! `serde_json`. Rendering is a pure function of the document, so it is tested from a sample.
+//! The request is one HTTP/1.1 GET over a `TcpStream`, or over rustls for `https://` (the
+//! endpoint closes every connection after its response), the response head is parsed by
+//! `httparse`, the body by `serde_json`. Rendering is a pure function of the document, so it is
+//! tested from a sample.
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// The CA certificates an `https://` URL is checked against without `--tls-ca` (Debian's
+/// ca-certificates bundle).
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Connecting, sending and reading each give up after this long.
 const NET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -18,8 +27,10 @@ const MAX_RESPONSE_BYTES: u64 = 4 << 20;
 /// Why a poll of `/top` failed.
 #[derive(Debug)]
 pub enum TopError {
-    /// Neither `HOST:PORT` nor an `http://HOST:PORT[/PATH]` URL.
+    /// Neither `HOST:PORT` nor an `http://` or `https://HOST:PORT[/PATH]` URL.
     Url(String),
+    /// The CA certificates for `https://` cannot be used.
+    Tls(String),
     Io {
         url: String,
         source: io::Error,
@@ -38,7 +49,8 @@ pub enum TopError {
 impl std::fmt::Display for TopError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Url(u) => write!(f, "not HOST:PORT or an http://HOST:PORT URL: {u:?}"),
+            Self::Url(u) => write!(f, "not HOST:PORT or an http(s)://HOST:PORT URL: {u:?}"),
+            Self::Tls(problem) => f.write_str(problem),
             Self::Io { url, .. } => write!(f, "cannot fetch {url}"),
             Self::Response { url, problem } => write!(f, "bad response from {url}: {problem}"),
             Self::Json { url, .. } => write!(f, "{url} did not return a /top document"),
@@ -51,18 +63,44 @@ impl std::error::Error for TopError {
         match self {
             Self::Io { source, .. } => Some(source),
             Self::Json { source, .. } => Some(source),
-            Self::Url(_) | Self::Response { .. } => None,
+            Self::Url(_) | Self::Tls(_) | Self::Response { .. } => None,
         }
     }
 }
 
-/// `HOST:PORT[/PATH]` or `http://HOST:PORT[/PATH]` → (`HOST:PORT`, path); the path defaults
-/// to `/top`.
-fn split_url(url: &str) -> Result<(&str, &str), TopError> {
-    let rest = match url.split_once("://") {
-        Some(("http", rest)) => rest,
+/// Where `/top` is: over TLS or not, `HOST:PORT` and the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Target<'a> {
+    tls: bool,
+    authority: &'a str,
+    path: &'a str,
+}
+
+impl Target<'_> {
+    fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.authority, self.path)
+    }
+
+    /// The name the server's certificate must carry: the host, without port or brackets.
+    fn server_name(&self) -> Result<ServerName<'static>, TopError> {
+        let host = self
+            .authority
+            .rsplit_once(':')
+            .map_or(self.authority, |h| h.0);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        ServerName::try_from(host.to_string()).map_err(|_| TopError::Url(self.url()))
+    }
+}
+
+/// `HOST:PORT[/PATH]`, `http://HOST:PORT[/PATH]` or `https://HOST:PORT[/PATH]`; the path
+/// defaults to `/top`.
+fn split_url(url: &str) -> Result<Target<'_>, TopError> {
+    let (tls, rest) = match url.split_once("://") {
+        Some(("http", rest)) => (false, rest),
+        Some(("https", rest)) => (true, rest),
         Some(_) => return Err(TopError::Url(url.into())),
-        None => url,
+        None => (false, url),
     };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -72,36 +110,97 @@ fn split_url(url: &str) -> Result<(&str, &str), TopError> {
         return Err(TopError::Url(url.into()));
     }
     let path = if path == "/" { "/top" } else { path };
-    Ok((authority, path))
+    Ok(Target {
+        tls,
+        authority,
+        path,
+    })
+}
+
+/// A TLS client trusting the PEM CA certificates in `ca`, or the system's.
+pub fn tls_client(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TopError> {
+    let path = ca.unwrap_or(Path::new(SYSTEM_ROOTS));
+    let problem = |what: String| TopError::Tls(format!("{}: {what}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| problem(format!("cannot read: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| problem(format!("not PEM certificates: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| problem(format!("not a CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(problem("no certificate in it".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TopError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Reads a response to the end of the connection, at most `MAX_RESPONSE_BYTES`. A TLS peer
+/// that closes without close_notify ends it too: the response's length is checked anyway.
+fn read_response(stream: impl Read) -> io::Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    match stream.take(MAX_RESPONSE_BYTES).read_to_end(&mut raw) {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !raw.is_empty() => Ok(raw),
+        Err(e) => Err(e),
+        Ok(_) => Ok(raw),
+    }
 }
 
 /// GETs `url` (its path, or `/top`) and parses the JSON document.
 pub fn fetch(url: &str) -> Result<Value, TopError> {
-    let (authority, path) = split_url(url)?;
-    let full = format!("http://{authority}{path}");
+    let target = split_url(url)?;
+    let tls = match target.tls {
+        true => Some(tls_client(None)?),
+        false => None,
+    };
+    fetch_from(target, tls)
+}
+
+/// GETs `target`, over TLS with `tls` for an `https://` one.
+fn fetch_from(
+    target: Target<'_>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<Value, TopError> {
+    let full = target.url();
     let io_err = |source| TopError::Io {
         url: full.clone(),
         source,
     };
-    let addr = authority
+    let addr = target
+        .authority
         .to_socket_addrs()
         .map_err(io_err)?
         .next()
-        .ok_or_else(|| TopError::Url(url.into()))?;
+        .ok_or_else(|| TopError::Url(full.clone()))?;
     let mut stream = TcpStream::connect_timeout(&addr, NET_TIMEOUT).map_err(io_err)?;
     stream.set_read_timeout(Some(NET_TIMEOUT)).map_err(io_err)?;
     stream
         .set_write_timeout(Some(NET_TIMEOUT))
         .map_err(io_err)?;
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
+        target.path, target.authority
     );
-    stream.write_all(request.as_bytes()).map_err(io_err)?;
-    let mut raw = Vec::new();
-    stream
-        .take(MAX_RESPONSE_BYTES)
-        .read_to_end(&mut raw)
-        .map_err(io_err)?;
+    let raw = match (target.tls, tls) {
+        (true, Some(config)) => {
+            let conn = rustls::ClientConnection::new(config, target.server_name()?)
+                .map_err(|e| io_err(io::Error::other(e)))?;
+            let mut tls = rustls::StreamOwned::new(conn, stream);
+            tls.write_all(request.as_bytes()).map_err(io_err)?;
+            read_response(tls).map_err(io_err)?
+        }
+        (true, None) => return Err(TopError::Tls("https:// without a TLS client".into())),
+        (false, _) => {
+            stream.write_all(request.as_bytes()).map_err(io_err)?;
+            read_response(stream).map_err(io_err)?
+        }
+    };
     let body = response_body(&raw).map_err(|problem| TopError::Response {
         url: full.clone(),
         problem,
@@ -503,7 +602,9 @@ const CLEAR: &str = "\x1b[H\x1b[2J";
 /// How `top` draws: every `interval`, or `once`; the screen size (`None`: the terminal's, or
 /// 80×24); `max_rows` per table.
 #[derive(Debug, Clone, Copy)]
-pub struct TopOptions {
+pub struct TopOptions<'a> {
+    /// PEM CA certificates an `https://` URL is checked against (default: the system's).
+    pub tls_ca: Option<&'a Path>,
     pub interval: Duration,
     pub once: bool,
     pub width: Option<usize>,
@@ -513,12 +614,17 @@ pub struct TopOptions {
 
 /// `top`: with `once`, prints one screen (no escape codes) and returns its error if any;
 /// otherwise redraws every `interval` until interrupted, showing errors in place of the tables.
-pub fn run(url: &str, o: TopOptions) -> Result<(), TopError> {
-    let (authority, path) = split_url(url)?;
-    let source = format!("http://{authority}{path}");
+pub fn run(url: &str, o: TopOptions<'_>) -> Result<(), TopError> {
+    let target = split_url(url)?;
+    let source = target.url();
+    let tls = match target.tls {
+        true => Some(tls_client(o.tls_ca)?),
+        false => None,
+    };
+    let fetch = || fetch_from(target, tls.clone());
     let mut stdout = io::stdout().lock();
     if o.once {
-        let doc = fetch(url)?;
+        let doc = fetch()?;
         let size = ScreenSize::of_stdout(o.width, o.height);
         let _ = stdout.write_all(render(&doc, &source, size, 0, o.max_rows).as_bytes());
         return Ok(());
@@ -528,7 +634,7 @@ pub fn run(url: &str, o: TopOptions) -> Result<(), TopError> {
         // Read each time: the terminal may have been resized.
         let size = ScreenSize::of_stdout(o.width, o.height);
         // The footer takes the last line; no newline after it, which would scroll.
-        let screen = match fetch(url) {
+        let screen = match fetch() {
             Ok(doc) => render(&doc, &source, size, 1, o.max_rows),
             Err(e) => format!(
                 "{}\n",
@@ -774,18 +880,24 @@ mod tests {
 
     #[test]
     fn urls_and_intervals() {
-        assert_eq!(
-            split_url("http://127.0.0.1:9435").unwrap(),
-            ("127.0.0.1:9435", "/top")
-        );
-        assert_eq!(
-            split_url("127.0.0.1:9435").unwrap(),
-            ("127.0.0.1:9435", "/top")
-        );
-        assert_eq!(split_url("[::1]:9435/").unwrap(), ("[::1]:9435", "/top"));
-        assert_eq!(split_url("http://a:1/other").unwrap(), ("a:1", "/other"));
-        assert_eq!(split_url("a:1/other").unwrap(), ("a:1", "/other"));
-        assert!(split_url("https://a:1").is_err());
+        let url = |u: &str| split_url(u).map(|t| t.url()).unwrap();
+        assert_eq!(url("http://127.0.0.1:9435"), "http://127.0.0.1:9435/top");
+        assert_eq!(url("127.0.0.1:9435"), "http://127.0.0.1:9435/top");
+        assert_eq!(url("[::1]:9435/"), "http://[::1]:9435/top");
+        assert_eq!(url("http://a:1/other"), "http://a:1/other");
+        assert_eq!(url("a:1/other"), "http://a:1/other");
+        assert_eq!(url("https://a:1"), "https://a:1/top");
+        let name = |u: &str| {
+            split_url(u)
+                .unwrap()
+                .server_name()
+                .unwrap()
+                .to_str()
+                .into_owned()
+        };
+        assert_eq!(name("https://metrics.example:9435"), "metrics.example");
+        assert_eq!(name("https://[::1]:9435"), "::1");
+        assert_eq!(name("https://127.0.0.1:9435"), "127.0.0.1");
         assert!(split_url("ftp://a:1").is_err());
         assert!(split_url("").is_err());
         assert!(split_url("http:///top").is_err());
