@@ -390,6 +390,28 @@ fn top_shows_senders_ratios_qtypes_and_times_of_load_generator_pods() {
     let small = on_tty("cols 120 rows 40", "--width 60 --height 12");
     assert_eq!(small.len(), 12, "{small:#?}");
     assert!(small.iter().all(|l| l.chars().count() <= 60), "{small:#?}");
+
+    // Redrawing: each screen fills the terminal to its last line, the footer, and never
+    // scrolls (no newline after the footer). `timeout` ends it; the last screen may be cut.
+    let command = format!(
+        "stty cols 80 rows 20; timeout 4 {} top --interval 500ms --url {addr}",
+        analyser_bin().display()
+    );
+    let out = run_to_end(
+        Command::new(&script).args(["-qec", &command, "/dev/null"]),
+        None,
+        Duration::from_secs(60),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let screens: Vec<&str> = text.split("\x1b[H\x1b[2J").skip(1).collect();
+    assert!(screens.len() >= 3, "{text:?}");
+    for screen in &screens[..screens.len() - 1] {
+        let lines = screen_lines(screen.as_bytes());
+        assert_eq!(lines.len(), 20, "{lines:#?}");
+        assert!(lines.iter().all(|l| l.chars().count() <= 80), "{lines:#?}");
+        assert_eq!(lines[19], "(every 500ms; Ctrl-C to quit)", "{lines:#?}");
+        assert!(!screen.ends_with('\n'), "{screen:?}");
+    }
     an.stop();
 }
 
