@@ -714,6 +714,36 @@ mod tests {
     }
 
     #[test]
+    fn top_parses_its_flags_alone_and_the_server_flags_stay_global() {
+        // Clap's consistency checks (run in debug builds) pass on the amended command.
+        command_line().debug_assert();
+        let matches = command_line()
+            .try_get_matches_from(["dnstap-analyser", "top", "--url", "a:1", "--rows", "3"])
+            .unwrap();
+        let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Top { ref url, rows: Some(3), .. }) if url == "a:1"
+        ));
+        let matches = command_line()
+            .try_get_matches_from(["dnstap-analyser", "read", "--shards", "2", "f"])
+            .unwrap();
+        let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+        assert_eq!(cli.shards, Some(2));
+        let top = command_line();
+        let top = top.find_subcommand("top").unwrap();
+        let shown: Vec<&str> = top
+            .get_arguments()
+            .filter(|a| !a.is_hide_set())
+            .filter_map(|a| a.get_long())
+            .collect();
+        assert_eq!(
+            shown,
+            ["url", "tls-ca", "interval", "once", "rows", "width", "height"]
+        );
+    }
+
+    #[test]
     fn defaults_are_the_documented_ones() {
         let cli = Cli::try_parse_from(["dnstap-analyser"]).unwrap();
         assert_eq!(cli.session_timeout, Duration::from_secs(10));

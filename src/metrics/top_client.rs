@@ -1,5 +1,6 @@
-//! `dnstap-analyser top`: polls a running analyser's `/top` and draws the failing qnames,
-//! clients and upstreams as a terminal table — the `kubectl top` of DNS failures.
+//! `dnstap-analyser top`: polls a running analyser's `/top` and draws the failing senders,
+//! qnames, clients, upstreams and workloads as tables fitted to the terminal — the `kubectl
+//! top` of DNS failures.
 //!
 //! The request is one HTTP/1.1 GET over a `TcpStream`, or over rustls for `https://` (the
 //! endpoint closes every connection after its response), the response head is parsed by
@@ -241,10 +242,19 @@ fn response_body(raw: &[u8]) -> Result<&[u8], String> {
     }
 }
 
-/// Replaces control characters, so that whatever a server returns cannot drive the terminal.
+/// Replaces all but printable ASCII, so that whatever a server (or a sender, whose identity
+/// and pod names it shows) returns cannot drive the terminal, and every character takes one
+/// column: no escapes, no wide or zero-width characters, no bidi overrides. Qnames are ASCII
+/// already (presentation format escapes the rest).
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect()
 }
 
@@ -858,6 +868,12 @@ mod tests {
             "{screen:?}"
         );
         assert!(screen.contains("evil?[2J.test."));
+        // A sender names itself: wide, zero-width and bidi characters take one column each.
+        let doc = serde_json::json!({
+            "identities": [{"identity": "pod\u{202e}\u{200b}\u{4e2d}-1", "failed": 1, "sessions": 1}]
+        });
+        let screen = render(&doc, "u", WIDE, 0, None);
+        assert!(screen.contains("\npod???-1 "), "{screen:?}");
     }
 
     #[test]
