@@ -302,10 +302,11 @@ fn top_shows_senders_ratios_qtypes_and_times_of_load_generator_pods() {
     let ratio = failed as f64 / sessions as f64;
     assert_eq!(doc["failure_ratio"], ratio, "{doc}");
     let updated = doc["updated_at"].as_str().unwrap();
-    // RFC 3339 UTC with nanoseconds: the strings sort as the times do.
+    // RFC 3339 UTC with nanoseconds: the strings sort as the times do. A row's time is the
+    // second its latest failure happened in (`YYYY-MM-DDTHH:MM:SS` is 19 characters).
     let recent = |row: &Value| {
         let t = row["last_failed_at"].as_str().unwrap_or("");
-        since.as_str() <= t && t <= updated
+        t.ends_with(".000000000Z") && since[..19] <= t[..19] && t <= updated
     };
 
     let identities = doc["identities"].as_array().unwrap();

@@ -442,7 +442,7 @@ type Ring = Vec<Published>;
 pub struct TopBoard {
     cfg: TopConfig,
     origin: Instant,
-    /// The wall clock at `origin`: what the board's seconds are shown as.
+    /// The wall clock at `origin` (a whole second): what the board's seconds are shown as.
     origin_wall: SystemTime,
     /// Names the senders of the identity rows (without it, their ids).
     sources: Option<Arc<SourceRegistry>>,
@@ -470,10 +470,20 @@ impl TopBoard {
             bucket: cfg.bucket.max(Duration::from_millis(1)),
             rows: cfg.rows,
         };
+        // The origin is put on a whole second of the wall clock, so that a time kept in whole
+        // seconds of the board's clock is the wall clock's second it happened in.
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let into_second = wall.duration_since(UNIX_EPOCH).map_or(Duration::ZERO, |d| {
+            Duration::from_nanos(d.subsec_nanos().into())
+        });
+        let (origin, origin_wall) = match now.checked_sub(into_second) {
+            Some(origin) => (origin, wall - into_second),
+            None => (now, wall),
+        };
         Arc::new(Self {
             cfg,
-            origin: Instant::now(),
-            origin_wall: SystemTime::now(),
+            origin,
+            origin_wall,
             sources,
             shards: Mutex::new(Vec::new()),
         })
@@ -1293,6 +1303,8 @@ mod tests {
         let at = |d: Duration| board.view(d).time_text(d);
         assert_eq!(doc["updated_at"], at(secs(3)));
         assert_eq!(doc["qnames"][0]["last_failed_at"], at(secs(3)));
+        // The board's seconds are the wall clock's: a row's time is a whole second.
+        assert!(at(secs(3)).ends_with(".000000000Z"), "{}", at(secs(3)));
         assert_eq!(doc["qnames"][0]["qtypes"], serde_json::json!(["A", "AAAA"]));
         assert_eq!(doc["workloads"][0]["last_failed_at"], at(secs(2)));
         assert_eq!(doc["workloads"][0]["namespace"], "team-a");
