@@ -498,3 +498,65 @@ fn top_reads_an_https_endpoint_whose_ca_it_is_given() {
     assert!(out.stdout.is_empty());
     s_server.stop();
 }
+
+/// A sender that says which workload asked (CoreDNS's `extra`, the `j_extra` capture): `/top`
+/// has its namespace, and `top` a NAMESPACE/POD table beside the sender's failure ratio.
+#[test]
+fn top_shows_the_namespace_and_pod_a_sender_names() {
+    let capture = coredns_fixture("j_extra.fstrm");
+    let offline = read(std::slice::from_ref(&capture), &[]);
+    let sessions = offline.sessions.len();
+    let failed = offline
+        .sessions
+        .iter()
+        .filter(|s| s["status"] == "Failed")
+        .count();
+    assert_eq!((sessions, failed), (5, 2), "{:?}", offline.sessions);
+    let an = Analyser::serve_tcp(&["--log-lookups", "none"]);
+    run_sender(&mut fstrm_replay_tcp(an.port(), &capture));
+    assert!(
+        an.wait_for_lines(sessions, Duration::from_secs(60)),
+        "sessions of j_extra: {:?}",
+        an.sessions_so_far()
+    );
+    let addr = an.metrics_addr();
+    let mut doc = Value::Null;
+    let complete = poll_until(Duration::from_secs(60), || {
+        doc = dnstap_analyser::metrics::top_client::fetch(&addr).expect("/top answers");
+        doc["sessions"].as_u64() >= Some(sessions as u64)
+    });
+    assert!(complete, "/top after j_extra: {doc}");
+    let workloads = doc["workloads"].as_array().unwrap();
+    assert_eq!(workloads.len(), 1, "{doc}");
+    assert_eq!(workloads[0]["workload"], "team-a/web-1", "{doc}");
+    assert_eq!(workloads[0]["namespace"], "team-a", "{doc}");
+    assert_eq!(workloads[0]["failed"], 1, "{doc}");
+    let pod = &doc["identities"][0];
+    assert_eq!(pod["identity"], "extra-coredns", "{doc}");
+    assert_eq!((&pod["sessions"], &pod["failed"]), (&5.into(), &2.into()));
+
+    let out = run_to_end(
+        Command::new(analyser_bin()).args(["top", "--once", "--url", &addr]),
+        None,
+        Duration::from_secs(60),
+    );
+    let screen = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let words = |key: &str| -> Vec<String> {
+        let line = screen.lines().find(|l| l.starts_with(key));
+        let line = line.unwrap_or_else(|| panic!("no row {key} in:\n{screen}"));
+        line.split_whitespace().map(String::from).collect()
+    };
+    assert_eq!(words("NAMESPACE/POD")[1], "FAILED", "{screen}");
+    assert_eq!(words("team-a/web-1")[1], "1", "{screen}");
+    assert_eq!(
+        words("extra-coredns")[1..4],
+        ["2", "5", "40.0%"],
+        "{screen}"
+    );
+    an.stop();
+}
