@@ -145,17 +145,7 @@ fn top_lists_the_failing_qnames_clients_and_upstreams_of_a_live_stream() {
     );
 
     // The same view as a table, from HOST:PORT alone.
-    let out = run_to_end(
-        Command::new(analyser_bin()).args(["top", "--once", "--url", &an.metrics_addr()]),
-        None,
-        Duration::from_secs(60),
-    );
-    let table = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        out.status.success(),
-        "top --once failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let table = top_once(&an.metrics_addr());
     assert!(
         !table.contains('\u{1b}'),
         "--once prints no escapes:\n{table}"
@@ -217,6 +207,21 @@ struct Seen {
     qtypes: std::collections::BTreeSet<String>,
 }
 
+/// The screen of `top --once --url URL`, which must succeed.
+fn top_once(url: &str) -> String {
+    let out = run_to_end(
+        Command::new(analyser_bin()).args(["top", "--once", "--url", url]),
+        None,
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "top --once --url {url} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// `qtypes` of a `/top` row, as a set.
 fn qtypes(row: &Value) -> std::collections::BTreeSet<String> {
     row["qtypes"]
@@ -225,6 +230,17 @@ fn qtypes(row: &Value) -> std::collections::BTreeSet<String> {
         .iter()
         .map(|q| q.as_str().unwrap().to_string())
         .collect()
+}
+
+/// Runs the shell `command` on a terminal: a pty of `script` (bsdutils), which copies what it
+/// shows to its stdout.
+fn on_a_terminal(command: &str) -> std::process::Output {
+    let script = require_binary("script", "bsdutils");
+    run_to_end(
+        Command::new(script).args(["-qec", command, "/dev/null"]),
+        None,
+        Duration::from_secs(60),
+    )
 }
 
 /// Lines of a terminal's output (`script` ends them with CR LF).
@@ -336,17 +352,7 @@ fn top_shows_senders_ratios_qtypes_and_times_of_load_generator_pods() {
     }
 
     // Off a terminal: 80×24, every line within 80 columns, the tables filling the height.
-    let out = run_to_end(
-        Command::new(analyser_bin()).args(["top", "--once", "--url", &addr]),
-        None,
-        Duration::from_secs(60),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let screen = String::from_utf8(out.stdout).unwrap();
+    let screen = top_once(&addr);
     assert_eq!(screen.lines().count(), 24, "{screen}");
     assert!(screen.lines().all(|l| l.chars().count() <= 80), "{screen}");
     assert!(screen.lines().any(|l| l.ends_with('…')), "{screen}");
@@ -366,17 +372,12 @@ fn top_shows_senders_ratios_qtypes_and_times_of_load_generator_pods() {
     }
 
     // On a terminal, its size: a pty from `script`, sized with stty; the flags override it.
-    let script = require_binary("script", "bsdutils");
     let on_tty = |size: &str, flags: &str| {
         let command = format!(
             "stty {size}; {} top --once --url {addr} {flags}",
             analyser_bin().display()
         );
-        let out = run_to_end(
-            Command::new(&script).args(["-qec", &command, "/dev/null"]),
-            None,
-            Duration::from_secs(60),
-        );
+        let out = on_a_terminal(&command);
         assert!(
             out.status.success(),
             "{command}: {}",
@@ -398,12 +399,7 @@ fn top_shows_senders_ratios_qtypes_and_times_of_load_generator_pods() {
         "stty cols 80 rows 20; timeout 4 {} top --interval 500ms --url {addr}",
         analyser_bin().display()
     );
-    let out = run_to_end(
-        Command::new(&script).args(["-qec", &command, "/dev/null"]),
-        None,
-        Duration::from_secs(60),
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&on_a_terminal(&command).stdout).into_owned();
     let screens: Vec<&str> = text.split("\x1b[H\x1b[2J").skip(1).collect();
     assert!(screens.len() >= 3, "{text:?}");
     for screen in &screens[..screens.len() - 1] {
@@ -535,17 +531,7 @@ fn top_shows_the_namespace_and_pod_a_sender_names() {
     assert_eq!(pod["identity"], "extra-coredns", "{doc}");
     assert_eq!((&pod["sessions"], &pod["failed"]), (&5.into(), &2.into()));
 
-    let out = run_to_end(
-        Command::new(analyser_bin()).args(["top", "--once", "--url", &addr]),
-        None,
-        Duration::from_secs(60),
-    );
-    let screen = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let screen = top_once(&addr);
     let words = |key: &str| -> Vec<String> {
         let line = screen.lines().find(|l| l.starts_with(key));
         let line = line.unwrap_or_else(|| panic!("no row {key} in:\n{screen}"));
