@@ -340,22 +340,82 @@ enum Command {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
-    /// Show the qnames, clients and upstreams with the most Failed sessions of a running
-    /// analyser (its /top endpoint), redrawn every few seconds: the `kubectl top` of DNS failures.
+    /// Show what fails most in a running analyser (its /top endpoint), redrawn every few
+    /// seconds: the `kubectl top` of DNS failures.
+    ///
+    /// Tables of the senders (CoreDNS pods, with their failure ratio), qnames, clients,
+    /// upstreams and client workloads with the most Failed sessions in the analyser's window,
+    /// with each row's dominant cause, qtypes and the time of its latest failure (UTC). The
+    /// screen fits the terminal (80×24 when stdout is not one): long lines are cut with `…`,
+    /// and the tables share the height.
     Top {
-        /// The analyser's metrics endpoint (--metrics-listen).
-        #[arg(long, default_value = "http://127.0.0.1:9435")]
+        /// The analyser's metrics endpoint (--metrics-listen): HOST:PORT, http://HOST:PORT or
+        /// https://HOST:PORT, optionally with a path (default /top).
+        #[arg(long, default_value = "127.0.0.1:9435")]
         url: String,
+        /// PEM CA certificates to check an https:// endpoint's certificate against (default:
+        /// the system's, /etc/ssl/certs/ca-certificates.crt).
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<PathBuf>,
         /// How often to poll and redraw: 2s, 500ms, 1m, or seconds.
         #[arg(long, default_value = "2s", value_parser = top_client::parse_interval)]
         interval: Duration,
-        /// Print one table without terminal escapes and exit (for scripts).
+        /// Print one screen without terminal escapes and exit (for scripts).
         #[arg(long)]
         once: bool,
-        /// Rows shown per table.
-        #[arg(long, default_value_t = 10)]
-        rows: usize,
+        /// Rows per table at most; by default the tables share the screen's height.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        rows: Option<u32>,
+        /// Columns to fit instead of the terminal's (80 when stdout is not a terminal).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(20..))]
+        width: Option<u16>,
+        /// Lines to fit instead of the terminal's (24 when stdout is not a terminal).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(5..))]
+        height: Option<u16>,
     },
+}
+
+/// The command line, with `top` cleared of the server's flags: they are global so that they
+/// go before or after `read`, and clap would list them under `top` too. `top` gets hidden
+/// copies of them (clap does not copy a global flag into a subcommand that has one of the
+/// same id), and [`refuse_server_flags`] says they are not `top`'s.
+fn command_line() -> clap::Command {
+    let cli = <Cli as clap::CommandFactory>::command();
+    let hidden: Vec<clap::Arg> = cli
+        .get_arguments()
+        .filter(|a| a.is_global_set())
+        .map(|a| a.clone().global(false).hide(true))
+        .collect();
+    cli.mut_subcommand("top", |top| top.args(hidden))
+}
+
+/// `top` with a server flag: the error clap gives for an unknown one.
+fn refuse_server_flags(cmd: &mut clap::Command, matches: &clap::ArgMatches) {
+    let Some(("top", top)) = matches.subcommand() else {
+        return;
+    };
+    let given = cmd.get_arguments().filter(|a| a.is_global_set()).find(|a| {
+        top.value_source(a.get_id().as_str()) == Some(clap::parser::ValueSource::CommandLine)
+    });
+    let Some(arg) = given else {
+        return;
+    };
+    let flag = format!("--{}", arg.get_long().unwrap_or(arg.get_id().as_str()));
+    let msg = format!("{flag} is a flag of the analyser, not of `top`");
+    cmd.build();
+    if let Some(top_cmd) = cmd.find_subcommand_mut("top") {
+        top_cmd
+            .error(clap::error::ErrorKind::UnknownArgument, msg)
+            .exit();
+    }
+}
+
+/// Parses the command line (exiting with clap's message and status on an error).
+fn parse_cli() -> Cli {
+    let mut cmd = command_line();
+    let matches = cmd.clone().get_matches();
+    refuse_server_flags(&mut cmd, &matches);
+    <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
@@ -499,7 +559,7 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let metrics = Arc::new(Metrics::default());
     let stats = cli
         .stats_interval
@@ -517,17 +577,28 @@ fn main() -> ExitCode {
             // A client of another analyser: no pipeline, no summary.
             Some(Command::Top {
                 url,
+                tls_ca,
                 interval,
                 once,
                 rows,
+                width,
+                height,
             }) => {
-                return match top_client::run(url, *interval, *once, *rows) {
+                let options = top_client::TopOptions {
+                    tls_ca: tls_ca.as_deref(),
+                    interval: *interval,
+                    once: *once,
+                    width: width.map(usize::from),
+                    height: height.map(usize::from),
+                    max_rows: rows.map(|n| n as usize),
+                };
+                return match top_client::run(url, options) {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("dnstap-analyser: error: {}", ErrorChain(&e));
                         ExitCode::from(2)
                     }
-                }
+                };
             }
             Some(Command::Read { files }) => settings(&cli, false)
                 .map_err(Failure::Startup)
@@ -682,6 +753,36 @@ mod tests {
         assert_eq!(cli.stats_interval, Some(Duration::from_secs(60)));
         let err = Cli::try_parse_from(["dnstap-analyser", "--idle-timeout=3d"]).unwrap_err();
         assert!(err.to_string().contains("unknown unit"), "{err}");
+    }
+
+    #[test]
+    fn top_parses_its_flags_alone_and_the_server_flags_stay_global() {
+        // Clap's consistency checks (run in debug builds) pass on the amended command.
+        command_line().debug_assert();
+        let matches = command_line()
+            .try_get_matches_from(["dnstap-analyser", "top", "--url", "a:1", "--rows", "3"])
+            .unwrap();
+        let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Top { ref url, rows: Some(3), .. }) if url == "a:1"
+        ));
+        let matches = command_line()
+            .try_get_matches_from(["dnstap-analyser", "read", "--shards", "2", "f"])
+            .unwrap();
+        let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+        assert_eq!(cli.shards, Some(2));
+        let top = command_line();
+        let top = top.find_subcommand("top").unwrap();
+        let shown: Vec<&str> = top
+            .get_arguments()
+            .filter(|a| !a.is_hide_set())
+            .filter_map(|a| a.get_long())
+            .collect();
+        assert_eq!(
+            shown,
+            ["url", "tls-ca", "interval", "once", "rows", "width", "height"]
+        );
     }
 
     #[test]

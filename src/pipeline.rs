@@ -331,7 +331,7 @@ fn start_backend(
     let mut shards = Vec::new();
     let depths: QueueDepths = (0..s.shards.max(1)).map(|_| AtomicU64::new(0)).collect();
     telemetry.set_queues(depths.clone(), s.queue_capacity as u64);
-    let top = TopBoard::new(TopConfig::default());
+    let top = TopBoard::naming(TopConfig::default(), telemetry.sources().clone());
     // Unregistered, /top answers 404 and the top_failing_names family is left out.
     if s.serve_top {
         telemetry.set_top(crate::metrics::lookups::with_lookups(

@@ -138,3 +138,66 @@ fn read_shows_progress_on_a_terminal_and_nothing_elsewhere() {
         );
     }
 }
+
+/// The long flags a help text lists (`--name` at the start of an option line).
+fn long_flags(help: &str) -> std::collections::BTreeSet<String> {
+    help.lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .filter_map(|l| l.split([' ', '=', '<', ',']).next())
+        .map(|f| format!("--{f}"))
+        .collect()
+}
+
+#[test]
+fn top_help_lists_only_tops_flags_and_refuses_the_servers() {
+    let help = |args: &[&str]| {
+        let out = analyser(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let server = long_flags(&help(&["--help"]));
+    let top = long_flags(&help(&["top", "--help"]));
+    let read = long_flags(&help(&["read", "--help"]));
+    let own: std::collections::BTreeSet<String> = [
+        "--url",
+        "--tls-ca",
+        "--interval",
+        "--once",
+        "--rows",
+        "--width",
+        "--height",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(top, own, "top --help");
+    assert_eq!(long_flags(&help(&["help", "top"])), own, "help top");
+    // The server's flags stay where they apply: serving, and `read`, before or after it.
+    for flag in [
+        "--listen",
+        "--shards",
+        "--log",
+        "--metrics-listen",
+        "--max-lookups",
+    ] {
+        assert!(server.contains(flag), "--help lacks {flag}: {server:?}");
+        assert!(read.contains(flag), "read --help lacks {flag}: {read:?}");
+    }
+    assert!(server.len() > 30, "{server:?}");
+    let fixture = coredns_fixture("a_hosts.fstrm").display().to_string();
+    for args in [
+        ["--log", "failed", "read", fixture.as_str()],
+        ["read", "--log", "failed", fixture.as_str()],
+    ] {
+        let out = analyser(&args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    // A server flag given to `top` is an error naming it, not silently ignored.
+    let out = analyser(&["top", "--once", "--shards", "2"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--shards is a flag of the analyser, not of `top`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Usage: dnstap-analyser top"), "{stderr}");
+}

@@ -1349,6 +1349,8 @@ mod tests {
             client: None,
             upstreams: &[],
             workload: None,
+            source: crate::dnstap::SourceId(0),
+            qtype: None,
         };
         for _ in 0..10 {
             shard.record(at, &fail("storm.test.", Cause::CachedUpstreamError));

@@ -1,5 +1,8 @@
-//! `/top`: the qnames, clients and upstreams with the most Failed sessions over a sliding
-//! window, in bounded memory.
+//! `/top`: the qnames, clients, upstreams, client workloads and senders (CoreDNS pods) with the
+//! most Failed sessions over a sliding window, in bounded memory. Each row also keeps the
+//! qtypes of its failures (a bit set) and the time of the latest; a sender's row counts all
+//! its sessions too, which gives it a failure ratio (the other keys see only failures: counting
+//! every session's qname or client would put a sketch on the path of every session).
 //!
 //! # The sketch
 //! Each dimension of each time bucket is a *space-saving* summary (Metwally, Agrawal and El
@@ -34,16 +37,18 @@
 //!
 //! # Memory
 //! Bounded whatever the senders send: per shard, `buckets + 1` buckets (the published ring and
-//! the current one) of four summaries of `K` counters (qnames, clients, upstreams, and the
-//! clients' `namespace/pod` from the sender's `extra`, cut like a qname); a qname key is cut to
-//! [`MAX_QNAME_BYTES`] (its rightmost labels, which name the zone, are kept), clients are IP
-//! addresses (no port), upstreams socket addresses. A counter takes at most 128 bytes plus, for
-//! a qname, a key buffer of at most 2 × [`MAX_QNAME_BYTES`] (amortized growth); with K = 100 and
-//! 10 buckets that is at most 11 × 100 × (384 + 128 + 128 + 384) bytes ≈ 1.1 MB per shard, plus the
+//! the current one) of five summaries of `K` counters (qnames, clients, upstreams, the
+//! clients' `namespace/pod` from the sender's `extra`, cut like a qname, and the senders, which
+//! count every session, not only Failed ones); a qname key is cut to [`MAX_QNAME_BYTES`] (its
+//! rightmost labels, which name the zone, are kept), clients are IP addresses (no port),
+//! upstreams socket addresses. A counter takes at most 136 bytes plus, for a qname, a key
+//! buffer of at most 2 × [`MAX_QNAME_BYTES`] (amortized growth); with K = 100 and 10 buckets
+//! that is at most 11 × 100 × (392 + 136 + 136 + 392 + 136) bytes ≈ 1.3 MB per shard, plus the
 //! index of the current bucket. Buffers are reused: in steady state recording allocates
 //! nothing, and publishing copies into the buffers of the bucket it overwrites.
 
-use super::model::{Cause, FailingName, TopHook, TopSource};
+use super::model::{qtype_label, Cause, FailingName, TopHook, TopSource, QTYPE_LABELS};
+use crate::dnstap::{SourceId, SourceRegistry};
 
 /// Series of the `top_failing_names` family at most.
 pub const MAX_FAILING_NAMES: usize = 100;
@@ -63,12 +68,14 @@ use std::borrow::Borrow;
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The longest qname key kept, in bytes of presentation format (with the `...` marking a cut).
 pub const MAX_QNAME_BYTES: usize = 128;
 
 const CAUSES: usize = Cause::ALL.len();
+// A counter's qtypes are a `u16` of bits.
+const _: () = assert!(QTYPE_LABELS.len() <= 16);
 
 /// Sizes of the sketch and of the document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,8 +119,12 @@ pub struct Counter<K> {
     pub count: u64,
     /// How much of `count` was inherited from evicted keys: `count - error` is a lower bound.
     pub error: u64,
-    /// The recordings since this key took the counter, by cause (indexed like `Cause::ALL`).
+    /// The failures since this key took the counter, by cause (indexed like `Cause::ALL`).
     pub causes: [u64; CAUSES],
+    /// Their qtypes: bit `i` for `QTYPE_LABELS[i]`.
+    pub qtypes: u16,
+    /// When the latest of them was recorded: whole seconds of the board's clock.
+    pub last: u32,
 }
 
 impl<K: Clone> Clone for Counter<K> {
@@ -123,6 +134,8 @@ impl<K: Clone> Clone for Counter<K> {
             count: self.count,
             error: self.error,
             causes: self.causes,
+            qtypes: self.qtypes,
+            last: self.last,
         }
     }
 
@@ -132,6 +145,8 @@ impl<K: Clone> Clone for Counter<K> {
         self.count = source.count;
         self.error = source.error;
         self.causes = source.causes;
+        self.qtypes = source.qtypes;
+        self.last = source.last;
     }
 }
 
@@ -222,9 +237,18 @@ impl<K: Hash + Eq> SpaceSaving<K> {
         &self.summary
     }
 
-    /// Counts one recording of `key` under `cause`. A miss on a full summary scans the `K`
-    /// counters for the minimum: cheap for K ≈ 100, and only Failed sessions get here.
+    /// Counts one failure of `key` under `cause`.
     pub fn record<Q>(&mut self, key: &Q, cause: Cause)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        self.count(key, Tally::failure(cause, None, 0));
+    }
+
+    /// Counts one recording of `key`. A miss on a full summary scans the `K` counters for the
+    /// minimum: cheap for K ≈ 100, and only Failed sessions (and senders, few) get here.
+    pub fn count<Q>(&mut self, key: &Q, t: Tally)
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
@@ -238,19 +262,17 @@ impl<K: Hash + Eq> SpaceSaving<K> {
         let counters = &mut summary.counters;
         let hash = hasher.hash_one(key);
         if let Some(&i) = index.find(hash, |&i| counters[i].key.borrow() == key) {
-            let c = &mut counters[i];
-            c.count += 1;
-            c.causes[cause as usize] += 1;
+            t.add_to(&mut counters[i]);
             return;
         }
-        let mut causes = [0; CAUSES];
-        causes[cause as usize] = 1;
         let slot = if counters.len() < summary.capacity {
             counters.push(Counter {
                 key: key.to_owned(),
-                count: 1,
+                count: 0,
                 error: 0,
-                causes,
+                causes: [0; CAUSES],
+                qtypes: 0,
+                last: 0,
             });
             counters.len() - 1
         } else {
@@ -265,10 +287,12 @@ impl<K: Hash + Eq> SpaceSaving<K> {
             let c = &mut counters[min];
             key.clone_into(&mut c.key);
             c.error = c.count;
-            c.count += 1;
-            c.causes = causes;
+            c.causes = [0; CAUSES];
+            c.qtypes = 0;
+            c.last = 0;
             min
         };
+        t.add_to(&mut counters[slot]);
         index.insert_unique(hash, slot, |&i| hasher.hash_one(&counters[i].key));
     }
 
@@ -290,63 +314,124 @@ pub struct Failure<'a> {
     pub upstreams: &'a [SocketAddr],
     /// The client's `namespace/pod` (`-` for a part the sender did not say).
     pub workload: Option<&'a str>,
+    /// The sender (a CoreDNS pod) that saw the session.
+    pub source: SourceId,
+    pub qtype: Option<u16>,
+}
+
+/// One recording: a session, failed under a cause or not, of a qtype, at a time.
+#[derive(Debug, Clone, Copy)]
+pub struct Tally {
+    failed: Option<Cause>,
+    qtypes: u16,
+    /// Seconds of the board's clock; only a failure's time is kept.
+    at: u32,
+}
+
+impl Tally {
+    pub fn failure(cause: Cause, qtype: Option<u16>, at: u32) -> Self {
+        Self {
+            failed: Some(cause),
+            qtypes: 1 << qtype_label(qtype),
+            at,
+        }
+    }
+
+    /// A session that did not fail: it counts, and changes nothing else.
+    pub const SUCCESS: Self = Self {
+        failed: None,
+        qtypes: 0,
+        at: 0,
+    };
+
+    fn add_to<K>(self, c: &mut Counter<K>) {
+        c.count += 1;
+        if let Some(cause) = self.failed {
+            c.causes[cause as usize] += 1;
+            c.qtypes |= self.qtypes;
+            c.last = c.last.max(self.at);
+        }
+    }
+}
+
+/// The names of a qtype bit set, in `QTYPE_LABELS` order.
+fn qtype_names(bits: u16) -> Vec<&'static str> {
+    QTYPE_LABELS
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| bits & (1 << i) != 0)
+        .map(|(_, (_, name))| *name)
+        .collect()
 }
 
 /// One bucket's summaries, being recorded (`SpaceSaving`) or published (`Summary`).
 #[derive(Debug, Clone)]
 struct Published {
     epoch: u64,
+    /// Finished sessions, Failed or not.
+    sessions: u64,
     failed: u64,
     causes: [u64; CAUSES],
     qnames: Summary<String>,
     clients: Summary<IpAddr>,
     upstreams: Summary<SocketAddr>,
     workloads: Summary<String>,
+    /// Every session by its sender: the one dimension with a failure ratio, since senders are
+    /// few and counting a session under its sender is cheap.
+    identities: Summary<SourceId>,
 }
 
 impl Published {
     fn new(capacity: usize) -> Self {
         Self {
             epoch: u64::MAX,
+            sessions: 0,
             failed: 0,
             causes: [0; CAUSES],
             qnames: Summary::new(capacity),
             clients: Summary::new(capacity),
             upstreams: Summary::new(capacity),
             workloads: Summary::new(capacity),
+            identities: Summary::new(capacity),
         }
     }
 }
 
 struct Current {
     epoch: u64,
+    sessions: u64,
     failed: u64,
     causes: [u64; CAUSES],
     qnames: SpaceSaving<String>,
     clients: SpaceSaving<IpAddr>,
     upstreams: SpaceSaving<SocketAddr>,
     workloads: SpaceSaving<String>,
+    identities: SpaceSaving<SourceId>,
 }
 
 impl Current {
     fn publish_into(&self, slot: &mut Published) {
         slot.epoch = self.epoch;
+        slot.sessions = self.sessions;
         slot.failed = self.failed;
         slot.causes = self.causes;
         slot.qnames.clone_from(&self.qnames.summary);
         slot.clients.clone_from(&self.clients.summary);
         slot.upstreams.clone_from(&self.upstreams.summary);
         slot.workloads.clone_from(&self.workloads.summary);
+        slot.identities.clone_from(&self.identities.summary);
     }
 
     fn reset(&mut self, epoch: u64) {
         self.epoch = epoch;
+        self.sessions = 0;
         self.failed = 0;
         self.causes = [0; CAUSES];
         self.qnames.clear();
         self.clients.clear();
         self.upstreams.clear();
         self.workloads.clear();
+        self.identities.clear();
     }
 }
 
@@ -357,6 +442,10 @@ type Ring = Vec<Published>;
 pub struct TopBoard {
     cfg: TopConfig,
     origin: Instant,
+    /// The wall clock at `origin` (a whole second): what the board's seconds are shown as.
+    origin_wall: SystemTime,
+    /// Names the senders of the identity rows (without it, their ids).
+    sources: Option<Arc<SourceRegistry>>,
     shards: Mutex<Vec<Arc<Mutex<Ring>>>>,
 }
 
@@ -366,15 +455,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl TopBoard {
     pub fn new(cfg: TopConfig) -> Arc<Self> {
+        Self::build(cfg, None)
+    }
+
+    /// A board whose identity rows are named by `sources`.
+    pub fn naming(cfg: TopConfig, sources: Arc<SourceRegistry>) -> Arc<Self> {
+        Self::build(cfg, Some(sources))
+    }
+
+    fn build(cfg: TopConfig, sources: Option<Arc<SourceRegistry>>) -> Arc<Self> {
         let cfg = TopConfig {
             capacity: cfg.capacity.max(1),
             buckets: cfg.buckets.max(1),
             bucket: cfg.bucket.max(Duration::from_millis(1)),
             rows: cfg.rows,
         };
+        // The origin is put on a whole second of the wall clock, so that a time kept in whole
+        // seconds of the board's clock is the wall clock's second it happened in.
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let into_second = wall.duration_since(UNIX_EPOCH).map_or(Duration::ZERO, |d| {
+            Duration::from_nanos(d.subsec_nanos().into())
+        });
+        let (origin, origin_wall) = match now.checked_sub(into_second) {
+            Some(origin) => (origin, wall - into_second),
+            None => (now, wall),
+        };
         Arc::new(Self {
             cfg,
-            origin: Instant::now(),
+            origin,
+            origin_wall,
+            sources,
             shards: Mutex::new(Vec::new()),
         })
     }
@@ -394,12 +504,14 @@ impl TopBoard {
             origin: self.origin,
             current: Current {
                 epoch: 0,
+                sessions: 0,
                 failed: 0,
                 causes: [0; CAUSES],
                 qnames: SpaceSaving::new(cap),
                 clients: SpaceSaving::new(cap),
                 upstreams: SpaceSaving::new(cap),
                 workloads: SpaceSaving::new(cap),
+                identities: SpaceSaving::new(cap),
             },
             dirty: false,
             ring,
@@ -446,12 +558,16 @@ impl TopBoard {
             window: self.cfg.window(),
             bucket: self.cfg.bucket,
             capacity: self.cfg.capacity,
+            origin_wall: self.origin_wall,
+            at,
+            sessions: 0,
             failed: 0,
             causes: [0; CAUSES],
             qnames: Vec::new(),
             clients: Vec::new(),
             upstreams: Vec::new(),
             workloads: Vec::new(),
+            identities: Vec::new(),
         };
         // Copy the buckets out, one shard's lock at a time, so a shard waits for a copy at
         // most, never for the merge.
@@ -460,13 +576,15 @@ impl TopBoard {
         for ring in rings {
             buckets.extend(lock(&ring).iter().filter(|p| in_window(p)).cloned());
         }
-        let (mut qnames, mut clients, mut upstreams, mut workloads) = (
+        let (mut qnames, mut clients, mut upstreams, mut workloads, mut identities) = (
+            Merger::default(),
             Merger::default(),
             Merger::default(),
             Merger::default(),
             Merger::default(),
         );
         for p in &buckets {
+            view.sessions += p.sessions;
             view.failed += p.failed;
             for (a, b) in view.causes.iter_mut().zip(p.causes) {
                 *a += b;
@@ -475,12 +593,53 @@ impl TopBoard {
             clients.add(&p.clients);
             upstreams.add(&p.upstreams);
             workloads.add(&p.workloads);
+            identities.add(&p.identities);
         }
         view.qnames = qnames.top(rows, |k| k.clone());
         view.clients = clients.top(rows, |k| k.to_string());
         view.upstreams = upstreams.top(rows, |k| k.to_string());
         view.workloads = workloads.top(rows, |k| k.clone());
+        view.identities = self.identity_rows(identities, rows);
         view
+    }
+
+    /// The senders with the most Failed sessions: a sender's counter counts all its sessions,
+    /// its causes the failed ones. Senders of one name (one pod at two addresses) are one row.
+    fn identity_rows(&self, merged: Merger<'_, SourceId>, rows: usize) -> Vec<TopEntry> {
+        let name = |id: &SourceId| match &self.sources {
+            Some(sources) => match sources.describe(*id).0 {
+                n if n.is_empty() => "(reclaimed)".to_string(),
+                n => n.to_string(),
+            },
+            None => format!("#{}", id.0),
+        };
+        let mut by_name: HashMap<String, TopEntry> = HashMap::new();
+        for e in merged.top(usize::MAX, name) {
+            let sessions = e.failed;
+            let row = by_name.entry(e.key.clone()).or_insert(TopEntry {
+                sessions: Some(0),
+                failed: 0,
+                error: 0,
+                causes: [0; CAUSES],
+                ..e
+            });
+            row.sessions = row.sessions.map(|n| n + sessions);
+            row.error += e.error;
+            row.failed += e.causes.iter().sum::<u64>();
+            for (a, b) in row.causes.iter_mut().zip(e.causes) {
+                *a += b;
+            }
+            row.qtypes |= e.qtypes;
+            row.last = row.last.max(e.last);
+        }
+        let mut entries: Vec<TopEntry> = by_name.into_values().collect();
+        entries.sort_unstable_by(|a, b| {
+            (b.failed, b.sessions)
+                .cmp(&(a.failed, a.sessions))
+                .then_with(|| a.key.cmp(&b.key))
+        });
+        entries.truncate(rows);
+        entries
     }
 }
 
@@ -505,25 +664,38 @@ impl ShardTop {
     /// Counts one Failed session at `at` (see [`ShardTop::since_origin`]).
     pub fn record(&mut self, at: Duration, f: &Failure<'_>) {
         self.roll(at);
+        let t = Tally::failure(f.cause, f.qtype, at.as_secs().min(u32::MAX.into()) as u32);
         let c = &mut self.current;
+        c.sessions += 1;
         c.failed += 1;
         c.causes[f.cause as usize] += 1;
+        c.identities.count(&f.source, t);
         if let Some(name) = f.qname {
             bounded_qname(name, &mut self.qname);
-            c.qnames.record(self.qname.as_str(), f.cause);
+            c.qnames.count(self.qname.as_str(), t);
         }
         if let Some(ip) = f.client {
-            c.clients.record(&ip, f.cause);
+            c.clients.count(&ip, t);
         }
         if let Some(w) = f.workload {
             bounded_qname(w, &mut self.qname);
-            c.workloads.record(self.qname.as_str(), f.cause);
+            c.workloads.count(self.qname.as_str(), t);
         }
         for (i, up) in f.upstreams.iter().enumerate() {
             if !f.upstreams[..i].contains(up) {
-                c.upstreams.record(up, f.cause);
+                c.upstreams.count(up, t);
             }
         }
+        self.dirty = true;
+    }
+
+    /// Counts a session that did not fail, under its sender. Once per session, so it does not
+    /// read the clock: the session lands in the bucket of the latest failure or tick, at most
+    /// one tick (100 ms) early.
+    pub fn record_success(&mut self, source: SourceId) {
+        let c = &mut self.current;
+        c.sessions += 1;
+        c.identities.count(&source, Tally::SUCCESS);
         self.dirty = true;
     }
 
@@ -594,6 +766,13 @@ pub struct TopEntry {
     pub error: u64,
     /// By cause (indexed like `Cause::ALL`), counted while the key held its counters.
     pub causes: [u64; CAUSES],
+    /// The qtypes of those failures (bit `i` for `QTYPE_LABELS[i]`).
+    pub qtypes: u16,
+    /// The latest of those failures, in whole seconds of the board's clock.
+    pub last: u32,
+    /// Of an identity row: its sessions, Failed or not (an upper bound, like `failed` of the
+    /// other rows, with the same `error`); then `failed` sums the causes.
+    pub sessions: Option<u64>,
 }
 
 impl TopEntry {
@@ -627,6 +806,8 @@ struct Merged {
     /// Minimum counts of the full summaries this key is in.
     mins_present: u64,
     causes: [u64; CAUSES],
+    qtypes: u16,
+    last: u32,
 }
 
 impl<'a, K: Hash + Eq> Merger<'a, K> {
@@ -641,6 +822,8 @@ impl<'a, K: Hash + Eq> Merger<'a, K> {
             for (a, b) in m.causes.iter_mut().zip(c.causes) {
                 *a += b;
             }
+            m.qtypes |= c.qtypes;
+            m.last = m.last.max(c.last);
         }
     }
 
@@ -657,6 +840,9 @@ impl<'a, K: Hash + Eq> Merger<'a, K> {
                     failed,
                     error: failed - m.lower,
                     causes: m.causes,
+                    qtypes: m.qtypes,
+                    last: m.last,
+                    sessions: None,
                 }
             })
             .collect();
@@ -676,6 +862,12 @@ pub struct TopView {
     pub window: Duration,
     pub bucket: Duration,
     pub capacity: usize,
+    /// The wall clock at the board's origin, and the time of the view on the board's clock:
+    /// what the times of the document are computed from.
+    pub origin_wall: SystemTime,
+    pub at: Duration,
+    /// Finished sessions in the window, Failed or not (exact, up to a tick at bucket edges).
+    pub sessions: u64,
     /// Failed sessions in the window (exact).
     pub failed: u64,
     /// By cause (exact), indexed like `Cause::ALL`.
@@ -685,6 +877,8 @@ pub struct TopView {
     pub upstreams: Vec<TopEntry>,
     /// `namespace/pod` of the client, from the sender's `extra` (CoreDNS ≥ 1.11).
     pub workloads: Vec<TopEntry>,
+    /// The senders (CoreDNS pods) with the most Failed sessions, with their sessions.
+    pub identities: Vec<TopEntry>,
 }
 
 fn causes_json(causes: &[u64; CAUSES]) -> serde_json::Value {
@@ -697,30 +891,65 @@ fn causes_json(causes: &[u64; CAUSES]) -> serde_json::Value {
     map.into()
 }
 
+/// `failed / sessions`, or null without sessions.
+fn ratio_json(failed: u64, sessions: u64) -> serde_json::Value {
+    match sessions {
+        0 => serde_json::Value::Null,
+        n => (failed as f64 / n as f64).into(),
+    }
+}
+
 impl TopView {
+    /// The RFC 3339 UTC time of `at` on the board's clock.
+    fn time_text(&self, at: Duration) -> String {
+        let nanos = (self.origin_wall + at)
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut out = Vec::with_capacity(32);
+        crate::output::json::write_rfc3339(&mut out, nanos);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
     /// The `/top` document; see docs/operations.md, "Top failures".
     pub fn to_json(&self) -> String {
         let rows = |entries: &[TopEntry], key: &str| -> serde_json::Value {
             entries
                 .iter()
                 .map(|e| {
-                    serde_json::json!({
+                    let mut row = serde_json::json!({
                         key: e.key,
                         "failed": e.failed,
                         "error": e.error,
                         "cause": e.dominant_cause().map(Cause::name),
                         "causes": causes_json(&e.causes),
-                    })
+                        "qtypes": qtype_names(e.qtypes),
+                        "last_failed_at": (e.failed > 0)
+                            .then(|| self.time_text(Duration::from_secs(e.last.into()))),
+                    });
+                    if let Some(sessions) = e.sessions {
+                        row["sessions"] = sessions.into();
+                        row["failure_ratio"] = ratio_json(e.failed, sessions);
+                    }
+                    if let Some((namespace, _)) =
+                        e.key.split_once('/').filter(|_| key == "workload")
+                    {
+                        row["namespace"] = (namespace != "-").then_some(namespace).into();
+                    }
+                    row
                 })
                 .collect::<Vec<_>>()
                 .into()
         };
         serde_json::json!({
+            "updated_at": self.time_text(self.at),
             "window_seconds": self.window.as_secs_f64(),
             "bucket_seconds": self.bucket.as_secs_f64(),
             "capacity": self.capacity,
+            "sessions": self.sessions,
             "failed": self.failed,
+            "failure_ratio": ratio_json(self.failed, self.sessions),
             "causes": causes_json(&self.causes),
+            "identities": rows(&self.identities, "identity"),
             "qnames": rows(&self.qnames, "qname"),
             "clients": rows(&self.clients, "client"),
             "upstreams": rows(&self.upstreams, "upstream"),
@@ -863,6 +1092,8 @@ mod tests {
             client: Some(IpAddr::from(client)),
             upstreams,
             workload: None,
+            source: SourceId(7),
+            qtype: Some(1),
         }
     }
 
@@ -944,6 +1175,8 @@ mod tests {
                 client: None,
                 upstreams: &[],
                 workload: None,
+                source: SourceId(8),
+                qtype: None,
             },
         );
         a.publish(secs(4));
@@ -1036,25 +1269,57 @@ mod tests {
         assert_eq!(shard.current.clients.summary().counters().len(), 1);
         // The sizes the module doc's memory bound is made of.
         use std::mem::size_of;
-        assert!(size_of::<Counter<String>>() <= 128);
-        assert!(size_of::<Counter<IpAddr>>() <= 128);
-        assert!(size_of::<Counter<SocketAddr>>() <= 128);
+        assert!(size_of::<Counter<String>>() <= 136);
+        assert!(size_of::<Counter<IpAddr>>() <= 136);
+        assert!(size_of::<Counter<SocketAddr>>() <= 136);
+        assert!(size_of::<Counter<SourceId>>() <= 136);
     }
 
     #[test]
     fn the_document_names_every_row_and_cause() {
-        let board = TopBoard::new(cfg());
+        let sources = Arc::new(SourceRegistry::new(10, secs(600)));
+        let (pod_a, pod_b) = (sources.intern(b"pod-a", b""), sources.intern(b"pod-b", b""));
+        let board = TopBoard::naming(cfg(), sources);
         let mut shard = board.shard();
         let up: SocketAddr = "127.0.0.1:15402".parse().unwrap();
         let ups = [up];
         for i in 0..3 {
             let mut f = failure("www.example.test.", [127, 0, 0, 1], &ups);
             f.workload = (i < 2).then_some("team-a/web-1");
-            shard.record(secs(1), &f);
+            f.source = pod_a;
+            f.qtype = [Some(28), Some(1), Some(28)][i];
+            shard.record(secs(1 + i as u64), &f);
         }
-        shard.publish(secs(1));
-        let doc: serde_json::Value = serde_json::from_str(&board.view(secs(1)).to_json()).unwrap();
+        for _ in 0..5 {
+            shard.record_success(pod_a);
+        }
+        shard.record_success(pod_b);
+        shard.publish(secs(3));
+        let doc: serde_json::Value = serde_json::from_str(&board.view(secs(3)).to_json()).unwrap();
         assert_eq!(doc["window_seconds"], 120.0);
+        assert_eq!(doc["sessions"], 9);
+        assert_eq!(doc["failure_ratio"], 3.0 / 9.0);
+        // The times are the board's wall clock: the view's, and each row's latest failure.
+        let at = |d: Duration| board.view(d).time_text(d);
+        assert_eq!(doc["updated_at"], at(secs(3)));
+        assert_eq!(doc["qnames"][0]["last_failed_at"], at(secs(3)));
+        // The board's seconds are the wall clock's: a row's time is a whole second.
+        assert!(at(secs(3)).ends_with(".000000000Z"), "{}", at(secs(3)));
+        assert_eq!(doc["qnames"][0]["qtypes"], serde_json::json!(["A", "AAAA"]));
+        assert_eq!(doc["workloads"][0]["last_failed_at"], at(secs(2)));
+        assert_eq!(doc["workloads"][0]["namespace"], "team-a");
+        // Senders count every session: a failure ratio per CoreDNS pod.
+        let pods = &doc["identities"];
+        assert_eq!(pods[0]["identity"], "pod-a");
+        assert_eq!(
+            (&pods[0]["sessions"], &pods[0]["failed"]),
+            (&8.into(), &3.into())
+        );
+        assert_eq!(pods[0]["failure_ratio"], 3.0 / 8.0);
+        assert_eq!(pods[0]["cause"], "upstream_timeout");
+        assert_eq!(pods[1]["identity"], "pod-b");
+        assert_eq!(pods[1]["failure_ratio"], 0.0);
+        assert_eq!(pods[1]["last_failed_at"], serde_json::Value::Null);
         assert_eq!(doc["failed"], 3);
         assert_eq!(doc["causes"]["upstream_timeout"], 3);
         assert_eq!(doc["qnames"][0]["qname"], "www.example.test.");

@@ -84,6 +84,8 @@ impl LineSink {
             client: d.client.map(|c| c.ip()),
             upstreams: &self.top_upstreams,
             workload: workload.then_some(self.top_workload.as_str()),
+            source: d.source,
+            qtype: d.qtype,
         };
         let at = self.top.since_origin(Instant::now());
         self.top.record(at, &failure);
@@ -111,6 +113,8 @@ impl correlate::SessionSink for LineSink {
         self.diagnosis.read_answer(s, store);
         if v.status == correlate::Status::Failed {
             self.record_top_failure();
+        } else {
+            self.top.record_success(self.diagnosis.source);
         }
         let prints = !self.writer_gone && self.policy.prints(s, &v);
         let (renderer, d) = (&self.renderer, &self.diagnosis);
