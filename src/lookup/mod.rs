@@ -652,14 +652,14 @@ impl LookupTable {
         self.open -= 1;
         for k in &l.keys {
             if let Some(list) = self.by_base.get_mut(k) {
-                list.retain(|s| *s != slot);
+                remove_slot(list, slot);
                 if list.is_empty() {
                     self.by_base.remove(k);
                 }
             }
         }
         if let Some(list) = self.clients.get_mut(&l.client) {
-            list.retain(|s| *s != slot);
+            remove_slot(list, slot);
             if list.is_empty() {
                 self.clients.remove(&l.client);
             }
@@ -668,6 +668,15 @@ impl LookupTable {
             self.tally.evicted += 1;
         }
         done(finish(&self.search, l, evicted));
+    }
+}
+
+/// Takes `slot` out of a list that holds it once, keeping the order (a client's list is oldest
+/// first). The slot closed is usually the oldest, found at once: a forwarder's hundreds of open
+/// lookups are not walked for it.
+fn remove_slot<A: smallvec::Array<Item = usize>>(list: &mut SmallVec<A>, slot: usize) {
+    if let Some(i) = list.iter().position(|&s| s == slot) {
+        list.remove(i);
     }
 }
 
