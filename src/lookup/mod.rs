@@ -732,7 +732,7 @@ fn finish(search: &SearchList, mut l: Open, evicted: bool) -> Lookup {
     };
     let end = l.last_response.unwrap_or(l.last_query).max(l.last_query);
     let asked = asked(&l, &candidates);
-    let mut waits = Vec::new();
+    let mut waits = SmallVec::new();
     let retries = l.candidates.iter().map(|c| retries(c, &mut waits)).sum();
     Lookup {
         id: l.id,
@@ -774,13 +774,13 @@ fn asked(l: &Open, candidates: &[String]) -> String {
 /// from the client's socket with the client's DNS id, for another name. A resolver never asks
 /// two names with one id from one socket, so the later of two such halves is the server's.
 fn drop_server_lookups(candidates: &mut SmallVec<[Candidate; 5]>) {
-    let halves: Vec<(usize, usize, Half)> = candidates
+    let halves: SmallVec<[(usize, usize, Half); 2 * MAX_CANDIDATES]> = candidates
         .iter()
         .enumerate()
         .flat_map(|(i, c)| c.halves.iter().enumerate().map(move |(k, h)| (i, k, *h)))
         .filter(|(_, _, h)| h.queries > 0 && h.id.is_some())
         .collect();
-    let mut internal = Vec::new();
+    let mut internal: SmallVec<[(usize, usize); 4]> = SmallVec::new();
     for &(i, k, h) in &halves {
         let earlier = halves.iter().any(|&(j, _, o)| {
             j != i && o.port == h.port && o.id == h.id && (o.first_query, j) < (h.first_query, i)
@@ -799,7 +799,7 @@ fn drop_server_lookups(candidates: &mut SmallVec<[Candidate; 5]>) {
 /// again with its id, and a half whose first send was lost — it left the port more than
 /// `PAIR_GAP` after the other half, when that half was being resent (glibc sends both again
 /// after its timeout, and only the resend of the lost one reached the server).
-fn retries(c: &Candidate, waits: &mut Vec<(Nanos, Nanos)>) -> u32 {
+fn retries(c: &Candidate, waits: &mut Waits) -> u32 {
     let mut n = 0;
     for (i, h) in c.halves.iter().enumerate() {
         if h.resends > 0 {
@@ -819,6 +819,9 @@ fn retries(c: &Candidate, waits: &mut Vec<(Nanos, Nanos)>) -> u32 {
     }
     n
 }
+
+/// Retry intervals of one lookup: two per candidate at most.
+type Waits = SmallVec<[(Nanos, Nanos); 2 * MAX_CANDIDATES]>;
 
 /// The total length of the union of the intervals.
 fn union_length(intervals: &mut [(Nanos, Nanos)]) -> Nanos {
