@@ -318,9 +318,11 @@ impl LookupTable {
         let (family, half) = Family::of(q.qtype);
         let mut readings = Readings::new();
         self.search.readings(name, &mut readings);
+        // The client's lookups under any base the name reads as: looked up once for both.
+        let indexed = self.indexed(q.client.ip(), readings.iter().map(|r| r.base));
         let found = self
-            .find(q, family, half, &readings)
-            .or_else(|| self.rebase(q, family, &readings));
+            .find(q, family, half, &readings, &indexed)
+            .or_else(|| self.rebase(q, family, &readings, &indexed));
         let (slot, r, fit) = match found {
             Some((slot, i, fit)) => (slot, readings[i], fit),
             None => match self.learn(q, family, half, name) {
@@ -371,9 +373,9 @@ impl LookupTable {
         family: Family,
         half: usize,
         readings: &[Reading<'_>],
+        indexed: &[usize],
     ) -> Option<(usize, usize, Fit)> {
-        let slots = self.indexed(q.client.ip(), readings.iter().map(|r| r.base));
-        for slot in slots {
+        for &slot in indexed {
             let Some(l) = self.slots[slot]
                 .as_ref()
                 .filter(|l| l.family == family && l.near(q.query_time, self.cfg.gap))
@@ -411,9 +413,9 @@ impl LookupTable {
         q: &Query<'_>,
         family: Family,
         readings: &[Reading<'_>],
+        indexed: &[usize],
     ) -> Option<(usize, usize, Fit)> {
-        let slots = self.indexed(q.client.ip(), readings.iter().map(|r| r.base));
-        for slot in slots {
+        for &slot in indexed {
             let Some(l) = self.slots[slot].as_ref() else {
                 continue;
             };
