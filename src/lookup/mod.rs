@@ -647,7 +647,8 @@ impl LookupTable {
     }
 
     fn close(&mut self, slot: usize, evicted: bool, done: &mut impl FnMut(Lookup)) {
-        let Some(l) = self.slots[slot].take() else {
+        // Worked on in place: an open lookup is large (its candidates inline), not moved.
+        let Some(l) = self.slots[slot].as_mut() else {
             return;
         };
         self.free.push(slot);
@@ -669,7 +670,9 @@ impl LookupTable {
         if evicted {
             self.tally.evicted += 1;
         }
-        done(finish(&self.search, l, evicted));
+        let lookup = finish(&self.search, l, evicted);
+        self.slots[slot] = None;
+        done(lookup);
     }
 }
 
@@ -710,7 +713,7 @@ fn is_autopath_target(search: &SearchList, base: &str, target: &str) -> bool {
         .any(|r| r.base == base && r.suffix != Suffix::Namespace)
 }
 
-fn finish(search: &SearchList, mut l: Open, evicted: bool) -> Lookup {
+fn finish(search: &SearchList, l: &mut Open, evicted: bool) -> Lookup {
     drop_server_lookups(&mut l.candidates);
     l.candidates.sort_by_key(|c| c.first_query);
     let ns = l.namespace.as_deref();
@@ -733,7 +736,7 @@ fn finish(search: &SearchList, mut l: Open, evicted: bool) -> Lookup {
         None => 0,
     };
     let end = l.last_response.unwrap_or(l.last_query).max(l.last_query);
-    let asked = asked(&l, &candidates);
+    let asked = asked(l, &candidates);
     let mut waits = SmallVec::new();
     let retries = l.candidates.iter().map(|c| retries(c, &mut waits)).sum();
     Lookup {
