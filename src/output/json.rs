@@ -71,11 +71,25 @@ impl<'a> Json<'a> {
     /// Writes `"name":` (the value follows without its own separator). Names are the schema's
     /// own identifiers, so they are written as they are.
     pub fn key(&mut self, name: &'static str) {
-        self.sep();
-        self.out.push(b'"');
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.extend_from_slice(b"\":");
-        self.first |= self.level();
+        let level = self.level();
+        let comma = level != 0 && self.first & level == 0;
+        self.first |= level;
+        // One reservation and one copy: a line has dozens of keys.
+        let mut quoted = [0u8; 40];
+        let end = 2 + name.len();
+        if end + 2 > quoted.len() {
+            self.out.extend_from_slice(if comma { b",\"" } else { b"\"" });
+            self.out.extend_from_slice(name.as_bytes());
+            self.out.extend_from_slice(b"\":");
+            return;
+        }
+        quoted[2..end].copy_from_slice(name.as_bytes());
+        quoted[0] = b',';
+        quoted[1] = b'"';
+        quoted[end] = b'"';
+        quoted[end + 1] = b':';
+        let start = usize::from(!comma);
+        self.out.extend_from_slice(&quoted[start..end + 2]);
     }
 
     pub fn string(&mut self, s: &str) {
@@ -337,6 +351,21 @@ pub fn write_rfc3339(out: &mut Vec<u8>, nanos: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_of_any_length_are_quoted_and_separated() {
+        let long = "a_key_name_longer_than_the_stack_buffer_holds";
+        for name in ["k", "thirty_six_characters_long_key_name_", long] {
+            let mut out = Vec::new();
+            let mut j = Json::new(&mut out);
+            j.begin_object();
+            j.field_uint(name, 1);
+            j.field_uint(name, 2);
+            j.end_object();
+            let want = format!("{{\"{name}\":1,\"{name}\":2}}");
+            assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
+    }
 
     #[test]
     fn the_word_at_a_time_check_finds_every_byte_that_needs_escaping() {
