@@ -78,7 +78,8 @@ impl<'a> Json<'a> {
         let mut quoted = [0u8; 40];
         let end = 2 + name.len();
         if end + 2 > quoted.len() {
-            self.out.extend_from_slice(if comma { b",\"" } else { b"\"" });
+            self.out
+                .extend_from_slice(if comma { b",\"" } else { b"\"" });
             self.out.extend_from_slice(name.as_bytes());
             self.out.extend_from_slice(b"\":");
             return;
