@@ -12,11 +12,8 @@
 //! - rendering, apart: the session lines of `--log failed` and the lookup lines of
 //!   `--log-lookups problems`, which allocate per printed line.
 
-use bytes::{Bytes, BytesMut};
 use dnstap_analyser::correlate::{Config, Correlator};
-use dnstap_analyser::dns;
-use dnstap_analyser::dnstap::{self, Event, SenderProfile, SourceId, SourceRegistry};
-use dnstap_analyser::framestream::{Frame, FrameDecoder};
+use dnstap_analyser::dnstap::{Event, SourceRegistry};
 use dnstap_analyser::lookup::record::RecordBatch;
 use dnstap_analyser::lookup::stage::LookupRoute;
 use dnstap_analyser::lookup::{self, LookupTable};
@@ -58,6 +55,9 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
+#[path = "support/capture.rs"]
+mod capture;
+
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
@@ -70,42 +70,6 @@ fn allocations<T>(f: impl FnOnce() -> T) -> (u64, T) {
 
 const PASSES: u64 = 4;
 const HOUR: u64 = 3_600_000_000_000;
-
-fn frames(bytes: &[u8]) -> Vec<Bytes> {
-    let dec = FrameDecoder::new(1 << 20);
-    let mut buf = BytesMut::from(bytes);
-    let mut out = Vec::new();
-    while let Some(f) = dec.decode(&mut buf).expect("the capture decodes") {
-        if let Frame::Data(d) = f {
-            out.push(d);
-        }
-    }
-    out
-}
-
-/// The capture's events, each with its encoded message in `bytes`, as a reader batches them.
-fn events(frames: &[Bytes]) -> (Vec<Event>, Vec<u8>) {
-    let hasher = dns::key_hasher();
-    let mut watermark = 0;
-    let mut bytes = Vec::new();
-    let events = frames
-        .iter()
-        .map(|f| {
-            let tap = dnstap::scan(f).expect("the capture scans");
-            let mut ev = Event::from_fields(&tap, SourceId(0), SenderProfile::CoreDns, &hasher)
-                .expect("a CoreDNS event");
-            watermark = watermark.max(ev.time().unwrap_or(0));
-            ev.watermark = watermark;
-            ev.message = dnstap::MessageSpan {
-                start: bytes.len() as u32,
-                len: tap.message_bytes.len() as u32,
-            };
-            bytes.extend_from_slice(tap.message_bytes);
-            ev
-        })
-        .collect();
-    (events, bytes)
-}
 
 /// The event `pass` hours later.
 fn later(ev: &Event, pass: u64) -> Event {
@@ -197,12 +161,7 @@ fn run(events: &[Event], bytes: &[u8], log: &str, lookup_lines: LookupPolicy) ->
 }
 
 fn main() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/coredns/h_burst_5k.fstrm"
-    );
-    let capture = std::fs::read(path).expect("the fixture is part of the repository");
-    let (events, bytes) = events(&frames(&capture));
+    let (events, bytes) = capture::events(&capture::frames(&capture::capture()));
     let n = events.len() as f64;
     println!(
         "{} messages per pass, {PASSES} passes an hour apart",
