@@ -10,8 +10,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use dnstap_analyser::correlate::{Config, Correlator, MessageStore, Session, Verdict};
 use dnstap_analyser::diagnosis::Diagnosis;
 use dnstap_analyser::dns;
-use dnstap_analyser::dnstap::{self, Event, SenderProfile, SourceId, SourceRegistry};
-use dnstap_analyser::framestream::{Frame, FrameDecoder};
+use dnstap_analyser::dnstap::{self, Event, SourceRegistry};
+use dnstap_analyser::framestream::FrameDecoder;
 use dnstap_analyser::output::{
     Format, LineOptions, LinePolicy, LogFilter, Messages as MessageLines, Renderer, SampleRate,
 };
@@ -19,49 +19,15 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
-fn capture() -> Vec<u8> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/coredns/h_burst_5k.fstrm"
-    );
-    std::fs::read(path).expect("tests/fixtures/coredns/h_burst_5k.fstrm is part of the repository")
-}
-
-fn frames(bytes: &[u8]) -> Vec<Bytes> {
-    let dec = FrameDecoder::new(1 << 20);
-    let mut buf = BytesMut::from(bytes);
-    let mut out = Vec::new();
-    while let Some(f) = dec.decode(&mut buf).unwrap() {
-        if let Frame::Data(d) = f {
-            out.push(d);
-        }
-    }
-    out
-}
+#[path = "support/capture.rs"]
+mod capture;
+use capture::{capture, frames};
 
 /// Events as a reader would batch them: each with its encoded message in `Messages`.
 struct Messages(Vec<u8>);
 
 fn events(frames: &[Bytes]) -> (Vec<Event>, Messages) {
-    let hasher = dns::key_hasher();
-    let mut watermark = 0;
-    let mut bytes = Vec::new();
-    let events = frames
-        .iter()
-        .map(|f| {
-            let tap = dnstap::scan(f).unwrap();
-            let mut ev =
-                Event::from_fields(&tap, SourceId(0), SenderProfile::CoreDns, &hasher).unwrap();
-            watermark = watermark.max(ev.time().unwrap_or(0));
-            ev.watermark = watermark;
-            ev.message = dnstap::MessageSpan {
-                start: bytes.len() as u32,
-                len: tap.message_bytes.len() as u32,
-            };
-            bytes.extend_from_slice(tap.message_bytes);
-            ev
-        })
-        .collect();
+    let (events, bytes) = capture::events(frames);
     (events, Messages(bytes))
 }
 

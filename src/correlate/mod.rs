@@ -2,6 +2,7 @@
 //! sessions out; time is the senders' event time, plus a wall clock only to flush streams
 //! that went silent.
 
+mod expiry;
 mod session;
 mod store;
 mod table;
@@ -10,6 +11,7 @@ pub use session::{BitMap, Incomplete, LossReason, Message, Session, Status, Verd
 pub use store::{MessageRef, MessageStore};
 
 use crate::dnstap::{Event, Nanos, PeerKey, Recollection, Role, SourceId, StreamEnded, StreamId};
+use expiry::{Due, ExpiryQueue};
 use hashbrown::{HashMap, HashSet};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -73,7 +75,7 @@ struct SourceClock {
     loss_seq: u64,
     /// (deadline, slot, slot generation); entries of finished or rescheduled sessions go
     /// stale and are skipped.
-    expiry: BinaryHeap<Reverse<(Nanos, SlotId, u32)>>,
+    expiry: ExpiryQueue<Due>,
     /// Sessions of the source in the table.
     open: u32,
     /// The peer address the sender sends from (one per source: see `SourceRegistry`).
@@ -247,7 +249,7 @@ impl Correlator {
                 advanced_at: now,
                 streams: Vec::new(),
                 loss_seq: 0,
-                expiry: BinaryHeap::new(),
+                expiry: ExpiryQueue::default(),
                 open: 0,
                 peer: ev.peer,
                 seen_at: now,
@@ -650,9 +652,12 @@ impl Correlator {
         };
         self.evict_from = Some((source, left - 1));
         let c = self.sources.get_mut(&source)?;
-        while let Some(&Reverse((deadline, slot, generation))) = c.expiry.peek() {
-            if self.table.is_live(slot, generation, deadline) {
-                return Some(slot);
+        while let Some(due) = c.expiry.peek() {
+            if self
+                .table
+                .is_live(due.slot(), due.generation(), due.deadline())
+            {
+                return Some(due.slot());
             }
             c.expiry.pop();
         }
@@ -749,7 +754,7 @@ impl Correlator {
         s.deadline = deadline;
         let source = s.source;
         if let Some(c) = self.sources.get_mut(&source) {
-            c.expiry.push(Reverse((deadline, slot, generation)));
+            c.expiry.push(Due::new(deadline, slot, generation));
         }
     }
 
@@ -759,15 +764,18 @@ impl Correlator {
             let Some(c) = self.sources.get_mut(&source) else {
                 return;
             };
-            let Some(&Reverse((deadline, slot, generation))) = c.expiry.peek() else {
+            let Some(due) = c.expiry.peek() else {
                 return;
             };
-            if deadline > clock {
+            if due.deadline() > clock {
                 return;
             }
             c.expiry.pop();
-            if self.table.is_live(slot, generation, deadline) {
-                self.finish(slot, sink);
+            if self
+                .table
+                .is_live(due.slot(), due.generation(), due.deadline())
+            {
+                self.finish(due.slot(), sink);
             }
         }
     }

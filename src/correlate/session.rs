@@ -217,8 +217,8 @@ pub struct Session {
     pub profile: SenderProfile,
     pub key: u64,
     pub bitmap: BitMap,
-    /// Three inline: a CQ with up to two upstream attempts needs no allocation.
-    pub messages: SmallVec<[Message; 3]>,
+    /// Four inline: CoreDNS's forwarded request (CQ, FQ, FR, CR) needs no allocation.
+    pub messages: SmallVec<[Message; 4]>,
     /// Messages past the per-session cap (a retry storm); counted, not kept.
     pub messages_dropped: u16,
     /// The CQ's query_time; 0 until the CQ arrives.

@@ -11,6 +11,16 @@ use std::hash::{BuildHasher, Hasher};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) struct SlotId(u32);
 
+impl SlotId {
+    pub(super) fn index(self) -> u32 {
+        self.0
+    }
+
+    pub(super) fn from_index(index: u32) -> Self {
+        Self(index)
+    }
+}
+
 /// Ends a chain.
 const NO_SLOT: u32 = u32::MAX;
 /// Slot numbers stop one short of the chain terminator.

@@ -318,9 +318,11 @@ impl LookupTable {
         let (family, half) = Family::of(q.qtype);
         let mut readings = Readings::new();
         self.search.readings(name, &mut readings);
+        // The client's lookups under any base the name reads as: looked up once for both.
+        let indexed = self.indexed(q.client.ip(), readings.iter().map(|r| r.base));
         let found = self
-            .find(q, family, half, &readings)
-            .or_else(|| self.rebase(q, family, &readings));
+            .find(q, family, half, &readings, &indexed)
+            .or_else(|| self.rebase(q, family, &readings, &indexed));
         let (slot, r, fit) = match found {
             Some((slot, i, fit)) => (slot, readings[i], fit),
             None => match self.learn(q, family, half, name) {
@@ -371,9 +373,9 @@ impl LookupTable {
         family: Family,
         half: usize,
         readings: &[Reading<'_>],
+        indexed: &[usize],
     ) -> Option<(usize, usize, Fit)> {
-        let slots = self.indexed(q.client.ip(), readings.iter().map(|r| r.base));
-        for slot in slots {
+        for &slot in indexed {
             let Some(l) = self.slots[slot]
                 .as_ref()
                 .filter(|l| l.family == family && l.near(q.query_time, self.cfg.gap))
@@ -411,9 +413,9 @@ impl LookupTable {
         q: &Query<'_>,
         family: Family,
         readings: &[Reading<'_>],
+        indexed: &[usize],
     ) -> Option<(usize, usize, Fit)> {
-        let slots = self.indexed(q.client.ip(), readings.iter().map(|r| r.base));
-        for slot in slots {
+        for &slot in indexed {
             let Some(l) = self.slots[slot].as_ref() else {
                 continue;
             };
@@ -645,21 +647,22 @@ impl LookupTable {
     }
 
     fn close(&mut self, slot: usize, evicted: bool, done: &mut impl FnMut(Lookup)) {
-        let Some(l) = self.slots[slot].take() else {
+        // Worked on in place: an open lookup is large (its candidates inline), not moved.
+        let Some(l) = self.slots[slot].as_mut() else {
             return;
         };
         self.free.push(slot);
         self.open -= 1;
         for k in &l.keys {
             if let Some(list) = self.by_base.get_mut(k) {
-                list.retain(|s| *s != slot);
+                remove_slot(list, slot);
                 if list.is_empty() {
                     self.by_base.remove(k);
                 }
             }
         }
         if let Some(list) = self.clients.get_mut(&l.client) {
-            list.retain(|s| *s != slot);
+            remove_slot(list, slot);
             if list.is_empty() {
                 self.clients.remove(&l.client);
             }
@@ -667,7 +670,18 @@ impl LookupTable {
         if evicted {
             self.tally.evicted += 1;
         }
-        done(finish(&self.search, l, evicted));
+        let lookup = finish(&self.search, l, evicted);
+        self.slots[slot] = None;
+        done(lookup);
+    }
+}
+
+/// Takes `slot` out of a list that holds it once, keeping the order (a client's list is oldest
+/// first). The slot closed is usually the oldest, found at once: a forwarder's hundreds of open
+/// lookups are not walked for it.
+fn remove_slot<A: smallvec::Array<Item = usize>>(list: &mut SmallVec<A>, slot: usize) {
+    if let Some(i) = list.iter().position(|&s| s == slot) {
+        list.remove(i);
     }
 }
 
@@ -699,7 +713,7 @@ fn is_autopath_target(search: &SearchList, base: &str, target: &str) -> bool {
         .any(|r| r.base == base && r.suffix != Suffix::Namespace)
 }
 
-fn finish(search: &SearchList, mut l: Open, evicted: bool) -> Lookup {
+fn finish(search: &SearchList, l: &mut Open, evicted: bool) -> Lookup {
     drop_server_lookups(&mut l.candidates);
     l.candidates.sort_by_key(|c| c.first_query);
     let ns = l.namespace.as_deref();
@@ -722,8 +736,8 @@ fn finish(search: &SearchList, mut l: Open, evicted: bool) -> Lookup {
         None => 0,
     };
     let end = l.last_response.unwrap_or(l.last_query).max(l.last_query);
-    let asked = asked(&l, &candidates);
-    let mut waits = Vec::new();
+    let asked = asked(l, &candidates);
+    let mut waits = SmallVec::new();
     let retries = l.candidates.iter().map(|c| retries(c, &mut waits)).sum();
     Lookup {
         id: l.id,
@@ -765,13 +779,13 @@ fn asked(l: &Open, candidates: &[String]) -> String {
 /// from the client's socket with the client's DNS id, for another name. A resolver never asks
 /// two names with one id from one socket, so the later of two such halves is the server's.
 fn drop_server_lookups(candidates: &mut SmallVec<[Candidate; 5]>) {
-    let halves: Vec<(usize, usize, Half)> = candidates
+    let halves: SmallVec<[(usize, usize, Half); 2 * MAX_CANDIDATES]> = candidates
         .iter()
         .enumerate()
         .flat_map(|(i, c)| c.halves.iter().enumerate().map(move |(k, h)| (i, k, *h)))
         .filter(|(_, _, h)| h.queries > 0 && h.id.is_some())
         .collect();
-    let mut internal = Vec::new();
+    let mut internal: SmallVec<[(usize, usize); 4]> = SmallVec::new();
     for &(i, k, h) in &halves {
         let earlier = halves.iter().any(|&(j, _, o)| {
             j != i && o.port == h.port && o.id == h.id && (o.first_query, j) < (h.first_query, i)
@@ -790,7 +804,7 @@ fn drop_server_lookups(candidates: &mut SmallVec<[Candidate; 5]>) {
 /// again with its id, and a half whose first send was lost — it left the port more than
 /// `PAIR_GAP` after the other half, when that half was being resent (glibc sends both again
 /// after its timeout, and only the resend of the lost one reached the server).
-fn retries(c: &Candidate, waits: &mut Vec<(Nanos, Nanos)>) -> u32 {
+fn retries(c: &Candidate, waits: &mut Waits) -> u32 {
     let mut n = 0;
     for (i, h) in c.halves.iter().enumerate() {
         if h.resends > 0 {
@@ -810,6 +824,9 @@ fn retries(c: &Candidate, waits: &mut Vec<(Nanos, Nanos)>) -> u32 {
     }
     n
 }
+
+/// Retry intervals of one lookup: two per candidate at most.
+type Waits = SmallVec<[(Nanos, Nanos); 2 * MAX_CANDIDATES]>;
 
 /// The total length of the union of the intervals.
 fn union_length(intervals: &mut [(Nanos, Nanos)]) -> Nanos {

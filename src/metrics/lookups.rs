@@ -81,31 +81,25 @@ impl LookupStats {
         let q = QUERY_BUCKETS.partition_point(|&b| b < l.queries as u64);
         self.queries[q] += 1;
         self.queries_sum += l.queries as u64;
-        let identity = l.identities.first().map_or_else(
-            || "unknown".to_string(),
-            |i| sources.describe(*i).0.to_string(),
-        );
-        let identity = capped(&self.by_identity, identity, cap);
-        let namespace = capped(
-            &self.by_namespace,
-            l.namespace.clone().unwrap_or_default(),
+        let described = l.identities.first().map(|i| sources.describe(*i).0);
+        let identity = capped(
+            &self.by_identity,
+            described.as_deref().unwrap_or("unknown"),
             cap,
         );
-        self.by_identity
-            .entry(identity.clone())
-            .or_insert_with(Quantiles::new)
-            .record(l.latency);
-        self.by_namespace
-            .entry(namespace.clone())
-            .or_insert_with(Quantiles::new)
-            .record(l.latency);
-        let key = (identity, namespace);
+        let namespace = capped(
+            &self.by_namespace,
+            l.namespace.as_deref().unwrap_or(""),
+            cap,
+        );
+        quantiles(&mut self.by_identity, identity).record(l.latency);
+        quantiles(&mut self.by_namespace, namespace).record(l.latency);
         if l.wasted_queries > 0 {
-            *self.wasted.entry(key.clone()).or_default() += l.wasted_queries as u64;
+            *entry(&mut self.wasted, identity, namespace) += l.wasted_queries as u64;
             self.count_wasted_name(&l.asked, l.wasted_queries as u64);
         }
         if l.retries > 0 {
-            let w = self.waits.entry(key).or_default();
+            let w = entry(&mut self.waits, identity, namespace);
             w.lookups += 1;
             w.retries += l.retries as u64;
             w.waited += l.waited;
@@ -244,12 +238,32 @@ fn bounded_pair<V>(
 }
 
 /// `value`, or `other` once `cap` values are known and it is not one of them.
-fn capped<V>(known: &BTreeMap<String, V>, value: String, cap: usize) -> String {
-    if known.contains_key(&value) || known.len() < cap {
+/// The label for `value`: itself while under the cap or already known, else `other`.
+fn capped<'a, V>(known: &BTreeMap<String, V>, value: &'a str, cap: usize) -> &'a str {
+    if known.contains_key(value) || known.len() < cap {
         value
     } else {
-        "other".to_string()
+        "other"
     }
+}
+
+/// The label's quantiles; the label is copied only when it is new (a finished lookup is
+/// counted without allocating).
+fn quantiles<'m>(m: &'m mut BTreeMap<String, Quantiles>, label: &str) -> &'m mut Quantiles {
+    if !m.contains_key(label) {
+        m.insert(label.to_string(), Quantiles::new());
+    }
+    m.get_mut(label).expect("inserted above")
+}
+
+/// The (identity, namespace) entry (only lookups that wasted queries or waited get here).
+fn entry<'m, V: Default>(
+    m: &'m mut BTreeMap<(String, String), V>,
+    identity: &str,
+    namespace: &str,
+) -> &'m mut V {
+    let key = (identity.to_string(), namespace.to_string());
+    m.entry(key).or_default()
 }
 
 /// The process-wide sum of the partitions' published counts.

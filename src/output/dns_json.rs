@@ -53,9 +53,9 @@ pub fn write_dns(j: &mut Json<'_>, wire: &[u8]) {
                 j.key("name");
                 write_name(j, q.qname());
                 j.key("type");
-                j.display(q.qtype());
+                mnemonic(j, q.qtype().to_mnemonic_str(), q.qtype());
                 j.key("class");
-                j.display(q.qclass());
+                mnemonic(j, q.qclass().to_mnemonic_str(), q.qclass());
                 j.end_object();
             }
             Err(e) => {
@@ -104,6 +104,16 @@ pub fn write_dns(j: &mut Json<'_>, wire: &[u8]) {
     j.end_object();
 }
 
+/// An IANA code by its mnemonic, written as it is (`domain`'s mnemonics are plain ASCII
+/// letters, digits and dashes), else as `domain` displays it (a number, `TYPE65280`): the same
+/// text as `Display` without the formatting machinery.
+fn mnemonic(j: &mut Json<'_>, name: Option<&'static str>, code: impl std::fmt::Display) {
+    match name {
+        Some(name) => j.name(name),
+        None => j.display(code),
+    }
+}
+
 fn write_records(j: &mut Json<'_>, section: RecordSection<'_, &[u8]>) -> Result<(), String> {
     for rec in section {
         let rec: ParsedRecord<'_, &[u8]> = rec.map_err(|e| e.to_string())?;
@@ -114,9 +124,9 @@ fn write_records(j: &mut Json<'_>, section: RecordSection<'_, &[u8]>) -> Result<
         j.key("name");
         write_name(j, &rec.owner());
         j.key("type");
-        j.display(rec.rtype());
+        mnemonic(j, rec.rtype().to_mnemonic_str(), rec.rtype());
         j.key("class");
-        j.display(rec.class());
+        mnemonic(j, rec.class().to_mnemonic_str(), rec.class());
         j.field_uint("ttl", rec.ttl().as_secs() as u64);
         j.key("rdata");
         match rec.to_any_record::<AllRecordData<_, ParsedName<_>>>() {

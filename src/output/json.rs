@@ -6,59 +6,91 @@ use std::net::{IpAddr, SocketAddr};
 
 pub struct Json<'a> {
     pub out: &'a mut Vec<u8>,
-    /// Per nesting level: whether the next member needs a comma.
-    first: Vec<bool>,
+    /// Per nesting level, one bit: whether the next member needs no comma. A line's nesting
+    /// is the schema's (a handful of levels), so a word holds it and no line allocates.
+    first: u64,
+    depth: u32,
 }
+
+/// Levels past this share the deepest bit (the schema never nests this deep).
+const MAX_DEPTH: u32 = u64::BITS;
 
 impl<'a> Json<'a> {
     pub fn new(out: &'a mut Vec<u8>) -> Self {
         Self {
             out,
-            first: Vec::with_capacity(8),
+            first: 0,
+            depth: 0,
+        }
+    }
+
+    /// The bit of the innermost level; 0 outside any object or array.
+    fn level(&self) -> u64 {
+        match self.depth {
+            0 => 0,
+            d => 1 << (d.min(MAX_DEPTH) - 1),
         }
     }
 
     fn sep(&mut self) {
-        if let Some(first) = self.first.last_mut() {
-            if !*first {
-                self.out.push(b',');
-            }
-            *first = false;
+        let level = self.level();
+        if level != 0 && self.first & level == 0 {
+            self.out.push(b',');
         }
+        self.first &= !level;
+    }
+
+    fn open(&mut self, bracket: u8) {
+        self.sep();
+        self.out.push(bracket);
+        self.depth = self.depth.saturating_add(1);
+        self.first |= self.level();
+    }
+
+    fn close(&mut self, bracket: u8) {
+        self.depth = self.depth.saturating_sub(1);
+        self.out.push(bracket);
     }
 
     pub fn begin_object(&mut self) {
-        self.sep();
-        self.out.push(b'{');
-        self.first.push(true);
+        self.open(b'{');
     }
 
     pub fn end_object(&mut self) {
-        self.first.pop();
-        self.out.push(b'}');
+        self.close(b'}');
     }
 
     pub fn begin_array(&mut self) {
-        self.sep();
-        self.out.push(b'[');
-        self.first.push(true);
+        self.open(b'[');
     }
 
     pub fn end_array(&mut self) {
-        self.first.pop();
-        self.out.push(b']');
+        self.close(b']');
     }
 
     /// Writes `"name":` (the value follows without its own separator). Names are the schema's
     /// own identifiers, so they are written as they are.
     pub fn key(&mut self, name: &'static str) {
-        self.sep();
-        self.out.push(b'"');
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.extend_from_slice(b"\":");
-        if let Some(first) = self.first.last_mut() {
-            *first = true;
+        let level = self.level();
+        let comma = level != 0 && self.first & level == 0;
+        self.first |= level;
+        // One reservation and one copy: a line has dozens of keys.
+        let mut quoted = [0u8; 40];
+        let end = 2 + name.len();
+        if end + 2 > quoted.len() {
+            self.out
+                .extend_from_slice(if comma { b",\"" } else { b"\"" });
+            self.out.extend_from_slice(name.as_bytes());
+            self.out.extend_from_slice(b"\":");
+            return;
         }
+        quoted[2..end].copy_from_slice(name.as_bytes());
+        quoted[0] = b',';
+        quoted[1] = b'"';
+        quoted[end] = b'"';
+        quoted[end + 1] = b':';
+        let start = usize::from(!comma);
+        self.out.extend_from_slice(&quoted[start..end + 2]);
     }
 
     pub fn string(&mut self, s: &str) {
@@ -230,7 +262,7 @@ pub fn escape(out: &mut Vec<u8>, s: &str) {
 /// Copies runs of plain bytes in one go; only quotes, backslashes and controls are rewritten.
 fn escape_into(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
-    if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+    if is_plain(bytes) {
         out.extend_from_slice(bytes);
         return;
     }
@@ -254,6 +286,27 @@ fn escape_into(out: &mut Vec<u8>, s: &str) {
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
+}
+
+/// Whether no byte needs escaping (no quote, backslash or control byte), eight bytes at a
+/// time: the check runs over every string of every line.
+fn is_plain(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    // A byte of `x` is zero, or below `n`: the classic word-at-a-time tests.
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * n as u64) & !x & HIGHS;
+    let special = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let x = u64::from_ne_bytes(w.try_into().unwrap_or_default());
+        let hit = below(x, 0x20)
+            | below(x ^ (ONES * b'"' as u64), 1)
+            | below(x ^ (ONES * b'\\' as u64), 1);
+        if hit != 0 {
+            return false;
+        }
+    }
+    !words.remainder().iter().any(|&b| special(b))
 }
 
 /// RFC 3339 UTC with nanoseconds, from Unix nanoseconds (days-from-civil, inverted).
@@ -299,6 +352,38 @@ pub fn write_rfc3339(out: &mut Vec<u8>, nanos: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_of_any_length_are_quoted_and_separated() {
+        let long = "a_key_name_longer_than_the_stack_buffer_holds";
+        for name in ["k", "thirty_six_characters_long_key_name_", long] {
+            let mut out = Vec::new();
+            let mut j = Json::new(&mut out);
+            j.begin_object();
+            j.field_uint(name, 1);
+            j.field_uint(name, 2);
+            j.end_object();
+            let want = format!("{{\"{name}\":1,\"{name}\":2}}");
+            assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn the_word_at_a_time_check_finds_every_byte_that_needs_escaping() {
+        let naive = |b: &[u8]| !b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
+        for len in [1, 7, 8, 9, 16, 23] {
+            for pos in 0..len {
+                for c in 0..=255u8 {
+                    // Bytes around the one tested: plain ASCII, and UTF-8 high bytes.
+                    for fill in [b'a', 0xc3, 0x7f, 0x21] {
+                        let mut b = vec![fill; len];
+                        b[pos] = c;
+                        assert_eq!(is_plain(&b), naive(&b), "{b:?}");
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn writes_nested_values_with_commas_and_escapes() {
