@@ -357,6 +357,14 @@ enum Command {
         /// the system's, /etc/ssl/certs/ca-certificates.crt).
         #[arg(long, value_name = "FILE")]
         tls_ca: Option<PathBuf>,
+        /// User name for an endpoint whose --metrics-web-config has basic_auth_users; the
+        /// password comes from --password-file.
+        #[arg(long, value_name = "NAME", requires = "password_file")]
+        user: Option<String>,
+        /// File holding the password of --user (its first line; kept off the command line,
+        /// where `ps` shows it).
+        #[arg(long, value_name = "FILE", requires = "user")]
+        password_file: Option<PathBuf>,
         /// How often to poll and redraw: 2s, 500ms, 1m, or seconds.
         #[arg(long, default_value = "2s", value_parser = top_client::parse_interval)]
         interval: Duration,
@@ -387,6 +395,20 @@ fn command_line() -> clap::Command {
         .map(|a| a.clone().global(false).hide(true))
         .collect();
     cli.mut_subcommand("top", |top| top.args(hidden))
+}
+
+/// `top`'s `Authorization` header from `--user` and the first line of `--password-file`.
+fn top_credentials(
+    user: Option<&str>,
+    password_file: Option<&std::path::Path>,
+) -> Result<Option<String>, String> {
+    let (Some(user), Some(file)) = (user, password_file) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read --password-file {}: {e}", file.display()))?;
+    let password = text.lines().next().unwrap_or_default();
+    Ok(Some(top_client::basic_credentials(user, password)))
 }
 
 /// `top` with a server flag: the error clap gives for an unknown one.
@@ -572,35 +594,45 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result =
-        match &cli.command {
-            // A client of another analyser: no pipeline, no summary.
-            Some(Command::Top {
-                url,
-                tls_ca,
-                interval,
-                once,
-                rows,
-                width,
-                height,
-            }) => {
-                let options = top_client::TopOptions {
-                    tls_ca: tls_ca.as_deref(),
-                    interval: *interval,
-                    once: *once,
-                    width: width.map(usize::from),
-                    height: height.map(usize::from),
-                    max_rows: rows.map(|n| n as usize),
-                };
-                return match top_client::run(url, options) {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("dnstap-analyser: error: {}", ErrorChain(&e));
-                        ExitCode::from(2)
-                    }
-                };
-            }
-            Some(Command::Read { files }) => settings(&cli, false)
+    let result = match &cli.command {
+        // A client of another analyser: no pipeline, no summary.
+        Some(Command::Top {
+            url,
+            tls_ca,
+            user,
+            password_file,
+            interval,
+            once,
+            rows,
+            width,
+            height,
+        }) => {
+            let authorization = match top_credentials(user.as_deref(), password_file.as_deref()) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("dnstap-analyser: error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let options = top_client::TopOptions {
+                tls_ca: tls_ca.as_deref(),
+                authorization: authorization.as_deref(),
+                interval: *interval,
+                once: *once,
+                width: width.map(usize::from),
+                height: height.map(usize::from),
+                max_rows: rows.map(|n| n as usize),
+            };
+            return match top_client::run(url, options) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dnstap-analyser: error: {}", ErrorChain(&e));
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Some(Command::Read { files }) => {
+            settings(&cli, false)
                 .map_err(Failure::Startup)
                 .and_then(|s| {
                     let progress = progress::Progress::start(files, metrics.clone());
@@ -613,26 +645,27 @@ fn main() -> ExitCode {
                         eprintln!("dnstap-analyser: {e}");
                     }
                     Ok(errors.is_empty())
-                }),
-            None => settings(&cli, true)
-                .map_err(Failure::Startup)
-                .and_then(|s| {
-                    let shutdown = Arc::new(AtomicBool::new(false));
-                    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                        signal_hook::flag::register(sig, shutdown.clone())
-                            .map_err(|e| Failure::Startup(e.to_string()))?;
-                    }
-                    pipeline::serve(
-                        &s,
-                        &cli.listen,
-                        WriteSink::stdout(),
-                        metrics.clone(),
-                        shutdown,
-                    )
-                    .map_err(Failure::of)?;
-                    Ok(true)
-                }),
-        };
+                })
+        }
+        None => settings(&cli, true)
+            .map_err(Failure::Startup)
+            .and_then(|s| {
+                let shutdown = Arc::new(AtomicBool::new(false));
+                for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                    signal_hook::flag::register(sig, shutdown.clone())
+                        .map_err(|e| Failure::Startup(e.to_string()))?;
+                }
+                pipeline::serve(
+                    &s,
+                    &cli.listen,
+                    WriteSink::stdout(),
+                    metrics.clone(),
+                    shutdown,
+                )
+                .map_err(Failure::of)?;
+                Ok(true)
+            }),
+    };
     // The periodic lines end before the exit summary, which is always the last.
     drop(stats);
     let deadline_passed = metrics

@@ -524,3 +524,50 @@ fn a_renewed_metrics_certificate_is_served_without_a_restart() {
         .stderr_so_far()
         .contains("metrics web config reloaded from"));
 }
+
+/// `top --once` against `addr` with `--user`, its password in a file: the exit code and
+/// what it printed.
+fn top_as(dir: &TempDir, addr: &str, password: &str) -> (Option<i32>, String) {
+    let file = dir.join("top-password");
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    let out = run_to_end(
+        Command::new(analyser_bin())
+            .args(["top", "--once", "--url", addr, "--user", USER])
+            .arg("--password-file")
+            .arg(&file),
+        None,
+        Duration::from_secs(60),
+    );
+    let printed = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    (out.status.code(), printed)
+}
+
+#[test]
+fn top_reads_a_protected_endpoint_with_the_users_password() {
+    let dir = TempDir::new("metrics-auth-top");
+    let hash = bcrypt_hash(PASSWORD, 4);
+    let web = web_config(&dir, &format!("basic_auth_users:\n  {USER}: '{hash}'\n"));
+    let an = serve(&web, &[]);
+    let addr = an.metrics_addr();
+
+    let (code, printed) = top_as(&dir, &addr, PASSWORD);
+    assert_eq!(code, Some(0), "{printed}");
+    assert!(printed.contains("updated"), "no screen: {printed}");
+
+    let (code, printed) = top_as(&dir, &addr, "wrong");
+    assert_eq!(code, Some(2), "{printed}");
+    assert!(printed.contains("status 401"), "{printed}");
+
+    // Without credentials the endpoint refuses top as it refuses any other client.
+    let out = run_to_end(
+        Command::new(analyser_bin()).args(["top", "--once", "--url", &addr]),
+        None,
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("status 401"),
+        "{}",
+        text(&out.stderr)
+    );
+}

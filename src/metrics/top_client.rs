@@ -160,13 +160,25 @@ pub fn fetch(url: &str) -> Result<Value, TopError> {
         true => Some(tls_client(None)?),
         false => None,
     };
-    fetch_from(target, tls)
+    fetch_from(target, tls, None)
 }
 
-/// GETs `target`, over TLS with `tls` for an `https://` one.
+/// The `Authorization` header's value for HTTP basic authentication (RFC 7617).
+pub fn basic_credentials(user: &str, password: &str) -> String {
+    use base64::Engine;
+    let pair = format!("{user}:{password}");
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(pair)
+    )
+}
+
+/// GETs `target`, over TLS with `tls` for an `https://` one, with `authorization` as the
+/// `Authorization` header when the endpoint requires credentials.
 fn fetch_from(
     target: Target<'_>,
     tls: Option<Arc<rustls::ClientConfig>>,
+    authorization: Option<&str>,
 ) -> Result<Value, TopError> {
     let full = target.url();
     let io_err = |source| TopError::Io {
@@ -184,8 +196,11 @@ fn fetch_from(
     stream
         .set_write_timeout(Some(NET_TIMEOUT))
         .map_err(io_err)?;
+    let authorization = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
     let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
+        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\n{authorization}Connection: close\r\n\r\n",
         target.path, target.authority
     );
     let raw = match (target.tls, tls) {
@@ -615,6 +630,8 @@ const CLEAR: &str = "\x1b[H\x1b[2J";
 pub struct TopOptions<'a> {
     /// PEM CA certificates an `https://` URL is checked against (default: the system's).
     pub tls_ca: Option<&'a Path>,
+    /// The `Authorization` header for an endpoint with `basic_auth_users` ([`basic_credentials`]).
+    pub authorization: Option<&'a str>,
     pub interval: Duration,
     pub once: bool,
     pub width: Option<usize>,
@@ -631,7 +648,7 @@ pub fn run(url: &str, o: TopOptions<'_>) -> Result<(), TopError> {
         true => Some(tls_client(o.tls_ca)?),
         false => None,
     };
-    let fetch = || fetch_from(target, tls.clone());
+    let fetch = || fetch_from(target, tls.clone(), o.authorization);
     let mut stdout = io::stdout().lock();
     if o.once {
         let doc = fetch()?;
