@@ -57,6 +57,7 @@ fn events(frames: &[Bytes]) -> (Vec<Event>, Messages) {
             ev.message = dnstap::MessageSpan {
                 start: bytes.len() as u32,
                 len: tap.message_bytes.len() as u32,
+                ..Default::default()
             };
             bytes.extend_from_slice(tap.message_bytes);
             ev

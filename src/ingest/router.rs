@@ -2,9 +2,11 @@
 //! reader: the batch is dropped and counted, and the shard is told with the next batch it
 //! gets. Files block instead (nothing is lost offline).
 
-use crate::dnstap::{Event, MessageSpan, StreamEnded};
+use crate::dnstap::{Encoded, Event, StreamEnded};
 use crate::metrics::{Discard, Metrics};
+use bytes::Bytes;
 use crossbeam_channel::{Sender, TrySendError};
+use smallvec::SmallVec;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -31,33 +33,49 @@ impl ShardInput {
     }
 }
 
-/// Events and the encoded messages they point into. The reader copies each message here
-/// (about a hundred bytes): sharing the read buffer instead would make every message an
-/// atomic reference count bounced between the reader's core and the shard's.
+/// Events and the read pieces their encoded messages are in. The reader copies nothing: the
+/// shard copies each message it keeps from the piece into its store, and a piece's reference
+/// count is touched once per batch, not per message (per message, it would bounce between the
+/// reader's core and the shard's).
 #[derive(Default)]
 pub struct Batch {
     pub events: Vec<Event>,
-    pub bytes: Vec<u8>,
+    /// `MessageSpan::piece` indexes this.
+    pub pieces: SmallVec<[Bytes; 2]>,
+    /// The router's number of the last piece added.
+    last_piece: u64,
 }
 
 impl Batch {
     fn with_capacity() -> Self {
         Self {
             events: Vec::with_capacity(BATCH),
-            bytes: Vec::with_capacity(BATCH * 160),
+            pieces: SmallVec::new(),
+            last_piece: 0,
         }
     }
 
-    fn push(&mut self, mut ev: Event, message: &[u8], extra: &[u8]) {
-        let start = self.bytes.len();
-        self.bytes.extend_from_slice(message);
-        if !extra.is_empty() {
-            crate::dnstap::append_extra(&mut self.bytes, extra);
+    /// The encoded message of one of its events.
+    pub fn message(&self, ev: &Event) -> Encoded<'_> {
+        let piece = self.pieces.get(ev.message.piece as usize);
+        ev.message.of(piece.map_or(&[], |p| &p[..]))
+    }
+
+    /// Hands each event with its message to `f`, in order.
+    pub fn each(self, mut f: impl FnMut(Event, Encoded<'_>)) {
+        for ev in self.events {
+            let piece = self.pieces.get(ev.message.piece as usize);
+            let span = ev.message;
+            f(ev, span.of(piece.map_or(&[], |p| &p[..])));
         }
-        ev.message = MessageSpan {
-            start: start as u32,
-            len: (self.bytes.len() - start) as u32,
-        };
+    }
+
+    fn push(&mut self, mut ev: Event, piece: (u64, &Bytes)) {
+        if self.last_piece != piece.0 || self.pieces.is_empty() {
+            self.pieces.push(piece.1.clone());
+            self.last_piece = piece.0;
+        }
+        ev.message.piece = (self.pieces.len() - 1) as u16;
         self.events.push(ev);
     }
 }
@@ -86,6 +104,9 @@ pub struct Router {
     /// Files apply backpressure instead of dropping: nothing is lost offline.
     blocking: bool,
     metrics: Arc<Metrics>,
+    /// The read piece the events dispatched now point into, and its number.
+    piece: Bytes,
+    piece_number: u64,
 }
 
 impl Router {
@@ -105,18 +126,22 @@ impl Router {
             pending_drops: vec![0; n],
             blocking,
             metrics,
+            piece: Bytes::new(),
+            piece_number: 0,
         }
     }
 
-    pub fn dispatch(&mut self, ev: Event, message: &[u8]) {
-        self.dispatch_with_extra(ev, message, &[]);
+    /// The events dispatched from now on have their messages in `piece`.
+    pub fn begin_piece(&mut self, piece: Bytes) {
+        self.piece = piece;
+        self.piece_number += 1;
     }
 
-    /// Routes `ev` with its encoded message and its frame's `extra` (empty: none).
+    /// Routes `ev`, whose `message` span lies in the current piece.
     #[inline]
-    pub fn dispatch_with_extra(&mut self, ev: Event, message: &[u8], extra: &[u8]) {
+    pub fn dispatch(&mut self, ev: Event) {
         let shard = shard_of(ev.key, self.shards.len());
-        self.batches[shard].push(ev, message, extra);
+        self.batches[shard].push(ev, (self.piece_number, &self.piece));
         if self.batches[shard].events.len() >= BATCH {
             self.send(shard);
         }
@@ -207,6 +232,13 @@ mod tests {
         Event::for_tests(SenderProfile::CoreDns, Role::ClientQuery, key, None, None)
     }
 
+    /// Routes `ev` with `message`, read as a piece of its own.
+    fn dispatch(router: &mut Router, mut ev: Event, message: &[u8]) {
+        router.begin_piece(Bytes::copy_from_slice(message));
+        ev.message.len = message.len() as u32;
+        router.dispatch(ev);
+    }
+
     /// A key that lands on `shard` of `n`.
     fn key_for(shard: usize, n: usize) -> u64 {
         let key = (((shard as u64) << 32) / n as u64 + 1) << 32;
@@ -267,20 +299,20 @@ mod tests {
         let mut r = rig(2, 16, 1 << 20, false);
         let k = key_for(1, 2);
         for i in 0..BATCH + 5 {
-            r.router.dispatch(event(k), &[i as u8; 3]);
+            dispatch(&mut r.router, event(k), &[i as u8; 3]);
         }
         assert!(received(&r.queues[0]).is_empty());
         let batches = received(&r.queues[1]);
         assert_eq!(batches.len(), 1, "a full batch goes at once");
         assert_eq!(batches[0].events.len(), BATCH);
-        assert_eq!(batches[0].events[7].message.of(&batches[0].bytes), [7; 3]);
+        assert_eq!(batches[0].message(&batches[0].events[7]).message, [7; 3]);
         assert_eq!(r.depths[1].load(Relaxed), BATCH as u64);
         r.router.flush();
         let rest = received(&r.queues[1]);
         assert_eq!(rest.len(), 1, "flush sends the partial batch");
         assert_eq!(rest[0].events.len(), 5);
         assert_eq!(
-            rest[0].events[0].message.of(&rest[0].bytes),
+            rest[0].message(&rest[0].events[0]).message,
             [BATCH as u8; 3]
         );
         r.router.flush();
@@ -291,7 +323,7 @@ mod tests {
     #[test]
     fn a_stream_end_follows_the_streams_events_on_every_shard() {
         let mut r = rig(2, 8, 1000, false);
-        r.router.dispatch(event(key_for(1, 2)), b"m");
+        dispatch(&mut r.router, event(key_for(1, 2)), b"m");
         let ended = StreamEnded {
             stream: crate::dnstap::StreamId(7),
             sources: vec![(crate::dnstap::SourceId(3), 2)],
@@ -317,7 +349,7 @@ mod tests {
         // The stream's last batch did not fit: the notice carries its drops, once.
         let mut r = rig(2, 8, 2, false);
         for _ in 0..3 {
-            r.router.dispatch(event(key_for(0, 2)), b"m");
+            dispatch(&mut r.router, event(key_for(0, 2)), b"m");
         }
         r.router.end_stream(ended.clone());
         r.router.end_stream(ended.clone());
@@ -330,13 +362,13 @@ mod tests {
         let mut r = rig(2, 16, 10, false);
         let (k0, k1) = (key_for(0, 2), key_for(1, 2));
         for _ in 0..8 {
-            r.router.dispatch(event(k0), b"m");
+            dispatch(&mut r.router, event(k0), b"m");
         }
         r.router.flush();
         for _ in 0..3 {
-            r.router.dispatch(event(k0), b"m");
+            dispatch(&mut r.router, event(k0), b"m");
         }
-        r.router.dispatch(event(k1), b"m");
+        dispatch(&mut r.router, event(k1), b"m");
         r.router.flush();
         assert_eq!(r.metrics.discarded(Discard::QueueFull), 3, "8 + 3 > 10");
         assert_eq!(received(&r.queues[1])[0].events[0].drops_before, 0);
@@ -345,13 +377,13 @@ mod tests {
         assert_eq!(r.depths[0].load(Relaxed), 8);
         // The shard takes its events; the next batch gets through and carries the drops.
         r.depths[0].fetch_sub(8, Relaxed);
-        r.router.dispatch(event(k0), b"m");
-        r.router.dispatch(event(k0), b"m");
+        dispatch(&mut r.router, event(k0), b"m");
+        dispatch(&mut r.router, event(k0), b"m");
         r.router.flush();
         let next = received(&r.queues[0]);
         assert_eq!(next[0].events[0].drops_before, 3);
         assert_eq!(next[0].events[1].drops_before, 0);
-        r.router.dispatch(event(k0), b"m");
+        dispatch(&mut r.router, event(k0), b"m");
         r.router.flush();
         assert_eq!(
             received(&r.queues[0])[0].events[0].drops_before,
@@ -365,7 +397,7 @@ mod tests {
     fn a_full_channel_counts_as_queue_full_and_restores_the_depth() {
         let mut r = rig(1, 1, 1 << 20, false);
         for _ in 0..2 {
-            r.router.dispatch(event(0), b"m");
+            dispatch(&mut r.router, event(0), b"m");
             r.router.flush();
         }
         assert_eq!(r.metrics.discarded(Discard::QueueFull), 1);
@@ -377,8 +409,8 @@ mod tests {
         for blocking in [false, true] {
             let mut r = rig(1, 4, 1 << 20, blocking);
             r.queues.clear();
-            r.router.dispatch(event(0), b"m");
-            r.router.dispatch(event(0), b"m");
+            dispatch(&mut r.router, event(0), b"m");
+            dispatch(&mut r.router, event(0), b"m");
             r.router.flush();
             assert_eq!(
                 r.metrics.discarded(Discard::QueueDisconnected),
@@ -404,7 +436,7 @@ mod tests {
             events
         });
         for i in 0..1000u64 {
-            r.router.dispatch(event(i << 40), b"m");
+            dispatch(&mut r.router, event(i << 40), b"m");
             if i % 7 == 0 {
                 r.router.flush();
             }
