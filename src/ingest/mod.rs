@@ -697,8 +697,8 @@ mod tests {
         fn events(&mut self) -> Vec<(String, Role, Option<Nanos>, Nanos)> {
             self.router.flush();
             let mut out = Vec::new();
-            for batch in self.rx.try_iter().filter_map(ShardInput::into_batch) {
-                for ev in batch.events {
+            for mut batch in self.rx.try_iter().filter_map(ShardInput::into_batch) {
+                for ev in std::mem::take(&mut batch.events) {
                     let name = self.sources.describe(ev.source).0.to_string();
                     out.push((name, ev.role, ev.query_time, ev.watermark));
                 }

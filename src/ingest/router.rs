@@ -2,12 +2,12 @@
 //! reader: the batch is dropped and counted, and the shard is told with the next batch it
 //! gets. Files block instead (nothing is lost offline).
 
-use crate::dnstap::{Encoded, Event, StreamEnded};
+use crate::dnstap::{Encoded, Event, MessageSpan, StreamEnded};
 use crate::metrics::{Discard, Metrics};
 use bytes::Bytes;
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use smallvec::SmallVec;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// What a shard receives: events in stream order, in batches so the queue is touched once
@@ -44,6 +44,10 @@ pub struct Batch {
     pub pieces: SmallVec<[Bytes; 2]>,
     /// The router's number of the last piece added.
     last_piece: u64,
+    /// What it holds, as read mode's in-flight bound counts it: its events and their messages.
+    bytes: usize,
+    /// Read mode: the count this batch is in, until it is dropped (processed or not).
+    in_flight: Option<Arc<InFlight>>,
 }
 
 impl Batch {
@@ -52,21 +56,25 @@ impl Batch {
             events: Vec::with_capacity(BATCH),
             pieces: SmallVec::new(),
             last_piece: 0,
+            bytes: 0,
+            in_flight: None,
         }
+    }
+
+    fn piece(&self, span: MessageSpan) -> &[u8] {
+        self.pieces.get(span.piece as usize).map_or(&[], |p| &p[..])
     }
 
     /// The encoded message of one of its events.
     pub fn message(&self, ev: &Event) -> Encoded<'_> {
-        let piece = self.pieces.get(ev.message.piece as usize);
-        ev.message.of(piece.map_or(&[], |p| &p[..]))
+        ev.message.of(self.piece(ev.message))
     }
 
     /// Hands each event with its message to `f`, in order.
-    pub fn each(self, mut f: impl FnMut(Event, Encoded<'_>)) {
-        for ev in self.events {
-            let piece = self.pieces.get(ev.message.piece as usize);
+    pub fn each(mut self, mut f: impl FnMut(Event, Encoded<'_>)) {
+        for ev in std::mem::take(&mut self.events) {
             let span = ev.message;
-            f(ev, span.of(piece.map_or(&[], |p| &p[..])));
+            f(ev, span.of(self.piece(span)));
         }
     }
 
@@ -76,7 +84,62 @@ impl Batch {
             self.last_piece = piece.0;
         }
         ev.message.piece = (self.pieces.len() - 1) as u16;
+        self.bytes += EVENT_BYTES + (ev.message.len + u32::from(ev.message.extra_len)) as usize;
         self.events.push(ev);
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if let Some(in_flight) = &self.in_flight {
+            in_flight.release(self.bytes);
+        }
+    }
+}
+
+const EVENT_BYTES: usize = std::mem::size_of::<Event>();
+
+/// Read mode's in-flight bytes between the reader and the shards: what the batches sent and
+/// not yet dropped hold (events and messages). The reader waits while it is over
+/// [`READ_IN_FLIGHT`]; a batch's drop gives its bytes back and wakes the reader.
+pub struct InFlight {
+    bytes: AtomicUsize,
+    freed: (Sender<()>, Receiver<()>),
+}
+
+/// Read mode's bound on [`InFlight`]. The read pieces the messages lie in stay allocated while
+/// a queued batch points into them: at most the bytes read since the oldest batch still
+/// queued, about this bound times the share of the slowest shard, plus one read buffer.
+pub const READ_IN_FLIGHT: usize = 16 << 20;
+
+impl InFlight {
+    fn new() -> Self {
+        Self {
+            bytes: AtomicUsize::new(0),
+            freed: crossbeam_channel::bounded(1),
+        }
+    }
+
+    fn release(&self, bytes: usize) {
+        self.bytes.fetch_sub(bytes, Relaxed);
+        // A wake-up already pending covers this one too.
+        let _ = self.freed.0.try_send(());
+    }
+
+    /// Waits until `bytes` more fit under `budget` (or nothing is in flight), then counts them.
+    fn admit(&self, bytes: usize, budget: usize) {
+        loop {
+            let now = self.bytes.load(Relaxed);
+            if now == 0 || now + bytes <= budget {
+                break;
+            }
+            // The timeout only guards against a shard that ends without dropping its queue.
+            let _ = self
+                .freed
+                .1
+                .recv_timeout(std::time::Duration::from_millis(100));
+        }
+        self.bytes.fetch_add(bytes, Relaxed);
     }
 }
 
@@ -103,6 +166,9 @@ pub struct Router {
     pending_drops: Vec<u32>,
     /// Files apply backpressure instead of dropping: nothing is lost offline.
     blocking: bool,
+    /// With backpressure, what is in flight is bounded in bytes (`in_flight_budget`) too.
+    in_flight: Option<Arc<InFlight>>,
+    in_flight_budget: usize,
     metrics: Arc<Metrics>,
     /// The read piece the events dispatched now point into, and its number.
     piece: Bytes,
@@ -125,6 +191,8 @@ impl Router {
             batches: (0..n).map(|_| Batch::with_capacity()).collect(),
             pending_drops: vec![0; n],
             blocking,
+            in_flight: blocking.then(|| Arc::new(InFlight::new())),
+            in_flight_budget: READ_IN_FLIGHT,
             metrics,
             piece: Bytes::new(),
             piece_number: 0,
@@ -183,6 +251,10 @@ impl Router {
         let len = batch.events.len() as u32;
         // The shard learns of earlier drops before it sees anything that came after them.
         batch.events[0].drops_before = self.pending_drops[shard];
+        if let Some(in_flight) = &self.in_flight {
+            in_flight.admit(batch.bytes, self.in_flight_budget);
+            batch.in_flight = Some(in_flight.clone());
+        }
         match self.enqueue(shard, ShardInput::Events(batch), len as u64) {
             Ok(()) => self.pending_drops[shard] = 0,
             Err(why) => {
@@ -213,6 +285,16 @@ impl Router {
             depth.fetch_sub(len, Relaxed);
         }
         sent
+    }
+}
+
+#[cfg(test)]
+impl Router {
+    /// Read mode's in-flight bound set to `bytes`, and the count it applies to.
+    fn with_in_flight_budget(mut self, bytes: usize) -> (Self, Arc<InFlight>) {
+        self.in_flight_budget = bytes;
+        let in_flight = self.in_flight.clone().expect("a blocking router");
+        (self, in_flight)
     }
 }
 
@@ -420,6 +502,39 @@ mod tests {
             assert_eq!(r.metrics.discarded(Discard::QueueFull), 0);
             assert_eq!(r.depths[0].load(Relaxed), 0);
         }
+    }
+
+    /// Read mode: the reader waits for the shards while the batches it sent hold more than
+    /// the bound, whatever the queue's capacity in events.
+    #[test]
+    fn blocking_mode_bounds_what_is_in_flight_in_bytes() {
+        let r = rig(1, 1 << 20, 1 << 30, true);
+        let per_event = EVENT_BYTES + 100;
+        let budget = 4 * BATCH * per_event;
+        let (mut router, in_flight) = r.router.with_in_flight_budget(budget);
+        let queue = r.queues.into_iter().next().unwrap();
+        let shard = std::thread::spawn(move || {
+            let (mut held, mut most, mut events, mut waits) = (Vec::new(), 0, 0, 0);
+            for b in queue.iter().filter_map(ShardInput::into_batch) {
+                most = most.max(in_flight.bytes.load(Relaxed));
+                events += b.events.len();
+                held.push(b);
+                // Hold batches until the reader has to wait for room, then let them all go.
+                if queue.is_empty() && in_flight.bytes.load(Relaxed) + BATCH * per_event > budget {
+                    waits += 1;
+                    held.clear();
+                }
+            }
+            (most, events, waits)
+        });
+        for i in 0..100 * BATCH as u64 {
+            dispatch(&mut router, event(i << 40), &[0; 100]);
+        }
+        drop(router);
+        let (most, events, waits) = shard.join().unwrap();
+        assert_eq!(events, 100 * BATCH);
+        assert!(most <= budget, "{most} bytes in flight, bound {budget}");
+        assert!(waits > 10, "the reader waited for room {waits} times");
     }
 
     #[test]
