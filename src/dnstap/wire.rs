@@ -120,12 +120,17 @@ const EXTRA_HEADER: usize = 4;
 /// Scans a dnstap payload for the fields correlation needs.
 #[inline]
 pub fn scan(frame: &[u8]) -> Result<TapFields<'_>, DecodeError> {
-    scan_tap(frame).ok_or(DecodeError::Malformed)
+    let mut t = TapFields::default();
+    match scan_tap(frame, &mut t) {
+        Some(()) => Ok(t),
+        None => Err(DecodeError::Malformed),
+    }
 }
 
-fn scan_tap(frame: &[u8]) -> Option<TapFields<'_>> {
+/// Fills `t` in place: the fields are large enough (about 200 bytes) that moving them out of
+/// nested `Option`s cost more than the walk itself.
+fn scan_tap<'a>(frame: &'a [u8], t: &mut TapFields<'a>) -> Option<()> {
     let mut r = Wire(frame);
-    let mut t = TapFields::default();
     while !r.0.is_empty() {
         match r.tag()? {
             10 => t.identity = r.bytes()?,
@@ -133,19 +138,27 @@ fn scan_tap(frame: &[u8]) -> Option<TapFields<'_>> {
             26 => t.extra = r.bytes()?,
             114 => {
                 t.message_bytes = r.bytes()?;
-                t.message = Some(scan_message(t.message_bytes)?);
+                let m = t.message.insert(MessageFields::default());
+                scan_message_into(t.message_bytes, m)?;
             }
             tag => r.skip(tag)?,
         }
     }
-    Some(t)
+    Some(())
 }
 
 /// Scans an encoded dnstap.Message (what a session stores) for the same fields; `None` when
-/// it does not parse. Tags are `field << 3 | wire type` of dnstap.Message (proto/dnstap.proto).
+/// it does not parse.
 pub fn scan_message(b: &[u8]) -> Option<MessageFields<'_>> {
-    let mut r = Wire(b);
     let mut m = MessageFields::default();
+    scan_message_into(b, &mut m)?;
+    Some(m)
+}
+
+/// Tags are `field << 3 | wire type` of dnstap.Message (proto/dnstap.proto).
+#[inline]
+fn scan_message_into<'a>(b: &'a [u8], m: &mut MessageFields<'a>) -> Option<()> {
+    let mut r = Wire(b);
     while !r.0.is_empty() {
         match r.tag()? {
             8 => m.kind = Some(MessageType::from(r.varint()? as i32)),
@@ -163,7 +176,7 @@ pub fn scan_message(b: &[u8]) -> Option<MessageFields<'_>> {
             tag => r.skip(tag)?,
         }
     }
-    Some(m)
+    Some(())
 }
 
 /// The frame's `extra` stored after a message ([`Encoded`]), if any.
