@@ -1,7 +1,7 @@
 //! The ingest hot path (read buffer → frames → scan → event → router → shard queue) allocates
 //! nothing per message: counted with a counting global allocator over a capture, which is
 //! deterministic, so the bound is exact enough to assert. What it does allocate is per read
-//! buffer (1 MiB) and per batch of 128 events.
+//! buffer (1 MiB) and per batch of 128 events (the batch and its event vector).
 
 use dnstap_analyser::diagnosis::recall::RecallConfig;
 use dnstap_analyser::ingest::{file, LossBoard, QueueDepths, Router, SenderLimits, Shared};
@@ -65,15 +65,15 @@ fn reading_a_capture_allocates_per_batch_not_per_message() {
     assert_eq!(messages, 10_724, "every message of the capture was read");
     let batches = rx.len();
     assert!(batches >= messages / 128, "{batches} batches");
-    // Per batch: its event vector. Per read buffer, per stream and per identity: a few. What
-    // is left over must be far below one per message.
+    // Per batch: its box and its event vector. Per read buffer, per stream and per identity: a
+    // few. What is left over must be far below one per message.
     let per_message = allocations as f64 / messages as f64;
     eprintln!(
         "{allocations} allocations for {messages} messages ({per_message:.4} per message), \
          {batches} batches"
     );
     assert!(
-        allocations <= batches + 64,
+        allocations <= 2 * batches + 64,
         "{allocations} allocations for {messages} messages in {batches} batches"
     );
 }

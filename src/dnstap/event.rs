@@ -161,7 +161,10 @@ impl MessageSpan {
     /// The span of `message` and `extra`, slices of `payload`, which starts at `at` in its
     /// piece (an empty `extra` is none).
     pub fn within(payload: &[u8], at: usize, message: &[u8], extra: &[u8]) -> Self {
-        let offset = |part: &[u8]| (part.as_ptr() as usize - payload.as_ptr() as usize + at) as u32;
+        // Saturating: a part that is not in `payload` (none is) must not panic.
+        let offset = |part: &[u8]| {
+            ((part.as_ptr() as usize).saturating_sub(payload.as_ptr() as usize) + at) as u32
+        };
         let extra = &extra[..extra.len().min(MAX_EXTRA)];
         Self {
             piece: 0,

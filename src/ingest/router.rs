@@ -13,7 +13,9 @@ use std::sync::Arc;
 /// What a shard receives: events in stream order, in batches so the queue is touched once
 /// per batch rather than once per message.
 pub enum ShardInput {
-    Events(Batch),
+    /// Boxed: the shard queue is an array of `--queue-capacity` slots (its bound in batches
+    /// must let small batches through), so the slot's size is memory for every slot.
+    Events(Box<Batch>),
     /// Sent to every shard after the stream's last batch, with the events for that shard
     /// dropped since the last batch that got through (the stream's last batch may be one).
     StreamEnded {
@@ -25,7 +27,7 @@ pub enum ShardInput {
 impl ShardInput {
     /// The events, for tests that look only at those.
     #[cfg(test)]
-    pub(crate) fn into_batch(self) -> Option<Batch> {
+    pub(crate) fn into_batch(self) -> Option<Box<Batch>> {
         match self {
             Self::Events(batch) => Some(batch),
             Self::StreamEnded { .. } => None,
@@ -71,7 +73,7 @@ impl Batch {
     }
 
     /// Hands each event with its message to `f`, in order.
-    pub fn each(mut self, mut f: impl FnMut(Event, Encoded<'_>)) {
+    pub fn each(mut self: Box<Self>, mut f: impl FnMut(Event, Encoded<'_>)) {
         for ev in std::mem::take(&mut self.events) {
             let span = ev.message;
             f(ev, span.of(self.piece(span)));
@@ -255,7 +257,7 @@ impl Router {
             in_flight.admit(batch.bytes, self.in_flight_budget);
             batch.in_flight = Some(in_flight.clone());
         }
-        match self.enqueue(shard, ShardInput::Events(batch), len as u64) {
+        match self.enqueue(shard, ShardInput::Events(Box::new(batch)), len as u64) {
             Ok(()) => self.pending_drops[shard] = 0,
             Err(why) => {
                 self.pending_drops[shard] = self.pending_drops[shard].saturating_add(len);
@@ -349,7 +351,7 @@ mod tests {
         }
     }
 
-    fn received(q: &Receiver<ShardInput>) -> Vec<Batch> {
+    fn received(q: &Receiver<ShardInput>) -> Vec<Box<Batch>> {
         q.try_iter().filter_map(ShardInput::into_batch).collect()
     }
 
