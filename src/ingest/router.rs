@@ -73,7 +73,7 @@ impl Batch {
     }
 
     /// Hands each event with its message to `f`, in order.
-    pub fn each(mut self: Box<Self>, mut f: impl FnMut(Event, Encoded<'_>)) {
+    pub fn each(mut self, mut f: impl FnMut(Event, Encoded<'_>)) {
         for ev in std::mem::take(&mut self.events) {
             let span = ev.message;
             f(ev, span.of(self.piece(span)));
@@ -351,8 +351,11 @@ mod tests {
         }
     }
 
-    fn received(q: &Receiver<ShardInput>) -> Vec<Box<Batch>> {
-        q.try_iter().filter_map(ShardInput::into_batch).collect()
+    fn received(q: &Receiver<ShardInput>) -> Vec<Batch> {
+        q.try_iter()
+            .filter_map(ShardInput::into_batch)
+            .map(|b| *b)
+            .collect()
     }
 
     #[test]
