@@ -62,10 +62,14 @@ impl ReadBuffer {
         self.filled += bytes.len();
     }
 
-    /// Makes sure a frame of `total` bytes at the front fits (the decoder said it needs that).
+    /// Makes room towards a frame of `total` bytes at the front (the decoder said it needs
+    /// that): twice what has arrived at most, so the buffer grows as the frame arrives (copies
+    /// stay linear in its size) and never ahead of it: announcing a large frame allocates
+    /// nothing beyond the normal buffer.
     pub fn fit(&mut self, total: usize) {
-        if total > self.mem.len() {
-            self.make_room(total - self.filled);
+        let target = total.min(self.size.max(2 * self.filled));
+        if target > self.mem.len() {
+            self.make_room(target - self.filled);
         }
     }
 
@@ -108,6 +112,13 @@ mod tests {
         buf.fit(1000);
         assert_eq!(buf.len(), 104, "fitting a large frame keeps the data");
         assert_eq!(&buf.data()[..4], &[7, 8, 9, 10]);
+        assert!(
+            buf.mem.len() < 1000,
+            "grown as the frame arrives, not ahead of it"
+        );
+        buf.extend_from_slice(&[1; 896]);
+        buf.fit(1000);
+        assert_eq!(buf.data().len(), 1000);
         let mut empty: &[u8] = &[];
         assert_eq!(buf.read_from(&mut empty).unwrap(), 0);
     }
