@@ -15,6 +15,9 @@
 #     scaling  analyser --log failed with --shards 1/2/4 x --readers 1/2
 #     tls      analyser --log failed over plaintext, TLS and mTLS (certificates made with the
 #              openssl CLI into DIR/tls), the same traffic into each: the cost of TLS
+#     ratio    --rounds rounds of fstrm_capture -w /dev/null then the analyser --log failed
+#              (then the --baseline analyser, if given), interleaved; prints each round's
+#              throughput and CPU-per-message ratios to fstrm_capture and their medians
 #   OPTIONS:
 #     --sessions N        sessions per compare/scaling run (default 600000: ~2.07M messages)
 #     --connections N     emulated CoreDNS pods (default 4)
@@ -26,6 +29,9 @@
 #     --out DIR           where results go (default target/bench-e2e/<timestamp>)
 #     --no-build          use the existing target/release binaries
 #     --analyser-args "…" extra flags for every analyser run (e.g. "--pin")
+#     --analyser BIN      the analyser binary (default target/release/dnstap-analyser)
+#     --baseline BIN      ratio: another analyser binary (e.g. main's) measured in each round too
+#     --rounds N          ratio: rounds (default 3)
 #
 # Every run writes DIR/<name>.{time,stderr,truth.json,loadgen.err} and one line to
 # DIR/results.jsonl; a Markdown table is printed at the end (DIR/results.md).
@@ -45,6 +51,9 @@ PORT=17000
 OUT=""
 BUILD=1
 AN_EXTRA=""
+AN=""
+BASELINE=""
+ROUNDS=3
 SUITES=()
 
 while [ $# -gt 0 ]; do
@@ -59,8 +68,11 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --analyser-args) AN_EXTRA=$2; shift 2 ;;
+    --analyser) AN=$2; shift 2 ;;
+    --baseline) BASELINE=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//; /^set -euo/d'; exit 0 ;;
-    compare | paced | storm | scaling | tls) SUITES+=("$1"); shift ;;
+    compare | paced | storm | scaling | tls | ratio) SUITES+=("$1"); shift ;;
     all) SUITES+=(compare paced storm scaling tls); shift ;;
     *) echo "e2e.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -74,8 +86,8 @@ if [ "$BUILD" = 1 ]; then
     (cd "$ROOT" && cargo build --release --workspace --bins >&2)
 fi
 LG=$ROOT/target/release/dnstap-loadgen
-AN=$ROOT/target/release/dnstap-analyser
-for b in "$LG" "$AN" /usr/bin/time; do
+AN=${AN:-$ROOT/target/release/dnstap-analyser}
+for b in "$LG" "$AN" ${BASELINE:+"$BASELINE"} /usr/bin/time; do
     [ -x "$b" ] || { echo "e2e.sh: $b missing" >&2; exit 2; }
 done
 HAVE_FSTRM=1; command -v fstrm_capture >/dev/null || HAVE_FSTRM=0
@@ -275,6 +287,23 @@ suite_tls() {
         --log failed $AN_EXTRA
 }
 
+suite_ratio() {
+    [ "$HAVE_FSTRM" = 1 ] || { echo "e2e.sh: ratio needs fstrm_capture (Debian: fstrm-bin)" >&2; return 1; }
+    for round in $(seq 1 "$ROUNDS"); do
+        echo "load before round $round: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+        measure "ratio${round}_fstrm_capture" fstrm /dev/null "$LG_MAX" \
+            fstrm_capture -t protobuf:dnstap.Dnstap -a 127.0.0.1 -p @PORT@ -w /dev/null
+        # shellcheck disable=SC2086
+        measure "ratio${round}_analyser" analyser /dev/null "$LG_MAX" \
+            "$AN" --listen tcp://127.0.0.1:@PORT@ --log failed $AN_EXTRA
+        if [ -n "$BASELINE" ]; then
+            # shellcheck disable=SC2086
+            measure "ratio${round}_baseline" analyser /dev/null "$LG_MAX" \
+                "$BASELINE" --listen tcp://127.0.0.1:@PORT@ --log failed $AN_EXTRA
+        fi
+    done
+}
+
 for s in "${SUITES[@]}"; do
     "suite_$s"
 done
@@ -304,6 +333,20 @@ ratio("analyser_log_failed", "go_dnstap_q")
 ratio("analyser_log_all_json", "go_dnstap_j")
 ratio("analyser_tls", "analyser_plain")
 ratio("analyser_mtls", "analyser_plain")
+import re, statistics
+rounds = sorted({int(m.group(1)) for n in by for m in [re.match(r"ratio(\d+)_", n)] if m})
+for who in ("analyser", "baseline"):
+    pairs = [(by[f"ratio{i}_{who}"], by[f"ratio{i}_fstrm_capture"]) for i in rounds
+             if f"ratio{i}_{who}" in by and f"ratio{i}_fstrm_capture" in by]
+    if not pairs:
+        continue
+    tput = [a["msgs_per_s"] / f["msgs_per_s"] for a, f in pairs if f["msgs_per_s"]]
+    cpu = [a["cpu_s_per_M"] / f["cpu_s_per_M"] for a, f in pairs if f["cpu_s_per_M"]]
+    print(f"\n{who} --log failed vs fstrm_capture, per round: throughput "
+          + ", ".join(f"{x:.2f}x" for x in tput) + "; CPU per message "
+          + ", ".join(f"{x:.2f}x" for x in cpu))
+    print(f"{who} median: throughput **{statistics.median(tput):.2f}x**, "
+          f"CPU per message **{statistics.median(cpu):.2f}x**")
 for a in ("analyser_tls", "analyser_mtls"):
     if a in by and "analyser_plain" in by and by["analyser_plain"]["cpu_s_per_M"]:
         print(f"\n{a} / analyser_plain CPU-s per M msgs: **{by[a]['cpu_s_per_M'] / by['analyser_plain']['cpu_s_per_M']:.2f}x**")

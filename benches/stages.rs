@@ -6,7 +6,7 @@
 //! their messages, without them, and sampled as `--sample-succeeded 0.01 --messages failed`).
 
 use bytes::{Bytes, BytesMut};
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dnstap_analyser::correlate::{Config, Correlator, MessageStore, Session, Verdict};
 use dnstap_analyser::diagnosis::Diagnosis;
 use dnstap_analyser::dns;
@@ -58,16 +58,20 @@ fn stages(c: &mut Criterion) {
     g.throughput(Throughput::Elements(n));
 
     g.bench_function("frame_decode", |b| {
+        // As the reader does: the complete frames of the buffer, then each read in place.
         let dec = FrameDecoder::new(1 << 20);
-        b.iter_batched(
-            || BytesMut::from(&bytes[..]),
-            |mut buf| {
-                while let Some(f) = dec.decode(&mut buf).unwrap() {
+        b.iter(|| {
+            let mut at = 0;
+            while let Ok(n @ 1..) = dec.complete_prefix(&bytes[at..]) {
+                let piece = &bytes[at..at + n];
+                let mut p = 0;
+                while let Some((f, len)) = dec.frame_at(&piece[p..]).unwrap() {
                     black_box(f);
+                    p += len;
                 }
-            },
-            BatchSize::SmallInput,
-        )
+                at += n;
+            }
+        })
     });
     g.bench_function("protobuf_scan", |b| {
         b.iter(|| {

@@ -98,8 +98,22 @@ impl FrameDecoder {
     /// Returns the next complete frame, `Ok(None)` when more bytes are needed, or an error after
     /// which the stream cannot be resynchronised.
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-        let Some(len) = peek_u32(buf, 0) else {
+        let Peek::Complete { header, len } = self.peek(buf)? else {
             return Ok(None);
+        };
+        buf.advance(header);
+        let body = buf.split_to(len).freeze();
+        Ok(Some(match header {
+            DATA_HEADER => Frame::Data(body),
+            _ => Frame::Control(parse_control(body)?),
+        }))
+    }
+
+    /// The frame at the start of `buf`, read in place: how long its header and body are, or
+    /// how many bytes it needs in all. Checks the size limits before the frame is buffered.
+    pub fn peek(&self, buf: &[u8]) -> Result<Peek, FrameError> {
+        let Some(len) = peek_u32(buf, 0) else {
+            return Ok(Peek::Incomplete { need: DATA_HEADER });
         };
         let len = len as usize;
         if len != 0 {
@@ -109,26 +123,84 @@ impl FrameDecoder {
                     max: self.max_frame_size,
                 });
             }
-            if buf.len() < 4 + len {
-                return Ok(None);
-            }
-            buf.advance(4);
-            return Ok(Some(Frame::Data(buf.split_to(len).freeze())));
+            return Ok(Peek::of(buf, DATA_HEADER, len));
         }
         let Some(clen) = peek_u32(buf, 4) else {
-            return Ok(None);
+            return Ok(Peek::Incomplete {
+                need: CONTROL_HEADER,
+            });
         };
         let clen = clen as usize;
         if clen > MAX_CONTROL_FRAME {
             return Err(FrameError::ControlFrameTooLarge { len: clen });
         }
-        if buf.len() < 8 + clen {
-            return Ok(None);
-        }
-        buf.advance(8);
-        let body = buf.split_to(clen).freeze();
-        parse_control(body).map(|c| Some(Frame::Control(c)))
+        Ok(Peek::of(buf, CONTROL_HEADER, clen))
     }
+
+    /// How many bytes at the start of `buf` are complete frames: data frames, up to and
+    /// including the first control frame (which may change how the rest is read). An error is
+    /// returned only when no complete frame comes before it.
+    pub fn complete_prefix(&self, buf: &[u8]) -> Result<usize, FrameError> {
+        let mut at = 0;
+        loop {
+            match self.peek(&buf[at..]) {
+                Ok(Peek::Complete { header, len }) => {
+                    at += header + len;
+                    if header == CONTROL_HEADER {
+                        return Ok(at);
+                    }
+                }
+                Ok(Peek::Incomplete { .. }) => return Ok(at),
+                Err(e) if at == 0 => return Err(e),
+                Err(_) => return Ok(at),
+            }
+        }
+    }
+
+    /// The complete frame at the start of `buf` (see [`complete_prefix`](Self::complete_prefix))
+    /// and its length with its header; `Ok(None)` when it is not complete.
+    pub fn frame_at<'a>(&self, buf: &'a [u8]) -> Result<Option<(FrameAt<'a>, usize)>, FrameError> {
+        let Peek::Complete { header, len } = self.peek(buf)? else {
+            return Ok(None);
+        };
+        let body = &buf[header..header + len];
+        let frame = match header {
+            DATA_HEADER => FrameAt::Data(body),
+            // Rare (a handshake's few frames): copied, so the frame owns its content types.
+            _ => FrameAt::Control(parse_control(Bytes::copy_from_slice(body))?),
+        };
+        Ok(Some((frame, header + len)))
+    }
+}
+
+/// A data frame's header: its length.
+const DATA_HEADER: usize = 4;
+/// A control frame's header: the escape (0) and its length.
+const CONTROL_HEADER: usize = 8;
+
+/// What the start of a buffer holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peek {
+    /// A whole frame: `header` bytes of header (4 for data, 8 for control), then `len` of body.
+    Complete { header: usize, len: usize },
+    /// Not yet: the frame (or its header) is `need` bytes long in all.
+    Incomplete { need: usize },
+}
+
+impl Peek {
+    fn of(buf: &[u8], header: usize, len: usize) -> Self {
+        match buf.len() >= header + len {
+            true => Self::Complete { header, len },
+            false => Self::Incomplete { need: header + len },
+        }
+    }
+}
+
+/// A frame read in place (see [`FrameDecoder::frame_at`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameAt<'a> {
+    Data(&'a [u8]),
+    Control(ControlFrame),
 }
 
 fn peek_u32(buf: &[u8], at: usize) -> Option<u32> {
@@ -269,16 +341,23 @@ impl ReceiverStream {
     }
 
     pub fn on_frame(&mut self, frame: Frame) -> Result<Step, ProtocolError> {
+        match frame {
+            Frame::Data(payload) => self.on_data().map(|()| Step::Data(payload)),
+            Frame::Control(c) => self.on_control(c),
+        }
+    }
+
+    /// A data frame came: fine while streaming (the payload is the caller's to decode).
+    pub fn on_data(&self) -> Result<(), ProtocolError> {
+        match self.phase {
+            Phase::Streaming { .. } => Ok(()),
+            _ => Err(self.unexpected("data frame")),
+        }
+    }
+
+    /// A control frame came: what to do about it. Never `Step::Data`.
+    pub fn on_control(&mut self, control: ControlFrame) -> Result<Step, ProtocolError> {
         use ControlKind::*;
-        let control = match frame {
-            Frame::Data(payload) => {
-                return match self.phase {
-                    Phase::Streaming { .. } => Ok(Step::Data(payload)),
-                    _ => Err(self.unexpected("data frame")),
-                }
-            }
-            Frame::Control(c) => c,
-        };
         match (self.phase, control.kind) {
             (Phase::Opening, Ready) => {
                 if !control.offers_dnstap() {

@@ -430,10 +430,7 @@ fn run_shard(mut corr: Correlator, ctx: ShardContext) {
         match input {
             Ok(ShardInput::Events(batch)) => {
                 ctx.depths[ctx.index].fetch_sub(batch.events.len() as u64, Relaxed);
-                for ev in batch.events {
-                    let message = ev.message.of(&batch.bytes);
-                    corr.on_event(ev, message, now, &mut sink);
-                }
+                batch.each(|ev, message| corr.on_event(ev, message, now, &mut sink));
             }
             Ok(ShardInput::StreamEnded {
                 ended,

@@ -220,10 +220,10 @@ impl Correlator {
     }
 
     /// Joins one event; `message` is its encoded dnstap.Message, kept if a session takes it.
-    pub fn on_event(
+    pub fn on_event<'a>(
         &mut self,
         ev: Event,
-        message: &[u8],
+        message: impl Into<crate::dnstap::Encoded<'a>>,
         now: Instant,
         sink: &mut impl SessionSink,
     ) {
@@ -824,7 +824,7 @@ fn strip_query_of(
     scratch.extend_from_slice(&fq_bytes[..fq_field.start]);
     scratch.extend_from_slice(&fq_bytes[fq_field.end..]);
     store.release(fq);
-    Some(store.put(scratch))
+    Some(store.put(scratch.as_slice()))
 }
 
 /// Whether a CQ explains an orphan opened by its own response or upstream leg.

@@ -96,7 +96,7 @@ pub struct Message {
 impl Message {
     pub const REPEAT: u8 = 1;
     pub const QUERY_FROM_CQ: u8 = 2;
-    /// The stored bytes end with the frame's `extra` (`dnstap::append_extra`).
+    /// The stored bytes end with the frame's `extra` (`dnstap::Encoded`).
     pub const EXTRA: u8 = 4;
     pub const TIME_REJECTED: u8 = 8;
 

@@ -3,8 +3,10 @@
 //! Sessions live from microseconds (cache hits) to many seconds (upstream timeouts). Holding
 //! slices of the readers' buffers would pin every buffer a long-lived session touches, and one
 //! heap allocation per message is what the hot path must not do. Instead each message is
-//! copied into a slot of a size class; freed slots are reused at once, so memory follows the
+//! copied into a slot of a size class, straight from the reader's buffer (`ingest::Batch`); freed slots are reused at once, so memory follows the
 //! open sessions, not the traffic.
+
+use crate::dnstap::Encoded;
 
 /// Slot sizes in bytes, 8 apart where CoreDNS's messages fall (upstream queries stored without
 /// the client's query are 40-70 bytes, the rest 90-250); larger classes take big responses;
@@ -111,15 +113,19 @@ impl Default for MessageStore {
 }
 
 impl MessageStore {
-    pub fn put(&mut self, bytes: &[u8]) -> MessageRef {
-        if let Some(class) = CLASSES.iter().position(|&size| size >= bytes.len()) {
+    /// Stores a message (with its frame's `extra`, if any): written straight into its slot.
+    pub fn put<'a>(&mut self, message: impl Into<Encoded<'a>>) -> MessageRef {
+        let message = message.into();
+        let len = message.len();
+        if let Some(class) = CLASSES.iter().position(|&size| size >= len) {
             let c = &mut self.classes[class];
             if let Some(slot) = c.take() {
-                c.bytes_mut(slot)[..bytes.len()].copy_from_slice(bytes);
-                return MessageRef::new(class as u32, slot, bytes.len());
+                message.write_to(&mut c.bytes_mut(slot)[..len]);
+                return MessageRef::new(class as u32, slot, len);
             }
         }
-        let boxed: Box<[u8]> = bytes.into();
+        let mut boxed: Box<[u8]> = vec![0; len].into_boxed_slice();
+        message.write_to(&mut boxed);
         let slot = match self.large_free.pop() {
             Some(slot) => {
                 self.large[slot as usize] = Some(boxed);
@@ -130,7 +136,7 @@ impl MessageStore {
                 (self.large.len() - 1) as u32
             }
         };
-        MessageRef::new(LARGE, slot, bytes.len())
+        MessageRef::new(LARGE, slot, len)
     }
 
     pub fn get(&self, r: MessageRef) -> &[u8] {

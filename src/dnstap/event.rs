@@ -2,7 +2,7 @@
 //! and the key that sends every message of one request to the same shard and bucket.
 
 use super::{socket, time, DecodeError, MessageType, SenderProfile, SocketProtocol, SourceId};
-use super::{MessageFields, TapFields};
+use super::{Encoded, MessageFields, TapFields, MAX_EXTRA};
 use crate::dns::{self, QuestionSummary};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::SocketAddr;
@@ -114,7 +114,7 @@ pub struct Event {
     /// What the stream showed before this client message that its session cannot see
     /// itself (`diagnosis::Recall`, run where every message of the stream passes in order).
     pub recalled: Recollection,
-    /// The frame had an `extra`, appended to the message's stored bytes (`append_extra`).
+    /// The frame had an `extra`, stored after the message's bytes (`Encoded`).
     pub has_extra: bool,
     /// Where the encoded dnstap.Message is in the batch that carries this event (identity
     /// and version are the source's, kept once in the registry).
@@ -144,18 +144,47 @@ pub enum Recollection {
     },
 }
 
-/// Offset and length of an event's encoded message in its batch's byte buffer.
+/// Where an event's encoded dnstap.Message and its frame's `extra` lie: in which of its batch's
+/// read pieces (`ingest::Batch`), at which offsets. The shard copies them from there into its
+/// message store, the one copy between the socket and the store.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MessageSpan {
+    pub piece: u16,
+    /// At most `MAX_EXTRA`: the rest of a longer `extra` is not kept.
+    pub extra_len: u16,
     pub start: u32,
     pub len: u32,
+    pub extra_start: u32,
 }
 
 impl MessageSpan {
-    pub fn of(self, bytes: &[u8]) -> &[u8] {
-        bytes
-            .get(self.start as usize..(self.start + self.len) as usize)
-            .unwrap_or(&[])
+    /// The span of `message` and `extra`, slices of `payload`, which starts at `at` in its
+    /// piece (an empty `extra` is none).
+    pub fn within(payload: &[u8], at: usize, message: &[u8], extra: &[u8]) -> Self {
+        // Saturating: a part that is not in `payload` (none is) must not panic.
+        let offset = |part: &[u8]| {
+            ((part.as_ptr() as usize).saturating_sub(payload.as_ptr() as usize) + at) as u32
+        };
+        let extra = &extra[..extra.len().min(MAX_EXTRA)];
+        Self {
+            piece: 0,
+            extra_len: extra.len() as u16,
+            start: offset(message),
+            len: message.len() as u32,
+            extra_start: if extra.is_empty() { 0 } else { offset(extra) },
+        }
+    }
+
+    /// The message in `piece` (empty if the span does not fit, which no reader makes).
+    pub fn of(self, piece: &[u8]) -> Encoded<'_> {
+        let part = |start: u32, len: usize| {
+            let start = start as usize;
+            piece.get(start..start + len).unwrap_or(&[])
+        };
+        Encoded {
+            message: part(self.start, self.len as usize),
+            extra: part(self.extra_start, self.extra_len as usize),
+        }
     }
 }
 

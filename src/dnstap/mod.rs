@@ -21,5 +21,6 @@ pub use pb::{Dnstap, Message as DnstapMessage, SocketProtocol};
 pub use sender::{SenderProfile, SenderTraits};
 pub use sources::{IdentityLimit, Liveness, SourceId, SourceRegistry};
 pub use wire::{
-    append_extra, query_message_field, scan, scan_extra, scan_message, MessageFields, TapFields,
+    query_message_field, scan, scan_extra, scan_message, Encoded, MessageFields, TapFields,
+    MAX_EXTRA,
 };

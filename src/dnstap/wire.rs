@@ -39,31 +39,98 @@ const EXTRA_TAG: u64 = 2047 << 3 | 2;
 /// At most this much of `extra` is kept with a message (a sender controls it).
 pub const MAX_EXTRA: usize = 256;
 
-/// Appends `extra` (cut to [`MAX_EXTRA`] bytes) to an encoded dnstap.Message in `out` as field
-/// 2047: it travels with the message into the session's store without an allocation of its
-/// own, and is read back by [`scan_message`].
-pub fn append_extra(out: &mut Vec<u8>, extra: &[u8]) {
-    let extra = &extra[..extra.len().min(MAX_EXTRA)];
-    // Tag 16378 and a length below 2^14: two varint bytes each.
-    let len = extra.len() as u16;
-    out.extend_from_slice(&[
-        (EXTRA_TAG as u8) | 0x80,
-        (EXTRA_TAG >> 7) as u8,
-        (len as u8) | 0x80,
-        (len >> 7) as u8,
-    ]);
-    out.extend_from_slice(extra);
+/// An encoded dnstap.Message as a session stores it: the message, then its frame's `extra`
+/// (cut to [`MAX_EXTRA`] bytes) as field 2047, so that it travels with the message into the
+/// session's store without an allocation of its own; [`scan_extra`] reads it back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Encoded<'a> {
+    pub message: &'a [u8],
+    /// Empty: the frame had none.
+    pub extra: &'a [u8],
 }
+
+impl<'a> From<&'a [u8]> for Encoded<'a> {
+    fn from(message: &'a [u8]) -> Self {
+        Self {
+            message,
+            extra: &[],
+        }
+    }
+}
+
+impl<'a, const N: usize> From<&'a [u8; N]> for Encoded<'a> {
+    fn from(message: &'a [u8; N]) -> Self {
+        Self {
+            message,
+            extra: &[],
+        }
+    }
+}
+
+impl<'a> From<&'a Vec<u8>> for Encoded<'a> {
+    fn from(message: &'a Vec<u8>) -> Self {
+        Self {
+            message,
+            extra: &[],
+        }
+    }
+}
+
+impl Encoded<'_> {
+    fn extra(&self) -> &[u8] {
+        &self.extra[..self.extra.len().min(MAX_EXTRA)]
+    }
+
+    /// Its length as stored.
+    pub fn len(&self) -> usize {
+        match self.extra().len() {
+            0 => self.message.len(),
+            n => self.message.len() + EXTRA_HEADER + n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes it into `out`, which is [`len`](Self::len) bytes long.
+    pub fn write_to(&self, out: &mut [u8]) {
+        let (message, rest) = out.split_at_mut(self.message.len());
+        message.copy_from_slice(self.message);
+        let extra = self.extra();
+        if extra.is_empty() {
+            return;
+        }
+        // Tag 16378 and a length below 2^14: two varint bytes each.
+        let len = extra.len() as u16;
+        let (header, value) = rest.split_at_mut(EXTRA_HEADER);
+        header.copy_from_slice(&[
+            (EXTRA_TAG as u8) | 0x80,
+            (EXTRA_TAG >> 7) as u8,
+            (len as u8) | 0x80,
+            (len >> 7) as u8,
+        ]);
+        value.copy_from_slice(extra);
+    }
+}
+
+/// The tag and length in front of a stored `extra`.
+const EXTRA_HEADER: usize = 4;
 
 /// Scans a dnstap payload for the fields correlation needs.
 #[inline]
 pub fn scan(frame: &[u8]) -> Result<TapFields<'_>, DecodeError> {
-    scan_tap(frame).ok_or(DecodeError::Malformed)
+    let mut t = TapFields::default();
+    match scan_tap(frame, &mut t) {
+        Some(()) => Ok(t),
+        None => Err(DecodeError::Malformed),
+    }
 }
 
-fn scan_tap(frame: &[u8]) -> Option<TapFields<'_>> {
+/// Fills `t` in place: the fields are large enough (about 200 bytes) that moving them out of
+/// nested `Option`s cost more than the walk itself.
+fn scan_tap<'a>(frame: &'a [u8], t: &mut TapFields<'a>) -> Option<()> {
     let mut r = Wire(frame);
-    let mut t = TapFields::default();
     while !r.0.is_empty() {
         match r.tag()? {
             10 => t.identity = r.bytes()?,
@@ -71,19 +138,27 @@ fn scan_tap(frame: &[u8]) -> Option<TapFields<'_>> {
             26 => t.extra = r.bytes()?,
             114 => {
                 t.message_bytes = r.bytes()?;
-                t.message = Some(scan_message(t.message_bytes)?);
+                let m = t.message.insert(MessageFields::default());
+                scan_message_into(t.message_bytes, m)?;
             }
             tag => r.skip(tag)?,
         }
     }
-    Some(t)
+    Some(())
 }
 
 /// Scans an encoded dnstap.Message (what a session stores) for the same fields; `None` when
-/// it does not parse. Tags are `field << 3 | wire type` of dnstap.Message (proto/dnstap.proto).
+/// it does not parse.
 pub fn scan_message(b: &[u8]) -> Option<MessageFields<'_>> {
-    let mut r = Wire(b);
     let mut m = MessageFields::default();
+    scan_message_into(b, &mut m)?;
+    Some(m)
+}
+
+/// Tags are `field << 3 | wire type` of dnstap.Message (proto/dnstap.proto).
+#[inline]
+fn scan_message_into<'a>(b: &'a [u8], m: &mut MessageFields<'a>) -> Option<()> {
+    let mut r = Wire(b);
     while !r.0.is_empty() {
         match r.tag()? {
             8 => m.kind = Some(MessageType::from(r.varint()? as i32)),
@@ -101,10 +176,10 @@ pub fn scan_message(b: &[u8]) -> Option<MessageFields<'_>> {
             tag => r.skip(tag)?,
         }
     }
-    Some(m)
+    Some(())
 }
 
-/// The frame's `extra` that the reader appended to a stored message ([`append_extra`]), if any.
+/// The frame's `extra` stored after a message ([`Encoded`]), if any.
 /// Apart from [`scan_message`], so that the hot path's fields stay small.
 pub fn scan_extra(message: &[u8]) -> Option<&[u8]> {
     let mut r = Wire(message);

@@ -2,9 +2,8 @@
 //! the order given as one stream per identity, so a capture split in parts joins up. A file may
 //! hold several Frame Streams streams back to back (START…STOP, START…STOP): all are read.
 
-use super::{Router, Shared, SourceCount, StreamEnd, StreamIngest};
+use super::{ReadBuffer, Router, Shared, SourceCount, StreamEnd, StreamIngest};
 use crate::metrics::Metrics;
-use bytes::BytesMut;
 use std::path::Path;
 
 #[derive(Debug)]
@@ -51,18 +50,17 @@ fn read_one(
     counted: &mut impl FnMut(&SourceCount),
 ) -> Result<(), String> {
     let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut buf = BytesMut::with_capacity(1 << 20);
-    let mut scratch = vec![0u8; 1 << 20];
+    let mut buf = ReadBuffer::new(1 << 20);
     // Files have no peer to answer: handshake replies are discarded.
     let mut replies = Vec::new();
     // A STOP ended the last stream and nothing of another one has come since.
     let mut between_streams = false;
     let mut looked_at_start = false;
     loop {
-        let n = super::read_into(&mut file, &mut scratch, &mut buf).map_err(|e| e.to_string())?;
+        let n = buf.read_from(&mut file).map_err(|e| e.to_string())?;
         if !looked_at_start && (buf.len() >= ESCAPE.len() || n == 0) {
             looked_at_start = true;
-            if let Err(why) = frame_streams_start(&buf) {
+            if let Err(why) = frame_streams_start(buf.data()) {
                 metrics.discard(
                     crate::metrics::Discard::BadStream,
                     u64::from(!buf.is_empty()),
@@ -119,7 +117,7 @@ fn frame_streams_start(head: &[u8]) -> Result<(), &'static str> {
 /// own handshake.
 fn feed_streams(
     ingest: &mut StreamIngest,
-    buf: &mut BytesMut,
+    buf: &mut ReadBuffer,
     router: &mut Router,
     replies: &mut Vec<u8>,
     between_streams: &mut bool,
@@ -174,8 +172,8 @@ mod tests {
         drop(router);
         let mut out = Vec::new();
         for batch in rx.iter().filter_map(ShardInput::into_batch) {
-            for mut ev in batch.events {
-                let message = ev.message.of(&batch.bytes).to_vec();
+            for mut ev in batch.events.iter().cloned() {
+                let message = batch.message(&ev).message.to_vec();
                 ev.message = Default::default();
                 ev.stream = Default::default();
                 out.push(format!("{ev:?} {message:?}"));

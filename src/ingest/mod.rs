@@ -2,6 +2,7 @@
 //! events (`StreamIngest`), routed to correlator shards by key (`router`), with the evidence
 //! of lost messages kept per source (`loss`).
 
+mod buffer;
 pub mod file;
 pub mod limits;
 mod loss;
@@ -9,39 +10,24 @@ pub mod net;
 mod router;
 pub mod tls;
 
+pub use buffer::ReadBuffer;
 pub use loss::LossBoard;
 pub use router::{Batch, QueueDepths, Router, ShardInput, BATCH};
 
 use crate::diagnosis::recall::{Recall, RecallConfig};
 use crate::dnstap::{
-    self, Event, IdentityLimit, Nanos, PeerKey, Role, SenderProfile, SourceId, SourceRegistry,
-    StreamEnded, StreamId,
+    self, Event, IdentityLimit, MessageSpan, Nanos, PeerKey, Role, SenderProfile, SourceId,
+    SourceRegistry, StreamEnded, StreamId,
 };
-use crate::framestream::{FrameDecoder, FrameError, ProtocolError, ReceiverStream, Step};
+use crate::framestream::{
+    FrameAt, FrameDecoder, FrameError, Peek, ProtocolError, ReceiverStream, Step,
+};
 use crate::metrics::{Discard, ErrorChain, Metrics, Tally};
-use bytes::BytesMut;
 use hashbrown::HashMap;
 use loss::SourceTrack;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-
-/// Reads once from `src` and appends what arrived to `buf`, through `scratch`: copying the
-/// bytes that came is cheaper than zeroing spare capacity before every read.
-pub fn read_into(
-    src: &mut impl std::io::Read,
-    scratch: &mut [u8],
-    buf: &mut BytesMut,
-) -> std::io::Result<usize> {
-    let n = loop {
-        match src.read(scratch) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            r => break r?,
-        }
-    };
-    buf.extend_from_slice(&scratch[..n]);
-    Ok(n)
-}
 
 /// Everything readers share.
 #[derive(Clone)]
@@ -338,7 +324,7 @@ impl StreamIngest {
     /// when it has nothing more to read for now, so batches fill up across connections.
     pub fn feed(
         &mut self,
-        buf: &mut BytesMut,
+        buf: &mut ReadBuffer,
         router: &mut Router,
         replies: &mut Vec<u8>,
     ) -> Result<bool, StreamError> {
@@ -348,7 +334,7 @@ impl StreamIngest {
     /// `feed` at a given time (tests).
     fn feed_at(
         &mut self,
-        buf: &mut BytesMut,
+        buf: &mut ReadBuffer,
         router: &mut Router,
         replies: &mut Vec<u8>,
         now: Instant,
@@ -393,32 +379,46 @@ impl StreamIngest {
 
     fn feed_frames(
         &mut self,
-        buf: &mut BytesMut,
+        buf: &mut ReadBuffer,
         router: &mut Router,
         replies: &mut Vec<u8>,
     ) -> Result<bool, StreamError> {
         loop {
-            let frame = match self.decoder.decode(buf)? {
-                Some(f) => f,
-                None => return Ok(false),
-            };
-            match self.receiver.on_frame(frame)? {
-                Step::Continue => {}
-                Step::Reply(r) => replies.extend_from_slice(&r),
-                Step::Data(payload) => {
-                    // Counted once the receiver takes it as dnstap: a data frame it refuses
-                    // (before START) ends the stream as bad_stream instead, so every frame
-                    // counted is a message or a per-message drop.
-                    self.tally.frames += 1;
-                    self.tally.bytes += payload.len() as u64 + 4;
-                    self.on_payload(payload, router)
+            let complete = self.decoder.complete_prefix(buf.data())?;
+            if complete == 0 {
+                if let Peek::Incomplete { need } = self.decoder.peek(buf.data())? {
+                    buf.fit(need);
                 }
-                Step::Finished(reply) => {
-                    if let Some(r) = reply {
-                        replies.extend_from_slice(&r);
+                return Ok(false);
+            }
+            // The complete frames go to the shards as one piece; they end with the first
+            // control frame, which may end the stream.
+            let piece = buf.take(complete);
+            router.begin_piece(piece.clone());
+            let mut at = 0;
+            while let Some((frame, len)) = self.decoder.frame_at(&piece[at..])? {
+                match frame {
+                    FrameAt::Data(payload) => {
+                        self.receiver.on_data()?;
+                        // Counted once the receiver takes it as dnstap: a data frame it
+                        // refuses (before START) ends the stream as bad_stream instead, so
+                        // every frame counted is a message or a per-message drop.
+                        self.tally.frames += 1;
+                        self.tally.bytes += payload.len() as u64 + 4;
+                        self.on_payload(payload, at + len - payload.len(), router);
                     }
-                    return Ok(true);
+                    FrameAt::Control(control) => match self.receiver.on_control(control)? {
+                        Step::Reply(r) => replies.extend_from_slice(&r),
+                        Step::Finished(reply) => {
+                            if let Some(r) = reply {
+                                replies.extend_from_slice(&r);
+                            }
+                            return Ok(true);
+                        }
+                        Step::Continue | Step::Data(_) => {}
+                    },
                 }
+                at += len;
             }
         }
     }
@@ -467,8 +467,9 @@ impl Drop for StreamIngest {
 }
 
 impl StreamIngest {
-    fn on_payload(&mut self, payload: bytes::Bytes, router: &mut Router) {
-        let tap = match dnstap::scan(&payload) {
+    /// One data frame's payload, which starts at `at` in the router's current piece.
+    fn on_payload(&mut self, payload: &[u8], at: usize, router: &mut Router) {
+        let tap = match dnstap::scan(payload) {
             Ok(t) => t,
             Err(e) => {
                 let metrics = &self.shared.metrics;
@@ -519,7 +520,8 @@ impl StreamIngest {
         self.count_source(source, ev.role, ev.watermark);
         ev.recalled = self.recall.observe(&ev);
         ev.has_extra = !tap.extra.is_empty();
-        router.dispatch_with_extra(ev, tap.message_bytes, tap.extra);
+        ev.message = MessageSpan::within(payload, at, tap.message_bytes, tap.extra);
+        router.dispatch(ev);
     }
 
     /// A time before 2000 or past the wall clock plus `--max-time-ahead` is dropped from the
@@ -687,7 +689,8 @@ mod tests {
         }
 
         fn feed(&mut self, bytes: &[u8]) {
-            let mut buf = BytesMut::from(bytes);
+            let mut buf = ReadBuffer::new(64 << 10);
+            buf.extend_from_slice(bytes);
             let mut replies = Vec::new();
             let (now, wall) = (self.now, self.wall);
             let r = self
@@ -705,8 +708,8 @@ mod tests {
         fn events(&mut self) -> Vec<(String, Role, Option<Nanos>, Nanos)> {
             self.router.flush();
             let mut out = Vec::new();
-            for batch in self.rx.try_iter().filter_map(ShardInput::into_batch) {
-                for ev in batch.events {
+            for mut batch in self.rx.try_iter().filter_map(ShardInput::into_batch) {
+                for ev in std::mem::take(&mut batch.events) {
                     let name = self.sources.describe(ev.source).0.to_string();
                     out.push((name, ev.role, ev.query_time, ev.watermark));
                 }

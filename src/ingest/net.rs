@@ -4,9 +4,8 @@
 
 use super::limits::{Refusal, Slots};
 use super::tls::{TlsAcceptor, TlsFailure, TlsStream};
-use super::{Router, Shared, StreamEnd, StreamIngest};
+use super::{ReadBuffer, Router, Shared, StreamEnd, StreamIngest};
 use crate::metrics::{Discard, Disconnect};
-use bytes::BytesMut;
 use crossbeam_channel::{Receiver, Sender};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -231,17 +230,18 @@ impl Stream {
         }
     }
 
-    /// Appends what arrived to `buf`, decrypted if TLS; `Ok(0)` at the end of the stream.
+    /// Appends what arrived to `buf`, decrypted if TLS (the ciphertext through `scratch`);
+    /// `Ok(0)` at the end of the stream.
     fn read_into(
         &mut self,
         scratch: &mut [u8],
-        buf: &mut BytesMut,
+        buf: &mut ReadBuffer,
         metrics: &crate::metrics::Metrics,
     ) -> io::Result<usize> {
         match self {
-            Self::Tcp(s) => super::read_into(s, scratch, buf),
+            Self::Tcp(s) => buf.read_from(s),
             Self::Tls(s) => s.read_into(scratch, buf, metrics),
-            Self::Unix(s) => super::read_into(s, scratch, buf),
+            Self::Unix(s) => buf.read_from(s),
         }
     }
 
@@ -271,7 +271,7 @@ struct Conn {
     stream: Stream,
     peer: Peer,
     ingest: StreamIngest,
-    buf: BytesMut,
+    buf: ReadBuffer,
     /// Bytes of `buf` last added to the shared partial-frame total.
     partial: usize,
     /// Replies (ACCEPT, FINISH) not yet written.
@@ -359,6 +359,7 @@ pub struct Reader {
     /// The time of the current poll wake-up: one clock read per wake-up, not per read.
     now: Instant,
     last_sweep: Instant,
+    /// TLS ciphertext on its way to rustls (plaintext streams read into their own buffer).
     scratch: Box<[u8]>,
     /// Live metrics and heartbeat, once `instrument`ed (the pipeline does; unit tests don't).
     live: Option<Live>,
@@ -613,7 +614,7 @@ impl Reader {
                 stream,
                 peer,
                 ingest,
-                buf: BytesMut::with_capacity(64 << 10),
+                buf: ReadBuffer::new(64 << 10),
                 partial: 0,
                 out: Vec::new(),
                 opened: self.now,

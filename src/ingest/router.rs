@@ -2,16 +2,20 @@
 //! reader: the batch is dropped and counted, and the shard is told with the next batch it
 //! gets. Files block instead (nothing is lost offline).
 
-use crate::dnstap::{Event, MessageSpan, StreamEnded};
+use crate::dnstap::{Encoded, Event, MessageSpan, StreamEnded};
 use crate::metrics::{Discard, Metrics};
-use crossbeam_channel::{Sender, TrySendError};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use smallvec::SmallVec;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// What a shard receives: events in stream order, in batches so the queue is touched once
 /// per batch rather than once per message.
 pub enum ShardInput {
-    Events(Batch),
+    /// Boxed: the shard queue is an array of `--queue-capacity` slots (its bound in batches
+    /// must let small batches through), so the slot's size is memory for every slot.
+    Events(Box<Batch>),
     /// Sent to every shard after the stream's last batch, with the events for that shard
     /// dropped since the last batch that got through (the stream's last batch may be one).
     StreamEnded {
@@ -23,7 +27,7 @@ pub enum ShardInput {
 impl ShardInput {
     /// The events, for tests that look only at those.
     #[cfg(test)]
-    pub(crate) fn into_batch(self) -> Option<Batch> {
+    pub(crate) fn into_batch(self) -> Option<Box<Batch>> {
         match self {
             Self::Events(batch) => Some(batch),
             Self::StreamEnded { .. } => None,
@@ -31,34 +35,113 @@ impl ShardInput {
     }
 }
 
-/// Events and the encoded messages they point into. The reader copies each message here
-/// (about a hundred bytes): sharing the read buffer instead would make every message an
-/// atomic reference count bounced between the reader's core and the shard's.
+/// Events and the read pieces their encoded messages are in. The reader copies nothing: the
+/// shard copies each message it keeps from the piece into its store, and a piece's reference
+/// count is touched once per batch, not per message (per message, it would bounce between the
+/// reader's core and the shard's).
 #[derive(Default)]
 pub struct Batch {
     pub events: Vec<Event>,
-    pub bytes: Vec<u8>,
+    /// `MessageSpan::piece` indexes this.
+    pub pieces: SmallVec<[Bytes; 2]>,
+    /// The router's number of the last piece added.
+    last_piece: u64,
+    /// What it holds, as read mode's in-flight bound counts it: its events and their messages.
+    bytes: usize,
+    /// Read mode: the count this batch is in, until it is dropped (processed or not).
+    in_flight: Option<Arc<InFlight>>,
 }
 
 impl Batch {
     fn with_capacity() -> Self {
         Self {
             events: Vec::with_capacity(BATCH),
-            bytes: Vec::with_capacity(BATCH * 160),
+            pieces: SmallVec::new(),
+            last_piece: 0,
+            bytes: 0,
+            in_flight: None,
         }
     }
 
-    fn push(&mut self, mut ev: Event, message: &[u8], extra: &[u8]) {
-        let start = self.bytes.len();
-        self.bytes.extend_from_slice(message);
-        if !extra.is_empty() {
-            crate::dnstap::append_extra(&mut self.bytes, extra);
+    fn piece(&self, span: MessageSpan) -> &[u8] {
+        self.pieces.get(span.piece as usize).map_or(&[], |p| &p[..])
+    }
+
+    /// The encoded message of one of its events.
+    pub fn message(&self, ev: &Event) -> Encoded<'_> {
+        ev.message.of(self.piece(ev.message))
+    }
+
+    /// Hands each event with its message to `f`, in order.
+    pub fn each(mut self, mut f: impl FnMut(Event, Encoded<'_>)) {
+        for ev in std::mem::take(&mut self.events) {
+            let span = ev.message;
+            f(ev, span.of(self.piece(span)));
         }
-        ev.message = MessageSpan {
-            start: start as u32,
-            len: (self.bytes.len() - start) as u32,
-        };
+    }
+
+    fn push(&mut self, mut ev: Event, piece: (u64, &Bytes)) {
+        if self.last_piece != piece.0 || self.pieces.is_empty() {
+            self.pieces.push(piece.1.clone());
+            self.last_piece = piece.0;
+        }
+        ev.message.piece = (self.pieces.len() - 1) as u16;
+        self.bytes += EVENT_BYTES + (ev.message.len + u32::from(ev.message.extra_len)) as usize;
         self.events.push(ev);
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if let Some(in_flight) = &self.in_flight {
+            in_flight.release(self.bytes);
+        }
+    }
+}
+
+const EVENT_BYTES: usize = std::mem::size_of::<Event>();
+
+/// Read mode's in-flight bytes between the reader and the shards: what the batches sent and
+/// not yet dropped hold (events and messages). The reader waits while it is over
+/// [`READ_IN_FLIGHT`]; a batch's drop gives its bytes back and wakes the reader.
+pub struct InFlight {
+    bytes: AtomicUsize,
+    freed: (Sender<()>, Receiver<()>),
+}
+
+/// Read mode's bound on [`InFlight`]. The read pieces the messages lie in stay allocated while
+/// a queued batch points into them: at most the bytes read since the oldest batch still
+/// queued, about this bound times the share of the slowest shard, plus one read buffer.
+pub const READ_IN_FLIGHT: usize = 16 << 20;
+
+impl InFlight {
+    fn new() -> Self {
+        Self {
+            bytes: AtomicUsize::new(0),
+            freed: crossbeam_channel::bounded(1),
+        }
+    }
+
+    fn release(&self, bytes: usize) {
+        self.bytes.fetch_sub(bytes, Relaxed);
+        // A wake-up already pending covers this one too.
+        let _ = self.freed.0.try_send(());
+    }
+
+    /// Waits until `bytes` more fit under `budget` (or nothing is in flight), then counts them.
+    fn admit(&self, bytes: usize, budget: usize) {
+        loop {
+            let now = self.bytes.load(Relaxed);
+            if now == 0 || now + bytes <= budget {
+                break;
+            }
+            // The timeout only guards against a shard that ends without dropping its queue.
+            let _ = self
+                .freed
+                .1
+                .recv_timeout(std::time::Duration::from_millis(100));
+        }
+        self.bytes.fetch_add(bytes, Relaxed);
     }
 }
 
@@ -85,7 +168,13 @@ pub struct Router {
     pending_drops: Vec<u32>,
     /// Files apply backpressure instead of dropping: nothing is lost offline.
     blocking: bool,
+    /// With backpressure, what is in flight is bounded in bytes (`in_flight_budget`) too.
+    in_flight: Option<Arc<InFlight>>,
+    in_flight_budget: usize,
     metrics: Arc<Metrics>,
+    /// The read piece the events dispatched now point into, and its number.
+    piece: Bytes,
+    piece_number: u64,
 }
 
 impl Router {
@@ -104,19 +193,25 @@ impl Router {
             batches: (0..n).map(|_| Batch::with_capacity()).collect(),
             pending_drops: vec![0; n],
             blocking,
+            in_flight: blocking.then(|| Arc::new(InFlight::new())),
+            in_flight_budget: READ_IN_FLIGHT,
             metrics,
+            piece: Bytes::new(),
+            piece_number: 0,
         }
     }
 
-    pub fn dispatch(&mut self, ev: Event, message: &[u8]) {
-        self.dispatch_with_extra(ev, message, &[]);
+    /// The events dispatched from now on have their messages in `piece`.
+    pub fn begin_piece(&mut self, piece: Bytes) {
+        self.piece = piece;
+        self.piece_number += 1;
     }
 
-    /// Routes `ev` with its encoded message and its frame's `extra` (empty: none).
+    /// Routes `ev`, whose `message` span lies in the current piece.
     #[inline]
-    pub fn dispatch_with_extra(&mut self, ev: Event, message: &[u8], extra: &[u8]) {
+    pub fn dispatch(&mut self, ev: Event) {
         let shard = shard_of(ev.key, self.shards.len());
-        self.batches[shard].push(ev, message, extra);
+        self.batches[shard].push(ev, (self.piece_number, &self.piece));
         if self.batches[shard].events.len() >= BATCH {
             self.send(shard);
         }
@@ -158,7 +253,11 @@ impl Router {
         let len = batch.events.len() as u32;
         // The shard learns of earlier drops before it sees anything that came after them.
         batch.events[0].drops_before = self.pending_drops[shard];
-        match self.enqueue(shard, ShardInput::Events(batch), len as u64) {
+        if let Some(in_flight) = &self.in_flight {
+            in_flight.admit(batch.bytes, self.in_flight_budget);
+            batch.in_flight = Some(in_flight.clone());
+        }
+        match self.enqueue(shard, ShardInput::Events(Box::new(batch)), len as u64) {
             Ok(()) => self.pending_drops[shard] = 0,
             Err(why) => {
                 self.pending_drops[shard] = self.pending_drops[shard].saturating_add(len);
@@ -191,6 +290,16 @@ impl Router {
     }
 }
 
+#[cfg(test)]
+impl Router {
+    /// Read mode's in-flight bound set to `bytes`, and the count it applies to.
+    fn with_in_flight_budget(mut self, bytes: usize) -> (Self, Arc<InFlight>) {
+        self.in_flight_budget = bytes;
+        let in_flight = self.in_flight.clone().expect("a blocking router");
+        (self, in_flight)
+    }
+}
+
 impl Drop for Router {
     fn drop(&mut self) {
         self.flush();
@@ -205,6 +314,13 @@ mod tests {
 
     fn event(key: u64) -> Event {
         Event::for_tests(SenderProfile::CoreDns, Role::ClientQuery, key, None, None)
+    }
+
+    /// Routes `ev` with `message`, read as a piece of its own.
+    fn dispatch(router: &mut Router, mut ev: Event, message: &[u8]) {
+        router.begin_piece(Bytes::copy_from_slice(message));
+        ev.message.len = message.len() as u32;
+        router.dispatch(ev);
     }
 
     /// A key that lands on `shard` of `n`.
@@ -236,7 +352,10 @@ mod tests {
     }
 
     fn received(q: &Receiver<ShardInput>) -> Vec<Batch> {
-        q.try_iter().filter_map(ShardInput::into_batch).collect()
+        q.try_iter()
+            .filter_map(ShardInput::into_batch)
+            .map(|b| *b)
+            .collect()
     }
 
     #[test]
@@ -267,20 +386,20 @@ mod tests {
         let mut r = rig(2, 16, 1 << 20, false);
         let k = key_for(1, 2);
         for i in 0..BATCH + 5 {
-            r.router.dispatch(event(k), &[i as u8; 3]);
+            dispatch(&mut r.router, event(k), &[i as u8; 3]);
         }
         assert!(received(&r.queues[0]).is_empty());
         let batches = received(&r.queues[1]);
         assert_eq!(batches.len(), 1, "a full batch goes at once");
         assert_eq!(batches[0].events.len(), BATCH);
-        assert_eq!(batches[0].events[7].message.of(&batches[0].bytes), [7; 3]);
+        assert_eq!(batches[0].message(&batches[0].events[7]).message, [7; 3]);
         assert_eq!(r.depths[1].load(Relaxed), BATCH as u64);
         r.router.flush();
         let rest = received(&r.queues[1]);
         assert_eq!(rest.len(), 1, "flush sends the partial batch");
         assert_eq!(rest[0].events.len(), 5);
         assert_eq!(
-            rest[0].events[0].message.of(&rest[0].bytes),
+            rest[0].message(&rest[0].events[0]).message,
             [BATCH as u8; 3]
         );
         r.router.flush();
@@ -291,7 +410,7 @@ mod tests {
     #[test]
     fn a_stream_end_follows_the_streams_events_on_every_shard() {
         let mut r = rig(2, 8, 1000, false);
-        r.router.dispatch(event(key_for(1, 2)), b"m");
+        dispatch(&mut r.router, event(key_for(1, 2)), b"m");
         let ended = StreamEnded {
             stream: crate::dnstap::StreamId(7),
             sources: vec![(crate::dnstap::SourceId(3), 2)],
@@ -317,7 +436,7 @@ mod tests {
         // The stream's last batch did not fit: the notice carries its drops, once.
         let mut r = rig(2, 8, 2, false);
         for _ in 0..3 {
-            r.router.dispatch(event(key_for(0, 2)), b"m");
+            dispatch(&mut r.router, event(key_for(0, 2)), b"m");
         }
         r.router.end_stream(ended.clone());
         r.router.end_stream(ended.clone());
@@ -330,13 +449,13 @@ mod tests {
         let mut r = rig(2, 16, 10, false);
         let (k0, k1) = (key_for(0, 2), key_for(1, 2));
         for _ in 0..8 {
-            r.router.dispatch(event(k0), b"m");
+            dispatch(&mut r.router, event(k0), b"m");
         }
         r.router.flush();
         for _ in 0..3 {
-            r.router.dispatch(event(k0), b"m");
+            dispatch(&mut r.router, event(k0), b"m");
         }
-        r.router.dispatch(event(k1), b"m");
+        dispatch(&mut r.router, event(k1), b"m");
         r.router.flush();
         assert_eq!(r.metrics.discarded(Discard::QueueFull), 3, "8 + 3 > 10");
         assert_eq!(received(&r.queues[1])[0].events[0].drops_before, 0);
@@ -345,13 +464,13 @@ mod tests {
         assert_eq!(r.depths[0].load(Relaxed), 8);
         // The shard takes its events; the next batch gets through and carries the drops.
         r.depths[0].fetch_sub(8, Relaxed);
-        r.router.dispatch(event(k0), b"m");
-        r.router.dispatch(event(k0), b"m");
+        dispatch(&mut r.router, event(k0), b"m");
+        dispatch(&mut r.router, event(k0), b"m");
         r.router.flush();
         let next = received(&r.queues[0]);
         assert_eq!(next[0].events[0].drops_before, 3);
         assert_eq!(next[0].events[1].drops_before, 0);
-        r.router.dispatch(event(k0), b"m");
+        dispatch(&mut r.router, event(k0), b"m");
         r.router.flush();
         assert_eq!(
             received(&r.queues[0])[0].events[0].drops_before,
@@ -365,7 +484,7 @@ mod tests {
     fn a_full_channel_counts_as_queue_full_and_restores_the_depth() {
         let mut r = rig(1, 1, 1 << 20, false);
         for _ in 0..2 {
-            r.router.dispatch(event(0), b"m");
+            dispatch(&mut r.router, event(0), b"m");
             r.router.flush();
         }
         assert_eq!(r.metrics.discarded(Discard::QueueFull), 1);
@@ -377,8 +496,8 @@ mod tests {
         for blocking in [false, true] {
             let mut r = rig(1, 4, 1 << 20, blocking);
             r.queues.clear();
-            r.router.dispatch(event(0), b"m");
-            r.router.dispatch(event(0), b"m");
+            dispatch(&mut r.router, event(0), b"m");
+            dispatch(&mut r.router, event(0), b"m");
             r.router.flush();
             assert_eq!(
                 r.metrics.discarded(Discard::QueueDisconnected),
@@ -388,6 +507,39 @@ mod tests {
             assert_eq!(r.metrics.discarded(Discard::QueueFull), 0);
             assert_eq!(r.depths[0].load(Relaxed), 0);
         }
+    }
+
+    /// Read mode: the reader waits for the shards while the batches it sent hold more than
+    /// the bound, whatever the queue's capacity in events.
+    #[test]
+    fn blocking_mode_bounds_what_is_in_flight_in_bytes() {
+        let r = rig(1, 1 << 20, 1 << 30, true);
+        let per_event = EVENT_BYTES + 100;
+        let budget = 4 * BATCH * per_event;
+        let (mut router, in_flight) = r.router.with_in_flight_budget(budget);
+        let queue = r.queues.into_iter().next().unwrap();
+        let shard = std::thread::spawn(move || {
+            let (mut held, mut most, mut events, mut waits) = (Vec::new(), 0, 0, 0);
+            for b in queue.iter().filter_map(ShardInput::into_batch) {
+                most = most.max(in_flight.bytes.load(Relaxed));
+                events += b.events.len();
+                held.push(b);
+                // Hold batches until the reader has to wait for room, then let them all go.
+                if queue.is_empty() && in_flight.bytes.load(Relaxed) + BATCH * per_event > budget {
+                    waits += 1;
+                    held.clear();
+                }
+            }
+            (most, events, waits)
+        });
+        for i in 0..100 * BATCH as u64 {
+            dispatch(&mut router, event(i << 40), &[0; 100]);
+        }
+        drop(router);
+        let (most, events, waits) = shard.join().unwrap();
+        assert_eq!(events, 100 * BATCH);
+        assert!(most <= budget, "{most} bytes in flight, bound {budget}");
+        assert!(waits > 10, "the reader waited for room {waits} times");
     }
 
     #[test]
@@ -404,7 +556,7 @@ mod tests {
             events
         });
         for i in 0..1000u64 {
-            r.router.dispatch(event(i << 40), b"m");
+            dispatch(&mut r.router, event(i << 40), b"m");
             if i % 7 == 0 {
                 r.router.flush();
             }

@@ -9,7 +9,6 @@
 //! they started with. A new set that does not load leaves the previous one in use.
 
 use crate::metrics::{Disconnect, Metrics};
-use bytes::BytesMut;
 use mio::net::TcpStream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -373,7 +372,7 @@ impl TlsStream {
     pub fn read_into(
         &mut self,
         scratch: &mut [u8],
-        buf: &mut BytesMut,
+        buf: &mut super::ReadBuffer,
         metrics: &Metrics,
     ) -> io::Result<usize> {
         let mut got = 0;
@@ -417,7 +416,7 @@ impl TlsStream {
     fn decrypt(
         &mut self,
         mut cipher: &[u8],
-        buf: &mut BytesMut,
+        buf: &mut super::ReadBuffer,
     ) -> Result<(usize, bool), TlsFailure> {
         let mut got = 0;
         loop {
