@@ -5,7 +5,7 @@
 //! correlation + classification, and JSON rendering of the finished sessions (all of them with
 //! their messages, without them, and sampled as `--sample-succeeded 0.01 --messages failed`).
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dnstap_analyser::correlate::{Config, Correlator, MessageStore, Session, Verdict};
 use dnstap_analyser::diagnosis::Diagnosis;

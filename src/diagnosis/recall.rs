@@ -90,6 +90,10 @@ pub struct Recall {
     attempts: VecDeque<OpenAttempt>,
     /// How many of `attempts` are still open: most CRs need not look at them at all.
     open_attempts: usize,
+    /// The open attempts per request (source, key): a CR or FQ whose request has none (nearly
+    /// all of them) skips the walk over `attempts`, which holds up to `MAX_OPEN_ATTEMPTS`
+    /// unanswered ones while an upstream times out (issue #18: that walk was 15 % of the CPU).
+    open_by_request: HashMap<(SourceId, u64), u16>,
     failures: SmallVec<[(SourceId, Failure); 2]>,
     forgotten: u64,
 }
@@ -182,7 +186,8 @@ impl Recall {
                 break;
             }
             if front.open {
-                self.open_attempts -= 1;
+                let request = (front.source, front.key);
+                self.closed(request);
                 self.forgotten += u64::from(!given_up);
             }
             self.attempts.pop_front();
@@ -195,16 +200,31 @@ impl Recall {
             open: true,
         });
         self.open_attempts += 1;
+        *self.open_by_request.entry((ev.source, ev.key)).or_insert(0) += 1;
+    }
+
+    /// Counts one open attempt of `request` as closed.
+    fn closed(&mut self, request: (SourceId, u64)) {
+        self.open_attempts -= 1;
+        if let Some(n) = self.open_by_request.get_mut(&request) {
+            *n -= 1;
+            if *n == 0 {
+                self.open_by_request.remove(&request);
+            }
+        }
     }
 
     /// The FR's attempt: the latest open one of the request with its query_time.
     fn close_attempt(&mut self, ev: &Event) {
+        if !self.open_by_request.contains_key(&(ev.source, ev.key)) {
+            return;
+        }
         let found = self.attempts.iter_mut().rev().find(|a| {
             a.open && a.source == ev.source && a.key == ev.key && a.query_time == ev.query_time
         });
         if let Some(a) = found {
             a.open = false;
-            self.open_attempts -= 1;
+            self.closed((ev.source, ev.key));
         }
         self.drop_closed();
     }
@@ -218,14 +238,14 @@ impl Recall {
 
     /// The request's open attempts got no response: each is a timeout, at `t`.
     fn time_out_attempts(&mut self, source: SourceId, key: u64, t: Nanos) {
-        if self.open_attempts == 0 {
+        let Some(open) = self.open_by_request.remove(&(source, key)) else {
             return;
-        }
+        };
+        self.open_attempts -= usize::from(open);
         let mut timed_out = None;
         for a in self.attempts.iter_mut().rev() {
             if a.open && a.source == source && a.key == key {
                 a.open = false;
-                self.open_attempts -= 1;
                 timed_out.get_or_insert(a.upstream);
             }
         }
