@@ -151,6 +151,13 @@ struct Cli {
     #[arg(long, global = true, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
 
+    /// With --tls-client-ca: a tls:// sender may send only identities its certificate is
+    /// valid for (a DNS name in its subjectAltName, as a client checks a server's name).
+    /// Other identities' messages are dropped and counted (identity_not_certified), so a
+    /// certificate holder cannot speak for another sender. CoreDNS presents no certificate.
+    #[arg(long, global = true, requires = "tls_client_ca")]
+    tls_pin_identity: bool,
+
     /// Sender identities (the dnstap identity, or the peer address without one) registered at
     /// once. A message of a new identity beyond it is dropped and counted (identity_limit):
     /// identities are never merged, so one sender cannot hide another's sessions.
@@ -543,6 +550,7 @@ fn settings(cli: &Cli, idle_flush: bool) -> Result<Settings, String> {
                 .identity_idle_timeout
                 .max(cli.session_timeout + Duration::from_secs(60)),
             max_time_ahead: cli.max_time_ahead,
+            pin_identity: cli.tls_pin_identity,
         },
         recall: RecallConfig {
             cache_window: nanos(cli.cache_window),

@@ -59,10 +59,13 @@ pub enum Discard {
     /// A message whose identity is longer than `MAX_IDENTITY_LEN` bytes: refused, never
     /// truncated (truncating would merge identities).
     IdentityTooLong,
+    /// A message on a `tls://` connection whose identity is not a name its client certificate
+    /// is valid for (`--tls-pin-identity`).
+    IdentityNotCertified,
 }
 
 impl Discard {
-    pub const ALL: [Discard; 17] = [
+    pub const ALL: [Discard; 18] = [
         Discard::QueueFull,
         Discard::QueueDisconnected,
         Discard::Protobuf,
@@ -80,6 +83,7 @@ impl Discard {
         Discard::TimeOutOfRange,
         Discard::IdentityLimit,
         Discard::IdentityTooLong,
+        Discard::IdentityNotCertified,
     ];
 
     pub fn name(self) -> &'static str {
@@ -101,6 +105,7 @@ impl Discard {
             Self::TimeOutOfRange => "time_out_of_range",
             Self::IdentityLimit => "identity_limit",
             Self::IdentityTooLong => "identity_too_long",
+            Self::IdentityNotCertified => "identity_not_certified",
         }
     }
 
@@ -114,7 +119,8 @@ impl Discard {
             | Self::UpstreamWithoutWire
             | Self::SessionTableFull
             | Self::IdentityLimit
-            | Self::IdentityTooLong => DiscardUnit::Message,
+            | Self::IdentityTooLong
+            | Self::IdentityNotCertified => DiscardUnit::Message,
             Self::Protobuf | Self::NoMessage | Self::TruncatedFrame | Self::FrameBudget => {
                 DiscardUnit::Frame
             }

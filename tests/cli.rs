@@ -161,6 +161,8 @@ fn top_help_lists_only_tops_flags_and_refuses_the_servers() {
     let own: std::collections::BTreeSet<String> = [
         "--url",
         "--tls-ca",
+        "--user",
+        "--password-file",
         "--interval",
         "--once",
         "--rows",

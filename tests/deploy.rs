@@ -251,6 +251,7 @@ fn flag_cases() -> Vec<(&'static str, Json, Vec<&'static str>)> {
             json!("/certs/clients.crt"),
             vec!["--tls-client-ca=/certs/clients.crt"],
         ),
+        ("tls-pin-identity", json!(true), vec!["--tls-pin-identity"]),
         ("readers", json!(3), vec!["--readers=3"]),
         ("shards", json!(5), vec!["--shards=5"]),
         (

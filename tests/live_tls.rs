@@ -196,6 +196,51 @@ fn mtls_refuses_senders_the_client_ca_does_not_vouch_for() {
     }
 }
 
+/// `--tls-pin-identity`: a certificate valid for the capture's identity (`vm`) streams exactly;
+/// one valid for another name cannot speak for `vm`: every message is dropped and counted
+/// (identity_not_certified), and no session of `vm` comes out.
+#[test]
+fn a_pinned_certificate_speaks_only_for_its_own_identity() {
+    let dir = TempDir::new("mtls-pin");
+    let ca = TestCa::new("pin");
+    let server = ca.server_cert(dir.path(), "server");
+    let ca_pem = ca.write_ca(dir.path());
+    let vm = ca.client_cert_for(dir.path(), "vm", &["vm"]);
+    let impostor = ca.client_cert_for(dir.path(), "impostor", &["coredns-other"]);
+    let burst = coredns_fixture("h_burst_5k.fstrm");
+    let expected = read(std::slice::from_ref(&burst), &[]);
+
+    for (client, speaks) in [(&vm, true), (&impostor, false)] {
+        let t = TlsAnalyser::serve(&server, Some(&ca_pem), &["--tls-pin-identity"]);
+        let mut c = tls_connect(t.tls_port, client_config(&ca_pem, Some(client)));
+        send_capture(&mut c, &burst).unwrap();
+        drop(c);
+        let out = t.an.stop();
+        let refused = out.discarded("identity_not_certified");
+        if speaks {
+            assert_eq!(out.signatures(), expected.signatures());
+            assert_eq!(refused, 0, "{}", out.summary);
+        } else {
+            assert!(
+                out.signatures().is_empty(),
+                "the impostor's sessions came out"
+            );
+            assert_eq!(
+                Some(refused),
+                expected.summary_messages(),
+                "{}",
+                out.summary
+            );
+            assert!(
+                out.stderr
+                    .contains("\"vm\" is not a name its client certificate"),
+                "no log line:\n{}",
+                out.stderr
+            );
+        }
+    }
+}
+
 /// `openssl s_client -tls1_2` asking to renegotiate: rustls refuses, openssl gives up with a
 /// fatal alert, and the connection is closed and counted (tls_error).
 #[test]

@@ -269,6 +269,7 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
             "upstream_without_wire",
             "identity_limit",
             "identity_too_long",
+            "identity_not_certified",
         ],
         ("dnstap_analyser_discarded_frames_total", "reason") => &[
             "protobuf_undecodable",

@@ -10,7 +10,7 @@ pub mod net;
 mod router;
 pub mod tls;
 
-pub use buffer::ReadBuffer;
+use buffer::ReadBuffer;
 pub use loss::LossBoard;
 pub use router::{Batch, QueueDepths, Router, ShardInput, BATCH};
 
@@ -25,6 +25,7 @@ use crate::framestream::{
 use crate::metrics::{Discard, ErrorChain, Metrics, Tally};
 use hashbrown::HashMap;
 use loss::SourceTrack;
+use rustls::pki_types::CertificateDer;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -78,6 +79,9 @@ pub struct SenderLimits {
     pub identity_idle: Duration,
     /// Event times later than the wall clock plus this are out of range (`--max-time-ahead`).
     pub max_time_ahead: Duration,
+    /// On `tls://` connections, only identities the client certificate is valid for are
+    /// accepted (`--tls-pin-identity`).
+    pub pin_identity: bool,
 }
 
 impl Default for SenderLimits {
@@ -87,6 +91,7 @@ impl Default for SenderLimits {
             identities_per_stream: 1000,
             identity_idle: Duration::from_secs(600),
             max_time_ahead: Duration::from_secs(86_400),
+            pin_identity: false,
         }
     }
 }
@@ -195,6 +200,7 @@ pub struct StreamIngest {
     /// The stream ended with the sender's STOP and no partial frame: its identities are
     /// released as stopped (`identity_stopped`).
     sender_stopped: bool,
+    pin: Pin,
 }
 
 /// What a stream counted for one source between two `StreamIngest::take_source_counts`.
@@ -230,6 +236,18 @@ enum Resolved {
     Source(SourceId, SenderProfile),
     /// Refused (identity limit) at this time; asked again a second later.
     Refused(Instant),
+    /// Not a name the connection's client certificate is valid for (`--tls-pin-identity`).
+    Uncertified,
+}
+
+/// What a stream's identities are checked against (`--tls-pin-identity`).
+enum Pin {
+    /// Not pinned: plaintext, unix sockets, files, or the flag is off.
+    Off,
+    /// A `tls://` stream whose client certificate is not known yet (read after the handshake).
+    Pending,
+    /// The names of the client certificate (none when the sender presented none).
+    Certificate(Option<CertificateDer<'static>>),
 }
 
 /// A stream's state for one of its identities.
@@ -268,7 +286,46 @@ impl StreamIngest {
             swept_at: now,
             recall,
             sender_stopped: false,
+            pin: Pin::Off,
         }
+    }
+
+    /// A `tls://` stream under `--tls-pin-identity`: its identities must be names its client
+    /// certificate is valid for; the certificate is handed over with [`Self::pin_to`].
+    pub fn pin_identities(&mut self) {
+        if self.shared.limits.pin_identity {
+            self.pin = Pin::Pending;
+        }
+    }
+
+    /// Whether the stream waits for its client certificate ([`Self::pin_to`]).
+    pub fn wants_certificate(&self) -> bool {
+        matches!(self.pin, Pin::Pending)
+    }
+
+    /// The client certificate the TLS handshake verified (None: the sender presented none,
+    /// and then no identity of this stream is accepted).
+    pub fn pin_to(&mut self, certificate: Option<CertificateDer<'static>>) {
+        self.pin = Pin::Certificate(certificate);
+        self.identity_cache = None;
+    }
+
+    /// Whether `identity` may be sent on this stream: under a pin, a DNS name the client
+    /// certificate is valid for (its subjectAltName, as a TLS client checks a server's).
+    fn certified(&self, identity: &[u8]) -> bool {
+        let cert = match &self.pin {
+            Pin::Off => return true,
+            Pin::Pending | Pin::Certificate(None) => return false,
+            Pin::Certificate(Some(cert)) => cert,
+        };
+        let Ok(name) = std::str::from_utf8(identity) else {
+            return false;
+        };
+        let Ok(name) = rustls::pki_types::ServerName::try_from(name) else {
+            return false;
+        };
+        webpki::EndEntityCert::try_from(cert)
+            .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
     }
 
     /// Hands over the per-source counts gathered since the last call (a reader calls this per
@@ -580,8 +637,26 @@ impl StreamIngest {
                         return None;
                     }
                     Resolved::Refused(_) => {}
+                    Resolved::Uncertified => {
+                        self.shared
+                            .metrics
+                            .discard(Discard::IdentityNotCertified, 1);
+                        return None;
+                    }
                 }
             }
+        }
+        if !self.certified(identity) {
+            let metrics = &self.shared.metrics;
+            metrics.discard(Discard::IdentityNotCertified, 1);
+            metrics.warn(format_args!(
+                "{}: identity {:?} is not a name its client certificate is valid for; its \
+                 messages are dropped and counted (identity_not_certified)",
+                self.peer,
+                String::from_utf8_lossy(identity).escape_debug().to_string(),
+            ));
+            self.identity_cache = Some((identity.to_vec(), Resolved::Uncertified));
+            return None;
         }
         let resolved = match self.track(identity, version) {
             Ok(source) => Resolved::Source(source, SenderProfile::from_version(version)),
@@ -595,7 +670,7 @@ impl StreamIngest {
         self.identity_cache = Some((identity.to_vec(), resolved));
         match resolved {
             Resolved::Source(s, p) => Some((s, p)),
-            Resolved::Refused(_) => None,
+            Resolved::Refused(_) | Resolved::Uncertified => None,
         }
     }
 

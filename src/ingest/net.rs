@@ -245,6 +245,14 @@ impl Stream {
         }
     }
 
+    /// A `tls://` stream's client certificate, once its handshake is done.
+    fn client_certificate(&self) -> Option<Option<rustls::pki_types::CertificateDer<'static>>> {
+        match self {
+            Self::Tls(s) if !s.is_handshaking() => Some(s.client_certificate()),
+            _ => None,
+        }
+    }
+
     fn is_tls_handshaking(&self) -> bool {
         matches!(self, Self::Tls(s) if s.is_handshaking())
     }
@@ -607,7 +615,10 @@ impl Reader {
             self.shared.metrics.disconnected(Disconnect::ServerError);
             return;
         }
-        let ingest = StreamIngest::new(self.shared.clone(), peer.name.clone(), peer.ip);
+        let mut ingest = StreamIngest::new(self.shared.clone(), peer.name.clone(), peer.ip);
+        if matches!(stream, Stream::Tls(_)) {
+            ingest.pin_identities();
+        }
         self.conns.insert(
             token,
             Conn {
@@ -648,6 +659,11 @@ impl Reader {
             }
             conn.last_active = self.now;
             conn.cut_off = false;
+            if conn.ingest.wants_certificate() {
+                if let Some(certificate) = conn.stream.client_certificate() {
+                    conn.ingest.pin_to(certificate);
+                }
+            }
             match conn
                 .ingest
                 .feed(&mut conn.buf, &mut self.router, &mut conn.out)

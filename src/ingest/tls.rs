@@ -359,6 +359,12 @@ impl TlsStream {
         &mut self.tcp
     }
 
+    /// The client certificate the handshake verified (mTLS), if the sender presented one.
+    pub fn client_certificate(&self) -> Option<rustls::pki_types::CertificateDer<'static>> {
+        let chain = self.tls.peer_certificates()?;
+        chain.first().map(|c| c.clone().into_owned())
+    }
+
     /// Still in the TLS handshake (for the handshake deadline's message).
     pub fn is_handshaking(&self) -> bool {
         self.tls.is_handshaking()

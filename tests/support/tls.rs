@@ -15,6 +15,9 @@ use std::process::Command;
 use std::sync::Arc;
 
 /// A certificate authority that exists for one test.
+/// The names of the analyser's certificate and of the default client certificates.
+const LOCAL: &[&str] = &["localhost", "127.0.0.1"];
+
 pub struct TestCa {
     name: String,
     issuer: Issuer<'static, KeyPair>,
@@ -52,22 +55,34 @@ impl TestCa {
 
     /// The analyser's certificate: valid for `localhost` and 127.0.0.1.
     pub fn server_cert(&self, dir: &Path, file: &str) -> CertFiles {
-        self.issue(dir, file, ExtendedKeyUsagePurpose::ServerAuth, false)
+        self.issue(dir, file, LOCAL, ExtendedKeyUsagePurpose::ServerAuth, false)
     }
 
     /// A sender's certificate for mTLS; `expired` makes one whose validity ended in 2021.
     pub fn client_cert(&self, dir: &Path, file: &str, expired: bool) -> CertFiles {
-        self.issue(dir, file, ExtendedKeyUsagePurpose::ClientAuth, expired)
+        self.issue(
+            dir,
+            file,
+            LOCAL,
+            ExtendedKeyUsagePurpose::ClientAuth,
+            expired,
+        )
+    }
+
+    /// A sender's certificate for mTLS valid for the DNS names `names` (subjectAltName).
+    pub fn client_cert_for(&self, dir: &Path, file: &str, names: &[&str]) -> CertFiles {
+        self.issue(dir, file, names, ExtendedKeyUsagePurpose::ClientAuth, false)
     }
 
     fn issue(
         &self,
         dir: &Path,
         file: &str,
+        names: &[&str],
         usage: ExtendedKeyUsagePurpose,
         expired: bool,
     ) -> CertFiles {
-        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = CertificateParams::new(names).unwrap();
         params.distinguished_name.push(DnType::CommonName, file);
         params.extended_key_usages = vec![usage];

@@ -109,6 +109,9 @@ int64 so that large values (maxSessions: 2000000) are not printed in float notat
 {{- with $clientCa }}
 - {{ printf "--tls-client-ca=%s" . | quote }}
 {{- end }}
+{{- if $a.tlsPinIdentity }}
+- "--tls-pin-identity"
+{{- end }}
 {{- if not (kindIs "invalid" $a.readers) }}
 - {{ printf "--readers=%d" (int64 $a.readers) | quote }}
 {{- end }}
