@@ -822,7 +822,17 @@ mod tests {
             .collect();
         assert_eq!(
             shown,
-            ["url", "tls-ca", "interval", "once", "rows", "width", "height"]
+            [
+                "url",
+                "tls-ca",
+                "user",
+                "password-file",
+                "interval",
+                "once",
+                "rows",
+                "width",
+                "height"
+            ]
         );
     }
 
