@@ -355,14 +355,21 @@ impl LookupTable {
         bases: impl Iterator<Item = &'a str>,
     ) -> SmallVec<[usize; 8]> {
         let mut slots: SmallVec<[usize; 8]> = SmallVec::new();
+        let mut lists = 0;
         for b in bases {
             if let Some(list) = self.by_base.get(&self.key(ip, b)) {
                 slots.extend(list.iter().copied());
+                lists += 1;
             }
         }
-        let id = |s: &usize| self.slots[*s].as_ref().map_or(0, |l| l.id);
-        slots.sort_unstable_by_key(|s| Reverse(id(s)));
-        slots.dedup();
+        if lists > 1 {
+            let id = |s: &usize| self.slots[*s].as_ref().map_or(0, |l| l.id);
+            slots.sort_unstable_by_key(|s| Reverse(id(s)));
+            slots.dedup();
+        } else {
+            // One list (nearly always) is oldest first already: lookups join it as they open.
+            slots.reverse();
+        }
         slots
     }
 
