@@ -84,18 +84,12 @@ impl LookupStats {
         self.queries[q] += 1;
         self.queries_sum += l.queries as u64;
         let described = l.identities.first().map(|i| sources.describe(*i).0);
-        let identity = capped(
-            &self.by_identity,
-            described.as_deref().unwrap_or("unknown"),
-            cap,
-        );
-        let namespace = capped(
-            &self.by_namespace,
-            l.namespace.as_deref().unwrap_or(""),
-            cap,
-        );
-        quantiles(&mut self.by_identity, identity).record(l.latency);
-        quantiles(&mut self.by_namespace, namespace).record(l.latency);
+        let identity = described.as_deref().unwrap_or("unknown");
+        let (identity, q) = quantiles(&mut self.by_identity, identity, cap);
+        q.record(l.latency);
+        let namespace = l.namespace.as_deref().unwrap_or("");
+        let (namespace, q) = quantiles(&mut self.by_namespace, namespace, cap);
+        q.record(l.latency);
         if l.wasted_queries > 0 {
             let pair = &mut self.pair;
             *entry(&mut self.wasted, pair, identity, namespace) += l.wasted_queries as u64;
@@ -256,13 +250,25 @@ fn capped<'a, V>(known: &BTreeMap<String, V>, value: &'a str, cap: usize) -> &'a
     }
 }
 
-/// The label's quantiles; the label is copied only when it is new (a finished lookup is
-/// counted without allocating).
-fn quantiles<'m>(m: &'m mut BTreeMap<String, Quantiles>, label: &str) -> &'m mut Quantiles {
-    if !m.contains_key(label) {
-        m.insert(label.to_string(), Quantiles::new());
-    }
-    m.get_mut(label).expect("inserted above")
+/// The label for `value` (as `capped`) and its quantiles; the label is copied only when it
+/// is new (a finished lookup is counted without allocating), and a known one is searched for
+/// twice, not three times.
+fn quantiles<'m, 'v>(
+    m: &'m mut BTreeMap<String, Quantiles>,
+    value: &'v str,
+    cap: usize,
+) -> (&'v str, &'m mut Quantiles) {
+    let label = match m.contains_key(value) {
+        true => value,
+        false => {
+            let label = capped(m, value, cap);
+            if !m.contains_key(label) {
+                m.insert(label.to_string(), Quantiles::new());
+            }
+            label
+        }
+    };
+    (label, m.get_mut(label).expect("inserted above"))
 }
 
 /// The (identity, namespace) entry (only lookups that wasted queries or waited get here),
