@@ -26,6 +26,7 @@ pub mod record;
 pub mod stage;
 
 use crate::dnstap::{Nanos, SourceId};
+use hashbrown::hash_map::Entry;
 use hashbrown::HashMap;
 use names::{Reading, Readings, SearchList, Suffix};
 use smallvec::SmallVec;
@@ -270,7 +271,13 @@ pub struct LookupTable {
     next_id: u64,
     id_step: u64,
     tally: Tally,
+    /// Finished lookups handed back (`recycle`): the next ones are written into their
+    /// strings and vectors instead of new ones.
+    spare: Vec<Lookup>,
 }
+
+/// Finished lookups kept for reuse.
+const MAX_SPARE: usize = 1024;
 
 impl LookupTable {
     /// `partition` of `partitions`: ids are unique across partitions (`partition + k·partitions`).
@@ -288,6 +295,7 @@ impl LookupTable {
             next_id: partition + 1,
             id_step: partitions.max(1),
             tally: Tally::default(),
+            spare: Vec::new(),
         }
     }
 
@@ -301,6 +309,14 @@ impl LookupTable {
 
     pub fn search_list(&self) -> &SearchList {
         &self.search
+    }
+
+    /// Hands back a finished lookup once it has been counted and printed: the next lookup
+    /// to end is written into its buffers, so ending one allocates nothing.
+    pub fn recycle(&mut self, l: Lookup) {
+        if self.spare.len() < MAX_SPARE {
+            self.spare.push(l);
+        }
     }
 
     /// Joins `q` into a lookup at stage clock `now` and returns its id; `None` for a query of
@@ -355,14 +371,21 @@ impl LookupTable {
         bases: impl Iterator<Item = &'a str>,
     ) -> SmallVec<[usize; 8]> {
         let mut slots: SmallVec<[usize; 8]> = SmallVec::new();
+        let mut lists = 0;
         for b in bases {
             if let Some(list) = self.by_base.get(&self.key(ip, b)) {
                 slots.extend(list.iter().copied());
+                lists += 1;
             }
         }
-        let id = |s: &usize| self.slots[*s].as_ref().map_or(0, |l| l.id);
-        slots.sort_unstable_by_key(|s| Reverse(id(s)));
-        slots.dedup();
+        if lists > 1 {
+            let id = |s: &usize| self.slots[*s].as_ref().map_or(0, |l| l.id);
+            slots.sort_unstable_by_key(|s| Reverse(id(s)));
+            slots.dedup();
+        } else {
+            // One list (nearly always) is oldest first already: lookups join it as they open.
+            slots.reverse();
+        }
         slots
     }
 
@@ -550,7 +573,22 @@ impl LookupTable {
         }
         self.clients.entry(ip).or_default().push(slot);
         self.expiry.push(Reverse((now, slot, id)));
+        self.compact_expiry();
         slot
+    }
+
+    /// Drops the expiry entries of lookups that have ended. Nothing else takes them out before
+    /// their time comes, and a client at its bound (a load generator, a forwarder) ends one
+    /// lookup per query by eviction: the heap would hold every lookup of the last `gap +
+    /// linger`, and each pop would sift through them. Rebuilt when it has grown to twice the
+    /// open lookups: amortised constant per lookup.
+    fn compact_expiry(&mut self) {
+        if self.expiry.len() <= 2 * self.open + 1024 {
+            return;
+        }
+        let slots = &self.slots;
+        self.expiry
+            .retain(|Reverse((_, slot, id))| slots[*slot].as_ref().is_some_and(|l| l.id == *id));
     }
 
     fn join(
@@ -653,24 +691,26 @@ impl LookupTable {
         };
         self.free.push(slot);
         self.open -= 1;
+        // Through entries: each list is found once, also when it goes.
         for k in &l.keys {
-            if let Some(list) = self.by_base.get_mut(k) {
-                remove_slot(list, slot);
-                if list.is_empty() {
-                    self.by_base.remove(k);
+            if let Entry::Occupied(mut list) = self.by_base.entry(*k) {
+                remove_slot(list.get_mut(), slot);
+                if list.get().is_empty() {
+                    list.remove();
                 }
             }
         }
-        if let Some(list) = self.clients.get_mut(&l.client) {
-            remove_slot(list, slot);
-            if list.is_empty() {
-                self.clients.remove(&l.client);
+        if let Entry::Occupied(mut list) = self.clients.entry(l.client) {
+            remove_slot(list.get_mut(), slot);
+            if list.get().is_empty() {
+                list.remove();
             }
         }
         if evicted {
             self.tally.evicted += 1;
         }
-        let lookup = finish(&self.search, l, evicted);
+        let mut lookup = self.spare.pop().unwrap_or_else(|| Lookup::blank(l.client));
+        finish(&self.search, l, evicted, &mut lookup);
         self.slots[slot] = None;
         done(lookup);
     }
@@ -713,14 +753,47 @@ fn is_autopath_target(search: &SearchList, base: &str, target: &str) -> bool {
         .any(|r| r.base == base && r.suffix != Suffix::Namespace)
 }
 
-fn finish(search: &SearchList, l: &mut Open, evicted: bool) -> Lookup {
+impl Lookup {
+    /// An empty lookup for `finish` to fill.
+    fn blank(client: IpAddr) -> Self {
+        Self {
+            id: 0,
+            client,
+            time: 0,
+            identities: Vec::new(),
+            asked: String::new(),
+            namespace: None,
+            candidates: Vec::new(),
+            queries: 0,
+            outcome: Outcome::Failed,
+            answered_by: None,
+            autopath: None,
+            wasted_queries: 0,
+            latency: 0,
+            retries: 0,
+            waited: 0,
+            evicted: false,
+        }
+    }
+}
+
+/// Writes the finished lookup `l` into `out`, reusing `out`'s strings and vectors.
+fn finish(search: &SearchList, l: &mut Open, evicted: bool, out: &mut Lookup) {
     drop_server_lookups(&mut l.candidates);
     l.candidates.sort_by_key(|c| c.first_query);
     let ns = l.namespace.as_deref();
-    let name = |c: &Candidate| search.candidate_name(&l.base, c.suffix, ns);
-    let candidates: Vec<String> = l.candidates.iter().map(name).collect();
-    let queries = l.candidates.iter().map(Candidate::queries).sum();
-    let outcome = l
+    out.candidates.truncate(l.candidates.len());
+    for (i, c) in l.candidates.iter().enumerate() {
+        match out.candidates.get_mut(i) {
+            Some(name) => search.candidate_name_into(&l.base, c.suffix, ns, name),
+            None => out
+                .candidates
+                .push(search.candidate_name(&l.base, c.suffix, ns)),
+        }
+    }
+    let candidates = &out.candidates;
+    out.queries = l.candidates.iter().map(Candidate::queries).sum();
+    out.outcome = l
         .candidates
         .iter()
         .filter_map(Candidate::outcome)
@@ -730,47 +803,55 @@ fn finish(search: &SearchList, l: &mut Open, evicted: bool) -> Lookup {
         .candidates
         .iter()
         .position(|c| c.outcome() == Some(Outcome::Answered))
-        .map(|i| candidates[i].clone());
-    let wasted_queries = match l.candidates.split_last() {
+        .map(|i| candidates[i].as_str());
+    set(&mut out.answered_by, answered_by);
+    out.wasted_queries = match l.candidates.split_last() {
         Some((_, before)) => before.iter().map(Candidate::queries).sum(),
         None => 0,
     };
     let end = l.last_response.unwrap_or(l.last_query).max(l.last_query);
-    let asked = asked(l, &candidates);
+    asked(l, &out.candidates, &mut out.asked);
     let mut waits = SmallVec::new();
-    let retries = l.candidates.iter().map(|c| retries(c, &mut waits)).sum();
-    Lookup {
-        id: l.id,
-        client: l.client,
-        time: l.first_query,
-        identities: l.identities.to_vec(),
-        asked,
-        namespace: l.namespace.clone(),
-        candidates,
-        queries,
-        outcome,
-        answered_by,
-        autopath: l.autopath.clone(),
-        wasted_queries,
-        latency: end.saturating_sub(l.first_query),
-        retries,
-        waited: union_length(&mut waits),
-        evicted,
+    out.retries = l.candidates.iter().map(|c| retries(c, &mut waits)).sum();
+    out.id = l.id;
+    out.client = l.client;
+    out.time = l.first_query;
+    out.identities.clear();
+    out.identities.extend_from_slice(&l.identities);
+    set(&mut out.namespace, l.namespace.as_deref());
+    set(&mut out.autopath, l.autopath.as_deref());
+    out.latency = end.saturating_sub(l.first_query);
+    out.waited = union_length(&mut waits);
+    out.evicted = evicted;
+}
+
+/// Sets an optional string, reusing the one there.
+fn set(slot: &mut Option<String>, value: Option<&str>) {
+    match (slot.as_mut(), value) {
+        (Some(s), Some(v)) => {
+            s.clear();
+            s.push_str(v);
+        }
+        (_, v) => *slot = v.map(str::to_string),
     }
 }
 
-/// The name the application asked. Several candidates prove a search walk: the base name.
-/// A lone candidate cannot show whether the short or the full name was asked: a lone
-/// `<name>.<ns>.svc.<cd>` whose `<name>` has no dot (or that `autopath` answered) reads as the
-/// short name, the likelier ask; anything else as the absolute name it is.
-fn asked(l: &Open, candidates: &[String]) -> String {
+/// The name the application asked (into `out`). Several candidates prove a search walk: the
+/// base name. A lone candidate cannot show whether the short or the full name was asked: a
+/// lone `<name>.<ns>.svc.<cd>` whose `<name>` has no dot (or that `autopath` answered) reads
+/// as the short name, the likelier ask; anything else as the absolute name it is.
+fn asked(l: &Open, candidates: &[String], out: &mut String) {
+    out.clear();
     match l.candidates.as_slice() {
-        [c] if c.suffix == Suffix::Bare => format!("{}.", l.base),
-        [c] if c.suffix == Suffix::Namespace && (!l.base.contains('.') || l.autopath.is_some()) => {
-            l.base.clone()
+        [c] if c.suffix == Suffix::Bare => {
+            out.push_str(&l.base);
+            out.push('.');
         }
-        [_] => candidates[0].clone(),
-        _ => l.base.clone(),
+        [c] if c.suffix == Suffix::Namespace && (!l.base.contains('.') || l.autopath.is_some()) => {
+            out.push_str(&l.base)
+        }
+        [_] => out.push_str(&candidates[0]),
+        _ => out.push_str(&l.base),
     }
 }
 

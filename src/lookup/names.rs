@@ -112,6 +112,19 @@ impl SearchList {
 
     /// The candidate's name in presentation form, with its trailing dot.
     pub fn candidate_name(&self, base: &str, suffix: Suffix, namespace: Option<&str>) -> String {
+        let mut name = String::new();
+        self.candidate_name_into(base, suffix, namespace, &mut name);
+        name
+    }
+
+    /// `candidate_name` into `name`, replacing what it held.
+    pub fn candidate_name_into(
+        &self,
+        base: &str,
+        suffix: Suffix,
+        namespace: Option<&str>,
+        name: &mut String,
+    ) {
         // Concatenated, not formatted: one name per candidate of every lookup that ends.
         let cd = self.cluster_domain.as_str();
         let parts: [&str; 4] = match suffix {
@@ -121,14 +134,13 @@ impl SearchList {
             Suffix::Extra(i) => [self.extra(i), ".", "", ""],
             Suffix::Bare => ["", "", "", ""],
         };
-        let mut name =
-            String::with_capacity(base.len() + 2 + parts.iter().map(|p| p.len()).sum::<usize>());
+        name.clear();
+        name.reserve(base.len() + 2 + parts.iter().map(|p| p.len()).sum::<usize>());
         name.push_str(base);
         name.push('.');
         for p in parts {
             name.push_str(p);
         }
-        name
     }
 }
 

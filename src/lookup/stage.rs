@@ -150,7 +150,14 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
             last_tick = now;
             table.advance(clock(now), &mut done);
         }
-        emit(&mut ctx, &lines, &mut finished, writer_gone, &mut batch);
+        emit(
+            &mut ctx,
+            &lines,
+            &mut table,
+            &mut finished,
+            writer_gone,
+            &mut batch,
+        );
         if tick {
             publish(&mut ctx);
         }
@@ -163,17 +170,26 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
         ctx.heartbeat.beat(now, false);
     }
     table.flush(&mut |l| finished.push(l));
-    emit(&mut ctx, &lines, &mut finished, writer_gone, &mut batch);
+    emit(
+        &mut ctx,
+        &lines,
+        &mut table,
+        &mut finished,
+        writer_gone,
+        &mut batch,
+    );
     publish(&mut ctx);
     if !writer_gone && !batch.is_empty() {
         send(&out, &mut batch);
     }
 }
 
-/// Counts the lookups that ended and renders the ones the policy prints.
+/// Counts the lookups that ended and renders the ones the policy prints; then hands them back
+/// to the table for reuse.
 fn emit(
     ctx: &mut StageContext,
     lines: &LookupLines,
+    table: &mut LookupTable,
     finished: &mut Vec<Lookup>,
     writer_gone: bool,
     batch: &mut Vec<u8>,
@@ -183,6 +199,7 @@ fn emit(
         if !writer_gone && ctx.policy.prints(&l) {
             lines.render(&l, batch);
         }
+        table.recycle(l);
     }
 }
 

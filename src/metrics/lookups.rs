@@ -66,6 +66,8 @@ pub struct LookupStats {
     pub by_namespace: BTreeMap<String, Quantiles>,
     pub by_identity: BTreeMap<String, Quantiles>,
     pub wasted_names: HashMap<String, u64>,
+    /// The (identity, namespace) key being counted, reused: a known pair costs no allocation.
+    pair: (String, String),
 }
 
 impl LookupStats {
@@ -82,24 +84,19 @@ impl LookupStats {
         self.queries[q] += 1;
         self.queries_sum += l.queries as u64;
         let described = l.identities.first().map(|i| sources.describe(*i).0);
-        let identity = capped(
-            &self.by_identity,
-            described.as_deref().unwrap_or("unknown"),
-            cap,
-        );
-        let namespace = capped(
-            &self.by_namespace,
-            l.namespace.as_deref().unwrap_or(""),
-            cap,
-        );
-        quantiles(&mut self.by_identity, identity).record(l.latency);
-        quantiles(&mut self.by_namespace, namespace).record(l.latency);
+        let identity = described.as_deref().unwrap_or("unknown");
+        let (identity, q) = quantiles(&mut self.by_identity, identity, cap);
+        q.record(l.latency);
+        let namespace = l.namespace.as_deref().unwrap_or("");
+        let (namespace, q) = quantiles(&mut self.by_namespace, namespace, cap);
+        q.record(l.latency);
         if l.wasted_queries > 0 {
-            *entry(&mut self.wasted, identity, namespace) += l.wasted_queries as u64;
+            let pair = &mut self.pair;
+            *entry(&mut self.wasted, pair, identity, namespace) += l.wasted_queries as u64;
             self.count_wasted_name(&l.asked, l.wasted_queries as u64);
         }
         if l.retries > 0 {
-            let w = entry(&mut self.waits, identity, namespace);
+            let w = entry(&mut self.waits, &mut self.pair, identity, namespace);
             w.lookups += 1;
             w.retries += l.retries as u64;
             w.waited += l.waited;
@@ -111,16 +108,22 @@ impl LookupStats {
             *c += n;
             return;
         }
-        let mut inherited = 0;
-        if self.wasted_names.len() >= TOP_NAMES {
-            let least = self.wasted_names.iter().min_by_key(|(_, c)| **c);
-            let Some((least, count)) = least.map(|(k, c)| (k.clone(), *c)) else {
-                return;
-            };
-            self.wasted_names.remove(&least);
-            inherited = count;
+        if self.wasted_names.len() < TOP_NAMES {
+            self.wasted_names.insert(name.to_string(), n);
+            return;
         }
-        self.wasted_names.insert(name.to_string(), inherited + n);
+        // The least counted name leaves; its string is reused for the new one.
+        let least = self.wasted_names.values().min().copied();
+        let taken = self
+            .wasted_names
+            .extract_if(|_, c| Some(*c) == least)
+            .next();
+        let Some((mut key, inherited)) = taken else {
+            return;
+        };
+        key.clear();
+        key.push_str(name);
+        self.wasted_names.insert(key, inherited + n);
     }
 
     /// Adds `other` into `self` (a partition's tick into the board).
@@ -247,23 +250,43 @@ fn capped<'a, V>(known: &BTreeMap<String, V>, value: &'a str, cap: usize) -> &'a
     }
 }
 
-/// The label's quantiles; the label is copied only when it is new (a finished lookup is
-/// counted without allocating).
-fn quantiles<'m>(m: &'m mut BTreeMap<String, Quantiles>, label: &str) -> &'m mut Quantiles {
-    if !m.contains_key(label) {
-        m.insert(label.to_string(), Quantiles::new());
-    }
-    m.get_mut(label).expect("inserted above")
+/// The label for `value` (as `capped`) and its quantiles; the label is copied only when it
+/// is new (a finished lookup is counted without allocating), and a known one is searched for
+/// twice, not three times.
+fn quantiles<'m, 'v>(
+    m: &'m mut BTreeMap<String, Quantiles>,
+    value: &'v str,
+    cap: usize,
+) -> (&'v str, &'m mut Quantiles) {
+    let label = match m.contains_key(value) {
+        true => value,
+        false => {
+            let label = capped(m, value, cap);
+            if !m.contains_key(label) {
+                m.insert(label.to_string(), Quantiles::new());
+            }
+            label
+        }
+    };
+    (label, m.get_mut(label).expect("inserted above"))
 }
 
-/// The (identity, namespace) entry (only lookups that wasted queries or waited get here).
+/// The (identity, namespace) entry (only lookups that wasted queries or waited get here),
+/// looked up through `pair`; the key is copied only when it is new.
 fn entry<'m, V: Default>(
     m: &'m mut BTreeMap<(String, String), V>,
+    pair: &mut (String, String),
     identity: &str,
     namespace: &str,
 ) -> &'m mut V {
-    let key = (identity.to_string(), namespace.to_string());
-    m.entry(key).or_default()
+    pair.0.clear();
+    pair.0.push_str(identity);
+    pair.1.clear();
+    pair.1.push_str(namespace);
+    if !m.contains_key(pair) {
+        m.insert(pair.clone(), V::default());
+    }
+    m.get_mut(pair).expect("inserted above")
 }
 
 /// The process-wide sum of the partitions' published counts.
