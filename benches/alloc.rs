@@ -24,49 +24,19 @@ use dnstap_analyser::metrics::Metrics;
 use dnstap_analyser::output::lines::{LineSink, LineSinkParts};
 use dnstap_analyser::output::lookup::{LookupLines, LookupPolicy};
 use dnstap_analyser::output::{Format, LineOptions, LinePolicy, LogFilter, Renderer};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Counts allocations and reallocations (a growing buffer is an allocation too).
-struct Counting;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Relaxed);
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
 
 #[path = "support/capture.rs"]
 mod capture;
 
+#[path = "support/counting.rs"]
+mod counting;
+use counting::{allocations, Counting};
+
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-/// Allocations made while `f` runs.
-fn allocations<T>(f: impl FnOnce() -> T) -> (u64, T) {
-    let before = ALLOCATIONS.load(Relaxed);
-    let out = f();
-    (ALLOCATIONS.load(Relaxed) - before, out)
-}
 
 const PASSES: u64 = 4;
 const HOUR: u64 = 3_600_000_000_000;

@@ -6,31 +6,12 @@
 use dnstap_analyser::diagnosis::recall::RecallConfig;
 use dnstap_analyser::ingest::{file, LossBoard, QueueDepths, Router, SenderLimits, Shared};
 use dnstap_analyser::metrics::Metrics;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Relaxed);
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+#[path = "../benches/support/counting.rs"]
+mod counting;
+use counting::{allocations, Counting};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
@@ -55,10 +36,11 @@ fn reading_a_capture_allocates_per_batch_not_per_message() {
     let depths: QueueDepths = Arc::new([AtomicU64::new(0)]);
     let mut router = Router::new(vec![tx], depths, 1 << 30, false, metrics.clone());
 
-    let before = ALLOCATIONS.load(Relaxed);
-    let errors = file::read_files(&[&capture], &shared, &mut router, &mut |_| {});
-    router.flush();
-    let allocations = ALLOCATIONS.load(Relaxed) - before;
+    let (allocations, errors) = allocations(|| {
+        let errors = file::read_files(&[&capture], &shared, &mut router, &mut |_| {});
+        router.flush();
+        errors
+    });
 
     assert!(errors.is_empty(), "{errors:?}");
     let messages = metrics.messages.load(Relaxed) as usize;
@@ -73,7 +55,7 @@ fn reading_a_capture_allocates_per_batch_not_per_message() {
          {batches} batches"
     );
     assert!(
-        allocations <= 2 * batches + 64,
+        allocations <= 2 * batches as u64 + 64,
         "{allocations} allocations for {messages} messages in {batches} batches"
     );
 }
