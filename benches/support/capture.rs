@@ -42,7 +42,7 @@ pub fn events(frames: &[Bytes]) -> (Vec<Event>, Vec<u8>) {
             ev.message = dnstap::MessageSpan {
                 start: bytes.len() as u32,
                 len: tap.message_bytes.len() as u32,
-                ..Default::default()
+                ..ev.message
             };
             bytes.extend_from_slice(tap.message_bytes);
             ev

@@ -10,7 +10,9 @@ mod table;
 pub use session::{BitMap, Incomplete, LossReason, Message, Session, Status, Verdict};
 pub use store::{MessageRef, MessageStore};
 
-use crate::dnstap::{Event, Nanos, PeerKey, Recollection, Role, SourceId, StreamEnded, StreamId};
+use crate::dnstap::{
+    Encoded, Event, Nanos, PeerKey, Recollection, Role, SourceId, StreamEnded, StreamId,
+};
 use expiry::{Due, ExpiryQueue};
 use hashbrown::{HashMap, HashSet};
 use std::cmp::Reverse;
@@ -814,7 +816,7 @@ fn strip_query_of(
     cq: MessageRef,
     fq: MessageRef,
 ) -> Option<MessageRef> {
-    let (cq_bytes, fq_bytes) = (store.get(cq), store.get(fq));
+    let (cq_bytes, (facts, fq_bytes)) = (store.get(cq), store.get_with_facts(fq));
     let (_, cq_value) = crate::dnstap::query_message_field(cq_bytes)?;
     let (fq_field, fq_value) = crate::dnstap::query_message_field(fq_bytes)?;
     if cq_bytes[cq_value] != fq_bytes[fq_value] {
@@ -823,8 +825,12 @@ fn strip_query_of(
     scratch.clear();
     scratch.extend_from_slice(&fq_bytes[..fq_field.start]);
     scratch.extend_from_slice(&fq_bytes[fq_field.end..]);
+    let facts = facts.without(fq_field);
     store.release(fq);
-    Some(store.put(scratch.as_slice()))
+    Some(store.put(Encoded {
+        facts,
+        ..Encoded::from(scratch.as_slice())
+    }))
 }
 
 /// Whether a CQ explains an orphan opened by its own response or upstream leg.

@@ -4,12 +4,16 @@
 //! slices of the readers' buffers would pin every buffer a long-lived session touches, and one
 //! heap allocation per message is what the hot path must not do. Instead each message is
 //! copied into a slot of a size class, straight from the reader's buffer (`ingest::Batch`); freed slots are reused at once, so memory follows the
-//! open sessions, not the traffic.
+//! open sessions, not the traffic. In front of each message, its `MessageFacts` (where the
+//! diagnosis finds its fields in it, as the reader's scan found them).
 
-use crate::dnstap::Encoded;
+use crate::dnstap::{Encoded, MessageFacts};
 
-/// Slot sizes in bytes, 8 apart where CoreDNS's messages fall (upstream queries stored without
-/// the client's query are 40-70 bytes, the rest 90-250); larger classes take big responses;
+/// The facts in front of each stored message.
+const HEADER: usize = MessageFacts::LEN;
+
+/// Slot sizes in bytes, 8 apart where CoreDNS's messages fall with their facts (upstream
+/// queries stored without the client's query are 40-70 bytes, the rest 90-250, and 18 more); larger classes take big responses;
 /// anything beyond the last class gets a slot of its own size.
 const CLASSES: [usize; 23] = [
     32, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 144, 160, 192, 224, 256, 384, 512, 1024,
@@ -18,7 +22,8 @@ const CLASSES: [usize; 23] = [
 /// Slots are carved from pages of about this many bytes.
 const PAGE_BYTES: usize = 64 << 10;
 
-/// Where one message's bytes are: size class in the top byte, slot below; then the length.
+/// Where one message's bytes are: size class in the top byte, slot below; then the length (of
+/// the message, without its facts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MessageRef {
     class_slot: u32,
@@ -113,19 +118,25 @@ impl Default for MessageStore {
 }
 
 impl MessageStore {
-    /// Stores a message (with its frame's `extra`, if any): written straight into its slot.
+    /// Stores a message (with its frame's `extra`, if any) and its facts: written straight
+    /// into its slot.
     pub fn put<'a>(&mut self, message: impl Into<Encoded<'a>>) -> MessageRef {
         let message = message.into();
         let len = message.len();
-        if let Some(class) = CLASSES.iter().position(|&size| size >= len) {
+        let write = |out: &mut [u8]| {
+            let (facts, bytes) = out.split_at_mut(HEADER);
+            message.facts.write_to(facts);
+            message.write_to(bytes);
+        };
+        if let Some(class) = CLASSES.iter().position(|&size| size >= HEADER + len) {
             let c = &mut self.classes[class];
             if let Some(slot) = c.take() {
-                message.write_to(&mut c.bytes_mut(slot)[..len]);
+                write(&mut c.bytes_mut(slot)[..HEADER + len]);
                 return MessageRef::new(class as u32, slot, len);
             }
         }
-        let mut boxed: Box<[u8]> = vec![0; len].into_boxed_slice();
-        message.write_to(&mut boxed);
+        let mut boxed: Box<[u8]> = vec![0; HEADER + len].into_boxed_slice();
+        write(&mut boxed);
         let slot = match self.large_free.pop() {
             Some(slot) => {
                 self.large[slot as usize] = Some(boxed);
@@ -140,9 +151,22 @@ impl MessageStore {
     }
 
     pub fn get(&self, r: MessageRef) -> &[u8] {
+        &self.slot(r)[HEADER..]
+    }
+
+    /// The message and its facts.
+    pub fn get_with_facts(&self, r: MessageRef) -> (MessageFacts, &[u8]) {
+        let (facts, message) = self.slot(r).split_at(HEADER);
+        (MessageFacts::read_from(facts), message)
+    }
+
+    /// The facts and the message.
+    fn slot(&self, r: MessageRef) -> &[u8] {
         match self.classes.get(r.class()) {
-            Some(c) => &c.bytes(r.slot())[..r.len as usize],
-            None => self.large[r.slot() as usize].as_deref().unwrap_or(&[]),
+            Some(c) => &c.bytes(r.slot())[..HEADER + r.len as usize],
+            None => self.large[r.slot() as usize]
+                .as_deref()
+                .unwrap_or(&[0; HEADER]),
         }
     }
 
@@ -183,6 +207,29 @@ mod tests {
         store.release(refs[8]);
         let big = store.put(&[1; 70_000]);
         assert_eq!(store.get(big).len(), 70_000);
+    }
+
+    #[test]
+    fn each_message_keeps_its_facts() {
+        let mut store = MessageStore::default();
+        let q = crate::dns::tests::query(&["a", "test"], 1);
+        let mut message = vec![0x52, q.len() as u8];
+        message.extend_from_slice(&q);
+        let fields = crate::dnstap::scan_message(&message).unwrap();
+        let facts = MessageFacts::of(&message, &fields, crate::dnstap::Role::ClientQuery);
+        assert_ne!(facts, MessageFacts::default());
+        let with = store.put(Encoded {
+            facts,
+            ..Encoded::from(&message)
+        });
+        let without = store.put(&message);
+        let large = store.put(&[9; 20_000]);
+        assert_eq!(store.get_with_facts(large).0, MessageFacts::default());
+        assert_eq!(store.get_with_facts(with), (facts, &message[..]));
+        assert_eq!(
+            store.get_with_facts(without),
+            (MessageFacts::default(), &message[..])
+        );
     }
 
     #[test]

@@ -4,10 +4,11 @@
 //! the live metrics and `/top` read this one value; none of them looks at the stored
 //! messages again to find these facts (the renderer decodes them only to print them).
 //!
-//! Only the stored bytes' wire scan runs here (`dnstap::scan_message`, no decode, no
-//! allocation once the buffers have grown): this runs for every session, printed or not.
-//! The client side (client socket, protocol, question) and the client's answer (answer count,
-//! first CNAME target) cost a scan and a name walk each, so they are read when a consumer needs
+//! The stored messages are not scanned again: each carries the offsets of its fields as the
+//! reader's scan found them (`dnstap::MessageFacts`), so the fields are read where they are (no
+//! decode, no allocation once the buffers have grown): this runs for every session, printed or
+//! not. The client side (client socket, protocol, question) and the client's answer (answer
+//! count, first CNAME target) cost a name walk each, so they are read when a consumer needs
 //! them ([`Diagnosis::read_client_side`], [`Diagnosis::read_answer`]: the shard does for every
 //! session, which the lookup stage joins), still once.
 
@@ -224,27 +225,23 @@ impl Diagnosis {
         let client_first = s.messages.iter().filter(|m| m.role.is_client());
         let others = s.messages.iter().filter(|m| !m.role.is_client());
         for m in client_first.chain(others) {
-            let bytes = store.get(m.bytes);
+            let (facts, bytes) = store.get_with_facts(m.bytes);
             if !self.has_extra && m.flags & Message::EXTRA != 0 {
                 if let Some(extra) = dnstap::scan_extra(bytes) {
                     self.read_extra(extra);
                 }
             }
-            let Some(f) = dnstap::scan_message(bytes) else {
+            let Some(f) = facts.read(bytes, m.role) else {
                 continue;
             };
             if self.client.is_none() && m.role.is_client() {
-                self.client = dnstap::socket(f.query_address, f.query_port);
-                self.protocol = f.protocol;
+                self.client = f.peer();
+                self.protocol = f.protocol();
             }
-            let wire = if m.role.is_response() {
-                f.response_message
-            } else {
-                f.query_message
-            };
             if !self.has_qname {
-                if let Some((t, c)) =
-                    wire.and_then(|w| crate::dns::question_into(w, &mut self.qname))
+                if let Some((t, c)) = f
+                    .dns()
+                    .and_then(|w| crate::dns::question_into(w, &mut self.qname))
                 {
                     (self.qtype, self.qclass, self.has_qname) = (Some(t), Some(c), true);
                 }
@@ -264,8 +261,8 @@ impl Diagnosis {
         let Some(cr) = client_response(s) else {
             return;
         };
-        let Some(wire) = dnstap::scan_message(store.get(cr.bytes)).and_then(|f| f.response_message)
-        else {
+        let (facts, bytes) = store.get_with_facts(cr.bytes);
+        let Some(wire) = facts.read(bytes, cr.role).and_then(|f| f.dns()) else {
             return;
         };
         self.answer_count = wire.get(6..8).map(|c| u16::from_be_bytes([c[0], c[1]]));
@@ -510,9 +507,10 @@ fn pair_attempts(s: &Session, store: &MessageStore, out: &mut Vec<Attempt>) {
         if !matches!(m.role, Role::UpstreamQuery | Role::UpstreamResponse) {
             continue;
         }
-        let f = dnstap::scan_message(store.get(m.bytes)).unwrap_or_default();
-        let upstream = dnstap::socket(f.response_address, f.response_port);
-        let query_time = dnstap::time(f.query_time_sec, f.query_time_nsec);
+        let (facts, bytes) = store.get_with_facts(m.bytes);
+        let f = facts.read(bytes, m.role);
+        let upstream = f.and_then(|f| f.peer());
+        let query_time = f.and_then(|f| f.query_time());
         if m.role == Role::UpstreamQuery {
             out.push(Attempt {
                 upstream,
@@ -525,7 +523,8 @@ fn pair_attempts(s: &Session, store: &MessageStore, out: &mut Vec<Attempt>) {
             continue;
         }
         // A time ingest rejected as out of range enters no RTT.
-        let response_time = dnstap::time(f.response_time_sec, f.response_time_nsec)
+        let response_time = f
+            .and_then(|f| f.response_time())
             .filter(|_| m.flags & Message::TIME_REJECTED == 0);
         let mut answer = Attempt {
             upstream,

@@ -2,7 +2,7 @@
 //! and the key that sends every message of one request to the same shard and bucket.
 
 use super::{socket, time, DecodeError, MessageType, SenderProfile, SocketProtocol, SourceId};
-use super::{Encoded, MessageFields, TapFields, MAX_EXTRA};
+use super::{Encoded, MessageFacts, MessageFields, TapFields, MAX_EXTRA};
 use crate::dns::{self, QuestionSummary};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::SocketAddr;
@@ -155,12 +155,20 @@ pub struct MessageSpan {
     pub start: u32,
     pub len: u32,
     pub extra_start: u32,
+    /// Where the diagnosis finds its fields in the message (`Event::from_fields`).
+    pub facts: MessageFacts,
 }
 
 impl MessageSpan {
     /// The span of `message` and `extra`, slices of `payload`, which starts at `at` in its
-    /// piece (an empty `extra` is none).
-    pub fn within(payload: &[u8], at: usize, message: &[u8], extra: &[u8]) -> Self {
+    /// piece (an empty `extra` is none), with the message's `facts`.
+    pub fn within(
+        payload: &[u8],
+        at: usize,
+        message: &[u8],
+        extra: &[u8],
+        facts: MessageFacts,
+    ) -> Self {
         // Saturating: a part that is not in `payload` (none is) must not panic.
         let offset = |part: &[u8]| {
             ((part.as_ptr() as usize).saturating_sub(payload.as_ptr() as usize) + at) as u32
@@ -172,6 +180,7 @@ impl MessageSpan {
             start: offset(message),
             len: message.len() as u32,
             extra_start: if extra.is_empty() { 0 } else { offset(extra) },
+            facts,
         }
     }
 
@@ -184,6 +193,7 @@ impl MessageSpan {
         Encoded {
             message: part(self.start, self.len as usize),
             extra: part(self.extra_start, self.extra_len as usize),
+            facts: self.facts,
         }
     }
 }
@@ -269,7 +279,10 @@ impl Event {
             drops_before: 0,
             recalled: Recollection::Nothing,
             has_extra: false,
-            message: MessageSpan::default(),
+            message: MessageSpan {
+                facts: MessageFacts::of(tap.message_bytes, m, role),
+                ..MessageSpan::default()
+            },
         })
     }
 

@@ -3,12 +3,14 @@
 //! - `wire`: the hot path's scan of only the fields correlation reads (`scan`);
 //! - `decode`: full decoding with the generated `pb` code (for rendering), decoding errors,
 //!   and dnstap's field encodings (`time`, `socket`, `ip`);
+//! - `facts`: where the fields the diagnosis reads lie in a message, recorded by the scan;
 //! - `event`: the `Event`, its `Role` and key: the contract between ingest and correlate;
 //! - `sender`: what each sender is known to do, one table row per sender;
 //! - `sources`: interned sender identities.
 
 mod decode;
 mod event;
+mod facts;
 pub mod pb;
 mod sender;
 mod sources;
@@ -16,6 +18,7 @@ mod wire;
 
 pub use decode::{decode, decode_message, ip, socket, time, DecodeError};
 pub use event::{Event, MessageSpan, Nanos, PeerKey, Recollection, Role, StreamEnded, StreamId};
+pub use facts::{MessageFacts, StoredFields};
 pub use pb::mod_Message::Type as MessageType;
 pub use pb::{Dnstap, Message as DnstapMessage, SocketProtocol};
 pub use sender::{SenderProfile, SenderTraits};

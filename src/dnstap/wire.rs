@@ -1,7 +1,7 @@
 //! The hot path's protobuf scan: only the fields correlation reads, borrowed from the frame,
 //! with a hand-written wire walk instead of the generated decoder.
 
-use super::{DecodeError, MessageType, SocketProtocol};
+use super::{DecodeError, MessageFacts, MessageType, SocketProtocol};
 
 /// The fields of a dnstap payload that correlation reads, borrowed from the frame. The hot
 /// path scans for these alone (no generated structs); rendering uses the full generated
@@ -31,6 +31,9 @@ pub struct MessageFields<'a> {
     pub response_time_nsec: Option<u32>,
     pub query_message: Option<&'a [u8]>,
     pub response_message: Option<&'a [u8]>,
+    /// Where the values of query_time_sec, query_time_nsec, response_time_sec and
+    /// response_time_nsec start (offsets, meaningful below 64 KiB): `MessageFacts`.
+    pub times_at: [u16; 4],
 }
 
 /// The field a stored message carries its frame's `extra` in: field 2047 (length-delimited)
@@ -47,6 +50,8 @@ pub struct Encoded<'a> {
     pub message: &'a [u8],
     /// Empty: the frame had none.
     pub extra: &'a [u8],
+    /// Where the diagnosis finds its fields in `message` (none recorded: it scans them).
+    pub facts: MessageFacts,
 }
 
 impl<'a> From<&'a [u8]> for Encoded<'a> {
@@ -54,6 +59,7 @@ impl<'a> From<&'a [u8]> for Encoded<'a> {
         Self {
             message,
             extra: &[],
+            facts: MessageFacts::default(),
         }
     }
 }
@@ -63,6 +69,7 @@ impl<'a, const N: usize> From<&'a [u8; N]> for Encoded<'a> {
         Self {
             message,
             extra: &[],
+            facts: MessageFacts::default(),
         }
     }
 }
@@ -72,6 +79,7 @@ impl<'a> From<&'a Vec<u8>> for Encoded<'a> {
         Self {
             message,
             extra: &[],
+            facts: MessageFacts::default(),
         }
     }
 }
@@ -159,6 +167,7 @@ pub fn scan_message(b: &[u8]) -> Option<MessageFields<'_>> {
 #[inline]
 fn scan_message_into<'a>(b: &'a [u8], m: &mut MessageFields<'a>) -> Option<()> {
     let mut r = Wire(b);
+    let at = |r: &Wire<'_>| (b.len() - r.0.len()) as u16;
     while !r.0.is_empty() {
         match r.tag()? {
             8 => m.kind = Some(MessageType::from(r.varint()? as i32)),
@@ -167,16 +176,33 @@ fn scan_message_into<'a>(b: &'a [u8], m: &mut MessageFields<'a>) -> Option<()> {
             42 => m.response_address = Some(r.bytes()?),
             48 => m.query_port = Some(r.varint()? as u32),
             56 => m.response_port = Some(r.varint()? as u32),
-            64 => m.query_time_sec = Some(r.varint()?),
-            77 => m.query_time_nsec = Some(r.fixed32()?),
+            64 => {
+                m.times_at[0] = at(&r);
+                m.query_time_sec = Some(r.varint()?);
+            }
+            77 => {
+                m.times_at[1] = at(&r);
+                m.query_time_nsec = Some(r.fixed32()?);
+            }
             82 => m.query_message = Some(r.bytes()?),
-            96 => m.response_time_sec = Some(r.varint()?),
-            109 => m.response_time_nsec = Some(r.fixed32()?),
+            96 => {
+                m.times_at[2] = at(&r);
+                m.response_time_sec = Some(r.varint()?);
+            }
+            109 => {
+                m.times_at[3] = at(&r);
+                m.response_time_nsec = Some(r.fixed32()?);
+            }
             114 => m.response_message = Some(r.bytes()?),
             tag => r.skip(tag)?,
         }
     }
     Some(())
+}
+
+/// The varint `b` starts with.
+pub(super) fn varint_at(b: &[u8]) -> Option<u64> {
+    Wire(b).varint()
 }
 
 /// The frame's `extra` stored after a message ([`Encoded`]), if any.

@@ -577,7 +577,8 @@ impl StreamIngest {
         self.count_source(source, ev.role, ev.watermark);
         ev.recalled = self.recall.observe(&ev);
         ev.has_extra = !tap.extra.is_empty();
-        ev.message = MessageSpan::within(payload, at, tap.message_bytes, tap.extra);
+        let facts = ev.message.facts;
+        ev.message = MessageSpan::within(payload, at, tap.message_bytes, tap.extra, facts);
         router.dispatch(ev);
     }
 
