@@ -58,9 +58,11 @@ pub fn parse_question(
     if u16::from_be_bytes([wire[4], wire[5]]) == 0 {
         return Err(DnsError::NoQuestion);
     }
-    // A wire name is at most 255 bytes: lowercase it on the stack, hash it once.
+    // A wire name is at most 255 bytes: copy it to the stack, lowercase it there in one go
+    // (length bytes are below 64, which ASCII lowercasing leaves alone), hash it once.
     let mut name = [0u8; 256];
-    let (len, end) = lowercase_name(wire, 12, &mut name).ok_or(DnsError::NoQuestion)?;
+    let (len, end) = name_to(wire, 12, &mut name).ok_or(DnsError::NoQuestion)?;
+    name[..len].make_ascii_lowercase();
     let tail = wire.get(end..end + 4).ok_or(DnsError::NoQuestion)?;
     Ok(QuestionSummary {
         id: u16::from_be_bytes([wire[0], wire[1]]),
@@ -72,10 +74,10 @@ pub fn parse_question(
     })
 }
 
-/// Copies the name at `pos` into `out` lowercased, in wire form, following compression
-/// pointers. Returns its length and where the name ends in the message (after the first
-/// pointer, if any); None for a malformed name.
-fn lowercase_name(wire: &[u8], mut pos: usize, out: &mut [u8; 256]) -> Option<(usize, usize)> {
+/// Copies the name at `pos` into `out` in wire form, following compression pointers. Returns
+/// its length and where the name ends in the message (after the first pointer, if any); None
+/// for a malformed name.
+fn name_to(wire: &[u8], mut pos: usize, out: &mut [u8; 256]) -> Option<(usize, usize)> {
     let mut len = 0;
     let mut end = None;
     let mut jumps = 0;
@@ -92,9 +94,7 @@ fn lowercase_name(wire: &[u8], mut pos: usize, out: &mut [u8; 256]) -> Option<(u
                     return None;
                 }
                 out[len] = l as u8;
-                for (d, s) in out[len + 1..len + 1 + l].iter_mut().zip(label) {
-                    *d = s.to_ascii_lowercase();
-                }
+                out[len + 1..len + 1 + l].copy_from_slice(label);
                 len += 1 + l;
                 pos += 1 + l;
             }
@@ -198,10 +198,21 @@ fn name_into(wire: &[u8], mut pos: usize, out: &mut Vec<u8>) -> Option<usize> {
     }
 }
 
+/// The bytes a label shows as they are: printable ASCII but `.`, `\` and `"` (one lookup
+/// per byte: this runs for every finished session's question).
+const PLAIN: [bool; 256] = {
+    let mut plain = [false; 256];
+    let mut b = 0x21;
+    while b <= 0x7e {
+        plain[b] = !matches!(b as u8, b'.' | b'\\' | b'"');
+        b += 1;
+    }
+    plain
+};
+
 /// Appends one label and its dot, escaped for presentation format.
 fn presentation_label(out: &mut Vec<u8>, label: &[u8]) {
-    let plain = |b: &u8| matches!(b, 0x21..=0x7e) && !matches!(b, b'.' | b'\\' | b'"');
-    if label.iter().all(plain) {
+    if label.iter().all(|&b| PLAIN[usize::from(b)]) {
         out.extend_from_slice(label);
         out.push(b'.');
         return;

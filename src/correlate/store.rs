@@ -19,7 +19,7 @@ const CLASSES: [usize; 23] = [
     32, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 144, 160, 192, 224, 256, 384, 512, 1024,
     2048, 4096, 16384,
 ];
-/// Slots are carved from pages of about this many bytes.
+/// Slots are carved from pages of at most this many bytes (a power of two of slots).
 const PAGE_BYTES: usize = 64 << 10;
 
 /// Where one message's bytes are: size class in the top byte, slot below; then the length (of
@@ -51,6 +51,9 @@ impl MessageRef {
 #[derive(Default)]
 struct Class {
     size: usize,
+    /// A page holds 2^`page_shift` slots (the most that fit in `PAGE_BYTES`, at least one):
+    /// a slot's page and place in it are a shift and a mask, not a division.
+    page_shift: u32,
     pages: Vec<Box<[u8]>>,
     free: Vec<u32>,
     /// Slots handed out from the newest page so far.
@@ -58,8 +61,16 @@ struct Class {
 }
 
 impl Class {
+    fn new(size: usize) -> Self {
+        Self {
+            size,
+            page_shift: (PAGE_BYTES / size).max(1).ilog2(),
+            ..Self::default()
+        }
+    }
+
     fn slots_per_page(&self) -> usize {
-        (PAGE_BYTES / self.size).max(1)
+        1 << self.page_shift
     }
 
     /// A free slot; None when the class has run out of slot numbers.
@@ -81,16 +92,23 @@ impl Class {
         Some(slot as u32)
     }
 
+    /// The page and the byte range of `slot` in it.
+    fn place(&self, slot: u32) -> (usize, std::ops::Range<usize>) {
+        let (page, i) = (
+            slot as usize >> self.page_shift,
+            slot as usize & (self.slots_per_page() - 1),
+        );
+        (page, i * self.size..(i + 1) * self.size)
+    }
+
     fn bytes_mut(&mut self, slot: u32) -> &mut [u8] {
-        let per_page = self.slots_per_page();
-        let (page, i) = (slot as usize / per_page, slot as usize % per_page);
-        &mut self.pages[page][i * self.size..(i + 1) * self.size]
+        let (page, range) = self.place(slot);
+        &mut self.pages[page][range]
     }
 
     fn bytes(&self, slot: u32) -> &[u8] {
-        let per_page = self.slots_per_page();
-        let (page, i) = (slot as usize / per_page, slot as usize % per_page);
-        &self.pages[page][i * self.size..(i + 1) * self.size]
+        let (page, range) = self.place(slot);
+        &self.pages[page][range]
     }
 }
 
@@ -104,13 +122,7 @@ pub struct MessageStore {
 impl Default for MessageStore {
     fn default() -> Self {
         Self {
-            classes: CLASSES
-                .iter()
-                .map(|&size| Class {
-                    size,
-                    ..Class::default()
-                })
-                .collect(),
+            classes: CLASSES.iter().map(|&size| Class::new(size)).collect(),
             large: Vec::new(),
             large_free: Vec::new(),
         }
@@ -128,7 +140,8 @@ impl MessageStore {
             message.facts.write_to(facts);
             message.write_to(bytes);
         };
-        if let Some(class) = CLASSES.iter().position(|&size| size >= HEADER + len) {
+        let class = CLASSES.partition_point(|&size| size < HEADER + len);
+        if class < CLASSES.len() {
             let c = &mut self.classes[class];
             if let Some(slot) = c.take() {
                 write(&mut c.bytes_mut(slot)[..HEADER + len]);

@@ -91,10 +91,12 @@ pub fn ip(addr: &[u8]) -> Option<IpAddr> {
         16 => {
             let mut b = [0u8; 16];
             b.copy_from_slice(addr);
-            let v6 = Ipv6Addr::from(b);
-            Some(match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6(v6),
+            // One comparison for the `::ffff:0:0/96` prefix (`to_ipv4_mapped` compares bytes).
+            let v = u128::from_be_bytes(b);
+            Some(if v >> 32 == 0xffff {
+                IpAddr::V4(Ipv4Addr::from(v as u32))
+            } else {
+                IpAddr::V6(Ipv6Addr::from(v))
             })
         }
         _ => None,
@@ -119,6 +121,18 @@ mod tests {
             Some("::1".parse().unwrap())
         );
         assert_eq!(ip(&[1, 2, 3]), None);
+        // Only `::ffff:a.b.c.d` is IPv4, as `to_ipv4_mapped` says.
+        for text in [
+            "::ffff:1.2.3.4",
+            "::fffe:1.2.3.4",
+            "1::ffff:1.2.3.4",
+            "::1.2.3.4",
+            "::",
+        ] {
+            let v6: Ipv6Addr = text.parse().unwrap();
+            let want = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+            assert_eq!(ip(&v6.octets()), Some(want), "{text}");
+        }
     }
 
     #[test]
