@@ -107,35 +107,28 @@ impl MessageFacts {
             return Self::default();
         }
         // Every slice is part of `message`, shorter than NONE.
-        let at = |part: &[u8]| (part.as_ptr() as usize - message.as_ptr() as usize) as u16;
+        let base = message.as_ptr() as usize;
+        let at = |part: Option<&[u8]>| part.map_or(NONE, |p| (p.as_ptr() as usize - base) as u16);
         let (dns, address, port) = match (role.is_response(), role.is_client()) {
             (true, true) => (m.response_message, m.query_address, m.query_port),
             (false, true) => (m.query_message, m.query_address, m.query_port),
             (true, false) => (m.response_message, m.response_address, m.response_port),
             (false, false) => (m.query_message, m.response_address, m.response_port),
         };
-        let address = address.filter(|a| matches!(a.len(), 4 | 16));
-        let value_at = |v: Option<&[u8]>| v.map_or(NONE, at);
-        // A time field's offset counts only when the field is there.
-        let time_at = |present: bool, i: usize| if present { m.times_at[i] } else { NONE };
+        let (address, v6) = match address.map(<[u8]>::len) {
+            Some(4) => (address, 0),
+            Some(16) => (address, V6),
+            _ => (None, 0),
+        };
         Self {
-            flags: RECORDED
-                | if address.is_some_and(|a| a.len() == 16) {
-                    V6
-                } else {
-                    0
-                },
+            flags: RECORDED | v6,
             protocol: m.protocol.map_or(0, |p| p as u8),
-            dns_at: value_at(dns),
+            dns_at: at(dns),
             dns_len: dns.map_or(0, |d| d.len() as u16),
-            address_at: value_at(address),
+            address_at: at(address),
             port: port.unwrap_or(0) as u16,
-            times_at: [
-                time_at(m.query_time_sec.is_some(), 0),
-                time_at(m.query_time_nsec.is_some(), 1),
-                time_at(m.response_time_sec.is_some(), 2),
-                time_at(m.response_time_nsec.is_some(), 3),
-            ],
+            // The scan leaves NONE for a time field not there.
+            times_at: m.times_at,
         }
     }
 
