@@ -150,7 +150,6 @@ impl Renderer {
         .then(|| self.options.sample_succeeded.rate());
         let decoded = with_messages.then(|| decode_messages(s, store));
         let (identity, version) = self.sources.describe(s.source);
-        let diagnosis = d.sentence(&identity);
         match self.format {
             Format::Json => {
                 let mut j = Json::new(out);
@@ -169,7 +168,8 @@ impl Renderer {
                     j.float(rate);
                 }
                 j.field_str("cause", d.cause.name());
-                j.field_str("diagnosis", &diagnosis);
+                j.key("diagnosis");
+                j.string_with(|out| d.write_sentence(&identity, out, json::escape_into));
                 j.field_str("identity", &identity);
                 j.field_str("version", &version);
                 write_summary_fields(&mut j, s, d);
@@ -225,7 +225,7 @@ impl Renderer {
                     d.latency
                         .map_or("-".into(), |l| format!("{:.3}ms", l as f64 / 1e6)),
                 );
-                text::escape_into(out, &diagnosis);
+                d.write_sentence(&identity, out, text::escape_into);
                 if let Some(loss) = v.loss {
                     let _ = write!(out, " LossReason: {}", loss.name());
                 }
