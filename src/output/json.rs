@@ -13,10 +13,15 @@ pub struct Json<'a> {
     /// The bit of the innermost level (0 outside any object or array), kept beside `depth`:
     /// every key and value reads it.
     level: u64,
-    /// The last second written by [`Json::time`] and its `YYYY-MM-DDTHH:MM:SS`: a line's
-    /// times are nearly always within one second, so only the fraction is formatted again.
-    second: Option<(u64, [u8; SECOND_LEN])>,
+    /// The last two seconds written by [`Json::time`] and their `YYYY-MM-DDTHH:MM:SS`, and
+    /// which to replace next: a line's times lie within a second or two (a query's, and its
+    /// late response's), so only the fraction is formatted again.
+    seconds: [(u64, [u8; SECOND_LEN]); 2],
+    next_second: usize,
 }
+
+/// No second: a Unix second from nanoseconds in a u64 is far below it.
+const NO_SECOND: u64 = u64::MAX;
 
 const SECOND_LEN: usize = 19;
 
@@ -30,7 +35,8 @@ impl<'a> Json<'a> {
             first: 0,
             depth: 0,
             level: 0,
-            second: None,
+            seconds: [(NO_SECOND, [0; SECOND_LEN]); 2],
+            next_second: 0,
         }
     }
 
@@ -132,11 +138,12 @@ impl<'a> Json<'a> {
     pub fn time(&mut self, nanos: u64) {
         self.sep();
         let secs = nanos / 1_000_000_000;
-        let second = match self.second {
-            Some((s, text)) if s == secs => text,
-            _ => {
+        let second = match self.seconds.iter().find(|(s, _)| *s == secs) {
+            Some((_, text)) => *text,
+            None => {
                 let text = rfc3339_second(secs);
-                self.second = Some((secs, text));
+                self.seconds[self.next_second] = (secs, text);
+                self.next_second ^= 1;
                 text
             }
         };
@@ -244,29 +251,7 @@ pub fn write_millis(out: &mut Vec<u8>, nanos: u64) {
 
 fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
-        IpAddr::V4(v4) => {
-            // Octet by octet into a stack buffer, then one copy: itoa per octet costs more.
-            let mut text = [0u8; 15];
-            let mut len = 0;
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    text[len] = b'.';
-                    len += 1;
-                }
-                let (hundreds, tens, ones) = (octet / 100, octet / 10 % 10, octet % 10);
-                if hundreds > 0 {
-                    text[len] = b'0' + hundreds;
-                    len += 1;
-                }
-                if octet >= 10 {
-                    text[len] = b'0' + tens;
-                    len += 1;
-                }
-                text[len] = b'0' + ones;
-                len += 1;
-            }
-            out.extend_from_slice(&text[..len]);
-        }
+        IpAddr::V4(v4) => crate::diagnosis::ipv4_into(out, v4),
         IpAddr::V6(v6) => {
             let _ = write!(Fmt(out), "{v6}");
         }
@@ -469,12 +454,15 @@ mod tests {
     }
 
     #[test]
-    fn times_of_one_line_share_their_second_only_when_they_are_in_it() {
+    fn times_of_one_line_share_their_seconds_only_when_they_are_in_them() {
         let times = [
             1_795_626_659_525_087_273,
             1_795_626_659_000_000_001,
             1_795_626_660_999_999_999,
             1_795_626_659_525_087_273,
+            1_795_626_661_000_000_000,
+            1_795_626_659_000_000_000,
+            1_795_626_660_000_000_000,
             0,
         ];
         let mut buf = Vec::new();
