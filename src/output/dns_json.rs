@@ -269,6 +269,20 @@ fn presentation_into<Octs: AsRef<[u8]>>(
 /// bytes, then the root), label by label without `domain`'s label iterator: most names in a
 /// message are not compressed.
 fn flat_presentation_into(out: &mut Vec<u8>, flat: &[u8], backslash: &[u8], quote: &[u8]) {
+    if let Some(text) = flat.get(1..).filter(|_| plain_labels(flat)) {
+        // Nothing to escape (the usual case): the wire form after its first length byte is
+        // the text once every later length byte, and the root's 0, becomes a dot.
+        let start = out.len();
+        out.extend_from_slice(text);
+        let text = &mut out[start..];
+        let mut at = usize::from(flat[0]);
+        while let Some(len) = text.get_mut(at) {
+            let next = at + usize::from(*len) + 1;
+            *len = b'.';
+            at = next;
+        }
+        return;
+    }
     let mut rest = flat;
     let mut empty = true;
     while let Some((&len, tail)) = rest.split_first() {
@@ -285,12 +299,31 @@ fn flat_presentation_into(out: &mut Vec<u8>, flat: &[u8], backslash: &[u8], quot
     }
 }
 
+/// Whether an uncompressed name has labels (not only the root) and none holds a byte its
+/// presentation escapes.
+fn plain_labels(flat: &[u8]) -> bool {
+    let mut rest = flat;
+    let mut labels = 0;
+    while let Some((&len, tail)) = rest.split_first() {
+        let Some(label) = tail.get(..usize::from(len)).filter(|_| len > 0) else {
+            return labels > 0 && len == 0 && tail.is_empty();
+        };
+        if !label.iter().all(|&b| is_plain(b)) {
+            return false;
+        }
+        labels += 1;
+        rest = &tail[label.len()..];
+    }
+    false
+}
+
+fn is_plain(b: u8) -> bool {
+    matches!(b, 0x21..=0x7e) && !matches!(b, b'.' | b'\\' | b'"')
+}
+
 /// One label in presentation format; a label with nothing to escape is copied in one go.
 fn label_into(out: &mut Vec<u8>, label: &[u8], backslash: &[u8], quote: &[u8]) {
-    if label
-        .iter()
-        .all(|&b| matches!(b, 0x21..=0x7e) && !matches!(b, b'.' | b'\\' | b'"'))
-    {
+    if label.iter().all(|&b| is_plain(b)) {
         out.extend_from_slice(label);
         return;
     }
@@ -370,6 +403,14 @@ mod tests {
         };
         assert_eq!(spelled(&flat), r#"a\.b.c\\d."#);
         assert_eq!(spelled(&compressed), r#"x\".c\\d."#);
+        for (wire, text) in [
+            (&b"\x03www\x07example\x04test\x00"[..], "www.example.test."),
+            (b"\x01a\x00", "a."),
+            (b"\x00", "."),
+        ] {
+            let name = ParsedName::parse(&mut domain::dep::octseq::Parser::from_ref(wire));
+            assert_eq!(spelled(&name.unwrap()), text);
+        }
     }
 
     #[test]
