@@ -537,15 +537,28 @@ impl Words<'_> {
 
     /// The distinct upstreams the session tried, or "an upstream".
     fn upstreams(&mut self, d: &Diagnosis) -> &mut Self {
-        let mut none = true;
-        for u in d.upstreams() {
-            if !std::mem::replace(&mut none, false) {
-                self.s(", ");
+        self.list(d.upstreams(), ", ", "an upstream", |w, u| {
+            w.upstream(u);
+        })
+    }
+
+    /// Each item as `write` spells it, separated by `sep`; `none` when there is none.
+    fn list<T>(
+        &mut self,
+        items: impl Iterator<Item = T>,
+        sep: &str,
+        none: &str,
+        mut write: impl FnMut(&mut Self, T),
+    ) -> &mut Self {
+        let mut empty = true;
+        for item in items {
+            if !std::mem::replace(&mut empty, false) {
+                self.s(sep);
             }
-            self.upstream(u);
+            write(self, item);
         }
-        if none {
-            self.s("an upstream");
+        if empty {
+            self.s(none);
         }
         self
     }
@@ -560,19 +573,11 @@ impl Words<'_> {
 
     /// The roles the bitmap says were seen ("CQ FQ FR CR"), or "nothing".
     fn seen(&mut self, bitmap: BitMap) -> &mut Self {
-        let mut none = true;
-        for (bit, name) in [(1, "CQ"), (4, "FQ"), (8, "FR"), (2, "CR")] {
-            if bitmap.0 & bit != 0 {
-                if !std::mem::replace(&mut none, false) {
-                    self.s(" ");
-                }
-                self.s(name);
-            }
-        }
-        if none {
-            self.s("nothing");
-        }
-        self
+        let roles = [(1, "CQ"), (4, "FQ"), (8, "FR"), (2, "CR")];
+        let seen = roles.into_iter().filter(|(bit, _)| bitmap.0 & bit != 0);
+        self.list(seen, " ", "nothing", |w, (_, name)| {
+            w.s(name);
+        })
     }
 
     /// `n / unit` with one decimal: the text of `format!("{:.1}", n as f64 / unit as f64)`,
