@@ -92,15 +92,7 @@ impl<'a> Json<'a> {
         let level = self.level;
         let comma = level != 0 && self.first & level == 0;
         self.first |= level;
-        // One reservation, then copies that need no growth: a line has dozens of keys.
-        let out = &mut *self.out;
-        out.reserve(name.len() + 4);
-        if comma {
-            out.push(b',');
-        }
-        out.push(b'"');
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b"\":");
+        push_quoted(self.out, comma, name, b"\":");
     }
 
     pub fn string(&mut self, s: &str) {
@@ -110,11 +102,10 @@ impl<'a> Json<'a> {
 
     /// One of the schema's own constant strings (names, mnemonics): nothing to escape.
     pub fn name(&mut self, s: &'static str) {
-        self.sep();
-        self.out.reserve(s.len() + 2);
-        self.out.push(b'"');
-        self.out.extend_from_slice(s.as_bytes());
-        self.out.push(b'"');
+        let level = self.level;
+        let comma = level != 0 && self.first & level == 0;
+        self.first &= !level;
+        push_quoted(self.out, comma, s, b"\"");
     }
 
     /// A `Display` value as a JSON string, escaped while it is formatted (no temporary).
@@ -223,6 +214,54 @@ impl<'a> Json<'a> {
     pub fn field_uint(&mut self, name: &'static str, v: u64) {
         self.key(name);
         self.uint(v);
+    }
+}
+
+/// Appends `,` if `comma`, then `"`, `text` and `tail` (`":` after a key, `"` after a name).
+/// A text of at most 16 bytes (nearly all the schema's keys and names) is put together in a
+/// stack buffer by fixed-size copies, which the whole buffer follows into `out` before `out`
+/// is cut back: a copy of a length known only at run time calls memcpy, and lines have dozens
+/// of keys and names.
+fn push_quoted(out: &mut Vec<u8>, comma: bool, text: &str, tail: &[u8]) {
+    let (text, n) = (text.as_bytes(), text.len());
+    if n > 16 || tail.len() > 2 {
+        if comma {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(text);
+        out.extend_from_slice(tail);
+        return;
+    }
+    let mut buf = [0u8; 24];
+    buf[0] = b',';
+    buf[1] = b'"';
+    // Two overlapping copies of a fixed size cover every length up to twice that size.
+    match n {
+        8..=16 => {
+            buf[2..10].copy_from_slice(&text[..8]);
+            buf[n - 6..n + 2].copy_from_slice(&text[n - 8..]);
+        }
+        4..=7 => {
+            buf[2..6].copy_from_slice(&text[..4]);
+            buf[n - 2..n + 2].copy_from_slice(&text[n - 4..]);
+        }
+        _ => {
+            for (i, &b) in text.iter().enumerate() {
+                buf[2 + i] = b;
+            }
+        }
+    }
+    for (i, &b) in tail.iter().enumerate() {
+        buf[2 + n + i] = b;
+    }
+    let end = out.len() + 2 + n + tail.len();
+    if comma {
+        out.extend_from_slice(&buf);
+        out.truncate(end);
+    } else {
+        out.extend_from_slice(&buf[1..]);
+        out.truncate(end - 1);
     }
 }
 
@@ -375,9 +414,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_of_any_length_are_quoted_and_separated() {
-        let long = "a_key_name_longer_than_the_stack_buffer_holds";
-        for name in ["k", "thirty_six_characters_long_key_name_", long] {
+    fn keys_and_names_of_any_length_are_quoted_and_separated() {
+        const LONG: &str = "abcdefghijklmnopqrstuvwxyz_0123456789_ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+        for name in (0..=LONG.len()).map(|n| &LONG[..n]) {
+            let mut out = Vec::new();
+            let mut j = Json::new(&mut out);
+            j.begin_array();
+            j.name(name);
+            j.name(name);
+            j.end_array();
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                format!("[\"{name}\",\"{name}\"]")
+            );
+            let mut out = Vec::new();
+            let mut j = Json::new(&mut out);
+            j.name(name);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("\"{name}\""));
             let mut out = Vec::new();
             let mut j = Json::new(&mut out);
             j.begin_object();
