@@ -233,6 +233,8 @@ struct Open {
     touched: Nanos,
     /// Its entries in `LookupTable::by_base`.
     keys: SmallVec<[u64; 4]>,
+    /// It has tried a cluster or extra suffix: `learn` may continue it with a node domain.
+    learning: bool,
 }
 
 impl Open {
@@ -258,8 +260,8 @@ pub struct LookupTable {
     /// Open lookups in slots; `generation` tells a reused slot from the lookup that left it.
     slots: Vec<Option<Open>>,
     free: Vec<usize>,
-    /// Each client's open lookups, oldest first (for the per-client bound).
-    clients: HashMap<IpAddr, SmallVec<[usize; 4]>>,
+    /// Each client's open lookups.
+    clients: HashMap<IpAddr, ClientLookups>,
     /// Open lookups by (client, base name) for every base their first candidate reads as:
     /// a query finds its lookups without looking at the client's others (a forwarder or a
     /// load generator is one client with thousands of lookups open).
@@ -274,6 +276,18 @@ pub struct LookupTable {
     /// Finished lookups handed back (`recycle`): the next ones are written into their
     /// strings and vectors instead of new ones.
     spare: Vec<Lookup>,
+    /// The base names of closed lookups, for the next ones to open: opening allocates nothing.
+    spare_bases: Vec<String>,
+}
+
+/// One client's open lookups.
+#[derive(Debug, Default)]
+struct ClientLookups {
+    /// Oldest first (for the per-client bound).
+    slots: SmallVec<[usize; 4]>,
+    /// How many are `learning`: with none, no query of the client needs `learn`'s look at
+    /// every prefix of its name (a client outside Kubernetes never has one).
+    learning: u32,
 }
 
 /// Finished lookups kept for reuse.
@@ -296,6 +310,7 @@ impl LookupTable {
             id_step: partitions.max(1),
             tally: Tally::default(),
             spare: Vec::new(),
+            spare_bases: Vec::new(),
         }
     }
 
@@ -334,14 +349,24 @@ impl LookupTable {
         let (family, half) = Family::of(q.qtype);
         let mut readings = Readings::new();
         self.search.readings(name, &mut readings);
+        // Each reading hashed once: for the lookups indexed under it, and for a new lookup's
+        // entries.
+        let ip = q.client.ip();
+        let keys: SmallVec<[u64; 8]> = readings.iter().map(|r| self.key(ip, r.base)).collect();
         // The client's lookups under any base the name reads as: looked up once for both.
-        let indexed = self.indexed(q.client.ip(), readings.iter().map(|r| r.base));
+        let indexed = self.indexed(keys.iter().copied());
         let found = self
             .find(q, family, half, &readings, &indexed)
             .or_else(|| self.rebase(q, family, &readings, &indexed));
+        let learned = match found {
+            None if self.clients.get(&ip).is_some_and(|c| c.learning > 0) => {
+                self.learn(q, family, half, name)
+            }
+            _ => None,
+        };
         let (slot, r, fit) = match found {
             Some((slot, i, fit)) => (slot, readings[i], fit),
-            None => match self.learn(q, family, half, name) {
+            None => match learned {
                 Some((slot, suffix, fit)) => {
                     let r = Reading {
                         base: name,
@@ -351,29 +376,47 @@ impl LookupTable {
                     (slot, r, fit)
                 }
                 None => {
-                    let slot = self.open_lookup(q, family, &readings, now, done);
+                    let slot = self.open_lookup(q, family, &readings, &keys, now, done);
                     (slot, readings[0], Fit::New)
                 }
             },
         };
         self.join(slot, q, r, half, fit, now);
+        self.note_learning(slot);
         self.slots[slot].as_ref().map(|l| l.id)
+    }
+
+    /// Keeps the client's count of `learning` lookups in step with the lookup's candidates.
+    fn note_learning(&mut self, slot: usize) {
+        let Some(l) = self.slots[slot].as_mut() else {
+            return;
+        };
+        let learning = l
+            .candidates
+            .iter()
+            .any(|c| matches!(c.suffix, Suffix::Cluster | Suffix::Extra(_)));
+        if learning == l.learning {
+            return;
+        }
+        l.learning = learning;
+        if let Some(c) = self.clients.get_mut(&l.client) {
+            match learning {
+                true => c.learning += 1,
+                false => c.learning -= 1,
+            }
+        }
     }
 
     fn key(&self, ip: IpAddr, base: &str) -> u64 {
         self.hasher.hash_one((ip, base))
     }
 
-    /// The client's open lookups indexed under any of `bases`, newest first.
-    fn indexed<'a>(
-        &self,
-        ip: IpAddr,
-        bases: impl Iterator<Item = &'a str>,
-    ) -> SmallVec<[usize; 8]> {
+    /// The open lookups indexed under any of `keys` (a client's bases), newest first.
+    fn indexed(&self, keys: impl Iterator<Item = u64>) -> SmallVec<[usize; 8]> {
         let mut slots: SmallVec<[usize; 8]> = SmallVec::new();
         let mut lists = 0;
-        for b in bases {
-            if let Some(list) = self.by_base.get(&self.key(ip, b)) {
+        for k in keys {
+            if let Some(list) = self.by_base.get(&k) {
                 slots.extend(list.iter().copied());
                 lists += 1;
             }
@@ -492,8 +535,11 @@ impl LookupTable {
         half: usize,
         name: &str,
     ) -> Option<(usize, Suffix, Fit)> {
-        let prefixes = name.match_indices('.').map(|(i, _)| &name[..i]);
-        let slots = self.indexed(q.client.ip(), prefixes);
+        let ip = q.client.ip();
+        let prefixes = name
+            .match_indices('.')
+            .map(|(i, _)| self.key(ip, &name[..i]));
+        let slots = self.indexed(prefixes);
         let slot = slots.into_iter().find(|&slot| {
             self.slots[slot].as_ref().is_some_and(|l| {
                 l.family == family
@@ -505,8 +551,8 @@ impl LookupTable {
                         .any(|c| matches!(c.suffix, Suffix::Cluster | Suffix::Extra(_)))
             })
         })?;
-        let base = self.slots[slot].as_ref()?.base.clone();
-        let suffix = self.search.learn(name, &base)?;
+        let base = &self.slots[slot].as_ref()?.base;
+        let suffix = self.search.learn(name, base)?;
         let fit = fits(self.slots[slot].as_ref()?, suffix, half, q)?;
         Some((slot, suffix, fit))
     }
@@ -516,13 +562,17 @@ impl LookupTable {
         q: &Query<'_>,
         family: Family,
         readings: &[Reading<'_>],
+        keys: &[u64],
         now: Nanos,
         done: &mut impl FnMut(Lookup),
     ) -> usize {
         let r = readings[0];
         let ip = q.client.ip();
-        if self.clients.get(&ip).map_or(0, |s| s.len()) >= self.cfg.max_per_client.max(1) {
-            let oldest = self.clients[&ip][0];
+        let oldest = self.clients.get(&ip).and_then(|c| {
+            let full = c.slots.len() >= self.cfg.max_per_client.max(1);
+            full.then_some(c.slots[0])
+        });
+        if let Some(oldest) = oldest {
             self.close(oldest, true, done);
         }
         while self.open >= self.cfg.max_open.max(1) {
@@ -535,11 +585,14 @@ impl LookupTable {
         }
         let id = self.next_id;
         self.next_id += self.id_step;
+        let mut base = self.spare_bases.pop().unwrap_or_default();
+        base.clear();
+        base.push_str(r.base);
         let open = Open {
             id,
             client: ip,
             family,
-            base: r.base.to_string(),
+            base,
             namespace: None,
             candidates: SmallVec::new(),
             identities: SmallVec::new(),
@@ -549,12 +602,12 @@ impl LookupTable {
             last_response: None,
             touched: now,
             keys: {
-                let mut keys: SmallVec<[u64; 4]> =
-                    readings.iter().map(|r| self.key(ip, r.base)).collect();
+                let mut keys = SmallVec::from_slice(keys);
                 keys.sort_unstable();
                 keys.dedup();
                 keys
             },
+            learning: false,
         };
         let keys = open.keys.clone();
         let slot = match self.free.pop() {
@@ -571,7 +624,7 @@ impl LookupTable {
         for k in keys {
             self.by_base.entry(k).or_default().push(slot);
         }
-        self.clients.entry(ip).or_default().push(slot);
+        self.clients.entry(ip).or_default().slots.push(slot);
         self.expiry.push(Reverse((now, slot, id)));
         self.compact_expiry();
         slot
@@ -700,10 +753,12 @@ impl LookupTable {
                 }
             }
         }
-        if let Entry::Occupied(mut list) = self.clients.entry(l.client) {
-            remove_slot(list.get_mut(), slot);
-            if list.get().is_empty() {
-                list.remove();
+        if let Entry::Occupied(mut client) = self.clients.entry(l.client) {
+            let c = client.get_mut();
+            remove_slot(&mut c.slots, slot);
+            c.learning -= l.learning as u32;
+            if c.slots.is_empty() {
+                client.remove();
             }
         }
         if evicted {
@@ -711,6 +766,9 @@ impl LookupTable {
         }
         let mut lookup = self.spare.pop().unwrap_or_else(|| Lookup::blank(l.client));
         finish(&self.search, l, evicted, &mut lookup);
+        if self.spare_bases.len() < MAX_SPARE {
+            self.spare_bases.push(std::mem::take(&mut l.base));
+        }
         self.slots[slot] = None;
         done(lookup);
     }
