@@ -105,20 +105,16 @@ fn run(events: &[Event], bytes: &[u8], log: &str, lookup_lines: LookupPolicy) ->
             sink.hand_over(true);
         });
         let batches: Vec<RecordBatch> = rx.try_iter().collect();
-        let mut finished = Vec::with_capacity(1 << 14);
         let mut clock = pass * HOUR;
-        // As the stage does: each batch joined, then its finished lookups counted, printed
-        // and handed back to the table.
-        let mut emit =
-            |finished: &mut Vec<lookup::Lookup>, table: &mut LookupTable, counts: &mut Counts| {
-                for l in finished.drain(..) {
-                    counts.lookup += allocations(|| stats.record(&l, &sources, 256)).0;
-                    if lookup_lines.prints(&l) {
-                        counts.render_lookups += allocations(|| lines.render(&l, &mut out)).0;
-                    }
-                    counts.lookup += allocations(|| table.recycle(l)).0;
-                }
-            };
+        // As the stage does: each lookup counted, and printed, as it ends. Its rendering is
+        // counted apart (`allocations` nests: the table's count includes it).
+        let mut rendered = 0;
+        let mut emit = |l: &lookup::Lookup| {
+            stats.record(l, &sources, 256);
+            if lookup_lines.prints(l) {
+                rendered += allocations(|| lines.render(l, &mut out)).0;
+            }
+        };
         for batch in &batches {
             let (n, ()) = allocations(|| {
                 for r in &batch.records {
@@ -126,14 +122,14 @@ fn run(events: &[Event], bytes: &[u8], log: &str, lookup_lines: LookupPolicy) ->
                     let Some(q) = r.facts.as_ref().and_then(|f| batch.query(f)) else {
                         continue;
                     };
-                    table.on_query(&q, clock, &mut |l| finished.push(l));
+                    table.on_query(&q, clock, &mut emit);
                 }
             });
             counts.lookup += n;
-            emit(&mut finished, &mut table, &mut counts);
         }
-        counts.lookup += allocations(|| table.flush(&mut |l| finished.push(l))).0;
-        emit(&mut finished, &mut table, &mut counts);
+        counts.lookup += allocations(|| table.flush(&mut emit)).0;
+        counts.render_lookups = rendered;
+        counts.lookup -= rendered;
         out.clear();
         passes.push(counts);
     }

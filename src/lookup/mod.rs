@@ -273,9 +273,9 @@ pub struct LookupTable {
     next_id: u64,
     id_step: u64,
     tally: Tally,
-    /// Finished lookups handed back (`recycle`): the next ones are written into their
-    /// strings and vectors instead of new ones.
-    spare: Vec<Lookup>,
+    /// The lookup that ends, written into the strings and vectors of the one before and
+    /// handed out by reference: ending one allocates nothing and moves nothing.
+    finished: Lookup,
     /// The base names of closed lookups, for the next ones to open: opening allocates nothing.
     spare_bases: Vec<String>,
 }
@@ -290,7 +290,7 @@ struct ClientLookups {
     learning: u32,
 }
 
-/// Finished lookups kept for reuse.
+/// Base names of closed lookups kept for reuse.
 const MAX_SPARE: usize = 1024;
 
 impl LookupTable {
@@ -309,7 +309,7 @@ impl LookupTable {
             next_id: partition + 1,
             id_step: partitions.max(1),
             tally: Tally::default(),
-            spare: Vec::new(),
+            finished: Lookup::blank(),
             spare_bases: Vec::new(),
         }
     }
@@ -326,21 +326,13 @@ impl LookupTable {
         &self.search
     }
 
-    /// Hands back a finished lookup once it has been counted and printed: the next lookup
-    /// to end is written into its buffers, so ending one allocates nothing.
-    pub fn recycle(&mut self, l: Lookup) {
-        if self.spare.len() < MAX_SPARE {
-            self.spare.push(l);
-        }
-    }
-
     /// Joins `q` into a lookup at stage clock `now` and returns its id; `None` for a query of
     /// the root. Lookups evicted to make room go to `done`.
     pub fn on_query(
         &mut self,
         q: &Query<'_>,
         now: Nanos,
-        done: &mut impl FnMut(Lookup),
+        done: &mut impl FnMut(&Lookup),
     ) -> Option<u64> {
         let name = names::normalise(q.qname);
         if name.is_empty() {
@@ -564,7 +556,7 @@ impl LookupTable {
         readings: &[Reading<'_>],
         keys: &[u64],
         now: Nanos,
-        done: &mut impl FnMut(Lookup),
+        done: &mut impl FnMut(&Lookup),
     ) -> usize {
         let r = readings[0];
         let ip = q.client.ip();
@@ -706,7 +698,7 @@ impl LookupTable {
     }
 
     /// Ends every lookup nothing joined for `gap + linger` before stage clock `now`.
-    pub fn advance(&mut self, now: Nanos, done: &mut impl FnMut(Lookup)) {
+    pub fn advance(&mut self, now: Nanos, done: &mut impl FnMut(&Lookup)) {
         let quiet = self.cfg.gap.saturating_add(self.cfg.linger);
         while let Some(&Reverse((touched, slot, id))) = self.expiry.peek() {
             if touched.saturating_add(quiet) > now {
@@ -726,7 +718,7 @@ impl LookupTable {
     }
 
     /// Ends every open lookup (the input has ended).
-    pub fn flush(&mut self, done: &mut impl FnMut(Lookup)) {
+    pub fn flush(&mut self, done: &mut impl FnMut(&Lookup)) {
         let mut open: Vec<(Nanos, usize)> = (0..self.slots.len())
             .filter_map(|s| self.slots[s].as_ref().map(|l| (l.first_query, s)))
             .collect();
@@ -737,7 +729,7 @@ impl LookupTable {
         self.expiry.clear();
     }
 
-    fn close(&mut self, slot: usize, evicted: bool, done: &mut impl FnMut(Lookup)) {
+    fn close(&mut self, slot: usize, evicted: bool, done: &mut impl FnMut(&Lookup)) {
         // Worked on in place: an open lookup is large (its candidates inline), not moved.
         let Some(l) = self.slots[slot].as_mut() else {
             return;
@@ -764,13 +756,12 @@ impl LookupTable {
         if evicted {
             self.tally.evicted += 1;
         }
-        let mut lookup = self.spare.pop().unwrap_or_else(|| Lookup::blank(l.client));
-        finish(&self.search, l, evicted, &mut lookup);
+        finish(&self.search, l, evicted, &mut self.finished);
         if self.spare_bases.len() < MAX_SPARE {
             self.spare_bases.push(std::mem::take(&mut l.base));
         }
         self.slots[slot] = None;
-        done(lookup);
+        done(&self.finished);
     }
 }
 
@@ -813,10 +804,10 @@ fn is_autopath_target(search: &SearchList, base: &str, target: &str) -> bool {
 
 impl Lookup {
     /// An empty lookup for `finish` to fill.
-    fn blank(client: IpAddr) -> Self {
+    fn blank() -> Self {
         Self {
             id: 0,
-            client,
+            client: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             time: 0,
             identities: Vec::new(),
             asked: String::new(),
@@ -918,6 +909,10 @@ fn asked(l: &Open, candidates: &[String], out: &mut String) {
 /// from the client's socket with the client's DNS id, for another name. A resolver never asks
 /// two names with one id from one socket, so the later of two such halves is the server's.
 fn drop_server_lookups(candidates: &mut SmallVec<[Candidate; 5]>) {
+    // The halves of one candidate are a pair, never the server's: most lookups end here.
+    if candidates.len() < 2 {
+        return;
+    }
     let halves: SmallVec<[(usize, usize, Half); 2 * MAX_CANDIDATES]> = candidates
         .iter()
         .enumerate()
