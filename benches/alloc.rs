@@ -89,7 +89,7 @@ fn run(events: &[Event], bytes: &[u8], log: &str, lookup_lines: LookupPolicy) ->
     });
     let mut table = LookupTable::new(lookup::Config::default(), 0, 1);
     let mut stats = LookupStats::default();
-    let lines = LookupLines::new(Format::Json, sources.clone());
+    let mut lines = LookupLines::new(Format::Json, sources.clone());
     let mut out = Vec::with_capacity(1 << 20);
     let now = Instant::now();
     let mut passes = Vec::new();

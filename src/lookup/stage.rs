@@ -117,7 +117,7 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
         ctx.partition as u64,
         ctx.partitions as u64,
     );
-    let lines = LookupLines::new(ctx.format, ctx.sources.clone());
+    let mut lines = LookupLines::new(ctx.format, ctx.sources.clone());
     let mut batch = Vec::with_capacity(writer::BATCH_BYTES + 4096);
     let mut writer_gone = false;
     let origin = Instant::now();
@@ -136,7 +136,7 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
                         .and_then(|f| records.query(f))
                         .and_then(|q| {
                             let mut done =
-                                |l: &Lookup| emit(&mut ctx, &lines, l, writer_gone, &mut batch);
+                                |l: &Lookup| emit(&mut ctx, &mut lines, l, writer_gone, &mut batch);
                             table.on_query(&q, clock(now), &mut done)
                         });
                     if !writer_gone && !r.line.is_empty() {
@@ -150,7 +150,7 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
         let tick = now.duration_since(last_tick) >= TICK;
         if tick {
             last_tick = now;
-            let mut done = |l: &Lookup| emit(&mut ctx, &lines, l, writer_gone, &mut batch);
+            let mut done = |l: &Lookup| emit(&mut ctx, &mut lines, l, writer_gone, &mut batch);
             table.advance(clock(now), &mut done);
         }
         if tick {
@@ -164,7 +164,7 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
         }
         ctx.heartbeat.beat(now, false);
     }
-    table.flush(&mut |l| emit(&mut ctx, &lines, l, writer_gone, &mut batch));
+    table.flush(&mut |l| emit(&mut ctx, &mut lines, l, writer_gone, &mut batch));
     publish(&mut ctx);
     if !writer_gone && !batch.is_empty() {
         send(&out, &mut batch);
@@ -175,7 +175,7 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
 /// the lines of its sessions.
 fn emit(
     ctx: &mut StageContext,
-    lines: &LookupLines,
+    lines: &mut LookupLines,
     l: &Lookup,
     writer_gone: bool,
     batch: &mut Vec<u8>,
