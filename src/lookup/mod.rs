@@ -577,7 +577,8 @@ impl LookupTable {
         }
         let id = self.next_id;
         self.next_id += self.id_step;
-        let mut base = self.spare_bases.pop().unwrap_or_default();
+        // Room for most names: a reused base is rarely too short for the next.
+        let mut base = (self.spare_bases.pop()).unwrap_or_else(|| String::with_capacity(64));
         base.clear();
         base.push_str(r.base);
         let open = Open {

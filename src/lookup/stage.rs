@@ -142,6 +142,12 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
                     if !writer_gone && !r.line.is_empty() {
                         complete_line(&records, r, id, ctx.format, &mut batch);
                     }
+                    // Handed over as soon as it is full, not after the whole batch of sessions
+                    // (up to a full batch itself): the buffer never grows (reallocated and
+                    // copied) past its capacity.
+                    if batch.len() >= writer::BATCH_BYTES {
+                        writer_gone |= send(&out, &mut batch);
+                    }
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}
@@ -152,15 +158,13 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
             last_tick = now;
             let mut done = |l: &Lookup| emit(&mut ctx, &mut lines, l, writer_gone, &mut batch);
             table.advance(clock(now), &mut done);
-        }
-        if tick {
             publish(&mut ctx);
         }
         if batch.len() >= writer::BATCH_BYTES || (tick && !batch.is_empty()) {
             writer_gone |= send(&out, &mut batch);
-            if writer_gone {
-                ctx.gone.store(true, Relaxed);
-            }
+        }
+        if writer_gone {
+            ctx.gone.store(true, Relaxed);
         }
         ctx.heartbeat.beat(now, false);
     }
