@@ -276,8 +276,9 @@ pub struct LookupTable {
     /// The lookup that ends, written into the strings and vectors of the one before and
     /// handed out by reference: ending one allocates nothing and moves nothing.
     finished: Lookup,
-    /// The base names of closed lookups, for the next ones to open: opening allocates nothing.
-    spare_bases: Vec<String>,
+    /// Strings let go (the base names of closed lookups, the finished lookup's optional names
+    /// when it had none), for the next ones: opening and ending a lookup allocate nothing.
+    spare: Vec<String>,
 }
 
 /// One client's open lookups.
@@ -290,7 +291,7 @@ struct ClientLookups {
     learning: u32,
 }
 
-/// Base names of closed lookups kept for reuse.
+/// Strings kept for reuse.
 const MAX_SPARE: usize = 1024;
 
 impl LookupTable {
@@ -310,7 +311,7 @@ impl LookupTable {
             id_step: partitions.max(1),
             tally: Tally::default(),
             finished: Lookup::blank(),
-            spare_bases: Vec::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -347,9 +348,10 @@ impl LookupTable {
         let keys: SmallVec<[u64; 8]> = readings.iter().map(|r| self.key(ip, r.base)).collect();
         // The client's lookups under any base the name reads as: looked up once for both.
         let indexed = self.indexed(keys.iter().copied());
-        let found = self
-            .find(q, family, half, &readings, &indexed)
-            .or_else(|| self.rebase(q, family, &readings, &indexed));
+        let found = match self.find(q, family, half, &readings, &indexed) {
+            Ok(found) => Some(found),
+            Err(other_bases) => self.rebase(q, &readings, &other_bases),
+        };
         let learned = match found {
             None if self.clients.get(&ip).is_some_and(|c| c.learning > 0) => {
                 self.learn(q, family, half, name)
@@ -424,7 +426,8 @@ impl LookupTable {
         slots
     }
 
-    /// The newest open lookup of the client the query fits, reading its name every way.
+    /// The newest open lookup of the client the query fits, reading its name every way; else
+    /// the lookups `rebase` may read again: of the family, near, and of none of its bases.
     fn find(
         &self,
         q: &Query<'_>,
@@ -432,7 +435,8 @@ impl LookupTable {
         half: usize,
         readings: &[Reading<'_>],
         indexed: &[usize],
-    ) -> Option<(usize, usize, Fit)> {
+    ) -> Result<(usize, usize, Fit), SmallVec<[usize; 8]>> {
+        let mut other_bases = SmallVec::new();
         for &slot in indexed {
             let Some(l) = self.slots[slot]
                 .as_ref()
@@ -440,11 +444,13 @@ impl LookupTable {
             else {
                 continue;
             };
+            let mut same_base = false;
             for (i, r) in readings
                 .iter()
                 .enumerate()
                 .filter(|(_, r)| r.base == l.base)
             {
+                same_base = true;
                 if r.suffix == Suffix::Namespace
                     && l.namespace
                         .as_deref()
@@ -453,11 +459,14 @@ impl LookupTable {
                     continue;
                 }
                 if let Some(fit) = fits(l, r.suffix, half, q) {
-                    return Some((slot, i, fit));
+                    return Ok((slot, i, fit));
                 }
             }
+            if !same_base {
+                other_bases.push(slot);
+            }
         }
-        None
+        Err(other_bases)
     }
 
     /// Sessions reach the stage out of order (several shards and identities): a lookup opened
@@ -466,25 +475,20 @@ impl LookupTable {
     /// `web.default`'s). A query that reads as an earlier candidate of the same walk under
     /// another base re-reads such a lookup with that base, when the query times agree with
     /// the suffixes' order.
+    /// `other_bases`: `find`'s (a lookup with one of the query's bases did not fit there).
     fn rebase(
         &mut self,
         q: &Query<'_>,
-        family: Family,
         readings: &[Reading<'_>],
-        indexed: &[usize],
+        other_bases: &[usize],
     ) -> Option<(usize, usize, Fit)> {
-        for &slot in indexed {
+        for &slot in other_bases {
             let Some(l) = self.slots[slot].as_ref() else {
                 continue;
             };
             let [c] = l.candidates.as_slice() else {
                 continue;
             };
-            // A lookup with one of the query's bases is `find`'s: it did not fit there.
-            let same_base = readings.iter().any(|r| r.base == l.base);
-            if same_base || l.family != family || !l.near(q.query_time, self.cfg.gap) {
-                continue;
-            }
             let name = self
                 .search
                 .candidate_name(&l.base, c.suffix, l.namespace.as_deref());
@@ -578,7 +582,7 @@ impl LookupTable {
         let id = self.next_id;
         self.next_id += self.id_step;
         // Room for most names: a reused base is rarely too short for the next.
-        let mut base = (self.spare_bases.pop()).unwrap_or_else(|| String::with_capacity(64));
+        let mut base = (self.spare.pop()).unwrap_or_else(|| String::with_capacity(64));
         base.clear();
         base.push_str(r.base);
         let open = Open {
@@ -757,9 +761,15 @@ impl LookupTable {
         if evicted {
             self.tally.evicted += 1;
         }
-        finish(&self.search, l, evicted, &mut self.finished);
-        if self.spare_bases.len() < MAX_SPARE {
-            self.spare_bases.push(std::mem::take(&mut l.base));
+        finish(
+            &self.search,
+            l,
+            evicted,
+            &mut self.finished,
+            &mut self.spare,
+        );
+        if self.spare.len() < MAX_SPARE {
+            self.spare.push(std::mem::take(&mut l.base));
         }
         self.slots[slot] = None;
         done(&self.finished);
@@ -828,7 +838,13 @@ impl Lookup {
 }
 
 /// Writes the finished lookup `l` into `out`, reusing `out`'s strings and vectors.
-fn finish(search: &SearchList, l: &mut Open, evicted: bool, out: &mut Lookup) {
+fn finish(
+    search: &SearchList,
+    l: &mut Open,
+    evicted: bool,
+    out: &mut Lookup,
+    spare: &mut Vec<String>,
+) {
     drop_server_lookups(&mut l.candidates);
     l.candidates.sort_by_key(|c| c.first_query);
     let ns = l.namespace.as_deref();
@@ -854,7 +870,7 @@ fn finish(search: &SearchList, l: &mut Open, evicted: bool, out: &mut Lookup) {
         .iter()
         .position(|c| c.outcome() == Some(Outcome::Answered))
         .map(|i| candidates[i].as_str());
-    set(&mut out.answered_by, answered_by);
+    set(&mut out.answered_by, answered_by, spare);
     out.wasted_queries = match l.candidates.split_last() {
         Some((_, before)) => before.iter().map(Candidate::queries).sum(),
         None => 0,
@@ -868,21 +884,24 @@ fn finish(search: &SearchList, l: &mut Open, evicted: bool, out: &mut Lookup) {
     out.time = l.first_query;
     out.identities.clear();
     out.identities.extend_from_slice(&l.identities);
-    set(&mut out.namespace, l.namespace.as_deref());
-    set(&mut out.autopath, l.autopath.as_deref());
+    set(&mut out.namespace, l.namespace.as_deref(), spare);
+    set(&mut out.autopath, l.autopath.as_deref(), spare);
     out.latency = end.saturating_sub(l.first_query);
     out.waited = union_length(&mut waits);
     out.evicted = evicted;
 }
 
-/// Sets an optional string, reusing the one there.
-fn set(slot: &mut Option<String>, value: Option<&str>) {
-    match (slot.as_mut(), value) {
-        (Some(s), Some(v)) => {
+/// Sets an optional string, reusing the one there or a `spare` one, and keeping the one let go.
+fn set(slot: &mut Option<String>, value: Option<&str>, spare: &mut Vec<String>) {
+    match (slot.take(), value) {
+        (s, Some(v)) => {
+            let mut s = s.or_else(|| spare.pop()).unwrap_or_default();
             s.clear();
             s.push_str(v);
+            *slot = Some(s);
         }
-        (_, v) => *slot = v.map(str::to_string),
+        (Some(s), None) if spare.len() < MAX_SPARE => spare.push(s),
+        (_, None) => {}
     }
 }
 
