@@ -352,32 +352,47 @@ impl LookupTable {
             Ok(found) => Some(found),
             Err(other_bases) => self.rebase(q, &readings, &other_bases),
         };
-        let learned = match found {
-            None if self.clients.get(&ip).is_some_and(|c| c.learning > 0) => {
-                self.learn(q, family, half, name)
-            }
-            _ => None,
-        };
         let (slot, r, fit) = match found {
             Some((slot, i, fit)) => (slot, readings[i], fit),
-            None => match learned {
-                Some((slot, suffix, fit)) => {
-                    let r = Reading {
-                        base: name,
-                        suffix,
-                        namespace: None,
-                    };
-                    (slot, r, fit)
+            None => {
+                // The client looked up once for both: whether `learn` can apply (a lookup
+                // past the cluster suffixes), and its oldest lookup when it is at its bound.
+                let (learning, oldest) = self.client_state(ip);
+                match learning
+                    .then(|| self.learn(q, family, half, name))
+                    .flatten()
+                {
+                    Some((slot, suffix, fit)) => {
+                        let r = Reading {
+                            base: name,
+                            suffix,
+                            namespace: None,
+                        };
+                        (slot, r, fit)
+                    }
+                    None => {
+                        // A client at its bound makes room: its oldest lookup ends.
+                        if let Some(oldest) = oldest {
+                            self.close(oldest, true, done);
+                        }
+                        let slot = self.open_lookup(q, family, &readings, &keys, now, done);
+                        (slot, readings[0], Fit::New)
+                    }
                 }
-                None => {
-                    let slot = self.open_lookup(q, family, &readings, &keys, now, done);
-                    (slot, readings[0], Fit::New)
-                }
-            },
+            }
         };
         self.join(slot, q, r, half, fit, now);
         self.note_learning(slot);
         self.slots[slot].as_ref().map(|l| l.id)
+    }
+
+    /// Whether the client has a `learning` lookup, and its oldest lookup when it has as many
+    /// open as it may.
+    fn client_state(&self, ip: IpAddr) -> (bool, Option<usize>) {
+        self.clients.get(&ip).map_or((false, None), |c| {
+            let full = c.slots.len() >= self.cfg.max_per_client.max(1);
+            (c.learning > 0, full.then_some(c.slots[0]))
+        })
     }
 
     /// Keeps the client's count of `learning` lookups in step with the lookup's candidates.
@@ -564,13 +579,6 @@ impl LookupTable {
     ) -> usize {
         let r = readings[0];
         let ip = q.client.ip();
-        let oldest = self.clients.get(&ip).and_then(|c| {
-            let full = c.slots.len() >= self.cfg.max_per_client.max(1);
-            full.then_some(c.slots[0])
-        });
-        if let Some(oldest) = oldest {
-            self.close(oldest, true, done);
-        }
         while self.open >= self.cfg.max_open.max(1) {
             let Some(Reverse((_, slot, id))) = self.expiry.pop() else {
                 break;
