@@ -284,11 +284,35 @@ pub struct LookupTable {
 /// One client's open lookups.
 #[derive(Debug, Default)]
 struct ClientLookups {
-    /// Oldest first (for the per-client bound).
+    /// Oldest first (for the per-client bound), from `head` on.
     slots: SmallVec<[usize; 4]>,
+    /// The oldest ones ended are skipped, not shifted out: a client at its bound ends its
+    /// oldest lookup for each new one, and would move all the others each time.
+    head: usize,
     /// How many are `learning`: with none, no query of the client needs `learn`'s look at
     /// every prefix of its name (a client outside Kubernetes never has one).
     learning: u32,
+}
+
+impl ClientLookups {
+    fn open(&self) -> &[usize] {
+        &self.slots[self.head..]
+    }
+
+    fn remove(&mut self, slot: usize) {
+        match self.open().iter().position(|&s| s == slot) {
+            Some(0) => self.head += 1,
+            Some(i) => {
+                self.slots.remove(self.head + i);
+            }
+            None => {}
+        }
+        // Shifted out once half are skipped: amortised constant per lookup.
+        if self.head > 0 && self.head * 2 >= self.slots.len() {
+            self.slots.drain(..self.head);
+            self.head = 0;
+        }
+    }
 }
 
 /// Strings kept for reuse.
@@ -390,8 +414,8 @@ impl LookupTable {
     /// open as it may.
     fn client_state(&self, ip: IpAddr) -> (bool, Option<usize>) {
         self.clients.get(&ip).map_or((false, None), |c| {
-            let full = c.slots.len() >= self.cfg.max_per_client.max(1);
-            (c.learning > 0, full.then_some(c.slots[0]))
+            let full = c.open().len() >= self.cfg.max_per_client.max(1);
+            (c.learning > 0, full.then(|| c.open()[0]))
         })
     }
 
@@ -760,9 +784,9 @@ impl LookupTable {
         }
         if let Entry::Occupied(mut client) = self.clients.entry(l.client) {
             let c = client.get_mut();
-            remove_slot(&mut c.slots, slot);
+            c.remove(slot);
             c.learning -= l.learning as u32;
-            if c.slots.is_empty() {
+            if c.open().is_empty() {
                 client.remove();
             }
         }
@@ -784,10 +808,8 @@ impl LookupTable {
     }
 }
 
-/// Takes `slot` out of a list that holds it once, keeping the order (a client's list is oldest
-/// first). The slot closed is usually the oldest, found at once: a forwarder's hundreds of open
-/// lookups are not walked for it.
-fn remove_slot<A: smallvec::Array<Item = usize>>(list: &mut SmallVec<A>, slot: usize) {
+/// Takes `slot` out of a `by_base` list that holds it once, keeping the order (oldest first).
+fn remove_slot(list: &mut SmallVec<[usize; 2]>, slot: usize) {
     if let Some(i) = list.iter().position(|&s| s == slot) {
         list.remove(i);
     }
