@@ -20,7 +20,9 @@ pub use cause::{AttemptOutcome, AttemptSummary, Cause, Recalled};
 use crate::correlate::{BitMap, Message, MessageStore, Session, Status, Verdict};
 use crate::dns::rcode_name;
 use crate::dnstap::{self, Nanos, Recollection, Role, SocketProtocol, SourceId};
-use std::net::SocketAddr;
+use std::borrow::Cow;
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
 
 /// One upstream attempt: an FQ/RQ and the FR/RR that answered it, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -346,42 +348,48 @@ impl Diagnosis {
             .map(|(_, a)| a.upstream)
     }
 
-    /// One sentence an operator can act on; `who` names the sender (its identity).
-    pub fn sentence(&self, who: &str) -> String {
+    /// Writes one sentence an operator can act on; `who` names the sender (its identity).
+    /// `who` is the one part a sender controls: it goes through `escape` (the line's
+    /// escaping); every other piece is plain ASCII, written as it is, without a `format!`.
+    pub fn write_sentence(&self, who: &str, out: &mut Vec<u8>, escape: fn(&mut Vec<u8>, &str)) {
         let v = &self.verdict;
         let who = if who.is_empty() { "the server" } else { who };
+        let w = &mut Words { out, who, escape };
         let rcode = self
             .rcode
-            .map_or("an answer".into(), |r| rcode_name(r.into()));
-        let latency = self
-            .latency
-            .map(|l| format!(" in {:.1} ms", l as f64 / 1e6))
-            .unwrap_or_default();
-        let upstreams = self.upstream_list();
+            .map_or(Cow::Borrowed("an answer"), |r| rcode_name(r.into()));
+        let (rcode, latency) = (&*rcode, self.latency);
         let tries = self.attempts.len();
-        let mut text = if let Some(text) = self.recalled_sentence(who, &rcode, &latency) {
-            text
+        if self.write_recalled(w, rcode) {
         } else if let Some(loss) = v.loss {
-            format!(
-                "Incomplete sample: {}; seen: {}.",
-                loss.explain(),
-                seen(v.bitmap)
-            )
+            w.s("Incomplete sample: ").s(loss.explain());
+            w.s("; seen: ").seen(v.bitmap).s(".");
         } else {
             match (v.status, v.bitmap) {
                 (Status::Succeeded, BitMap::CQ_CR) => {
-                    format!("{who} answered {rcode} itself{latency} (cache, hosts or a local zone), without forwarding.")
+                    w.who()
+                        .s(" answered ")
+                        .s(rcode)
+                        .s(" itself")
+                        .latency(latency);
+                    w.s(" (cache, hosts or a local zone), without forwarding.");
                 }
                 (Status::Succeeded, _) if tries == 0 => {
-                    format!("The client got {rcode}{latency}; seen: {}.", seen(v.bitmap))
+                    w.s("The client got ").s(rcode).latency(latency);
+                    w.s("; seen: ").seen(v.bitmap).s(".");
                 }
-                (Status::Succeeded, _) => format!(
-                    "Forwarded to {upstreams} ({tries} attempt{}); the client got {rcode}{latency}.",
-                    plural(tries)
-                ),
-                (Status::Failed, BitMap::CQ_CR) => format!(
-                    "{who} answered {rcode} itself{latency} without forwarding: check its zones, plugins and policy for this name."
-                ),
+                (Status::Succeeded, _) => {
+                    w.s("Forwarded to ").upstreams(self).s(" (").attempts(tries);
+                    w.s("); the client got ").s(rcode).latency(latency).s(".");
+                }
+                (Status::Failed, BitMap::CQ_CR) => {
+                    w.who()
+                        .s(" answered ")
+                        .s(rcode)
+                        .s(" itself")
+                        .latency(latency);
+                    w.s(" without forwarding: check its zones, plugins and policy for this name.");
+                }
                 (Status::Failed, BitMap::FORWARDED) | (Status::Failed, BitMap::CQ_CR_FR) => {
                     let up = self
                         .attempts
@@ -389,76 +397,228 @@ impl Diagnosis {
                         .rev()
                         .find(|a| a.answered)
                         .and_then(|a| a.rcode)
-                        .map_or("an answer".into(), |r| rcode_name(r.into()));
-                    format!(
-                        "Upstream {upstreams} answered {up}; the client got {rcode}{latency}: the upstream is failing for this name."
-                    )
+                        .map_or(Cow::Borrowed("an answer"), |r| rcode_name(r.into()));
+                    w.s("Upstream ").upstreams(self).s(" answered ").s(&up);
+                    w.s("; the client got ").s(rcode).latency(latency);
+                    w.s(": the upstream is failing for this name.");
                 }
-                (Status::Failed, BitMap::UPSTREAM_UNREACHABLE) => format!(
-                    "Forwarded to {upstreams}, no answer after {tries} attempt{}: the upstream is unreachable or timing out; the client got SERVFAIL from {who} without a tap, or nothing.",
-                    plural(tries)
-                ),
-                (Status::Failed, BitMap::CQ_CR_FQ) => format!(
-                    "Forwarded to {upstreams}, no answer after {tries} attempt{}; the client got {rcode}{latency}: the upstream is unreachable or timing out.",
-                    plural(tries)
-                ),
-                (Status::Failed, BitMap::CQ_FQ_FR) | (Status::Failed, BitMap::CQ_FR) => format!(
-                    "Upstream {upstreams} answered, but the client got no response from {who}."
-                ),
-                (Status::Failed, BitMap::CQ) => format!(
-                    "No response and no upstream query: {who} dropped the request or answered through a path dnstap does not see (e.g. max_concurrent, an error) before it timed out."
-                ),
+                (Status::Failed, BitMap::UPSTREAM_UNREACHABLE) => {
+                    w.s("Forwarded to ").upstreams(self).s(", no answer after ");
+                    w.attempts(tries)
+                        .s(": the upstream is unreachable or timing out; ");
+                    w.s("the client got SERVFAIL from ").who();
+                    w.s(" without a tap, or nothing.");
+                }
+                (Status::Failed, BitMap::CQ_CR_FQ) => {
+                    w.s("Forwarded to ").upstreams(self).s(", no answer after ");
+                    w.attempts(tries)
+                        .s("; the client got ")
+                        .s(rcode)
+                        .latency(latency);
+                    w.s(": the upstream is unreachable or timing out.");
+                }
+                (Status::Failed, BitMap::CQ_FQ_FR) | (Status::Failed, BitMap::CQ_FR) => {
+                    w.s("Upstream ").upstreams(self);
+                    w.s(" answered, but the client got no response from ")
+                        .who()
+                        .s(".");
+                }
+                (Status::Failed, BitMap::CQ) => {
+                    w.s("No response and no upstream query: ").who().s(
+                        " dropped the request or answered through a path dnstap does not see (e.g. max_concurrent, an error) before it timed out.",
+                    );
+                }
                 (Status::Failed, _) => {
-                    format!("The client got {rcode}{latency}; seen: {}.", seen(v.bitmap))
+                    w.s("The client got ").s(rcode).latency(latency);
+                    w.s("; seen: ").seen(v.bitmap).s(".");
                 }
                 (Status::SampleLoss, _) => {
-                    format!("Incomplete sample; seen: {}.", seen(v.bitmap))
+                    w.s("Incomplete sample; seen: ").seen(v.bitmap).s(".");
                 }
             }
-        };
+        }
         if let Some(inc) = v.incomplete {
-            text.push_str(" Incomplete sample: ");
-            text.push_str(&inc.explain());
-            text.push('.');
+            w.s(" Incomplete sample: ").s(&inc.explain()).s(".");
         }
         if !self.has_wire {
-            text.push_str(" The sender logs no DNS messages: add `full` to the dnstap line.");
+            w.s(" The sender logs no DNS messages: add `full` to the dnstap line.");
         }
-        text
     }
 
-    /// The sentence of the two causes the stream explains rather than the session.
-    fn recalled_sentence(&self, who: &str, rcode: &str, latency: &str) -> Option<String> {
+    /// The sentence of the two causes the stream explains rather than the session, if the
+    /// cause is one of them.
+    fn write_recalled(&self, w: &mut Words<'_>, rcode: &str) -> bool {
         match (self.cause, self.recalled) {
-            (
-                Cause::CachedUpstreamError,
-                Recollection::UpstreamAnswered { upstream, age, .. },
-            ) => Some(format!(
-                "{who} answered {rcode}{latency} from its cache: upstream {} answered {rcode} for this question {} earlier (CoreDNS caches SERVFAIL 5 s by default): the upstream is failing for this name.",
-                upstream_name(upstream),
-                seconds(age),
-            )),
+            (Cause::CachedUpstreamError, Recollection::UpstreamAnswered { upstream, age, .. }) => {
+                w.who().s(" answered ").s(rcode).latency(self.latency);
+                w.s(" from its cache: upstream ")
+                    .upstream(upstream)
+                    .s(" answered ");
+                w.s(rcode).s(" for this question ").seconds(age).s(
+                    " earlier (CoreDNS caches SERVFAIL 5 s by default): the upstream is failing for this name.",
+                );
+            }
             (
                 Cause::RejectedUpstreamFailing,
-                Recollection::UpstreamFailing { upstream, timed_out, age },
-            ) => Some(format!(
-                "No response and no upstream query while {who}'s upstream {} was failing ({} {} before): the client most likely got REFUSED from forward's max_concurrent as queries piled up behind the failing upstream (or SERVFAIL from a plugin error), outside the tap.",
-                upstream_name(upstream),
-                if timed_out { "an attempt timed out" } else { "it answered an error" },
-                seconds(age),
-            )),
-            _ => None,
+                Recollection::UpstreamFailing {
+                    upstream,
+                    timed_out,
+                    age,
+                },
+            ) => {
+                w.s("No response and no upstream query while ")
+                    .who()
+                    .s("'s upstream ");
+                w.upstream(upstream).s(" was failing (").s(if timed_out {
+                    "an attempt timed out"
+                } else {
+                    "it answered an error"
+                });
+                w.s(" ").seconds(age).s(
+                    " before): the client most likely got REFUSED from forward's max_concurrent as queries piled up behind the failing upstream (or SERVFAIL from a plugin error), outside the tap.",
+                );
+            }
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// A sentence being written into a line: plain ASCII pieces as they are, the sender's name
+/// through the line's escaping.
+struct Words<'a> {
+    out: &'a mut Vec<u8>,
+    who: &'a str,
+    escape: fn(&mut Vec<u8>, &str),
+}
+
+impl Words<'_> {
+    fn s(&mut self, text: &str) -> &mut Self {
+        self.out.extend_from_slice(text.as_bytes());
+        self
+    }
+
+    fn who(&mut self) -> &mut Self {
+        (self.escape)(self.out, self.who);
+        self
+    }
+
+    /// "1 attempt", "3 attempts".
+    fn attempts(&mut self, n: usize) -> &mut Self {
+        self.s(itoa::Buffer::new().format(n))
+            .s(if n == 1 { " attempt" } else { " attempts" })
+    }
+
+    /// " in 12.3 ms", or nothing without a latency.
+    fn latency(&mut self, latency: Option<Nanos>) -> &mut Self {
+        match latency {
+            Some(l) => self.s(" in ").tenths(l, 1_000_000).s(" ms"),
+            None => self,
         }
     }
 
-    fn upstream_list(&self) -> String {
-        let names: Vec<String> = self.upstreams().map(upstream_name).collect();
-        if names.is_empty() {
-            "an upstream".into()
-        } else {
-            names.join(", ")
+    /// "127.0.0.1:53" or "an unknown upstream".
+    fn upstream(&mut self, u: Option<SocketAddr>) -> &mut Self {
+        match u {
+            Some(SocketAddr::V4(addr)) => {
+                ipv4_into(self.out, *addr.ip());
+                self.s(":").s(itoa::Buffer::new().format(addr.port()))
+            }
+            Some(addr) => {
+                let _ = write!(self.out, "{addr}");
+                self
+            }
+            None => self.s("an unknown upstream"),
         }
     }
+
+    /// The distinct upstreams the session tried, or "an upstream".
+    fn upstreams(&mut self, d: &Diagnosis) -> &mut Self {
+        self.list(d.upstreams(), ", ", "an upstream", |w, u| {
+            w.upstream(u);
+        })
+    }
+
+    /// Each item as `write` spells it, separated by `sep`; `none` when there is none.
+    fn list<T>(
+        &mut self,
+        items: impl Iterator<Item = T>,
+        sep: &str,
+        none: &str,
+        mut write: impl FnMut(&mut Self, T),
+    ) -> &mut Self {
+        let mut empty = true;
+        for item in items {
+            if !std::mem::replace(&mut empty, false) {
+                self.s(sep);
+            }
+            write(self, item);
+        }
+        if empty {
+            self.s(none);
+        }
+        self
+    }
+
+    fn seconds(&mut self, age: Nanos) -> &mut Self {
+        if age < 1_000_000_000 {
+            self.tenths(age, 1_000_000).s(" ms")
+        } else {
+            self.tenths(age, 1_000_000_000).s(" s")
+        }
+    }
+
+    /// The roles the bitmap says were seen ("CQ FQ FR CR"), or "nothing".
+    fn seen(&mut self, bitmap: BitMap) -> &mut Self {
+        let roles = [(1, "CQ"), (4, "FQ"), (8, "FR"), (2, "CR")];
+        let seen = roles.into_iter().filter(|(bit, _)| bitmap.0 & bit != 0);
+        self.list(seen, " ", "nothing", |w, (_, name)| {
+            w.s(name);
+        })
+    }
+
+    /// `n / unit` with one decimal: the text of `format!("{:.1}", n as f64 / unit as f64)`,
+    /// in integer arithmetic. Where the two could differ it formats the float: halfway
+    /// between two tenths (the float division rounds either way), and past 10^15 (the float
+    /// no longer tells nanoseconds apart from the next tenth's boundary).
+    fn tenths(&mut self, n: u64, unit: u64) -> &mut Self {
+        let tenth = unit / 10;
+        if n >= 1_000_000_000_000_000 || n % tenth == tenth / 2 {
+            let _ = write!(self.out, "{:.1}", n as f64 / unit as f64);
+            return self;
+        }
+        let tenths = (n + tenth / 2) / tenth;
+        self.s(itoa::Buffer::new().format(tenths / 10));
+        self.out
+            .extend_from_slice(&[b'.', b'0' + (tenths % 10) as u8]);
+        self
+    }
+}
+
+/// Appends an IPv4 address as `Display` spells it, octet by octet into a stack buffer and
+/// then one copy: the formatting machinery costs several times more, and the sentence and the
+/// line write addresses for every printed session.
+pub fn ipv4_into(out: &mut Vec<u8>, ip: Ipv4Addr) {
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        let (hundreds, tens, ones) = (octet / 100, octet / 10 % 10, octet % 10);
+        if hundreds > 0 {
+            text[len] = b'0' + hundreds;
+            len += 1;
+        }
+        if octet >= 10 {
+            text[len] = b'0' + tens;
+            len += 1;
+        }
+        text[len] = b'0' + ones;
+        len += 1;
+    }
+    out.extend_from_slice(&text[..len]);
 }
 
 /// What of a recollection the cause weighs.
@@ -467,19 +627,6 @@ fn recalled(r: Recollection) -> Recalled {
         Recollection::Nothing => Recalled::Nothing,
         Recollection::UpstreamAnswered { rcode, .. } => Recalled::UpstreamRcode(rcode),
         Recollection::UpstreamFailing { .. } => Recalled::UpstreamFailing,
-    }
-}
-
-/// "127.0.0.1:53" or "an unknown upstream".
-fn upstream_name(u: Option<SocketAddr>) -> String {
-    u.map_or("an unknown upstream".to_string(), |x| x.to_string())
-}
-
-fn seconds(age: Nanos) -> String {
-    if age < 1_000_000_000 {
-        format!("{:.1} ms", age as f64 / 1e6)
-    } else {
-        format!("{:.1} s", age as f64 / 1e9)
     }
 }
 
@@ -551,27 +698,6 @@ fn pair_attempts(s: &Session, store: &MessageStore, out: &mut Vec<Attempt>) {
     }
 }
 
-fn plural(n: usize) -> &'static str {
-    if n == 1 {
-        ""
-    } else {
-        "s"
-    }
-}
-
-fn seen(bitmap: BitMap) -> String {
-    let names: Vec<&str> = [(1, "CQ"), (4, "FQ"), (8, "FR"), (2, "CR")]
-        .iter()
-        .filter(|(b, _)| bitmap.0 & b != 0)
-        .map(|(_, n)| *n)
-        .collect();
-    if names.is_empty() {
-        "nothing".into()
-    } else {
-        names.join(" ")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -602,5 +728,47 @@ mod tests {
         let mut d = Diagnosis::default();
         d.read_extra(b"namespace=\xff\xfe;pod=ok");
         assert_eq!((d.client_namespace(), d.client_pod()), (None, Some("ok")));
+    }
+    #[test]
+    fn tenths_are_the_text_float_formatting_gives() {
+        let mut values = vec![
+            0,
+            1,
+            49_999,
+            50_000,
+            50_001,
+            149_999,
+            150_000,
+            250_000,
+            999_950_000,
+        ];
+        values.extend([
+            u64::MAX,
+            999_999_999_999_999,
+            1_000_000_000_000_000,
+            1 << 53,
+        ]);
+        // A deterministic spread over every magnitude (xorshift).
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            values.push(x >> (x % 64));
+            values.push((x % 100_000) * 50_000);
+        }
+        for n in values {
+            for unit in [1_000_000, 1_000_000_000] {
+                let mut out = Vec::new();
+                let w = &mut Words {
+                    out: &mut out,
+                    who: "",
+                    escape: |_, _| {},
+                };
+                w.tenths(n, unit);
+                let want = format!("{:.1}", n as f64 / unit as f64);
+                assert_eq!(String::from_utf8(out).unwrap(), want, "{n} / {unit}");
+            }
+        }
     }
 }

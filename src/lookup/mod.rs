@@ -233,6 +233,8 @@ struct Open {
     touched: Nanos,
     /// Its entries in `LookupTable::by_base`.
     keys: SmallVec<[u64; 4]>,
+    /// It has tried a cluster or extra suffix: `learn` may continue it with a node domain.
+    learning: bool,
 }
 
 impl Open {
@@ -258,8 +260,8 @@ pub struct LookupTable {
     /// Open lookups in slots; `generation` tells a reused slot from the lookup that left it.
     slots: Vec<Option<Open>>,
     free: Vec<usize>,
-    /// Each client's open lookups, oldest first (for the per-client bound).
-    clients: HashMap<IpAddr, SmallVec<[usize; 4]>>,
+    /// Each client's open lookups.
+    clients: HashMap<IpAddr, ClientLookups>,
     /// Open lookups by (client, base name) for every base their first candidate reads as:
     /// a query finds its lookups without looking at the client's others (a forwarder or a
     /// load generator is one client with thousands of lookups open).
@@ -271,12 +273,49 @@ pub struct LookupTable {
     next_id: u64,
     id_step: u64,
     tally: Tally,
-    /// Finished lookups handed back (`recycle`): the next ones are written into their
-    /// strings and vectors instead of new ones.
-    spare: Vec<Lookup>,
+    /// The lookup that ends, written into the strings and vectors of the one before and
+    /// handed out by reference: ending one allocates nothing and moves nothing.
+    finished: Lookup,
+    /// Strings let go (the base names of closed lookups, the finished lookup's optional names
+    /// when it had none), for the next ones: opening and ending a lookup allocate nothing.
+    spare: Vec<String>,
 }
 
-/// Finished lookups kept for reuse.
+/// One client's open lookups.
+#[derive(Debug, Default)]
+struct ClientLookups {
+    /// Oldest first (for the per-client bound), from `head` on.
+    slots: SmallVec<[usize; 4]>,
+    /// The oldest ones ended are skipped, not shifted out: a client at its bound ends its
+    /// oldest lookup for each new one, and would move all the others each time.
+    head: usize,
+    /// How many are `learning`: with none, no query of the client needs `learn`'s look at
+    /// every prefix of its name (a client outside Kubernetes never has one).
+    learning: u32,
+}
+
+impl ClientLookups {
+    fn open(&self) -> &[usize] {
+        &self.slots[self.head..]
+    }
+
+    fn remove(&mut self, slot: usize) {
+        match self.open().iter().position(|&s| s == slot) {
+            Some(0) => self.head += 1,
+            Some(i) => {
+                self.slots.remove(self.head + i);
+            }
+            None => {}
+        }
+        // Shifted out once half are skipped: amortised constant per lookup.
+        if self.head > 0 && self.head * 2 >= self.slots.len() {
+            self.slots.drain(..self.head);
+            self.head = 0;
+        }
+    }
+}
+
+/// Strings kept for reuse.
 const MAX_SPARE: usize = 1024;
 
 impl LookupTable {
@@ -295,6 +334,7 @@ impl LookupTable {
             next_id: partition + 1,
             id_step: partitions.max(1),
             tally: Tally::default(),
+            finished: Lookup::blank(),
             spare: Vec::new(),
         }
     }
@@ -311,21 +351,13 @@ impl LookupTable {
         &self.search
     }
 
-    /// Hands back a finished lookup once it has been counted and printed: the next lookup
-    /// to end is written into its buffers, so ending one allocates nothing.
-    pub fn recycle(&mut self, l: Lookup) {
-        if self.spare.len() < MAX_SPARE {
-            self.spare.push(l);
-        }
-    }
-
     /// Joins `q` into a lookup at stage clock `now` and returns its id; `None` for a query of
     /// the root. Lookups evicted to make room go to `done`.
     pub fn on_query(
         &mut self,
         q: &Query<'_>,
         now: Nanos,
-        done: &mut impl FnMut(Lookup),
+        done: &mut impl FnMut(&Lookup),
     ) -> Option<u64> {
         let name = names::normalise(q.qname);
         if name.is_empty() {
@@ -334,46 +366,90 @@ impl LookupTable {
         let (family, half) = Family::of(q.qtype);
         let mut readings = Readings::new();
         self.search.readings(name, &mut readings);
+        // Each reading hashed once: for the lookups indexed under it, and for a new lookup's
+        // entries.
+        let ip = q.client.ip();
+        let keys: SmallVec<[u64; 8]> = readings.iter().map(|r| self.key(ip, r.base)).collect();
         // The client's lookups under any base the name reads as: looked up once for both.
-        let indexed = self.indexed(q.client.ip(), readings.iter().map(|r| r.base));
-        let found = self
-            .find(q, family, half, &readings, &indexed)
-            .or_else(|| self.rebase(q, family, &readings, &indexed));
+        let indexed = self.indexed(keys.iter().copied());
+        let found = match self.find(q, family, half, &readings, &indexed) {
+            Ok(found) => Some(found),
+            Err(other_bases) => self.rebase(q, &readings, &other_bases),
+        };
         let (slot, r, fit) = match found {
             Some((slot, i, fit)) => (slot, readings[i], fit),
-            None => match self.learn(q, family, half, name) {
-                Some((slot, suffix, fit)) => {
-                    let r = Reading {
-                        base: name,
-                        suffix,
-                        namespace: None,
-                    };
-                    (slot, r, fit)
+            None => {
+                // The client looked up once for both: whether `learn` can apply (a lookup
+                // past the cluster suffixes), and its oldest lookup when it is at its bound.
+                let (learning, oldest) = self.client_state(ip);
+                match learning
+                    .then(|| self.learn(q, family, half, name))
+                    .flatten()
+                {
+                    Some((slot, suffix, fit)) => {
+                        let r = Reading {
+                            base: name,
+                            suffix,
+                            namespace: None,
+                        };
+                        (slot, r, fit)
+                    }
+                    None => {
+                        // A client at its bound makes room: its oldest lookup ends.
+                        if let Some(oldest) = oldest {
+                            self.close(oldest, true, done);
+                        }
+                        let slot = self.open_lookup(q, family, &readings, &keys, now, done);
+                        (slot, readings[0], Fit::New)
+                    }
                 }
-                None => {
-                    let slot = self.open_lookup(q, family, &readings, now, done);
-                    (slot, readings[0], Fit::New)
-                }
-            },
+            }
         };
         self.join(slot, q, r, half, fit, now);
+        self.note_learning(slot);
         self.slots[slot].as_ref().map(|l| l.id)
+    }
+
+    /// Whether the client has a `learning` lookup, and its oldest lookup when it has as many
+    /// open as it may.
+    fn client_state(&self, ip: IpAddr) -> (bool, Option<usize>) {
+        self.clients.get(&ip).map_or((false, None), |c| {
+            let full = c.open().len() >= self.cfg.max_per_client.max(1);
+            (c.learning > 0, full.then(|| c.open()[0]))
+        })
+    }
+
+    /// Keeps the client's count of `learning` lookups in step with the lookup's candidates.
+    fn note_learning(&mut self, slot: usize) {
+        let Some(l) = self.slots[slot].as_mut() else {
+            return;
+        };
+        let learning = l
+            .candidates
+            .iter()
+            .any(|c| matches!(c.suffix, Suffix::Cluster | Suffix::Extra(_)));
+        if learning == l.learning {
+            return;
+        }
+        l.learning = learning;
+        if let Some(c) = self.clients.get_mut(&l.client) {
+            match learning {
+                true => c.learning += 1,
+                false => c.learning -= 1,
+            }
+        }
     }
 
     fn key(&self, ip: IpAddr, base: &str) -> u64 {
         self.hasher.hash_one((ip, base))
     }
 
-    /// The client's open lookups indexed under any of `bases`, newest first.
-    fn indexed<'a>(
-        &self,
-        ip: IpAddr,
-        bases: impl Iterator<Item = &'a str>,
-    ) -> SmallVec<[usize; 8]> {
+    /// The open lookups indexed under any of `keys` (a client's bases), newest first.
+    fn indexed(&self, keys: impl Iterator<Item = u64>) -> SmallVec<[usize; 8]> {
         let mut slots: SmallVec<[usize; 8]> = SmallVec::new();
         let mut lists = 0;
-        for b in bases {
-            if let Some(list) = self.by_base.get(&self.key(ip, b)) {
+        for k in keys {
+            if let Some(list) = self.by_base.get(&k) {
                 slots.extend(list.iter().copied());
                 lists += 1;
             }
@@ -389,7 +465,8 @@ impl LookupTable {
         slots
     }
 
-    /// The newest open lookup of the client the query fits, reading its name every way.
+    /// The newest open lookup of the client the query fits, reading its name every way; else
+    /// the lookups `rebase` may read again: of the family, near, and of none of its bases.
     fn find(
         &self,
         q: &Query<'_>,
@@ -397,7 +474,8 @@ impl LookupTable {
         half: usize,
         readings: &[Reading<'_>],
         indexed: &[usize],
-    ) -> Option<(usize, usize, Fit)> {
+    ) -> Result<(usize, usize, Fit), SmallVec<[usize; 8]>> {
+        let mut other_bases = SmallVec::new();
         for &slot in indexed {
             let Some(l) = self.slots[slot]
                 .as_ref()
@@ -405,11 +483,13 @@ impl LookupTable {
             else {
                 continue;
             };
+            let mut same_base = false;
             for (i, r) in readings
                 .iter()
                 .enumerate()
                 .filter(|(_, r)| r.base == l.base)
             {
+                same_base = true;
                 if r.suffix == Suffix::Namespace
                     && l.namespace
                         .as_deref()
@@ -418,11 +498,14 @@ impl LookupTable {
                     continue;
                 }
                 if let Some(fit) = fits(l, r.suffix, half, q) {
-                    return Some((slot, i, fit));
+                    return Ok((slot, i, fit));
                 }
             }
+            if !same_base {
+                other_bases.push(slot);
+            }
         }
-        None
+        Err(other_bases)
     }
 
     /// Sessions reach the stage out of order (several shards and identities): a lookup opened
@@ -431,25 +514,20 @@ impl LookupTable {
     /// `web.default`'s). A query that reads as an earlier candidate of the same walk under
     /// another base re-reads such a lookup with that base, when the query times agree with
     /// the suffixes' order.
+    /// `other_bases`: `find`'s (a lookup with one of the query's bases did not fit there).
     fn rebase(
         &mut self,
         q: &Query<'_>,
-        family: Family,
         readings: &[Reading<'_>],
-        indexed: &[usize],
+        other_bases: &[usize],
     ) -> Option<(usize, usize, Fit)> {
-        for &slot in indexed {
+        for &slot in other_bases {
             let Some(l) = self.slots[slot].as_ref() else {
                 continue;
             };
             let [c] = l.candidates.as_slice() else {
                 continue;
             };
-            // A lookup with one of the query's bases is `find`'s: it did not fit there.
-            let same_base = readings.iter().any(|r| r.base == l.base);
-            if same_base || l.family != family || !l.near(q.query_time, self.cfg.gap) {
-                continue;
-            }
             let name = self
                 .search
                 .candidate_name(&l.base, c.suffix, l.namespace.as_deref());
@@ -492,8 +570,11 @@ impl LookupTable {
         half: usize,
         name: &str,
     ) -> Option<(usize, Suffix, Fit)> {
-        let prefixes = name.match_indices('.').map(|(i, _)| &name[..i]);
-        let slots = self.indexed(q.client.ip(), prefixes);
+        let ip = q.client.ip();
+        let prefixes = name
+            .match_indices('.')
+            .map(|(i, _)| self.key(ip, &name[..i]));
+        let slots = self.indexed(prefixes);
         let slot = slots.into_iter().find(|&slot| {
             self.slots[slot].as_ref().is_some_and(|l| {
                 l.family == family
@@ -505,8 +586,8 @@ impl LookupTable {
                         .any(|c| matches!(c.suffix, Suffix::Cluster | Suffix::Extra(_)))
             })
         })?;
-        let base = self.slots[slot].as_ref()?.base.clone();
-        let suffix = self.search.learn(name, &base)?;
+        let base = &self.slots[slot].as_ref()?.base;
+        let suffix = self.search.learn(name, base)?;
         let fit = fits(self.slots[slot].as_ref()?, suffix, half, q)?;
         Some((slot, suffix, fit))
     }
@@ -516,15 +597,12 @@ impl LookupTable {
         q: &Query<'_>,
         family: Family,
         readings: &[Reading<'_>],
+        keys: &[u64],
         now: Nanos,
-        done: &mut impl FnMut(Lookup),
+        done: &mut impl FnMut(&Lookup),
     ) -> usize {
         let r = readings[0];
         let ip = q.client.ip();
-        if self.clients.get(&ip).map_or(0, |s| s.len()) >= self.cfg.max_per_client.max(1) {
-            let oldest = self.clients[&ip][0];
-            self.close(oldest, true, done);
-        }
         while self.open >= self.cfg.max_open.max(1) {
             let Some(Reverse((_, slot, id))) = self.expiry.pop() else {
                 break;
@@ -535,11 +613,15 @@ impl LookupTable {
         }
         let id = self.next_id;
         self.next_id += self.id_step;
+        // Room for most names: a reused base is rarely too short for the next.
+        let mut base = (self.spare.pop()).unwrap_or_else(|| String::with_capacity(64));
+        base.clear();
+        base.push_str(r.base);
         let open = Open {
             id,
             client: ip,
             family,
-            base: r.base.to_string(),
+            base,
             namespace: None,
             candidates: SmallVec::new(),
             identities: SmallVec::new(),
@@ -549,12 +631,12 @@ impl LookupTable {
             last_response: None,
             touched: now,
             keys: {
-                let mut keys: SmallVec<[u64; 4]> =
-                    readings.iter().map(|r| self.key(ip, r.base)).collect();
+                let mut keys = SmallVec::from_slice(keys);
                 keys.sort_unstable();
                 keys.dedup();
                 keys
             },
+            learning: false,
         };
         let keys = open.keys.clone();
         let slot = match self.free.pop() {
@@ -571,7 +653,7 @@ impl LookupTable {
         for k in keys {
             self.by_base.entry(k).or_default().push(slot);
         }
-        self.clients.entry(ip).or_default().push(slot);
+        self.clients.entry(ip).or_default().slots.push(slot);
         self.expiry.push(Reverse((now, slot, id)));
         self.compact_expiry();
         slot
@@ -653,7 +735,7 @@ impl LookupTable {
     }
 
     /// Ends every lookup nothing joined for `gap + linger` before stage clock `now`.
-    pub fn advance(&mut self, now: Nanos, done: &mut impl FnMut(Lookup)) {
+    pub fn advance(&mut self, now: Nanos, done: &mut impl FnMut(&Lookup)) {
         let quiet = self.cfg.gap.saturating_add(self.cfg.linger);
         while let Some(&Reverse((touched, slot, id))) = self.expiry.peek() {
             if touched.saturating_add(quiet) > now {
@@ -673,7 +755,7 @@ impl LookupTable {
     }
 
     /// Ends every open lookup (the input has ended).
-    pub fn flush(&mut self, done: &mut impl FnMut(Lookup)) {
+    pub fn flush(&mut self, done: &mut impl FnMut(&Lookup)) {
         let mut open: Vec<(Nanos, usize)> = (0..self.slots.len())
             .filter_map(|s| self.slots[s].as_ref().map(|l| (l.first_query, s)))
             .collect();
@@ -684,7 +766,7 @@ impl LookupTable {
         self.expiry.clear();
     }
 
-    fn close(&mut self, slot: usize, evicted: bool, done: &mut impl FnMut(Lookup)) {
+    fn close(&mut self, slot: usize, evicted: bool, done: &mut impl FnMut(&Lookup)) {
         // Worked on in place: an open lookup is large (its candidates inline), not moved.
         let Some(l) = self.slots[slot].as_mut() else {
             return;
@@ -700,26 +782,34 @@ impl LookupTable {
                 }
             }
         }
-        if let Entry::Occupied(mut list) = self.clients.entry(l.client) {
-            remove_slot(list.get_mut(), slot);
-            if list.get().is_empty() {
-                list.remove();
+        if let Entry::Occupied(mut client) = self.clients.entry(l.client) {
+            let c = client.get_mut();
+            c.remove(slot);
+            c.learning -= l.learning as u32;
+            if c.open().is_empty() {
+                client.remove();
             }
         }
         if evicted {
             self.tally.evicted += 1;
         }
-        let mut lookup = self.spare.pop().unwrap_or_else(|| Lookup::blank(l.client));
-        finish(&self.search, l, evicted, &mut lookup);
+        finish(
+            &self.search,
+            l,
+            evicted,
+            &mut self.finished,
+            &mut self.spare,
+        );
+        if self.spare.len() < MAX_SPARE {
+            self.spare.push(std::mem::take(&mut l.base));
+        }
         self.slots[slot] = None;
-        done(lookup);
+        done(&self.finished);
     }
 }
 
-/// Takes `slot` out of a list that holds it once, keeping the order (a client's list is oldest
-/// first). The slot closed is usually the oldest, found at once: a forwarder's hundreds of open
-/// lookups are not walked for it.
-fn remove_slot<A: smallvec::Array<Item = usize>>(list: &mut SmallVec<A>, slot: usize) {
+/// Takes `slot` out of a `by_base` list that holds it once, keeping the order (oldest first).
+fn remove_slot(list: &mut SmallVec<[usize; 2]>, slot: usize) {
     if let Some(i) = list.iter().position(|&s| s == slot) {
         list.remove(i);
     }
@@ -755,10 +845,10 @@ fn is_autopath_target(search: &SearchList, base: &str, target: &str) -> bool {
 
 impl Lookup {
     /// An empty lookup for `finish` to fill.
-    fn blank(client: IpAddr) -> Self {
+    fn blank() -> Self {
         Self {
             id: 0,
-            client,
+            client: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             time: 0,
             identities: Vec::new(),
             asked: String::new(),
@@ -778,7 +868,13 @@ impl Lookup {
 }
 
 /// Writes the finished lookup `l` into `out`, reusing `out`'s strings and vectors.
-fn finish(search: &SearchList, l: &mut Open, evicted: bool, out: &mut Lookup) {
+fn finish(
+    search: &SearchList,
+    l: &mut Open,
+    evicted: bool,
+    out: &mut Lookup,
+    spare: &mut Vec<String>,
+) {
     drop_server_lookups(&mut l.candidates);
     l.candidates.sort_by_key(|c| c.first_query);
     let ns = l.namespace.as_deref();
@@ -804,7 +900,7 @@ fn finish(search: &SearchList, l: &mut Open, evicted: bool, out: &mut Lookup) {
         .iter()
         .position(|c| c.outcome() == Some(Outcome::Answered))
         .map(|i| candidates[i].as_str());
-    set(&mut out.answered_by, answered_by);
+    set(&mut out.answered_by, answered_by, spare);
     out.wasted_queries = match l.candidates.split_last() {
         Some((_, before)) => before.iter().map(Candidate::queries).sum(),
         None => 0,
@@ -818,21 +914,24 @@ fn finish(search: &SearchList, l: &mut Open, evicted: bool, out: &mut Lookup) {
     out.time = l.first_query;
     out.identities.clear();
     out.identities.extend_from_slice(&l.identities);
-    set(&mut out.namespace, l.namespace.as_deref());
-    set(&mut out.autopath, l.autopath.as_deref());
+    set(&mut out.namespace, l.namespace.as_deref(), spare);
+    set(&mut out.autopath, l.autopath.as_deref(), spare);
     out.latency = end.saturating_sub(l.first_query);
     out.waited = union_length(&mut waits);
     out.evicted = evicted;
 }
 
-/// Sets an optional string, reusing the one there.
-fn set(slot: &mut Option<String>, value: Option<&str>) {
-    match (slot.as_mut(), value) {
-        (Some(s), Some(v)) => {
+/// Sets an optional string, reusing the one there or a `spare` one, and keeping the one let go.
+fn set(slot: &mut Option<String>, value: Option<&str>, spare: &mut Vec<String>) {
+    match (slot.take(), value) {
+        (s, Some(v)) => {
+            let mut s = s.or_else(|| spare.pop()).unwrap_or_default();
             s.clear();
             s.push_str(v);
+            *slot = Some(s);
         }
-        (_, v) => *slot = v.map(str::to_string),
+        (Some(s), None) if spare.len() < MAX_SPARE => spare.push(s),
+        (_, None) => {}
     }
 }
 
@@ -860,6 +959,10 @@ fn asked(l: &Open, candidates: &[String], out: &mut String) {
 /// from the client's socket with the client's DNS id, for another name. A resolver never asks
 /// two names with one id from one socket, so the later of two such halves is the server's.
 fn drop_server_lookups(candidates: &mut SmallVec<[Candidate; 5]>) {
+    // The halves of one candidate are a pair, never the server's: most lookups end here.
+    if candidates.len() < 2 {
+        return;
+    }
     let halves: SmallVec<[(usize, usize, Half); 2 * MAX_CANDIDATES]> = candidates
         .iter()
         .enumerate()

@@ -117,18 +117,16 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
         ctx.partition as u64,
         ctx.partitions as u64,
     );
-    let lines = LookupLines::new(ctx.format, ctx.sources.clone());
+    let mut lines = LookupLines::new(ctx.format, ctx.sources.clone());
     let mut batch = Vec::with_capacity(writer::BATCH_BYTES + 4096);
     let mut writer_gone = false;
     let origin = Instant::now();
     let clock = |now: Instant| now.duration_since(origin).as_nanos() as Nanos;
     let mut last_tick = Instant::now();
-    let mut finished = Vec::new();
     loop {
         let input = rx.recv_timeout(TICK);
         let now = Instant::now();
         ctx.heartbeat.beat(now, true);
-        let mut done = |l: Lookup| finished.push(l);
         match input {
             Ok(records) => {
                 for r in &records.records {
@@ -136,9 +134,19 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
                         .facts
                         .as_ref()
                         .and_then(|f| records.query(f))
-                        .and_then(|q| table.on_query(&q, clock(now), &mut done));
+                        .and_then(|q| {
+                            let mut done =
+                                |l: &Lookup| emit(&mut ctx, &mut lines, l, writer_gone, &mut batch);
+                            table.on_query(&q, clock(now), &mut done)
+                        });
                     if !writer_gone && !r.line.is_empty() {
                         complete_line(&records, r, id, ctx.format, &mut batch);
+                    }
+                    // Handed over as soon as it is full, not after the whole batch of sessions
+                    // (up to a full batch itself): the buffer never grows (reallocated and
+                    // copied) past its capacity.
+                    if batch.len() >= writer::BATCH_BYTES {
+                        writer_gone |= send(&out, &mut batch);
                     }
                 }
             }
@@ -148,58 +156,37 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
         let tick = now.duration_since(last_tick) >= TICK;
         if tick {
             last_tick = now;
+            let mut done = |l: &Lookup| emit(&mut ctx, &mut lines, l, writer_gone, &mut batch);
             table.advance(clock(now), &mut done);
-        }
-        emit(
-            &mut ctx,
-            &lines,
-            &mut table,
-            &mut finished,
-            writer_gone,
-            &mut batch,
-        );
-        if tick {
             publish(&mut ctx);
         }
         if batch.len() >= writer::BATCH_BYTES || (tick && !batch.is_empty()) {
             writer_gone |= send(&out, &mut batch);
-            if writer_gone {
-                ctx.gone.store(true, Relaxed);
-            }
+        }
+        if writer_gone {
+            ctx.gone.store(true, Relaxed);
         }
         ctx.heartbeat.beat(now, false);
     }
-    table.flush(&mut |l| finished.push(l));
-    emit(
-        &mut ctx,
-        &lines,
-        &mut table,
-        &mut finished,
-        writer_gone,
-        &mut batch,
-    );
+    table.flush(&mut |l| emit(&mut ctx, &mut lines, l, writer_gone, &mut batch));
     publish(&mut ctx);
     if !writer_gone && !batch.is_empty() {
         send(&out, &mut batch);
     }
 }
 
-/// Counts the lookups that ended and renders the ones the policy prints; then hands them back
-/// to the table for reuse.
+/// Counts a lookup that ended and renders it when the policy prints it: as it ends, after
+/// the lines of its sessions.
 fn emit(
     ctx: &mut StageContext,
-    lines: &LookupLines,
-    table: &mut LookupTable,
-    finished: &mut Vec<Lookup>,
+    lines: &mut LookupLines,
+    l: &Lookup,
     writer_gone: bool,
     batch: &mut Vec<u8>,
 ) {
-    for l in finished.drain(..) {
-        ctx.stats.record(&l, &ctx.sources, ctx.label_cap);
-        if !writer_gone && ctx.policy.prints(&l) {
-            lines.render(&l, batch);
-        }
-        table.recycle(l);
+    ctx.stats.record(l, &ctx.sources, ctx.label_cap);
+    if !writer_gone && ctx.policy.prints(l) {
+        lines.render(l, batch);
     }
 }
 

@@ -90,7 +90,7 @@ impl Client {
                     response_time: Some(s.t + MS),
                     dns_id: Some(s.id),
                 };
-                table.on_query(&q, 0, &mut |l| done.push(l))
+                table.on_query(&q, 0, &mut |l: &Lookup| done.push(l.clone()))
             })
             .collect()
     }
@@ -113,7 +113,7 @@ fn run(clients: &[&Client]) -> Vec<Lookup> {
     for c in clients {
         c.feed(&mut t, &mut done);
     }
-    t.flush(&mut |l| done.push(l));
+    t.flush(&mut |l: &Lookup| done.push(l.clone()));
     done
 }
 
@@ -364,7 +364,7 @@ fn node_domains_not_given_are_learned_from_a_walk_past_the_cluster_suffixes() {
     }
     let mut done = Vec::new();
     c.feed(&mut t, &mut done);
-    t.flush(&mut |l| done.push(l));
+    t.flush(&mut |l: &Lookup| done.push(l.clone()));
     assert_eq!(done.len(), 1, "{done:#?}");
     assert_eq!(done[0].candidates[3], "api.example.test.ec2.internal.");
     assert_eq!(t.search_list().learned(), ["ec2.internal".to_string()]);
@@ -419,9 +419,9 @@ fn a_lookup_ends_after_the_gap_and_a_later_query_starts_another() {
     let mut c = Client::new([10, 0, 0, 5]);
     c.pair("web.default.svc.cluster.local.", NxDomain);
     c.feed(&mut t, &mut done);
-    t.advance(10 * S, &mut |l| done.push(l));
+    t.advance(10 * S, &mut |l: &Lookup| done.push(l.clone()));
     assert!(done.is_empty(), "still waiting for late sessions");
-    t.advance(11 * S, &mut |l| done.push(l));
+    t.advance(11 * S, &mut |l: &Lookup| done.push(l.clone()));
     assert_eq!(done.len(), 1, "gap + linger after the last join");
 }
 
@@ -463,7 +463,7 @@ fn open_lookups_are_capped_per_client_and_in_total_and_evictions_counted() {
         assert!(t.open_lookups() <= 10);
     }
     assert_eq!(t.tally().evicted, done.len() as u64);
-    t.flush(&mut |l| done.push(l));
+    t.flush(&mut |l: &Lookup| done.push(l.clone()));
     assert_eq!(done.len(), 5 + 18, "every lookup comes out once");
     assert_eq!(t.open_lookups(), 0);
     assert!(t.clients.is_empty());

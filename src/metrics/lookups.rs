@@ -85,11 +85,9 @@ impl LookupStats {
         self.queries_sum += l.queries as u64;
         let described = l.identities.first().map(|i| sources.describe(*i).0);
         let identity = described.as_deref().unwrap_or("unknown");
-        let (identity, q) = quantiles(&mut self.by_identity, identity, cap);
-        q.record(l.latency);
+        let identity = observe(&mut self.by_identity, identity, cap, l.latency);
         let namespace = l.namespace.as_deref().unwrap_or("");
-        let (namespace, q) = quantiles(&mut self.by_namespace, namespace, cap);
-        q.record(l.latency);
+        let namespace = observe(&mut self.by_namespace, namespace, cap, l.latency);
         if l.wasted_queries > 0 {
             let pair = &mut self.pair;
             *entry(&mut self.wasted, pair, identity, namespace) += l.wasted_queries as u64;
@@ -240,35 +238,29 @@ fn bounded_pair<V>(
     ("other".to_string(), "other".to_string())
 }
 
-/// `value`, or `other` once `cap` values are known and it is not one of them.
-/// The label for `value`: itself while under the cap or already known, else `other`.
-fn capped<'a, V>(known: &BTreeMap<String, V>, value: &'a str, cap: usize) -> &'a str {
-    if known.contains_key(value) || known.len() < cap {
-        value
-    } else {
-        "other"
-    }
-}
-
-/// The label for `value` (as `capped`) and its quantiles; the label is copied only when it
-/// is new (a finished lookup is counted without allocating), and a known one is searched for
-/// twice, not three times.
-fn quantiles<'m, 'v>(
-    m: &'m mut BTreeMap<String, Quantiles>,
+/// Records `latency` under the label for `value`, which it returns: `value` itself while under
+/// the cap or already known, else `other`. A known label is searched for once and never
+/// copied: a finished lookup is counted without allocating.
+fn observe<'v>(
+    m: &mut BTreeMap<String, Quantiles>,
     value: &'v str,
     cap: usize,
-) -> (&'v str, &'m mut Quantiles) {
-    let label = match m.contains_key(value) {
-        true => value,
-        false => {
-            let label = capped(m, value, cap);
-            if !m.contains_key(label) {
-                m.insert(label.to_string(), Quantiles::new());
-            }
-            label
+    latency: Nanos,
+) -> &'v str {
+    if let Some(q) = m.get_mut(value) {
+        q.record(latency);
+        return value;
+    }
+    let label = if m.len() < cap { value } else { "other" };
+    match m.get_mut(label) {
+        Some(q) => q.record(latency),
+        None => {
+            let mut q = Quantiles::new();
+            q.record(latency);
+            m.insert(label.to_string(), q);
         }
-    };
-    (label, m.get_mut(label).expect("inserted above"))
+    }
+    label
 }
 
 /// The (identity, namespace) entry (only lookups that wasted queries or waited get here),

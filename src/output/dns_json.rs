@@ -3,8 +3,9 @@
 
 use super::json::Json;
 use crate::dns::rcode_name;
-use domain::base::iana::Rtype;
-use domain::base::opt::{Opt, UnknownOptData};
+use domain::base::iana::{Opcode, Rtype};
+use domain::base::opt::{Opt, OptRecord, UnknownOptData};
+use domain::base::ToName;
 use domain::base::{Message, ParsedName, ParsedRecord, RecordSection};
 use domain::rdata::AllRecordData;
 
@@ -20,8 +21,14 @@ pub fn write_dns(j: &mut Json<'_>, wire: &[u8]) {
     j.begin_object();
     j.field_uint("id", h.id() as u64);
     j.key("opcode");
-    j.display(h.opcode());
-    let opt = msg.opt();
+    write_opcode(j, h.opcode());
+    // One walk to the sections, and the OPT record found from it: `Message::opt` would walk
+    // the question, answer and authority sections again to find the additional one.
+    let sections = msg.sections().map(|(_, an, ns, ar)| [an, ns, ar]);
+    let opt = match sections.as_ref().map(|s| s[2].limit_to::<Opt<_>>().next()) {
+        Ok(Some(Ok(rr))) => Some(OptRecord::from(rr)),
+        _ => None,
+    };
     let rcode = match &opt {
         Some(opt) => opt.rcode(h).to_int(),
         None => h.rcode().to_int() as u16,
@@ -65,8 +72,6 @@ pub fn write_dns(j: &mut Json<'_>, wire: &[u8]) {
         }
     }
     j.end_array();
-    // One walk over the message: asking for each section separately re-parses the earlier ones.
-    let sections = msg.sections().map(|(_, an, ns, ar)| [an, ns, ar]);
     for (i, name) in ["answer", "authority", "additional"]
         .into_iter()
         .enumerate()
@@ -102,6 +107,24 @@ pub fn write_dns(j: &mut Json<'_>, wire: &[u8]) {
         j.field_str("error", &e);
     }
     j.end_object();
+}
+
+/// The opcode as `domain` displays it (`QUERY(0)`, or the number alone), without the
+/// formatting machinery.
+fn write_opcode(j: &mut Json<'_>, opcode: Opcode) {
+    j.string_with(|out| {
+        let mut number = itoa::Buffer::new();
+        let number = number.format(opcode.to_int()).as_bytes();
+        match opcode.to_mnemonic_str() {
+            Some(m) => {
+                out.extend_from_slice(m.as_bytes());
+                out.push(b'(');
+                out.extend_from_slice(number);
+                out.push(b')');
+            }
+            None => out.extend_from_slice(number),
+        }
+    });
 }
 
 /// An IANA code by its mnemonic, written as it is (`domain`'s mnemonics are plain ASCII
@@ -228,35 +251,103 @@ fn presentation_into<Octs: AsRef<[u8]>>(
     backslash: &[u8],
     quote: &[u8],
 ) {
+    if let Some(flat) = name.as_flat_slice() {
+        return flat_presentation_into(out, flat, backslash, quote);
+    }
     let mut empty = true;
     for label in name.iter().filter(|l| !l.is_root()) {
         empty = false;
-        for &b in label.as_slice() {
-            match b {
-                b'.' => {
-                    out.extend_from_slice(backslash);
-                    out.push(b'.');
-                }
-                b'\\' => {
-                    out.extend_from_slice(backslash);
-                    out.extend_from_slice(backslash);
-                }
-                b'"' => {
-                    out.extend_from_slice(backslash);
-                    out.extend_from_slice(quote);
-                }
-                0x21..=0x7e => out.push(b),
-                _ => {
-                    use std::io::Write;
-                    out.extend_from_slice(backslash);
-                    let _ = write!(out, "{b:03}");
-                }
-            }
-        }
+        label_into(out, label.as_slice(), backslash, quote);
         out.push(b'.');
     }
     if empty {
         out.push(b'.');
+    }
+}
+
+/// An uncompressed name's wire form (which `ParsedName` has checked: labels of at most 63
+/// bytes, then the root), label by label without `domain`'s label iterator: most names in a
+/// message are not compressed.
+fn flat_presentation_into(out: &mut Vec<u8>, flat: &[u8], backslash: &[u8], quote: &[u8]) {
+    if let Some(text) = flat.get(1..).filter(|_| plain_labels(flat)) {
+        // Nothing to escape (the usual case): the wire form after its first length byte is
+        // the text once every later length byte, and the root's 0, becomes a dot.
+        let start = out.len();
+        out.extend_from_slice(text);
+        let text = &mut out[start..];
+        let mut at = usize::from(flat[0]);
+        while let Some(len) = text.get_mut(at) {
+            let next = at + usize::from(*len) + 1;
+            *len = b'.';
+            at = next;
+        }
+        return;
+    }
+    let mut rest = flat;
+    let mut empty = true;
+    while let Some((&len, tail)) = rest.split_first() {
+        let Some(label) = tail.get(..usize::from(len)).filter(|_| len > 0) else {
+            break;
+        };
+        empty = false;
+        label_into(out, label, backslash, quote);
+        out.push(b'.');
+        rest = &tail[label.len()..];
+    }
+    if empty {
+        out.push(b'.');
+    }
+}
+
+/// Whether an uncompressed name has labels (not only the root) and none holds a byte its
+/// presentation escapes.
+fn plain_labels(flat: &[u8]) -> bool {
+    let mut rest = flat;
+    let mut labels = 0;
+    while let Some((&len, tail)) = rest.split_first() {
+        let Some(label) = tail.get(..usize::from(len)).filter(|_| len > 0) else {
+            return labels > 0 && len == 0 && tail.is_empty();
+        };
+        if !label.iter().all(|&b| is_plain(b)) {
+            return false;
+        }
+        labels += 1;
+        rest = &tail[label.len()..];
+    }
+    false
+}
+
+fn is_plain(b: u8) -> bool {
+    matches!(b, 0x21..=0x7e) && !matches!(b, b'.' | b'\\' | b'"')
+}
+
+/// One label in presentation format; a label with nothing to escape is copied in one go.
+fn label_into(out: &mut Vec<u8>, label: &[u8], backslash: &[u8], quote: &[u8]) {
+    if label.iter().all(|&b| is_plain(b)) {
+        out.extend_from_slice(label);
+        return;
+    }
+    for &b in label {
+        match b {
+            b'.' => {
+                out.extend_from_slice(backslash);
+                out.push(b'.');
+            }
+            b'\\' => {
+                out.extend_from_slice(backslash);
+                out.extend_from_slice(backslash);
+            }
+            b'"' => {
+                out.extend_from_slice(backslash);
+                out.extend_from_slice(quote);
+            }
+            0x21..=0x7e => out.push(b),
+            _ => {
+                use std::io::Write;
+                out.extend_from_slice(backslash);
+                let _ = write!(out, "{b:03}");
+            }
+        }
     }
 }
 
@@ -295,5 +386,40 @@ mod tests {
             Some((28, 1))
         );
         assert_eq!(walked, text.as_bytes());
+    }
+
+    #[test]
+    fn compressed_and_flat_names_are_spelled_alike() {
+        // `a.b`, `c\d`, then a name that points into the first one's second label.
+        let wire = b"\x03a.b\x03c\\d\x00\x02x\"\xc0\x04";
+        let mut parser = domain::dep::octseq::Parser::from_ref(&wire[..]);
+        let flat = ParsedName::parse(&mut parser).unwrap();
+        let compressed = ParsedName::parse(&mut parser).unwrap();
+        assert!(!flat.is_compressed() && compressed.is_compressed());
+        let spelled = |name: &ParsedName<&[u8]>| {
+            let mut buf = Vec::new();
+            write_name(&mut Json::new(&mut buf), name);
+            serde_json::from_slice::<String>(&buf).unwrap()
+        };
+        assert_eq!(spelled(&flat), r#"a\.b.c\\d."#);
+        assert_eq!(spelled(&compressed), r#"x\".c\\d."#);
+        for (wire, text) in [
+            (&b"\x03www\x07example\x04test\x00"[..], "www.example.test."),
+            (b"\x01a\x00", "a."),
+            (b"\x00", "."),
+        ] {
+            let name = ParsedName::parse(&mut domain::dep::octseq::Parser::from_ref(wire));
+            assert_eq!(spelled(&name.unwrap()), text);
+        }
+    }
+
+    #[test]
+    fn opcodes_are_spelled_as_domain_displays_them() {
+        for code in 0..16 {
+            let opcode = Opcode::from_int(code);
+            let mut buf = Vec::new();
+            write_opcode(&mut Json::new(&mut buf), opcode);
+            assert_eq!(buf, format!("\"{opcode}\"").into_bytes());
+        }
     }
 }

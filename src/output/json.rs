@@ -10,7 +10,20 @@ pub struct Json<'a> {
     /// is the schema's (a handful of levels), so a word holds it and no line allocates.
     first: u64,
     depth: u32,
+    /// The bit of the innermost level (0 outside any object or array), kept beside `depth`:
+    /// every key and value reads it.
+    level: u64,
+    /// The last two seconds written by [`Json::time`] and their `YYYY-MM-DDTHH:MM:SS`, and
+    /// which to replace next: a line's times lie within a second or two (a query's, and its
+    /// late response's), so only the fraction is formatted again.
+    seconds: [(u64, [u8; SECOND_LEN]); 2],
+    next_second: usize,
 }
+
+/// No second: a Unix second from nanoseconds in a u64 is far below it.
+const NO_SECOND: u64 = u64::MAX;
+
+const SECOND_LEN: usize = 19;
 
 /// Levels past this share the deepest bit (the schema never nests this deep).
 const MAX_DEPTH: u32 = u64::BITS;
@@ -21,19 +34,22 @@ impl<'a> Json<'a> {
             out,
             first: 0,
             depth: 0,
+            level: 0,
+            seconds: [(NO_SECOND, [0; SECOND_LEN]); 2],
+            next_second: 0,
         }
     }
 
-    /// The bit of the innermost level; 0 outside any object or array.
-    fn level(&self) -> u64 {
-        match self.depth {
+    /// The bit of nesting level `depth`; 0 outside any object or array.
+    fn level_of(depth: u32) -> u64 {
+        match depth {
             0 => 0,
             d => 1 << (d.min(MAX_DEPTH) - 1),
         }
     }
 
     fn sep(&mut self) {
-        let level = self.level();
+        let level = self.level;
         if level != 0 && self.first & level == 0 {
             self.out.push(b',');
         }
@@ -44,11 +60,13 @@ impl<'a> Json<'a> {
         self.sep();
         self.out.push(bracket);
         self.depth = self.depth.saturating_add(1);
-        self.first |= self.level();
+        self.level = Self::level_of(self.depth);
+        self.first |= self.level;
     }
 
     fn close(&mut self, bracket: u8) {
         self.depth = self.depth.saturating_sub(1);
+        self.level = Self::level_of(self.depth);
         self.out.push(bracket);
     }
 
@@ -71,26 +89,10 @@ impl<'a> Json<'a> {
     /// Writes `"name":` (the value follows without its own separator). Names are the schema's
     /// own identifiers, so they are written as they are.
     pub fn key(&mut self, name: &'static str) {
-        let level = self.level();
+        let level = self.level;
         let comma = level != 0 && self.first & level == 0;
         self.first |= level;
-        // One reservation and one copy: a line has dozens of keys.
-        let mut quoted = [0u8; 40];
-        let end = 2 + name.len();
-        if end + 2 > quoted.len() {
-            self.out
-                .extend_from_slice(if comma { b",\"" } else { b"\"" });
-            self.out.extend_from_slice(name.as_bytes());
-            self.out.extend_from_slice(b"\":");
-            return;
-        }
-        quoted[2..end].copy_from_slice(name.as_bytes());
-        quoted[0] = b',';
-        quoted[1] = b'"';
-        quoted[end] = b'"';
-        quoted[end + 1] = b':';
-        let start = usize::from(!comma);
-        self.out.extend_from_slice(&quoted[start..end + 2]);
+        push_quoted(self.out, comma, name, b"\":");
     }
 
     pub fn string(&mut self, s: &str) {
@@ -100,10 +102,10 @@ impl<'a> Json<'a> {
 
     /// One of the schema's own constant strings (names, mnemonics): nothing to escape.
     pub fn name(&mut self, s: &'static str) {
-        self.sep();
-        self.out.push(b'"');
-        self.out.extend_from_slice(s.as_bytes());
-        self.out.push(b'"');
+        let level = self.level;
+        let comma = level != 0 && self.first & level == 0;
+        self.first &= !level;
+        push_quoted(self.out, comma, s, b"\"");
     }
 
     /// A `Display` value as a JSON string, escaped while it is formatted (no temporary).
@@ -126,8 +128,20 @@ impl<'a> Json<'a> {
     /// A timestamp as an RFC 3339 string.
     pub fn time(&mut self, nanos: u64) {
         self.sep();
+        let secs = nanos / 1_000_000_000;
+        let second = match self.seconds.iter().find(|(s, _)| *s == secs) {
+            Some((_, text)) => *text,
+            None => {
+                let text = rfc3339_second(secs);
+                self.seconds[self.next_second] = (secs, text);
+                self.next_second ^= 1;
+                text
+            }
+        };
+        self.out.reserve(SECOND_LEN + 13);
         self.out.push(b'"');
-        write_rfc3339(self.out, nanos);
+        self.out.extend_from_slice(&second);
+        write_fraction(self.out, (nanos % 1_000_000_000) as u32);
         self.out.push(b'"');
     }
 
@@ -203,6 +217,54 @@ impl<'a> Json<'a> {
     }
 }
 
+/// Appends `,` if `comma`, then `"`, `text` and `tail` (`":` after a key, `"` after a name).
+/// A text of at most 16 bytes (nearly all the schema's keys and names) is put together in a
+/// stack buffer by fixed-size copies, which the whole buffer follows into `out` before `out`
+/// is cut back: a copy of a length known only at run time calls memcpy, and lines have dozens
+/// of keys and names.
+fn push_quoted(out: &mut Vec<u8>, comma: bool, text: &str, tail: &[u8]) {
+    let (text, n) = (text.as_bytes(), text.len());
+    if n > 16 || tail.len() > 2 {
+        if comma {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(text);
+        out.extend_from_slice(tail);
+        return;
+    }
+    let mut buf = [0u8; 24];
+    buf[0] = b',';
+    buf[1] = b'"';
+    // Two overlapping copies of a fixed size cover every length up to twice that size.
+    match n {
+        8..=16 => {
+            buf[2..10].copy_from_slice(&text[..8]);
+            buf[n - 6..n + 2].copy_from_slice(&text[n - 8..]);
+        }
+        4..=7 => {
+            buf[2..6].copy_from_slice(&text[..4]);
+            buf[n - 2..n + 2].copy_from_slice(&text[n - 4..]);
+        }
+        _ => {
+            for (i, &b) in text.iter().enumerate() {
+                buf[2 + i] = b;
+            }
+        }
+    }
+    for (i, &b) in tail.iter().enumerate() {
+        buf[2 + n + i] = b;
+    }
+    let end = out.len() + 2 + n + tail.len();
+    if comma {
+        out.extend_from_slice(&buf);
+        out.truncate(end);
+    } else {
+        out.extend_from_slice(&buf[1..]);
+        out.truncate(end - 1);
+    }
+}
+
 struct Fmt<'a>(&'a mut Vec<u8>);
 
 impl std::fmt::Write for Fmt<'_> {
@@ -228,15 +290,7 @@ pub fn write_millis(out: &mut Vec<u8>, nanos: u64) {
 
 fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
-        IpAddr::V4(v4) => {
-            let mut b = itoa::Buffer::new();
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                out.extend_from_slice(b.format(octet).as_bytes());
-            }
-        }
+        IpAddr::V4(v4) => crate::diagnosis::ipv4_into(out, v4),
         IpAddr::V6(v6) => {
             let _ = write!(Fmt(out), "{v6}");
         }
@@ -259,8 +313,9 @@ pub fn escape(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// Copies runs of plain bytes in one go; only quotes, backslashes and controls are rewritten.
-fn escape_into(out: &mut Vec<u8>, s: &str) {
+/// Appends `s` as JSON string content (without the quotes). Copies runs of plain bytes in one
+/// go; only quotes, backslashes and controls are rewritten.
+pub fn escape_into(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     if is_plain(bytes) {
         out.extend_from_slice(bytes);
@@ -309,10 +364,14 @@ fn is_plain(bytes: &[u8]) -> bool {
     !words.remainder().iter().any(|&b| special(b))
 }
 
-/// RFC 3339 UTC with nanoseconds, from Unix nanoseconds (days-from-civil, inverted).
+/// RFC 3339 UTC with nanoseconds, from Unix nanoseconds.
 pub fn write_rfc3339(out: &mut Vec<u8>, nanos: u64) {
-    let secs = nanos / 1_000_000_000;
-    let frac = nanos % 1_000_000_000;
+    out.extend_from_slice(&rfc3339_second(nanos / 1_000_000_000));
+    write_fraction(out, (nanos % 1_000_000_000) as u32);
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of a Unix second (days-from-civil, inverted).
+fn rfc3339_second(secs: u64) -> [u8; SECOND_LEN] {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let z = days + 719_468;
@@ -324,29 +383,30 @@ pub fn write_rfc3339(out: &mut Vec<u8>, nanos: u64) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    // Fixed-width digits by hand, into a stack buffer: this runs twice per rendered message.
-    let digits = |out: &mut Vec<u8>, mut v: u64, width: usize| {
-        let mut buf = [b'0'; 9];
-        for d in buf[..width].iter_mut().rev() {
+    let mut text = *b"0000-00-00T00:00:00";
+    let mut digits = |at: usize, mut v: u64, width: usize| {
+        for d in text[at..at + width].iter_mut().rev() {
             *d = b'0' + (v % 10) as u8;
             v /= 10;
         }
-        out.extend_from_slice(&buf[..width]);
     };
-    digits(out, year.clamp(0, 9999) as u64, 4);
-    out.push(b'-');
-    digits(out, month as u64, 2);
-    out.push(b'-');
-    digits(out, day as u64, 2);
-    out.push(b'T');
-    digits(out, rem / 3600, 2);
-    out.push(b':');
-    digits(out, rem % 3600 / 60, 2);
-    out.push(b':');
-    digits(out, rem % 60, 2);
-    out.push(b'.');
-    digits(out, frac, 9);
-    out.push(b'Z');
+    digits(0, year.clamp(0, 9999) as u64, 4);
+    digits(5, month as u64, 2);
+    digits(8, day as u64, 2);
+    digits(11, rem / 3600, 2);
+    digits(14, rem % 3600 / 60, 2);
+    digits(17, rem % 60, 2);
+    text
+}
+
+/// `.nnnnnnnnnZ`: the nanoseconds of a second, in 32-bit arithmetic (they fit).
+fn write_fraction(out: &mut Vec<u8>, mut frac: u32) {
+    let mut text = *b".000000000Z";
+    for d in text[1..10].iter_mut().rev() {
+        *d = b'0' + (frac % 10) as u8;
+        frac /= 10;
+    }
+    out.extend_from_slice(&text);
 }
 
 #[cfg(test)]
@@ -354,9 +414,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_of_any_length_are_quoted_and_separated() {
-        let long = "a_key_name_longer_than_the_stack_buffer_holds";
-        for name in ["k", "thirty_six_characters_long_key_name_", long] {
+    fn keys_and_names_of_any_length_are_quoted_and_separated() {
+        const LONG: &str = "abcdefghijklmnopqrstuvwxyz_0123456789_ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+        for name in (0..=LONG.len()).map(|n| &LONG[..n]) {
+            let mut out = Vec::new();
+            let mut j = Json::new(&mut out);
+            j.begin_array();
+            j.name(name);
+            j.name(name);
+            j.end_array();
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                format!("[\"{name}\",\"{name}\"]")
+            );
+            let mut out = Vec::new();
+            let mut j = Json::new(&mut out);
+            j.name(name);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("\"{name}\""));
             let mut out = Vec::new();
             let mut j = Json::new(&mut out);
             j.begin_object();
@@ -422,13 +496,44 @@ mod tests {
         j.millis(476_000);
         j.millis(12_345_678_999);
         j.ip("192.0.2.1".parse().unwrap());
+        j.ip("0.10.100.255".parse().unwrap());
         j.socket("[2001:db8::1]:53".parse().unwrap());
         j.socket("10.0.0.2:5353".parse().unwrap());
         j.end_array();
         assert_eq!(
             String::from_utf8(buf).unwrap(),
-            r#"[18446744073709551615,0.476,12345.679,"192.0.2.1","[2001:db8::1]:53","10.0.0.2:5353"]"#
+            r#"[18446744073709551615,0.476,12345.679,"192.0.2.1","0.10.100.255","[2001:db8::1]:53","10.0.0.2:5353"]"#
         );
+    }
+
+    #[test]
+    fn times_of_one_line_share_their_seconds_only_when_they_are_in_them() {
+        let times = [
+            1_795_626_659_525_087_273,
+            1_795_626_659_000_000_001,
+            1_795_626_660_999_999_999,
+            1_795_626_659_525_087_273,
+            1_795_626_661_000_000_000,
+            1_795_626_659_000_000_000,
+            1_795_626_660_000_000_000,
+            0,
+        ];
+        let mut buf = Vec::new();
+        let mut j = Json::new(&mut buf);
+        j.begin_array();
+        for t in times {
+            j.time(t);
+        }
+        j.end_array();
+        let each: Vec<String> = times
+            .iter()
+            .map(|&t| format!("\"{}\"", rfc3339(t)))
+            .collect();
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            format!("[{}]", each.join(","))
+        );
+        assert_eq!(rfc3339(times[2]), "2026-11-25T17:11:00.999999999Z");
     }
 
     #[test]

@@ -44,21 +44,24 @@ impl LookupPolicy {
 pub struct LookupLines {
     format: Format,
     sources: Arc<SourceRegistry>,
+    /// The diagnosis being written, reused: a line allocates nothing.
+    diagnosis: String,
 }
 
 impl LookupLines {
     pub fn new(format: Format, sources: Arc<SourceRegistry>) -> Self {
-        Self { format, sources }
+        Self {
+            format,
+            sources,
+            diagnosis: String::new(),
+        }
     }
 
     /// Appends one line (with its newline) for the lookup to `out`.
-    pub fn render(&self, l: &Lookup, out: &mut Vec<u8>) {
-        let identities: Vec<Arc<str>> = l
-            .identities
-            .iter()
-            .map(|id| self.sources.describe(*id).0)
-            .collect();
-        let diagnosis = diagnose(l);
+    pub fn render(&mut self, l: &Lookup, out: &mut Vec<u8>) {
+        diagnose(l, &mut self.diagnosis);
+        let diagnosis = self.diagnosis.as_str();
+        let identities = l.identities.iter().map(|id| self.sources.describe(*id).0);
         match self.format {
             Format::Json => {
                 let mut j = Json::new(out);
@@ -72,8 +75,8 @@ impl LookupLines {
                 j.ip(l.client);
                 j.key("identities");
                 j.begin_array();
-                for i in &identities {
-                    j.string(i);
+                for i in identities {
+                    j.string(&i);
                 }
                 j.end_array();
                 j.field_str("asked", &l.asked);
@@ -96,7 +99,7 @@ impl LookupLines {
                 j.millis(l.waited);
                 j.key("evicted");
                 j.bool(l.evicted);
-                j.field_str("diagnosis", &diagnosis);
+                j.field_str("diagnosis", diagnosis);
                 j.end_object();
             }
             Format::Text => {
@@ -116,70 +119,100 @@ impl LookupLines {
                     l.retries,
                     l.waited as f64 / 1e6,
                 );
-                text::escape_into(out, &l.candidates.join(","));
+                // Comma-separated: escaping leaves commas alone, so each is escaped alone.
+                for (i, c) in l.candidates.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    text::escape_into(out, c);
+                }
                 out.extend_from_slice(b" Identities: ");
-                let names: Vec<&str> = identities.iter().map(|i| &**i).collect();
-                text::escape_into(out, &names.join(","));
+                for (i, name) in identities.enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    text::escape_into(out, &name);
+                }
                 out.extend_from_slice(b" Diagnosis: ");
-                text::escape_into(out, &diagnosis);
+                text::escape_into(out, diagnosis);
             }
         }
         out.push(b'\n');
     }
 }
 
-/// What happened to the application, and what to do about it.
-pub fn diagnose(l: &Lookup) -> String {
+/// What happened to the application, and what to do about it (into `d`, replacing what it
+/// held). Pieces are appended, not formatted: one per printed lookup.
+pub fn diagnose(l: &Lookup, d: &mut String) {
     let n = l.candidates.len();
-    let mut d = match l.outcome {
-        Outcome::Answered if l.autopath.is_some() => format!(
-            "Answered at the first candidate by CoreDNS autopath (CNAME to {}): no search-path \
-             round trips.",
-            l.autopath.as_deref().unwrap_or("?")
-        ),
-        Outcome::Answered if l.wasted_queries == 0 => format!(
-            "Answered by {}.",
-            l.answered_by.as_deref().unwrap_or("the first candidate")
-        ),
-        Outcome::Answered => format!(
-            "Answered by candidate {} of {n} ({}) after {} queries for the search-path \
-             candidates before it: ask for {}. with a trailing dot, lower ndots \
-             (dnsConfig ndots:2), or enable CoreDNS autopath.",
-            l.candidates
+    let mut num = itoa::Buffer::new();
+    d.clear();
+    match l.outcome {
+        Outcome::Answered if l.autopath.is_some() => {
+            d.push_str("Answered at the first candidate by CoreDNS autopath (CNAME to ");
+            d.push_str(l.autopath.as_deref().unwrap_or("?"));
+            d.push_str("): no search-path round trips.");
+        }
+        Outcome::Answered if l.wasted_queries == 0 => {
+            d.push_str("Answered by ");
+            d.push_str(l.answered_by.as_deref().unwrap_or("the first candidate"));
+            d.push('.');
+        }
+        Outcome::Answered => {
+            let at = l
+                .candidates
                 .iter()
                 .position(|c| Some(c) == l.answered_by.as_ref())
-                .map_or(n, |i| i + 1),
-            l.answered_by.as_deref().unwrap_or("?"),
-            l.wasted_queries,
-            l.asked.trim_end_matches('.'),
+                .map_or(n, |i| i + 1);
+            d.push_str("Answered by candidate ");
+            d.push_str(num.format(at));
+            d.push_str(" of ");
+            d.push_str(num.format(n));
+            d.push_str(" (");
+            d.push_str(l.answered_by.as_deref().unwrap_or("?"));
+            d.push_str(") after ");
+            d.push_str(num.format(l.wasted_queries));
+            d.push_str(" queries for the search-path candidates before it: ask for ");
+            d.push_str(l.asked.trim_end_matches('.'));
+            d.push_str(
+                ". with a trailing dot, lower ndots (dnsConfig ndots:2), or enable CoreDNS \
+                 autopath.",
+            );
+        }
+        Outcome::NoData => {
+            d.push_str("No candidate has an address record: ");
+            d.push_str(l.candidates.first().map_or("the name", String::as_str));
+            d.push_str(" exists without A/AAAA (NODATA) and none of the ");
+            d.push_str(num.format(n));
+            d.push_str(
+                " candidates answered; musl stops at the first NODATA, glibc tries the rest.",
+            );
+        }
+        Outcome::NxDomain => {
+            d.push_str("The name does not exist under any of the ");
+            d.push_str(num.format(n));
+            d.push_str(" candidates (");
+            d.push_str(num.format(l.queries));
+            d.push_str(" queries): a typo, a Service that does not exist, or the wrong namespace.");
+        }
+        Outcome::Failed => d.push_str(
+            "No candidate was answered: the resolver got SERVFAIL, REFUSED or nothing (see \
+             the session lines).",
         ),
-        Outcome::NoData => format!(
-            "No candidate has an address record: {} exists without A/AAAA (NODATA) and none of \
-             the {n} candidates answered; musl stops at the first NODATA, glibc tries the rest.",
-            l.candidates.first().map_or("the name", String::as_str)
-        ),
-        Outcome::NxDomain => format!(
-            "The name does not exist under any of the {n} candidates ({} queries): a typo, a \
-             Service that does not exist, or the wrong namespace.",
-            l.queries
-        ),
-        Outcome::Failed => "No candidate was answered: the resolver got SERVFAIL, REFUSED or \
-                            nothing (see the session lines)."
-            .to_string(),
-    };
+    }
     if l.retries > 0 {
-        d.push_str(&format!(
-            " The resolver waited {:.1} s for lost queries and sent {} again: the five-second \
-             signature of A/AAAA queries sent in parallel from one socket with one lost (the \
-             node's conntrack race) or of packet loss to CoreDNS. Fixes: dnsConfig option \
-             single-request-reopen (glibc), TCP (use-vc), NodeLocal DNSCache, or a node kernel \
-             with the conntrack race fixes.",
-            l.waited as f64 / 1e9,
-            l.retries
-        ));
+        use std::fmt::Write;
+        let _ = write!(d, " The resolver waited {:.1} s", l.waited as f64 / 1e9);
+        d.push_str(" for lost queries and sent ");
+        d.push_str(num.format(l.retries));
+        d.push_str(
+            " again: the five-second signature of A/AAAA queries sent in parallel from one \
+             socket with one lost (the node's conntrack race) or of packet loss to CoreDNS. \
+             Fixes: dnsConfig option single-request-reopen (glibc), TCP (use-vc), NodeLocal \
+             DNSCache, or a node kernel with the conntrack race fixes.",
+        );
     }
     if l.evicted {
         d.push_str(" Ended early: too many open lookups (--max-lookups).");
     }
-    d
 }

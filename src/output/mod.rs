@@ -18,6 +18,7 @@ use crate::correlate::{Message, MessageStore, Session, Status};
 use crate::diagnosis::Diagnosis;
 use crate::dns::{class_name, rcode_name, rtype_name};
 use crate::dnstap::{self, DnstapMessage, Nanos, Role, SourceRegistry};
+use domain::base::iana::{Class, Rtype};
 use json::Json;
 use std::sync::Arc;
 
@@ -150,7 +151,6 @@ impl Renderer {
         .then(|| self.options.sample_succeeded.rate());
         let decoded = with_messages.then(|| decode_messages(s, store));
         let (identity, version) = self.sources.describe(s.source);
-        let diagnosis = d.sentence(&identity);
         match self.format {
             Format::Json => {
                 let mut j = Json::new(out);
@@ -169,7 +169,8 @@ impl Renderer {
                     j.float(rate);
                 }
                 j.field_str("cause", d.cause.name());
-                j.field_str("diagnosis", &diagnosis);
+                j.key("diagnosis");
+                j.string_with(|out| d.write_sentence(&identity, out, json::escape_into));
                 j.field_str("identity", &identity);
                 j.field_str("version", &version);
                 write_summary_fields(&mut j, s, d);
@@ -225,7 +226,7 @@ impl Renderer {
                     d.latency
                         .map_or("-".into(), |l| format!("{:.3}ms", l as f64 / 1e6)),
                 );
-                text::escape_into(out, &diagnosis);
+                d.write_sentence(&identity, out, text::escape_into);
                 if let Some(loss) = v.loss {
                     let _ = write!(out, " LossReason: {}", loss.name());
                 }
@@ -298,8 +299,18 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
     }
     j.field_opt_str("protocol", d.protocol.map(protocol_name));
     j.field_opt_str("qname", d.qname());
-    j.field_opt_str("qtype", d.qtype.map(rtype_name).as_deref());
-    j.field_opt_str("qclass", d.qclass.map(class_name).as_deref());
+    field_mnemonic(
+        j,
+        "qtype",
+        d.qtype.map(|t| (Rtype::from_int(t).to_mnemonic_str(), t)),
+        rtype_name,
+    );
+    field_mnemonic(
+        j,
+        "qclass",
+        d.qclass.map(|c| (Class::from_int(c).to_mnemonic_str(), c)),
+        class_name,
+    );
     j.key("dns_id");
     match s.dns_id {
         Some(id) => j.uint(id as u64),
@@ -356,6 +367,22 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
     }
     if s.messages_dropped > 0 {
         j.field_uint("messages_not_kept", s.messages_dropped as u64);
+    }
+}
+
+/// A type or class by its mnemonic (plain ASCII, as `Display` spells it), else `display`'s
+/// text (`TYPE65280`): a String only for codes without a mnemonic.
+fn field_mnemonic(
+    j: &mut Json<'_>,
+    name: &'static str,
+    code: Option<(Option<&'static str>, u16)>,
+    display: fn(u16) -> String,
+) {
+    j.key(name);
+    match code {
+        Some((Some(mnemonic), _)) => j.name(mnemonic),
+        Some((None, code)) => j.string(&display(code)),
+        None => j.null(),
     }
 }
 
