@@ -29,6 +29,10 @@
 #     --out DIR           where results go (default target/bench-e2e/<timestamp>)
 #     --no-build          use the existing target/release binaries
 #     --analyser-args "…" extra flags for every analyser run (e.g. "--pin")
+#     --loadgen-args "…"  extra flags for every max-rate load-generator run (compare, scaling,
+#                         tls, ratio), e.g. a healthy cluster's mix instead of the default
+#                         outage-grade one: "--mix local=3,forward=15,timeout=0.1,no_response=0.02
+#                         --rcodes NOERROR=84,NXDOMAIN=15,SERVFAIL=0.6,REFUSED=0.4"
 #     --analyser BIN      the analyser binary (default target/release/dnstap-analyser)
 #     --baseline BIN      ratio: another analyser binary (e.g. main's) measured in each round too
 #     --rounds N          ratio: rounds (default 3)
@@ -51,6 +55,7 @@ PORT=17000
 OUT=""
 BUILD=1
 AN_EXTRA=""
+LG_EXTRA=""
 AN=""
 BASELINE=""
 ROUNDS=3
@@ -68,6 +73,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --analyser-args) AN_EXTRA=$2; shift 2 ;;
+    --loadgen-args) LG_EXTRA=$2; shift 2 ;;
     --analyser) AN=$2; shift 2 ;;
     --baseline) BASELINE=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
@@ -195,7 +201,7 @@ PY
     tail -1 "$OUT/results.jsonl" >&2
 }
 
-LG_MAX="--sessions $SESSIONS --pregen"
+LG_MAX="--sessions $SESSIONS --pregen $LG_EXTRA"
 
 suite_compare() {
     if [ "$HAVE_FSTRM" = 1 ]; then
