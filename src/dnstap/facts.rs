@@ -1,7 +1,7 @@
 //! Where the fields a finished session's diagnosis reads lie in an encoded dnstap.Message,
 //! recorded by the reader's scan, so that no one scans a stored message again.
 
-use super::wire::{scan_message, varint_at, MessageFields};
+use super::wire::{query_message_field, scan_message, varint_at, MessageFields};
 use super::{ip, socket, time, Nanos, Role, SocketProtocol};
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -12,7 +12,8 @@ use std::ops::Range;
 /// recorded (`Default`: messages handed over as bare bytes), is scanned when read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MessageFacts {
-    /// `RECORDED`, `V6` (the address is 16 bytes, else 4).
+    /// `RECORDED`, `V6` (the address is 16 bytes, else 4), `QUERIES` (more than one
+    /// query_message field).
     flags: u8,
     /// The `SocketProtocol` value, 0 for none.
     protocol: u8,
@@ -31,6 +32,7 @@ pub struct MessageFacts {
 const NONE: u16 = u16::MAX;
 const RECORDED: u8 = 1;
 const V6: u8 = 2;
+const QUERIES: u8 = 4;
 
 /// What the diagnosis reads of one stored message, for its role: read where the reader's
 /// scan found it, or (a message without recorded facts) from a scan now.
@@ -120,8 +122,9 @@ impl MessageFacts {
             Some(16) => (address, V6),
             _ => (None, 0),
         };
+        let queries = if m.query_message_repeated { QUERIES } else { 0 };
         Self {
-            flags: RECORDED | v6,
+            flags: RECORDED | v6 | queries,
             protocol: m.protocol.map_or(0, |p| p as u8),
             dns_at: at(dns),
             dns_len: dns.map_or(0, |d| d.len() as u16),
@@ -156,6 +159,34 @@ impl MessageFacts {
         } else {
             Fields::Scanned(scan_message(stored)?, role)
         }))
+    }
+
+    /// `dnstap::query_message_field` of `stored`, a query (whose DNS message is its
+    /// query_message) these facts are of: where its first query_message field (tag, length
+    /// and value) and that value lie. Taken from the facts when the message has one such field
+    /// whose length is encoded in the fewest bytes, as senders do; else found by a walk.
+    pub fn query_field(self, stored: &[u8]) -> Option<(Range<usize>, Range<usize>)> {
+        if self.flags & RECORDED == 0 || self.flags & QUERIES != 0 {
+            return query_message_field(stored);
+        }
+        if self.dns_at == NONE {
+            return None;
+        }
+        let (at, len) = (usize::from(self.dns_at), usize::from(self.dns_len));
+        let length_bytes = match len {
+            0..=0x7f => 1,
+            0x80..=0x3fff => 2,
+            _ => 3,
+        };
+        // A longer length has a byte with its top bit set where the tag (82) would be.
+        let start = at.saturating_sub(1 + length_bytes);
+        let tag_and_length = stored.get(start..at).filter(|_| at > length_bytes);
+        match tag_and_length {
+            Some([82, length @ ..]) if varint_at(length) == Some(len as u64) => {
+                Some((start..at + len, at..at + len))
+            }
+            _ => query_message_field(stored),
+        }
     }
 
     /// The seconds of time `i` (a varint).
@@ -262,10 +293,40 @@ mod tests {
                     let (recorded, scanned) = both(tap.message_bytes, role);
                     assert_eq!(recorded, scanned, "{path:?} as {role:?}");
                 }
+                same_query_field(tap.message_bytes);
                 messages += 1;
             }
         }
         assert!(messages > 10_000, "{messages}");
+    }
+
+    /// The facts of a query find its query_message field where a walk finds it.
+    fn same_query_field(message: &[u8]) {
+        let m = super::super::scan_message(message).unwrap();
+        let facts = MessageFacts::of(message, &m, Role::ClientQuery);
+        let walked = query_message_field(message);
+        assert_eq!(facts.query_field(message), walked);
+        assert_eq!(MessageFacts::default().query_field(message), walked);
+    }
+
+    #[test]
+    fn the_query_field_is_found_as_a_walk_finds_it_however_encoded() {
+        let q = crate::dns::tests::query(&["a", "test"], 9);
+        let fq = forwarder_query(&q);
+        same_query_field(&fq);
+        let long = forwarder_query(&vec![7; 300]);
+        same_query_field(&long);
+        let (field, _) = query_message_field(&fq).unwrap();
+        // The length in two bytes where one does, and a second query_message field.
+        let mut padded = fq[..field.start].to_vec();
+        padded.extend_from_slice(&[82, 0x80 | q.len() as u8, 0]);
+        padded.extend_from_slice(&fq[field.start + 2..]);
+        same_query_field(&padded);
+        let mut twice = fq.clone();
+        twice.extend_from_slice(&fq[field.clone()]);
+        twice[field.start + 2] ^= 1; // the two values differ
+        same_query_field(&twice);
+        same_query_field(&fq[..field.start]);
     }
 
     fn message(m: DnstapMessage<'_>) -> Vec<u8> {

@@ -31,6 +31,8 @@ pub struct MessageFields<'a> {
     pub response_time_nsec: Option<u32>,
     pub query_message: Option<&'a [u8]>,
     pub response_message: Option<&'a [u8]>,
+    /// The message has more than one query_message field (the last one counts).
+    pub query_message_repeated: bool,
     /// Where the values of query_time_sec, query_time_nsec, response_time_sec and
     /// response_time_nsec start (offsets, meaningful below 64 KiB; `u16::MAX` for a field not
     /// there): `MessageFacts`.
@@ -52,6 +54,7 @@ impl Default for MessageFields<'_> {
             response_time_nsec: None,
             query_message: None,
             response_message: None,
+            query_message_repeated: false,
             times_at: [u16::MAX; 4],
         }
     }
@@ -213,7 +216,10 @@ fn scan_message_into<'a>(b: &'a [u8], m: &mut MessageFields<'a>) -> Option<()> {
                 m.times_at[1] = at(&r);
                 m.query_time_nsec = Some(r.fixed32()?);
             }
-            82 => m.query_message = Some(r.bytes()?),
+            82 => {
+                m.query_message_repeated |= m.query_message.is_some();
+                m.query_message = Some(r.bytes()?);
+            }
             96 => {
                 m.times_at[2] = at(&r);
                 m.response_time_sec = Some(r.varint()?);
