@@ -816,9 +816,10 @@ fn strip_query_of(
     cq: MessageRef,
     fq: MessageRef,
 ) -> Option<MessageRef> {
-    let (cq_bytes, (facts, fq_bytes)) = (store.get(cq), store.get_with_facts(fq));
-    let (_, cq_value) = crate::dnstap::query_message_field(cq_bytes)?;
-    let (fq_field, fq_value) = crate::dnstap::query_message_field(fq_bytes)?;
+    let ((cq_facts, cq_bytes), (facts, fq_bytes)) =
+        (store.get_with_facts(cq), store.get_with_facts(fq));
+    let (_, cq_value) = cq_facts.query_field(cq_bytes)?;
+    let (fq_field, fq_value) = facts.query_field(fq_bytes)?;
     if cq_bytes[cq_value] != fq_bytes[fq_value] {
         return None;
     }

@@ -13,7 +13,7 @@ use crate::dnstap::{Encoded, MessageFacts};
 const HEADER: usize = MessageFacts::LEN;
 
 /// Slot sizes in bytes, 8 apart where CoreDNS's messages fall with their facts (upstream
-/// queries stored without the client's query are 40-70 bytes, the rest 90-250, and 18 more); larger classes take big responses;
+/// queries stored without the client's query are 40-70 bytes, the rest 90-250, and 20 more); larger classes take big responses;
 /// anything beyond the last class gets a slot of its own size.
 const CLASSES: [usize; 23] = [
     32, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 144, 160, 192, 224, 256, 384, 512, 1024,
@@ -229,7 +229,7 @@ mod tests {
         let mut message = vec![0x52, q.len() as u8];
         message.extend_from_slice(&q);
         let fields = crate::dnstap::scan_message(&message).unwrap();
-        let facts = MessageFacts::of(&message, &fields, crate::dnstap::Role::ClientQuery);
+        let facts = MessageFacts::of(&message, &fields, crate::dnstap::Role::ClientQuery, &[]);
         assert_ne!(facts, MessageFacts::default());
         let with = store.put(Encoded {
             facts,

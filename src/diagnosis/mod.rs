@@ -19,7 +19,7 @@ pub use cause::{AttemptOutcome, AttemptSummary, Cause, Recalled};
 
 use crate::correlate::{BitMap, Message, MessageStore, Session, Status, Verdict};
 use crate::dns::rcode_name;
-use crate::dnstap::{self, Nanos, Recollection, Role, SocketProtocol, SourceId};
+use crate::dnstap::{Nanos, Recollection, Role, SocketProtocol, SourceId};
 use std::borrow::Cow;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -229,7 +229,7 @@ impl Diagnosis {
         for m in client_first.chain(others) {
             let (facts, bytes) = store.get_with_facts(m.bytes);
             if !self.has_extra && m.flags & Message::EXTRA != 0 {
-                if let Some(extra) = dnstap::scan_extra(bytes) {
+                if let Some(extra) = facts.extra(bytes) {
                     self.read_extra(extra);
                 }
             }

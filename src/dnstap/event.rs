@@ -280,7 +280,7 @@ impl Event {
             recalled: Recollection::Nothing,
             has_extra: false,
             message: MessageSpan {
-                facts: MessageFacts::of(tap.message_bytes, m, role),
+                facts: MessageFacts::of(tap.message_bytes, m, role, tap.extra),
                 ..MessageSpan::default()
             },
         })

@@ -1,8 +1,8 @@
 //! Where the fields a finished session's diagnosis reads lie in an encoded dnstap.Message,
 //! recorded by the reader's scan, so that no one scans a stored message again.
 
-use super::wire::{scan_message, varint_at, MessageFields};
-use super::{ip, socket, time, Nanos, Role, SocketProtocol};
+use super::wire::{query_message_field, scan_extra, scan_message, varint_at, MessageFields};
+use super::{ip, socket, time, Encoded, Nanos, Role, SocketProtocol, MAX_EXTRA};
 use std::net::SocketAddr;
 use std::ops::Range;
 
@@ -12,7 +12,8 @@ use std::ops::Range;
 /// recorded (`Default`: messages handed over as bare bytes), is scanned when read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MessageFacts {
-    /// `RECORDED`, `V6` (the address is 16 bytes, else 4).
+    /// `RECORDED`, `V6` (the address is 16 bytes, else 4), `QUERIES` (more than one
+    /// query_message field), `OWN_EXTRA` (a field 2047 in the message itself).
     flags: u8,
     /// The `SocketProtocol` value, 0 for none.
     protocol: u8,
@@ -26,11 +27,15 @@ pub struct MessageFacts {
     port: u16,
     /// query_time_sec, query_time_nsec, response_time_sec, response_time_nsec.
     times_at: [u16; 4],
+    /// The length of the frame's `extra` stored after the message (`Encoded`), 0 for none.
+    extra_len: u16,
 }
 
 const NONE: u16 = u16::MAX;
 const RECORDED: u8 = 1;
 const V6: u8 = 2;
+const QUERIES: u8 = 4;
+const OWN_EXTRA: u8 = 8;
 
 /// What the diagnosis reads of one stored message, for its role: read where the reader's
 /// scan found it, or (a message without recorded facts) from a scan now.
@@ -98,11 +103,12 @@ fn part(b: &[u8], at: u16, len: usize) -> Option<&[u8]> {
 
 impl MessageFacts {
     /// Bytes in front of a stored message.
-    pub const LEN: usize = 18;
+    pub const LEN: usize = 20;
 
-    /// The facts of `message` with the fields `m` the scan found in it (slices of it).
+    /// The facts of `message` with the fields `m` the scan found in it (slices of it), to be
+    /// stored with the frame's `extra` after it.
     #[inline]
-    pub fn of(message: &[u8], m: &MessageFields<'_>, role: Role) -> Self {
+    pub fn of(message: &[u8], m: &MessageFields<'_>, role: Role, extra: &[u8]) -> Self {
         if message.len() >= usize::from(NONE) {
             return Self::default();
         }
@@ -120,8 +126,10 @@ impl MessageFacts {
             Some(16) => (address, V6),
             _ => (None, 0),
         };
+        let queries = if m.query_message_repeated { QUERIES } else { 0 };
+        let own_extra = if m.own_extra { OWN_EXTRA } else { 0 };
         Self {
-            flags: RECORDED | v6,
+            flags: RECORDED | v6 | queries | own_extra,
             protocol: m.protocol.map_or(0, |p| p as u8),
             dns_at: at(dns),
             dns_len: dns.map_or(0, |d| d.len() as u16),
@@ -129,6 +137,7 @@ impl MessageFacts {
             port: port.unwrap_or(0) as u16,
             // The scan leaves NONE for a time field not there.
             times_at: m.times_at,
+            extra_len: extra.len().min(MAX_EXTRA) as u16,
         }
     }
 
@@ -158,6 +167,52 @@ impl MessageFacts {
         }))
     }
 
+    /// `dnstap::query_message_field` of `stored`, a query (whose DNS message is its
+    /// query_message) these facts are of: where its first query_message field (tag, length
+    /// and value) and that value lie. Taken from the facts when the message has one such field
+    /// whose length is encoded in the fewest bytes, as senders do; else found by a walk.
+    pub fn query_field(self, stored: &[u8]) -> Option<(Range<usize>, Range<usize>)> {
+        if self.flags & RECORDED == 0 || self.flags & QUERIES != 0 {
+            return query_message_field(stored);
+        }
+        if self.dns_at == NONE {
+            return None;
+        }
+        let (at, len) = (usize::from(self.dns_at), usize::from(self.dns_len));
+        let length_bytes = match len {
+            0..=0x7f => 1,
+            0x80..=0x3fff => 2,
+            _ => 3,
+        };
+        // A longer length has a byte with its top bit set where the tag (82) would be.
+        let start = at.saturating_sub(1 + length_bytes);
+        let tag_and_length = stored.get(start..at).filter(|_| at > length_bytes);
+        match tag_and_length {
+            Some([82, length @ ..]) if varint_at(length) == Some(len as u64) => {
+                Some((start..at + len, at..at + len))
+            }
+            _ => query_message_field(stored),
+        }
+    }
+
+    /// `dnstap::scan_extra` of `stored`, the message these facts are of: the frame's `extra`
+    /// stored after it, taken from its end unless the message has a field 2047 of its own.
+    pub fn extra(self, stored: &[u8]) -> Option<&[u8]> {
+        if self.flags & RECORDED == 0 || self.flags & OWN_EXTRA != 0 {
+            return scan_extra(stored);
+        }
+        if self.extra_len == 0 {
+            return None;
+        }
+        // Behind the tag and length `Encoded` writes: checked, as a message stored without its
+        // `extra` must not lend its tail.
+        let start = stored.len().checked_sub(usize::from(self.extra_len))?;
+        match stored.get(start.checked_sub(4)?..start) {
+            Some(header) if *header == Encoded::extra_header(self.extra_len) => stored.get(start..),
+            _ => scan_extra(stored),
+        }
+    }
+
     /// The seconds of time `i` (a varint).
     fn sec(self, b: &[u8], i: usize) -> Option<u64> {
         let at = self.times_at[i];
@@ -183,6 +238,7 @@ impl MessageFacts {
             b,
             c,
             d,
+            self.extra_len,
         ];
         out[0] = self.flags;
         out[1] = self.protocol;
@@ -202,6 +258,7 @@ impl MessageFacts {
             address_at: w(2),
             port: w(3),
             times_at: [w(4), w(5), w(6), w(7)],
+            extra_len: w(8),
         }
     }
 }
@@ -229,7 +286,7 @@ mod tests {
     /// What the facts recorded by the scan read, and what a scan of the message reads.
     fn both(message: &[u8], role: Role) -> (Read<'_>, Read<'_>) {
         let m = super::super::scan_message(message).unwrap();
-        let facts = MessageFacts::of(message, &m, role);
+        let facts = MessageFacts::of(message, &m, role, &[]);
         let mut stored = [0; MessageFacts::LEN];
         facts.write_to(&mut stored);
         let kept = MessageFacts::read_from(&stored);
@@ -247,7 +304,7 @@ mod tests {
     #[test]
     fn recorded_facts_read_what_a_scan_reads_in_every_capture() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/coredns");
-        let mut messages = 0;
+        let (mut messages, mut extras) = (0, 0);
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_none_or(|e| e != "fstrm") {
@@ -262,10 +319,75 @@ mod tests {
                     let (recorded, scanned) = both(tap.message_bytes, role);
                     assert_eq!(recorded, scanned, "{path:?} as {role:?}");
                 }
+                same_query_field(tap.message_bytes);
+                extras += usize::from(same_extra(tap.message_bytes, tap.extra).is_some());
                 messages += 1;
             }
         }
         assert!(messages > 10_000, "{messages}");
+        assert!(extras > 0, "j_extra's messages carry an extra");
+    }
+
+    /// The facts of a query find its query_message field where a walk finds it.
+    fn same_query_field(message: &[u8]) {
+        let m = super::super::scan_message(message).unwrap();
+        let facts = MessageFacts::of(message, &m, Role::ClientQuery, &[]);
+        let walked = query_message_field(message);
+        assert_eq!(facts.query_field(message), walked);
+        assert_eq!(MessageFacts::default().query_field(message), walked);
+    }
+
+    /// `message` stored with `extra` after it: the facts find the `extra` a scan finds.
+    fn same_extra(message: &[u8], extra: &[u8]) -> Option<Vec<u8>> {
+        let m = super::super::scan_message(message).unwrap();
+        let facts = MessageFacts::of(message, &m, Role::ClientQuery, extra);
+        let encoded = Encoded {
+            message,
+            extra,
+            facts,
+        };
+        let mut stored = vec![0; encoded.len()];
+        encoded.write_to(&mut stored);
+        let scanned = scan_extra(&stored);
+        assert_eq!(facts.extra(&stored), scanned);
+        assert_eq!(MessageFacts::default().extra(&stored), scanned);
+        // Stored without its extra, the message lends nothing of its tail.
+        assert_eq!(facts.extra(message), scan_extra(message));
+        scanned.map(<[u8]>::to_vec)
+    }
+
+    #[test]
+    fn the_stored_extra_is_found_as_a_scan_finds_it() {
+        let fq = forwarder_query(&crate::dns::tests::query(&["a", "test"], 9));
+        assert_eq!(same_extra(&fq, b"pod=a").as_deref(), Some(&b"pod=a"[..]));
+        assert_eq!(same_extra(&fq, &[]), None);
+        let long = [b'x'; 300];
+        assert_eq!(same_extra(&fq, &long).map(|e| e.len()), Some(MAX_EXTRA));
+        // A field 2047 of the message's own comes first, for the scan and the facts.
+        let mut own = fq.clone();
+        own.extend_from_slice(&Encoded::extra_header(3));
+        own.extend_from_slice(b"own");
+        assert_eq!(same_extra(&own, b"pod=a").as_deref(), Some(&b"own"[..]));
+    }
+
+    #[test]
+    fn the_query_field_is_found_as_a_walk_finds_it_however_encoded() {
+        let q = crate::dns::tests::query(&["a", "test"], 9);
+        let fq = forwarder_query(&q);
+        same_query_field(&fq);
+        let long = forwarder_query(&vec![7; 300]);
+        same_query_field(&long);
+        let (field, _) = query_message_field(&fq).unwrap();
+        // The length in two bytes where one does, and a second query_message field.
+        let mut padded = fq[..field.start].to_vec();
+        padded.extend_from_slice(&[82, 0x80 | q.len() as u8, 0]);
+        padded.extend_from_slice(&fq[field.start + 2..]);
+        same_query_field(&padded);
+        let mut twice = fq.clone();
+        twice.extend_from_slice(&fq[field.clone()]);
+        twice[field.start + 2] ^= 1; // the two values differ
+        same_query_field(&twice);
+        same_query_field(&fq[..field.start]);
     }
 
     fn message(m: DnstapMessage<'_>) -> Vec<u8> {
@@ -335,7 +457,7 @@ mod tests {
         let mut cut = fq[..field.start].to_vec();
         cut.extend_from_slice(&fq[field.end..]);
         let m = super::super::scan_message(&fq).unwrap();
-        let facts = MessageFacts::of(&fq, &m, Role::UpstreamQuery).without(field);
+        let facts = MessageFacts::of(&fq, &m, Role::UpstreamQuery, &[]).without(field);
         let recorded = all(&facts.read(&cut, Role::UpstreamQuery).unwrap());
         let scanned = all(&MessageFacts::default()
             .read(&cut, Role::UpstreamQuery)
@@ -353,7 +475,7 @@ mod tests {
         let big = vec![b'x'; 70_000];
         let fq = forwarder_query(&big);
         let m = super::super::scan_message(&fq).unwrap();
-        let facts = MessageFacts::of(&fq, &m, Role::UpstreamQuery);
+        let facts = MessageFacts::of(&fq, &m, Role::UpstreamQuery, &[]);
         assert_eq!(facts, MessageFacts::default());
         let read = facts.read(&fq, Role::UpstreamQuery).unwrap();
         assert_eq!(read.dns().map(<[u8]>::len), Some(70_000));

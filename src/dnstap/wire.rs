@@ -31,6 +31,11 @@ pub struct MessageFields<'a> {
     pub response_time_nsec: Option<u32>,
     pub query_message: Option<&'a [u8]>,
     pub response_message: Option<&'a [u8]>,
+    /// The message has more than one query_message field (the last one counts).
+    pub query_message_repeated: bool,
+    /// The message has a field 2047 of its own, which `scan_extra` would find before the
+    /// `extra` stored after it.
+    pub own_extra: bool,
     /// Where the values of query_time_sec, query_time_nsec, response_time_sec and
     /// response_time_nsec start (offsets, meaningful below 64 KiB; `u16::MAX` for a field not
     /// there): `MessageFacts`.
@@ -52,6 +57,8 @@ impl Default for MessageFields<'_> {
             response_time_nsec: None,
             query_message: None,
             response_message: None,
+            query_message_repeated: false,
+            own_extra: false,
             times_at: [u16::MAX; 4],
         }
     }
@@ -130,16 +137,20 @@ impl Encoded<'_> {
         if extra.is_empty() {
             return;
         }
-        // Tag 16378 and a length below 2^14: two varint bytes each.
-        let len = extra.len() as u16;
         let (header, value) = rest.split_at_mut(EXTRA_HEADER);
-        header.copy_from_slice(&[
+        header.copy_from_slice(&Self::extra_header(extra.len() as u16));
+        value.copy_from_slice(extra);
+    }
+
+    /// The tag and length in front of a stored `extra` of `len` bytes: tag 16378 and a length
+    /// below 2^14, two varint bytes each.
+    pub(super) fn extra_header(len: u16) -> [u8; EXTRA_HEADER] {
+        [
             (EXTRA_TAG as u8) | 0x80,
             (EXTRA_TAG >> 7) as u8,
             (len as u8) | 0x80,
             (len >> 7) as u8,
-        ]);
-        value.copy_from_slice(extra);
+        ]
     }
 }
 
@@ -213,7 +224,10 @@ fn scan_message_into<'a>(b: &'a [u8], m: &mut MessageFields<'a>) -> Option<()> {
                 m.times_at[1] = at(&r);
                 m.query_time_nsec = Some(r.fixed32()?);
             }
-            82 => m.query_message = Some(r.bytes()?),
+            82 => {
+                m.query_message_repeated |= m.query_message.is_some();
+                m.query_message = Some(r.bytes()?);
+            }
             96 => {
                 m.times_at[2] = at(&r);
                 m.response_time_sec = Some(r.varint()?);
@@ -223,7 +237,10 @@ fn scan_message_into<'a>(b: &'a [u8], m: &mut MessageFields<'a>) -> Option<()> {
                 m.response_time_nsec = Some(r.fixed32()?);
             }
             114 => m.response_message = Some(r.bytes()?),
-            tag => r.skip(tag)?,
+            tag => {
+                m.own_extra |= tag == EXTRA_TAG;
+                r.skip(tag)?
+            }
         }
     }
     Some(())
