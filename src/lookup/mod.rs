@@ -513,8 +513,8 @@ impl LookupTable {
     /// (`web.default.svc.cluster.local` as `web` in namespace `default`, when the walk was
     /// `web.default`'s). A query that reads as an earlier candidate of the same walk under
     /// another base re-reads such a lookup with that base, when the query times agree with
-    /// the suffixes' order.
-    /// `other_bases`: `find`'s (a lookup with one of the query's bases did not fit there).
+    /// the suffixes' order. The lookups looked at are `find`'s `other_bases` (a lookup with one
+    /// of the query's bases did not fit there).
     fn rebase(
         &mut self,
         q: &Query<'_>,
@@ -614,7 +614,10 @@ impl LookupTable {
         let id = self.next_id;
         self.next_id += self.id_step;
         // Room for most names: a reused base is rarely too short for the next.
-        let mut base = (self.spare.pop()).unwrap_or_else(|| String::with_capacity(64));
+        let mut base = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| String::with_capacity(64));
         base.clear();
         base.push_str(r.base);
         let open = Open {
