@@ -277,10 +277,10 @@ impl Open {
         &mut self,
         id: u64,
         q: &Query<'_>,
-        family: Family,
         base: &str,
         keys: &[u64],
         now: Nanos,
+        spare: &mut Vec<String>,
     ) {
         let Open {
             id: my_id,
@@ -300,13 +300,13 @@ impl Open {
         } = self;
         *my_id = id;
         *client = q.client.ip();
-        *my_family = family;
+        *my_family = Family::of(q.qtype).0;
         my_base.clear();
         my_base.push_str(base);
-        *namespace = None;
+        set(namespace, None, spare);
         candidates.clear();
         identities.clear();
-        *autopath = None;
+        set(autopath, None, spare);
         *first_query = q.query_time;
         *last_query = q.query_time;
         *last_response = None;
@@ -356,8 +356,8 @@ pub struct LookupTable {
     /// The lookup that ends, written into the strings and vectors of the one before and
     /// handed out by reference: ending one allocates nothing and moves nothing.
     finished: Lookup,
-    /// The finished lookup's optional names let go when it had none, for the next one that
-    /// has: ending a lookup allocates nothing.
+    /// Optional names let go (a lookup's namespace and autopath target, the finished
+    /// lookup's), for the next ones that have one: lookups start and end without allocating.
     spare: Vec<String>,
 }
 
@@ -479,7 +479,7 @@ impl LookupTable {
                         if let Some(oldest) = oldest {
                             self.close(oldest, true, done);
                         }
-                        let slot = self.open_lookup(q, family, &readings, &keys, now, done);
+                        let slot = self.open_lookup(q, &readings, &keys, now, done);
                         (slot, readings[0], Fit::New)
                     }
                 }
@@ -674,7 +674,6 @@ impl LookupTable {
     fn open_lookup(
         &mut self,
         q: &Query<'_>,
-        family: Family,
         readings: &[Reading<'_>],
         keys: &[u64],
         now: Nanos,
@@ -697,7 +696,7 @@ impl LookupTable {
             self.slots.len() - 1
         });
         let l = &mut self.slots[slot];
-        l.start(id, q, family, r.base, keys, now);
+        l.start(id, q, r.base, keys, now, &mut self.spare);
         self.open += 1;
         for &k in &l.keys {
             self.by_base.entry(k).or_default().push(slot);
@@ -737,7 +736,7 @@ impl LookupTable {
         l.touched = l.touched.max(now);
         let (suffix, namespace) = (r.suffix, r.namespace);
         if suffix == Suffix::Namespace && l.namespace.is_none() {
-            l.namespace = namespace.map(str::to_string);
+            set(&mut l.namespace, namespace, &mut self.spare);
         }
         if l.identities.len() < MAX_IDENTITIES && !l.identities.contains(&q.identity) {
             l.identities.push(q.identity);
@@ -777,7 +776,8 @@ impl LookupTable {
         if suffix == Suffix::Namespace && q.outcome == Outcome::Answered {
             if let Some(t) = q.cname_target.map(names::normalise) {
                 if is_autopath_target(&self.search, &l.base, t) {
-                    l.autopath = Some(format!("{t}."));
+                    set(&mut l.autopath, Some(t), &mut self.spare);
+                    l.autopath.iter_mut().for_each(|a| a.push('.'));
                 }
             }
         }
