@@ -218,6 +218,7 @@ impl Family {
 
 #[derive(Debug)]
 struct Open {
+    /// `VACANT` once it has ended: the slot keeps its buffers for the next lookup.
     id: u64,
     client: IpAddr,
     family: Family,
@@ -237,7 +238,86 @@ struct Open {
     learning: bool,
 }
 
+/// The id of no lookup (ids start at 1).
+const VACANT: u64 = 0;
+
+/// The open lookup in `slot`, if any.
+fn open_at(slots: &[Open], slot: usize) -> Option<&Open> {
+    slots.get(slot).filter(|l| l.id != VACANT)
+}
+
+fn open_at_mut(slots: &mut [Open], slot: usize) -> Option<&mut Open> {
+    slots.get_mut(slot).filter(|l| l.id != VACANT)
+}
+
 impl Open {
+    fn vacant() -> Self {
+        Self {
+            id: VACANT,
+            client: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            family: Family::Address,
+            // Room for most names: rarely too short for the next lookup's.
+            base: String::with_capacity(64),
+            namespace: None,
+            candidates: SmallVec::new(),
+            identities: SmallVec::new(),
+            autopath: None,
+            first_query: 0,
+            last_query: 0,
+            last_response: None,
+            touched: 0,
+            keys: SmallVec::new(),
+            learning: false,
+        }
+    }
+
+    /// Starts lookup `id` in a vacant slot, in place: an open lookup is large (its candidates
+    /// inline), and its buffers are reused. Every field is named, so none is left stale.
+    fn start(
+        &mut self,
+        id: u64,
+        q: &Query<'_>,
+        base: &str,
+        keys: &[u64],
+        now: Nanos,
+        spare: &mut Vec<String>,
+    ) {
+        let Open {
+            id: my_id,
+            client,
+            family: my_family,
+            base: my_base,
+            namespace,
+            candidates,
+            identities,
+            autopath,
+            first_query,
+            last_query,
+            last_response,
+            touched,
+            keys: my_keys,
+            learning,
+        } = self;
+        *my_id = id;
+        *client = q.client.ip();
+        *my_family = Family::of(q.qtype).0;
+        my_base.clear();
+        my_base.push_str(base);
+        set(namespace, None, spare);
+        candidates.clear();
+        identities.clear();
+        set(autopath, None, spare);
+        *first_query = q.query_time;
+        *last_query = q.query_time;
+        *last_response = None;
+        *touched = now;
+        my_keys.clear();
+        my_keys.extend_from_slice(keys);
+        my_keys.sort_unstable();
+        my_keys.dedup();
+        *learning = false;
+    }
+
     /// Whether event time `t` is within `gap` of this lookup.
     fn near(&self, t: Nanos, gap: Nanos) -> bool {
         let last = self.last_query.max(self.last_response.unwrap_or(0));
@@ -257,8 +337,8 @@ enum Fit {
 pub struct LookupTable {
     cfg: Config,
     search: SearchList,
-    /// Open lookups in slots; `generation` tells a reused slot from the lookup that left it.
-    slots: Vec<Option<Open>>,
+    /// Open lookups in slots; the id tells a reused slot from the lookup that left it.
+    slots: Vec<Open>,
     free: Vec<usize>,
     /// Each client's open lookups.
     clients: HashMap<IpAddr, ClientLookups>,
@@ -276,8 +356,8 @@ pub struct LookupTable {
     /// The lookup that ends, written into the strings and vectors of the one before and
     /// handed out by reference: ending one allocates nothing and moves nothing.
     finished: Lookup,
-    /// Strings let go (the base names of closed lookups, the finished lookup's optional names
-    /// when it had none), for the next ones: opening and ending a lookup allocate nothing.
+    /// Optional names let go (a lookup's namespace and autopath target, the finished
+    /// lookup's), for the next ones that have one: lookups start and end without allocating.
     spare: Vec<String>,
 }
 
@@ -399,7 +479,7 @@ impl LookupTable {
                         if let Some(oldest) = oldest {
                             self.close(oldest, true, done);
                         }
-                        let slot = self.open_lookup(q, family, &readings, &keys, now, done);
+                        let slot = self.open_lookup(q, &readings, &keys, now, done);
                         (slot, readings[0], Fit::New)
                     }
                 }
@@ -407,7 +487,7 @@ impl LookupTable {
         };
         self.join(slot, q, r, half, fit, now);
         self.note_learning(slot);
-        self.slots[slot].as_ref().map(|l| l.id)
+        open_at(&self.slots, slot).map(|l| l.id)
     }
 
     /// Whether the client has a `learning` lookup, and its oldest lookup when it has as many
@@ -421,7 +501,7 @@ impl LookupTable {
 
     /// Keeps the client's count of `learning` lookups in step with the lookup's candidates.
     fn note_learning(&mut self, slot: usize) {
-        let Some(l) = self.slots[slot].as_mut() else {
+        let Some(l) = open_at_mut(&mut self.slots, slot) else {
             return;
         };
         let learning = l
@@ -455,7 +535,7 @@ impl LookupTable {
             }
         }
         if lists > 1 {
-            let id = |s: &usize| self.slots[*s].as_ref().map_or(0, |l| l.id);
+            let id = |s: &usize| open_at(&self.slots, *s).map_or(0, |l| l.id);
             slots.sort_unstable_by_key(|s| Reverse(id(s)));
             slots.dedup();
         } else {
@@ -477,8 +557,7 @@ impl LookupTable {
     ) -> Result<(usize, usize, Fit), SmallVec<[usize; 8]>> {
         let mut other_bases = SmallVec::new();
         for &slot in indexed {
-            let Some(l) = self.slots[slot]
-                .as_ref()
+            let Some(l) = open_at(&self.slots, slot)
                 .filter(|l| l.family == family && l.near(q.query_time, self.cfg.gap))
             else {
                 continue;
@@ -513,8 +592,8 @@ impl LookupTable {
     /// (`web.default.svc.cluster.local` as `web` in namespace `default`, when the walk was
     /// `web.default`'s). A query that reads as an earlier candidate of the same walk under
     /// another base re-reads such a lookup with that base, when the query times agree with
-    /// the suffixes' order.
-    /// `other_bases`: `find`'s (a lookup with one of the query's bases did not fit there).
+    /// the suffixes' order. The lookups looked at are `find`'s `other_bases` (a lookup with one
+    /// of the query's bases did not fit there).
     fn rebase(
         &mut self,
         q: &Query<'_>,
@@ -522,7 +601,7 @@ impl LookupTable {
         other_bases: &[usize],
     ) -> Option<(usize, usize, Fit)> {
         for &slot in other_bases {
-            let Some(l) = self.slots[slot].as_ref() else {
+            let Some(l) = open_at(&self.slots, slot) else {
                 continue;
             };
             let [c] = l.candidates.as_slice() else {
@@ -551,7 +630,7 @@ impl LookupTable {
                     o.suffix,
                     o.namespace.map(str::to_string),
                 );
-                let l = self.slots[slot].as_mut()?;
+                let l = open_at_mut(&mut self.slots, slot)?;
                 l.base = base;
                 l.namespace = ns;
                 l.candidates[0].suffix = suffix;
@@ -576,7 +655,7 @@ impl LookupTable {
             .map(|(i, _)| self.key(ip, &name[..i]));
         let slots = self.indexed(prefixes);
         let slot = slots.into_iter().find(|&slot| {
-            self.slots[slot].as_ref().is_some_and(|l| {
+            open_at(&self.slots, slot).is_some_and(|l| {
                 l.family == family
                     && l.near(q.query_time, self.cfg.gap)
                     && name.len() > l.base.len() + 1
@@ -586,16 +665,15 @@ impl LookupTable {
                         .any(|c| matches!(c.suffix, Suffix::Cluster | Suffix::Extra(_)))
             })
         })?;
-        let base = &self.slots[slot].as_ref()?.base;
+        let base = &open_at(&self.slots, slot)?.base;
         let suffix = self.search.learn(name, base)?;
-        let fit = fits(self.slots[slot].as_ref()?, suffix, half, q)?;
+        let fit = fits(open_at(&self.slots, slot)?, suffix, half, q)?;
         Some((slot, suffix, fit))
     }
 
     fn open_lookup(
         &mut self,
         q: &Query<'_>,
-        family: Family,
         readings: &[Reading<'_>],
         keys: &[u64],
         now: Nanos,
@@ -607,50 +685,20 @@ impl LookupTable {
             let Some(Reverse((_, slot, id))) = self.expiry.pop() else {
                 break;
             };
-            if self.slots[slot].as_ref().is_some_and(|l| l.id == id) {
+            if open_at(&self.slots, slot).is_some_and(|l| l.id == id) {
                 self.close(slot, true, done);
             }
         }
         let id = self.next_id;
         self.next_id += self.id_step;
-        // Room for most names: a reused base is rarely too short for the next.
-        let mut base = (self.spare.pop()).unwrap_or_else(|| String::with_capacity(64));
-        base.clear();
-        base.push_str(r.base);
-        let open = Open {
-            id,
-            client: ip,
-            family,
-            base,
-            namespace: None,
-            candidates: SmallVec::new(),
-            identities: SmallVec::new(),
-            autopath: None,
-            first_query: q.query_time,
-            last_query: q.query_time,
-            last_response: None,
-            touched: now,
-            keys: {
-                let mut keys = SmallVec::from_slice(keys);
-                keys.sort_unstable();
-                keys.dedup();
-                keys
-            },
-            learning: false,
-        };
-        let keys = open.keys.clone();
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot] = Some(open);
-                slot
-            }
-            None => {
-                self.slots.push(Some(open));
-                self.slots.len() - 1
-            }
-        };
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(Open::vacant());
+            self.slots.len() - 1
+        });
+        let l = &mut self.slots[slot];
+        l.start(id, q, r.base, keys, now, &mut self.spare);
         self.open += 1;
-        for k in keys {
+        for &k in &l.keys {
             self.by_base.entry(k).or_default().push(slot);
         }
         self.clients.entry(ip).or_default().slots.push(slot);
@@ -670,7 +718,7 @@ impl LookupTable {
         }
         let slots = &self.slots;
         self.expiry
-            .retain(|Reverse((_, slot, id))| slots[*slot].as_ref().is_some_and(|l| l.id == *id));
+            .retain(|Reverse((_, slot, id))| open_at(slots, *slot).is_some_and(|l| l.id == *id));
     }
 
     fn join(
@@ -682,13 +730,13 @@ impl LookupTable {
         fit: Fit,
         now: Nanos,
     ) {
-        let Some(l) = self.slots[slot].as_mut() else {
+        let Some(l) = open_at_mut(&mut self.slots, slot) else {
             return;
         };
         l.touched = l.touched.max(now);
         let (suffix, namespace) = (r.suffix, r.namespace);
         if suffix == Suffix::Namespace && l.namespace.is_none() {
-            l.namespace = namespace.map(str::to_string);
+            set(&mut l.namespace, namespace, &mut self.spare);
         }
         if l.identities.len() < MAX_IDENTITIES && !l.identities.contains(&q.identity) {
             l.identities.push(q.identity);
@@ -728,7 +776,8 @@ impl LookupTable {
         if suffix == Suffix::Namespace && q.outcome == Outcome::Answered {
             if let Some(t) = q.cname_target.map(names::normalise) {
                 if is_autopath_target(&self.search, &l.base, t) {
-                    l.autopath = Some(format!("{t}."));
+                    set(&mut l.autopath, Some(t), &mut self.spare);
+                    l.autopath.iter_mut().for_each(|a| a.push('.'));
                 }
             }
         }
@@ -742,7 +791,7 @@ impl LookupTable {
                 break;
             }
             self.expiry.pop();
-            let Some(l) = self.slots[slot].as_ref().filter(|l| l.id == id) else {
+            let Some(l) = open_at(&self.slots, slot).filter(|l| l.id == id) else {
                 continue;
             };
             if l.touched > touched {
@@ -757,7 +806,7 @@ impl LookupTable {
     /// Ends every open lookup (the input has ended).
     pub fn flush(&mut self, done: &mut impl FnMut(&Lookup)) {
         let mut open: Vec<(Nanos, usize)> = (0..self.slots.len())
-            .filter_map(|s| self.slots[s].as_ref().map(|l| (l.first_query, s)))
+            .filter_map(|s| open_at(&self.slots, s).map(|l| (l.first_query, s)))
             .collect();
         open.sort_unstable();
         for (_, slot) in open {
@@ -768,7 +817,7 @@ impl LookupTable {
 
     fn close(&mut self, slot: usize, evicted: bool, done: &mut impl FnMut(&Lookup)) {
         // Worked on in place: an open lookup is large (its candidates inline), not moved.
-        let Some(l) = self.slots[slot].as_mut() else {
+        let Some(l) = open_at_mut(&mut self.slots, slot) else {
             return;
         };
         self.free.push(slot);
@@ -800,10 +849,7 @@ impl LookupTable {
             &mut self.finished,
             &mut self.spare,
         );
-        if self.spare.len() < MAX_SPARE {
-            self.spare.push(std::mem::take(&mut l.base));
-        }
-        self.slots[slot] = None;
+        l.id = VACANT;
         done(&self.finished);
     }
 }

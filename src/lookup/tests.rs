@@ -76,6 +76,16 @@ impl Client {
     }
 
     fn feed(&self, table: &mut LookupTable, done: &mut Vec<Lookup>) -> Vec<Option<u64>> {
+        self.feed_at(table, done, 0)
+    }
+
+    /// `feed` at stage clock `now`.
+    fn feed_at(
+        &self,
+        table: &mut LookupTable,
+        done: &mut Vec<Lookup>,
+        now: Nanos,
+    ) -> Vec<Option<u64>> {
         self.queries
             .iter()
             .map(|s| {
@@ -90,7 +100,7 @@ impl Client {
                     response_time: Some(s.t + MS),
                     dns_id: Some(s.id),
                 };
-                table.on_query(&q, 0, &mut |l: &Lookup| done.push(l.clone()))
+                table.on_query(&q, now, &mut |l: &Lookup| done.push(l.clone()))
             })
             .collect()
     }
@@ -467,6 +477,44 @@ fn open_lookups_are_capped_per_client_and_in_total_and_evictions_counted() {
     assert_eq!(done.len(), 5 + 18, "every lookup comes out once");
     assert_eq!(t.open_lookups(), 0);
     assert!(t.clients.is_empty());
+}
+
+#[test]
+fn a_client_at_its_bound_ends_its_oldest_lookup_first_also_after_others_ended() {
+    let cfg = Config {
+        max_per_client: 3,
+        ..Config::default()
+    };
+    let mut t = LookupTable::new(cfg, 0, 1);
+    let mut done = Vec::new();
+    let mut first = Client::new([10, 0, 0, 1]);
+    for name in ["a", "b", "c"] {
+        first.pair(&format!("{name}.example.test."), NxDomain);
+    }
+    first.feed_at(&mut t, &mut done, 0);
+    // `a` sent again (its port, its id) later on the stage's clock: b and c end before it.
+    let mut again = Client::new([10, 0, 0, 1]);
+    again.port = first.queries[0].port - 1;
+    again.pair("a.example.test.", NxDomain);
+    again.feed_at(&mut t, &mut done, 20 * S);
+    t.advance(20 * S, &mut |l: &Lookup| done.push(l.clone()));
+    let asked = |done: &[Lookup]| -> Vec<(String, bool)> {
+        done.iter().map(|l| (l.asked.clone(), l.evicted)).collect()
+    };
+    let ended = |n: &str, evicted| (format!("{n}.example.test."), evicted);
+    assert_eq!(asked(&done), [ended("b", false), ended("c", false)]);
+    let mut later = Client::new([10, 0, 0, 1]);
+    later.port = 41_000;
+    for name in ["d", "e", "f", "g"] {
+        later.pair(&format!("{name}.example.test."), NxDomain);
+    }
+    later.feed_at(&mut t, &mut done, 20 * S);
+    assert_eq!(
+        asked(&done[2..]),
+        [ended("a", true), ended("d", true)],
+        "the oldest open first, whatever ended in between"
+    );
+    assert_eq!(t.open_lookups(), 3);
 }
 
 #[test]
