@@ -703,31 +703,13 @@ mod tests {
 
     /// Every DNS message (queries and responses) of every capture.
     fn captured_dns() -> Vec<Vec<u8>> {
-        use crate::framestream::{Frame, FrameDecoder};
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-        let mut captures = Vec::new();
-        for entry in std::fs::read_dir(dir).unwrap().flatten() {
-            let path = entry.path();
-            match std::fs::read_dir(&path) {
-                Ok(inner) => captures.extend(inner.flatten().map(|e| e.path())),
-                Err(_) => captures.push(path),
-            }
-        }
         let mut wires = Vec::new();
-        for path in captures
-            .iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "fstrm"))
-        {
-            let mut buf = bytes::BytesMut::from(&std::fs::read(path).unwrap()[..]);
-            let decoder = FrameDecoder::new(1 << 20);
-            while let Ok(Some(frame)) = decoder.decode(&mut buf) {
-                let Frame::Data(frame) = frame else { continue };
-                let Some(m) = crate::dnstap::decode(&frame).ok().and_then(|t| t.message) else {
-                    continue;
-                };
-                wires.extend(m.query_message.into_iter().map(|q| q.to_vec()));
-                wires.extend(m.response_message.into_iter().map(|r| r.to_vec()));
-            }
+        for frame in super::super::tests::captured_frames() {
+            let Some(m) = crate::dnstap::decode(&frame).ok().and_then(|t| t.message) else {
+                continue;
+            };
+            wires.extend(m.query_message.into_iter().map(|q| q.to_vec()));
+            wires.extend(m.response_message.into_iter().map(|r| r.to_vec()));
         }
         wires
     }
@@ -754,22 +736,8 @@ mod tests {
         // label types, types and classes): the walk writes `domain`'s text or nothing.
         let (mut walked, mut left) = (0, 0);
         for wire in captured_dns().iter().step_by(97) {
-            let mut variants: Vec<Vec<u8>> = (0..wire.len()).map(|n| wire[..n].to_vec()).collect();
-            for at in 0..wire.len() {
-                for change in [0x01, 0x20, 0x3f, 0x40, 0xc0, 0xff] {
-                    let mut v = wire.clone();
-                    v[at] ^= change;
-                    variants.push(v);
-                }
-                // Pointers (and lengths) moved by a byte or two either way.
-                for delta in [1, 2, 254, 255] {
-                    let mut v = wire.clone();
-                    v[at] = v[at].wrapping_add(delta);
-                    variants.push(v);
-                }
-            }
-            for v in &variants {
-                match walked_as_parsed(v) {
+            for v in super::super::tests::damaged(wire) {
+                match walked_as_parsed(&v) {
                     true => walked += 1,
                     false => left += 1,
                 }
