@@ -8,6 +8,7 @@ use domain::base::opt::{Opt, OptRecord, UnknownOptData};
 use domain::base::ToName;
 use domain::base::{Message, ParsedName, ParsedRecord, RecordSection};
 use domain::rdata::AllRecordData;
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::ops::Range;
 
@@ -136,7 +137,12 @@ fn write_walked(j: &mut Json<'_>, wire: &[u8]) -> Option<()> {
     j.key("opcode");
     write_opcode(j, Opcode::from_int(header[2] >> 3 & 0x0f));
     // An OPT record's extended rcode would add to it: such a message is left to `domain`.
-    j.field_str("rcode", &rcode_name((header[3] & 0x0f).into()));
+    j.key("rcode");
+    match rcode_name((header[3] & 0x0f).into()) {
+        // A mnemonic is plain ASCII: nothing to escape.
+        Cow::Borrowed(mnemonic) => j.name(mnemonic),
+        Cow::Owned(number) => j.string(&number),
+    }
     j.key("flags");
     j.begin_array();
     for (set, name) in [
