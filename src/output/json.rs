@@ -20,6 +20,15 @@ pub struct Json<'a> {
     next_second: usize,
 }
 
+/// A place in a line: [`Json::mark`].
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    len: usize,
+    first: u64,
+    depth: u32,
+    level: u64,
+}
+
 /// No second: a Unix second from nanoseconds in a u64 is far below it.
 const NO_SECOND: u64 = u64::MAX;
 
@@ -68,6 +77,26 @@ impl<'a> Json<'a> {
         self.depth = self.depth.saturating_sub(1);
         self.level = Self::level_of(self.depth);
         self.out.push(bracket);
+    }
+
+    /// Where the line is, for [`Json::rewind`]: a writer that may find, part-way, that it
+    /// cannot write its value goes back and lets another write it.
+    pub fn mark(&self) -> Mark {
+        Mark {
+            len: self.out.len(),
+            first: self.first,
+            depth: self.depth,
+            level: self.level,
+        }
+    }
+
+    /// Back to `mark`, as if nothing had been written since (the last seconds kept for
+    /// times stay: they are still what they say).
+    pub fn rewind(&mut self, mark: Mark) {
+        self.out.truncate(mark.len);
+        self.first = mark.first;
+        self.depth = mark.depth;
+        self.level = mark.level;
     }
 
     pub fn begin_object(&mut self) {
