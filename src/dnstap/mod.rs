@@ -1,8 +1,9 @@
 //! dnstap payloads become the `Event`s the correlator consumes.
 //!
 //! - `wire`: the hot path's scan of only the fields correlation reads (`scan`);
-//! - `decode`: full decoding with the generated `pb` code (for rendering), decoding errors,
-//!   and dnstap's field encodings (`time`, `socket`, `ip`);
+//! - `decode`: full decoding for rendering (a walk of the fields senders send, the generated
+//!   `pb` code for the rest), decoding errors, and dnstap's field encodings (`time`, `socket`,
+//!   `ip`);
 //! - `facts`: where the fields the diagnosis reads lie in a message, recorded by the scan;
 //! - `event`: the `Event`, its `Role` and key: the contract between ingest and correlate;
 //! - `sender`: what each sender is known to do, one table row per sender;
@@ -17,6 +18,8 @@ mod sources;
 mod wire;
 
 pub use decode::{decode, decode_message, ip, socket, time, DecodeError};
+#[cfg(test)]
+pub(crate) use decode::{decode_generated, walk_message};
 pub use event::{Event, MessageSpan, Nanos, PeerKey, Recollection, Role, StreamEnded, StreamId};
 pub use facts::{MessageFacts, StoredFields};
 pub use pb::mod_Message::Type as MessageType;

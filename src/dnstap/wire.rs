@@ -66,7 +66,7 @@ impl Default for MessageFields<'_> {
 
 /// The field a stored message carries its frame's `extra` in: field 2047 (length-delimited)
 /// of dnstap.Message, which the schema does not use, so the generated decoder skips it.
-const EXTRA_TAG: u64 = 2047 << 3 | 2;
+pub(super) const EXTRA_TAG: u64 = 2047 << 3 | 2;
 /// At most this much of `extra` is kept with a message (a sender controls it).
 pub const MAX_EXTRA: usize = 256;
 

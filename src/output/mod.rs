@@ -256,10 +256,7 @@ fn decode_messages<'a>(s: &Session, store: &'a MessageStore) -> Vec<Decoded<'a>>
         .iter()
         .map(|m| {
             let bytes = store.get(m.bytes);
-            let msg = match walk_message(bytes) {
-                Some(msg) => Ok(msg),
-                None => dnstap::decode_message(bytes).map_err(|error| Undecodable { error, bytes }),
-            };
+            let msg = dnstap::decode_message(bytes).map_err(|error| Undecodable { error, bytes });
             Decoded {
                 role: m.role,
                 flags: m.flags,
@@ -269,72 +266,6 @@ fn decode_messages<'a>(s: &Session, store: &'a MessageStore) -> Vec<Decoded<'a>>
         .collect();
     restore_upstream_queries(&mut decoded);
     decoded
-}
-
-/// `dnstap::decode_message`'s message, from a walk of the fields senders send (the generated
-/// decoder's generic reader cost as much as the rest of a message's line but its DNS); `None`
-/// for anything else, which the decoder then reads: policy and http_protocol fields, unknown
-/// fields (but the stored frame's `extra`, which it skips too), other wire types, truncated
-/// fields, varints longer than both read alike (4 bytes for 32 bits, 9 for 64).
-fn walk_message(bytes: &[u8]) -> Option<DnstapMessage<'_>> {
-    use std::borrow::Cow::Borrowed;
-    /// dnstap::Encoded's field 2047 (length-delimited).
-    const EXTRA: u64 = 2047 << 3 | 2;
-    let mut m = DnstapMessage::default();
-    let mut rest = bytes;
-    let varint = |rest: &mut &[u8], max_len: usize| -> Option<u64> {
-        let mut value = 0;
-        for (i, &b) in rest.iter().enumerate().take(max_len) {
-            value |= u64::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                *rest = &rest[i + 1..];
-                return Some(value);
-            }
-        }
-        None
-    };
-    while !rest.is_empty() {
-        let tag = varint(&mut rest, 4)?;
-        match tag {
-            8 | 16 | 24 => {
-                let value = varint(&mut rest, 4)? as i32;
-                match tag {
-                    8 => m.type_pb = value.into(),
-                    16 => m.socket_family = Some(value.into()),
-                    _ => m.socket_protocol = Some(value.into()),
-                }
-            }
-            48 => m.query_port = Some(varint(&mut rest, 4)? as u32),
-            56 => m.response_port = Some(varint(&mut rest, 4)? as u32),
-            64 => m.query_time_sec = Some(varint(&mut rest, 9)?),
-            96 => m.response_time_sec = Some(varint(&mut rest, 9)?),
-            77 | 109 => {
-                let (value, tail) = rest.split_first_chunk::<4>()?;
-                rest = tail;
-                let value = Some(u32::from_le_bytes(*value));
-                match tag {
-                    77 => m.query_time_nsec = value,
-                    _ => m.response_time_nsec = value,
-                }
-            }
-            34 | 42 | 82 | 90 | 114 | EXTRA => {
-                let len = varint(&mut rest, 4)? as usize;
-                let value = rest.get(..len)?;
-                rest = &rest[len..];
-                let value = Some(Borrowed(value));
-                match tag {
-                    34 => m.query_address = value,
-                    42 => m.response_address = value,
-                    82 => m.query_message = value,
-                    90 => m.query_zone = value,
-                    114 => m.response_message = value,
-                    _ => {}
-                }
-            }
-            _ => return None,
-        }
-    }
-    Some(m)
 }
 
 /// Upstream queries stored without the client's query (the flag QUERY_FROM_CQ) get it back
@@ -639,12 +570,13 @@ mod tests {
             .collect()
     }
 
-    /// Whether `walk_message` read `bytes`; if it did, it read what the decoder reads.
+    /// Whether `decode_message`'s walk read `bytes`; if it did, it read what the generated
+    /// decoder reads.
     fn walked_as_decoded(bytes: &[u8]) -> bool {
-        let Some(walked) = walk_message(bytes) else {
+        let Some(walked) = dnstap::walk_message(bytes) else {
             return false;
         };
-        let decoded = dnstap::decode_message(bytes);
+        let decoded = dnstap::decode_generated(bytes);
         assert_eq!(Some(&walked), decoded.as_ref().ok(), "{bytes:02x?}");
         true
     }
