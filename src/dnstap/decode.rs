@@ -1,7 +1,7 @@
 //! Full decoding with the code generated from proto/dnstap.proto (for rendering), the
 //! decoding errors of every path, and dnstap's field encodings (times, addresses).
 
-use super::wire::EXTRA_TAG;
+use super::wire::walk_message;
 use super::{pb, MessageType, Nanos};
 use crate::dns::DnsError;
 use quick_protobuf::{BytesReader, MessageRead};
@@ -67,70 +67,6 @@ pub fn decode_message(bytes: &[u8]) -> Result<pb::Message<'_>, DecodeError> {
 pub(crate) fn decode_generated(bytes: &[u8]) -> Result<pb::Message<'_>, DecodeError> {
     let mut reader = BytesReader::from_bytes(bytes);
     pb::Message::from_reader(&mut reader, bytes).map_err(DecodeError::Protobuf)
-}
-
-/// `decode_message`'s fast path: the message from a walk of the fields senders send (the
-/// generated decoder's generic reader cost as much as the rest of a message's line but its
-/// DNS); `None` for anything else, which the generated decoder then reads: policy and http_protocol fields, unknown
-/// fields (but the stored frame's `extra`, which it skips too), other wire types, truncated
-/// fields, varints longer than both read alike (4 bytes for 32 bits, 9 for 64).
-pub(crate) fn walk_message(bytes: &[u8]) -> Option<pb::Message<'_>> {
-    use std::borrow::Cow::Borrowed;
-    let mut m = pb::Message::default();
-    let mut rest = bytes;
-    let varint = |rest: &mut &[u8], max_len: usize| -> Option<u64> {
-        let mut value = 0;
-        for (i, &b) in rest.iter().enumerate().take(max_len) {
-            value |= u64::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                *rest = &rest[i + 1..];
-                return Some(value);
-            }
-        }
-        None
-    };
-    while !rest.is_empty() {
-        let tag = varint(&mut rest, 4)?;
-        match tag {
-            8 | 16 | 24 => {
-                let value = varint(&mut rest, 4)? as i32;
-                match tag {
-                    8 => m.type_pb = value.into(),
-                    16 => m.socket_family = Some(value.into()),
-                    _ => m.socket_protocol = Some(value.into()),
-                }
-            }
-            48 => m.query_port = Some(varint(&mut rest, 4)? as u32),
-            56 => m.response_port = Some(varint(&mut rest, 4)? as u32),
-            64 => m.query_time_sec = Some(varint(&mut rest, 9)?),
-            96 => m.response_time_sec = Some(varint(&mut rest, 9)?),
-            77 | 109 => {
-                let (value, tail) = rest.split_first_chunk::<4>()?;
-                rest = tail;
-                let value = Some(u32::from_le_bytes(*value));
-                match tag {
-                    77 => m.query_time_nsec = value,
-                    _ => m.response_time_nsec = value,
-                }
-            }
-            34 | 42 | 82 | 90 | 114 | EXTRA_TAG => {
-                let len = varint(&mut rest, 4)? as usize;
-                let value = rest.get(..len)?;
-                rest = &rest[len..];
-                let value = Some(Borrowed(value));
-                match tag {
-                    34 => m.query_address = value,
-                    42 => m.response_address = value,
-                    82 => m.query_message = value,
-                    90 => m.query_zone = value,
-                    114 => m.response_message = value,
-                    _ => {}
-                }
-            }
-            _ => return None,
-        }
-    }
-    Some(m)
 }
 
 /// Decodes a dnstap frame, borrowing every byte field from it.

@@ -1,6 +1,7 @@
 //! dnstap payloads become the `Event`s the correlator consumes.
 //!
-//! - `wire`: the hot path's scan of only the fields correlation reads (`scan`);
+//! - `wire`: hand-written protobuf walks: the hot path's scan of only the fields correlation
+//!   reads (`scan`), and `decode_message`'s walk of a whole message;
 //! - `decode`: full decoding for rendering (a walk of the fields senders send, the generated
 //!   `pb` code for the rest), decoding errors, and dnstap's field encodings (`time`, `socket`,
 //!   `ip`);
@@ -17,15 +18,17 @@ mod sender;
 mod sources;
 mod wire;
 
-pub use decode::{decode, decode_message, ip, socket, time, DecodeError};
 #[cfg(test)]
-pub(crate) use decode::{decode_generated, walk_message};
+pub(crate) use decode::decode_generated;
+pub use decode::{decode, decode_message, ip, socket, time, DecodeError};
 pub use event::{Event, MessageSpan, Nanos, PeerKey, Recollection, Role, StreamEnded, StreamId};
 pub use facts::{MessageFacts, StoredFields};
 pub use pb::mod_Message::Type as MessageType;
 pub use pb::{Dnstap, Message as DnstapMessage, SocketProtocol};
 pub use sender::{SenderProfile, SenderTraits};
 pub use sources::{IdentityLimit, Liveness, SourceId, SourceRegistry};
+#[cfg(test)]
+pub(crate) use wire::walk_message;
 pub use wire::{
     query_message_field, scan, scan_extra, scan_message, Encoded, MessageFields, TapFields,
     MAX_EXTRA,

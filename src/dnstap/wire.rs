@@ -1,7 +1,7 @@
 //! The hot path's protobuf scan: only the fields correlation reads, borrowed from the frame,
 //! with a hand-written wire walk instead of the generated decoder.
 
-use super::{DecodeError, MessageFacts, MessageType, SocketProtocol};
+use super::{pb, DecodeError, MessageFacts, MessageType, SocketProtocol};
 
 /// The fields of a dnstap payload that correlation reads, borrowed from the frame. The hot
 /// path scans for these alone (no generated structs); rendering uses the full generated
@@ -66,7 +66,7 @@ impl Default for MessageFields<'_> {
 
 /// The field a stored message carries its frame's `extra` in: field 2047 (length-delimited)
 /// of dnstap.Message, which the schema does not use, so the generated decoder skips it.
-pub(super) const EXTRA_TAG: u64 = 2047 << 3 | 2;
+const EXTRA_TAG: u64 = 2047 << 3 | 2;
 /// At most this much of `extra` is kept with a message (a sender controls it).
 pub const MAX_EXTRA: usize = 256;
 
@@ -283,6 +283,51 @@ pub fn query_message_field(
     None
 }
 
+/// `decode_message`'s fast path: the whole message (as the generated decoder reads it) from a
+/// walk of the fields senders send, for rendering (the generated decoder's generic reader cost
+/// as much as the rest of a message's line but its DNS). `None` for anything else, which the
+/// generated decoder then reads: policy and http_protocol fields, unknown fields (but the
+/// stored frame's `extra`, which it skips too), other wire types, truncated fields, varints
+/// longer than both read alike (4 bytes for 32 bits, 9 for 64).
+pub(crate) fn walk_message(bytes: &[u8]) -> Option<pb::Message<'_>> {
+    use std::borrow::Cow::Borrowed;
+    let mut m = pb::Message::default();
+    let mut r = Wire(bytes);
+    while !r.0.is_empty() {
+        let tag = r.short_varint(4)?;
+        match tag {
+            8 | 16 | 24 => {
+                let value = r.short_varint(4)? as i32;
+                match tag {
+                    8 => m.type_pb = value.into(),
+                    16 => m.socket_family = Some(value.into()),
+                    _ => m.socket_protocol = Some(value.into()),
+                }
+            }
+            48 => m.query_port = Some(r.short_varint(4)? as u32),
+            56 => m.response_port = Some(r.short_varint(4)? as u32),
+            64 => m.query_time_sec = Some(r.short_varint(9)?),
+            96 => m.response_time_sec = Some(r.short_varint(9)?),
+            77 => m.query_time_nsec = Some(r.fixed32()?),
+            109 => m.response_time_nsec = Some(r.fixed32()?),
+            34 | 42 | 82 | 90 | 114 | EXTRA_TAG => {
+                let len = r.short_varint(4)? as usize;
+                let value = Some(Borrowed(r.take(len)?));
+                match tag {
+                    34 => m.query_address = value,
+                    42 => m.response_address = value,
+                    82 => m.query_message = value,
+                    90 => m.query_zone = value,
+                    114 => m.response_message = value,
+                    _ => {}
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some(m)
+}
+
 /// Protobuf wire primitives over a shrinking slice. quick-protobuf's `BytesReader` does the
 /// same with a `Result` per byte; this scan runs for every message, and written this way it
 /// costs a fraction (see `cargo bench --bench stages -- protobuf`).
@@ -311,6 +356,13 @@ impl<'a> Wire<'a> {
     /// A field's tag. quick-protobuf, which renders the kept messages, reads tags as 32 bits
     /// and drops the higher ones, so a wider tag would be one field to it and an unknown one
     /// here: reject it (no valid field number needs more than 32 bits).
+    /// A varint of at most `max_len` bytes: a longer one is left to a reader of its own.
+    fn short_varint(&mut self, max_len: usize) -> Option<u64> {
+        let before = self.0.len();
+        let v = self.varint()?;
+        (before - self.0.len() <= max_len).then_some(v)
+    }
+
     #[inline(always)]
     fn tag(&mut self) -> Option<u64> {
         self.varint().filter(|&t| t <= u64::from(u32::MAX))
