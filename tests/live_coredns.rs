@@ -688,8 +688,14 @@ fn overload_keeps_every_delivered_verdict() {
 /// one. CoreDNS 1.10.1 sends STOP on SIGTERM (what the kubelet sends), so its identity reads 1
 /// once that stream is over; while a stream carries the identity it reads 0, and after a crash
 /// (SIGKILL: the kernel closes the connection, no STOP) it stays 0.
+///
+/// CoreDNS's STOP on SIGTERM is best effort: its shutdown hook only signals the dnstap writer,
+/// and the process may exit before the writer wrote STOP (seen under load; docs/senders.md).
+/// Each clean shutdown must read as what its stream's end said, and at least one of
+/// `CLEAN_SHUTDOWNS` must end with STOP.
 #[test]
 fn identity_stopped_tells_a_clean_shutdown_from_a_crash() {
+    const CLEAN_SHUTDOWNS: usize = 3;
     let Some(coredns) = coredns_or_skip("identity_stopped_tells_a_clean_shutdown_from_a_crash")
     else {
         return;
@@ -716,39 +722,58 @@ fn identity_stopped_tells_a_clean_shutdown_from_a_crash() {
             &[("reason", reason)],
         )
     };
-
-    let mut cd = start_coredns(&dir, &coredns, nsd.port, an.port());
-    dig_expect(
-        &mut cd.server,
-        cd.port,
-        ("internal.test", "A", false),
-        "NOERROR",
-    );
-    wait_for_qnames(&an, &["internal.test"], "before the shutdown");
-    assert_eq!(stopped(), Some(0.0), "a stream carries it");
-    cd.server.stop();
-    wait_until("CoreDNS's stream to end", DELIVERY, || {
-        closed("stopped") >= 1.0
-    });
+    // The pod comes and goes (same identity, same address: the same sender) until one of its
+    // clean shutdowns ends with STOP.
+    let mut with_stop = 0.0;
+    for round in 1..=CLEAN_SHUTDOWNS {
+        let dir = TempDir::new(&format!("coredns-stopped-{round}"));
+        let mut cd = start_coredns(&dir, &coredns, nsd.port, an.port());
+        let q = format!("round{round}.w.example.test");
+        dig_expect(&mut cd.server, cd.port, (&q, "A", false), "NOERROR");
+        wait_for_qnames(&an, &[q.as_str()], "before the shutdown");
+        assert_eq!(stopped(), Some(0.0), "a stream carries it (round {round})");
+        let bare = closed("peer_closed");
+        cd.server.stop();
+        wait_until("CoreDNS's stream to end", DELIVERY, || {
+            closed("stopped") + closed("peer_closed") > with_stop + bare
+        });
+        if closed("stopped") > with_stop {
+            assert_eq!(closed("peer_closed"), bare, "one end per stream");
+            assert_eq!(stopped(), Some(1.0), "stopped cleanly (round {round})");
+            with_stop += 1.0;
+            break;
+        }
+        eprintln!(
+            "[test] round {round}: CoreDNS exited before its writer sent STOP (its known race)"
+        );
+        assert_eq!(
+            stopped(),
+            Some(0.0),
+            "no STOP, no scale-down (round {round})"
+        );
+    }
     assert_eq!(
-        closed("peer_closed"),
-        0.0,
-        "SIGTERM: STOP, not a bare close"
+        with_stop, 1.0,
+        "none of {CLEAN_SHUTDOWNS} SIGTERMs ended the stream with STOP"
     );
-    assert_eq!(stopped(), Some(1.0), "stopped cleanly");
 
-    // The pod comes back (same identity, same address: the same sender), then crashes.
+    // The pod comes back, then crashes.
     let again = TempDir::new("coredns-stopped-again");
     let mut cd = start_coredns(&again, &coredns, nsd.port, an.port());
     let q = "again.w.example.test";
     dig_expect(&mut cd.server, cd.port, (q, "A", false), "NOERROR");
     wait_for_qnames(&an, &[q], "after the restart");
     assert_eq!(stopped(), Some(0.0), "a stream carries it again");
+    let bare = closed("peer_closed");
     signal_pid(cd.server.pid(), "KILL");
     wait_until("the crashed stream to end", DELIVERY, || {
-        closed("peer_closed") >= 1.0
+        closed("peer_closed") > bare
     });
-    assert_eq!(closed("stopped"), 1.0, "no STOP from a killed CoreDNS");
+    assert_eq!(
+        closed("stopped"),
+        with_stop,
+        "no STOP from a killed CoreDNS"
+    );
     assert_eq!(stopped(), Some(0.0), "a crash is not a scale-down");
     cd.server.stop();
     let out = an.stop();

@@ -32,6 +32,9 @@ pub const IDLE_LAG: Duration = Duration::from_secs(5);
 /// A stream this far behind its source's leading stream holds nothing back: a sender cannot
 /// keep its identity's sessions open with one connection's broken clock.
 const STREAM_SKEW_LIMIT: Nanos = 60_000_000_000;
+/// Ticks come every 100 ms; a gap this long between two is the analyser's own stall (SIGSTOP,
+/// a starved node), not the streams' silence: their frames piled up unread meanwhile.
+const OWN_STALL: Duration = Duration::from_secs(1);
 /// Stream clocks kept per source (a sender's connections at once: CoreDNS has one, two while
 /// it redials); the per-event cost stays that of a short list.
 const MAX_STREAMS_PER_SOURCE: usize = 8;
@@ -172,6 +175,8 @@ pub struct Correlator {
     retiring: BinaryHeap<Reverse<(Instant, SourceId)>>,
     /// Reused by the idle flush.
     idle: Vec<(SourceId, Nanos)>,
+    /// The previous idle-flush tick, to tell our own stalls from silent streams.
+    last_tick: Option<Instant>,
     /// Messages no session could take (the table was full and held nothing to evict).
     discarded: u64,
     /// Grows each time the analyser dropped events bound for this shard.
@@ -198,6 +203,7 @@ impl Correlator {
             peer_load: HashMap::new(),
             retiring: BinaryHeap::new(),
             idle: Vec::new(),
+            last_tick: None,
             discarded: 0,
             drop_epoch: 0,
             upstream_hasher: crate::dns::key_hasher(),
@@ -317,6 +323,15 @@ impl Correlator {
         loss_seq: impl Fn(SourceId) -> u64,
         sink: &mut impl SessionSink,
     ) {
+        if let Some(gap) = self
+            .last_tick
+            .replace(now)
+            .map(|t| now.saturating_duration_since(t))
+        {
+            if gap > OWN_STALL {
+                self.forgive_stall(gap, now);
+            }
+        }
         if self.cfg.idle_flush {
             let mut idle = std::mem::take(&mut self.idle);
             idle.clear();
@@ -344,6 +359,19 @@ impl Correlator {
             self.idle = idle;
         }
         self.retire_quiet_sources(now);
+    }
+
+    /// The analyser stood still for `gap`: no stream was read, so none fell silent meanwhile.
+    /// Their silence counts from now on, minus what they had before the stall, so what the
+    /// reader finds in the piled-up frames (a stream's end, the loss it reveals) comes first.
+    fn forgive_stall(&mut self, gap: Duration, now: Instant) {
+        let forgiven = |at: &mut Instant| *at = at.checked_add(gap).map_or(now, |t| t.min(now));
+        for c in self.sources.values_mut() {
+            forgiven(&mut c.advanced_at);
+            c.streams
+                .iter_mut()
+                .for_each(|s| forgiven(&mut s.advanced_at));
+        }
     }
 
     /// Forgets the sources without open sessions that sent nothing for the session timeout
@@ -935,6 +963,16 @@ mod tests {
         fn tick_at(&mut self, at: Instant) {
             self.corr.on_tick(at, |_| 0, &mut keep(&mut self.out));
         }
+        /// Ticks every 100 ms, as a shard does, from the last tick (or now) up to `at`.
+        fn tick_steadily_to(&mut self, at: Instant) {
+            let step = Duration::from_millis(100);
+            let mut t = self.corr.last_tick.unwrap_or(self.now);
+            while t + step < at {
+                t += step;
+                self.tick_at(t);
+            }
+            self.tick_at(at);
+        }
         /// Stream `stream` of source 1 ended, the source's loss sequence being `loss_seq`.
         fn end_stream(&mut self, stream: u32, loss_seq: u64) {
             let ended = StreamEnded {
@@ -1309,9 +1347,30 @@ mod tests {
         let mut run = Run::new();
         run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
         let later = run.now + Duration::from_secs(14);
-        run.tick_at(later);
+        run.tick_steadily_to(later);
         assert!(run.out.is_empty(), "10 s timeout + 5 s lag not yet passed");
-        run.tick_at(later + Duration::from_secs(2));
+        run.tick_steadily_to(later + Duration::from_secs(2));
+        assert_eq!(run.verdicts(), [(Status::Failed, BitMap::CQ, None)]);
+    }
+
+    /// The analyser itself stood still (SIGSTOP, a starved node): the gap in its ticks is not
+    /// the streams' silence. Their frames piled up unread, and what they hold (a stream's end
+    /// revealing loss) must be read before the idle flush judges the sessions.
+    #[test]
+    fn our_own_stall_is_not_the_streams_silence() {
+        let mut run = Run::new();
+        run.feed(ev(Role::ClientQuery, 1, T0, None, 0));
+        let t0 = run.now;
+        run.tick_steadily_to(t0 + Duration::from_secs(1));
+        run.tick_at(t0 + Duration::from_secs(13));
+        assert!(
+            run.out.is_empty(),
+            "a 12 s stall of ours, then the first tick"
+        );
+        // Silence counts from the stall's end: 1 s before it, 14 s after.
+        run.tick_steadily_to(t0 + Duration::from_secs(26));
+        assert!(run.out.is_empty(), "15 s of silence not yet passed");
+        run.tick_steadily_to(t0 + Duration::from_secs(28));
         assert_eq!(run.verdicts(), [(Status::Failed, BitMap::CQ, None)]);
     }
 
@@ -1324,9 +1383,9 @@ mod tests {
             run.feed(cq);
         }
         assert_eq!(run.corr.tracked_sources(), 10_000);
-        run.tick_at(run.now + Duration::from_secs(14));
+        run.tick_steadily_to(run.now + Duration::from_secs(14));
         assert_eq!(run.corr.tracked_sources(), 10_000, "sessions still open");
-        run.tick_at(run.now + Duration::from_secs(16));
+        run.tick_steadily_to(run.now + Duration::from_secs(16));
         assert_eq!(run.out.len(), 10_000, "every session expired");
         assert_eq!(run.corr.tracked_sources(), 0);
         assert!(run.corr.busy.is_empty() && run.corr.retiring.is_empty());
