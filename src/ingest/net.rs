@@ -898,8 +898,13 @@ impl Reader {
         }
     }
 
-    /// Shutdown: read what the kernel already holds, then close every connection.
+    /// Shutdown: read what the kernel already holds, then close every connection. That
+    /// includes the connections still in the listen queue: the kernel completed them and may
+    /// hold their frames, and closing the listener would reset them uncounted.
     fn close_all(&mut self) {
+        for i in 0..self.listeners.len() {
+            self.accept(i);
+        }
         self.listeners.clear();
         // Connections dealt to this reader but not adopted yet are served too.
         self.take_inbox();
@@ -938,6 +943,13 @@ mod tests {
 
     impl Analyser {
         fn start(limits: ConnectionLimits, readers: usize) -> Self {
+            let (mut a, readers) = Self::built(limits, readers);
+            a.run(readers);
+            a
+        }
+
+        /// Listening, but its readers not running yet: connections wait in the listen queue.
+        fn built(limits: ConnectionLimits, readers: usize) -> (Self, Vec<Reader>) {
             let shared = Shared::for_tests(Default::default());
             let metrics = shared.metrics.clone();
             let listener = Listener::bind(&"tcp://127.0.0.1:0".parse().unwrap()).unwrap();
@@ -963,19 +975,23 @@ mod tests {
             }
             handles.remove(0);
             all[0].accept_on(vec![listener], handles).unwrap();
-            let threads = all
-                .into_iter()
-                .map(|r| std::thread::spawn(move || r.run()))
-                .collect();
-            Self {
+            let a = Self {
                 addr,
                 metrics,
                 shared,
                 slots,
                 shutdown,
-                threads,
+                threads: Vec::new(),
                 _events: rx,
-            }
+            };
+            (a, all)
+        }
+
+        fn run(&mut self, readers: Vec<Reader>) {
+            self.threads = readers
+                .into_iter()
+                .map(|r| std::thread::spawn(move || r.run()))
+                .collect();
         }
 
         /// Waits until `n` connections are past their handshake (the analyser read START).
@@ -1235,6 +1251,29 @@ mod tests {
         assert_eq!(m.connections_accepted.load(Relaxed), 6);
         assert_eq!(m.connections_closed.load(Relaxed), closed);
         assert_eq!(closed, 6);
+    }
+
+    /// SIGTERM while a sender's connection is still in the listen queue (the kernel completed
+    /// it, no reader accepted it yet): it is accepted, served what it sent and counted, not
+    /// reset when the listener closes.
+    #[test]
+    fn shutdown_serves_the_connections_still_in_the_listen_queue() {
+        let (mut a, readers) = Analyser::built(limits(3), 1);
+        let mut queued = a.connect();
+        let mut ready = Vec::new();
+        encode_control(ControlKind::Ready, &[DNSTAP_CONTENT_TYPE], &mut ready);
+        queued.write_all(&ready).unwrap();
+        a.shutdown.store(true, Relaxed);
+        a.run(readers);
+        let mut accept = Vec::new();
+        encode_control(ControlKind::Accept, &[DNSTAP_CONTENT_TYPE], &mut accept);
+        let mut got = vec![0; accept.len()];
+        queued.read_exact(&mut got).unwrap();
+        assert_eq!(got, accept, "its READY was answered");
+        let m = a.stop();
+        assert_eq!(m.connections_accepted.load(Relaxed), 1);
+        assert_eq!(m.disconnects(Disconnect::Shutdown), 1);
+        assert_eq!(m.connections_closed.load(Relaxed), 1);
     }
 
     fn scratch_path(name: &str) -> std::path::PathBuf {
