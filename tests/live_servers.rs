@@ -420,8 +420,8 @@ fn unbound_burst_one_session_per_query() {
         "unbound burst: status {by_status:?}"
     );
     // One answered attempt per miss. Another one is unbound sending the query again when the
-    // answer is later than its first timeout for a fast server (infra-cache-min-rtt, 50 ms):
-    // on a loaded machine that happens, and the analyser rightly shows it as timed out.
+    // answer is later than its timeout (infra-cache-min-rtt, 1 s in tests/live/unbound.conf):
+    // on a very loaded machine that can happen, and the analyser rightly shows it as timed out.
     let mut resent = 0;
     for s in sessions.iter().filter(|s| s_bitmap(s) == 15) {
         let attempts = s_upstreams(s);
