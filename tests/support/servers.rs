@@ -454,8 +454,7 @@ pub fn run_standard_queries(server: &mut Server, port: u16, refused_rcode: &str)
 
 /// Asks unbound on `port` for x.silent.test, which it forwards to `silent`: no answer comes, and
 /// unbound gives up after two attempts 1 s apart (infra-cache-min-rtt 1000, -max-rtt 2000).
-/// Returns how many queries
-/// the silent upstream got.
+/// Returns how many queries the silent upstream got.
 pub fn unbound_silent_query(port: u16, silent: &SilentUpstream) -> usize {
     let a = dig(port, "x.silent.test", "A", false, 3);
     assert_eq!(
