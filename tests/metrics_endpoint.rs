@@ -230,7 +230,14 @@ fn slow_and_garbage_clients_do_not_block_a_scrape() {
 
 fn assert_closed_without_response(s: &mut TcpStream) {
     let mut buf = [0u8; 64];
-    match s.read(&mut buf) {
+    // A signal to the test process interrupts a read with a timeout: read again.
+    let read = loop {
+        match s.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            read => break read,
+        }
+    };
+    match read {
         Ok(0) => {}
         Ok(n) => panic!("unexpected {n} bytes for a half request"),
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),

@@ -180,7 +180,7 @@ fn top_lists_the_failing_qnames_clients_and_upstreams_of_a_live_stream() {
 
 #[test]
 fn top_without_an_analyser_fails_naming_the_url() {
-    let port = alloc_port();
+    let (_held, port) = refusing_port();
     let url = format!("http://127.0.0.1:{port}");
     for given in [url.clone(), format!("127.0.0.1:{port}")] {
         let out = run_to_end(

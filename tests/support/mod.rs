@@ -196,6 +196,25 @@ pub fn alloc_port() -> u16 {
     panic!("no free loopback port in 25000-25999");
 }
 
+/// A loopback TCP port where nothing listens for as long as the returned socket lives: it is
+/// bound, never listening, so a connection is refused and no other process can bind the port.
+/// (A port probed free and released, as [`alloc_port`] gives, may be taken by a server of
+/// another test before it is used.)
+pub fn refusing_port() -> (socket2::Socket, u16) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("a TCP socket");
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind a loopback port");
+    let port = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("the bound address")
+        .port();
+    (socket, port)
+}
+
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
 
 /// A temp dir removed on drop (kept when the test panics, or with DNSTAP_LIVE_KEEP=1).

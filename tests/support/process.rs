@@ -318,3 +318,16 @@ pub fn tcp_connections_to(port: u16) -> usize {
         .filter(|&&(_, r, st)| r == port && st == TCP_ESTABLISHED)
         .count()
 }
+
+/// Bytes queued for reading on the loopback UDP socket bound to `port` (0: every datagram that
+/// arrived has been read); None if no such socket.
+pub fn udp_receive_queue(port: u16) -> Option<u64> {
+    let text = fs::read_to_string("/proc/net/udp").ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let local = cols.get(1)?.rsplit(':').next()?;
+        (u16::from_str_radix(local, 16).ok()? == port).then_some(())?;
+        let rx = cols.get(4)?.split(':').nth(1)?;
+        u64::from_str_radix(rx, 16).ok()
+    })
+}

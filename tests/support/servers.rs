@@ -3,7 +3,9 @@
 //! CoreDNS), a silent upstream that never answers, and the DNS clients dig and dnsperf.
 
 use super::analyser::Analyser;
-use super::process::{start_on_free_port, tcp_connections_to, tcp_listening, Server};
+use super::process::{
+    start_on_free_port, tcp_connections_to, tcp_listening, udp_receive_queue, Server,
+};
 use super::sessions::{describe_all, s_qname};
 use super::sessions::{Expect, UpKind};
 use super::{live_dir, poll_until, render_to, require_binary, wait_until, TempDir};
@@ -49,13 +51,18 @@ impl SilentUpstream {
         let received = Arc::new(Mutex::new(Received::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (r, s) = (received.clone(), stop.clone());
+        // A datagram is taken off the socket only under the lock that records it (peek first,
+        // then receive): once the socket's queue is empty, a reader that gets the lock sees
+        // every datagram that arrived ([`SilentUpstream::count`]).
         let thread = thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while !s.load(Ordering::SeqCst) {
-                if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                if sock.peek_from(&mut buf).is_ok() {
                     let mut r = r.lock().unwrap();
-                    r.qnames.push(question_name(&buf[..n]).unwrap_or_default());
-                    r.last = Some(Instant::now());
+                    if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                        r.qnames.push(question_name(&buf[..n]).unwrap_or_default());
+                        r.last = Some(Instant::now());
+                    }
                 }
             }
         });
@@ -69,15 +76,28 @@ impl SilentUpstream {
 
     /// Datagrams received so far.
     pub fn count(&self) -> usize {
-        self.received.lock().unwrap().qnames.len()
+        self.received_so_far().qnames.len()
     }
 
     /// Datagrams received so far that ask for `qname` (any case, trailing dot optional); a
     /// forwarder's health checks ask for other names.
     pub fn count_for(&self, qname: &str) -> usize {
         let want = super::norm_name(qname);
-        let r = self.received.lock().unwrap();
+        let r = self.received_so_far();
         r.qnames.iter().filter(|q| **q == want).count()
+    }
+
+    /// What arrived so far, datagrams still queued on the socket included: a forwarder's last
+    /// attempt, sent just before it answered the client, may not have been read yet by a
+    /// thread starved on a loaded machine. Waits until the socket's queue is empty (the thread
+    /// takes a datagram off it only under the lock, so none is between the two).
+    fn received_so_far(&self) -> std::sync::MutexGuard<'_, Received> {
+        wait_until(
+            "the silent upstream to read every datagram queued",
+            Duration::from_secs(30),
+            || udp_receive_queue(self.port) == Some(0),
+        );
+        self.received.lock().unwrap()
     }
 
     /// Waits until at least `min` datagrams arrived and none for `quiet`; returns the count.
@@ -433,8 +453,8 @@ pub fn run_standard_queries(server: &mut Server, port: u16, refused_rcode: &str)
 }
 
 /// Asks unbound on `port` for x.silent.test, which it forwards to `silent`: no answer comes, and
-/// unbound gives up after a few retries (infra-cache-max-rtt 1000). Returns how many queries
-/// the silent upstream got.
+/// unbound gives up after two attempts 1 s apart (infra-cache-min-rtt 1000, -max-rtt 2000).
+/// Returns how many queries the silent upstream got.
 pub fn unbound_silent_query(port: u16, silent: &SilentUpstream) -> usize {
     let a = dig(port, "x.silent.test", "A", false, 3);
     assert_eq!(
