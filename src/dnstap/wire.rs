@@ -171,6 +171,28 @@ pub fn scan(frame: &[u8]) -> Result<TapFields<'_>, DecodeError> {
 /// nested `Option`s cost more than the walk itself.
 fn scan_tap<'a>(frame: &'a [u8], t: &mut TapFields<'a>) -> Option<()> {
     let mut r = Wire(frame);
+    // The usual order first (golang-dnstap's, by field number; some senders put `type`
+    // before the message), then whatever is left field by field.
+    r.if_tag(10, |r| {
+        t.identity = r.bytes()?;
+        Some(())
+    })?;
+    r.if_tag(18, |r| {
+        t.version = r.bytes()?;
+        Some(())
+    })?;
+    r.if_tag(26, |r| {
+        t.extra = r.bytes()?;
+        Some(())
+    })?;
+    r.if_tag(120, |r| r.varint().map(drop))?;
+    r.if_tag(114, |r| tap_message(r, t))?;
+    r.if_tag(120, |r| r.varint().map(drop))?;
+    scan_tap_fields(&mut r, t)
+}
+
+/// `scan_tap`'s walk over the fields in any order: the reference of its fast path.
+fn scan_tap_fields<'a>(r: &mut Wire<'a>, t: &mut TapFields<'a>) -> Option<()> {
     while !r.0.is_empty() {
         match r.tag()? {
             10 => t.identity = r.bytes()?,
@@ -180,15 +202,19 @@ fn scan_tap<'a>(frame: &'a [u8], t: &mut TapFields<'a>) -> Option<()> {
             120 => {
                 r.varint()?;
             }
-            114 => {
-                t.message_bytes = r.bytes()?;
-                let m = t.message.insert(MessageFields::default());
-                scan_message_into(t.message_bytes, m)?;
-            }
+            114 => tap_message(r, t)?,
             tag => r.skip(tag)?,
         }
     }
     Some(())
+}
+
+/// The Dnstap.message field's value.
+#[inline(always)]
+fn tap_message<'a>(r: &mut Wire<'a>, t: &mut TapFields<'a>) -> Option<()> {
+    t.message_bytes = r.bytes()?;
+    let m = t.message.insert(MessageFields::default());
+    scan_message_into(t.message_bytes, m)
 }
 
 /// Scans an encoded dnstap.Message (what a session stores) for the same fields; `None` when
@@ -199,10 +225,74 @@ pub fn scan_message(b: &[u8]) -> Option<MessageFields<'_>> {
     Some(m)
 }
 
-/// Tags are `field << 3 | wire type` of dnstap.Message (proto/dnstap.proto).
+/// Tags are `field << 3 | wire type` of dnstap.Message (proto/dnstap.proto). The fields come
+/// in field number order from every sender seen (golang-dnstap, the load generator): read in
+/// that order as long as they come so, each exactly as `scan_message_fields` reads it, which
+/// then reads whatever is left.
 #[inline]
 fn scan_message_into<'a>(b: &'a [u8], m: &mut MessageFields<'a>) -> Option<()> {
     let mut r = Wire(b);
+    let at = |r: &Wire<'_>| (b.len() - r.0.len()) as u16;
+    r.if_tag(8, |r| {
+        m.kind = Some(MessageType::from(r.varint()? as i32));
+        Some(())
+    })?;
+    r.if_tag(16, |r| r.varint().map(drop))?;
+    r.if_tag(24, |r| {
+        m.protocol = Some(SocketProtocol::from(r.varint()? as i32));
+        Some(())
+    })?;
+    r.if_tag(34, |r| {
+        m.query_address = Some(r.bytes()?);
+        Some(())
+    })?;
+    r.if_tag(42, |r| {
+        m.response_address = Some(r.bytes()?);
+        Some(())
+    })?;
+    r.if_tag(48, |r| {
+        m.query_port = Some(r.varint()? as u32);
+        Some(())
+    })?;
+    r.if_tag(56, |r| {
+        m.response_port = Some(r.varint()? as u32);
+        Some(())
+    })?;
+    r.if_tag(64, |r| {
+        m.times_at[0] = at(r);
+        m.query_time_sec = Some(r.varint()?);
+        Some(())
+    })?;
+    r.if_tag(77, |r| {
+        m.times_at[1] = at(r);
+        m.query_time_nsec = Some(r.fixed32()?);
+        Some(())
+    })?;
+    r.if_tag(82, |r| {
+        m.query_message_repeated |= m.query_message.is_some();
+        m.query_message = Some(r.bytes()?);
+        Some(())
+    })?;
+    r.if_tag(96, |r| {
+        m.times_at[2] = at(r);
+        m.response_time_sec = Some(r.varint()?);
+        Some(())
+    })?;
+    r.if_tag(109, |r| {
+        m.times_at[3] = at(r);
+        m.response_time_nsec = Some(r.fixed32()?);
+        Some(())
+    })?;
+    r.if_tag(114, |r| {
+        m.response_message = Some(r.bytes()?);
+        Some(())
+    })?;
+    scan_message_fields(b, &mut r, m)
+}
+
+/// `scan_message_into`'s walk over the fields of `b` left in `r`, in any order: the reference
+/// of its fast path.
+fn scan_message_fields<'a>(b: &'a [u8], r: &mut Wire<'a>, m: &mut MessageFields<'a>) -> Option<()> {
     let at = |r: &Wire<'_>| (b.len() - r.0.len()) as u16;
     while !r.0.is_empty() {
         match r.tag()? {
@@ -217,11 +307,11 @@ fn scan_message_into<'a>(b: &'a [u8], m: &mut MessageFields<'a>) -> Option<()> {
             48 => m.query_port = Some(r.varint()? as u32),
             56 => m.response_port = Some(r.varint()? as u32),
             64 => {
-                m.times_at[0] = at(&r);
+                m.times_at[0] = at(r);
                 m.query_time_sec = Some(r.varint()?);
             }
             77 => {
-                m.times_at[1] = at(&r);
+                m.times_at[1] = at(r);
                 m.query_time_nsec = Some(r.fixed32()?);
             }
             82 => {
@@ -229,11 +319,11 @@ fn scan_message_into<'a>(b: &'a [u8], m: &mut MessageFields<'a>) -> Option<()> {
                 m.query_message = Some(r.bytes()?);
             }
             96 => {
-                m.times_at[2] = at(&r);
+                m.times_at[2] = at(r);
                 m.response_time_sec = Some(r.varint()?);
             }
             109 => {
-                m.times_at[3] = at(&r);
+                m.times_at[3] = at(r);
                 m.response_time_nsec = Some(r.fixed32()?);
             }
             114 => m.response_message = Some(r.bytes()?),
@@ -390,6 +480,20 @@ impl<'a> Wire<'a> {
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
+    /// Reads the next field with `read` if its tag is `tag`, a tag of one byte (which a tag
+    /// read as a varint is exactly when its first byte is); None if `read` fails.
+    #[inline(always)]
+    fn if_tag(&mut self, tag: u8, read: impl FnOnce(&mut Self) -> Option<()>) -> Option<()> {
+        debug_assert!(tag < 0x80);
+        match self.0.split_first() {
+            Some((&first, rest)) if first == tag => {
+                self.0 = rest;
+                read(self)
+            }
+            _ => Some(()),
+        }
+    }
+
     /// Skips a field this scan does not read (its wire type is in the tag's low bits).
     fn skip(&mut self, tag: u64) -> Option<()> {
         match tag & 7 {
@@ -434,6 +538,102 @@ mod tests {
         assert_eq!(query_message_field(message), None);
         // The widest valid tag is still skipped as an unknown field.
         assert!(scan(b"\x0a\x01a\xf8\xff\xff\xff\x0f\x00").is_ok());
+    }
+
+    /// The fields of a dnstap.Message the scan reads, in field number order as golang-dnstap
+    /// writes them, one per element.
+    fn message_fields() -> Vec<Vec<u8>> {
+        vec![
+            vec![8, 5],
+            vec![16, 1],
+            vec![24, 1],
+            vec![34, 4, 127, 0, 0, 1],
+            vec![42, 4, 10, 0, 0, 2],
+            vec![48, 0xd2, 0xfe, 0x03],
+            vec![56, 53],
+            vec![64, 0x80, 0xa8, 0xd6, 0xb9, 0x06],
+            vec![77, 1, 2, 3, 4],
+            vec![82, 3, b'q', b'r', b'y'],
+            vec![96, 0x81, 0xa8, 0xd6, 0xb9, 0x06],
+            vec![109, 5, 6, 7, 8],
+            vec![114, 2, b'o', b'k'],
+        ]
+    }
+
+    /// The fields in order, and each one left out, doubled, moved to the end, and an unknown
+    /// field or a field 2047 put in front of it.
+    fn field_orders(fields: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let mut out = vec![fields.concat()];
+        for i in 0..fields.len() {
+            let mut f = fields.to_vec();
+            f.remove(i);
+            out.push(f.concat());
+            let mut f = fields.to_vec();
+            f.insert(i, fields[i].clone());
+            out.push(f.concat());
+            let mut f = fields.to_vec();
+            let moved = f.remove(i);
+            f.push(moved);
+            out.push(f.concat());
+            for extra in [&[0x58, 7][..], &[0xfa, 0x7f, 1, b'x'][..]] {
+                let mut f = fields.to_vec();
+                f.insert(i, extra.to_vec());
+                out.push(f.concat());
+            }
+        }
+        out
+    }
+
+    /// Each of `messages`, cut at every length and with every byte changed to a few values.
+    fn damaged(messages: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for m in messages {
+            out.extend((0..=m.len()).map(|n| m[..n].to_vec()));
+            for i in 0..m.len() {
+                for b in [0, 0x08, 0x72, 0x80, 0xff] {
+                    let mut d = m.clone();
+                    d[i] = b;
+                    out.push(d);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_ordered_fast_paths_read_what_the_field_walks_read() {
+        let messages = damaged(&field_orders(&message_fields()));
+        let mut parsed = 0;
+        for b in &messages {
+            let fast = scan_message(b).map(|m| format!("{m:?}"));
+            let mut m = MessageFields::default();
+            let walked = scan_message_fields(b, &mut Wire(b), &mut m).map(|()| format!("{m:?}"));
+            assert_eq!(fast, walked, "{b:?}");
+            parsed += fast.is_some() as usize;
+        }
+        assert!(parsed > 1000, "most messages are read, not only rejected");
+        // Frames: identity, version, extra, type and message in golang-dnstap's order, in the
+        // load generator's (type before the message) and the variations above.
+        let message = message_fields().concat();
+        let mut tap = vec![
+            vec![10, 3, b'n', b's', b'1'],
+            vec![18, 2, b'v', b'1'],
+            vec![26, 1, b'e'],
+            [&[114, message.len() as u8][..], &message].concat(),
+            vec![120, 1],
+        ];
+        let mut frames = field_orders(&tap);
+        tap.swap(3, 4);
+        frames.extend(field_orders(&tap));
+        let mut parsed = 0;
+        for f in &damaged(&frames) {
+            let fast = scan(f).ok().map(|t| format!("{t:?}"));
+            let mut t = TapFields::default();
+            let walked = scan_tap_fields(&mut Wire(f), &mut t).map(|()| format!("{t:?}"));
+            assert_eq!(fast, walked, "{f:?}");
+            parsed += fast.is_some() as usize;
+        }
+        assert!(parsed > 1000, "most frames are read, not only rejected");
     }
 
     #[test]
