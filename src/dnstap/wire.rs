@@ -171,50 +171,53 @@ pub fn scan(frame: &[u8]) -> Result<TapFields<'_>, DecodeError> {
 /// nested `Option`s cost more than the walk itself.
 fn scan_tap<'a>(frame: &'a [u8], t: &mut TapFields<'a>) -> Option<()> {
     let mut r = Wire(frame);
-    // The usual order first (golang-dnstap's, by field number; some senders put `type`
+    // The usual order first (golang-dnstap's, by field number; the load generator puts `type`
     // before the message), then whatever is left field by field.
-    r.if_tag(10, |r| {
-        t.identity = r.bytes()?;
-        Some(())
-    })?;
-    r.if_tag(18, |r| {
-        t.version = r.bytes()?;
-        Some(())
-    })?;
-    r.if_tag(26, |r| {
-        t.extra = r.bytes()?;
-        Some(())
-    })?;
-    r.if_tag(120, |r| r.varint().map(drop))?;
-    r.if_tag(114, |r| tap_message(r, t))?;
-    r.if_tag(120, |r| r.varint().map(drop))?;
-    scan_tap_fields(&mut r, t)
-}
-
-/// `scan_tap`'s walk over the fields in any order: the reference of its fast path.
-fn scan_tap_fields<'a>(r: &mut Wire<'a>, t: &mut TapFields<'a>) -> Option<()> {
+    in_order!(r, [10, 18, 26, 120, 114, 120], |tag| tap_field(
+        tag, &mut r, t
+    ));
     while !r.0.is_empty() {
-        match r.tag()? {
-            10 => t.identity = r.bytes()?,
-            18 => t.version = r.bytes()?,
-            26 => t.extra = r.bytes()?,
-            // Dnstap.type, in every frame: skipped here rather than in the outlined `skip`.
-            120 => {
-                r.varint()?;
-            }
-            114 => tap_message(r, t)?,
-            tag => r.skip(tag)?,
-        }
+        tap_field(r.tag()?, &mut r, t)?;
     }
     Some(())
 }
 
-/// The Dnstap.message field's value.
+/// Reads the usual fields in their usual order as long as they come so: a field whose tag
+/// (one byte) is the next one listed is read by `$read` with `$t` bound to its tag, as the
+/// field-by-field walk that follows reads it; a field listed but absent is passed over. The
+/// walk reads the rest. (Written out per tag rather than looped over, so that each read is
+/// compiled for its constant tag.)
+macro_rules! in_order {
+    ($r:ident, [$($tag:literal),*], |$t:ident| $read:expr) => {
+        $(
+            if $r.next_is($tag) {
+                let $t = $tag;
+                $read?;
+            }
+        )*
+    };
+}
+use in_order;
+
+/// Reads the value of the Dnstap field `tag` into `t`.
 #[inline(always)]
-fn tap_message<'a>(r: &mut Wire<'a>, t: &mut TapFields<'a>) -> Option<()> {
-    t.message_bytes = r.bytes()?;
-    let m = t.message.insert(MessageFields::default());
-    scan_message_into(t.message_bytes, m)
+fn tap_field<'a>(tag: u64, r: &mut Wire<'a>, t: &mut TapFields<'a>) -> Option<()> {
+    match tag {
+        10 => t.identity = r.bytes()?,
+        18 => t.version = r.bytes()?,
+        26 => t.extra = r.bytes()?,
+        // Dnstap.type, in every frame: skipped here rather than in the outlined `skip`.
+        120 => {
+            r.varint()?;
+        }
+        114 => {
+            t.message_bytes = r.bytes()?;
+            let m = t.message.insert(MessageFields::default());
+            scan_message_into(t.message_bytes, m)?;
+        }
+        tag => r.skip(tag)?,
+    }
+    Some(())
 }
 
 /// Scans an encoded dnstap.Message (what a session stores) for the same fields; `None` when
@@ -225,112 +228,68 @@ pub fn scan_message(b: &[u8]) -> Option<MessageFields<'_>> {
     Some(m)
 }
 
-/// Tags are `field << 3 | wire type` of dnstap.Message (proto/dnstap.proto). The fields come
-/// in field number order from every sender seen (golang-dnstap, the load generator): read in
-/// that order as long as they come so, each exactly as `scan_message_fields` reads it, which
-/// then reads whatever is left.
+/// Tags are `field << 3 | wire type` of dnstap.Message (proto/dnstap.proto). Every sender
+/// seen (golang-dnstap, the load generator) writes the fields in field number order.
 #[inline]
 fn scan_message_into<'a>(b: &'a [u8], m: &mut MessageFields<'a>) -> Option<()> {
     let mut r = Wire(b);
-    let at = |r: &Wire<'_>| (b.len() - r.0.len()) as u16;
-    r.if_tag(8, |r| {
-        m.kind = Some(MessageType::from(r.varint()? as i32));
-        Some(())
-    })?;
-    r.if_tag(16, |r| r.varint().map(drop))?;
-    r.if_tag(24, |r| {
-        m.protocol = Some(SocketProtocol::from(r.varint()? as i32));
-        Some(())
-    })?;
-    r.if_tag(34, |r| {
-        m.query_address = Some(r.bytes()?);
-        Some(())
-    })?;
-    r.if_tag(42, |r| {
-        m.response_address = Some(r.bytes()?);
-        Some(())
-    })?;
-    r.if_tag(48, |r| {
-        m.query_port = Some(r.varint()? as u32);
-        Some(())
-    })?;
-    r.if_tag(56, |r| {
-        m.response_port = Some(r.varint()? as u32);
-        Some(())
-    })?;
-    r.if_tag(64, |r| {
-        m.times_at[0] = at(r);
-        m.query_time_sec = Some(r.varint()?);
-        Some(())
-    })?;
-    r.if_tag(77, |r| {
-        m.times_at[1] = at(r);
-        m.query_time_nsec = Some(r.fixed32()?);
-        Some(())
-    })?;
-    r.if_tag(82, |r| {
-        m.query_message_repeated |= m.query_message.is_some();
-        m.query_message = Some(r.bytes()?);
-        Some(())
-    })?;
-    r.if_tag(96, |r| {
-        m.times_at[2] = at(r);
-        m.response_time_sec = Some(r.varint()?);
-        Some(())
-    })?;
-    r.if_tag(109, |r| {
-        m.times_at[3] = at(r);
-        m.response_time_nsec = Some(r.fixed32()?);
-        Some(())
-    })?;
-    r.if_tag(114, |r| {
-        m.response_message = Some(r.bytes()?);
-        Some(())
-    })?;
-    scan_message_fields(b, &mut r, m)
+    let len = b.len();
+    in_order!(
+        r,
+        [8, 16, 24, 34, 42, 48, 56, 64, 77, 82, 96, 109, 114],
+        |tag| message_field(tag, &mut r, m, len)
+    );
+    while !r.0.is_empty() {
+        message_field(r.tag()?, &mut r, m, b.len())?;
+    }
+    Some(())
 }
 
-/// `scan_message_into`'s walk over the fields of `b` left in `r`, in any order: the reference
-/// of its fast path.
-fn scan_message_fields<'a>(b: &'a [u8], r: &mut Wire<'a>, m: &mut MessageFields<'a>) -> Option<()> {
-    let at = |r: &Wire<'_>| (b.len() - r.0.len()) as u16;
-    while !r.0.is_empty() {
-        match r.tag()? {
-            8 => m.kind = Some(MessageType::from(r.varint()? as i32)),
-            // socket_family, in nearly every message: skipped without the outlined `skip`.
-            16 => {
-                r.varint()?;
-            }
-            24 => m.protocol = Some(SocketProtocol::from(r.varint()? as i32)),
-            34 => m.query_address = Some(r.bytes()?),
-            42 => m.response_address = Some(r.bytes()?),
-            48 => m.query_port = Some(r.varint()? as u32),
-            56 => m.response_port = Some(r.varint()? as u32),
-            64 => {
-                m.times_at[0] = at(r);
-                m.query_time_sec = Some(r.varint()?);
-            }
-            77 => {
-                m.times_at[1] = at(r);
-                m.query_time_nsec = Some(r.fixed32()?);
-            }
-            82 => {
-                m.query_message_repeated |= m.query_message.is_some();
-                m.query_message = Some(r.bytes()?);
-            }
-            96 => {
-                m.times_at[2] = at(r);
-                m.response_time_sec = Some(r.varint()?);
-            }
-            109 => {
-                m.times_at[3] = at(r);
-                m.response_time_nsec = Some(r.fixed32()?);
-            }
-            114 => m.response_message = Some(r.bytes()?),
-            tag => {
-                m.own_extra |= tag == EXTRA_TAG;
-                r.skip(tag)?
-            }
+/// Reads the value of the dnstap.Message field `tag` into `m`; the message is `len` bytes
+/// long (where a time's value starts is recorded for `MessageFacts`).
+#[inline(always)]
+fn message_field<'a>(
+    tag: u64,
+    r: &mut Wire<'a>,
+    m: &mut MessageFields<'a>,
+    len: usize,
+) -> Option<()> {
+    let at = |r: &Wire<'_>| (len - r.0.len()) as u16;
+    match tag {
+        8 => m.kind = Some(MessageType::from(r.varint()? as i32)),
+        // socket_family, in nearly every message: skipped without the outlined `skip`.
+        16 => {
+            r.varint()?;
+        }
+        24 => m.protocol = Some(SocketProtocol::from(r.varint()? as i32)),
+        34 => m.query_address = Some(r.bytes()?),
+        42 => m.response_address = Some(r.bytes()?),
+        48 => m.query_port = Some(r.varint()? as u32),
+        56 => m.response_port = Some(r.varint()? as u32),
+        64 => {
+            m.times_at[0] = at(r);
+            m.query_time_sec = Some(r.varint()?);
+        }
+        77 => {
+            m.times_at[1] = at(r);
+            m.query_time_nsec = Some(r.fixed32()?);
+        }
+        82 => {
+            m.query_message_repeated |= m.query_message.is_some();
+            m.query_message = Some(r.bytes()?);
+        }
+        96 => {
+            m.times_at[2] = at(r);
+            m.response_time_sec = Some(r.varint()?);
+        }
+        109 => {
+            m.times_at[3] = at(r);
+            m.response_time_nsec = Some(r.fixed32()?);
+        }
+        114 => m.response_message = Some(r.bytes()?),
+        tag => {
+            m.own_extra |= tag == EXTRA_TAG;
+            r.skip(tag)?
         }
     }
     Some(())
@@ -480,17 +439,16 @@ impl<'a> Wire<'a> {
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    /// Reads the next field with `read` if its tag is `tag`, a tag of one byte (which a tag
-    /// read as a varint is exactly when its first byte is); None if `read` fails.
+    /// Whether the next field's tag is `tag`, a tag of one byte (which a tag read as a
+    /// varint is exactly when its first byte is); if so, the tag is read.
     #[inline(always)]
-    fn if_tag(&mut self, tag: u8, read: impl FnOnce(&mut Self) -> Option<()>) -> Option<()> {
-        debug_assert!(tag < 0x80);
+    fn next_is(&mut self, tag: u8) -> bool {
         match self.0.split_first() {
             Some((&first, rest)) if first == tag => {
                 self.0 = rest;
-                read(self)
+                true
             }
-            _ => Some(()),
+            _ => false,
         }
     }
 
@@ -590,7 +548,8 @@ mod tests {
         for m in messages {
             out.extend((0..=m.len()).map(|n| m[..n].to_vec()));
             for i in 0..m.len() {
-                for b in [0, 0x08, 0x72, 0x80, 0xff] {
+                // A tag byte with its continuation bit set starts a longer tag.
+                for b in [0, 0x08, 0x72, 0x80, 0xff, m[i] | 0x80] {
                     let mut d = m.clone();
                     d[i] = b;
                     out.push(d);
@@ -600,14 +559,31 @@ mod tests {
         out
     }
 
+    /// A dnstap.Message read by the field-by-field walk alone: the fast path's reference.
+    fn message_by_fields(b: &[u8]) -> Option<MessageFields<'_>> {
+        let (mut r, mut m) = (Wire(b), MessageFields::default());
+        while !r.0.is_empty() {
+            message_field(r.tag()?, &mut r, &mut m, b.len())?;
+        }
+        Some(m)
+    }
+
+    /// A Dnstap frame read by the field-by-field walk alone (its message by `scan_message`).
+    fn tap_by_fields(frame: &[u8]) -> Option<TapFields<'_>> {
+        let (mut r, mut t) = (Wire(frame), TapFields::default());
+        while !r.0.is_empty() {
+            tap_field(r.tag()?, &mut r, &mut t)?;
+        }
+        Some(t)
+    }
+
     #[test]
     fn the_ordered_fast_paths_read_what_the_field_walks_read() {
         let messages = damaged(&field_orders(&message_fields()));
         let mut parsed = 0;
         for b in &messages {
             let fast = scan_message(b).map(|m| format!("{m:?}"));
-            let mut m = MessageFields::default();
-            let walked = scan_message_fields(b, &mut Wire(b), &mut m).map(|()| format!("{m:?}"));
+            let walked = message_by_fields(b).map(|m| format!("{m:?}"));
             assert_eq!(fast, walked, "{b:?}");
             parsed += fast.is_some() as usize;
         }
@@ -628,8 +604,7 @@ mod tests {
         let mut parsed = 0;
         for f in &damaged(&frames) {
             let fast = scan(f).ok().map(|t| format!("{t:?}"));
-            let mut t = TapFields::default();
-            let walked = scan_tap_fields(&mut Wire(f), &mut t).map(|()| format!("{t:?}"));
+            let walked = tap_by_fields(f).map(|t| format!("{t:?}"));
             assert_eq!(fast, walked, "{f:?}");
             parsed += fast.is_some() as usize;
         }
