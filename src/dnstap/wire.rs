@@ -245,7 +245,7 @@ fn scan_message_into<'a>(b: &'a [u8], m: &mut MessageFields<'a>) -> Option<()> {
         |tag| message_field(tag, &mut r, m, len)
     );
     while !r.0.is_empty() {
-        message_field(r.tag()?, &mut r, m, b.len())?;
+        message_field(r.tag()?, &mut r, m, len)?;
     }
     Some(())
 }
