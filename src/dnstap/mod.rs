@@ -30,6 +30,6 @@ pub use sources::{IdentityLimit, Liveness, SourceId, SourceRegistry};
 #[cfg(test)]
 pub(crate) use wire::walk_message;
 pub use wire::{
-    query_message_field, scan, scan_extra, scan_message, Encoded, MessageFields, TapFields,
-    MAX_EXTRA,
+    query_message_field, scan, scan_extra, scan_into, scan_message, Encoded, MessageFields,
+    TapFields, MAX_EXTRA,
 };

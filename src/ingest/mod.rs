@@ -17,7 +17,7 @@ pub use router::{Batch, QueueDepths, Router, ShardInput, BATCH};
 use crate::diagnosis::recall::{Recall, RecallConfig};
 use crate::dnstap::{
     self, Event, IdentityLimit, MessageSpan, Nanos, PeerKey, Role, SenderProfile, SourceId,
-    SourceRegistry, StreamEnded, StreamId,
+    SourceRegistry, StreamEnded, StreamId, TapFields,
 };
 use crate::framestream::{
     FrameAt, FrameDecoder, FrameError, Peek, ProtocolError, ReceiverStream, Step,
@@ -526,19 +526,17 @@ impl Drop for StreamIngest {
 impl StreamIngest {
     /// One data frame's payload, which starts at `at` in the router's current piece.
     fn on_payload(&mut self, payload: &[u8], at: usize, router: &mut Router) {
-        let tap = match dnstap::scan(payload) {
-            Ok(t) => t,
-            Err(e) => {
-                let metrics = &self.shared.metrics;
-                metrics.discard(Discard::from(&e), 1);
-                metrics.warn(format_args!(
-                    "{}: {}; frame skipped",
-                    self.peer,
-                    ErrorChain(&e)
-                ));
-                return;
-            }
-        };
+        let mut tap = TapFields::default();
+        if let Err(e) = dnstap::scan_into(payload, &mut tap) {
+            let metrics = &self.shared.metrics;
+            metrics.discard(Discard::from(&e), 1);
+            metrics.warn(format_args!(
+                "{}: {}; frame skipped",
+                self.peer,
+                ErrorChain(&e)
+            ));
+            return;
+        }
         let Some((source, profile)) = self.source_of(tap.identity, tap.version) else {
             return;
         };
