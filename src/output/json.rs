@@ -154,6 +154,12 @@ impl<'a> Json<'a> {
         self.out.push(b'"');
     }
 
+    /// A value already written in this line, at `text`, written again.
+    pub fn copy_value(&mut self, text: std::ops::Range<usize>) {
+        self.sep();
+        self.out.extend_from_within(text);
+    }
+
     /// A timestamp as an RFC 3339 string.
     pub fn time(&mut self, nanos: u64) {
         self.sep();
