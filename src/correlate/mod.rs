@@ -800,13 +800,13 @@ impl Correlator {
         }
     }
 
-    /// Removes the session from the table and hands it to the sink with its verdict.
+    /// Hands the session to the sink with its verdict, then removes it from the table.
     fn finish(&mut self, slot: SlotId, sink: &mut impl SessionSink) {
-        let Some(session) = self.table.remove(slot) else {
+        let Some(session) = self.table.get(slot) else {
             return;
         };
-        self.closed(session.source);
-        let loss_seq_now = self.sources.get(&session.source).map_or(0, |c| c.loss_seq);
+        let source = session.source;
+        let loss_seq_now = self.sources.get(&source).map_or(0, |c| c.loss_seq);
         let evident = if self.drop_epoch != session.drop_epoch_at_open {
             Some(LossReason::AnalyserQueueFull)
         } else if loss_seq_now != session.loss_seq_at_open {
@@ -823,6 +823,8 @@ impl Correlator {
         {
             self.store.release(m.bytes);
         }
+        self.table.discard(slot);
+        self.closed(source);
     }
 }
 
