@@ -815,7 +815,7 @@ impl Correlator {
             None
         };
         let verdict = session.verdict(evident);
-        sink.session(&session, verdict, &self.store);
+        sink.session(session, verdict, &self.store);
         for m in session
             .messages
             .iter()
