@@ -17,6 +17,7 @@ use expiry::{Due, ExpiryQueue};
 use hashbrown::{HashMap, HashSet};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 use table::{SessionTable, SlotId, MAX_SLOTS};
 
@@ -183,10 +184,6 @@ pub struct Correlator {
     drop_epoch: u32,
     upstream_hasher: ahash::RandomState,
     store: MessageStore,
-    /// The message of the event being handled, until a session takes it.
-    pending: Option<MessageRef>,
-    /// Reused buffer for re-encoding messages.
-    scratch: Vec<u8>,
 }
 
 impl Correlator {
@@ -208,8 +205,6 @@ impl Correlator {
             drop_epoch: 0,
             upstream_hasher: crate::dns::key_hasher(),
             store: MessageStore::default(),
-            pending: None,
-            scratch: Vec::new(),
         }
     }
 
@@ -235,14 +230,17 @@ impl Correlator {
         now: Instant,
         sink: &mut impl SessionSink,
     ) {
-        self.pending = Some(self.store.put(message));
-        self.handle(ev, now, sink);
-        if let Some(unused) = self.pending.take() {
-            self.store.release(unused);
-        }
+        self.handle(ev, message.into(), now, sink);
     }
 
-    fn handle(&mut self, mut ev: Event, now: Instant, sink: &mut impl SessionSink) {
+    /// `message` is copied into the store once, by the session that takes it.
+    fn handle(
+        &mut self,
+        mut ev: Event,
+        message: Encoded<'_>,
+        now: Instant,
+        sink: &mut impl SessionSink,
+    ) {
         if ev.drops_before > 0 {
             self.drop_epoch = self.drop_epoch.wrapping_add(1);
         }
@@ -274,9 +272,9 @@ impl Correlator {
         clock.loss_seq = clock.loss_seq.max(ev.loss_seq);
         let source = ev.source;
         match ev.role {
-            Role::ClientQuery => self.on_client_query(ev, t, sink),
-            Role::ClientResponse => self.on_client_response(ev, t, sink),
-            Role::UpstreamQuery | Role::UpstreamResponse => self.on_upstream(ev, t, sink),
+            Role::ClientQuery => self.on_client_query(ev, message, t, sink),
+            Role::ClientResponse => self.on_client_response(ev, message, t, sink),
+            Role::UpstreamQuery | Role::UpstreamResponse => self.on_upstream(ev, message, t, sink),
         }
         self.expire_by_streams(source, now, sink);
         if self.sources.get(&source).is_some_and(|c| c.open == 0) {
@@ -442,7 +440,13 @@ impl Correlator {
         }
     }
 
-    fn on_client_query(&mut self, ev: Event, t: Nanos, sink: &mut impl SessionSink) {
+    fn on_client_query(
+        &mut self,
+        ev: Event,
+        message: Encoded<'_>,
+        t: Nanos,
+        sink: &mut impl SessionSink,
+    ) {
         let client = self.client_hash(&ev);
         // A sender that reorders (BIND) may have written this query's upstream leg or
         // response first: adopt such an orphan instead of opening a second session.
@@ -470,14 +474,20 @@ impl Correlator {
         } else {
             t.saturating_add(timeout)
         };
-        self.push_message(slot, &ev);
+        self.push_message(slot, &ev, message);
         self.reschedule(slot, deadline);
         if adopt.is_some() && self.session_mut(slot).has(Role::ClientResponse) {
             self.complete(slot, sink);
         }
     }
 
-    fn on_client_response(&mut self, ev: Event, t: Nanos, sink: &mut impl SessionSink) {
+    fn on_client_response(
+        &mut self,
+        ev: Event,
+        message: Encoded<'_>,
+        t: Nanos,
+        sink: &mut impl SessionSink,
+    ) {
         let client = self.client_hash(&ev);
         let id = ev.question.map(|q| q.id);
         let found = self.find_best(ev.key, |s| {
@@ -510,7 +520,7 @@ impl Correlator {
                 None => return,
             },
         };
-        self.push_message(slot, &ev);
+        self.push_message(slot, &ev, message);
         let has_query = self
             .table
             .get(slot)
@@ -523,7 +533,13 @@ impl Correlator {
         }
     }
 
-    fn on_upstream(&mut self, ev: Event, t: Nanos, sink: &mut impl SessionSink) {
+    fn on_upstream(
+        &mut self,
+        ev: Event,
+        message: Encoded<'_>,
+        t: Nanos,
+        sink: &mut impl SessionSink,
+    ) {
         let is_response = ev.role == Role::UpstreamResponse;
         let keeps_id = ev.profile.upstream_keeps_client_id();
         let id = ev.question.map(|q| q.id);
@@ -576,7 +592,7 @@ impl Correlator {
         } else {
             s.upstream_queries = s.upstream_queries.saturating_add(1);
         }
-        self.push_message(slot, &ev);
+        self.push_message(slot, &ev, message);
         let s = self.session_mut(slot);
         if s.completed && s.upstream_responses >= s.upstream_queries {
             self.finish(slot, sink);
@@ -718,7 +734,7 @@ impl Correlator {
         self.table.get_mut(slot)
     }
 
-    fn push_message(&mut self, slot: SlotId, ev: &Event) {
+    fn push_message(&mut self, slot: SlotId, ev: &Event, message: Encoded<'_>) {
         let upstream = if matches!(ev.role, Role::UpstreamQuery | Role::UpstreamResponse) {
             self.upstream_hash(ev)
         } else {
@@ -736,20 +752,22 @@ impl Correlator {
             s.messages_dropped = s.messages_dropped.saturating_add(1);
             return;
         }
-        let mut bytes = self.pending.take().unwrap_or_else(|| self.store.put(&[]));
         let mut flags = if ev.has_extra { Message::EXTRA } else { 0 };
         if ev.time_rejected {
             flags |= Message::TIME_REJECTED;
         }
         let cq = s.messages.iter().find(|m| m.role == Role::ClientQuery);
-        if let (Role::UpstreamQuery, Some(cq)) = (ev.role, cq) {
-            if let Some(stripped) =
-                strip_query_of(&mut self.store, &mut self.scratch, cq.bytes, bytes)
-            {
-                bytes = stripped;
+        let query = match (ev.role, cq) {
+            (Role::UpstreamQuery, Some(cq)) => query_of_cq(&self.store, cq.bytes, &message),
+            _ => None,
+        };
+        let mut bytes = match query {
+            Some(field) => {
                 flags |= Message::QUERY_FROM_CQ;
+                self.store.put_without(message, field)
             }
-        }
+            None => self.store.put(message),
+        };
         let repeat = s.messages.last().is_some_and(|prev| {
             prev.role == ev.role
                 && prev.flags & Message::QUERY_FROM_CQ == flags & Message::QUERY_FROM_CQ
@@ -810,13 +828,13 @@ impl Correlator {
         }
     }
 
-    /// Removes the session from the table and hands it to the sink with its verdict.
+    /// Hands the session to the sink with its verdict, then removes it from the table.
     fn finish(&mut self, slot: SlotId, sink: &mut impl SessionSink) {
-        let Some(session) = self.table.remove(slot) else {
+        let Some(session) = self.table.get(slot) else {
             return;
         };
-        self.closed(session.source);
-        let loss_seq_now = self.sources.get(&session.source).map_or(0, |c| c.loss_seq);
+        let source = session.source;
+        let loss_seq_now = self.sources.get(&source).map_or(0, |c| c.loss_seq);
         let evident = if self.drop_epoch != session.drop_epoch_at_open {
             Some(LossReason::AnalyserQueueFull)
         } else if loss_seq_now != session.loss_seq_at_open {
@@ -825,7 +843,7 @@ impl Correlator {
             None
         };
         let verdict = session.verdict(evident);
-        sink.session(&session, verdict, &self.store);
+        sink.session(session, verdict, &self.store);
         for m in session
             .messages
             .iter()
@@ -833,33 +851,22 @@ impl Correlator {
         {
             self.store.release(m.bytes);
         }
+        self.table.discard(slot);
+        self.closed(source);
     }
 }
 
 /// An upstream query usually carries the client's query byte for byte; then it is stored
-/// without it (about half its size). Returns the new reference, having released `fq`.
-fn strip_query_of(
-    store: &mut MessageStore,
-    scratch: &mut Vec<u8>,
-    cq: MessageRef,
-    fq: MessageRef,
-) -> Option<MessageRef> {
-    let ((cq_facts, cq_bytes), (facts, fq_bytes)) =
-        (store.get_with_facts(cq), store.get_with_facts(fq));
+/// without it (about half its size): the query_message field of `fq` to leave out, if so.
+fn query_of_cq(store: &MessageStore, cq: MessageRef, fq: &Encoded<'_>) -> Option<Range<usize>> {
+    let (cq_facts, cq_bytes) = store.get_with_facts(cq);
     let (_, cq_value) = cq_facts.query_field(cq_bytes)?;
-    let (fq_field, fq_value) = facts.query_field(fq_bytes)?;
-    if cq_bytes[cq_value] != fq_bytes[fq_value] {
-        return None;
-    }
-    scratch.clear();
-    scratch.extend_from_slice(&fq_bytes[..fq_field.start]);
-    scratch.extend_from_slice(&fq_bytes[fq_field.end..]);
-    let facts = facts.without(fq_field);
-    store.release(fq);
-    Some(store.put(Encoded {
-        facts,
-        ..Encoded::from(scratch.as_slice())
-    }))
+    let (fq_field, fq_value) = fq.facts.query_field(fq.message)?;
+    let same = match (cq_bytes.get(cq_value), fq.message.get(fq_value)) {
+        (Some(cq), Some(fq)) => cq == fq,
+        _ => false,
+    };
+    (same && fq_field.end <= fq.message.len()).then_some(fq_field)
 }
 
 /// Whether a CQ explains an orphan opened by its own response or upstream leg.

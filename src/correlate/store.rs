@@ -8,6 +8,7 @@
 //! diagnosis finds its fields in it, as the reader's scan found them).
 
 use crate::dnstap::{Encoded, MessageFacts};
+use std::ops::Range;
 
 /// The facts in front of each stored message.
 const HEADER: usize = MessageFacts::LEN;
@@ -133,12 +134,31 @@ impl MessageStore {
     /// Stores a message (with its frame's `extra`, if any) and its facts: written straight
     /// into its slot.
     pub fn put<'a>(&mut self, message: impl Into<Encoded<'a>>) -> MessageRef {
-        let message = message.into();
-        let len = message.len();
+        self.put_after(&[], message.into())
+    }
+
+    /// Stores `message` without its bytes `cut` (a field of it), its facts moved to match.
+    pub fn put_without(&mut self, message: Encoded<'_>, cut: Range<usize>) -> MessageRef {
+        let rest = Encoded {
+            message: &message.message[cut.end..],
+            facts: message.facts.without(cut.clone()),
+            ..message
+        };
+        self.put_after(&message.message[..cut.start], rest)
+    }
+
+    /// Stores `head`, then `message` (with its extra) as one message with `message`'s facts:
+    /// each byte copied once, straight into its slot.
+    fn put_after(&mut self, head: &[u8], message: Encoded<'_>) -> MessageRef {
+        let len = head.len() + message.len();
         let write = |out: &mut [u8]| {
             let (facts, bytes) = out.split_at_mut(HEADER);
             message.facts.write_to(facts);
-            message.write_to(bytes);
+            let (head_out, rest) = bytes.split_at_mut(head.len());
+            if !head.is_empty() {
+                head_out.copy_from_slice(head);
+            }
+            message.write_to(rest);
         };
         let class = CLASSES.partition_point(|&size| size < HEADER + len);
         if class < CLASSES.len() {
@@ -243,6 +263,36 @@ mod tests {
             store.get_with_facts(without),
             (MessageFacts::default(), &message[..])
         );
+    }
+
+    #[test]
+    fn a_message_stored_without_a_field_is_the_message_cut_then_stored() {
+        let mut store = MessageStore::default();
+        let q = crate::dns::tests::query(&["a", "test"], 1);
+        let mut message = vec![0x10, 0x01, 0x52, q.len() as u8];
+        message.extend_from_slice(&q);
+        message.extend_from_slice(&[0x18, 0x05]);
+        let fields = crate::dnstap::scan_message(&message).unwrap();
+        let facts = MessageFacts::of(&message, &fields, crate::dnstap::Role::ClientQuery, &[]);
+        let (field, _) = facts.query_field(&message).unwrap();
+        assert_eq!(field, 2..4 + q.len());
+        for extra in [&b""[..], b"pod=a"] {
+            let encoded = Encoded {
+                message: &message,
+                extra,
+                facts,
+            };
+            let cut = store.put_without(encoded, field.clone());
+            let mut rest = message[..field.start].to_vec();
+            rest.extend_from_slice(&message[field.end..]);
+            let expected = store.put(Encoded {
+                message: &rest,
+                extra,
+                facts: facts.without(field.clone()),
+            });
+            assert_eq!(store.get_with_facts(cut), store.get_with_facts(expected));
+            assert_eq!(&store.get(cut)[..rest.len()], &rest[..]);
+        }
     }
 
     #[test]

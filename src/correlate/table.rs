@@ -136,17 +136,29 @@ impl SessionTable {
         SlotId(slot)
     }
 
-    /// Takes the session out: unlinks it from its chain, bumps the slot's generation (so
-    /// references to it go stale) and frees the slot. None if the slot holds no session.
+    /// Takes the session out: see [`SessionTable::discard`].
+    #[cfg(test)]
     pub(super) fn remove(&mut self, slot: SlotId) -> Option<Session> {
+        let session = self.entries[slot.0].session.clone()?;
+        self.discard(slot);
+        Some(session)
+    }
+
+    /// Drops the session where it is (a session is a few hundred bytes: not moved out to be
+    /// dropped), unlinks it from its chain, bumps the slot's generation (so references to it
+    /// go stale) and frees the slot. False if the slot holds no session.
+    pub(super) fn discard(&mut self, slot: SlotId) -> bool {
         let entry = &mut self.entries[slot.0];
-        let session = entry.session.take()?;
+        let Some(key) = entry.session.as_ref().map(|s| s.key) else {
+            return false;
+        };
+        entry.session = None;
         entry.generation = entry.generation.wrapping_add(1);
-        self.unlink(session.key, slot.0);
+        self.unlink(key, slot.0);
         self.unlink_age(slot.0);
         self.free.push(slot.0);
         self.len -= 1;
-        Some(session)
+        true
     }
 
     /// The live sessions chained under `key`, newest first, with their slots.

@@ -233,16 +233,22 @@ impl Recall {
         }
     }
 
-    /// The request's open attempts got no response: each is a timeout, at `t`.
+    /// The request's open attempts got no response: each is a timeout, at `t`. The walk
+    /// stops at the last of them: `open_by_request` counts them, and a request's attempts are
+    /// near the back (the deque keeps up to `MAX_OPEN_ATTEMPTS` of other requests before them).
     fn time_out_attempts(&mut self, source: SourceId, key: u64, t: Nanos) {
-        if self.open_by_request.remove(&(source, key)).is_none() {
+        let Some(mut open) = self.open_by_request.remove(&(source, key)) else {
             return;
-        }
+        };
         let mut timed_out = None;
         for a in self.attempts.iter_mut().rev() {
             if a.open && a.source == source && a.key == key {
                 a.open = false;
                 timed_out.get_or_insert(a.upstream);
+                open -= 1;
+                if open == 0 {
+                    break;
+                }
             }
         }
         if let Some(upstream) = timed_out {
@@ -523,6 +529,24 @@ mod tests {
             r.observe(&ev(Role::ClientQuery, 9, 4, T0 + 3 * SEC, 0)),
             Recollection::Nothing
         );
+    }
+
+    #[test]
+    fn a_retry_times_out_every_open_attempt_of_its_request_and_no_other() {
+        let mut r = recall();
+        // Request 1's two attempts, among open attempts of other requests before and after.
+        for (id, t) in [(2, 0), (1, 1), (3, 2), (1, 3), (4, 4)] {
+            r.observe(&ev(Role::UpstreamQuery, 7, id, T0 + t * SEC, 0));
+        }
+        r.observe(&ev(Role::ClientResponse, 7, 1, T0 + 5 * SEC, 2));
+        let open: Vec<u64> = r
+            .attempts
+            .iter()
+            .filter(|a| a.open)
+            .map(|a| a.key % 1000)
+            .collect();
+        assert_eq!(open, [2, 3, 4]);
+        assert_eq!(r.open_attempts(), 3);
     }
 
     #[test]

@@ -22,6 +22,32 @@ pub fn write_dns(j: &mut Json<'_>, wire: &[u8]) {
     }
 }
 
+/// The DNS messages a line has written so far, for [`write_dns_once`]: the JSON of each of the
+/// first few, by its wire bytes.
+#[derive(Default)]
+pub struct WrittenDns<'w> {
+    written: smallvec::SmallVec<[(&'w [u8], Range<usize>); WRITTEN_DNS]>,
+}
+
+/// Messages a line remembers: a session's distinct DNS messages are its query and a response
+/// or two; the rest are written again.
+const WRITTEN_DNS: usize = 4;
+
+/// [`write_dns`] as a value after a key, unless the line already holds the JSON of the same
+/// wire bytes: then that text is copied. CoreDNS forwards the client's query as it came, so an
+/// upstream query (and each retry of it) is the CQ's message byte for byte.
+pub fn write_dns_once<'w>(j: &mut Json<'_>, wire: &'w [u8], written: &mut WrittenDns<'w>) {
+    if let Some((_, text)) = written.written.iter().find(|(w, _)| *w == wire) {
+        return j.copy_value(text.clone());
+    }
+    let start = j.out.len();
+    write_dns(j, wire);
+    // After a key the value begins at `start`, without a separator.
+    if written.written.len() < WRITTEN_DNS && j.out.get(start) == Some(&b'{') {
+        written.written.push((wire, start..j.out.len()));
+    }
+}
+
 /// The message as JSON, parsed with `domain`: any message, malformed ones included.
 fn write_parsed(j: &mut Json<'_>, wire: &[u8]) {
     let Ok(msg) = Message::from_octets(wire) else {
@@ -801,6 +827,45 @@ mod tests {
             String::from_utf8(line).unwrap(),
             String::from_utf8(expected).unwrap()
         );
+    }
+
+    #[test]
+    fn a_message_written_again_in_a_line_is_the_same_text() {
+        // A query, a response, the query again (other bytes, same content), the query with
+        // one byte changed (same length), the response again, then more distinct messages
+        // than the line remembers, then the first again.
+        let query = crate::dns::tests::query(&["a", "test"], 7);
+        let mut response = query.clone();
+        response[2] |= 0x80;
+        let mut other_id = query.clone();
+        other_id[1] ^= 1;
+        let others: Vec<Vec<u8>> = (0..WRITTEN_DNS as u16)
+            .map(|id| crate::dns::tests::query(&["b", "test"], id))
+            .collect();
+        let copy = query.clone();
+        let mut wires = vec![&query, &response, &copy, &other_id, &response];
+        wires.extend(&others);
+        wires.push(&query);
+        let line = |once: bool| {
+            let mut out = b"x".to_vec();
+            let mut j = Json::new(&mut out);
+            let mut written = WrittenDns::default();
+            j.begin_array();
+            for wire in &wires {
+                j.begin_object();
+                j.key("dns");
+                match once {
+                    true => write_dns_once(&mut j, wire, &mut written),
+                    false => write_dns(&mut j, wire),
+                }
+                j.field_uint("n", wire.len() as u64);
+                j.end_object();
+            }
+            j.end_array();
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(line(true), line(false));
+        assert_eq!(line(true).matches(r#""id":7,"#).count(), 5);
     }
 
     #[test]

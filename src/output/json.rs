@@ -125,12 +125,22 @@ impl<'a> Json<'a> {
     }
 
     pub fn string(&mut self, s: &str) {
+        // Most strings of a line are short and plain (names, mnemonics, identities): written
+        // as a name is, without the escaping copy.
+        if s.len() <= 16 && is_plain(s.as_bytes()) {
+            return self.plain(s);
+        }
         self.sep();
         escape(self.out, s);
     }
 
     /// One of the schema's own constant strings (names, mnemonics): nothing to escape.
     pub fn name(&mut self, s: &'static str) {
+        self.plain(s);
+    }
+
+    /// A string with nothing to escape.
+    fn plain(&mut self, s: &str) {
         let level = self.level;
         let comma = level != 0 && self.first & level == 0;
         self.first &= !level;
@@ -152,6 +162,12 @@ impl<'a> Json<'a> {
         self.out.push(b'"');
         write(self.out);
         self.out.push(b'"');
+    }
+
+    /// A value already written in this line, at `text`, written again.
+    pub fn copy_value(&mut self, text: std::ops::Range<usize>) {
+        self.sep();
+        self.out.extend_from_within(text);
     }
 
     /// A timestamp as an RFC 3339 string.
@@ -379,18 +395,22 @@ fn is_plain(bytes: &[u8]) -> bool {
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
     // A byte of `x` is zero, or below `n`: the classic word-at-a-time tests.
     let below = |x: u64, n: u8| x.wrapping_sub(ONES * n as u64) & !x & HIGHS;
-    let special = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+    let hit = |x: u64| {
+        below(x, 0x20) | below(x ^ (ONES * b'"' as u64), 1) | below(x ^ (ONES * b'\\' as u64), 1)
+    };
     let mut words = bytes.chunks_exact(8);
     for w in &mut words {
-        let x = u64::from_ne_bytes(w.try_into().unwrap_or_default());
-        let hit = below(x, 0x20)
-            | below(x ^ (ONES * b'"' as u64), 1)
-            | below(x ^ (ONES * b'\\' as u64), 1);
-        if hit != 0 {
+        if hit(u64::from_ne_bytes(w.try_into().unwrap_or_default())) != 0 {
             return false;
         }
     }
-    !words.remainder().iter().any(|&b| special(b))
+    // The last few bytes as one more word, filled with plain ones (byte by byte: a copy of a
+    // length known only at run time would call memcpy).
+    let mut last = [b'a'; 8];
+    for (l, &b) in last.iter_mut().zip(words.remainder()) {
+        *l = b;
+    }
+    hit(u64::from_ne_bytes(last)) == 0
 }
 
 /// RFC 3339 UTC with nanoseconds, from Unix nanoseconds.
@@ -474,7 +494,7 @@ mod tests {
     #[test]
     fn the_word_at_a_time_check_finds_every_byte_that_needs_escaping() {
         let naive = |b: &[u8]| !b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
-        for len in [1, 7, 8, 9, 16, 23] {
+        for len in (1..=17).chain([23]) {
             for pos in 0..len {
                 for c in 0..=255u8 {
                     // Bytes around the one tested: plain ASCII, and UTF-8 high bytes.
@@ -483,6 +503,37 @@ mod tests {
                         b[pos] = c;
                         assert_eq!(is_plain(&b), naive(&b), "{b:?}");
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strings_of_any_length_are_escaped_where_they_need_it() {
+        let mut text = String::new();
+        for len in 0..=20 {
+            for special in [
+                None,
+                Some('"'),
+                Some('\\'),
+                Some('\n'),
+                Some('\u{1}'),
+                Some('é'),
+            ] {
+                for pos in 0..len.max(1) {
+                    text.clear();
+                    text.extend((0..len).map(|i| match special {
+                        Some(c) if i == pos => c,
+                        _ => char::from(b'a' + i as u8),
+                    }));
+                    let mut out = Vec::new();
+                    let mut j = Json::new(&mut out);
+                    j.begin_array();
+                    j.string(&text);
+                    j.string(&text);
+                    j.end_array();
+                    let want = serde_json::to_string(&[&text, &text]).unwrap();
+                    assert_eq!(String::from_utf8(out).unwrap(), want);
                 }
             }
         }

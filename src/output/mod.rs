@@ -388,6 +388,7 @@ fn field_mnemonic(
 }
 
 fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
+    let mut written_dns = dns_json::WrittenDns::default();
     j.begin_array();
     for d in decoded {
         j.begin_object();
@@ -447,7 +448,7 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
         }
         if let Some(wire) = d.wire() {
             j.key("dns");
-            dns_json::write_dns(j, wire);
+            dns_json::write_dns_once(j, wire, &mut written_dns);
         }
         j.end_object();
     }
