@@ -21,17 +21,18 @@
 //! - the two halves of a pair (A, AAAA) from one port seconds apart: the later one's first
 //!   send was lost and the resolver waited out its timeout (the five-second signature).
 
+mod expiry;
 pub mod names;
 pub mod record;
 pub mod stage;
 
 use crate::dnstap::{Nanos, SourceId};
+use expiry::{Due, Expiry};
 use hashbrown::hash_map::Entry;
 use hashbrown::HashMap;
 use names::{Reading, Readings, SearchList, Suffix};
 use smallvec::SmallVec;
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::net::{IpAddr, SocketAddr};
 
 pub const QTYPE_A: u16 = 1;
@@ -347,8 +348,8 @@ pub struct LookupTable {
     /// load generator is one client with thousands of lookups open).
     by_base: HashMap<u64, SmallVec<[usize; 2]>>,
     hasher: ahash::RandomState,
-    /// (touched, slot, id): lazily checked, a lookup touched since is pushed again.
-    expiry: BinaryHeap<Reverse<(Nanos, usize, u64)>>,
+    /// Lazily checked: a lookup touched since is queued again when its turn comes.
+    expiry: Expiry,
     open: usize,
     next_id: u64,
     id_step: u64,
@@ -409,7 +410,7 @@ impl LookupTable {
             clients: HashMap::new(),
             by_base: HashMap::new(),
             hasher: crate::dns::key_hasher(),
-            expiry: BinaryHeap::new(),
+            expiry: Expiry::default(),
             open: 0,
             next_id: partition + 1,
             id_step: partitions.max(1),
@@ -682,7 +683,7 @@ impl LookupTable {
         let r = readings[0];
         let ip = q.client.ip();
         while self.open >= self.cfg.max_open.max(1) {
-            let Some(Reverse((_, slot, id))) = self.expiry.pop() else {
+            let Some(Due { slot, id, .. }) = self.expiry.pop() else {
                 break;
             };
             if open_at(&self.slots, slot).is_some_and(|l| l.id == id) {
@@ -702,23 +703,27 @@ impl LookupTable {
             self.by_base.entry(k).or_default().push(slot);
         }
         self.clients.entry(ip).or_default().slots.push(slot);
-        self.expiry.push(Reverse((now, slot, id)));
+        self.expiry.push(Due {
+            touched: now,
+            id,
+            slot,
+        });
         self.compact_expiry();
         slot
     }
 
     /// Drops the expiry entries of lookups that have ended. Nothing else takes them out before
     /// their time comes, and a client at its bound (a load generator, a forwarder) ends one
-    /// lookup per query by eviction: the heap would hold every lookup of the last `gap +
-    /// linger`, and each pop would sift through them. Rebuilt when it has grown to twice the
-    /// open lookups: amortised constant per lookup.
+    /// lookup per query by eviction: the queue would hold every lookup of the last `gap +
+    /// linger`. Compacted when it has grown to twice the open lookups: amortised constant per
+    /// lookup.
     fn compact_expiry(&mut self) {
         if self.expiry.len() <= 2 * self.open + 1024 {
             return;
         }
         let slots = &self.slots;
         self.expiry
-            .retain(|Reverse((_, slot, id))| open_at(slots, *slot).is_some_and(|l| l.id == *id));
+            .retain(|d| open_at(slots, d.slot).is_some_and(|l| l.id == d.id));
     }
 
     fn join(
@@ -786,7 +791,7 @@ impl LookupTable {
     /// Ends every lookup nothing joined for `gap + linger` before stage clock `now`.
     pub fn advance(&mut self, now: Nanos, done: &mut impl FnMut(&Lookup)) {
         let quiet = self.cfg.gap.saturating_add(self.cfg.linger);
-        while let Some(&Reverse((touched, slot, id))) = self.expiry.peek() {
+        while let Some(Due { touched, id, slot }) = self.expiry.peek() {
             if touched.saturating_add(quiet) > now {
                 break;
             }
@@ -796,7 +801,11 @@ impl LookupTable {
             };
             if l.touched > touched {
                 let again = l.touched;
-                self.expiry.push(Reverse((again, slot, id)));
+                self.expiry.push(Due {
+                    touched: again,
+                    id,
+                    slot,
+                });
             } else {
                 self.close(slot, false, done);
             }
