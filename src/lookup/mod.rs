@@ -21,17 +21,19 @@
 //! - the two halves of a pair (A, AAAA) from one port seconds apart: the later one's first
 //!   send was lost and the resolver waited out its timeout (the five-second signature).
 
+mod expiry;
 pub mod names;
 pub mod record;
 pub mod stage;
 
 use crate::dnstap::{Nanos, SourceId};
+use arrayvec::ArrayString;
+use expiry::{Due, Expiry};
 use hashbrown::hash_map::Entry;
 use hashbrown::HashMap;
 use names::{Reading, Readings, SearchList, Suffix};
 use smallvec::SmallVec;
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::net::{IpAddr, SocketAddr};
 
 pub const QTYPE_A: u16 = 1;
@@ -222,7 +224,7 @@ struct Open {
     id: u64,
     client: IpAddr,
     family: Family,
-    base: String,
+    base: BaseName,
     namespace: Option<String>,
     candidates: SmallVec<[Candidate; 5]>,
     identities: SmallVec<[SourceId; 2]>,
@@ -236,6 +238,42 @@ struct Open {
     keys: SmallVec<[u64; 4]>,
     /// It has tried a cluster or extra suffix: `learn` may continue it with a node domain.
     learning: bool,
+}
+
+/// A lookup's base name, in the lookup's own memory when short (nearly always): on the heap
+/// it is one cache miss more for every lookup that ends (its candidates are written from it)
+/// and every query that meets it, in a table of 65k lookups. An `ArrayString` reads as a
+/// `str` without checking its bytes again (a `[u8; N]` would be checked at every use).
+#[derive(Debug, Default)]
+struct BaseName {
+    short: ArrayString<28>,
+    /// A longer name (`short` then empty); kept once grown: the slot's next lookups reuse it.
+    long: String,
+}
+
+impl BaseName {
+    fn set(&mut self, name: &str) {
+        self.short.clear();
+        self.long.clear();
+        if self.short.try_push_str(name).is_err() {
+            self.long.push_str(name);
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self.long.is_empty() {
+            true => &self.short,
+            false => &self.long,
+        }
+    }
+}
+
+impl std::ops::Deref for BaseName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
 }
 
 /// The id of no lookup (ids start at 1).
@@ -256,8 +294,7 @@ impl Open {
             id: VACANT,
             client: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             family: Family::Address,
-            // Room for most names: rarely too short for the next lookup's.
-            base: String::with_capacity(64),
+            base: BaseName::default(),
             namespace: None,
             candidates: SmallVec::new(),
             identities: SmallVec::new(),
@@ -301,8 +338,7 @@ impl Open {
         *my_id = id;
         *client = q.client.ip();
         *my_family = Family::of(q.qtype).0;
-        my_base.clear();
-        my_base.push_str(base);
+        my_base.set(base);
         set(namespace, None, spare);
         candidates.clear();
         identities.clear();
@@ -347,8 +383,8 @@ pub struct LookupTable {
     /// load generator is one client with thousands of lookups open).
     by_base: HashMap<u64, SmallVec<[usize; 2]>>,
     hasher: ahash::RandomState,
-    /// (touched, slot, id): lazily checked, a lookup touched since is pushed again.
-    expiry: BinaryHeap<Reverse<(Nanos, usize, u64)>>,
+    /// Lazily checked: a lookup touched since is queued again when its turn comes.
+    expiry: Expiry,
     open: usize,
     next_id: u64,
     id_step: u64,
@@ -409,7 +445,7 @@ impl LookupTable {
             clients: HashMap::new(),
             by_base: HashMap::new(),
             hasher: crate::dns::key_hasher(),
-            expiry: BinaryHeap::new(),
+            expiry: Expiry::default(),
             open: 0,
             next_id: partition + 1,
             id_step: partitions.max(1),
@@ -566,7 +602,7 @@ impl LookupTable {
             for (i, r) in readings
                 .iter()
                 .enumerate()
-                .filter(|(_, r)| r.base == l.base)
+                .filter(|(_, r)| r.base == l.base.as_str())
             {
                 same_base = true;
                 if r.suffix == Suffix::Namespace
@@ -631,7 +667,7 @@ impl LookupTable {
                     o.namespace.map(str::to_string),
                 );
                 let l = open_at_mut(&mut self.slots, slot)?;
-                l.base = base;
+                l.base.set(&base);
                 l.namespace = ns;
                 l.candidates[0].suffix = suffix;
                 return Some((slot, i, Fit::New));
@@ -682,7 +718,7 @@ impl LookupTable {
         let r = readings[0];
         let ip = q.client.ip();
         while self.open >= self.cfg.max_open.max(1) {
-            let Some(Reverse((_, slot, id))) = self.expiry.pop() else {
+            let Some(Due { slot, id, .. }) = self.expiry.pop() else {
                 break;
             };
             if open_at(&self.slots, slot).is_some_and(|l| l.id == id) {
@@ -702,23 +738,27 @@ impl LookupTable {
             self.by_base.entry(k).or_default().push(slot);
         }
         self.clients.entry(ip).or_default().slots.push(slot);
-        self.expiry.push(Reverse((now, slot, id)));
+        self.expiry.push(Due {
+            touched: now,
+            id,
+            slot,
+        });
         self.compact_expiry();
         slot
     }
 
     /// Drops the expiry entries of lookups that have ended. Nothing else takes them out before
     /// their time comes, and a client at its bound (a load generator, a forwarder) ends one
-    /// lookup per query by eviction: the heap would hold every lookup of the last `gap +
-    /// linger`, and each pop would sift through them. Rebuilt when it has grown to twice the
-    /// open lookups: amortised constant per lookup.
+    /// lookup per query by eviction: the queue would hold every lookup of the last `gap +
+    /// linger`. Compacted when it has grown to twice the open lookups: amortised constant per
+    /// lookup.
     fn compact_expiry(&mut self) {
         if self.expiry.len() <= 2 * self.open + 1024 {
             return;
         }
         let slots = &self.slots;
         self.expiry
-            .retain(|Reverse((_, slot, id))| open_at(slots, *slot).is_some_and(|l| l.id == *id));
+            .retain(|d| open_at(slots, d.slot).is_some_and(|l| l.id == d.id));
     }
 
     fn join(
@@ -786,7 +826,7 @@ impl LookupTable {
     /// Ends every lookup nothing joined for `gap + linger` before stage clock `now`.
     pub fn advance(&mut self, now: Nanos, done: &mut impl FnMut(&Lookup)) {
         let quiet = self.cfg.gap.saturating_add(self.cfg.linger);
-        while let Some(&Reverse((touched, slot, id))) = self.expiry.peek() {
+        while let Some(Due { touched, id, slot }) = self.expiry.peek() {
             if touched.saturating_add(quiet) > now {
                 break;
             }
@@ -796,7 +836,11 @@ impl LookupTable {
             };
             if l.touched > touched {
                 let again = l.touched;
-                self.expiry.push(Reverse((again, slot, id)));
+                self.expiry.push(Due {
+                    touched: again,
+                    id,
+                    slot,
+                });
             } else {
                 self.close(slot, false, done);
             }
@@ -923,14 +967,14 @@ fn finish(
 ) {
     drop_server_lookups(&mut l.candidates);
     l.candidates.sort_by_key(|c| c.first_query);
-    let ns = l.namespace.as_deref();
+    let (base, ns) = (l.base.as_str(), l.namespace.as_deref());
     out.candidates.truncate(l.candidates.len());
     for (i, c) in l.candidates.iter().enumerate() {
         match out.candidates.get_mut(i) {
-            Some(name) => search.candidate_name_into(&l.base, c.suffix, ns, name),
+            Some(name) => search.candidate_name_into(base, c.suffix, ns, name),
             None => out
                 .candidates
-                .push(search.candidate_name(&l.base, c.suffix, ns)),
+                .push(search.candidate_name(base, c.suffix, ns)),
         }
     }
     let candidates = &out.candidates;
@@ -952,7 +996,7 @@ fn finish(
         None => 0,
     };
     let end = l.last_response.unwrap_or(l.last_query).max(l.last_query);
-    asked(l, &out.candidates, &mut out.asked);
+    asked(l, base, &out.candidates, &mut out.asked);
     let mut waits = SmallVec::new();
     out.retries = l.candidates.iter().map(|c| retries(c, &mut waits)).sum();
     out.id = l.id;
@@ -985,18 +1029,18 @@ fn set(slot: &mut Option<String>, value: Option<&str>, spare: &mut Vec<String>) 
 /// base name. A lone candidate cannot show whether the short or the full name was asked: a
 /// lone `<name>.<ns>.svc.<cd>` whose `<name>` has no dot (or that `autopath` answered) reads
 /// as the short name, the likelier ask; anything else as the absolute name it is.
-fn asked(l: &Open, candidates: &[String], out: &mut String) {
+fn asked(l: &Open, base: &str, candidates: &[String], out: &mut String) {
     out.clear();
     match l.candidates.as_slice() {
         [c] if c.suffix == Suffix::Bare => {
-            out.push_str(&l.base);
+            out.push_str(base);
             out.push('.');
         }
-        [c] if c.suffix == Suffix::Namespace && (!l.base.contains('.') || l.autopath.is_some()) => {
-            out.push_str(&l.base)
+        [c] if c.suffix == Suffix::Namespace && (!base.contains('.') || l.autopath.is_some()) => {
+            out.push_str(base)
         }
         [_] => out.push_str(&candidates[0]),
-        _ => out.push_str(&l.base),
+        _ => out.push_str(base),
     }
 }
 

@@ -623,3 +623,22 @@ fn queries_coredns_makes_itself_with_the_clients_socket_and_id_are_not_the_clien
     assert_eq!((l.queries, l.wasted_queries), (2, 0));
     assert_eq!(l.autopath.as_deref(), Some("auto.example.test."));
 }
+
+#[test]
+fn base_names_short_and_long_read_back_as_set_in_a_reused_slot() {
+    let mut b = BaseName::default();
+    let long = "a-name-longer-than-the-inline-room.example.test";
+    for name in [
+        "web",
+        long,
+        "",
+        "twenty-eight-bytes.long.test",
+        "twenty-nine-bytes.long.testss",
+        "grüße.example",
+        "web",
+    ] {
+        b.set(name);
+        assert_eq!(b.as_str(), name);
+        assert_eq!(&*b, name);
+    }
+}

@@ -21,25 +21,59 @@ pub const TOP_NAMES: usize = 256;
 /// hdrhistogram range: 1 µs to 120 s, two significant digits.
 const HDR_MAX_MICROS: u64 = 120_000_000;
 
-/// Latency quantiles of one label value (namespace or identity).
-#[derive(Debug, Clone)]
-pub struct Quantiles(hdrhistogram::Histogram<u64>);
+/// Latency quantiles of one label value (namespace or identity). A partition's counts of one
+/// tick keep the latencies themselves, which the board records into its histogram: a histogram
+/// per label and tick (2,688 counters) would be zeroed and summed whole ten times a second,
+/// whatever the traffic.
+#[derive(Debug, Clone, Default)]
+pub struct Quantiles {
+    /// The board's.
+    histogram: Option<hdrhistogram::Histogram<u64>>,
+    /// A tick's, in microseconds.
+    pending: Vec<u64>,
+}
 
 impl Quantiles {
-    fn new() -> Self {
-        let h = hdrhistogram::Histogram::new_with_bounds(1, HDR_MAX_MICROS, 2)
-            .expect("valid hdrhistogram bounds");
-        Self(h)
+    fn histogram() -> hdrhistogram::Histogram<u64> {
+        hdrhistogram::Histogram::new_with_bounds(1, HDR_MAX_MICROS, 2)
+            .expect("valid hdrhistogram bounds")
     }
 
     fn record(&mut self, latency: Nanos) {
-        self.0.saturating_record((latency / 1_000).max(1));
+        let micros = (latency / 1_000).max(1);
+        match &mut self.histogram {
+            Some(h) => h.saturating_record(micros),
+            None => self.pending.push(micros),
+        }
+    }
+
+    /// Adds `other` into `self`, which keeps a histogram from now on.
+    fn add(&mut self, other: &Quantiles) {
+        let h = self.histogram.get_or_insert_with(Self::histogram);
+        for &micros in &self.pending {
+            h.saturating_record(micros);
+        }
+        self.pending.clear();
+        if let Some(o) = &other.histogram {
+            let _ = h.add(o);
+        }
+        for &micros in &other.pending {
+            h.saturating_record(micros);
+        }
     }
 
     /// (count, p50, p90, p99) in milliseconds.
     pub fn summary(&self) -> (u64, f64, f64, f64) {
-        let q = |p: f64| self.0.value_at_quantile(p) as f64 / 1_000.0;
-        (self.0.len(), q(0.5), q(0.9), q(0.99))
+        let mut all = Quantiles::default();
+        let h = match &self.histogram {
+            Some(h) if self.pending.is_empty() => h,
+            _ => {
+                all.add(self);
+                all.histogram.as_ref().expect("added")
+            }
+        };
+        let q = |p: f64| h.value_at_quantile(p) as f64 / 1_000.0;
+        (h.len(), q(0.5), q(0.9), q(0.99))
     }
 }
 
@@ -156,11 +190,11 @@ impl LookupStats {
         ] {
             for (k, q) in theirs {
                 match mine.get_mut(k) {
-                    Some(m) => {
-                        let _ = m.0.add(&q.0);
-                    }
+                    Some(m) => m.add(q),
                     None => {
-                        mine.insert(k.clone(), q.clone());
+                        let mut m = Quantiles::default();
+                        m.add(q);
+                        mine.insert(k.clone(), m);
                     }
                 }
             }
@@ -255,7 +289,7 @@ fn observe<'v>(
     match m.get_mut(label) {
         Some(q) => q.record(latency),
         None => {
-            let mut q = Quantiles::new();
+            let mut q = Quantiles::default();
             q.record(latency);
             m.insert(label.to_string(), q);
         }
