@@ -27,13 +27,13 @@
 #     --storm-sessions N  sessions for the storm (default 1200000)
 #     --port N            first TCP port to use (default 17000)
 #     --out DIR           where results go (default target/bench-e2e/<timestamp>)
-#     --no-build          use the existing target/release binaries
+#     --no-build          use the existing target/production binaries
 #     --analyser-args "…" extra flags for every analyser run (e.g. "--pin")
 #     --loadgen-args "…"  extra flags for every max-rate load-generator run (compare, scaling,
 #                         tls, ratio), e.g. a healthy cluster's mix instead of the default
 #                         outage-grade one: "--mix local=3,forward=15,timeout=0.1,no_response=0.02
 #                         --rcodes NOERROR=84,NXDOMAIN=15,SERVFAIL=0.6,REFUSED=0.4"
-#     --analyser BIN      the analyser binary (default target/release/dnstap-analyser)
+#     --analyser BIN      the analyser binary (default target/production/dnstap-analyser)
 #     --baseline BIN      ratio: another analyser binary (e.g. main's) measured in each round too
 #     --rounds N          ratio: rounds (default 3)
 #
@@ -89,10 +89,10 @@ mkdir -p "$OUT"
 : > "$OUT/results.jsonl"
 
 if [ "$BUILD" = 1 ]; then
-    (cd "$ROOT" && cargo build --release --workspace --bins >&2)
+    (cd "$ROOT" && cargo build --profile production --workspace --bins >&2)
 fi
-LG=$ROOT/target/release/dnstap-loadgen
-AN=${AN:-$ROOT/target/release/dnstap-analyser}
+LG=$ROOT/target/production/dnstap-loadgen
+AN=${AN:-$ROOT/target/production/dnstap-analyser}
 for b in "$LG" "$AN" ${BASELINE:+"$BASELINE"} /usr/bin/time; do
     [ -x "$b" ] || { echo "e2e.sh: $b missing" >&2; exit 2; }
 done

@@ -1257,8 +1257,8 @@ fn dockerfile_is_multi_stage_non_root_with_the_binary_as_entrypoint() {
         "distroless runtime matching the bookworm build"
     );
     assert!(
-        df.contains("cargo build --release --locked"),
-        "release build from Cargo.lock"
+        df.contains("cargo build --profile production --locked"),
+        "the shipped (LTO) build from Cargo.lock"
     );
     assert!(
         lines.contains(&"USER 65532:65532"),
