@@ -268,7 +268,7 @@ impl LookupRoute {
             let full =
                 batch.bytes.len() >= writer::BATCH_BYTES || batch.records.len() >= BATCH_RECORDS;
             if full || (force && !batch.is_empty()) {
-                let next = RecordBatch::with_capacity(batch.bytes.capacity());
+                let next = RecordBatch::with_room_of(batch);
                 alive &= tx.send(std::mem::replace(batch, next)).is_ok();
             }
         }
