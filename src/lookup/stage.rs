@@ -117,6 +117,8 @@ pub fn run(rx: Receiver<RecordBatch>, out: Sender<Vec<u8>>, mut ctx: StageContex
         ctx.partition as u64,
         ctx.partitions as u64,
     );
+    let policy = ctx.policy;
+    table.name_candidates_for(move |l| policy.prints(l));
     let mut lines = LookupLines::new(ctx.format, ctx.sources.clone());
     let mut batch = Vec::with_capacity(writer::BATCH_BYTES + 4096);
     let mut writer_gone = false;
