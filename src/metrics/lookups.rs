@@ -97,10 +97,8 @@ pub struct LookupStats {
     /// By (identity, namespace).
     pub wasted: BTreeMap<(String, String), u64>,
     pub waits: BTreeMap<(String, String), Waits>,
-    /// Hashed, not ordered: each finished lookup is counted under both (a `BTreeMap` search
-    /// compared the label with a dozen others); `to_json` orders them.
-    pub by_namespace: HashMap<String, Quantiles>,
-    pub by_identity: HashMap<String, Quantiles>,
+    pub by_namespace: BTreeMap<String, Quantiles>,
+    pub by_identity: BTreeMap<String, Quantiles>,
     pub wasted_names: HashMap<String, u64>,
     /// The (identity, namespace) key being counted, reused: a known pair costs no allocation.
     pair: (String, String),
@@ -224,7 +222,7 @@ impl LookupStats {
         for o in Outcome::ALL {
             outcomes.insert(o.name().into(), self.outcome(o).into());
         }
-        let quantiles = |m: &HashMap<String, Quantiles>| {
+        let quantiles = |m: &BTreeMap<String, Quantiles>| {
             let mut out = serde_json::Map::new();
             for (k, q) in m {
                 let (count, p50, p90, p99) = q.summary();
@@ -278,7 +276,7 @@ fn bounded_pair<V>(
 /// the cap or already known, else `other`. A known label is searched for once and never
 /// copied: a finished lookup is counted without allocating.
 fn observe<'v>(
-    m: &mut HashMap<String, Quantiles>,
+    m: &mut BTreeMap<String, Quantiles>,
     value: &'v str,
     cap: usize,
     latency: Nanos,
