@@ -1009,18 +1009,16 @@ fn finish(
     out.waited = union_length(&mut waits);
     out.evicted = evicted;
     if !named(out) {
-        out.candidates.clear();
+        let_go(&mut out.candidates, 0, spare);
         set(&mut out.answered_by, None, spare);
         return;
     }
-    out.candidates.truncate(l.candidates.len());
+    let_go(&mut out.candidates, l.candidates.len(), spare);
     for (i, c) in l.candidates.iter().enumerate() {
-        match out.candidates.get_mut(i) {
-            Some(name) => search.candidate_name_into(base, c.suffix, ns, name),
-            None => out
-                .candidates
-                .push(search.candidate_name(base, c.suffix, ns)),
+        if out.candidates.len() == i {
+            out.candidates.push(spare.pop().unwrap_or_default());
         }
+        search.candidate_name_into(base, c.suffix, ns, &mut out.candidates[i]);
     }
     let answered_by = l
         .candidates
@@ -1028,6 +1026,15 @@ fn finish(
         .position(|c| c.outcome() == Some(Outcome::Answered))
         .map(|i| out.candidates[i].as_str());
     set(&mut out.answered_by, answered_by, spare);
+}
+
+/// Keeps the first `keep` of `names`; the others go to `spare`.
+fn let_go(names: &mut Vec<String>, keep: usize, spare: &mut Vec<String>) {
+    for name in names.drain(keep.min(names.len())..) {
+        if spare.len() < MAX_SPARE {
+            spare.push(name);
+        }
+    }
 }
 
 /// Sets an optional string, reusing the one there or a `spare` one, and keeping the one let go.
