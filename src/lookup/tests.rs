@@ -702,5 +702,9 @@ fn lookups_not_named_differ_from_named_ones_only_in_their_candidates_names() {
 #[test]
 fn an_open_lookup_takes_at_most_424_bytes() {
     // The slots of 65,536 open lookups are read at random: their size is cache misses.
-    assert!(std::mem::size_of::<Open>() <= 424, "{}", std::mem::size_of::<Open>());
+    assert!(
+        std::mem::size_of::<Open>() <= 424,
+        "{}",
+        std::mem::size_of::<Open>()
+    );
 }
