@@ -469,7 +469,7 @@ impl LookupTable {
 
     /// Only the finished lookups `wanted` accepts (given all but their candidates' names and
     /// `answered_by`) get those written; the others end with none. Naming the candidates was
-    /// a third of ending a lookup, and only printed lookups show them. By default all do.
+    /// a fifth of `finish`, and only printed lookups show them. By default all are named.
     pub fn name_candidates_for(&mut self, wanted: impl Fn(&Lookup) -> bool + 'static) {
         self.named = Box::new(wanted);
     }
