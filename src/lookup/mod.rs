@@ -144,11 +144,13 @@ pub struct Lookup {
     /// The name the application asked; with a trailing dot when it was absolute.
     pub asked: String,
     pub namespace: Option<String>,
-    /// The names tried, in the order they were first queried, with trailing dots.
+    /// The names tried, in the order they were first queried, with trailing dots (empty for a
+    /// lookup its table did not name: `LookupTable::name_candidates_for`).
     pub candidates: Vec<String>,
     /// Queries seen (sessions), resends included.
     pub queries: u32,
     pub outcome: Outcome,
+    /// The candidate answered (named like `candidates`).
     pub answered_by: Option<String>,
     /// The CNAME target when the first candidate was answered by CoreDNS's `autopath`.
     pub autopath: Option<String>,
@@ -226,7 +228,10 @@ struct Open {
     family: Family,
     base: BaseName,
     namespace: Option<String>,
-    candidates: SmallVec<[Candidate; 5]>,
+    /// Two inline: a lookup answered at its first or second candidate (a Service by its short
+    /// name, every load-generator lookup). A longer walk spills to the heap once per slot; the
+    /// slot's next lookups reuse that room.
+    candidates: Candidates,
     identities: SmallVec<[SourceId; 2]>,
     autopath: Option<String>,
     first_query: Nanos,
@@ -239,6 +244,10 @@ struct Open {
     /// It has tried a cluster or extra suffix: `learn` may continue it with a node domain.
     learning: bool,
 }
+
+/// Candidates inline: with five (glibc's usual walk) a slot was 664 bytes, 43 MB for the
+/// default 65,536 open lookups; with two it is 424.
+type Candidates = SmallVec<[Candidate; 2]>;
 
 /// A lookup's base name, in the lookup's own memory when short (nearly always): on the heap
 /// it is one cache miss more for every lookup that ends (its candidates are written from it)
@@ -395,6 +404,8 @@ pub struct LookupTable {
     /// Optional names let go (a lookup's namespace and autopath target, the finished
     /// lookup's), for the next ones that have one: lookups start and end without allocating.
     spare: Vec<String>,
+    /// Which finished lookups get their candidates named (see `name_candidates_for`).
+    named: Box<dyn Fn(&Lookup) -> bool>,
 }
 
 /// One client's open lookups.
@@ -452,7 +463,15 @@ impl LookupTable {
             tally: Tally::default(),
             finished: Lookup::blank(),
             spare: Vec::new(),
+            named: Box::new(|_| true),
         }
+    }
+
+    /// Only the finished lookups `wanted` accepts (given all but their candidates' names and
+    /// `answered_by`) get those written; the others end with none. Naming the candidates was
+    /// a fifth of `finish`, and only printed lookups show them. By default all are named.
+    pub fn name_candidates_for(&mut self, wanted: impl Fn(&Lookup) -> bool + 'static) {
+        self.named = Box::new(wanted);
     }
 
     pub fn open_lookups(&self) -> usize {
@@ -892,6 +911,7 @@ impl LookupTable {
             evicted,
             &mut self.finished,
             &mut self.spare,
+            &*self.named,
         );
         l.id = VACANT;
         done(&self.finished);
@@ -957,27 +977,19 @@ impl Lookup {
     }
 }
 
-/// Writes the finished lookup `l` into `out`, reusing `out`'s strings and vectors.
+/// Writes the finished lookup `l` into `out`, reusing `out`'s strings and vectors. Its
+/// candidates' names and `answered_by` only when `named` wants them (see `name_candidates_for`).
 fn finish(
     search: &SearchList,
     l: &mut Open,
     evicted: bool,
     out: &mut Lookup,
     spare: &mut Vec<String>,
+    named: &dyn Fn(&Lookup) -> bool,
 ) {
     drop_server_lookups(&mut l.candidates);
     l.candidates.sort_by_key(|c| c.first_query);
     let (base, ns) = (l.base.as_str(), l.namespace.as_deref());
-    out.candidates.truncate(l.candidates.len());
-    for (i, c) in l.candidates.iter().enumerate() {
-        match out.candidates.get_mut(i) {
-            Some(name) => search.candidate_name_into(base, c.suffix, ns, name),
-            None => out
-                .candidates
-                .push(search.candidate_name(base, c.suffix, ns)),
-        }
-    }
-    let candidates = &out.candidates;
     out.queries = l.candidates.iter().map(Candidate::queries).sum();
     out.outcome = l
         .candidates
@@ -985,18 +997,12 @@ fn finish(
         .filter_map(Candidate::outcome)
         .max()
         .unwrap_or(Outcome::Failed);
-    let answered_by = l
-        .candidates
-        .iter()
-        .position(|c| c.outcome() == Some(Outcome::Answered))
-        .map(|i| candidates[i].as_str());
-    set(&mut out.answered_by, answered_by, spare);
     out.wasted_queries = match l.candidates.split_last() {
         Some((_, before)) => before.iter().map(Candidate::queries).sum(),
         None => 0,
     };
     let end = l.last_response.unwrap_or(l.last_query).max(l.last_query);
-    asked(l, base, &out.candidates, &mut out.asked);
+    asked(search, l, base, &mut out.asked);
     let mut waits = SmallVec::new();
     out.retries = l.candidates.iter().map(|c| retries(c, &mut waits)).sum();
     out.id = l.id;
@@ -1004,11 +1010,38 @@ fn finish(
     out.time = l.first_query;
     out.identities.clear();
     out.identities.extend_from_slice(&l.identities);
-    set(&mut out.namespace, l.namespace.as_deref(), spare);
+    set(&mut out.namespace, ns, spare);
     set(&mut out.autopath, l.autopath.as_deref(), spare);
     out.latency = end.saturating_sub(l.first_query);
     out.waited = union_length(&mut waits);
     out.evicted = evicted;
+    if !named(out) {
+        let_go(&mut out.candidates, 0, spare);
+        set(&mut out.answered_by, None, spare);
+        return;
+    }
+    let_go(&mut out.candidates, l.candidates.len(), spare);
+    for (i, c) in l.candidates.iter().enumerate() {
+        if out.candidates.len() == i {
+            out.candidates.push(spare.pop().unwrap_or_default());
+        }
+        search.candidate_name_into(base, c.suffix, ns, &mut out.candidates[i]);
+    }
+    let answered_by = l
+        .candidates
+        .iter()
+        .position(|c| c.outcome() == Some(Outcome::Answered))
+        .map(|i| out.candidates[i].as_str());
+    set(&mut out.answered_by, answered_by, spare);
+}
+
+/// Keeps the first `keep` of `names`; the others go to `spare`.
+fn let_go(names: &mut Vec<String>, keep: usize, spare: &mut Vec<String>) {
+    for name in names.drain(keep.min(names.len())..) {
+        if spare.len() < MAX_SPARE {
+            spare.push(name);
+        }
+    }
 }
 
 /// Sets an optional string, reusing the one there or a `spare` one, and keeping the one let go.
@@ -1029,7 +1062,7 @@ fn set(slot: &mut Option<String>, value: Option<&str>, spare: &mut Vec<String>) 
 /// base name. A lone candidate cannot show whether the short or the full name was asked: a
 /// lone `<name>.<ns>.svc.<cd>` whose `<name>` has no dot (or that `autopath` answered) reads
 /// as the short name, the likelier ask; anything else as the absolute name it is.
-fn asked(l: &Open, base: &str, candidates: &[String], out: &mut String) {
+fn asked(search: &SearchList, l: &Open, base: &str, out: &mut String) {
     out.clear();
     match l.candidates.as_slice() {
         [c] if c.suffix == Suffix::Bare => {
@@ -1039,7 +1072,7 @@ fn asked(l: &Open, base: &str, candidates: &[String], out: &mut String) {
         [c] if c.suffix == Suffix::Namespace && (!base.contains('.') || l.autopath.is_some()) => {
             out.push_str(base)
         }
-        [_] => out.push_str(&candidates[0]),
+        [c] => search.candidate_name_into(base, c.suffix, l.namespace.as_deref(), out),
         _ => out.push_str(base),
     }
 }
@@ -1048,7 +1081,7 @@ fn asked(l: &Open, base: &str, candidates: &[String], out: &mut String) {
 /// that resolves a CNAME target through the server (`template`) is logged as a client query
 /// from the client's socket with the client's DNS id, for another name. A resolver never asks
 /// two names with one id from one socket, so the later of two such halves is the server's.
-fn drop_server_lookups(candidates: &mut SmallVec<[Candidate; 5]>) {
+fn drop_server_lookups(candidates: &mut Candidates) {
     // The halves of one candidate are a pair, never the server's: most lookups end here.
     if candidates.len() < 2 {
         return;

@@ -642,3 +642,69 @@ fn base_names_short_and_long_read_back_as_set_in_a_reused_slot() {
         assert_eq!(&*b, name);
     }
 }
+
+#[test]
+fn lookups_not_named_differ_from_named_ones_only_in_their_candidates_names() {
+    let mut clients = Vec::new();
+    for (i, outcomes) in [
+        &[NxDomain, Answered][..],
+        &[NxDomain, NxDomain, NxDomain, NxDomain, Answered],
+        &[NxDomain, NxDomain, NxDomain, NxDomain, NxDomain],
+        &[Answered],
+        &[NxDomain, NxDomain, Failed],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = Client::new([10, 0, 0, 5 + i as u8]);
+        glibc_walk(&mut c, "api.example.test", "default", outcomes);
+        clients.push(c);
+    }
+    // Lone candidates, whose asked name is the candidate's (`svc`, an extra suffix).
+    let mut c = Client::new([10, 0, 1, 1]);
+    c.pair("web.default.svc.cluster.local.", NxDomain);
+    c.t += 20 * S;
+    c.pair("db.svc.cluster.local.", Answered);
+    c.t += 20 * S;
+    c.pair("api.node.test.", NxDomain);
+    clients.push(c);
+    let feed = |t: &mut LookupTable| {
+        let mut done = Vec::new();
+        for c in &clients {
+            c.feed(t, &mut done);
+        }
+        t.flush(&mut |l: &Lookup| done.push(l.clone()));
+        done
+    };
+    let all = feed(&mut table());
+    let mut t = table();
+    t.name_candidates_for(|l| l.outcome != Answered);
+    let some = feed(&mut t);
+    assert_eq!(all.len(), 8, "{all:#?}");
+    assert_eq!(some.len(), all.len());
+    assert!(all.iter().any(|l| l.asked == "db.svc.cluster.local."));
+    for (named, l) in all.iter().zip(&some) {
+        assert!(!named.candidates.is_empty());
+        if l.outcome == Answered {
+            assert!(l.candidates.is_empty() && l.answered_by.is_none(), "{l:#?}");
+            let unnamed = Lookup {
+                candidates: Vec::new(),
+                answered_by: None,
+                ..named.clone()
+            };
+            assert_eq!(*l, unnamed);
+        } else {
+            assert_eq!(l, named);
+        }
+    }
+}
+
+#[test]
+fn an_open_lookup_takes_at_most_424_bytes() {
+    // The slots of 65,536 open lookups are read at random: their size is cache misses.
+    assert!(
+        std::mem::size_of::<Open>() <= 424,
+        "{}",
+        std::mem::size_of::<Open>()
+    );
+}

@@ -6,7 +6,7 @@
 //! as `other`), the names of `/top` by `TOP_NAMES`.
 
 use super::model::Histogram;
-use crate::dnstap::{Nanos, SourceRegistry};
+use crate::dnstap::{Nanos, SourceId, SourceRegistry};
 use crate::lookup::{Lookup, Outcome};
 use hashbrown::HashMap;
 use std::collections::BTreeMap;
@@ -40,7 +40,7 @@ impl Quantiles {
     }
 
     fn record(&mut self, latency: Nanos) {
-        let micros = (latency / 1_000).max(1);
+        let micros = micros(latency);
         match &mut self.histogram {
             Some(h) => h.saturating_record(micros),
             None => self.pending.push(micros),
@@ -102,6 +102,16 @@ pub struct LookupStats {
     pub wasted_names: HashMap<String, u64>,
     /// The (identity, namespace) key being counted, reused: a known pair costs no allocation.
     pair: (String, String),
+    /// This tick's latencies by the identity a lookup is counted under (`None`: it had none),
+    /// with the label that identity counts under, decided at its first lookup of the tick as
+    /// `observe` decides it (the label cannot change within a tick: `by_identity` only
+    /// grows). Added into `by_identity` when published (`settle`): naming the identity
+    /// through the registry (its lock) and searching `by_identity` for it cost ~230
+    /// instructions a lookup.
+    by_source: HashMap<Option<SourceId>, (String, Vec<u64>)>,
+    /// The registry's reclaims when `by_source` was started: a reclaimed identity names as
+    /// "" from then on, so its label must be decided again.
+    reclaims: u64,
 }
 
 impl LookupStats {
@@ -117,21 +127,46 @@ impl LookupStats {
         let q = QUERY_BUCKETS.partition_point(|&b| b < l.queries as u64);
         self.queries[q] += 1;
         self.queries_sum += l.queries as u64;
-        let described = l.identities.first().map(|i| sources.describe(*i).0);
-        let identity = described.as_deref().unwrap_or("unknown");
-        let identity = observe(&mut self.by_identity, identity, cap, l.latency);
+        if l.wasted_queries > 0 {
+            self.count_wasted_name(&l.asked, l.wasted_queries as u64);
+        }
+        let reclaims = sources.reclaims();
+        if reclaims != self.reclaims {
+            self.settle();
+            self.reclaims = reclaims;
+        }
+        let source = l.identities.first().copied();
+        let (identity, latencies) = match self.by_source.entry(source) {
+            hashbrown::hash_map::Entry::Occupied(e) => e.into_mut(),
+            hashbrown::hash_map::Entry::Vacant(e) => {
+                let described = source.map(|i| sources.describe(i).0);
+                let name = described.as_deref().unwrap_or("unknown");
+                let label = label(&mut self.by_identity, name, cap);
+                e.insert((label.to_string(), Vec::new()))
+            }
+        };
+        latencies.push(micros(l.latency));
+        let identity = identity.as_str();
         let namespace = l.namespace.as_deref().unwrap_or("");
         let namespace = observe(&mut self.by_namespace, namespace, cap, l.latency);
         if l.wasted_queries > 0 {
             let pair = &mut self.pair;
             *entry(&mut self.wasted, pair, identity, namespace) += l.wasted_queries as u64;
-            self.count_wasted_name(&l.asked, l.wasted_queries as u64);
         }
         if l.retries > 0 {
             let w = entry(&mut self.waits, &mut self.pair, identity, namespace);
             w.lookups += 1;
             w.retries += l.retries as u64;
             w.waited += l.waited;
+        }
+    }
+
+    /// Adds the latencies of `by_source` into `by_identity` (before the tick is published).
+    fn settle(&mut self) {
+        for (_, (label, latencies)) in self.by_source.drain() {
+            if let Some(q) = self.by_identity.get_mut(&label) {
+                q.pending.extend_from_slice(&latencies);
+            }
         }
     }
 
@@ -285,16 +320,27 @@ fn observe<'v>(
         q.record(latency);
         return value;
     }
+    let label = label(m, value, cap);
+    m.get_mut(label).expect("labelled").record(latency);
+    label
+}
+
+/// The label `value` counts under in `m`, which then holds it: `value` itself while under the
+/// cap or already known, else `other`.
+fn label<'v>(m: &mut BTreeMap<String, Quantiles>, value: &'v str, cap: usize) -> &'v str {
+    if m.contains_key(value) {
+        return value;
+    }
     let label = if m.len() < cap { value } else { "other" };
-    match m.get_mut(label) {
-        Some(q) => q.record(latency),
-        None => {
-            let mut q = Quantiles::default();
-            q.record(latency);
-            m.insert(label.to_string(), q);
-        }
+    if !m.contains_key(label) {
+        m.insert(label.to_string(), Quantiles::default());
     }
     label
+}
+
+/// A latency as the quantiles keep it: whole microseconds, at least one.
+fn micros(latency: Nanos) -> u64 {
+    (latency / 1_000).max(1)
 }
 
 /// The (identity, namespace) entry (only lookups that wasted queries or waited get here),
@@ -323,6 +369,7 @@ pub struct LookupBoard {
 
 impl LookupBoard {
     pub fn publish(&self, delta: &mut LookupStats) {
+        delta.settle();
         let mut p = self.published.lock().unwrap_or_else(|e| e.into_inner());
         p.merge(delta);
         *delta = LookupStats::default();
@@ -451,6 +498,45 @@ mod tests {
         let json = s.to_json();
         assert_eq!(json["resolver_timeouts"], 1);
         assert_eq!(json["outcomes"]["nxdomain"], 1);
+    }
+
+    #[test]
+    fn identity_labels_follow_the_cap_in_order_and_a_reclaimed_identity_names_as_empty() {
+        let sources = SourceRegistry::new(8, std::time::Duration::ZERO);
+        let now = std::time::Instant::now();
+        let id = |name: &str| sources.acquire(None, name.as_bytes(), b"", now).unwrap();
+        let (a, b, c) = (id("pod-a"), id("pod-b"), id("pod-c"));
+        let with = |i: Option<SourceId>, ms| Lookup {
+            identities: i.into_iter().collect(),
+            ..lookup("web", Some("default"), Outcome::Answered, 0, ms)
+        };
+        let mut tick = LookupStats::default();
+        // Cap 2: `pod-a` and `pod-b` are labels, `pod-c` and a lookup of no identity `other`.
+        for (i, ms) in [(a, 1), (b, 2), (c, 3), (a, 4), (c, 5), (b, 6)] {
+            tick.record(&with(Some(i), ms), &sources, 2);
+        }
+        tick.record(&with(None, 7), &sources, 2);
+        // `pod-a` let go and reclaimed: its lookups ending later are counted under "", which
+        // past the cap is `other`.
+        sources.release(a, now);
+        let _ = id("pod-d");
+        assert_eq!(sources.reclaims(), 1);
+        tick.record(&with(Some(a), 8), &sources, 2);
+        tick.record(&with(Some(b), 9), &sources, 2);
+        let board = LookupBoard::default();
+        board.publish(&mut tick);
+        let s = board.snapshot();
+        let counts: BTreeMap<&str, u64> = s
+            .by_identity
+            .iter()
+            .map(|(k, q)| (k.as_str(), q.summary().0))
+            .collect();
+        assert_eq!(
+            counts,
+            BTreeMap::from([("pod-a", 2), ("pod-b", 3), ("other", 4)])
+        );
+        let (_, p50, _, _) = s.by_identity["pod-a"].summary();
+        assert!((0.9..=4.1).contains(&p50), "p50 {p50}");
     }
 
     #[test]
