@@ -116,7 +116,9 @@ impl<'a> Json<'a> {
     }
 
     /// Writes `"name":` (the value follows without its own separator). Names are the schema's
-    /// own identifiers, so they are written as they are.
+    /// own identifiers, so they are written as they are. Inlined: every key is a constant, so
+    /// the copy folds into a few stores of constant bytes (a line has a hundred or more keys).
+    #[inline(always)]
     pub fn key(&mut self, name: &'static str) {
         let level = self.level;
         let comma = level != 0 && self.first & level == 0;
@@ -127,7 +129,7 @@ impl<'a> Json<'a> {
     pub fn string(&mut self, s: &str) {
         // Most strings of a line are short and plain (names, mnemonics, identities): written
         // as a name is, without the escaping copy.
-        if s.len() <= 16 && is_plain(s.as_bytes()) {
+        if s.len() <= 32 && is_plain(s.as_bytes()) {
             return self.plain(s);
         }
         self.sep();
@@ -183,17 +185,17 @@ impl<'a> Json<'a> {
                 text
             }
         };
-        self.out.reserve(SECOND_LEN + 13);
-        self.out.push(b'"');
-        self.out.extend_from_slice(&second);
-        write_fraction(self.out, (nanos % 1_000_000_000) as u32);
-        self.out.push(b'"');
+        // `"`, the second, `.nnnnnnnnnZ` and `"`: one copy of a fixed size.
+        let mut text = [b'"'; SECOND_LEN + 13];
+        text[1..=SECOND_LEN].copy_from_slice(&second);
+        text[SECOND_LEN + 1..SECOND_LEN + 12]
+            .copy_from_slice(&fraction((nanos % 1_000_000_000) as u32));
+        self.out.extend_from_slice(&text);
     }
 
     pub fn uint(&mut self, v: u64) {
         self.sep();
-        self.out
-            .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        write_uint(self.out, v);
     }
 
     /// A duration in nanoseconds as milliseconds with three decimals (microsecond precision),
@@ -203,24 +205,35 @@ impl<'a> Json<'a> {
         write_millis(self.out, nanos);
     }
 
-    /// An address as a string; IPv4 written octet by octet.
+    /// An address as a string; IPv4 written octet by octet, quotes and all in one copy.
     pub fn ip(&mut self, ip: IpAddr) {
-        self.string_with(|out| write_ip(out, ip));
+        let IpAddr::V4(v4) = ip else {
+            return self.string_with(|out| write_ip(out, ip));
+        };
+        self.sep();
+        let mut text = [b'"'; 18];
+        let len = put_ipv4(&mut text, 1, v4);
+        text[len] = b'"';
+        extend_prefix(self.out, &text, len + 1);
     }
 
     /// `ip:port` (`[v6]:port`) as a string.
     pub fn socket(&mut self, addr: SocketAddr) {
-        self.string_with(|out| {
-            if addr.is_ipv6() {
+        let SocketAddr::V4(v4) = addr else {
+            return self.string_with(|out| {
                 out.push(b'[');
                 write_ip(out, addr.ip());
-                out.push(b']');
-            } else {
-                write_ip(out, addr.ip());
-            }
-            out.push(b':');
-            out.extend_from_slice(itoa::Buffer::new().format(addr.port()).as_bytes());
-        });
+                out.extend_from_slice(b"]:");
+                write_uint(out, addr.port().into());
+            });
+        };
+        self.sep();
+        let mut text = [b'"'; 32];
+        let mut len = put_ipv4(&mut text, 1, *v4.ip());
+        text[len] = b':';
+        len = put_uint(&mut text, len + 1, v4.port().into());
+        text[len] = b'"';
+        extend_prefix(self.out, &text, len + 1);
     }
 
     /// A finite number in its shortest form (`0.01`, never an exponent); null otherwise.
@@ -243,11 +256,13 @@ impl<'a> Json<'a> {
         self.out.extend_from_slice(b"null");
     }
 
+    #[inline(always)]
     pub fn field_str(&mut self, name: &'static str, v: &str) {
         self.key(name);
         self.string(v);
     }
 
+    #[inline(always)]
     pub fn field_opt_str(&mut self, name: &'static str, v: Option<&str>) {
         self.key(name);
         match v {
@@ -256,6 +271,7 @@ impl<'a> Json<'a> {
         }
     }
 
+    #[inline(always)]
     pub fn field_uint(&mut self, name: &'static str, v: u64) {
         self.key(name);
         self.uint(v);
@@ -267,8 +283,30 @@ impl<'a> Json<'a> {
 /// stack buffer by fixed-size copies, which the whole buffer follows into `out` before `out`
 /// is cut back: a copy of a length known only at run time calls memcpy, and lines have dozens
 /// of keys and names.
+#[inline(always)]
 fn push_quoted(out: &mut Vec<u8>, comma: bool, text: &str, tail: &[u8]) {
     let (text, n) = (text.as_bytes(), text.len());
+    if (17..=32).contains(&n) && tail.len() <= 2 {
+        // Names and values of up to 32 bytes (most of a line's qnames): the same with two
+        // copies of 16 bytes.
+        let mut buf = [0u8; 40];
+        buf[0] = b',';
+        buf[1] = b'"';
+        buf[2..18].copy_from_slice(&text[..16]);
+        buf[n - 14..n + 2].copy_from_slice(&text[n - 16..]);
+        for (i, &b) in tail.iter().enumerate() {
+            buf[2 + n + i] = b;
+        }
+        let end = out.len() + 2 + n + tail.len();
+        if comma {
+            out.extend_from_slice(&buf);
+            out.truncate(end);
+        } else {
+            out.extend_from_slice(&buf[1..]);
+            out.truncate(end - 1);
+        }
+        return;
+    }
     if n > 16 || tail.len() > 2 {
         if comma {
             out.push(b',');
@@ -310,6 +348,71 @@ fn push_quoted(out: &mut Vec<u8>, comma: bool, text: &str, tail: &[u8]) {
     }
 }
 
+/// The first `len` bytes of `buf` appended: the whole buffer copied and the line cut back. A
+/// copy of a fixed size is a few stores; one of a length known only at run time calls memcpy.
+#[inline(always)]
+fn extend_prefix<const N: usize>(out: &mut Vec<u8>, buf: &[u8; N], len: usize) {
+    let end = out.len() + len.min(N);
+    out.extend_from_slice(buf);
+    out.truncate(end);
+}
+
+/// `v` in decimal, as `itoa` writes it.
+pub fn write_uint(out: &mut Vec<u8>, v: u64) {
+    match u32::try_from(v) {
+        Ok(v) => {
+            let mut text = [0u8; 10];
+            let len = put_uint(&mut text, 0, v);
+            extend_prefix(out, &text, len);
+        }
+        Err(_) => out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes()),
+    }
+}
+
+/// Puts `v` in decimal into `text` at `at`, two digits at a time; returns where it ends.
+/// `text` must have room for ten digits after `at`.
+fn put_uint<const N: usize>(text: &mut [u8; N], at: usize, v: u32) -> usize {
+    let len = match v {
+        0..=9 => 1,
+        10..=99 => 2,
+        100..=999 => 3,
+        1_000..=9_999 => 4,
+        10_000..=99_999 => 5,
+        100_000..=999_999 => 6,
+        1_000_000..=9_999_999 => 7,
+        10_000_000..=99_999_999 => 8,
+        100_000_000..=999_999_999 => 9,
+        _ => 10,
+    };
+    let (mut rest, mut end) = (v, at + len);
+    while end >= at + 2 {
+        let pair = (rest % 100) as usize * 2;
+        text[end - 2..end].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        rest /= 100;
+        end -= 2;
+    }
+    if end > at {
+        text[at] = b'0' + rest as u8;
+    }
+    at + len
+}
+
+/// Puts `ip` in dotted decimal into `text` at `at`; returns where it ends. `text` must have
+/// room for 16 bytes after `at`.
+fn put_ipv4<const N: usize>(text: &mut [u8; N], mut at: usize, ip: std::net::Ipv4Addr) -> usize {
+    for octet in ip.octets() {
+        let (hundreds, tens, ones) = (octet / 100, octet / 10 % 10, octet % 10);
+        text[at] = b'0' + hundreds;
+        at += usize::from(hundreds > 0);
+        text[at] = b'0' + tens;
+        at += usize::from(octet >= 10);
+        text[at] = b'0' + ones;
+        text[at + 1] = b'.';
+        at += 2;
+    }
+    at - 1
+}
+
 struct Fmt<'a>(&'a mut Vec<u8>);
 
 impl std::fmt::Write for Fmt<'_> {
@@ -335,7 +438,11 @@ pub fn write_millis(out: &mut Vec<u8>, nanos: u64) {
 
 fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
-        IpAddr::V4(v4) => crate::diagnosis::ipv4_into(out, v4),
+        IpAddr::V4(v4) => {
+            let mut text = [0u8; 16];
+            let len = put_ipv4(&mut text, 0, v4);
+            extend_prefix(out, &text, len);
+        }
         IpAddr::V6(v6) => {
             let _ = write!(Fmt(out), "{v6}");
         }
@@ -389,7 +496,9 @@ pub fn escape_into(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Whether no byte needs escaping (no quote, backslash or control byte), eight bytes at a
-/// time: the check runs over every string of every line.
+/// time: the check runs over every string of every line. The last word overlaps the one
+/// before it, and fewer than eight bytes are read as two overlapping halves (or three
+/// bytes): bytes tested twice change nothing, and no byte is copied one at a time.
 fn is_plain(bytes: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
@@ -398,25 +507,35 @@ fn is_plain(bytes: &[u8]) -> bool {
     let hit = |x: u64| {
         below(x, 0x20) | below(x ^ (ONES * b'"' as u64), 1) | below(x ^ (ONES * b'\\' as u64), 1)
     };
-    let mut words = bytes.chunks_exact(8);
-    for w in &mut words {
-        if hit(u64::from_ne_bytes(w.try_into().unwrap_or_default())) != 0 {
-            return false;
+    let n = bytes.len();
+    let word = |at: usize| u64::from_ne_bytes(bytes[at..at + 8].try_into().unwrap_or_default());
+    let half = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap_or_default());
+    let last = match n {
+        0 => return true,
+        1..=3 => {
+            let mut last = [b'a'; 8];
+            [last[0], last[1], last[2]] = [bytes[0], bytes[n / 2], bytes[n - 1]];
+            u64::from_ne_bytes(last)
         }
-    }
-    // The last few bytes as one more word, filled with plain ones (byte by byte: a copy of a
-    // length known only at run time would call memcpy).
-    let mut last = [b'a'; 8];
-    for (l, &b) in last.iter_mut().zip(words.remainder()) {
-        *l = b;
-    }
-    hit(u64::from_ne_bytes(last)) == 0
+        4..=7 => u64::from(half(0)) | u64::from(half(n - 4)) << 32,
+        _ => {
+            let mut at = 0;
+            while at + 8 < n {
+                if hit(word(at)) != 0 {
+                    return false;
+                }
+                at += 8;
+            }
+            word(n - 8)
+        }
+    };
+    hit(last) == 0
 }
 
 /// RFC 3339 UTC with nanoseconds, from Unix nanoseconds.
 pub fn write_rfc3339(out: &mut Vec<u8>, nanos: u64) {
     out.extend_from_slice(&rfc3339_second(nanos / 1_000_000_000));
-    write_fraction(out, (nanos % 1_000_000_000) as u32);
+    out.extend_from_slice(&fraction((nanos % 1_000_000_000) as u32));
 }
 
 /// `YYYY-MM-DDTHH:MM:SS` of a Unix second (days-from-civil, inverted).
@@ -448,15 +567,27 @@ fn rfc3339_second(secs: u64) -> [u8; SECOND_LEN] {
     text
 }
 
-/// `.nnnnnnnnnZ`: the nanoseconds of a second, in 32-bit arithmetic (they fit).
-fn write_fraction(out: &mut Vec<u8>, mut frac: u32) {
+/// `.nnnnnnnnnZ`: the nanoseconds of a second (below 10^9), in 32-bit arithmetic, two digits
+/// at a time.
+fn fraction(frac: u32) -> [u8; 11] {
     let mut text = *b".000000000Z";
-    for d in text[1..10].iter_mut().rev() {
-        *d = b'0' + (frac % 10) as u8;
-        frac /= 10;
+    let mut rest = frac % 100_000_000;
+    text[1] = b'0' + (frac / 100_000_000 % 10) as u8;
+    for at in [8, 6, 4, 2] {
+        let pair = (rest % 100) as usize * 2;
+        text[at..at + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        rest /= 100;
     }
-    out.extend_from_slice(&text);
+    text
 }
+
+/// `00` to `99`, for two digits at a time.
+const DIGIT_PAIRS: &[u8; 200] = b"\
+    0001020304050607080910111213141516171819\
+    2021222324252627282930313233343536373839\
+    4041424344454647484950515253545556575859\
+    6061626364656667686970717273747576777879\
+    8081828384858687888990919293949596979899";
 
 #[cfg(test)]
 mod tests {
@@ -584,6 +715,37 @@ mod tests {
             String::from_utf8(buf).unwrap(),
             r#"[18446744073709551615,0.476,12345.679,"192.0.2.1","0.10.100.255","[2001:db8::1]:53","10.0.0.2:5353"]"#
         );
+    }
+
+    #[test]
+    fn numbers_and_addresses_are_written_as_display_writes_them() {
+        let mut out = Vec::new();
+        let mut v = 0u64;
+        while v < u64::MAX / 3 {
+            for n in [v, v + 1, v.saturating_sub(1), v * 7 / 5] {
+                out.clear();
+                write_uint(&mut out, n);
+                assert_eq!(out, n.to_string().as_bytes());
+            }
+            v = v * 10 + 9;
+        }
+        for n in (0..100_000).chain([u64::MAX]) {
+            out.clear();
+            write_uint(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
+        for a in [0u8, 1, 9, 10, 99, 100, 199, 255] {
+            for b in [0u8, 7, 42, 250] {
+                let ip = std::net::Ipv4Addr::new(a, b, b, a);
+                out.clear();
+                write_ip(&mut out, ip.into());
+                assert_eq!(out, ip.to_string().as_bytes());
+                let addr = std::net::SocketAddr::from((ip, u16::from(a) * 257));
+                out.clear();
+                Json::new(&mut out).socket(addr);
+                assert_eq!(out, format!("\"{addr}\"").as_bytes());
+            }
+        }
     }
 
     #[test]
