@@ -166,6 +166,44 @@ impl<'a> Json<'a> {
         self.out.push(b'"');
     }
 
+    /// Whole members of the schema's own fixed text (keys, values and the separators between
+    /// them, `,` first where a member precedes), written as they are.
+    #[inline(always)]
+    pub fn members(&mut self, text: &'static str) {
+        self.out.extend_from_slice(text.as_bytes());
+        self.first &= !self.level;
+    }
+
+    /// The first `len` bytes of `buf`, a value (JSON text) put together by the caller.
+    #[inline(always)]
+    pub fn value_text<const N: usize>(&mut self, buf: &[u8; N], len: usize) {
+        self.sep();
+        extend_prefix(self.out, buf, len);
+    }
+
+    /// The first `len` bytes of `buf`: whole members put together by the caller, their
+    /// separators included.
+    #[inline(always)]
+    pub fn members_text<const N: usize>(&mut self, buf: &[u8; N], len: usize) {
+        extend_prefix(self.out, buf, len);
+        self.first &= !self.level;
+    }
+
+    /// The first `len` bytes of `buf`: members put together by the caller (their separators
+    /// included) and the key of one more, whose value follows.
+    #[inline(always)]
+    pub fn members_and_key<const N: usize>(&mut self, buf: &[u8; N], len: usize) {
+        extend_prefix(self.out, buf, len);
+        self.first |= self.level;
+    }
+
+    /// Members already written in this line, at `text` (with the comma before them), written
+    /// again.
+    pub fn copy_members(&mut self, text: std::ops::Range<usize>) {
+        self.out.extend_from_within(text);
+        self.first &= !self.level;
+    }
+
     /// A value already written in this line, at `text`, written again.
     pub fn copy_value(&mut self, text: std::ops::Range<usize>) {
         self.sep();
@@ -351,7 +389,7 @@ fn push_quoted(out: &mut Vec<u8>, comma: bool, text: &str, tail: &[u8]) {
 /// The first `len` bytes of `buf` appended: the whole buffer copied and the line cut back. A
 /// copy of a fixed size is a few stores; one of a length known only at run time calls memcpy.
 #[inline(always)]
-fn extend_prefix<const N: usize>(out: &mut Vec<u8>, buf: &[u8; N], len: usize) {
+pub fn extend_prefix<const N: usize>(out: &mut Vec<u8>, buf: &[u8; N], len: usize) {
     let end = out.len() + len.min(N);
     out.extend_from_slice(buf);
     out.truncate(end);
@@ -371,7 +409,7 @@ pub fn write_uint(out: &mut Vec<u8>, v: u64) {
 
 /// Puts `v` in decimal into `text` at `at`, two digits at a time; returns where it ends.
 /// `text` must have room for ten digits after `at`.
-fn put_uint<const N: usize>(text: &mut [u8; N], at: usize, v: u32) -> usize {
+pub fn put_uint<const N: usize>(text: &mut [u8; N], at: usize, v: u32) -> usize {
     let len = match v {
         0..=9 => 1,
         10..=99 => 2,

@@ -20,6 +20,7 @@ use crate::dns::{class_name, rcode_name, rtype_name};
 use crate::dnstap::{self, DnstapMessage, Nanos, Role, SourceRegistry};
 use domain::base::iana::{Class, Rtype};
 use json::Json;
+use std::ops::Range;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -389,6 +390,9 @@ fn field_mnemonic(
 
 fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
     let mut written_dns = dns_json::WrittenDns::default();
+    let mut written_sockets: smallvec::SmallVec<
+        [(SocketFields<'_>, Range<usize>); WRITTEN_SOCKETS],
+    > = smallvec::SmallVec::new();
     j.begin_array();
     for d in decoded {
         j.begin_object();
@@ -411,35 +415,15 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
                 j.time(t);
             }
         }
-        if let Some(f) = m.socket_family {
-            j.key("socket_family");
-            j.name(match f {
-                dnstap::pb::SocketFamily::INET => "INET",
-                dnstap::pb::SocketFamily::INET6 => "INET6",
-            });
-        }
-        if let Some(p) = m.socket_protocol {
-            j.key("socket_protocol");
-            j.name(protocol_name(p));
-        }
-        for (names, addr, port) in [
-            (
-                ["query_address", "query_port"],
-                m.query_address.as_deref(),
-                m.query_port,
-            ),
-            (
-                ["response_address", "response_port"],
-                m.response_address.as_deref(),
-                m.response_port,
-            ),
-        ] {
-            if let Some(ip) = addr.and_then(dnstap::ip) {
-                j.key(names[0]);
-                j.ip(ip);
-            }
-            if let Some(port) = port {
-                j.field_uint(names[1], port as u64);
+        let sockets = SocketFields::of(m);
+        match written_sockets.iter().find(|(s, _)| *s == sockets) {
+            Some((_, text)) => j.copy_members(text.clone()),
+            None => {
+                let start = j.out.len();
+                write_socket_fields(j, m);
+                if written_sockets.len() < WRITTEN_SOCKETS {
+                    written_sockets.push((sockets, start..j.out.len()));
+                }
             }
         }
         if let Some(zone) = m.query_zone.as_deref() {
@@ -453,6 +437,67 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
         j.end_object();
     }
     j.end_array();
+}
+
+/// What a message's socket fields are written from, to find a message whose text for them
+/// the line already holds.
+#[derive(PartialEq)]
+struct SocketFields<'m> {
+    family: Option<dnstap::pb::SocketFamily>,
+    protocol: Option<dnstap::SocketProtocol>,
+    query: (Option<&'m [u8]>, Option<u32>),
+    response: (Option<&'m [u8]>, Option<u32>),
+}
+
+impl<'m> SocketFields<'m> {
+    fn of(m: &'m DnstapMessage<'_>) -> Self {
+        Self {
+            family: m.socket_family,
+            protocol: m.socket_protocol,
+            query: (m.query_address.as_deref(), m.query_port),
+            response: (m.response_address.as_deref(), m.response_port),
+        }
+    }
+}
+
+/// Socket fields a line remembers: a session's messages mostly have two sets, the client's
+/// (its query and response) and the upstream's (each query and response to it).
+const WRITTEN_SOCKETS: usize = 2;
+
+/// `socket_family` to `response_port`, each when the message has it (a member, `type`,
+/// always precedes them).
+fn write_socket_fields(j: &mut Json<'_>, m: &DnstapMessage<'_>) {
+    if let Some(f) = m.socket_family {
+        j.key("socket_family");
+        j.name(match f {
+            dnstap::pb::SocketFamily::INET => "INET",
+            dnstap::pb::SocketFamily::INET6 => "INET6",
+        });
+    }
+    if let Some(p) = m.socket_protocol {
+        j.key("socket_protocol");
+        j.name(protocol_name(p));
+    }
+    for (names, addr, port) in [
+        (
+            ["query_address", "query_port"],
+            m.query_address.as_deref(),
+            m.query_port,
+        ),
+        (
+            ["response_address", "response_port"],
+            m.response_address.as_deref(),
+            m.response_port,
+        ),
+    ] {
+        if let Some(ip) = addr.and_then(dnstap::ip) {
+            j.key(names[0]);
+            j.ip(ip);
+        }
+        if let Some(port) = port {
+            j.field_uint(names[1], port as u64);
+        }
+    }
 }
 
 /// A stored message that no longer decodes: its role (the dnstap type is inside the bytes),
