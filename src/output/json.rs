@@ -6,13 +6,10 @@ use std::net::{IpAddr, SocketAddr};
 
 pub struct Json<'a> {
     pub out: &'a mut Vec<u8>,
-    /// Per nesting level, one bit: whether the next member needs no comma. A line's nesting
-    /// is the schema's (a handful of levels), so a word holds it and no line allocates.
-    first: u64,
-    depth: u32,
-    /// The bit of the innermost level (0 outside any object or array), kept beside `depth`:
-    /// every key and value reads it.
-    level: u64,
+    /// Whether the next key or value needs a comma before it: a value (or a closed object or
+    /// array) was the last thing written, not a key or an opening bracket. One flag does for
+    /// every level: what closes a level is a value of the level around it.
+    comma: bool,
     /// The last two seconds written by [`Json::time`] and their `YYYY-MM-DDTHH:MM:SS`, and
     /// which to replace next: a line's times lie within a second or two (a query's, and its
     /// late response's), so only the fraction is formatted again.
@@ -24,9 +21,7 @@ pub struct Json<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct Mark {
     len: usize,
-    first: u64,
-    depth: u32,
-    level: u64,
+    comma: bool,
 }
 
 /// No second: a Unix second from nanoseconds in a u64 is far below it.
@@ -34,49 +29,34 @@ const NO_SECOND: u64 = u64::MAX;
 
 const SECOND_LEN: usize = 19;
 
-/// Levels past this share the deepest bit (the schema never nests this deep).
-const MAX_DEPTH: u32 = u64::BITS;
-
 impl<'a> Json<'a> {
     pub fn new(out: &'a mut Vec<u8>) -> Self {
         Self {
             out,
-            first: 0,
-            depth: 0,
-            level: 0,
+            comma: false,
             seconds: [(NO_SECOND, [0; SECOND_LEN]); 2],
             next_second: 0,
         }
     }
 
-    /// The bit of nesting level `depth`; 0 outside any object or array.
-    fn level_of(depth: u32) -> u64 {
-        match depth {
-            0 => 0,
-            d => 1 << (d.min(MAX_DEPTH) - 1),
-        }
-    }
-
+    /// The comma before a value, if it needs one; a comma after it.
+    #[inline(always)]
     fn sep(&mut self) {
-        let level = self.level;
-        if level != 0 && self.first & level == 0 {
+        if self.comma {
             self.out.push(b',');
         }
-        self.first &= !level;
+        self.comma = true;
     }
 
     fn open(&mut self, bracket: u8) {
         self.sep();
         self.out.push(bracket);
-        self.depth = self.depth.saturating_add(1);
-        self.level = Self::level_of(self.depth);
-        self.first |= self.level;
+        self.comma = false;
     }
 
     fn close(&mut self, bracket: u8) {
-        self.depth = self.depth.saturating_sub(1);
-        self.level = Self::level_of(self.depth);
         self.out.push(bracket);
+        self.comma = true;
     }
 
     /// Where the line is, for [`Json::rewind`]: a writer that may find, part-way, that it
@@ -84,9 +64,7 @@ impl<'a> Json<'a> {
     pub fn mark(&self) -> Mark {
         Mark {
             len: self.out.len(),
-            first: self.first,
-            depth: self.depth,
-            level: self.level,
+            comma: self.comma,
         }
     }
 
@@ -94,9 +72,7 @@ impl<'a> Json<'a> {
     /// times stay: they are still what they say).
     pub fn rewind(&mut self, mark: Mark) {
         self.out.truncate(mark.len);
-        self.first = mark.first;
-        self.depth = mark.depth;
-        self.level = mark.level;
+        self.comma = mark.comma;
     }
 
     pub fn begin_object(&mut self) {
@@ -120,9 +96,7 @@ impl<'a> Json<'a> {
     /// the copy folds into a few stores of constant bytes (a line has a hundred or more keys).
     #[inline(always)]
     pub fn key(&mut self, name: &'static str) {
-        let level = self.level;
-        let comma = level != 0 && self.first & level == 0;
-        self.first |= level;
+        let comma = std::mem::replace(&mut self.comma, false);
         push_quoted(self.out, comma, name, b"\":");
     }
 
@@ -143,9 +117,7 @@ impl<'a> Json<'a> {
 
     /// A string with nothing to escape.
     fn plain(&mut self, s: &str) {
-        let level = self.level;
-        let comma = level != 0 && self.first & level == 0;
-        self.first &= !level;
+        let comma = std::mem::replace(&mut self.comma, true);
         push_quoted(self.out, comma, s, b"\"");
     }
 
@@ -171,7 +143,7 @@ impl<'a> Json<'a> {
     #[inline(always)]
     pub fn members(&mut self, text: &'static str) {
         self.out.extend_from_slice(text.as_bytes());
-        self.first &= !self.level;
+        self.comma = true;
     }
 
     /// The first `len` bytes of `buf`, a value (JSON text) put together by the caller.
@@ -186,7 +158,7 @@ impl<'a> Json<'a> {
     #[inline(always)]
     pub fn members_text<const N: usize>(&mut self, buf: &[u8; N], len: usize) {
         extend_prefix(self.out, buf, len);
-        self.first &= !self.level;
+        self.comma = true;
     }
 
     /// The first `len` bytes of `buf`: members put together by the caller (their separators
@@ -194,14 +166,14 @@ impl<'a> Json<'a> {
     #[inline(always)]
     pub fn members_and_key<const N: usize>(&mut self, buf: &[u8; N], len: usize) {
         extend_prefix(self.out, buf, len);
-        self.first |= self.level;
+        self.comma = false;
     }
 
     /// Members already written in this line, at `text` (with the comma before them), written
     /// again.
     pub fn copy_members(&mut self, text: std::ops::Range<usize>) {
         self.out.extend_from_within(text);
-        self.first &= !self.level;
+        self.comma = true;
     }
 
     /// A value already written in this line, at `text`, written again.
@@ -439,16 +411,34 @@ pub fn put_uint<const N: usize>(text: &mut [u8; N], at: usize, v: u32) -> usize 
 /// room for 16 bytes after `at`.
 fn put_ipv4<const N: usize>(text: &mut [u8; N], mut at: usize, ip: std::net::Ipv4Addr) -> usize {
     for octet in ip.octets() {
-        let (hundreds, tens, ones) = (octet / 100, octet / 10 % 10, octet % 10);
-        text[at] = b'0' + hundreds;
-        at += usize::from(hundreds > 0);
-        text[at] = b'0' + tens;
-        at += usize::from(octet >= 10);
-        text[at] = b'0' + ones;
-        text[at + 1] = b'.';
-        at += 2;
+        let (digits, len) = OCTETS[usize::from(octet)];
+        text[at..at + 4].copy_from_slice(&digits);
+        at += usize::from(len);
     }
     at - 1
+}
+
+/// Each octet's decimal digits and a dot (`7.`, `42.`, `255.`, padded to four bytes), and
+/// their length.
+static OCTETS: [([u8; 4], u8); 256] = octets();
+
+const fn octets() -> [([u8; 4], u8); 256] {
+    let mut table = [([0; 4], 0); 256];
+    let mut i = 0;
+    while i < 256 {
+        let (hundreds, tens, ones) = (
+            b'0' + (i / 100) as u8,
+            b'0' + (i / 10 % 10) as u8,
+            b'0' + (i % 10) as u8,
+        );
+        table[i] = match i {
+            0..=9 => ([ones, b'.', 0, 0], 2),
+            10..=99 => ([tens, ones, b'.', 0], 3),
+            _ => ([hundreds, tens, ones, b'.'], 4),
+        };
+        i += 1;
+    }
+    table
 }
 
 struct Fmt<'a>(&'a mut Vec<u8>);
@@ -590,18 +580,18 @@ fn rfc3339_second(secs: u64) -> [u8; SECOND_LEN] {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     let mut text = *b"0000-00-00T00:00:00";
-    let mut digits = |at: usize, mut v: u64, width: usize| {
-        for d in text[at..at + width].iter_mut().rev() {
-            *d = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
+    let mut pair = |at: usize, v: u64| {
+        let v = (v % 100) as usize * 2;
+        text[at..at + 2].copy_from_slice(&DIGIT_PAIRS[v..v + 2]);
     };
-    digits(0, year.clamp(0, 9999) as u64, 4);
-    digits(5, month as u64, 2);
-    digits(8, day as u64, 2);
-    digits(11, rem / 3600, 2);
-    digits(14, rem % 3600 / 60, 2);
-    digits(17, rem % 60, 2);
+    let year = year.clamp(0, 9999) as u64;
+    pair(0, year / 100);
+    pair(2, year);
+    pair(5, month as u64);
+    pair(8, day as u64);
+    pair(11, rem / 3600);
+    pair(14, rem % 3600 / 60);
+    pair(17, rem % 60);
     text
 }
 
