@@ -10,11 +10,25 @@ pub struct Json<'a> {
     /// array) was the last thing written, not a key or an opening bracket. One flag does for
     /// every level: what closes a level is a value of the level around it.
     comma: bool,
-    /// The last two seconds written by [`Json::time`] and their `YYYY-MM-DDTHH:MM:SS`, and
-    /// which to replace next: a line's times lie within a second or two (a query's, and its
-    /// late response's), so only the fraction is formatted again.
-    seconds: [(u64, [u8; SECOND_LEN]); 2],
-    next_second: usize,
+    seconds: Seconds,
+}
+
+/// The last two seconds written by [`Json::time`] and their `YYYY-MM-DDTHH:MM:SS`, and which
+/// to replace next: a line's times lie within a second or two (a query's, and its late
+/// response's), and successive lines' too, so only the fraction is formatted again.
+#[derive(Debug, Clone, Copy)]
+pub struct Seconds {
+    texts: [(u64, [u8; SECOND_LEN]); 2],
+    next: usize,
+}
+
+impl Default for Seconds {
+    fn default() -> Self {
+        Self {
+            texts: [(NO_SECOND, [0; SECOND_LEN]); 2],
+            next: 0,
+        }
+    }
 }
 
 /// A place in a line: [`Json::mark`].
@@ -31,12 +45,21 @@ const SECOND_LEN: usize = 19;
 
 impl<'a> Json<'a> {
     pub fn new(out: &'a mut Vec<u8>) -> Self {
+        Self::with_seconds(out, Seconds::default())
+    }
+
+    /// A writer that starts from the seconds an earlier one wrote ([`Json::seconds`]).
+    pub fn with_seconds(out: &'a mut Vec<u8>, seconds: Seconds) -> Self {
         Self {
             out,
             comma: false,
-            seconds: [(NO_SECOND, [0; SECOND_LEN]); 2],
-            next_second: 0,
+            seconds,
         }
+    }
+
+    /// The seconds written last, for the next line's writer.
+    pub fn seconds(&self) -> Seconds {
+        self.seconds
     }
 
     /// The comma before a value, if it needs one; a comma after it.
@@ -186,12 +209,13 @@ impl<'a> Json<'a> {
     pub fn time(&mut self, nanos: u64) {
         self.sep();
         let secs = nanos / 1_000_000_000;
-        let second = match self.seconds.iter().find(|(s, _)| *s == secs) {
+        let seconds = &mut self.seconds;
+        let second = match seconds.texts.iter().find(|(s, _)| *s == secs) {
             Some((_, text)) => *text,
             None => {
                 let text = rfc3339_second(secs);
-                self.seconds[self.next_second] = (secs, text);
-                self.next_second ^= 1;
+                seconds.texts[seconds.next] = (secs, text);
+                seconds.next ^= 1;
                 text
             }
         };
@@ -270,6 +294,13 @@ impl<'a> Json<'a> {
     pub fn field_str(&mut self, name: &'static str, v: &str) {
         self.key(name);
         self.string(v);
+    }
+
+    /// `"name":` and one of the schema's own constant strings (nothing to escape).
+    #[inline(always)]
+    pub fn field_name(&mut self, name: &'static str, v: &'static str) {
+        self.key(name);
+        self.name(v);
     }
 
     #[inline(always)]

@@ -124,6 +124,8 @@ pub struct Renderer {
     format: Format,
     sources: Arc<SourceRegistry>,
     options: LineOptions,
+    /// The seconds the last line's times were in: the next line's are mostly the same.
+    seconds: std::cell::Cell<json::Seconds>,
 }
 
 impl Renderer {
@@ -132,6 +134,7 @@ impl Renderer {
             format,
             sources,
             options: LineOptions::default(),
+            seconds: Default::default(),
         }
     }
 
@@ -154,7 +157,7 @@ impl Renderer {
         let (identity, version) = self.sources.describe(s.source);
         match self.format {
             Format::Json => {
-                let mut j = Json::new(out);
+                let mut j = Json::with_seconds(out, self.seconds.get());
                 j.begin_object();
                 // Time first: log pipelines index it instead of the time they got the line.
                 j.key("time");
@@ -162,14 +165,16 @@ impl Renderer {
                     Some(t) => j.time(t),
                     None => j.null(),
                 }
-                j.field_str("kind", "session");
-                j.field_str("status", v.status.name());
+                // The schema's own names (kind, status, cause, sender...) are plain ASCII:
+                // written without the check for bytes to escape.
+                j.members(",\"kind\":\"session\"");
+                j.field_name("status", v.status.name());
                 j.field_uint("bitmap", v.bitmap.0 as u64);
                 if let Some(rate) = sample_rate {
                     j.key("sample_rate");
                     j.float(rate);
                 }
-                j.field_str("cause", d.cause.name());
+                j.field_name("cause", d.cause.name());
                 j.key("diagnosis");
                 j.string_with(|out| d.write_sentence(&identity, out, json::escape_into));
                 j.field_str("identity", &identity);
@@ -180,6 +185,7 @@ impl Renderer {
                     write_messages(&mut j, decoded);
                 }
                 j.end_object();
+                self.seconds.set(j.seconds());
             }
             Format::Text => {
                 use std::io::Write;
@@ -250,9 +256,12 @@ impl Renderer {
     }
 }
 
+/// A session's messages decoded again: the usual few without an allocation.
+type DecodedMessages<'a> = smallvec::SmallVec<[Decoded<'a>; 4]>;
+
 /// The session's messages decoded again from the store, for the line's `messages`.
-fn decode_messages<'a>(s: &Session, store: &'a MessageStore) -> Vec<Decoded<'a>> {
-    let mut decoded: Vec<Decoded<'_>> = s
+fn decode_messages<'a>(s: &Session, store: &'a MessageStore) -> DecodedMessages<'a> {
+    let mut decoded: DecodedMessages<'_> = s
         .messages
         .iter()
         .map(|m| {
@@ -287,7 +296,7 @@ fn restore_upstream_queries(decoded: &mut [Decoded<'_>]) {
 
 fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
     let v = &d.verdict;
-    j.field_str("sender", s.profile.name());
+    j.field_name("sender", s.profile.name());
     j.key("client");
     match d.client {
         Some(c) => j.socket(c),
@@ -299,7 +308,11 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
         j.field_opt_str("client_namespace", d.client_namespace());
         j.field_opt_str("client_pod", d.client_pod());
     }
-    j.field_opt_str("protocol", d.protocol.map(protocol_name));
+    j.key("protocol");
+    match d.protocol {
+        Some(p) => j.name(protocol_name(p)),
+        None => j.null(),
+    }
     j.field_opt_str("qname", d.qname());
     field_mnemonic(
         j,
@@ -318,7 +331,7 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
         Some(id) => j.uint(id as u64),
         None => j.null(),
     }
-    j.field_opt_str("rcode", d.rcode.map(|r| rcode_name(r.into())).as_deref());
+    field_rcode(j, d.rcode);
     j.key("latency_ms");
     match d.latency {
         Some(l) => j.millis(l),
@@ -340,7 +353,7 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
         }
         j.key("timeout");
         j.bool(!a.answered);
-        j.field_opt_str("rcode", a.rcode.map(|r| rcode_name(r.into())).as_deref());
+        field_rcode(j, a.rcode);
         if !a.has_query {
             j.key("query_missing");
             j.bool(true);
@@ -349,7 +362,7 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
     }
     j.end_array();
     if let Some(loss) = v.loss {
-        j.field_str("loss_reason", loss.name());
+        j.field_name("loss_reason", loss.name());
     }
     if let Some(inc) = v.incomplete {
         j.key("incomplete");
@@ -360,7 +373,7 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
             j.name(role);
         }
         j.end_array();
-        j.field_str("cause", inc.cause.name());
+        j.field_name("cause", inc.cause.name());
         j.end_object();
     }
     if !s.has_wire {
@@ -369,6 +382,16 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
     }
     if s.messages_dropped > 0 {
         j.field_uint("messages_not_kept", s.messages_dropped as u64);
+    }
+}
+
+/// `"rcode":` and the rcode's mnemonic (plain ASCII), its number, or null.
+fn field_rcode(j: &mut Json<'_>, rcode: Option<impl Into<u16>>) {
+    j.key("rcode");
+    match rcode.map(|r| rcode_name(r.into())) {
+        Some(std::borrow::Cow::Borrowed(mnemonic)) => j.name(mnemonic),
+        Some(std::borrow::Cow::Owned(number)) => j.string(&number),
+        None => j.null(),
     }
 }
 
