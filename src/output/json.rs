@@ -335,18 +335,7 @@ fn push_quoted(out: &mut Vec<u8>, comma: bool, text: &str, tail: &[u8]) {
         buf[1] = b'"';
         buf[2..18].copy_from_slice(&text[..16]);
         buf[n - 14..n + 2].copy_from_slice(&text[n - 16..]);
-        for (i, &b) in tail.iter().enumerate() {
-            buf[2 + n + i] = b;
-        }
-        let end = out.len() + 2 + n + tail.len();
-        if comma {
-            out.extend_from_slice(&buf);
-            out.truncate(end);
-        } else {
-            out.extend_from_slice(&buf[1..]);
-            out.truncate(end - 1);
-        }
-        return;
+        return append_quoted(out, &mut buf, comma, n, tail);
     }
     if n > 16 || tail.len() > 2 {
         if comma {
@@ -376,12 +365,26 @@ fn push_quoted(out: &mut Vec<u8>, comma: bool, text: &str, tail: &[u8]) {
             }
         }
     }
+    append_quoted(out, &mut buf, comma, n, tail);
+}
+
+/// `buf` (`,"` then the text's `n` bytes) with `tail` after the text, appended from the comma,
+/// or from the quote when no comma is needed: one copy of the whole buffer, then the line cut
+/// back to its end.
+#[inline(always)]
+fn append_quoted<const N: usize>(
+    out: &mut Vec<u8>,
+    buf: &mut [u8; N],
+    comma: bool,
+    n: usize,
+    tail: &[u8],
+) {
     for (i, &b) in tail.iter().enumerate() {
         buf[2 + n + i] = b;
     }
     let end = out.len() + 2 + n + tail.len();
     if comma {
-        out.extend_from_slice(&buf);
+        out.extend_from_slice(&buf[..]);
         out.truncate(end);
     } else {
         out.extend_from_slice(&buf[1..]);
