@@ -153,7 +153,12 @@ impl Renderer {
         let sample_rate = (v.status == Status::Succeeded
             && !self.options.sample_succeeded.keeps_all())
         .then(|| self.options.sample_succeeded.rate());
-        let decoded = with_messages.then(|| decode_messages(s, store));
+        // Filled in place: the messages are a few hundred bytes each.
+        let mut decoded = DecodedMessages::new();
+        if with_messages {
+            decode_messages(s, store, &mut decoded);
+        }
+        let decoded = with_messages.then_some(&decoded);
         let (identity, version) = self.sources.describe(s.source);
         match self.format {
             Format::Json => {
@@ -180,7 +185,7 @@ impl Renderer {
                 j.field_str("identity", &identity);
                 j.field_str("version", &version);
                 write_summary_fields(&mut j, s, d);
-                if let Some(decoded) = &decoded {
+                if let Some(decoded) = decoded {
                     j.key("messages");
                     write_messages(&mut j, decoded);
                 }
@@ -246,7 +251,7 @@ impl Renderer {
                         inc.cause.name()
                     );
                 }
-                if let Some(decoded) = &decoded {
+                if let Some(decoded) = decoded {
                     out.extend_from_slice(b" Messages: ");
                     write_messages(&mut Json::new(out), decoded);
                 }
@@ -260,22 +265,17 @@ impl Renderer {
 type DecodedMessages<'a> = smallvec::SmallVec<[Decoded<'a>; 4]>;
 
 /// The session's messages decoded again from the store, for the line's `messages`.
-fn decode_messages<'a>(s: &Session, store: &'a MessageStore) -> DecodedMessages<'a> {
-    let mut decoded: DecodedMessages<'_> = s
-        .messages
-        .iter()
-        .map(|m| {
-            let bytes = store.get(m.bytes);
-            let msg = dnstap::decode_message(bytes).map_err(|error| Undecodable { error, bytes });
-            Decoded {
-                role: m.role,
-                flags: m.flags,
-                msg,
-            }
-        })
-        .collect();
-    restore_upstream_queries(&mut decoded);
-    decoded
+fn decode_messages<'a>(s: &Session, store: &'a MessageStore, decoded: &mut DecodedMessages<'a>) {
+    decoded.extend(s.messages.iter().map(|m| {
+        let bytes = store.get(m.bytes);
+        let msg = dnstap::decode_message(bytes).map_err(|error| Undecodable { error, bytes });
+        Decoded {
+            role: m.role,
+            flags: m.flags,
+            msg,
+        }
+    }));
+    restore_upstream_queries(decoded);
 }
 
 /// Upstream queries stored without the client's query (the flag QUERY_FROM_CQ) get it back
