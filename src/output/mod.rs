@@ -266,15 +266,22 @@ type DecodedMessages<'a> = smallvec::SmallVec<[Decoded<'a>; 4]>;
 
 /// The session's messages decoded again from the store, for the line's `messages`.
 fn decode_messages<'a>(s: &Session, store: &'a MessageStore, decoded: &mut DecodedMessages<'a>) {
-    decoded.extend(s.messages.iter().map(|m| {
+    for m in &s.messages {
         let bytes = store.get(m.bytes);
-        let msg = dnstap::decode_message(bytes).map_err(|error| Undecodable { error, bytes });
-        Decoded {
+        decoded.push(Decoded {
             role: m.role,
             flags: m.flags,
-            msg,
+            msg: Ok(DnstapMessage::default()),
+        });
+        let Some(d) = decoded.last_mut() else {
+            continue;
+        };
+        if let Ok(msg) = &mut d.msg {
+            if let Err(error) = dnstap::decode_message_into(bytes, msg) {
+                d.msg = Err(Undecodable { error, bytes });
+            }
         }
-    }));
+    }
     restore_upstream_queries(decoded);
 }
 
@@ -642,10 +649,15 @@ mod tests {
     /// Whether `decode_message`'s walk read `bytes`; if it did, it read what the generated
     /// decoder reads.
     fn walked_as_decoded(bytes: &[u8]) -> bool {
+        // Decoded in place, as lines decode: the walk's message, else the decoder's (or an
+        // error where it has one), whatever the walk left in it.
+        let mut in_place = DnstapMessage::default();
+        let placed = dnstap::decode_message_into(bytes, &mut in_place).map(|()| in_place);
+        let decoded = dnstap::decode_generated(bytes);
+        assert_eq!(placed.as_ref().ok(), decoded.as_ref().ok(), "{bytes:02x?}");
         let Some(walked) = dnstap::walk_message(bytes) else {
             return false;
         };
-        let decoded = dnstap::decode_generated(bytes);
         assert_eq!(Some(&walked), decoded.as_ref().ok(), "{bytes:02x?}");
         true
     }
