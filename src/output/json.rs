@@ -395,14 +395,14 @@ fn append_quoted<const N: usize>(
 /// The first `len` bytes of `buf` appended: the whole buffer copied and the line cut back. A
 /// copy of a fixed size is a few stores; one of a length known only at run time calls memcpy.
 #[inline(always)]
-pub fn extend_prefix<const N: usize>(out: &mut Vec<u8>, buf: &[u8; N], len: usize) {
+fn extend_prefix<const N: usize>(out: &mut Vec<u8>, buf: &[u8; N], len: usize) {
     let end = out.len() + len.min(N);
     out.extend_from_slice(buf);
     out.truncate(end);
 }
 
 /// `v` in decimal, as `itoa` writes it.
-pub fn write_uint(out: &mut Vec<u8>, v: u64) {
+fn write_uint(out: &mut Vec<u8>, v: u64) {
     match u32::try_from(v) {
         Ok(v) => {
             let mut text = [0u8; 10];
