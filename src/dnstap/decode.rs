@@ -1,7 +1,7 @@
 //! Full decoding with the code generated from proto/dnstap.proto (for rendering), the
 //! decoding errors of every path, and dnstap's field encodings (times, addresses).
 
-use super::wire::walk_message;
+use super::wire::{walk_message, walk_message_into};
 use super::{pb, MessageType, Nanos};
 use crate::dns::DnsError;
 use quick_protobuf::{BytesReader, MessageRead};
@@ -61,6 +61,19 @@ impl From<DnsError> for DecodeError {
 /// Decodes an encoded dnstap.Message (what sessions keep), borrowing from it.
 pub fn decode_message(bytes: &[u8]) -> Result<pb::Message<'_>, DecodeError> {
     walk_message(bytes).map_or_else(|| decode_generated(bytes), Ok)
+}
+
+/// [`decode_message`] into `m` (a default message) in place: a renderer decodes a session's
+/// messages into its list, without moving each (a few hundred bytes). On an error `m` holds
+/// part of the message.
+pub fn decode_message_into<'a>(
+    bytes: &'a [u8],
+    m: &mut pb::Message<'a>,
+) -> Result<(), DecodeError> {
+    if walk_message_into(bytes, m).is_none() {
+        *m = decode_generated(bytes)?;
+    }
+    Ok(())
 }
 
 /// The generated decoder alone: what `decode_message` reads when its walk does not.

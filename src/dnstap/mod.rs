@@ -20,7 +20,7 @@ mod wire;
 
 #[cfg(test)]
 pub(crate) use decode::decode_generated;
-pub use decode::{decode, decode_message, ip, socket, time, DecodeError};
+pub use decode::{decode, decode_message, decode_message_into, ip, socket, time, DecodeError};
 pub use event::{Event, MessageSpan, Nanos, PeerKey, Recollection, Role, StreamEnded, StreamId};
 pub use facts::{MessageFacts, StoredFields};
 pub use pb::mod_Message::Type as MessageType;

@@ -344,8 +344,14 @@ pub fn query_message_field(
 /// stored frame's `extra`, which it skips too), other wire types, truncated fields, varints
 /// longer than both read alike (4 bytes for 32 bits, 9 for 64).
 pub(crate) fn walk_message(bytes: &[u8]) -> Option<pb::Message<'_>> {
-    use std::borrow::Cow::Borrowed;
     let mut m = pb::Message::default();
+    walk_message_into(bytes, &mut m).map(|()| m)
+}
+
+/// [`walk_message`] into `m` (a default message), which a renderer keeps in place; on `None`
+/// `m` holds part of the message.
+pub(crate) fn walk_message_into<'a>(bytes: &'a [u8], m: &mut pb::Message<'a>) -> Option<()> {
+    use std::borrow::Cow::Borrowed;
     let mut r = Wire(bytes);
     while !r.0.is_empty() {
         let tag = r.short_varint(4)?;
@@ -379,7 +385,7 @@ pub(crate) fn walk_message(bytes: &[u8]) -> Option<pb::Message<'_>> {
             _ => return None,
         }
     }
-    Some(m)
+    Some(())
 }
 
 /// Protobuf wire primitives over a shrinking slice. quick-protobuf's `BytesReader` does the

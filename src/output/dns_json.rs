@@ -1,7 +1,7 @@
 //! The whole DNS message as JSON (all sections, typed record data, EDNS), decoded with
 //! `domain` only when a session is rendered.
 
-use super::json::Json;
+use super::json::{put_uint, Json};
 use crate::dns::rcode_name;
 use domain::base::iana::{Class, Opcode, Rtype};
 use domain::base::opt::{Opt, OptRecord, UnknownOptData};
@@ -160,8 +160,13 @@ fn write_walked(j: &mut Json<'_>, wire: &[u8]) -> Option<()> {
     let count = |i: usize| u16::from_be_bytes([header[4 + 2 * i], header[5 + 2 * i]]);
     j.begin_object();
     j.field_uint("id", u16::from_be_bytes([header[0], header[1]]).into());
-    j.key("opcode");
-    write_opcode(j, Opcode::from_int(header[2] >> 3 & 0x0f));
+    match header[2] >> 3 & 0x0f {
+        0 => j.members(",\"opcode\":\"QUERY(0)\""),
+        opcode => {
+            j.key("opcode");
+            write_opcode(j, Opcode::from_int(opcode));
+        }
+    }
     // An OPT record's extended rcode would add to it: such a message is left to `domain`.
     j.key("rcode");
     match rcode_name((header[3] & 0x0f).into()) {
@@ -170,21 +175,27 @@ fn write_walked(j: &mut Json<'_>, wire: &[u8]) -> Option<()> {
         Cow::Owned(number) => j.string(&number),
     }
     j.key("flags");
-    j.begin_array();
-    for (set, name) in [
-        (header[2] & 0x80, "qr"),
-        (header[2] & 0x04, "aa"),
-        (header[2] & 0x02, "tc"),
-        (header[2] & 0x01, "rd"),
-        (header[3] & 0x80, "ra"),
-        (header[3] & 0x20, "ad"),
-        (header[3] & 0x10, "cd"),
+    // The array put together in one buffer: `"qr",` for each flag set, the last comma (or
+    // the byte after `[`) then becoming the `]`.
+    let mut flags = [b'['; 40];
+    let mut len = 1;
+    for (set, [a, b]) in [
+        (header[2] & 0x80, *b"qr"),
+        (header[2] & 0x04, *b"aa"),
+        (header[2] & 0x02, *b"tc"),
+        (header[2] & 0x01, *b"rd"),
+        (header[3] & 0x80, *b"ra"),
+        (header[3] & 0x20, *b"ad"),
+        (header[3] & 0x10, *b"cd"),
     ] {
         if set != 0 {
-            j.name(name);
+            flags[len..len + 5].copy_from_slice(&[b'"', a, b, b'"', b',']);
+            len += 5;
         }
     }
-    j.end_array();
+    len = len.max(2);
+    flags[len - 1] = b']';
+    j.value_text(&flags, len);
     j.key("question");
     j.begin_array();
     let mut at = 12;
@@ -204,6 +215,15 @@ fn write_walked(j: &mut Json<'_>, wire: &[u8]) -> Option<()> {
         .into_iter()
         .enumerate()
     {
+        if count(i + 1) == 0 {
+            // Empty sections (most answers' authority, most queries' every section).
+            match i {
+                0 => j.members(",\"answer\":[]"),
+                1 => j.members(",\"authority\":[]"),
+                _ => j.members(",\"additional\":[]"),
+            }
+            continue;
+        }
         j.key(section);
         j.begin_array();
         for _ in 0..count(i + 1) {
@@ -241,11 +261,18 @@ fn write_walked(j: &mut Json<'_>, wire: &[u8]) -> Option<()> {
         }
         j.key("edns");
         j.begin_object();
-        j.field_uint("version", version.into());
-        j.field_uint("udp_size", u16::from_be_bytes(udp_size).into());
-        j.key("do");
-        j.bool(flags & 0x80 != 0);
-        j.key("options");
+        // `"version":…,"udp_size":…,"do":…,"options":` in one buffer.
+        let mut text = [0u8; 64];
+        text[..10].copy_from_slice(b"\"version\":");
+        let mut len = put_uint(&mut text, 10, version.into());
+        text[len..len + 12].copy_from_slice(b",\"udp_size\":");
+        len = put_uint(&mut text, len + 12, u16::from_be_bytes(udp_size).into());
+        let (tail, n) = match flags & 0x80 {
+            0 => (b",\"do\":false,\"options\":", 22),
+            _ => (b",\"do\":true,\"options\": ", 21),
+        };
+        text[len..len + 22].copy_from_slice(tail);
+        j.members_and_key(&text, len + n);
         j.begin_array();
         let mut options = &wire[data];
         while !options.is_empty() {
@@ -275,12 +302,39 @@ fn array<const N: usize>(b: &[u8]) -> Option<[u8; N]> {
 }
 
 fn write_type_and_class(j: &mut Json<'_>, rtype: [u8; 2], class: [u8; 2]) {
+    if let (Some((name, n)), [0, 1]) = (common_type(u16::from_be_bytes(rtype)), class) {
+        // `,"type":"A","class":"IN"` in one buffer (a name always precedes).
+        let mut text = [0u8; 40];
+        text[..9].copy_from_slice(b",\"type\":\"");
+        text[9..17].copy_from_slice(name);
+        text[9 + n..23 + n].copy_from_slice(b"\",\"class\":\"IN\"");
+        return j.members_text(&text, 23 + n);
+    }
     let rtype = Rtype::from_int(u16::from_be_bytes(rtype));
     let class = Class::from_int(u16::from_be_bytes(class));
     j.key("type");
     mnemonic(j, rtype.to_mnemonic_str(), rtype);
     j.key("class");
     mnemonic(j, class.to_mnemonic_str(), class);
+}
+
+/// The mnemonics of the usual types, as `domain` spells them, padded to eight bytes, and
+/// their length.
+fn common_type(rtype: u16) -> Option<(&'static [u8; 8], usize)> {
+    Some(match rtype {
+        1 => (b"A       ", 1),
+        2 => (b"NS      ", 2),
+        5 => (b"CNAME   ", 5),
+        6 => (b"SOA     ", 3),
+        12 => (b"PTR     ", 3),
+        15 => (b"MX      ", 2),
+        16 => (b"TXT     ", 3),
+        28 => (b"AAAA    ", 4),
+        33 => (b"SRV     ", 3),
+        64 => (b"SVCB    ", 4),
+        65 => (b"HTTPS   ", 5),
+        _ => return None,
+    })
 }
 
 /// The record data at `data` of the types [`write_rdata`] writes field by field, as it
@@ -657,10 +711,18 @@ pub fn hex(b: &[u8]) -> String {
 /// `b` in lower-case hex, appended to a line (no String of its own).
 fn hex_into(out: &mut Vec<u8>, b: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    out.reserve(b.len() * 2);
-    for &x in b {
-        out.push(DIGITS[(x >> 4) as usize]);
-        out.push(DIGITS[(x & 15) as usize]);
+    let hex = |x: u8| [DIGITS[usize::from(x >> 4)], DIGITS[usize::from(x & 15)]];
+    // Eight bytes at a time into a buffer (cookies are 8 to 40 bytes): one copy each.
+    let mut chunks = b.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut text = [0u8; 16];
+        for (pair, &x) in text.chunks_exact_mut(2).zip(chunk) {
+            pair.copy_from_slice(&hex(x));
+        }
+        out.extend_from_slice(&text);
+    }
+    for &x in chunks.remainder() {
+        out.extend_from_slice(&hex(x));
     }
 }
 
@@ -866,6 +928,17 @@ mod tests {
         };
         assert_eq!(line(true), line(false));
         assert_eq!(line(true).matches(r#""id":7,"#).count(), 5);
+    }
+
+    #[test]
+    fn the_usual_types_are_spelled_as_domain_spells_them() {
+        for code in 0..=u16::MAX {
+            if let Some((name, n)) = common_type(code) {
+                let spelled = Rtype::from_int(code).to_mnemonic_str();
+                assert_eq!(Some(&name[..n]), spelled.map(str::as_bytes), "{code}");
+                assert!(name[n..].iter().all(|&b| b == b' '));
+            }
+        }
     }
 
     #[test]

@@ -6,27 +6,36 @@ use std::net::{IpAddr, SocketAddr};
 
 pub struct Json<'a> {
     pub out: &'a mut Vec<u8>,
-    /// Per nesting level, one bit: whether the next member needs no comma. A line's nesting
-    /// is the schema's (a handful of levels), so a word holds it and no line allocates.
-    first: u64,
-    depth: u32,
-    /// The bit of the innermost level (0 outside any object or array), kept beside `depth`:
-    /// every key and value reads it.
-    level: u64,
-    /// The last two seconds written by [`Json::time`] and their `YYYY-MM-DDTHH:MM:SS`, and
-    /// which to replace next: a line's times lie within a second or two (a query's, and its
-    /// late response's), so only the fraction is formatted again.
-    seconds: [(u64, [u8; SECOND_LEN]); 2],
-    next_second: usize,
+    /// Whether the next key or value needs a comma before it: a value (or a closed object or
+    /// array) was the last thing written, not a key or an opening bracket. One flag does for
+    /// every level: what closes a level is a value of the level around it.
+    comma: bool,
+    seconds: Seconds,
+}
+
+/// The last two seconds written by [`Json::time`] and their `YYYY-MM-DDTHH:MM:SS`, and which
+/// to replace next: a line's times lie within a second or two (a query's, and its late
+/// response's), and successive lines' too, so only the fraction is formatted again.
+#[derive(Debug, Clone, Copy)]
+pub struct Seconds {
+    texts: [(u64, [u8; SECOND_LEN]); 2],
+    next: usize,
+}
+
+impl Default for Seconds {
+    fn default() -> Self {
+        Self {
+            texts: [(NO_SECOND, [0; SECOND_LEN]); 2],
+            next: 0,
+        }
+    }
 }
 
 /// A place in a line: [`Json::mark`].
 #[derive(Debug, Clone, Copy)]
 pub struct Mark {
     len: usize,
-    first: u64,
-    depth: u32,
-    level: u64,
+    comma: bool,
 }
 
 /// No second: a Unix second from nanoseconds in a u64 is far below it.
@@ -34,49 +43,43 @@ const NO_SECOND: u64 = u64::MAX;
 
 const SECOND_LEN: usize = 19;
 
-/// Levels past this share the deepest bit (the schema never nests this deep).
-const MAX_DEPTH: u32 = u64::BITS;
-
 impl<'a> Json<'a> {
     pub fn new(out: &'a mut Vec<u8>) -> Self {
+        Self::with_seconds(out, Seconds::default())
+    }
+
+    /// A writer that starts from the seconds an earlier one wrote ([`Json::seconds`]).
+    pub fn with_seconds(out: &'a mut Vec<u8>, seconds: Seconds) -> Self {
         Self {
             out,
-            first: 0,
-            depth: 0,
-            level: 0,
-            seconds: [(NO_SECOND, [0; SECOND_LEN]); 2],
-            next_second: 0,
+            comma: false,
+            seconds,
         }
     }
 
-    /// The bit of nesting level `depth`; 0 outside any object or array.
-    fn level_of(depth: u32) -> u64 {
-        match depth {
-            0 => 0,
-            d => 1 << (d.min(MAX_DEPTH) - 1),
-        }
+    /// The seconds written last, for the next line's writer.
+    pub fn seconds(&self) -> Seconds {
+        self.seconds
     }
 
+    /// The comma before a value, if it needs one; a comma after it.
+    #[inline(always)]
     fn sep(&mut self) {
-        let level = self.level;
-        if level != 0 && self.first & level == 0 {
+        if self.comma {
             self.out.push(b',');
         }
-        self.first &= !level;
+        self.comma = true;
     }
 
     fn open(&mut self, bracket: u8) {
         self.sep();
         self.out.push(bracket);
-        self.depth = self.depth.saturating_add(1);
-        self.level = Self::level_of(self.depth);
-        self.first |= self.level;
+        self.comma = false;
     }
 
     fn close(&mut self, bracket: u8) {
-        self.depth = self.depth.saturating_sub(1);
-        self.level = Self::level_of(self.depth);
         self.out.push(bracket);
+        self.comma = true;
     }
 
     /// Where the line is, for [`Json::rewind`]: a writer that may find, part-way, that it
@@ -84,9 +87,7 @@ impl<'a> Json<'a> {
     pub fn mark(&self) -> Mark {
         Mark {
             len: self.out.len(),
-            first: self.first,
-            depth: self.depth,
-            level: self.level,
+            comma: self.comma,
         }
     }
 
@@ -94,9 +95,7 @@ impl<'a> Json<'a> {
     /// times stay: they are still what they say).
     pub fn rewind(&mut self, mark: Mark) {
         self.out.truncate(mark.len);
-        self.first = mark.first;
-        self.depth = mark.depth;
-        self.level = mark.level;
+        self.comma = mark.comma;
     }
 
     pub fn begin_object(&mut self) {
@@ -116,18 +115,18 @@ impl<'a> Json<'a> {
     }
 
     /// Writes `"name":` (the value follows without its own separator). Names are the schema's
-    /// own identifiers, so they are written as they are.
+    /// own identifiers, so they are written as they are. Inlined: every key is a constant, so
+    /// the copy folds into a few stores of constant bytes (a line has a hundred or more keys).
+    #[inline(always)]
     pub fn key(&mut self, name: &'static str) {
-        let level = self.level;
-        let comma = level != 0 && self.first & level == 0;
-        self.first |= level;
+        let comma = std::mem::replace(&mut self.comma, false);
         push_quoted(self.out, comma, name, b"\":");
     }
 
     pub fn string(&mut self, s: &str) {
         // Most strings of a line are short and plain (names, mnemonics, identities): written
         // as a name is, without the escaping copy.
-        if s.len() <= 16 && is_plain(s.as_bytes()) {
+        if s.len() <= 32 && is_plain(s.as_bytes()) {
             return self.plain(s);
         }
         self.sep();
@@ -141,9 +140,7 @@ impl<'a> Json<'a> {
 
     /// A string with nothing to escape.
     fn plain(&mut self, s: &str) {
-        let level = self.level;
-        let comma = level != 0 && self.first & level == 0;
-        self.first &= !level;
+        let comma = std::mem::replace(&mut self.comma, true);
         push_quoted(self.out, comma, s, b"\"");
     }
 
@@ -164,6 +161,44 @@ impl<'a> Json<'a> {
         self.out.push(b'"');
     }
 
+    /// Whole members of the schema's own fixed text (keys, values and the separators between
+    /// them, `,` first where a member precedes), written as they are.
+    #[inline(always)]
+    pub fn members(&mut self, text: &'static str) {
+        self.out.extend_from_slice(text.as_bytes());
+        self.comma = true;
+    }
+
+    /// The first `len` bytes of `buf`, a value (JSON text) put together by the caller.
+    #[inline(always)]
+    pub fn value_text<const N: usize>(&mut self, buf: &[u8; N], len: usize) {
+        self.sep();
+        extend_prefix(self.out, buf, len);
+    }
+
+    /// The first `len` bytes of `buf`: whole members put together by the caller, their
+    /// separators included.
+    #[inline(always)]
+    pub fn members_text<const N: usize>(&mut self, buf: &[u8; N], len: usize) {
+        extend_prefix(self.out, buf, len);
+        self.comma = true;
+    }
+
+    /// The first `len` bytes of `buf`: members put together by the caller (their separators
+    /// included) and the key of one more, whose value follows.
+    #[inline(always)]
+    pub fn members_and_key<const N: usize>(&mut self, buf: &[u8; N], len: usize) {
+        extend_prefix(self.out, buf, len);
+        self.comma = false;
+    }
+
+    /// Members already written in this line, at `text` (with the comma before them), written
+    /// again.
+    pub fn copy_members(&mut self, text: std::ops::Range<usize>) {
+        self.out.extend_from_within(text);
+        self.comma = true;
+    }
+
     /// A value already written in this line, at `text`, written again.
     pub fn copy_value(&mut self, text: std::ops::Range<usize>) {
         self.sep();
@@ -174,26 +209,27 @@ impl<'a> Json<'a> {
     pub fn time(&mut self, nanos: u64) {
         self.sep();
         let secs = nanos / 1_000_000_000;
-        let second = match self.seconds.iter().find(|(s, _)| *s == secs) {
+        let seconds = &mut self.seconds;
+        let second = match seconds.texts.iter().find(|(s, _)| *s == secs) {
             Some((_, text)) => *text,
             None => {
                 let text = rfc3339_second(secs);
-                self.seconds[self.next_second] = (secs, text);
-                self.next_second ^= 1;
+                seconds.texts[seconds.next] = (secs, text);
+                seconds.next ^= 1;
                 text
             }
         };
-        self.out.reserve(SECOND_LEN + 13);
-        self.out.push(b'"');
-        self.out.extend_from_slice(&second);
-        write_fraction(self.out, (nanos % 1_000_000_000) as u32);
-        self.out.push(b'"');
+        // `"`, the second, `.nnnnnnnnnZ` and `"`: one copy of a fixed size.
+        let mut text = [b'"'; SECOND_LEN + 13];
+        text[1..=SECOND_LEN].copy_from_slice(&second);
+        text[SECOND_LEN + 1..SECOND_LEN + 12]
+            .copy_from_slice(&fraction((nanos % 1_000_000_000) as u32));
+        self.out.extend_from_slice(&text);
     }
 
     pub fn uint(&mut self, v: u64) {
         self.sep();
-        self.out
-            .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        write_uint(self.out, v);
     }
 
     /// A duration in nanoseconds as milliseconds with three decimals (microsecond precision),
@@ -203,24 +239,35 @@ impl<'a> Json<'a> {
         write_millis(self.out, nanos);
     }
 
-    /// An address as a string; IPv4 written octet by octet.
+    /// An address as a string; IPv4 written octet by octet, quotes and all in one copy.
     pub fn ip(&mut self, ip: IpAddr) {
-        self.string_with(|out| write_ip(out, ip));
+        let IpAddr::V4(v4) = ip else {
+            return self.string_with(|out| write_ip(out, ip));
+        };
+        self.sep();
+        let mut text = [b'"'; 18];
+        let len = put_ipv4(&mut text, 1, v4);
+        text[len] = b'"';
+        extend_prefix(self.out, &text, len + 1);
     }
 
     /// `ip:port` (`[v6]:port`) as a string.
     pub fn socket(&mut self, addr: SocketAddr) {
-        self.string_with(|out| {
-            if addr.is_ipv6() {
+        let SocketAddr::V4(v4) = addr else {
+            return self.string_with(|out| {
                 out.push(b'[');
                 write_ip(out, addr.ip());
-                out.push(b']');
-            } else {
-                write_ip(out, addr.ip());
-            }
-            out.push(b':');
-            out.extend_from_slice(itoa::Buffer::new().format(addr.port()).as_bytes());
-        });
+                out.extend_from_slice(b"]:");
+                write_uint(out, addr.port().into());
+            });
+        };
+        self.sep();
+        let mut text = [b'"'; 32];
+        let mut len = put_ipv4(&mut text, 1, *v4.ip());
+        text[len] = b':';
+        len = put_uint(&mut text, len + 1, v4.port().into());
+        text[len] = b'"';
+        extend_prefix(self.out, &text, len + 1);
     }
 
     /// A finite number in its shortest form (`0.01`, never an exponent); null otherwise.
@@ -243,11 +290,20 @@ impl<'a> Json<'a> {
         self.out.extend_from_slice(b"null");
     }
 
+    #[inline(always)]
     pub fn field_str(&mut self, name: &'static str, v: &str) {
         self.key(name);
         self.string(v);
     }
 
+    /// `"name":` and one of the schema's own constant strings (nothing to escape).
+    #[inline(always)]
+    pub fn field_name(&mut self, name: &'static str, v: &'static str) {
+        self.key(name);
+        self.name(v);
+    }
+
+    #[inline(always)]
     pub fn field_opt_str(&mut self, name: &'static str, v: Option<&str>) {
         self.key(name);
         match v {
@@ -256,6 +312,7 @@ impl<'a> Json<'a> {
         }
     }
 
+    #[inline(always)]
     pub fn field_uint(&mut self, name: &'static str, v: u64) {
         self.key(name);
         self.uint(v);
@@ -267,8 +324,19 @@ impl<'a> Json<'a> {
 /// stack buffer by fixed-size copies, which the whole buffer follows into `out` before `out`
 /// is cut back: a copy of a length known only at run time calls memcpy, and lines have dozens
 /// of keys and names.
+#[inline(always)]
 fn push_quoted(out: &mut Vec<u8>, comma: bool, text: &str, tail: &[u8]) {
     let (text, n) = (text.as_bytes(), text.len());
+    if (17..=32).contains(&n) && tail.len() <= 2 {
+        // Names and values of up to 32 bytes (most of a line's qnames): the same with two
+        // copies of 16 bytes.
+        let mut buf = [0u8; 40];
+        buf[0] = b',';
+        buf[1] = b'"';
+        buf[2..18].copy_from_slice(&text[..16]);
+        buf[n - 14..n + 2].copy_from_slice(&text[n - 16..]);
+        return append_quoted(out, &mut buf, comma, n, tail);
+    }
     if n > 16 || tail.len() > 2 {
         if comma {
             out.push(b',');
@@ -297,17 +365,114 @@ fn push_quoted(out: &mut Vec<u8>, comma: bool, text: &str, tail: &[u8]) {
             }
         }
     }
+    append_quoted(out, &mut buf, comma, n, tail);
+}
+
+/// `buf` (`,"` then the text's `n` bytes) with `tail` after the text, appended from the comma,
+/// or from the quote when no comma is needed: one copy of the whole buffer, then the line cut
+/// back to its end.
+#[inline(always)]
+fn append_quoted<const N: usize>(
+    out: &mut Vec<u8>,
+    buf: &mut [u8; N],
+    comma: bool,
+    n: usize,
+    tail: &[u8],
+) {
     for (i, &b) in tail.iter().enumerate() {
         buf[2 + n + i] = b;
     }
     let end = out.len() + 2 + n + tail.len();
     if comma {
-        out.extend_from_slice(&buf);
+        out.extend_from_slice(&buf[..]);
         out.truncate(end);
     } else {
         out.extend_from_slice(&buf[1..]);
         out.truncate(end - 1);
     }
+}
+
+/// The first `len` bytes of `buf` appended: the whole buffer copied and the line cut back. A
+/// copy of a fixed size is a few stores; one of a length known only at run time calls memcpy.
+#[inline(always)]
+fn extend_prefix<const N: usize>(out: &mut Vec<u8>, buf: &[u8; N], len: usize) {
+    let end = out.len() + len.min(N);
+    out.extend_from_slice(buf);
+    out.truncate(end);
+}
+
+/// `v` in decimal, as `itoa` writes it.
+fn write_uint(out: &mut Vec<u8>, v: u64) {
+    match u32::try_from(v) {
+        Ok(v) => {
+            let mut text = [0u8; 10];
+            let len = put_uint(&mut text, 0, v);
+            extend_prefix(out, &text, len);
+        }
+        Err(_) => out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes()),
+    }
+}
+
+/// Puts `v` in decimal into `text` at `at`, two digits at a time; returns where it ends.
+/// `text` must have room for ten digits after `at`.
+pub fn put_uint<const N: usize>(text: &mut [u8; N], at: usize, v: u32) -> usize {
+    let len = match v {
+        0..=9 => 1,
+        10..=99 => 2,
+        100..=999 => 3,
+        1_000..=9_999 => 4,
+        10_000..=99_999 => 5,
+        100_000..=999_999 => 6,
+        1_000_000..=9_999_999 => 7,
+        10_000_000..=99_999_999 => 8,
+        100_000_000..=999_999_999 => 9,
+        _ => 10,
+    };
+    let (mut rest, mut end) = (v, at + len);
+    while end >= at + 2 {
+        let pair = (rest % 100) as usize * 2;
+        text[end - 2..end].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        rest /= 100;
+        end -= 2;
+    }
+    if end > at {
+        text[at] = b'0' + rest as u8;
+    }
+    at + len
+}
+
+/// Puts `ip` in dotted decimal into `text` at `at`; returns where it ends. `text` must have
+/// room for 16 bytes after `at`.
+fn put_ipv4<const N: usize>(text: &mut [u8; N], mut at: usize, ip: std::net::Ipv4Addr) -> usize {
+    for octet in ip.octets() {
+        let (digits, len) = OCTETS[usize::from(octet)];
+        text[at..at + 4].copy_from_slice(&digits);
+        at += usize::from(len);
+    }
+    at - 1
+}
+
+/// Each octet's decimal digits and a dot (`7.`, `42.`, `255.`, padded to four bytes), and
+/// their length.
+static OCTETS: [([u8; 4], u8); 256] = octets();
+
+const fn octets() -> [([u8; 4], u8); 256] {
+    let mut table = [([0; 4], 0); 256];
+    let mut i = 0;
+    while i < 256 {
+        let (hundreds, tens, ones) = (
+            b'0' + (i / 100) as u8,
+            b'0' + (i / 10 % 10) as u8,
+            b'0' + (i % 10) as u8,
+        );
+        table[i] = match i {
+            0..=9 => ([ones, b'.', 0, 0], 2),
+            10..=99 => ([tens, ones, b'.', 0], 3),
+            _ => ([hundreds, tens, ones, b'.'], 4),
+        };
+        i += 1;
+    }
+    table
 }
 
 struct Fmt<'a>(&'a mut Vec<u8>);
@@ -335,7 +500,11 @@ pub fn write_millis(out: &mut Vec<u8>, nanos: u64) {
 
 fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
-        IpAddr::V4(v4) => crate::diagnosis::ipv4_into(out, v4),
+        IpAddr::V4(v4) => {
+            let mut text = [0u8; 16];
+            let len = put_ipv4(&mut text, 0, v4);
+            extend_prefix(out, &text, len);
+        }
         IpAddr::V6(v6) => {
             let _ = write!(Fmt(out), "{v6}");
         }
@@ -389,7 +558,9 @@ pub fn escape_into(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Whether no byte needs escaping (no quote, backslash or control byte), eight bytes at a
-/// time: the check runs over every string of every line.
+/// time: the check runs over every string of every line. The last word overlaps the one
+/// before it, and fewer than eight bytes are read as two overlapping halves (or three
+/// bytes): bytes tested twice change nothing, and no byte is copied one at a time.
 fn is_plain(bytes: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
@@ -398,25 +569,35 @@ fn is_plain(bytes: &[u8]) -> bool {
     let hit = |x: u64| {
         below(x, 0x20) | below(x ^ (ONES * b'"' as u64), 1) | below(x ^ (ONES * b'\\' as u64), 1)
     };
-    let mut words = bytes.chunks_exact(8);
-    for w in &mut words {
-        if hit(u64::from_ne_bytes(w.try_into().unwrap_or_default())) != 0 {
-            return false;
+    let n = bytes.len();
+    let word = |at: usize| u64::from_ne_bytes(bytes[at..at + 8].try_into().unwrap_or_default());
+    let half = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap_or_default());
+    let last = match n {
+        0 => return true,
+        1..=3 => {
+            let mut last = [b'a'; 8];
+            [last[0], last[1], last[2]] = [bytes[0], bytes[n / 2], bytes[n - 1]];
+            u64::from_ne_bytes(last)
         }
-    }
-    // The last few bytes as one more word, filled with plain ones (byte by byte: a copy of a
-    // length known only at run time would call memcpy).
-    let mut last = [b'a'; 8];
-    for (l, &b) in last.iter_mut().zip(words.remainder()) {
-        *l = b;
-    }
-    hit(u64::from_ne_bytes(last)) == 0
+        4..=7 => u64::from(half(0)) | u64::from(half(n - 4)) << 32,
+        _ => {
+            let mut at = 0;
+            while at + 8 < n {
+                if hit(word(at)) != 0 {
+                    return false;
+                }
+                at += 8;
+            }
+            word(n - 8)
+        }
+    };
+    hit(last) == 0
 }
 
 /// RFC 3339 UTC with nanoseconds, from Unix nanoseconds.
 pub fn write_rfc3339(out: &mut Vec<u8>, nanos: u64) {
     out.extend_from_slice(&rfc3339_second(nanos / 1_000_000_000));
-    write_fraction(out, (nanos % 1_000_000_000) as u32);
+    out.extend_from_slice(&fraction((nanos % 1_000_000_000) as u32));
 }
 
 /// `YYYY-MM-DDTHH:MM:SS` of a Unix second (days-from-civil, inverted).
@@ -433,30 +614,42 @@ fn rfc3339_second(secs: u64) -> [u8; SECOND_LEN] {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     let mut text = *b"0000-00-00T00:00:00";
-    let mut digits = |at: usize, mut v: u64, width: usize| {
-        for d in text[at..at + width].iter_mut().rev() {
-            *d = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
+    let mut pair = |at: usize, v: u64| {
+        let v = (v % 100) as usize * 2;
+        text[at..at + 2].copy_from_slice(&DIGIT_PAIRS[v..v + 2]);
     };
-    digits(0, year.clamp(0, 9999) as u64, 4);
-    digits(5, month as u64, 2);
-    digits(8, day as u64, 2);
-    digits(11, rem / 3600, 2);
-    digits(14, rem % 3600 / 60, 2);
-    digits(17, rem % 60, 2);
+    let year = year.clamp(0, 9999) as u64;
+    pair(0, year / 100);
+    pair(2, year);
+    pair(5, month as u64);
+    pair(8, day as u64);
+    pair(11, rem / 3600);
+    pair(14, rem % 3600 / 60);
+    pair(17, rem % 60);
     text
 }
 
-/// `.nnnnnnnnnZ`: the nanoseconds of a second, in 32-bit arithmetic (they fit).
-fn write_fraction(out: &mut Vec<u8>, mut frac: u32) {
+/// `.nnnnnnnnnZ`: the nanoseconds of a second (below 10^9), in 32-bit arithmetic, two digits
+/// at a time.
+fn fraction(frac: u32) -> [u8; 11] {
     let mut text = *b".000000000Z";
-    for d in text[1..10].iter_mut().rev() {
-        *d = b'0' + (frac % 10) as u8;
-        frac /= 10;
+    let mut rest = frac % 100_000_000;
+    text[1] = b'0' + (frac / 100_000_000 % 10) as u8;
+    for at in [8, 6, 4, 2] {
+        let pair = (rest % 100) as usize * 2;
+        text[at..at + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        rest /= 100;
     }
-    out.extend_from_slice(&text);
+    text
 }
+
+/// `00` to `99`, for two digits at a time.
+const DIGIT_PAIRS: &[u8; 200] = b"\
+    0001020304050607080910111213141516171819\
+    2021222324252627282930313233343536373839\
+    4041424344454647484950515253545556575859\
+    6061626364656667686970717273747576777879\
+    8081828384858687888990919293949596979899";
 
 #[cfg(test)]
 mod tests {
@@ -584,6 +777,37 @@ mod tests {
             String::from_utf8(buf).unwrap(),
             r#"[18446744073709551615,0.476,12345.679,"192.0.2.1","0.10.100.255","[2001:db8::1]:53","10.0.0.2:5353"]"#
         );
+    }
+
+    #[test]
+    fn numbers_and_addresses_are_written_as_display_writes_them() {
+        let mut out = Vec::new();
+        let mut v = 0u64;
+        while v < u64::MAX / 3 {
+            for n in [v, v + 1, v.saturating_sub(1), v * 7 / 5] {
+                out.clear();
+                write_uint(&mut out, n);
+                assert_eq!(out, n.to_string().as_bytes());
+            }
+            v = v * 10 + 9;
+        }
+        for n in (0..100_000).chain([u64::MAX]) {
+            out.clear();
+            write_uint(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
+        for a in [0u8, 1, 9, 10, 99, 100, 199, 255] {
+            for b in [0u8, 7, 42, 250] {
+                let ip = std::net::Ipv4Addr::new(a, b, b, a);
+                out.clear();
+                write_ip(&mut out, ip.into());
+                assert_eq!(out, ip.to_string().as_bytes());
+                let addr = std::net::SocketAddr::from((ip, u16::from(a) * 257));
+                out.clear();
+                Json::new(&mut out).socket(addr);
+                assert_eq!(out, format!("\"{addr}\"").as_bytes());
+            }
+        }
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct LookupLines {
     sources: Arc<SourceRegistry>,
     /// The diagnosis being written, reused: a line allocates nothing.
     diagnosis: String,
+    /// The seconds the last line's time was in (successive lookups end in the same ones).
+    seconds: super::json::Seconds,
 }
 
 impl LookupLines {
@@ -54,6 +56,7 @@ impl LookupLines {
             format,
             sources,
             diagnosis: String::new(),
+            seconds: Default::default(),
         }
     }
 
@@ -64,7 +67,7 @@ impl LookupLines {
         let identities = l.identities.iter().map(|id| self.sources.describe(*id).0);
         match self.format {
             Format::Json => {
-                let mut j = Json::new(out);
+                let mut j = Json::with_seconds(out, self.seconds);
                 j.begin_object();
                 // Time first, as on session lines (log pipelines index it), then the kind.
                 j.key("time");
@@ -101,6 +104,7 @@ impl LookupLines {
                 j.bool(l.evicted);
                 j.field_str("diagnosis", diagnosis);
                 j.end_object();
+                self.seconds = j.seconds();
             }
             Format::Text => {
                 use std::io::Write;

@@ -20,6 +20,7 @@ use crate::dns::{class_name, rcode_name, rtype_name};
 use crate::dnstap::{self, DnstapMessage, Nanos, Role, SourceRegistry};
 use domain::base::iana::{Class, Rtype};
 use json::Json;
+use std::ops::Range;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +124,8 @@ pub struct Renderer {
     format: Format,
     sources: Arc<SourceRegistry>,
     options: LineOptions,
+    /// The seconds the last line's times were in: the next line's are mostly the same.
+    seconds: std::cell::Cell<json::Seconds>,
 }
 
 impl Renderer {
@@ -131,6 +134,7 @@ impl Renderer {
             format,
             sources,
             options: LineOptions::default(),
+            seconds: Default::default(),
         }
     }
 
@@ -149,11 +153,16 @@ impl Renderer {
         let sample_rate = (v.status == Status::Succeeded
             && !self.options.sample_succeeded.keeps_all())
         .then(|| self.options.sample_succeeded.rate());
-        let decoded = with_messages.then(|| decode_messages(s, store));
+        // Filled in place: the messages are a few hundred bytes each.
+        let mut decoded = DecodedMessages::new();
+        if with_messages {
+            decode_messages(s, store, &mut decoded);
+        }
+        let decoded = with_messages.then_some(&decoded);
         let (identity, version) = self.sources.describe(s.source);
         match self.format {
             Format::Json => {
-                let mut j = Json::new(out);
+                let mut j = Json::with_seconds(out, self.seconds.get());
                 j.begin_object();
                 // Time first: log pipelines index it instead of the time they got the line.
                 j.key("time");
@@ -161,24 +170,27 @@ impl Renderer {
                     Some(t) => j.time(t),
                     None => j.null(),
                 }
-                j.field_str("kind", "session");
-                j.field_str("status", v.status.name());
+                // The schema's own names (kind, status, cause, sender...) are plain ASCII:
+                // written without the check for bytes to escape.
+                j.members(",\"kind\":\"session\"");
+                j.field_name("status", v.status.name());
                 j.field_uint("bitmap", v.bitmap.0 as u64);
                 if let Some(rate) = sample_rate {
                     j.key("sample_rate");
                     j.float(rate);
                 }
-                j.field_str("cause", d.cause.name());
+                j.field_name("cause", d.cause.name());
                 j.key("diagnosis");
                 j.string_with(|out| d.write_sentence(&identity, out, json::escape_into));
                 j.field_str("identity", &identity);
                 j.field_str("version", &version);
                 write_summary_fields(&mut j, s, d);
-                if let Some(decoded) = &decoded {
+                if let Some(decoded) = decoded {
                     j.key("messages");
                     write_messages(&mut j, decoded);
                 }
                 j.end_object();
+                self.seconds.set(j.seconds());
             }
             Format::Text => {
                 use std::io::Write;
@@ -239,7 +251,7 @@ impl Renderer {
                         inc.cause.name()
                     );
                 }
-                if let Some(decoded) = &decoded {
+                if let Some(decoded) = decoded {
                     out.extend_from_slice(b" Messages: ");
                     write_messages(&mut Json::new(out), decoded);
                 }
@@ -249,23 +261,28 @@ impl Renderer {
     }
 }
 
+/// A session's messages decoded again: the usual few without an allocation.
+type DecodedMessages<'a> = smallvec::SmallVec<[Decoded<'a>; 4]>;
+
 /// The session's messages decoded again from the store, for the line's `messages`.
-fn decode_messages<'a>(s: &Session, store: &'a MessageStore) -> Vec<Decoded<'a>> {
-    let mut decoded: Vec<Decoded<'_>> = s
-        .messages
-        .iter()
-        .map(|m| {
-            let bytes = store.get(m.bytes);
-            let msg = dnstap::decode_message(bytes).map_err(|error| Undecodable { error, bytes });
-            Decoded {
-                role: m.role,
-                flags: m.flags,
-                msg,
+fn decode_messages<'a>(s: &Session, store: &'a MessageStore, decoded: &mut DecodedMessages<'a>) {
+    for m in &s.messages {
+        let bytes = store.get(m.bytes);
+        decoded.push(Decoded {
+            role: m.role,
+            flags: m.flags,
+            msg: Ok(DnstapMessage::default()),
+        });
+        let Some(d) = decoded.last_mut() else {
+            continue;
+        };
+        if let Ok(msg) = &mut d.msg {
+            if let Err(error) = dnstap::decode_message_into(bytes, msg) {
+                d.msg = Err(Undecodable { error, bytes });
             }
-        })
-        .collect();
-    restore_upstream_queries(&mut decoded);
-    decoded
+        }
+    }
+    restore_upstream_queries(decoded);
 }
 
 /// Upstream queries stored without the client's query (the flag QUERY_FROM_CQ) get it back
@@ -286,7 +303,7 @@ fn restore_upstream_queries(decoded: &mut [Decoded<'_>]) {
 
 fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
     let v = &d.verdict;
-    j.field_str("sender", s.profile.name());
+    j.field_name("sender", s.profile.name());
     j.key("client");
     match d.client {
         Some(c) => j.socket(c),
@@ -298,7 +315,11 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
         j.field_opt_str("client_namespace", d.client_namespace());
         j.field_opt_str("client_pod", d.client_pod());
     }
-    j.field_opt_str("protocol", d.protocol.map(protocol_name));
+    j.key("protocol");
+    match d.protocol {
+        Some(p) => j.name(protocol_name(p)),
+        None => j.null(),
+    }
     j.field_opt_str("qname", d.qname());
     field_mnemonic(
         j,
@@ -317,7 +338,7 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
         Some(id) => j.uint(id as u64),
         None => j.null(),
     }
-    j.field_opt_str("rcode", d.rcode.map(|r| rcode_name(r.into())).as_deref());
+    field_rcode(j, d.rcode);
     j.key("latency_ms");
     match d.latency {
         Some(l) => j.millis(l),
@@ -339,7 +360,7 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
         }
         j.key("timeout");
         j.bool(!a.answered);
-        j.field_opt_str("rcode", a.rcode.map(|r| rcode_name(r.into())).as_deref());
+        field_rcode(j, a.rcode);
         if !a.has_query {
             j.key("query_missing");
             j.bool(true);
@@ -348,7 +369,7 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
     }
     j.end_array();
     if let Some(loss) = v.loss {
-        j.field_str("loss_reason", loss.name());
+        j.field_name("loss_reason", loss.name());
     }
     if let Some(inc) = v.incomplete {
         j.key("incomplete");
@@ -359,7 +380,7 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
             j.name(role);
         }
         j.end_array();
-        j.field_str("cause", inc.cause.name());
+        j.field_name("cause", inc.cause.name());
         j.end_object();
     }
     if !s.has_wire {
@@ -368,6 +389,16 @@ fn write_summary_fields(j: &mut Json<'_>, s: &Session, d: &Diagnosis) {
     }
     if s.messages_dropped > 0 {
         j.field_uint("messages_not_kept", s.messages_dropped as u64);
+    }
+}
+
+/// `"rcode":` and the rcode's mnemonic (plain ASCII), its number, or null.
+fn field_rcode(j: &mut Json<'_>, rcode: Option<impl Into<u16>>) {
+    j.key("rcode");
+    match rcode.map(|r| rcode_name(r.into())) {
+        Some(std::borrow::Cow::Borrowed(mnemonic)) => j.name(mnemonic),
+        Some(std::borrow::Cow::Owned(number)) => j.string(&number),
+        None => j.null(),
     }
 }
 
@@ -389,6 +420,9 @@ fn field_mnemonic(
 
 fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
     let mut written_dns = dns_json::WrittenDns::default();
+    let mut written_sockets: smallvec::SmallVec<
+        [(SocketFields<'_>, Range<usize>); WRITTEN_SOCKETS],
+    > = smallvec::SmallVec::new();
     j.begin_array();
     for d in decoded {
         j.begin_object();
@@ -411,35 +445,15 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
                 j.time(t);
             }
         }
-        if let Some(f) = m.socket_family {
-            j.key("socket_family");
-            j.name(match f {
-                dnstap::pb::SocketFamily::INET => "INET",
-                dnstap::pb::SocketFamily::INET6 => "INET6",
-            });
-        }
-        if let Some(p) = m.socket_protocol {
-            j.key("socket_protocol");
-            j.name(protocol_name(p));
-        }
-        for (names, addr, port) in [
-            (
-                ["query_address", "query_port"],
-                m.query_address.as_deref(),
-                m.query_port,
-            ),
-            (
-                ["response_address", "response_port"],
-                m.response_address.as_deref(),
-                m.response_port,
-            ),
-        ] {
-            if let Some(ip) = addr.and_then(dnstap::ip) {
-                j.key(names[0]);
-                j.ip(ip);
-            }
-            if let Some(port) = port {
-                j.field_uint(names[1], port as u64);
+        let sockets = SocketFields::of(m);
+        match written_sockets.iter().find(|(s, _)| *s == sockets) {
+            Some((_, text)) => j.copy_members(text.clone()),
+            None => {
+                let start = j.out.len();
+                write_socket_fields(j, m);
+                if written_sockets.len() < WRITTEN_SOCKETS {
+                    written_sockets.push((sockets, start..j.out.len()));
+                }
             }
         }
         if let Some(zone) = m.query_zone.as_deref() {
@@ -453,6 +467,67 @@ fn write_messages(j: &mut Json<'_>, decoded: &[Decoded<'_>]) {
         j.end_object();
     }
     j.end_array();
+}
+
+/// What a message's socket fields are written from, to find a message whose text for them
+/// the line already holds.
+#[derive(PartialEq)]
+struct SocketFields<'m> {
+    family: Option<dnstap::pb::SocketFamily>,
+    protocol: Option<dnstap::SocketProtocol>,
+    query: (Option<&'m [u8]>, Option<u32>),
+    response: (Option<&'m [u8]>, Option<u32>),
+}
+
+impl<'m> SocketFields<'m> {
+    fn of(m: &'m DnstapMessage<'_>) -> Self {
+        Self {
+            family: m.socket_family,
+            protocol: m.socket_protocol,
+            query: (m.query_address.as_deref(), m.query_port),
+            response: (m.response_address.as_deref(), m.response_port),
+        }
+    }
+}
+
+/// Socket fields a line remembers: a session's messages mostly have two sets, the client's
+/// (its query and response) and the upstream's (each query and response to it).
+const WRITTEN_SOCKETS: usize = 2;
+
+/// `socket_family` to `response_port`, each when the message has it (a member, `type`,
+/// always precedes them).
+fn write_socket_fields(j: &mut Json<'_>, m: &DnstapMessage<'_>) {
+    if let Some(f) = m.socket_family {
+        j.key("socket_family");
+        j.name(match f {
+            dnstap::pb::SocketFamily::INET => "INET",
+            dnstap::pb::SocketFamily::INET6 => "INET6",
+        });
+    }
+    if let Some(p) = m.socket_protocol {
+        j.key("socket_protocol");
+        j.name(protocol_name(p));
+    }
+    for (names, addr, port) in [
+        (
+            ["query_address", "query_port"],
+            m.query_address.as_deref(),
+            m.query_port,
+        ),
+        (
+            ["response_address", "response_port"],
+            m.response_address.as_deref(),
+            m.response_port,
+        ),
+    ] {
+        if let Some(ip) = addr.and_then(dnstap::ip) {
+            j.key(names[0]);
+            j.ip(ip);
+        }
+        if let Some(port) = port {
+            j.field_uint(names[1], port as u64);
+        }
+    }
 }
 
 /// A stored message that no longer decodes: its role (the dnstap type is inside the bytes),
@@ -574,10 +649,15 @@ mod tests {
     /// Whether `decode_message`'s walk read `bytes`; if it did, it read what the generated
     /// decoder reads.
     fn walked_as_decoded(bytes: &[u8]) -> bool {
+        // Decoded in place, as lines decode: the walk's message, else the decoder's (or an
+        // error where it has one), whatever the walk left in it.
+        let mut in_place = DnstapMessage::default();
+        let placed = dnstap::decode_message_into(bytes, &mut in_place).map(|()| in_place);
+        let decoded = dnstap::decode_generated(bytes);
+        assert_eq!(placed.as_ref().ok(), decoded.as_ref().ok(), "{bytes:02x?}");
         let Some(walked) = dnstap::walk_message(bytes) else {
             return false;
         };
-        let decoded = dnstap::decode_generated(bytes);
         assert_eq!(Some(&walked), decoded.as_ref().ok(), "{bytes:02x?}");
         true
     }
