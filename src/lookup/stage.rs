@@ -264,18 +264,20 @@ impl LookupRoute {
         self.batches[p].push(d, render);
     }
 
-    /// Hands over the batches that are full (or every non-empty one when `force`d). False
-    /// once the writer or a partition's thread has gone: lines are no longer wanted.
-    pub fn hand_over(&mut self, force: bool) -> bool {
-        let mut alive = !self.writer_gone.load(Relaxed);
+    /// Hands over the batches that are full (or every non-empty one when `force`d): whether
+    /// any was sent, or None once the writer or a partition's thread has gone (lines are no
+    /// longer wanted).
+    pub fn hand_over(&mut self, force: bool) -> Option<bool> {
+        let (mut alive, mut sent) = (!self.writer_gone.load(Relaxed), false);
         for (batch, tx) in self.batches.iter_mut().zip(&self.senders) {
             let full =
                 batch.bytes.len() >= writer::BATCH_BYTES || batch.records.len() >= BATCH_RECORDS;
             if full || (force && !batch.is_empty()) {
                 let next = RecordBatch::with_room_of(batch);
                 alive &= tx.send(std::mem::replace(batch, next)).is_ok();
+                sent = true;
             }
         }
-        alive
+        alive.then_some(sent)
     }
 }

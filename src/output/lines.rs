@@ -95,11 +95,13 @@ impl LineSink {
     /// (each tick, so lines never wait long at low rates). A send fails only once the stage
     /// has returned, which also wakes a send blocked on the full channel.
     pub fn hand_over(&mut self, force: bool) {
-        if !self.out.hand_over(force) {
-            self.writer_gone = true;
+        match self.out.hand_over(force) {
+            None => self.writer_gone = true,
+            // A batch handed over is progress, also in the middle of a long flush (every
+            // session adds a record, so batches keep going). Not per session: a clock read each.
+            Some(true) => self.heartbeat.beat(Instant::now(), true),
+            Some(false) => {}
         }
-        // A batch handed over is progress, also in the middle of a long flush.
-        self.heartbeat.beat(Instant::now(), true);
     }
 }
 
