@@ -222,7 +222,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// `sessions_total` key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SessionKey {
     pub identity: IdentityLabel,
     pub namespace: NamespaceLabel,
@@ -233,6 +233,29 @@ pub struct SessionKey {
     pub status: Status,
     pub bitmap: u8,
     pub cause: Cause,
+}
+
+/// Hashed in one write rather than one per field and per enum tag, as derived: every
+/// finished session looks its key up.
+impl Hash for SessionKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let identity = match self.identity {
+            IdentityLabel::Source(SourceId(id)) => u64::from(id),
+            IdentityLabel::Other => 1 << 32,
+            IdentityLabel::Reclaimed => 2 << 32,
+        };
+        let namespace = match self.namespace {
+            NamespaceLabel::Name(n) => u64::from(n),
+            NamespaceLabel::None => 1 << 32,
+            NamespaceLabel::Other => 2 << 32,
+        };
+        let small = u64::from(self.rcode.map_or(0x100, u16::from))
+            | u64::from(self.qtype) << 9
+            | (self.status as u64) << 13
+            | u64::from(self.bitmap) << 15
+            | (self.cause as u64) << 19;
+        state.write_u128(u128::from(identity | small << 34) << 64 | u128::from(namespace));
+    }
 }
 
 /// `upstream_attempts_total` key.
