@@ -864,8 +864,10 @@ impl Telemetry {
             published,
             delta: Counts::default(),
             identity_cache: HashMap::new(),
+            last_identity: None,
             reclaims_seen: self.sources.reclaims(),
             upstream_cache: HashMap::new(),
+            last_upstream: None,
             namespace_cache: HashMap::new(),
         }
     }
@@ -997,10 +999,16 @@ pub struct ThreadStats {
     published: Arc<Published>,
     delta: Counts,
     identity_cache: HashMap<SourceId, bool>,
+    /// The last answer of `identity_cache`: a shard's sessions come in runs of one sender,
+    /// and this is asked for every session.
+    last_identity: Option<(SourceId, bool)>,
     /// The registry's reclaim count when `identity_cache` was last cleared: a reclaim may
     /// have freed label slots that cached refusals would still deny.
     reclaims_seen: u64,
     upstream_cache: HashMap<SocketAddr, bool>,
+    /// The last answer of `upstream_cache` (asked for every attempt); an upstream's answer
+    /// never changes, as upstream slots are never freed.
+    last_upstream: Option<(SocketAddr, bool)>,
     /// Namespaces this thread has labelled, so the lock is taken once per new name; it stops
     /// growing at a bound, as `LabelCap`'s cache does.
     namespace_cache: HashMap<Box<str>, NamespaceLabel>,
@@ -1012,17 +1020,22 @@ impl ThreadStats {
         if reclaims != self.reclaims_seen {
             self.reclaims_seen = reclaims;
             self.identity_cache.clear();
+            self.last_identity = None;
             // One thread frees the slots per change of the count, not each of them.
             let freed = self.telemetry.reclaims_freed.swap(reclaims, Relaxed);
             if freed != reclaims {
                 self.telemetry.free_reclaimed();
             }
         }
-        if self
-            .telemetry
-            .identities
-            .admit_cached(&mut self.identity_cache, id)
-        {
+        let admitted = match self.last_identity {
+            Some((last, ok)) if last == id => ok,
+            _ => {
+                let ok = (self.telemetry.identities).admit_cached(&mut self.identity_cache, id);
+                self.last_identity = Some((id, ok));
+                ok
+            }
+        };
+        if admitted {
             IdentityLabel::Source(id)
         } else {
             self.delta.overflow[CappedLabel::Identity as usize] += 1;
@@ -1034,11 +1047,15 @@ impl ThreadStats {
         let Some(addr) = addr else {
             return UpstreamLabel::Unknown;
         };
-        if self
-            .telemetry
-            .upstreams
-            .admit_cached(&mut self.upstream_cache, addr)
-        {
+        let admitted = match self.last_upstream {
+            Some((last, ok)) if last == addr => ok,
+            _ => {
+                let ok = (self.telemetry.upstreams).admit_cached(&mut self.upstream_cache, addr);
+                self.last_upstream = Some((addr, ok));
+                ok
+            }
+        };
+        if admitted {
             UpstreamLabel::Addr(addr)
         } else {
             self.delta.overflow[CappedLabel::Upstream as usize] += 1;
