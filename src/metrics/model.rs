@@ -91,6 +91,58 @@ impl Histogram {
     }
 }
 
+/// The last key a map of the delta was counted under, and what was counted under it since:
+/// added to the map when another key comes, or at publish. A shard's sessions come in runs of
+/// one sender, cause and upstream, and each map lookup costs a hash and a probe.
+#[derive(Debug)]
+struct Run<K, V> {
+    key: Option<K>,
+    pending: V,
+}
+
+impl<K, V: Default> Default for Run<K, V> {
+    fn default() -> Self {
+        let (key, pending) = (None, V::default());
+        Self { key, pending }
+    }
+}
+
+impl<K: Copy + Eq + Hash, V: Merge + Default> Run<K, V> {
+    fn at(&mut self, key: K, map: &mut HashMap<K, V>) -> &mut V {
+        if self.key != Some(key) {
+            self.flush(map);
+            self.key = Some(key);
+        }
+        &mut self.pending
+    }
+
+    fn flush(&mut self, map: &mut HashMap<K, V>) {
+        if let Some(k) = self.key.take() {
+            map.entry(k)
+                .or_default()
+                .merge(&std::mem::take(&mut self.pending));
+        }
+    }
+}
+
+/// The runs of [`ThreadStats::record_session`]'s maps.
+#[derive(Debug, Default)]
+struct SessionRuns {
+    sessions: Run<SessionKey, u64>,
+    attempts: Run<AttemptKey, u64>,
+    upstream_rtt: Run<UpstreamLabel, Histogram>,
+    client_latency: Run<(IdentityLabel, Cause), Histogram>,
+}
+
+impl SessionRuns {
+    fn flush(&mut self, into: &mut Counts) {
+        self.sessions.flush(&mut into.sessions);
+        self.attempts.flush(&mut into.attempts);
+        self.upstream_rtt.flush(&mut into.upstream_rtt);
+        self.client_latency.flush(&mut into.client_latency);
+    }
+}
+
 /// Identity label key: the interned source, `other` past the cap or the series budget, or
 /// `reclaimed` for the counts of identities the registry let go of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -863,6 +915,7 @@ impl Telemetry {
             telemetry: self.clone(),
             published,
             delta: Counts::default(),
+            runs: SessionRuns::default(),
             identity_cache: HashMap::new(),
             last_identity: None,
             reclaims_seen: self.sources.reclaims(),
@@ -998,6 +1051,8 @@ pub struct ThreadStats {
     telemetry: Arc<Telemetry>,
     published: Arc<Published>,
     delta: Counts,
+    /// Counted but not yet in `delta`: flushed into it at publish.
+    runs: SessionRuns,
     identity_cache: HashMap<SourceId, bool>,
     /// The last answer of `identity_cache`: a shard's sessions come in runs of one sender,
     /// and this is asked for every session.
@@ -1089,17 +1144,11 @@ impl ThreadStats {
         let identity = self.identity(d.source);
         for a in &d.attempts {
             let upstream = self.upstream(a.upstream);
-            *self
-                .delta
-                .attempts
-                .entry((identity, upstream, a.outcome()))
-                .or_insert(0) += 1;
+            let key = (identity, upstream, a.outcome());
+            *self.runs.attempts.at(key, &mut self.delta.attempts) += 1;
             if let Some(rtt) = a.rtt {
-                self.delta
-                    .upstream_rtt
-                    .entry(upstream)
-                    .or_default()
-                    .observe(rtt);
+                let runs = &mut self.runs.upstream_rtt;
+                runs.at(upstream, &mut self.delta.upstream_rtt).observe(rtt);
             }
         }
         let verdict = &d.verdict;
@@ -1112,12 +1161,10 @@ impl ThreadStats {
             bitmap: verdict.bitmap.0 & 15,
             cause: d.cause,
         };
-        *self.delta.sessions.entry(key).or_insert(0) += 1;
+        *self.runs.sessions.at(key, &mut self.delta.sessions) += 1;
         if let Some(latency) = d.latency {
-            self.delta
-                .client_latency
-                .entry((identity, d.cause))
-                .or_default()
+            let runs = &mut self.runs.client_latency;
+            runs.at((identity, d.cause), &mut self.delta.client_latency)
                 .observe(latency);
         }
         if verdict.loss == Some(LossReason::SessionTableFull) {
@@ -1159,6 +1206,7 @@ impl ThreadStats {
 
     /// Once per tick (100 ms): makes the counts since the last publish visible to scrapes.
     pub fn publish(&mut self) {
+        self.runs.flush(&mut self.delta);
         if self.delta.is_empty() {
             return;
         }
