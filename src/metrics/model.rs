@@ -1526,6 +1526,32 @@ mod tests {
     }
 
     #[test]
+    fn runs_of_one_key_and_their_breaks_all_count() {
+        let (t, sources) = telemetry(TelemetryConfig::default());
+        let (a, b) = (sources.intern(b"pod-a", b""), sources.intern(b"pod-b", b""));
+        let mut s = t.thread_stats(ThreadKind::Shard(0));
+        let v = verdict(Status::Succeeded, 3, None);
+        for (source, latency) in [(a, 1), (a, 2), (b, 3), (a, 4), (b, 5), (b, 6)] {
+            s.record_session(&Diagnosis::from_parts(source, v, Some(latency), &[]));
+        }
+        s.publish();
+        let counts = t.snapshot().counts;
+        let by = |id| {
+            let of = |k: &&SessionKey| k.identity == IdentityLabel::Source(id);
+            let sessions: u64 = counts
+                .sessions
+                .iter()
+                .filter(|(k, _)| of(k))
+                .map(|(_, n)| n)
+                .sum();
+            let latency = &counts.client_latency[&(IdentityLabel::Source(id), Cause::LocalAnswer)];
+            (sessions, latency.count(), latency.sum_nanos)
+        };
+        assert_eq!(by(a), (3, 3, 7));
+        assert_eq!(by(b), (3, 3, 14));
+    }
+
+    #[test]
     fn steady_state_recording_reuses_the_maps() {
         let (t, sources) = telemetry(TelemetryConfig::default());
         let a = sources.intern(b"pod-a", b"");
