@@ -259,6 +259,24 @@ impl<K: Hash + Eq + Copy> LabelCap<K> {
         ok
     }
 
+    /// [`LabelCap::admit_cached`] behind the answer it gave last (`last`), which a shard asks
+    /// for again and again: its sessions come in runs of one sender and upstream.
+    fn admit_again(
+        &self,
+        cache: &mut HashMap<K, bool>,
+        last: &mut Option<(K, bool)>,
+        k: K,
+    ) -> bool {
+        match *last {
+            Some((l, ok)) if l == k => ok,
+            _ => {
+                let ok = self.admit_cached(cache, k);
+                *last = Some((k, ok));
+                ok
+            }
+        }
+    }
+
     /// Frees the slots of the values `keep` rejects.
     fn retain(&self, keep: impl Fn(&K) -> bool) {
         lock(&self.admitted).retain(|k| keep(k));
@@ -1054,15 +1072,14 @@ pub struct ThreadStats {
     /// Counted but not yet in `delta`: flushed into it at publish.
     runs: SessionRuns,
     identity_cache: HashMap<SourceId, bool>,
-    /// The last answer of `identity_cache`: a shard's sessions come in runs of one sender,
-    /// and this is asked for every session.
+    /// The last answer of `identity_cache` (see `LabelCap::admit_again`).
     last_identity: Option<(SourceId, bool)>,
     /// The registry's reclaim count when `identity_cache` was last cleared: a reclaim may
     /// have freed label slots that cached refusals would still deny.
     reclaims_seen: u64,
     upstream_cache: HashMap<SocketAddr, bool>,
-    /// The last answer of `upstream_cache` (asked for every attempt); an upstream's answer
-    /// never changes, as upstream slots are never freed.
+    /// The last answer of `upstream_cache`; an upstream's answer never changes, as upstream
+    /// slots are never freed.
     last_upstream: Option<(SocketAddr, bool)>,
     /// Namespaces this thread has labelled, so the lock is taken once per new name; it stops
     /// growing at a bound, as `LabelCap`'s cache does.
@@ -1082,15 +1099,8 @@ impl ThreadStats {
                 self.telemetry.free_reclaimed();
             }
         }
-        let admitted = match self.last_identity {
-            Some((last, ok)) if last == id => ok,
-            _ => {
-                let ok = (self.telemetry.identities).admit_cached(&mut self.identity_cache, id);
-                self.last_identity = Some((id, ok));
-                ok
-            }
-        };
-        if admitted {
+        let (cache, last) = (&mut self.identity_cache, &mut self.last_identity);
+        if self.telemetry.identities.admit_again(cache, last, id) {
             IdentityLabel::Source(id)
         } else {
             self.delta.overflow[CappedLabel::Identity as usize] += 1;
@@ -1102,15 +1112,8 @@ impl ThreadStats {
         let Some(addr) = addr else {
             return UpstreamLabel::Unknown;
         };
-        let admitted = match self.last_upstream {
-            Some((last, ok)) if last == addr => ok,
-            _ => {
-                let ok = (self.telemetry.upstreams).admit_cached(&mut self.upstream_cache, addr);
-                self.last_upstream = Some((addr, ok));
-                ok
-            }
-        };
-        if admitted {
+        let (cache, last) = (&mut self.upstream_cache, &mut self.last_upstream);
+        if self.telemetry.upstreams.admit_again(cache, last, addr) {
             UpstreamLabel::Addr(addr)
         } else {
             self.delta.overflow[CappedLabel::Upstream as usize] += 1;
