@@ -213,6 +213,9 @@ fn skip_name(wire: &[u8], mut pos: usize) -> Option<usize> {
 /// compression pointers (16 at most). Returns where the name ends in the message; `None` for a
 /// malformed name (with part of it appended).
 fn name_into(wire: &[u8], mut pos: usize, out: &mut Vec<u8>) -> Option<usize> {
+    if let Some(end) = plain_name_into(wire, pos, out) {
+        return Some(end);
+    }
     let (mut end, mut jumps, mut total) = (None, 0, 0);
     loop {
         let l = *wire.get(pos)? as usize;
@@ -238,6 +241,55 @@ fn name_into(wire: &[u8], mut pos: usize, out: &mut Vec<u8>) -> Option<usize> {
         }
     }
 }
+
+/// The common case of [`name_into`], an uncompressed name of plain bytes, in one copy: its
+/// length bytes become the dots. `None`, and `out` unchanged, for any other name (the caller
+/// then walks it label by label). This runs for every finished session's question.
+fn plain_name_into(wire: &[u8], start: usize, out: &mut Vec<u8>) -> Option<usize> {
+    let (mut pos, mut labels) = (start, 0u32);
+    loop {
+        let l = *wire.get(pos)? as usize;
+        match l {
+            0 => break,
+            1..=0x3f => (pos, labels) = (pos + 1 + l, labels + 1),
+            _ => return None,
+        }
+    }
+    if pos - start > 255 {
+        return None;
+    }
+    let base = out.len();
+    out.extend_from_slice(&wire[start + 1..=pos]);
+    let mut at = start;
+    while wire[at] != 0 {
+        at += 1 + wire[at] as usize;
+        out[base + at - start - 1] = b'.';
+    }
+    // Each dot counts 1, any byte to escape more than a name holds: the sum is the number
+    // of labels only when every other byte is plain (no branch per byte).
+    let weight = out[base..]
+        .iter()
+        .fold(0u32, |sum, &b| sum + NAME_BYTE_WEIGHT[usize::from(b)]);
+    if weight != labels {
+        out.truncate(base);
+        return None;
+    }
+    Some(pos + 1)
+}
+
+/// 0 for a byte shown as it is, 1 for `.`, 256 (more than a name's length) for the others.
+const NAME_BYTE_WEIGHT: [u32; 256] = {
+    let mut weight = [256; 256];
+    let mut b = 0;
+    while b < 256 {
+        if PLAIN[b] {
+            weight[b] = 0;
+        }
+        b += 1;
+    }
+    weight[b'.' as usize] = 1;
+    weight
+};
 
 /// The bytes a label shows as they are: printable ASCII but `.`, `\` and `"` (one lookup
 /// per byte: this runs for every finished session's question).
@@ -360,6 +412,26 @@ pub(crate) mod tests {
         let mut looped = q[..12].to_vec();
         looped.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
         assert_eq!(question_into(&looped, &mut buf), None);
+    }
+
+    #[test]
+    fn names_with_bytes_to_escape_leave_the_one_copy_path() {
+        let mut buf = Vec::new();
+        for (labels, shown) in [
+            (&["a.b", "c"][..], &b"a\\.b.c."[..]),
+            (&["x\\y\"", "z"], b"x\\\\y\\\".z."),
+            (&["sp ace", "\u{7f}"], b"sp\\032ace.\\127."),
+            (&["plain", "name"], b"plain.name."),
+        ] {
+            let q = query(labels, 1);
+            assert_eq!(question_into(&q, &mut buf), Some((1, 1)));
+            assert_eq!(buf, shown, "{labels:?}");
+        }
+        // 128 labels of one byte: the name is 256 bytes, one too many.
+        let long = vec!["a"; 128];
+        assert_eq!(question_into(&query(&long, 1), &mut buf), None);
+        assert_eq!(question_into(&query(&long[1..], 1), &mut buf), Some((1, 1)));
+        assert_eq!(buf.len(), 254);
     }
 
     #[test]

@@ -91,6 +91,58 @@ impl Histogram {
     }
 }
 
+/// The last key a map of the delta was counted under, and what was counted under it since:
+/// added to the map when another key comes, or at publish. A shard's sessions come in runs of
+/// one sender, cause and upstream, and each map lookup costs a hash and a probe.
+#[derive(Debug)]
+struct Run<K, V> {
+    key: Option<K>,
+    pending: V,
+}
+
+impl<K, V: Default> Default for Run<K, V> {
+    fn default() -> Self {
+        let (key, pending) = (None, V::default());
+        Self { key, pending }
+    }
+}
+
+impl<K: Copy + Eq + Hash, V: Merge + Default> Run<K, V> {
+    fn at(&mut self, key: K, map: &mut HashMap<K, V>) -> &mut V {
+        if self.key != Some(key) {
+            self.flush(map);
+            self.key = Some(key);
+        }
+        &mut self.pending
+    }
+
+    fn flush(&mut self, map: &mut HashMap<K, V>) {
+        if let Some(k) = self.key.take() {
+            map.entry(k)
+                .or_default()
+                .merge(&std::mem::take(&mut self.pending));
+        }
+    }
+}
+
+/// The runs of [`ThreadStats::record_session`]'s maps.
+#[derive(Debug, Default)]
+struct SessionRuns {
+    sessions: Run<SessionKey, u64>,
+    attempts: Run<AttemptKey, u64>,
+    upstream_rtt: Run<UpstreamLabel, Histogram>,
+    client_latency: Run<(IdentityLabel, Cause), Histogram>,
+}
+
+impl SessionRuns {
+    fn flush(&mut self, into: &mut Counts) {
+        self.sessions.flush(&mut into.sessions);
+        self.attempts.flush(&mut into.attempts);
+        self.upstream_rtt.flush(&mut into.upstream_rtt);
+        self.client_latency.flush(&mut into.client_latency);
+    }
+}
+
 /// Identity label key: the interned source, `other` past the cap or the series budget, or
 /// `reclaimed` for the counts of identities the registry let go of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -207,6 +259,24 @@ impl<K: Hash + Eq + Copy> LabelCap<K> {
         ok
     }
 
+    /// [`LabelCap::admit_cached`] behind the answer it gave last (`last`), which a shard asks
+    /// for again and again: its sessions come in runs of one sender and upstream.
+    fn admit_again(
+        &self,
+        cache: &mut HashMap<K, bool>,
+        last: &mut Option<(K, bool)>,
+        k: K,
+    ) -> bool {
+        match *last {
+            Some((l, ok)) if l == k => ok,
+            _ => {
+                let ok = self.admit_cached(cache, k);
+                *last = Some((k, ok));
+                ok
+            }
+        }
+    }
+
     /// Frees the slots of the values `keep` rejects.
     fn retain(&self, keep: impl Fn(&K) -> bool) {
         lock(&self.admitted).retain(|k| keep(k));
@@ -222,7 +292,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// `sessions_total` key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SessionKey {
     pub identity: IdentityLabel,
     pub namespace: NamespaceLabel,
@@ -233,6 +303,29 @@ pub struct SessionKey {
     pub status: Status,
     pub bitmap: u8,
     pub cause: Cause,
+}
+
+/// Hashed in one write rather than one per field and per enum tag, as derived: every
+/// finished session looks its key up.
+impl Hash for SessionKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let identity = match self.identity {
+            IdentityLabel::Source(SourceId(id)) => u64::from(id),
+            IdentityLabel::Other => 1 << 32,
+            IdentityLabel::Reclaimed => 2 << 32,
+        };
+        let namespace = match self.namespace {
+            NamespaceLabel::Name(n) => u64::from(n),
+            NamespaceLabel::None => 1 << 32,
+            NamespaceLabel::Other => 2 << 32,
+        };
+        let small = u64::from(self.rcode.map_or(0x100, u16::from))
+            | u64::from(self.qtype) << 9
+            | (self.status as u64) << 13
+            | u64::from(self.bitmap) << 15
+            | (self.cause as u64) << 19;
+        state.write_u128(u128::from(identity | small << 34) << 64 | u128::from(namespace));
+    }
 }
 
 /// `upstream_attempts_total` key.
@@ -840,9 +933,12 @@ impl Telemetry {
             telemetry: self.clone(),
             published,
             delta: Counts::default(),
+            runs: SessionRuns::default(),
             identity_cache: HashMap::new(),
+            last_identity: None,
             reclaims_seen: self.sources.reclaims(),
             upstream_cache: HashMap::new(),
+            last_upstream: None,
             namespace_cache: HashMap::new(),
         }
     }
@@ -973,11 +1069,18 @@ pub struct ThreadStats {
     telemetry: Arc<Telemetry>,
     published: Arc<Published>,
     delta: Counts,
+    /// Counted but not yet in `delta`: flushed into it at publish.
+    runs: SessionRuns,
     identity_cache: HashMap<SourceId, bool>,
+    /// The last answer of `identity_cache` (see `LabelCap::admit_again`).
+    last_identity: Option<(SourceId, bool)>,
     /// The registry's reclaim count when `identity_cache` was last cleared: a reclaim may
     /// have freed label slots that cached refusals would still deny.
     reclaims_seen: u64,
     upstream_cache: HashMap<SocketAddr, bool>,
+    /// The last answer of `upstream_cache`; an upstream's answer never changes, as upstream
+    /// slots are never freed.
+    last_upstream: Option<(SocketAddr, bool)>,
     /// Namespaces this thread has labelled, so the lock is taken once per new name; it stops
     /// growing at a bound, as `LabelCap`'s cache does.
     namespace_cache: HashMap<Box<str>, NamespaceLabel>,
@@ -989,17 +1092,15 @@ impl ThreadStats {
         if reclaims != self.reclaims_seen {
             self.reclaims_seen = reclaims;
             self.identity_cache.clear();
+            self.last_identity = None;
             // One thread frees the slots per change of the count, not each of them.
             let freed = self.telemetry.reclaims_freed.swap(reclaims, Relaxed);
             if freed != reclaims {
                 self.telemetry.free_reclaimed();
             }
         }
-        if self
-            .telemetry
-            .identities
-            .admit_cached(&mut self.identity_cache, id)
-        {
+        let (cache, last) = (&mut self.identity_cache, &mut self.last_identity);
+        if self.telemetry.identities.admit_again(cache, last, id) {
             IdentityLabel::Source(id)
         } else {
             self.delta.overflow[CappedLabel::Identity as usize] += 1;
@@ -1011,11 +1112,8 @@ impl ThreadStats {
         let Some(addr) = addr else {
             return UpstreamLabel::Unknown;
         };
-        if self
-            .telemetry
-            .upstreams
-            .admit_cached(&mut self.upstream_cache, addr)
-        {
+        let (cache, last) = (&mut self.upstream_cache, &mut self.last_upstream);
+        if self.telemetry.upstreams.admit_again(cache, last, addr) {
             UpstreamLabel::Addr(addr)
         } else {
             self.delta.overflow[CappedLabel::Upstream as usize] += 1;
@@ -1049,17 +1147,11 @@ impl ThreadStats {
         let identity = self.identity(d.source);
         for a in &d.attempts {
             let upstream = self.upstream(a.upstream);
-            *self
-                .delta
-                .attempts
-                .entry((identity, upstream, a.outcome()))
-                .or_insert(0) += 1;
+            let key = (identity, upstream, a.outcome());
+            *self.runs.attempts.at(key, &mut self.delta.attempts) += 1;
             if let Some(rtt) = a.rtt {
-                self.delta
-                    .upstream_rtt
-                    .entry(upstream)
-                    .or_default()
-                    .observe(rtt);
+                let runs = &mut self.runs.upstream_rtt;
+                runs.at(upstream, &mut self.delta.upstream_rtt).observe(rtt);
             }
         }
         let verdict = &d.verdict;
@@ -1072,12 +1164,10 @@ impl ThreadStats {
             bitmap: verdict.bitmap.0 & 15,
             cause: d.cause,
         };
-        *self.delta.sessions.entry(key).or_insert(0) += 1;
+        *self.runs.sessions.at(key, &mut self.delta.sessions) += 1;
         if let Some(latency) = d.latency {
-            self.delta
-                .client_latency
-                .entry((identity, d.cause))
-                .or_default()
+            let runs = &mut self.runs.client_latency;
+            runs.at((identity, d.cause), &mut self.delta.client_latency)
                 .observe(latency);
         }
         if verdict.loss == Some(LossReason::SessionTableFull) {
@@ -1119,6 +1209,7 @@ impl ThreadStats {
 
     /// Once per tick (100 ms): makes the counts since the last publish visible to scrapes.
     pub fn publish(&mut self) {
+        self.runs.flush(&mut self.delta);
         if self.delta.is_empty() {
             return;
         }
@@ -1435,6 +1526,32 @@ mod tests {
         let admitted = lock(&t.admitted);
         assert!(admitted.sets.messages.iter().all(|&i| i != gone));
         assert!(admitted.sets.sessions.iter().all(|k| k.identity != gone));
+    }
+
+    #[test]
+    fn runs_of_one_key_and_their_breaks_all_count() {
+        let (t, sources) = telemetry(TelemetryConfig::default());
+        let (a, b) = (sources.intern(b"pod-a", b""), sources.intern(b"pod-b", b""));
+        let mut s = t.thread_stats(ThreadKind::Shard(0));
+        let v = verdict(Status::Succeeded, 3, None);
+        for (source, latency) in [(a, 1), (a, 2), (b, 3), (a, 4), (b, 5), (b, 6)] {
+            s.record_session(&Diagnosis::from_parts(source, v, Some(latency), &[]));
+        }
+        s.publish();
+        let counts = t.snapshot().counts;
+        let by = |id| {
+            let of = |k: &&SessionKey| k.identity == IdentityLabel::Source(id);
+            let sessions: u64 = counts
+                .sessions
+                .iter()
+                .filter(|(k, _)| of(k))
+                .map(|(_, n)| n)
+                .sum();
+            let latency = &counts.client_latency[&(IdentityLabel::Source(id), Cause::LocalAnswer)];
+            (sessions, latency.count(), latency.sum_nanos)
+        };
+        assert_eq!(by(a), (3, 3, 7));
+        assert_eq!(by(b), (3, 3, 14));
     }
 
     #[test]

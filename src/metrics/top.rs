@@ -221,6 +221,10 @@ pub struct SpaceSaving<K> {
     index: HashTable<usize>,
     /// Randomly seeded: qnames are chosen by whoever sends queries.
     hasher: ahash::RandomState,
+    /// The counter counted last, tried before the index: a shard's sessions come in runs of
+    /// one sender, and each is counted under it. Its key is compared, so eviction and
+    /// clearing need not forget it.
+    last: usize,
 }
 
 impl<K: Hash + Eq> SpaceSaving<K> {
@@ -230,6 +234,7 @@ impl<K: Hash + Eq> SpaceSaving<K> {
             index: HashTable::with_capacity(summary.capacity),
             summary,
             hasher: ahash::RandomState::new(),
+            last: usize::MAX,
         }
     }
 
@@ -257,12 +262,18 @@ impl<K: Hash + Eq> SpaceSaving<K> {
             summary,
             index,
             hasher,
+            last,
         } = self;
         summary.total += 1;
         let counters = &mut summary.counters;
+        if let Some(c) = counters.get_mut(*last).filter(|c| c.key.borrow() == key) {
+            t.add_to(c);
+            return;
+        }
         let hash = hasher.hash_one(key);
         if let Some(&i) = index.find(hash, |&i| counters[i].key.borrow() == key) {
             t.add_to(&mut counters[i]);
+            *last = i;
             return;
         }
         let slot = if counters.len() < summary.capacity {
@@ -294,6 +305,7 @@ impl<K: Hash + Eq> SpaceSaving<K> {
         };
         t.add_to(&mut counters[slot]);
         index.insert_unique(hash, slot, |&i| hasher.hash_one(&counters[i].key));
+        *last = slot;
     }
 
     fn clear(&mut self) {
