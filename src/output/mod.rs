@@ -273,9 +273,8 @@ fn decode_messages<'a>(s: &Session, store: &'a MessageStore, decoded: &mut Decod
             flags: m.flags,
             msg: Ok(DnstapMessage::default()),
         });
-        let Some(d) = decoded.last_mut() else {
-            continue;
-        };
+        let last = decoded.len() - 1;
+        let d = &mut decoded[last];
         if let Ok(msg) = &mut d.msg {
             if let Err(error) = dnstap::decode_message_into(bytes, msg) {
                 d.msg = Err(Undecodable { error, bytes });
