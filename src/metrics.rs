@@ -255,6 +255,27 @@ impl Tally {
     }
 }
 
+/// A shard's count of finished sessions, added to [`Metrics`] every few dozen sessions: one
+/// shared atomic add per session from every shard kept a cache line moving between cores.
+#[derive(Debug, Default)]
+pub struct SessionCounts {
+    sessions: u64,
+    /// [status][bitmap], as `Metrics::sessions_by`.
+    by: [[u64; 16]; 3],
+}
+
+impl SessionCounts {
+    pub fn count(&mut self, v: &Verdict) {
+        self.sessions += 1;
+        self.by[v.status as usize][(v.bitmap.0 & 15) as usize] += 1;
+    }
+
+    /// Sessions counted since the counts were last added.
+    pub fn pending(&self) -> u64 {
+        self.sessions
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
     /// The lookup stage's counts (set when the stage starts), for the summary and /metrics.
@@ -320,9 +341,18 @@ impl Metrics {
         }
     }
 
-    pub fn session(&self, v: &Verdict) {
-        self.sessions.fetch_add(1, Relaxed);
-        self.sessions_by[v.status as usize][(v.bitmap.0 & 15) as usize].fetch_add(1, Relaxed);
+    /// Adds a shard's session counts and empties them.
+    pub fn add_sessions(&self, c: &mut SessionCounts) {
+        if c.sessions == 0 {
+            return;
+        }
+        self.sessions.fetch_add(c.sessions, Relaxed);
+        for (shared, mine) in self.sessions_by.iter().flatten().zip(c.by.iter().flatten()) {
+            if *mine > 0 {
+                shared.fetch_add(*mine, Relaxed);
+            }
+        }
+        *c = SessionCounts::default();
     }
 
     /// Logs a problem on stderr, at most 10 lines per 10 s per process; the rest are counted

@@ -10,11 +10,14 @@ use crate::lookup::stage::LookupRoute;
 use crate::metrics::health::Heartbeat;
 use crate::metrics::model::ThreadStats;
 use crate::metrics::top::{Failure, ShardTop};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SessionCounts};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// Sessions a shard counts before it adds them to the shared metrics.
+const COUNTS_HELD: u64 = 64;
 
 /// Counts every finished session, renders the ones `--log` and `--sample-succeeded` want,
 /// and hands every session to the lookup stage.
@@ -26,6 +29,8 @@ pub struct LineSink {
     renderer: Renderer,
     policy: LinePolicy,
     metrics: Arc<Metrics>,
+    /// Sessions finished and not yet added to `metrics`.
+    counts: SessionCounts,
     /// The session at hand, worked out once (reused, so a session allocates nothing).
     diagnosis: Diagnosis,
     /// The live metrics of this shard.
@@ -56,6 +61,7 @@ impl LineSink {
             renderer: p.renderer,
             policy: p.policy,
             metrics: p.metrics,
+            counts: SessionCounts::default(),
             diagnosis: Diagnosis::default(),
             stats: p.stats,
             heartbeat: p.heartbeat,
@@ -95,6 +101,11 @@ impl LineSink {
     /// (each tick, so lines never wait long at low rates). A send fails only once the stage
     /// has returned, which also wakes a send blocked on the full channel.
     pub fn hand_over(&mut self, force: bool) {
+        // The counts go first: a hand-over may wait on a full stage, and the exit summary
+        // after a shutdown deadline reads them.
+        if force || self.counts.pending() >= COUNTS_HELD {
+            self.metrics.add_sessions(&mut self.counts);
+        }
         match self.out.hand_over(force) {
             None => self.writer_gone = true,
             // A batch handed over is progress, also in the middle of a long flush (every
@@ -107,7 +118,7 @@ impl LineSink {
 
 impl correlate::SessionSink for LineSink {
     fn session(&mut self, s: &Session, v: Verdict, store: &MessageStore) {
-        self.metrics.session(&v);
+        self.counts.count(&v);
         self.diagnosis.refill(s, v, store);
         self.stats.record_session(&self.diagnosis);
         // The lookup stage joins every session by its client, question and answer.
