@@ -17,7 +17,9 @@
 #              openssl CLI into DIR/tls), the same traffic into each: the cost of TLS
 #     ratio    --rounds rounds of fstrm_capture -w /dev/null then the analyser --log failed
 #              (then the --baseline analyser, if given), interleaved; prints each round's
-#              throughput and CPU-per-message ratios to fstrm_capture and their medians
+#              throughput and CPU-per-message ratios to fstrm_capture and their medians,
+#              and each analyser thread's CPU per million messages (the steadiest figure:
+#              within a few % between rounds where the ratios move by 15 %)
 #   OPTIONS:
 #     --sessions N        sessions per compare/scaling run (default 600000: ~2.07M messages)
 #     --connections N     emulated CoreDNS pods (default 4)
@@ -32,7 +34,9 @@
 #     --loadgen-args "…"  extra flags for every max-rate load-generator run (compare, scaling,
 #                         tls, ratio), e.g. a healthy cluster's mix instead of the default
 #                         outage-grade one: "--mix local=3,forward=15,timeout=0.1,no_response=0.02
-#                         --rcodes NOERROR=84,NXDOMAIN=15,SERVFAIL=0.6,REFUSED=0.4"
+#                         --rcodes NOERROR=84,NXDOMAIN=15,SERVFAIL=0.6,REFUSED=0.4", or issue
+#                         #18's cache-heavy shape (2.68M messages per 1M sessions):
+#                         "--mix local=2,forward=1 --rcodes NOERROR=84,NXDOMAIN=15,SERVFAIL=0.6,REFUSED=0.4"
 #     --analyser BIN      the analyser binary (default target/production/dnstap-analyser)
 #     --baseline BIN      ratio: another analyser binary (e.g. main's) measured in each round too
 #     --rounds N          ratio: rounds (default 3)
@@ -117,6 +121,17 @@ wait_listen() { # PORT PID
     return 1
 }
 
+# thread_cpu PID: "TID NAME SECONDS" for each thread (user + system CPU; the analyser names
+# its threads reader-N, shard-N, lookup-N, writer)
+thread_cpu() {
+    local t tick
+    tick=$(getconf CLK_TCK)
+    for t in /proc/"$1"/task/*; do
+        awk -v tid="${t##*/}" -v name="$(cat "$t/comm" 2>/dev/null)" -v tick="$tick" \
+            '{printf "%s %s %.2f\n", tid, name, ($14 + $15) / tick}' "$t/stat" 2>/dev/null
+    done
+}
+
 # measure NAME KIND STDOUT "LOADGEN ARGS" RECEIVER-CMD...
 # KIND: analyser | fstrm | go (how drops are accounted)
 measure() {
@@ -133,6 +148,18 @@ measure() {
         cat "$OUT/$name.stderr" >&2
         return 1
     fi
+    local rp sampler
+    rp=$(pgrep -P "$tp" || true)
+    # Each thread's CPU, sampled every 50 ms until the receiver ends (threads end one by one
+    # as it shuts down: each counts with its last sample).
+    (
+        while [ -n "$rp" ] && kill -0 "$rp" 2>/dev/null; do
+            # A thread ending between listing and reading it fails one read: not the loop.
+            thread_cpu "$rp" >>"$OUT/$name.threads" || true
+            sleep 0.05
+        done
+    ) &
+    sampler=$!
     # shellcheck disable=SC2086
     "$LG" run --connect "127.0.0.1:$PORT" --connections "$CONNS" --seed "$SEED" $lgargs \
         --truth "$OUT/$name.truth.json" 2>"$OUT/$name.loadgen.err" || {
@@ -140,10 +167,9 @@ measure() {
         cat "$OUT/$name.loadgen.err" >&2
     }
     sleep 0.2
-    local rp
-    rp=$(pgrep -P "$tp" || true)
     [ -n "$rp" ] && kill -TERM "$rp"
     wait "$tp" || true
+    wait "$sampler" || true
     local verified=null
     if [ "$kind" = analyser ]; then
         if "$LG" verify --ground-truth "$OUT/$name.truth.json" --summary "$OUT/$name.stderr" \
@@ -184,6 +210,17 @@ elif kind == "fstrm":
     if m:
         received = int(m.group(1)) - 2  # START and STOP are frames too
         drops = sent - received
+last = {}
+try:
+    for line in open(f"{out}/{name}.threads"):
+        parts = line.split()
+        if len(parts) == 3 and parts[1]:
+            last[parts[0]] = (parts[1], max(float(parts[2]), last.get(parts[0], ("", 0))[1]))
+except OSError:
+    pass
+threads = {}
+for thread, cpu_s in last.values():
+    threads[thread] = round(threads.get(thread, 0) + cpu_s, 2)
 res = {
     "name": name, "receiver": cmd, "loadgen": lgargs.strip(), "messages": sent,
     "sessions": gt["sessions"], "elapsed_s": round(elapsed, 3),
@@ -195,6 +232,7 @@ res = {
     # processed is sent - drops (received - drops would subtract those twice).
     "processed_msgs_per_s": round((sent - drops) / elapsed) if drops is not None and elapsed else None,
     "expected_sessions": gt["status_bitmap"], "sessions_by": sessions_by,
+    "threads_cpu_s": threads,
 }
 print(json.dumps(res))
 PY
@@ -353,6 +391,17 @@ for who in ("analyser", "baseline"):
           + ", ".join(f"{x:.2f}x" for x in cpu))
     print(f"{who} median: throughput **{statistics.median(tput):.2f}x**, "
           f"CPU per message **{statistics.median(cpu):.2f}x**")
+    # Where the CPU goes: each thread's CPU-seconds per million messages (median over the
+    # rounds), beside fstrm_capture's whole process.
+    names = sorted({t for a, _ in pairs for t in a["threads_cpu_s"]})
+    per_m = {t: statistics.median(a["threads_cpu_s"].get(t, 0) / a["messages"] * 1e6
+                                  for a, _ in pairs) for t in names}
+    fstrm = statistics.median(f["cpu_s_per_M"] for _, f in pairs)
+    shown = [t for t in names if per_m[t] >= 0.005]
+    if shown:
+        print(f"{who} CPU-s / M msgs by thread (median): "
+              + ", ".join(f"{t} {per_m[t]:.3f}" for t in shown)
+              + f"; fstrm_capture (whole) {fstrm:.3f}")
 for a in ("analyser_tls", "analyser_mtls"):
     if a in by and "analyser_plain" in by and by["analyser_plain"]["cpu_s_per_M"]:
         print(f"\n{a} / analyser_plain CPU-s per M msgs: **{by[a]['cpu_s_per_M'] / by['analyser_plain']['cpu_s_per_M']:.2f}x**")
