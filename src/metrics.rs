@@ -589,6 +589,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_shards_session_counts_reach_the_summary_once_and_are_emptied() {
+        use crate::correlate::{BitMap, LossReason, Status};
+        let verdict = |status, bitmap, loss| Verdict {
+            status,
+            bitmap: BitMap(bitmap),
+            loss,
+            incomplete: None,
+        };
+        let mut counts = SessionCounts::default();
+        counts.count(&verdict(Status::Succeeded, 15, None));
+        counts.count(&verdict(Status::Succeeded, 15, None));
+        counts.count(&verdict(Status::Failed, 5, None));
+        let lost = verdict(Status::SampleLoss, 1, Some(LossReason::SessionTableFull));
+        counts.count(&lost);
+        assert_eq!(counts.pending(), 4);
+        let m = Metrics::default();
+        m.add_sessions(&mut counts);
+        assert_eq!(counts.pending(), 0);
+        m.add_sessions(&mut counts);
+        counts.count(&lost);
+        m.add_sessions(&mut counts);
+        let summary: serde_json::Value = serde_json::from_str(&m.summary_json()).unwrap();
+        let summary = &summary["summary"];
+        assert_eq!(summary["sessions"], 5);
+        assert_eq!(summary["status"]["Succeeded"], 2);
+        assert_eq!(summary["status_bitmap"]["Succeeded"]["15"], 2);
+        assert_eq!(summary["status_bitmap"]["Failed"]["5"], 1);
+        assert_eq!(summary["status_bitmap"]["SampleLoss"]["1"], 2);
+    }
+
+    #[test]
     fn every_discard_has_its_own_counter_and_summary_name() {
         let m = Metrics::default();
         for (i, d) in Discard::ALL.into_iter().enumerate() {

@@ -13,14 +13,15 @@ use std::os::fd::AsRawFd;
 pub struct ReadBuffer {
     /// Bytes read and not yet taken (a partial frame at most, between two feeds); its spare
     /// capacity is the room for the next read, left unwritten until a read lands there:
-    /// zeroing each fresh allocation first was 2 % of the analyser's CPU.
+    /// zero-filling each fresh allocation first cost the reader up to a fifth of its time
+    /// (docs/benchmarks.md, round 6).
     mem: BytesMut,
     /// How much to allocate when the room runs out.
     size: usize,
 }
 
-/// What a read buffer reads from: a descriptor, read straight into the buffer's room, or
-/// bytes in memory (tests).
+/// What a read buffer reads from: a descriptor, read straight into the buffer's room (or
+/// bytes in memory, in tests).
 pub trait Source {
     /// Reads once into `room`; returns how many of its first bytes it wrote (`Ok(0)`: the
     /// end of the stream).
@@ -53,6 +54,7 @@ impl Source for mio::net::UnixStream {
     }
 }
 
+#[cfg(test)]
 impl Source for &[u8] {
     fn read_into(&mut self, room: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
         let n = self.len().min(room.len());

@@ -245,6 +245,12 @@ pub struct LookupRoute {
 /// Records per batch before it is handed over (the reader's batch size).
 const BATCH_RECORDS: usize = 128;
 
+/// Whether `batch` goes to its partition now: full, or not empty when `force`d.
+fn due(batch: &RecordBatch, force: bool) -> bool {
+    let full = batch.bytes.len() >= writer::BATCH_BYTES || batch.records.len() >= BATCH_RECORDS;
+    full || (force && !batch.is_empty())
+}
+
 impl LookupRoute {
     pub fn new(senders: Vec<Sender<RecordBatch>>, writer_gone: Arc<AtomicBool>) -> Self {
         Self {
@@ -264,15 +270,18 @@ impl LookupRoute {
         self.batches[p].push(d, render);
     }
 
+    /// Whether `hand_over(force)` would send a batch (and so may wait for a full stage).
+    pub fn has_due(&self, force: bool) -> bool {
+        self.batches.iter().any(|b| due(b, force))
+    }
+
     /// Hands over the batches that are full (or every non-empty one when `force`d): whether
     /// any was sent, or None once the writer or a partition's thread has gone (lines are no
     /// longer wanted).
     pub fn hand_over(&mut self, force: bool) -> Option<bool> {
         let (mut alive, mut sent) = (!self.writer_gone.load(Relaxed), false);
         for (batch, tx) in self.batches.iter_mut().zip(&self.senders) {
-            let full =
-                batch.bytes.len() >= writer::BATCH_BYTES || batch.records.len() >= BATCH_RECORDS;
-            if full || (force && !batch.is_empty()) {
+            if due(batch, force) {
                 let next = RecordBatch::with_room_of(batch);
                 alive &= tx.send(std::mem::replace(batch, next)).is_ok();
                 sent = true;

@@ -16,7 +16,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Sessions a shard counts before it adds them to the shared metrics.
+/// Sessions a shard counts before it adds them to the shared metrics (it also adds them
+/// before each hand-over to the lookup stage).
 const COUNTS_HELD: u64 = 64;
 
 /// Counts every finished session, renders the ones `--log` and `--sample-succeeded` want,
@@ -101,9 +102,9 @@ impl LineSink {
     /// (each tick, so lines never wait long at low rates). A send fails only once the stage
     /// has returned, which also wakes a send blocked on the full channel.
     pub fn hand_over(&mut self, force: bool) {
-        // The counts go first: a hand-over may wait on a full stage, and the exit summary
-        // after a shutdown deadline reads them.
-        if force || self.counts.pending() >= COUNTS_HELD {
+        // The counts go first whenever a batch goes: its send may wait on a full stage, and
+        // the exit summary after a shutdown deadline reads them.
+        if self.counts.pending() >= COUNTS_HELD || self.out.has_due(force) {
             self.metrics.add_sessions(&mut self.counts);
         }
         match self.out.hand_over(force) {
