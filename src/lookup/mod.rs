@@ -33,7 +33,6 @@ use hashbrown::hash_map::Entry;
 use hashbrown::HashMap;
 use names::{Reading, Readings, SearchList, Suffix};
 use smallvec::SmallVec;
-use std::cmp::Reverse;
 use std::net::{IpAddr, SocketAddr};
 
 pub const QTYPE_A: u16 = 1;
@@ -239,14 +238,14 @@ struct Open {
     last_response: Option<Nanos>,
     /// The stage clock when a query last joined.
     touched: Nanos,
-    /// Its entries in `LookupTable::by_base`.
-    keys: SmallVec<[u64; 4]>,
+    /// Its entry in `LookupTable::by_first_label`.
+    key: u64,
     /// It has tried a cluster or extra suffix: `learn` may continue it with a node domain.
     learning: bool,
 }
 
 /// Candidates inline: with five (glibc's usual walk) a slot was 664 bytes, 43 MB for the
-/// default 65,536 open lookups; with two it is 424.
+/// default 65,536 open lookups; with two it is 384 (one index key, not four).
 type Candidates = SmallVec<[Candidate; 2]>;
 
 /// A lookup's base name, in the lookup's own memory when short (nearly always): on the heap
@@ -312,7 +311,7 @@ impl Open {
             last_query: 0,
             last_response: None,
             touched: 0,
-            keys: SmallVec::new(),
+            key: 0,
             learning: false,
         }
     }
@@ -324,7 +323,7 @@ impl Open {
         id: u64,
         q: &Query<'_>,
         base: &str,
-        keys: &[u64],
+        key: u64,
         now: Nanos,
         spare: &mut Vec<String>,
     ) {
@@ -341,7 +340,7 @@ impl Open {
             last_query,
             last_response,
             touched,
-            keys: my_keys,
+            key: my_key,
             learning,
         } = self;
         *my_id = id;
@@ -356,10 +355,7 @@ impl Open {
         *last_query = q.query_time;
         *last_response = None;
         *touched = now;
-        my_keys.clear();
-        my_keys.extend_from_slice(keys);
-        my_keys.sort_unstable();
-        my_keys.dedup();
+        *my_key = key;
         *learning = false;
     }
 
@@ -387,10 +383,11 @@ pub struct LookupTable {
     free: Vec<usize>,
     /// Each client's open lookups.
     clients: HashMap<IpAddr, ClientLookups>,
-    /// Open lookups by (client, base name) for every base their first candidate reads as:
-    /// a query finds its lookups without looking at the client's others (a forwarder or a
-    /// load generator is one client with thousands of lookups open).
-    by_base: HashMap<u64, SmallVec<[usize; 2]>>,
+    /// Open lookups by (client, first label), oldest first. Every reading of a name, every
+    /// candidate of a lookup and every prefix `learn` tries starts with the name's first
+    /// label: one probe finds a query's lookups, one entry per lookup, without looking at the
+    /// client's others (a forwarder or a load generator has as many open as it may).
+    by_first_label: HashMap<u64, SmallVec<[usize; 2]>>,
     hasher: ahash::RandomState,
     /// Lazily checked: a lookup touched since is queued again when its turn comes.
     expiry: Expiry,
@@ -454,7 +451,7 @@ impl LookupTable {
             slots: Vec::new(),
             free: Vec::new(),
             clients: HashMap::new(),
-            by_base: HashMap::new(),
+            by_first_label: HashMap::new(),
             hasher: crate::dns::key_hasher(),
             expiry: Expiry::default(),
             open: 0,
@@ -501,12 +498,10 @@ impl LookupTable {
         let (family, half) = Family::of(q.qtype);
         let mut readings = Readings::new();
         self.search.readings(name, &mut readings);
-        // Each reading hashed once: for the lookups indexed under it, and for a new lookup's
-        // entries.
         let ip = q.client.ip();
-        let keys: SmallVec<[u64; 8]> = readings.iter().map(|r| self.key(ip, r.base)).collect();
-        // The client's lookups under any base the name reads as: looked up once for both.
-        let indexed = self.indexed(keys.iter().copied());
+        // Hashed once: for the lookups it may join, and for a new lookup's entry.
+        let key = self.key(ip, first_label(name));
+        let indexed = self.indexed(key);
         let found = match self.find(q, family, half, &readings, &indexed) {
             Ok(found) => Some(found),
             Err(other_bases) => self.rebase(q, &readings, &other_bases),
@@ -518,7 +513,7 @@ impl LookupTable {
                 // past the cluster suffixes), and its oldest lookup when it is at its bound.
                 let (learning, oldest) = self.client_state(ip);
                 match learning
-                    .then(|| self.learn(q, family, half, name))
+                    .then(|| self.learn(q, family, half, name, &indexed))
                     .flatten()
                 {
                     Some((slot, suffix, fit)) => {
@@ -534,7 +529,7 @@ impl LookupTable {
                         if let Some(oldest) = oldest {
                             self.close(oldest, true, done);
                         }
-                        let slot = self.open_lookup(q, &readings, &keys, now, done);
+                        let slot = self.open_lookup(q, readings[0].base, key, now, done);
                         (slot, readings[0], Fit::New)
                     }
                 }
@@ -579,29 +574,15 @@ impl LookupTable {
         self.hasher.hash_one((ip, base))
     }
 
-    /// The open lookups indexed under any of `keys` (a client's bases), newest first.
-    fn indexed(&self, keys: impl Iterator<Item = u64>) -> SmallVec<[usize; 8]> {
-        let mut slots: SmallVec<[usize; 8]> = SmallVec::new();
-        let mut lists = 0;
-        for k in keys {
-            if let Some(list) = self.by_base.get(&k) {
-                slots.extend(list.iter().copied());
-                lists += 1;
-            }
-        }
-        if lists > 1 {
-            let id = |s: &usize| open_at(&self.slots, *s).map_or(0, |l| l.id);
-            slots.sort_unstable_by_key(|s| Reverse(id(s)));
-            slots.dedup();
-        } else {
-            // One list (nearly always) is oldest first already: lookups join it as they open.
-            slots.reverse();
-        }
-        slots
+    /// The open lookups under `key` (a client's first label), newest first.
+    fn indexed(&self, key: u64) -> SmallVec<[usize; 8]> {
+        let list = self.by_first_label.get(&key);
+        list.into_iter().flatten().rev().copied().collect()
     }
 
     /// The newest open lookup of the client the query fits, reading its name every way; else
     /// the lookups `rebase` may read again: of the family, near, and of none of its bases.
+    /// `indexed` holds every lookup of the client that starts with the name's first label.
     fn find(
         &self,
         q: &Query<'_>,
@@ -662,6 +643,15 @@ impl LookupTable {
             let [c] = l.candidates.as_slice() else {
                 continue;
             };
+            // A base both names read as is a prefix of the lookup's name, as its own base is:
+            // one of the two starts with the other. Most lookups of the client that share only
+            // the first label (`www.a.com`, `www.b.com`) end here, before any name is made.
+            let related = readings
+                .iter()
+                .any(|r| l.base.starts_with(r.base) || r.base.starts_with(l.base.as_str()));
+            if !related {
+                continue;
+            }
             let name = self
                 .search
                 .candidate_name(&l.base, c.suffix, l.namespace.as_deref());
@@ -697,24 +687,22 @@ impl LookupTable {
 
     /// A name no known suffix explains, continuing an open lookup past its cluster suffixes:
     /// base + a node domain, learned.
+    /// `indexed`: the client's lookups that start with the name's first label, newest first.
     fn learn(
         &mut self,
         q: &Query<'_>,
         family: Family,
         half: usize,
         name: &str,
+        indexed: &[usize],
     ) -> Option<(usize, Suffix, Fit)> {
-        let ip = q.client.ip();
-        let prefixes = name
-            .match_indices('.')
-            .map(|(i, _)| self.key(ip, &name[..i]));
-        let slots = self.indexed(prefixes);
-        let slot = slots.into_iter().find(|&slot| {
+        let slot = indexed.iter().copied().find(|&slot| {
             open_at(&self.slots, slot).is_some_and(|l| {
                 l.family == family
                     && l.near(q.query_time, self.cfg.gap)
                     && name.len() > l.base.len() + 1
                     && name.starts_with(l.base.as_str())
+                    && name.as_bytes()[l.base.len()] == b'.'
                     && l.candidates
                         .iter()
                         .any(|c| matches!(c.suffix, Suffix::Cluster | Suffix::Extra(_)))
@@ -729,12 +717,11 @@ impl LookupTable {
     fn open_lookup(
         &mut self,
         q: &Query<'_>,
-        readings: &[Reading<'_>],
-        keys: &[u64],
+        base: &str,
+        key: u64,
         now: Nanos,
         done: &mut impl FnMut(&Lookup),
     ) -> usize {
-        let r = readings[0];
         let ip = q.client.ip();
         while self.open >= self.cfg.max_open.max(1) {
             let Some(Due { slot, id, .. }) = self.expiry.pop() else {
@@ -751,11 +738,9 @@ impl LookupTable {
             self.slots.len() - 1
         });
         let l = &mut self.slots[slot];
-        l.start(id, q, r.base, keys, now, &mut self.spare);
+        l.start(id, q, base, key, now, &mut self.spare);
         self.open += 1;
-        for &k in &l.keys {
-            self.by_base.entry(k).or_default().push(slot);
-        }
+        self.by_first_label.entry(key).or_default().push(slot);
         self.clients.entry(ip).or_default().slots.push(slot);
         self.expiry.push(Due {
             touched: now,
@@ -885,13 +870,11 @@ impl LookupTable {
         };
         self.free.push(slot);
         self.open -= 1;
-        // Through entries: each list is found once, also when it goes.
-        for k in &l.keys {
-            if let Entry::Occupied(mut list) = self.by_base.entry(*k) {
-                remove_slot(list.get_mut(), slot);
-                if list.get().is_empty() {
-                    list.remove();
-                }
+        // Through the entry: the list is found once, also when it goes.
+        if let Entry::Occupied(mut list) = self.by_first_label.entry(l.key) {
+            remove_slot(list.get_mut(), slot);
+            if list.get().is_empty() {
+                list.remove();
             }
         }
         if let Entry::Occupied(mut client) = self.clients.entry(l.client) {
@@ -918,11 +901,16 @@ impl LookupTable {
     }
 }
 
-/// Takes `slot` out of a `by_base` list that holds it once, keeping the order (oldest first).
+/// Takes `slot` out of a `by_first_label` list that holds it once, keeping the order (oldest first).
 fn remove_slot(list: &mut SmallVec<[usize; 2]>, slot: usize) {
     if let Some(i) = list.iter().position(|&s| s == slot) {
         list.remove(i);
     }
+}
+
+/// The name up to its first dot.
+fn first_label(name: &str) -> &str {
+    name.split_once('.').map_or(name, |(label, _)| label)
 }
 
 /// Whether the query fits lookup `l` as candidate `suffix`, half `half`.
