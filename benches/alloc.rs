@@ -97,9 +97,9 @@ fn run(events: &[Event], bytes: &[u8], log: &str, lookup_lines: LookupPolicy) ->
         let mut counts = Counts::default();
         let shifted: Vec<Event> = events.iter().map(|ev| later(ev, pass)).collect();
         (counts.shard, ()) = allocations(|| {
-            for ev in shifted {
+            for mut ev in shifted {
                 let message = ev.message.of(bytes);
-                corr.on_event(ev, message, now, &mut sink);
+                corr.on_event(&mut ev, message, now, &mut sink);
             }
             corr.flush(|_| 0, &mut sink);
             sink.hand_over(true);

@@ -42,7 +42,7 @@ fn correlate(
     });
     let now = Instant::now();
     for ev in events {
-        corr.on_event(ev.clone(), ev.message.of(bytes), now, sink);
+        corr.on_event(&mut ev.clone(), ev.message.of(bytes), now, sink);
     }
     corr.flush(|_| 0, sink);
 }

@@ -225,7 +225,7 @@ impl Correlator {
     /// Joins one event; `message` is its encoded dnstap.Message, kept if a session takes it.
     pub fn on_event<'a>(
         &mut self,
-        ev: Event,
+        ev: &mut Event,
         message: impl Into<crate::dnstap::Encoded<'a>>,
         now: Instant,
         sink: &mut impl SessionSink,
@@ -236,7 +236,7 @@ impl Correlator {
     /// `message` is copied into the store once, by the session that takes it.
     fn handle(
         &mut self,
-        mut ev: Event,
+        ev: &mut Event,
         message: Encoded<'_>,
         now: Instant,
         sink: &mut impl SessionSink,
@@ -442,20 +442,20 @@ impl Correlator {
 
     fn on_client_query(
         &mut self,
-        ev: Event,
+        ev: &Event,
         message: Encoded<'_>,
         t: Nanos,
         sink: &mut impl SessionSink,
     ) {
-        let client = self.client_hash(&ev);
+        let client = self.client_hash(ev);
         // A sender that reorders (BIND) may have written this query's upstream leg or
         // response first: adopt such an orphan instead of opening a second session.
         let adopt = self.find(ev.key, |s| {
-            !s.has(Role::ClientQuery) && s.source == ev.source && explains_orphan(&ev, client, t, s)
+            !s.has(Role::ClientQuery) && s.source == ev.source && explains_orphan(ev, client, t, s)
         });
         let slot = match adopt {
             Some(slot) => slot,
-            None => match self.insert(&ev, t, sink) {
+            None => match self.insert(ev, t, sink) {
                 Some(slot) => slot,
                 None => return,
             },
@@ -474,7 +474,7 @@ impl Correlator {
         } else {
             t.saturating_add(timeout)
         };
-        self.push_message(slot, &ev, message);
+        self.push_message(slot, ev, message);
         self.reschedule(slot, deadline);
         if adopt.is_some() && self.session_mut(slot).has(Role::ClientResponse) {
             self.complete(slot, sink);
@@ -483,12 +483,12 @@ impl Correlator {
 
     fn on_client_response(
         &mut self,
-        ev: Event,
+        ev: &Event,
         message: Encoded<'_>,
         t: Nanos,
         sink: &mut impl SessionSink,
     ) {
-        let client = self.client_hash(&ev);
+        let client = self.client_hash(ev);
         let id = ev.question.map(|q| q.id);
         let found = self.find_best(ev.key, |s| {
             if s.source != ev.source || s.has(Role::ClientResponse) {
@@ -510,7 +510,7 @@ impl Correlator {
         });
         let slot = match found {
             Some(slot) => slot,
-            None => match self.insert(&ev, t, sink) {
+            None => match self.insert(ev, t, sink) {
                 Some(slot) => {
                     let s = self.session_mut(slot);
                     s.client = client;
@@ -520,7 +520,7 @@ impl Correlator {
                 None => return,
             },
         };
-        self.push_message(slot, &ev, message);
+        self.push_message(slot, ev, message);
         let has_query = self
             .table
             .get(slot)
@@ -535,7 +535,7 @@ impl Correlator {
 
     fn on_upstream(
         &mut self,
-        ev: Event,
+        ev: &Event,
         message: Encoded<'_>,
         t: Nanos,
         sink: &mut impl SessionSink,
@@ -543,7 +543,7 @@ impl Correlator {
         let is_response = ev.role == Role::UpstreamResponse;
         let keeps_id = ev.profile.upstream_keeps_client_id();
         let id = ev.question.map(|q| q.id);
-        let upstream = self.upstream_hash(&ev);
+        let upstream = self.upstream_hash(ev);
         let found = self.find_best(ev.key, |s| {
             // Only senders that write CR before RR get upstream messages after the CR.
             let answered = s.has(Role::ClientResponse);
@@ -573,7 +573,7 @@ impl Correlator {
         });
         let slot = match found {
             Some(slot) => slot,
-            None => match self.insert(&ev, t, sink) {
+            None => match self.insert(ev, t, sink) {
                 Some(slot) => {
                     self.session_mut(slot).dns_id = if keeps_id { id } else { None };
                     let grace = self.cfg.orphan_grace;
@@ -592,7 +592,7 @@ impl Correlator {
         } else {
             s.upstream_queries = s.upstream_queries.saturating_add(1);
         }
-        self.push_message(slot, &ev, message);
+        self.push_message(slot, ev, message);
         let s = self.session_mut(slot);
         if s.completed && s.upstream_responses >= s.upstream_queries {
             self.finish(slot, sink);
@@ -955,7 +955,7 @@ mod tests {
             let t = e.time().unwrap();
             e.watermark = t;
             self.corr
-                .on_event(e, &[], self.now, &mut keep(&mut self.out));
+                .on_event(&mut e, &[], self.now, &mut keep(&mut self.out));
         }
         /// `e` on stream `stream`, whose clock `e` advances.
         fn feed_on(&mut self, stream: u32, mut e: Event) {
@@ -1057,7 +1057,8 @@ mod tests {
             // Every attempt's FQ carries the same query_time; they are tapped 2 s apart.
             let mut fq = ev(Role::UpstreamQuery, 1, T0 + 70_000, None, 0);
             fq.watermark = T0 + attempt * 2 * S;
-            run.corr.on_event(fq, &[], run.now, &mut keep(&mut run.out));
+            run.corr
+                .on_event(&mut fq, &[], run.now, &mut keep(&mut run.out));
         }
         forwarded(&mut run, 2, T0 + 9 * S, 0);
         assert_eq!(
@@ -1546,7 +1547,12 @@ mod tests {
             let mut feed = |e: Event, bytes: &[u8]| {
                 let mut e = e;
                 e.watermark = e.time().unwrap();
-                corr.on_event(e, bytes, now, &mut |_: &Session, _, _: &MessageStore| {});
+                corr.on_event(
+                    &mut e,
+                    bytes,
+                    now,
+                    &mut |_: &Session, _, _: &MessageStore| {},
+                );
             };
             feed(ev(Role::ClientQuery, id, t, None, 0), b"cq");
             for _ in 0..3 {

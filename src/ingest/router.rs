@@ -72,9 +72,11 @@ impl Batch {
         ev.message.of(self.piece(ev.message))
     }
 
-    /// Hands each event with its message to `f`, in order.
-    pub fn each(mut self, mut f: impl FnMut(Event, Encoded<'_>)) {
-        for ev in std::mem::take(&mut self.events) {
+    /// Hands each event with its message to `f`, in order. In place: an event is 248 bytes,
+    /// and moving each out of the batch was ~2 % of a shard's time.
+    pub fn each(mut self, mut f: impl FnMut(&mut Event, Encoded<'_>)) {
+        let mut events = std::mem::take(&mut self.events);
+        for ev in &mut events {
             let span = ev.message;
             f(ev, span.of(self.piece(span)));
         }

@@ -628,12 +628,12 @@ mod tests {
         while let Some(frame) = decoder.decode(&mut buf).unwrap() {
             let Frame::Data(frame) = frame else { continue };
             let tap = dnstap::scan(&frame).unwrap();
-            let ev = Event::from_fields(&tap, source, SenderProfile::CoreDns, &hasher).unwrap();
+            let mut ev = Event::from_fields(&tap, source, SenderProfile::CoreDns, &hasher).unwrap();
             let stored = match cq_bytes {
                 Some(b) if ev.role == Role::ClientQuery => b,
                 _ => tap.message_bytes,
             };
-            corr.on_event(ev, stored, std::time::Instant::now(), &mut sink);
+            corr.on_event(&mut ev, stored, std::time::Instant::now(), &mut sink);
         }
         corr.flush(|_| 0, &mut sink);
         String::from_utf8(out).unwrap()
