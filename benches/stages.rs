@@ -4,14 +4,17 @@
 //! Stages: Frame Streams decoding, protobuf decoding, DNS question parsing, event extraction,
 //! correlation + classification, and JSON rendering of the finished sessions (all of them with
 //! their messages, without them, and sampled as `--sample-succeeded 0.01 --messages failed`).
+//! And the lookup stage's join per query, for a forwarder asking many names that share a first
+//! label (`lookup_join`).
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dnstap_analyser::correlate::{Config, Correlator, MessageStore, Session, Verdict};
 use dnstap_analyser::diagnosis::Diagnosis;
 use dnstap_analyser::dns;
-use dnstap_analyser::dnstap::{self, Event, SourceRegistry};
+use dnstap_analyser::dnstap::{self, Event, SourceId, SourceRegistry};
 use dnstap_analyser::framestream::FrameDecoder;
+use dnstap_analyser::lookup::{self, LookupTable, Outcome, Query};
 use dnstap_analyser::output::{
     Format, LineOptions, LinePolicy, LogFilter, Messages as MessageLines, Renderer, SampleRate,
 };
@@ -175,5 +178,42 @@ fn stages(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, stages);
+/// One client (a node-local cache or forwarder) asking `www.d<i>.com` for 10,000 names, each
+/// from a fresh port, so each query opens a lookup and the client stays at its bound of 256
+/// open ones, all under the first label `www`.
+fn lookup_join(c: &mut Criterion) {
+    const QUERIES: u64 = 100_000;
+    let names: Vec<String> = (0..10_000).map(|i| format!("www.d{i}.com.")).collect();
+    let mut g = c.benchmark_group("lookup_join");
+    g.throughput(Throughput::Elements(QUERIES));
+    g.bench_function("forwarder_one_first_label", |b| {
+        b.iter(|| {
+            let cfg = lookup::Config {
+                max_per_client: 256,
+                ..lookup::Config::default()
+            };
+            let mut table = LookupTable::new(cfg, 0, 1);
+            let mut ended = 0u64;
+            for i in 0..QUERIES {
+                let t = 1_700_000_000_000_000_000 + i * 10_000;
+                let q = Query {
+                    client: ([10, 0, 0, 9], 1024 + (i % 60_000) as u16).into(),
+                    identity: SourceId(0),
+                    qname: &names[(i % 10_000) as usize],
+                    qtype: lookup::QTYPE_A,
+                    outcome: Outcome::Answered,
+                    cname_target: None,
+                    query_time: t,
+                    response_time: Some(t + 1_000_000),
+                    dns_id: Some(i as u16),
+                };
+                table.on_query(&q, t, &mut |_| ended += 1);
+            }
+            black_box(ended)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, stages, lookup_join);
 criterion_main!(benches);

@@ -387,7 +387,7 @@ pub struct LookupTable {
     /// candidate of a lookup and every prefix `learn` tries starts with the name's first
     /// label: one probe finds a query's lookups, one entry per lookup, without looking at the
     /// client's others (a forwarder or a load generator has as many open as it may).
-    by_first_label: HashMap<u64, SmallVec<[usize; 2]>>,
+    by_first_label: HashMap<u64, SmallVec<[Indexed; 2]>>,
     hasher: ahash::RandomState,
     /// Lazily checked: a lookup touched since is queued again when its turn comes.
     expiry: Expiry,
@@ -501,7 +501,7 @@ impl LookupTable {
         let ip = q.client.ip();
         // Hashed once: for the lookups it may join, and for a new lookup's entry.
         let key = self.key(ip, first_label(name));
-        let indexed = self.indexed(key);
+        let indexed = self.indexed(key, name);
         let found = match self.find(q, family, half, &readings, &indexed) {
             Ok(found) => Some(found),
             Err(other_bases) => self.rebase(q, &readings, &other_bases),
@@ -574,15 +574,49 @@ impl LookupTable {
         self.hasher.hash_one((ip, base))
     }
 
-    /// The open lookups under `key` (a client's first label), newest first.
-    fn indexed(&self, key: u64) -> SmallVec<[usize; 8]> {
-        let list = self.by_first_label.get(&key);
-        list.into_iter().flatten().rev().copied().collect()
+    /// The open lookups under `key` (a client's first label) whose base is a prefix of `name`
+    /// that ends at a label, newest first. Decided on the index entries alone (length and
+    /// fingerprint): a lookup that only shares the first label is not looked at.
+    fn indexed(&self, key: u64, name: &str) -> SmallVec<[usize; 8]> {
+        let mut out = SmallVec::new();
+        let Some(list) = self.by_first_label.get(&key) else {
+            return out;
+        };
+        // Each prefix's fingerprint made once, when an entry's length first asks for it: a
+        // forwarder has hundreds of lookups under `www`, most as long as the name.
+        let mut whole = None;
+        let mut shorter: SmallVec<[(u32, u32); 4]> = SmallVec::new();
+        for e in list.iter().rev() {
+            let len = e.base_len as usize;
+            let f = if len == name.len() {
+                *whole.get_or_insert_with(|| self.fingerprint(name))
+            } else if name.as_bytes().get(len) == Some(&b'.') {
+                match shorter.iter().find(|(l, _)| *l == e.base_len) {
+                    Some(&(_, f)) => f,
+                    None => {
+                        let f = self.fingerprint(&name[..len]);
+                        shorter.push((e.base_len, f));
+                        f
+                    }
+                }
+            } else {
+                continue;
+            };
+            if f == e.base {
+                out.push(e.slot);
+            }
+        }
+        out
+    }
+
+    fn fingerprint(&self, base: &str) -> u32 {
+        self.hasher.hash_one(base) as u32
     }
 
     /// The newest open lookup of the client the query fits, reading its name every way; else
     /// the lookups `rebase` may read again: of the family, near, and of none of its bases.
-    /// `indexed` holds every lookup of the client that starts with the name's first label.
+    /// `indexed` holds the client's lookups whose base is a prefix of the name: every base
+    /// the name reads as is one.
     fn find(
         &self,
         q: &Query<'_>,
@@ -643,15 +677,6 @@ impl LookupTable {
             let [c] = l.candidates.as_slice() else {
                 continue;
             };
-            // A base both names read as is a prefix of the lookup's name, as its own base is:
-            // one of the two starts with the other. Most lookups of the client that share only
-            // the first label (`www.a.com`, `www.b.com`) end here, before any name is made.
-            let related = readings
-                .iter()
-                .any(|r| l.base.starts_with(r.base) || r.base.starts_with(l.base.as_str()));
-            if !related {
-                continue;
-            }
             let name = self
                 .search
                 .candidate_name(&l.base, c.suffix, l.namespace.as_deref());
@@ -679,6 +704,11 @@ impl LookupTable {
                 l.base.set(&base);
                 l.namespace = ns;
                 l.candidates[0].suffix = suffix;
+                let (key, new) = (l.key, Indexed::new(slot, &base, self.fingerprint(&base)));
+                let entry = self.by_first_label.get_mut(&key).into_iter().flatten();
+                if let Some(e) = entry.into_iter().find(|e| e.slot == slot) {
+                    *e = new;
+                }
                 return Some((slot, i, Fit::New));
             }
         }
@@ -687,7 +717,7 @@ impl LookupTable {
 
     /// A name no known suffix explains, continuing an open lookup past its cluster suffixes:
     /// base + a node domain, learned.
-    /// `indexed`: the client's lookups that start with the name's first label, newest first.
+    /// `indexed`: the client's lookups whose base is a prefix of the name, newest first.
     fn learn(
         &mut self,
         q: &Query<'_>,
@@ -740,7 +770,8 @@ impl LookupTable {
         let l = &mut self.slots[slot];
         l.start(id, q, base, key, now, &mut self.spare);
         self.open += 1;
-        self.by_first_label.entry(key).or_default().push(slot);
+        let entry = Indexed::new(slot, base, self.fingerprint(base));
+        self.by_first_label.entry(key).or_default().push(entry);
         self.clients.entry(ip).or_default().slots.push(slot);
         self.expiry.push(Due {
             touched: now,
@@ -902,9 +933,30 @@ impl LookupTable {
 }
 
 /// Takes `slot` out of a `by_first_label` list that holds it once, keeping the order (oldest first).
-fn remove_slot(list: &mut SmallVec<[usize; 2]>, slot: usize) {
-    if let Some(i) = list.iter().position(|&s| s == slot) {
+fn remove_slot(list: &mut SmallVec<[Indexed; 2]>, slot: usize) {
+    if let Some(i) = list.iter().position(|e| e.slot == slot) {
         list.remove(i);
+    }
+}
+
+/// An open lookup in `LookupTable::by_first_label`: its slot, and its base's length and
+/// fingerprint. A client can have hundreds of lookups open under one first label (a forwarder
+/// asking for `www.a.com`, `www.b.com`...): these keep a query from reading the slots of those
+/// whose base its name does not start with, each a cache miss.
+#[derive(Debug, Clone, Copy)]
+struct Indexed {
+    slot: usize,
+    base_len: u32,
+    base: u32,
+}
+
+impl Indexed {
+    fn new(slot: usize, base: &str, fingerprint: u32) -> Self {
+        Self {
+            slot,
+            base_len: base.len() as u32,
+            base: fingerprint,
+        }
     }
 }
 

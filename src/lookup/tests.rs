@@ -419,6 +419,26 @@ fn walks_that_share_a_first_label_stay_apart_and_learn_only_at_a_label_boundary(
 }
 
 #[test]
+fn a_query_reads_only_the_lookups_whose_base_its_name_starts_with() {
+    // A forwarder's lookups under one first label: `www.b.com` is not read for `www.a.com`'s
+    // candidates.
+    let mut t = table();
+    let mut c = Client::new([10, 0, 0, 5]);
+    for name in ["www.a.com.", "www.b.com.", "www."] {
+        c.send(name, QTYPE_A, NxDomain);
+        c.port += 1;
+    }
+    let ids = c.feed(&mut t, &mut Vec::new());
+    let name = "www.a.com.ns.svc.cluster.local";
+    let read = t.indexed(t.key(IpAddr::from(c.ip), "www"), name);
+    let read: Vec<Option<u64>> = read
+        .iter()
+        .map(|&s| open_at(&t.slots, s).map(|l| l.id))
+        .collect();
+    assert_eq!(read, [ids[2], ids[0]], "newest first");
+}
+
+#[test]
 fn autopath_answers_the_first_candidate_with_a_cname_and_nothing_is_wasted() {
     let mut c = Client::new([10, 0, 0, 5]);
     c.port += 1;
