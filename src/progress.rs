@@ -40,6 +40,8 @@ impl Progress {
             .sum();
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
         bar.set_style(ProgressStyle::with_template(TEMPLATE).expect("a valid template"));
+        // Named from the first draw: a read shorter than one redraw is drawn only once.
+        bar.set_message("0 sessions");
         let done = Arc::new(AtomicBool::new(false));
         let (shown, stop) = (bar.clone(), done.clone());
         let redraw = thread::Builder::new()
