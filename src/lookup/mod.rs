@@ -613,6 +613,15 @@ impl LookupTable {
         self.hasher.hash_one(base) as u32
     }
 
+    /// The `by_first_label` entry of the lookup in `slot`, whose base is `base`.
+    fn index_entry(&self, slot: usize, base: &str) -> Indexed {
+        Indexed {
+            slot,
+            base_len: base.len() as u32,
+            base: self.fingerprint(base),
+        }
+    }
+
     /// The newest open lookup of the client the query fits, reading its name every way; else
     /// the lookups `rebase` may read again: of the family, near, and of none of its bases.
     /// `indexed` holds the client's lookups whose base is a prefix of the name: every base
@@ -704,7 +713,7 @@ impl LookupTable {
                 l.base.set(&base);
                 l.namespace = ns;
                 l.candidates[0].suffix = suffix;
-                let (key, new) = (l.key, Indexed::new(slot, &base, self.fingerprint(&base)));
+                let (key, new) = (l.key, self.index_entry(slot, &base));
                 let entry = self.by_first_label.get_mut(&key).into_iter().flatten();
                 if let Some(e) = entry.into_iter().find(|e| e.slot == slot) {
                     *e = new;
@@ -770,7 +779,7 @@ impl LookupTable {
         let l = &mut self.slots[slot];
         l.start(id, q, base, key, now, &mut self.spare);
         self.open += 1;
-        let entry = Indexed::new(slot, base, self.fingerprint(base));
+        let entry = self.index_entry(slot, base);
         self.by_first_label.entry(key).or_default().push(entry);
         self.clients.entry(ip).or_default().slots.push(slot);
         self.expiry.push(Due {
@@ -948,16 +957,6 @@ struct Indexed {
     slot: usize,
     base_len: u32,
     base: u32,
-}
-
-impl Indexed {
-    fn new(slot: usize, base: &str, fingerprint: u32) -> Self {
-        Self {
-            slot,
-            base_len: base.len() as u32,
-            base: fingerprint,
-        }
-    }
 }
 
 /// The name up to its first dot.
