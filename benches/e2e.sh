@@ -39,6 +39,7 @@
 #                         "--mix local=2,forward=1 --rcodes NOERROR=84,NXDOMAIN=15,SERVFAIL=0.6,REFUSED=0.4"
 #     --analyser BIN      the analyser binary (default target/production/dnstap-analyser)
 #     --baseline BIN      ratio: another analyser binary (e.g. main's) measured in each round too
+#     --loadgen BIN       the load generator binary (default target/production/dnstap-loadgen)
 #     --rounds N          ratio: rounds (default 3)
 #
 # Every run writes DIR/<name>.{time,stderr,truth.json,loadgen.err} and one line to
@@ -61,6 +62,7 @@ BUILD=1
 AN_EXTRA=""
 LG_EXTRA=""
 AN=""
+LG=""
 BASELINE=""
 ROUNDS=3
 SUITES=()
@@ -80,6 +82,7 @@ while [ $# -gt 0 ]; do
     --loadgen-args) LG_EXTRA=$2; shift 2 ;;
     --analyser) AN=$2; shift 2 ;;
     --baseline) BASELINE=$2; shift 2 ;;
+    --loadgen) LG=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//; /^set -euo/d'; exit 0 ;;
     compare | paced | storm | scaling | tls | ratio) SUITES+=("$1"); shift ;;
@@ -95,7 +98,7 @@ mkdir -p "$OUT"
 if [ "$BUILD" = 1 ]; then
     (cd "$ROOT" && cargo build --profile production --workspace --bins >&2)
 fi
-LG=$ROOT/target/production/dnstap-loadgen
+LG=${LG:-$ROOT/target/production/dnstap-loadgen}
 AN=${AN:-$ROOT/target/production/dnstap-analyser}
 for b in "$LG" "$AN" ${BASELINE:+"$BASELINE"} /usr/bin/time; do
     [ -x "$b" ] || { echo "e2e.sh: $b missing" >&2; exit 2; }
