@@ -41,7 +41,9 @@ mkdir -p "$OUT/bin"
 
 fresh_source() {
     rm -rf "$SRC" && mkdir -p "$SRC"
-    git -C "$ROOT" archive HEAD | tar -x -C "$SRC"
+    # -m: fresh mtimes, so cargo rebuilds from the restored sources (an archive's older
+    # times would pass for the previous variant's build).
+    git -C "$ROOT" archive HEAD | tar -x -m -C "$SRC"
 }
 
 # patch FILE FROM TO: replace the one line FROM (a literal) with TO, or stop.
@@ -55,7 +57,7 @@ patch_line() {
 }
 
 build() { # NAME
-    (cd "$SRC" && cargo build --profile production --bin dnstap-analyser --bin dnstap-loadgen >&2)
+    (cd "$SRC" && cargo build --profile production --workspace --bin dnstap-analyser --bin dnstap-loadgen >&2)
     cp "$CARGO_TARGET_DIR/production/dnstap-analyser" "$OUT/bin/$1"
 }
 
