@@ -3,6 +3,12 @@
 # any correlation, measured against fstrm_capture in the same rounds as the whole analyser.
 #
 # Usage: benches/floor.sh [--rounds N] [--sessions N] [--out DIR] [--loadgen-args "…"]
+#   --rounds N          interleaved rounds per comparison (default 3)
+#   --sessions N        sessions per run (default 1000000)
+#   --out DIR           where results go (default target/bench-floor/<timestamp>)
+#   --loadgen-args "…"  the traffic (default issue #18's cache-heavy shape, "--mix local=2,forward=1
+#                       --rcodes NOERROR=84,NXDOMAIN=15,SERVFAIL=0.6,REFUSED=0.4"; "" for the
+#                       load generator's default, outage-grade mix)
 #
 # Builds three analysers from the committed HEAD (git archive; uncommitted changes are not in
 # them), each with the shipped production profile, in target/floor:
