@@ -714,8 +714,8 @@ impl LookupTable {
                 l.namespace = ns;
                 l.candidates[0].suffix = suffix;
                 let (key, new) = (l.key, self.index_entry(slot, &base));
-                let entry = self.by_first_label.get_mut(&key).into_iter().flatten();
-                if let Some(e) = entry.into_iter().find(|e| e.slot == slot) {
+                let mut entries = self.by_first_label.get_mut(&key).into_iter().flatten();
+                if let Some(e) = entries.find(|e| e.slot == slot) {
                     *e = new;
                 }
                 return Some((slot, i, Fit::New));
